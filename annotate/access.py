@@ -1,0 +1,65 @@
+"""Who may see what: one function per object type, used by every view.
+
+A user asking for what is not theirs gets 404 (its existence is not confirmed) and nothing changes.
+"""
+
+from __future__ import annotations
+
+from django.http import Http404
+
+from annotate.models import Campaign
+
+REVIEWERS_GROUP = "reviewers"
+
+
+def is_admin(user) -> bool:
+    return user.is_authenticated and user.is_active and (user.is_superuser or user.is_staff)
+
+
+def is_reviewer(user) -> bool:
+    """Reviewers read every campaign and round; admins are reviewers too."""
+    if is_admin(user):
+        return True
+    if not user.is_authenticated:
+        return False
+    cached = getattr(user, "_pairloop_is_reviewer", None)
+    if cached is None:
+        cached = user.groups.filter(name=REVIEWERS_GROUP).exists()
+        user._pairloop_is_reviewer = cached
+    return cached
+
+
+def campaigns_for_user(user):
+    if is_reviewer(user):
+        return Campaign.objects.all()
+    return Campaign.objects.filter(members=user, is_active=True)
+
+
+def campaign_for_labeler(request, slug: str) -> Campaign:
+    """A campaign the user may label: an active one they are a member of (admins: any active one)."""
+    user = request.user
+    campaigns = Campaign.objects.filter(slug=slug, is_active=True)
+    if not is_admin(user):
+        campaigns = campaigns.filter(members=user)
+    campaign = campaigns.first()
+    if campaign is None:
+        raise Http404("no such campaign")
+    return campaign
+
+
+def campaign_for_reviewer(request, slug: str) -> Campaign:
+    if not is_reviewer(request.user):
+        raise Http404("no such campaign")
+    campaign = Campaign.objects.filter(slug=slug).first()
+    if campaign is None:
+        raise Http404("no such campaign")
+    return campaign
+
+
+def campaign_for_admin(request, slug: str) -> Campaign:
+    if not is_admin(request.user):
+        raise Http404("no such campaign")
+    campaign = Campaign.objects.filter(slug=slug).first()
+    if campaign is None:
+        raise Http404("no such campaign")
+    return campaign

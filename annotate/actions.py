@@ -1,0 +1,394 @@
+"""One door per state change of the labeling domain.
+
+Views, management commands, Celery tasks, the admin and tests call these functions; nothing
+else creates or changes pairs, assignments or judgments.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Exists, F, OuterRef, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from annotate import live
+from annotate.models import Assignment, Campaign, Judgment, Pair, Prompt, Response, content_hash
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_PER_CLAIM = 16
+
+
+class JudgmentError(ValueError):
+    """A submit the labeler must be told about (not allowed, lease gone, bad strength)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue
+# ---------------------------------------------------------------------------------------------
+
+def _live_leases(now):
+    """Subquery: live (unexpired, unfinished, unskipped) leases on the outer pair."""
+    return (
+        Assignment.objects.filter(pair=OuterRef("pk"), completed_at__isnull=True, skipped=False, expires_at__gt=now)
+        .order_by()
+        .values("pair")
+        .annotate(n=Count("*"))
+        .values("n")
+    )
+
+
+def _count_live_leases(pair_id: int, now, exclude_id: int | None = None) -> int:
+    leases = Assignment.objects.filter(pair_id=pair_id, completed_at__isnull=True, skipped=False, expires_at__gt=now)
+    if exclude_id is not None:
+        leases = leases.exclude(pk=exclude_id)
+    return leases.count()
+
+
+def judged_today(campaign: Campaign, labeler, now=None) -> int:
+    now = now or timezone.now()
+    start = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    return Judgment.objects.filter(labeler=labeler, pair__campaign=campaign, created_at__gte=start).count()
+
+
+def judgments_left(campaign: Campaign) -> int:
+    """Judgments still wanted in the campaign (cached a few seconds: it is shown on every pair)."""
+
+    def compute():
+        total = Pair.objects.filter(campaign=campaign, is_open=True).aggregate(
+            wanted=Coalesce(Sum(campaign.overlap - F("judgments_count")), 0)
+        )["wanted"]
+        return int(total)
+
+    return cache.get_or_set(f"campaign-{campaign.pk}-left", compute, timeout=5)
+
+
+@dataclass
+class Claim:
+    assignment: Assignment | None
+    reason: str = ""  # why there is no assignment: "empty" or "cap"
+
+
+def claim_next_pair(campaign: Campaign, labeler, now=None) -> Claim:
+    """Lease the next pair to this labeler, or say why there is none.
+
+    A live lease the labeler already holds comes back first (a reload shows the same pair).
+    Otherwise: the highest-priority open pair this labeler never had whose judgments plus live
+    leases are below the campaign's overlap. Each candidate is locked (`FOR UPDATE SKIP LOCKED`
+    on PostgreSQL; SQLite runs IMMEDIATE transactions, one writer at a time) and its leases are
+    counted again under the lock, so concurrent claims never exceed the overlap.
+    """
+    now = now or timezone.now()
+    mine = (
+        Assignment.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b")
+        .filter(labeler=labeler, pair__campaign=campaign, completed_at__isnull=True, skipped=False, expires_at__gt=now)
+        .order_by("created_at")
+        .first()
+    )
+    if mine is not None:
+        return Claim(mine)
+    if campaign.daily_cap is not None and judged_today(campaign, labeler, now) >= campaign.daily_cap:
+        return Claim(None, "cap")
+
+    seen_by_me = Assignment.objects.filter(pair=OuterRef("pk"), labeler=labeler)
+    candidates = list(
+        Pair.objects.filter(campaign=campaign, is_open=True)
+        .exclude(Exists(seen_by_me))
+        .annotate(leases=Coalesce(Subquery(_live_leases(now)), 0))
+        .filter(judgments_count__lt=campaign.overlap - F("leases"))
+        .order_by("-priority", "id")
+        .values_list("id", flat=True)[:CANDIDATES_PER_CLAIM]
+    )
+    for pair_id in candidates:
+        with transaction.atomic():
+            pair = (
+                Pair.objects.select_for_update(skip_locked=True, of=("self",))
+                .filter(pk=pair_id, is_open=True)
+                .first()
+            )
+            if pair is None:
+                continue  # another labeler holds it right now
+            if pair.judgments_count + _count_live_leases(pair.pk, now) >= campaign.overlap:
+                continue
+            try:
+                with transaction.atomic():
+                    assignment = Assignment.objects.create(
+                        pair=pair,
+                        labeler=labeler,
+                        a_on_left=random.random() < 0.5,
+                        created_at=now,
+                        shown_at=now,
+                        expires_at=now + timedelta(seconds=campaign.lease_seconds),
+                    )
+            except IntegrityError:
+                continue  # this labeler claimed it in another tab a moment ago
+        assignment = Assignment.objects.select_related(
+            "pair__prompt", "pair__response_a", "pair__response_b"
+        ).get(pk=assignment.pk)
+        return Claim(assignment)
+    if candidates:
+        # Every candidate was taken while we looked: try once more on a fresh list.
+        return claim_next_pair(campaign, labeler, now) if random.random() < 0.9 else Claim(None, "empty")
+    return Claim(None, "empty")
+
+
+SHOWN_CHOICES = {"a": Judgment.A, "b": Judgment.B, "tie": Judgment.TIE, "both_bad": Judgment.BOTH_BAD}
+
+
+def submit_judgment(
+    *,
+    assignment_id: int,
+    labeler,
+    choice: str,
+    strength: int | None = None,
+    rationale: str = "",
+    milliseconds: int | None = None,
+    source: str = Judgment.HUMAN,
+    now=None,
+) -> tuple[Judgment, bool]:
+    """Record a labeler's choice on their assignment; returns (judgment, created).
+
+    `choice` is in the labeler's terms: "a" is the response shown on the left as A. Submitting
+    the same assignment twice returns the first judgment (a double-click records one).
+    Raises Assignment.DoesNotExist for an assignment that is not this labeler's.
+    """
+    now = now or timezone.now()
+    if choice not in SHOWN_CHOICES:
+        raise JudgmentError(f"unknown choice {choice!r}")
+    with transaction.atomic():
+        assignment = (
+            Assignment.objects.select_for_update(of=("self",))
+            .select_related("pair__campaign")
+            .get(pk=assignment_id, labeler=labeler)
+        )
+        existing = Judgment.objects.filter(assignment=assignment).first()
+        if existing is not None:
+            return existing, False
+        if assignment.skipped:
+            raise JudgmentError("you skipped this pair")
+        campaign = assignment.pair.campaign
+        canonical = SHOWN_CHOICES[choice]
+        if canonical not in campaign.choices_offered():
+            raise JudgmentError(f"this campaign does not offer '{dict(Judgment.CHOICES)[canonical]}'")
+        if canonical in (Judgment.A, Judgment.B) and campaign.ask_strength:
+            if strength is None:
+                raise JudgmentError("say how much better: strength 1 to 4")
+            if not 1 <= int(strength) <= 4:
+                raise JudgmentError("strength must be 1 to 4")
+            strength = int(strength)
+        else:
+            strength = None
+        if not assignment.a_on_left and canonical in (Judgment.A, Judgment.B):
+            canonical = Judgment.B if canonical == Judgment.A else Judgment.A
+        pair = Pair.objects.select_for_update().get(pk=assignment.pair_id)
+        if not assignment.is_live(now):
+            taken = pair.judgments_count + _count_live_leases(pair.pk, now, exclude_id=assignment.pk)
+            if taken >= campaign.overlap:
+                raise JudgmentError("your lease on this pair ran out and others have judged it since")
+        try:
+            with transaction.atomic():
+                judgment = Judgment.objects.create(
+                    pair=pair,
+                    assignment=assignment,
+                    labeler=labeler,
+                    choice=canonical,
+                    strength=strength,
+                    rationale=(rationale or "").strip()[:5000] if campaign.ask_rationale else "",
+                    milliseconds=milliseconds if milliseconds is None else max(0, int(milliseconds)),
+                    a_on_left=assignment.a_on_left,
+                    source=source,
+                    created_at=now,
+                )
+        except IntegrityError:
+            return Judgment.objects.get(pair=pair, labeler=labeler), False
+        assignment.completed_at = now
+        assignment.save(update_fields=["completed_at"])
+        pair.judgments_count += 1
+        pair.is_open = pair.judgments_count < campaign.overlap
+        pair.save(update_fields=["judgments_count", "is_open"])
+    return judgment, True
+
+
+def skip_assignment(*, assignment_id: int, labeler) -> Assignment:
+    """Give a pair back without judging it; this labeler will not be shown it again."""
+    with transaction.atomic():
+        assignment = Assignment.objects.select_for_update().get(pk=assignment_id, labeler=labeler)
+        if assignment.completed_at is None and not assignment.skipped:
+            assignment.skipped = True
+            assignment.save(update_fields=["skipped"])
+    return assignment
+
+
+def undo_last_judgment(campaign: Campaign, labeler, now=None) -> Judgment | None:
+    """Take back this labeler's last judgment in the campaign if it is recent enough.
+
+    The pair comes back to the labeler as a live lease, so the next page shows it again.
+    """
+    now = now or timezone.now()
+    window = timedelta(seconds=settings.PAIRLOOP["UNDO_SECONDS"])
+    with transaction.atomic():
+        judgment = (
+            Judgment.objects.select_for_update(of=("self",))
+            .select_related("assignment", "pair")
+            .filter(labeler=labeler, pair__campaign=campaign, source=Judgment.HUMAN, created_at__gte=now - window)
+            .order_by("-created_at", "-pk")
+            .first()
+        )
+        if judgment is None:
+            return None
+        pair = Pair.objects.select_for_update().get(pk=judgment.pair_id)
+        assignment = judgment.assignment
+        judgment.delete()
+        pair.judgments_count = max(0, pair.judgments_count - 1)
+        pair.is_open = pair.judgments_count < campaign.overlap
+        pair.save(update_fields=["judgments_count", "is_open"])
+        if assignment is not None:
+            assignment.completed_at = None
+            assignment.shown_at = now
+            assignment.expires_at = now + timedelta(seconds=campaign.lease_seconds)
+            assignment.save(update_fields=["completed_at", "shown_at", "expires_at"])
+    return judgment
+
+
+# ---------------------------------------------------------------------------------------------
+# Adding pairs (import, demo seed, a round's new samples)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PairInput:
+    """One pair to add. `preferred` is "a" when response_a is known to be better (TRL chosen)."""
+
+    prompt: str | list[dict]
+    response_a: str
+    response_b: str
+    preferred: str | None = None
+    margin: float | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _prompt_text(prompt) -> tuple[str, list | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    turns = [{"role": str(t["role"]), "content": str(t["content"])} for t in prompt]
+    if len(turns) == 1:
+        return turns[0]["content"], turns
+    return "\n\n".join(f"**{t['role']}:** {t['content']}" for t in turns), turns
+
+
+@dataclass
+class AddResult:
+    created: int = 0
+    skipped: int = 0
+
+
+def add_pairs(
+    campaign: Campaign,
+    items: Iterable[PairInput],
+    *,
+    round=None,
+    priority: int = 0,
+    source: str = Response.IMPORT,
+    checkpoints: tuple[str, str] = ("", ""),
+    generation: dict | None = None,
+    batch_size: int = 1000,
+    notify: bool = True,
+) -> AddResult:
+    """Add pairs to a campaign in batches (bounded memory); duplicates are skipped and counted.
+
+    Runs in one transaction: the caller validated everything first, and a failure adds nothing.
+    """
+    result = AddResult()
+    batch: list[PairInput] = []
+    with transaction.atomic():
+        for item in items:
+            batch.append(item)
+            if len(batch) >= batch_size:
+                _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
+                batch = []
+        if batch:
+            _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
+        if notify and result.created:
+            transaction.on_commit(lambda: live.pairs_arrived(campaign, result.created))
+    cache.delete(f"campaign-{campaign.pk}-left")
+    return result
+
+
+def _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation):
+    now = timezone.now()
+    # Prompts: get or create by content hash.
+    prompt_rows = {}
+    for item in batch:
+        text, turns = _prompt_text(item.prompt)
+        prompt_rows.setdefault(content_hash(text), (text, turns))
+    existing = dict(Prompt.objects.filter(campaign=campaign, hash__in=prompt_rows).values_list("hash", "id"))
+    Prompt.objects.bulk_create(
+        [Prompt(campaign=campaign, text=t, turns=turns, hash=h, created_at=now)
+         for h, (t, turns) in prompt_rows.items() if h not in existing],
+        ignore_conflicts=True,
+    )
+    prompt_ids = dict(Prompt.objects.filter(campaign=campaign, hash__in=prompt_rows).values_list("hash", "id"))
+
+    # Responses: get or create by (prompt, content hash).
+    wanted = {}
+    for item in batch:
+        pid = prompt_ids[content_hash(_prompt_text(item.prompt)[0])]
+        for text, checkpoint in ((item.response_a, checkpoints[0]), (item.response_b, checkpoints[1])):
+            wanted.setdefault((pid, content_hash(text)), (text, checkpoint))
+    hashes = {h for (_, h) in wanted}
+    have = {(p, h): i for p, h, i in Response.objects.filter(prompt_id__in=set(prompt_ids.values()), hash__in=hashes)
+            .values_list("prompt_id", "hash", "id")}
+    Response.objects.bulk_create(
+        [Response(prompt_id=p, text=text, hash=h, source=source, round=round, checkpoint=ckpt,
+                  generation=generation, created_at=now)
+         for (p, h), (text, ckpt) in wanted.items() if (p, h) not in have],
+        ignore_conflicts=True,
+    )
+    response_ids = {(p, h): i for p, h, i in Response.objects.filter(prompt_id__in=set(prompt_ids.values()), hash__in=hashes)
+                    .values_list("prompt_id", "hash", "id")}
+
+    # Pairs: skip those already in the campaign (either order) and repeats inside the batch.
+    planned = []
+    for item in batch:
+        pid = prompt_ids[content_hash(_prompt_text(item.prompt)[0])]
+        a = response_ids[(pid, content_hash(item.response_a))]
+        b = response_ids[(pid, content_hash(item.response_b))]
+        planned.append((item, pid, a, b, Pair.key_for(a, b)))
+    known = set(Pair.objects.filter(campaign=campaign, key__in=[p[4] for p in planned]).values_list("key", flat=True))
+    new_pairs, judged = [], []
+    for item, pid, a, b, key in planned:
+        if key in known or a == b:
+            result.skipped += 1
+            continue
+        known.add(key)
+        pair = Pair(campaign=campaign, prompt_id=pid, response_a_id=a, response_b_id=b, key=key, priority=priority,
+                    round=round, created_at=now)
+        if item.preferred is not None:
+            # A preference that arrives with the data (TRL chosen/rejected) counts as judged.
+            pair.judgments_count = 1
+            pair.is_open = False
+            judged.append((pair, item))
+        new_pairs.append(pair)
+    Pair.objects.bulk_create(new_pairs)
+    if judged:
+        # bulk_create sets primary keys on PostgreSQL and SQLite alike.
+        Judgment.objects.bulk_create(
+            [Judgment(pair=pair, labeler=None, choice=Judgment.A if item.preferred == "a" else Judgment.B,
+                      strength=_strength_from_margin(item.margin), source=Judgment.IMPORTED, created_at=now)
+             for pair, item in judged]
+        )
+    result.created += len(new_pairs)
+
+
+def _strength_from_margin(margin: float | None) -> int | None:
+    """The inverse of Judgment.margin(): an imported margin back to the 1-4 strength scale."""
+    if margin is None:
+        return None
+    return max(1, min(4, int(round(float(margin) * 3)) + 1))

@@ -1,0 +1,206 @@
+"""The labeling domain: campaigns, prompts, responses, pairs, assignments (leases) and judgments.
+
+State changes go through annotate/actions.py; read-only rules live here on the models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+
+def content_hash(*parts: str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:40]
+
+
+class Campaign(models.Model):
+    slug = models.SlugField(unique=True)
+    name = models.CharField(max_length=200)
+    instructions = models.TextField(blank=True, help_text="Markdown, shown to labelers one click away.")
+    allow_tie = models.BooleanField(default=True, help_text="Offer 'tie' (key 3).")
+    allow_both_bad = models.BooleanField(default=True, help_text="Offer 'both bad' (key 4).")
+    ask_strength = models.BooleanField(default=True, help_text="Ask how much better, 1 (slightly) to 4 (far).")
+    ask_rationale = models.BooleanField(default=False, help_text="Offer an optional rationale field.")
+    overlap = models.PositiveSmallIntegerField(default=1, help_text="Judgments wanted per pair (k).")
+    lease_seconds = models.PositiveIntegerField(default=600, help_text="A claimed pair returns to the queue after this.")
+    daily_cap = models.PositiveIntegerField(null=True, blank=True, help_text="Judgments per labeler per day; empty = no cap.")
+    gold_rate = models.FloatField(default=0.0, help_text="Share of gold items mixed in (0-1).")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="campaigns")
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def get_absolute_url(self):
+        return reverse("campaign_detail", args=[self.slug])
+
+    def label_url(self):
+        return reverse("label", args=[self.slug])
+
+    def choices_offered(self) -> list[str]:
+        offered = [Judgment.A, Judgment.B]
+        if self.allow_tie:
+            offered.append(Judgment.TIE)
+        if self.allow_both_bad:
+            offered.append(Judgment.BOTH_BAD)
+        return offered
+
+    def group_name(self) -> str:
+        return f"campaign-{self.pk}"
+
+
+class Prompt(models.Model):
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="prompts")
+    text = models.TextField(help_text="The prompt as text (chat turns flattened).")
+    turns = models.JSONField(null=True, blank=True, help_text="Chat turns [{role, content}] when given as chat.")
+    hash = models.CharField(max_length=40)
+    meta = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["campaign", "hash"], name="prompt_unique_per_campaign")]
+
+    def __str__(self):
+        return self.text[:80]
+
+
+class Response(models.Model):
+    IMPORT, POLICY, SEED = "import", "policy", "seed"
+    SOURCES = [(IMPORT, "imported"), (POLICY, "policy checkpoint"), (SEED, "demo seed")]
+
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="responses")
+    text = models.TextField()
+    hash = models.CharField(max_length=40)
+    source = models.CharField(max_length=10, choices=SOURCES, default=IMPORT)
+    round = models.ForeignKey("training.Round", null=True, blank=True, on_delete=models.SET_NULL, related_name="responses")
+    checkpoint = models.CharField(max_length=500, blank=True, help_text="Policy checkpoint that wrote it.")
+    generation = models.JSONField(default=dict, blank=True, help_text="Generation settings.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["prompt", "hash"], name="response_unique_per_prompt")]
+
+    def __str__(self):
+        return self.text[:80]
+
+
+class Pair(models.Model):
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="pairs")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="pairs")
+    response_a = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
+    response_b = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=40, help_text="Order-free hash of the two responses: duplicates are skipped.")
+    priority = models.IntegerField(default=0, help_text="Higher is served first.")
+    round = models.ForeignKey("training.Round", null=True, blank=True, on_delete=models.SET_NULL, related_name="pairs")
+    gold_choice = models.CharField(max_length=8, blank=True, help_text="Known answer when this is a gold item.")
+    judgments_count = models.PositiveIntegerField(default=0)
+    is_open = models.BooleanField(default=True, help_text="Still needs judgments (kept by the actions).")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["campaign", "key"], name="pair_unique_per_campaign")]
+        indexes = [
+            # The queue's index: open pairs of a campaign by priority. Partial, so judged pairs cost nothing.
+            models.Index(
+                fields=["campaign", "-priority", "id"], name="pair_queue_idx", condition=Q(is_open=True)
+            ),
+        ]
+
+    def __str__(self):
+        return f"pair {self.pk} ({self.prompt})"
+
+    @staticmethod
+    def key_for(response_a_id: int, response_b_id: int) -> str:
+        low, high = sorted((response_a_id, response_b_id))
+        return content_hash(str(low), str(high))
+
+    def needs_judgments(self) -> bool:
+        return self.judgments_count < self.campaign.overlap
+
+
+class Assignment(models.Model):
+    """A pair leased to one labeler, with the side each response was shown on."""
+
+    pair = models.ForeignKey(Pair, on_delete=models.CASCADE, related_name="assignments")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    a_on_left = models.BooleanField(help_text="True: response A was shown on the left as 'A'.")
+    created_at = models.DateTimeField(default=timezone.now)
+    shown_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True, blank=True)
+    skipped = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["pair", "labeler"], name="one_assignment_per_labeler_pair")]
+        indexes = [
+            models.Index(fields=["labeler", "completed_at"], name="assignment_labeler_idx"),
+            models.Index(fields=["pair", "expires_at"], name="assignment_lease_idx",
+                         condition=Q(completed_at__isnull=True, skipped=False)),
+        ]
+
+    def is_live(self, now=None) -> bool:
+        now = now or timezone.now()
+        return self.completed_at is None and not self.skipped and self.expires_at > now
+
+    def shown(self) -> tuple[Response, Response]:
+        """(left, right) as the labeler saw them."""
+        if self.a_on_left:
+            return self.pair.response_a, self.pair.response_b
+        return self.pair.response_b, self.pair.response_a
+
+
+class Judgment(models.Model):
+    A, B, TIE, BOTH_BAD = "a", "b", "tie", "both_bad"
+    CHOICES = [(A, "A is better"), (B, "B is better"), (TIE, "tie"), (BOTH_BAD, "both bad")]
+    HUMAN, SIMULATED, IMPORTED = "human", "simulated", "import"
+    SOURCES = [(HUMAN, "human"), (SIMULATED, "simulated labeler"), (IMPORTED, "imported preference")]
+
+    pair = models.ForeignKey(Pair, on_delete=models.CASCADE, related_name="judgments")
+    assignment = models.OneToOneField(Assignment, null=True, blank=True, on_delete=models.CASCADE, related_name="judgment")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="judgments")
+    choice = models.CharField(max_length=8, choices=CHOICES, help_text="In terms of the pair's response_a / response_b.")
+    strength = models.PositiveSmallIntegerField(null=True, blank=True, help_text="1 (slightly) .. 4 (far) better.")
+    rationale = models.TextField(blank=True)
+    milliseconds = models.PositiveIntegerField(null=True, blank=True, help_text="Time from showing to submitting.")
+    a_on_left = models.BooleanField(null=True, help_text="Shown order, copied from the assignment.")
+    source = models.CharField(max_length=10, choices=SOURCES, default=HUMAN)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["pair", "labeler"], name="one_judgment_per_labeler_pair"),
+            models.CheckConstraint(condition=Q(strength__isnull=True) | Q(strength__gte=1, strength__lte=4),
+                                   name="strength_1_to_4"),
+        ]
+        indexes = [models.Index(fields=["labeler", "created_at"], name="judgment_labeler_day_idx")]
+
+    def __str__(self):
+        return f"{self.get_choice_display()} on pair {self.pair_id}"
+
+    # Llama 2's margins for a 4-point preference scale (Touvron et al. 2023, sec. 3.2.2):
+    # negligibly / slightly / better / significantly better -> 0, 1/3, 2/3, 1.
+    STRENGTH_MARGIN = {1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0}
+
+    def margin(self) -> float:
+        return self.STRENGTH_MARGIN.get(self.strength, 0.0)
+
+    def chosen_rejected(self) -> tuple[Response, Response] | None:
+        """The Bradley-Terry pair (chosen, rejected), or None for tie / both bad."""
+        if self.choice == self.A:
+            return self.pair.response_a, self.pair.response_b
+        if self.choice == self.B:
+            return self.pair.response_b, self.pair.response_a
+        return None

@@ -1,0 +1,205 @@
+"""Labeling views: thin functions — parse input, check access, call an action, render.
+
+The labeling path is one round trip per judgment: the submit's response is the next pair's
+fragment, which htmx swaps in.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Q
+from django.http import FileResponse, Http404, HttpResponseBadRequest
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from annotate import actions
+from annotate.access import (
+    campaign_for_admin,
+    campaign_for_labeler,
+    campaign_for_reviewer,
+    campaigns_for_user,
+    is_admin,
+    is_reviewer,
+)
+from annotate.models import Assignment, Judgment, Pair
+
+
+@login_required
+@require_GET
+def home(request):
+    campaigns = campaigns_for_user(request.user).annotate(
+        open_pairs=Count("pairs", filter=Q(pairs__is_open=True), distinct=True),
+    )
+    return render(request, "annotate/home.html", {
+        "campaigns": campaigns,
+        "is_admin": is_admin(request.user),
+        "is_reviewer": is_reviewer(request.user),
+    })
+
+
+def _pair_context(request, campaign, claim: actions.Claim | None, error: str = "", note: str = ""):
+    assignment = claim.assignment if claim else None
+    left = right = None
+    if assignment is not None:
+        left, right = assignment.shown()
+    return {
+        "campaign": campaign,
+        "assignment": assignment,
+        "prompt": assignment.pair.prompt if assignment else None,
+        "left": left,
+        "right": right,
+        "reason": claim.reason if claim else "",
+        "error": error,
+        "note": note,
+        "judged_today": actions.judged_today(campaign, request.user),
+        "left_in_campaign": actions.judgments_left(campaign),
+        "choices": campaign.choices_offered(),
+    }
+
+
+def _render_pair(request, campaign, error: str = "", note: str = "", claim=None):
+    claim = claim or actions.claim_next_pair(campaign, request.user)
+    context = _pair_context(request, campaign, claim, error=error, note=note)
+    template = "annotate/label.html#pair" if request.htmx else "annotate/label.html"
+    return render(request, template, context)
+
+
+@login_required
+@require_GET
+def label(request, slug):
+    campaign = campaign_for_labeler(request, slug)
+    return _render_pair(request, campaign)
+
+
+def _int_or_none(value):
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@login_required
+@require_POST
+def judge(request, slug, assignment_id):
+    campaign = campaign_for_labeler(request, slug)
+    milliseconds = _int_or_none(request.POST.get("ms"))
+    try:
+        _, created = actions.submit_judgment(
+            assignment_id=assignment_id,
+            labeler=request.user,
+            choice=request.POST.get("choice", ""),
+            strength=_int_or_none(request.POST.get("strength")),
+            rationale=request.POST.get("rationale", ""),
+            milliseconds=milliseconds,
+        )
+    except Assignment.DoesNotExist:
+        raise Http404("no such assignment") from None
+    except actions.JudgmentError as exc:
+        return _render_pair(request, campaign, error=str(exc))
+    return _render_pair(request, campaign, note="" if created else "Already recorded.")
+
+
+@login_required
+@require_POST
+def skip(request, slug, assignment_id):
+    campaign = campaign_for_labeler(request, slug)
+    try:
+        actions.skip_assignment(assignment_id=assignment_id, labeler=request.user)
+    except Assignment.DoesNotExist:
+        raise Http404("no such assignment") from None
+    return _render_pair(request, campaign, note="Skipped.")
+
+
+@login_required
+@require_POST
+def undo(request, slug):
+    campaign = campaign_for_labeler(request, slug)
+    undone = actions.undo_last_judgment(campaign, request.user)
+    note = "Undone: judge it again." if undone else "Nothing to undo (only the last few minutes can be undone)."
+    return _render_pair(request, campaign, note=note)
+
+
+@login_required
+@require_GET
+def instructions(request, slug):
+    campaign = campaign_for_labeler(request, slug)
+    template = "annotate/instructions.html#body" if request.htmx else "annotate/instructions.html"
+    return render(request, template, {"campaign": campaign})
+
+
+@login_required
+@require_GET
+def campaign_detail(request, slug):
+    campaign = campaign_for_reviewer(request, slug)
+    pairs = Pair.objects.filter(campaign=campaign)
+    judgments = Judgment.objects.filter(pair__campaign=campaign)
+    by_choice = dict(judgments.values_list("choice").annotate(n=Count("id")))
+    labelers = (
+        judgments.exclude(labeler=None)
+        .values("labeler__username", "source")
+        .annotate(n=Count("id"), today=Count("id", filter=Q(created_at__date=timezone.localdate())))
+        .order_by("-n")
+    )
+    context = {
+        "campaign": campaign,
+        "pair_count": pairs.count(),
+        "open_count": pairs.filter(is_open=True).count(),
+        "judgment_count": judgments.count(),
+        "by_choice": [(label, by_choice.get(value, 0)) for value, label in Judgment.CHOICES],
+        "usable": judgments.filter(choice__in=[Judgment.A, Judgment.B]).count(),
+        "labelers": labelers,
+        "is_admin": is_admin(request.user),
+        "rounds": campaign.rounds.all()[:20],
+    }
+    return render(request, "annotate/campaign_detail.html", context)
+
+
+EXPORT_FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
+
+
+@login_required
+@require_GET
+def export(request, slug):
+    from annotate.exporting import export_pairs
+
+    campaign = campaign_for_reviewer(request, slug)
+    fmt = request.GET.get("format", "jsonl")
+    if fmt not in EXPORT_FORMATS:
+        return HttpResponseBadRequest("format must be jsonl or parquet")
+    raw = request.GET.get("raw") == "1"
+    tmp = Path(tempfile.mkdtemp(prefix="pairloop-export-"))
+    name = f"{campaign.slug}-{'judgments' if raw else 'pairs'}{EXPORT_FORMATS[fmt]}"
+    result = export_pairs(campaign, tmp / name, format=fmt, raw=raw)
+    return FileResponse(open(result.path, "rb"), as_attachment=True, filename=name)
+
+
+@login_required
+def import_pairs_view(request, slug):
+    from annotate.importing import ImportFailed, import_upload
+
+    campaign = campaign_for_admin(request, slug)
+    if request.method == "POST":
+        upload = request.FILES.get("file")
+        if upload is None:
+            messages.error(request, "Choose a file to import.")
+        else:
+            try:
+                result = import_upload(
+                    campaign,
+                    upload,
+                    pairs_per_prompt=_int_or_none(request.POST.get("pairs_per_prompt")),
+                    priority=_int_or_none(request.POST.get("priority")) or 0,
+                )
+            except ImportFailed as exc:
+                messages.error(request, f"Nothing was imported. {exc}")
+            else:
+                messages.success(request, f"Imported {result.created} pairs; skipped {result.skipped} duplicates.")
+        return redirect("campaign_detail", slug=campaign.slug)
+    return render(request, "annotate/import.html", {"campaign": campaign})

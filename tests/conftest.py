@@ -1,0 +1,56 @@
+"""Shared personas and helpers. The suite never reads ../shared: a user's clone has none."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Group, User
+
+from annotate.access import REVIEWERS_GROUP
+from annotate.actions import PairInput, add_pairs
+from annotate.models import Campaign
+
+PASSWORD = "correct-horse-battery"
+
+
+def make_user(username: str, **extra) -> User:
+    user = User.objects.create_user(username=username, password=PASSWORD, **extra)
+    return user
+
+
+@pytest.fixture
+def admin_user(db):
+    return make_user("ada-admin", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def reviewer(db):
+    user = make_user("rene-reviewer")
+    group, _ = Group.objects.get_or_create(name=REVIEWERS_GROUP)
+    user.groups.add(group)
+    return user
+
+
+@pytest.fixture
+def labeler(db):
+    return make_user("lena-labeler")
+
+
+@pytest.fixture
+def outsider(db):
+    """A labeler who is not a member of the campaign: must be refused everywhere."""
+    return make_user("otto-outsider")
+
+
+def make_campaign(slug="shop", n_pairs=0, members=(), **options) -> Campaign:
+    campaign = Campaign.objects.create(slug=slug, name=slug.title(), instructions="Pick the **better** answer.",
+                                       **options)
+    campaign.members.add(*members)
+    if n_pairs:
+        add_pairs(campaign, [PairInput(f"Question {i}?", f"Answer A{i}", f"Answer B{i}") for i in range(n_pairs)],
+                  notify=False)
+    return campaign
+
+
+@pytest.fixture
+def campaign(labeler):
+    return make_campaign(n_pairs=10, members=[labeler])
