@@ -167,9 +167,9 @@ EXPORT_FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
 @login_required
 @require_GET
 def export(request, slug):
+    campaign = campaign_for_reviewer(request, slug)
     from annotate.exporting import export_pairs
 
-    campaign = campaign_for_reviewer(request, slug)
     fmt = request.GET.get("format", "jsonl")
     if fmt not in EXPORT_FORMATS:
         return HttpResponseBadRequest("format must be jsonl or parquet")
@@ -182,9 +182,9 @@ def export(request, slug):
 
 @login_required
 def import_pairs_view(request, slug):
+    campaign = campaign_for_admin(request, slug)
     from annotate.importing import ImportFailed, import_upload
 
-    campaign = campaign_for_admin(request, slug)
     if request.method == "POST":
         upload = request.FILES.get("file")
         if upload is None:

@@ -122,7 +122,6 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # With acks_late on Redis, a job not acked within the visibility timeout is delivered again:
 # keep it above the longest job (STYLE.md, Celery side 9).
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("PAIRLOOP_VISIBILITY_TIMEOUT", 12 * 3600, minimum=60)}
-CELERY_TASK_ALWAYS_EAGER = env.bool("PAIRLOOP_CELERY_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # Sessions in signed cookies: the labeling path loads no session row (DESIGN.md: lean request path).
@@ -143,7 +142,8 @@ USE_I18N = False
 USE_TZ = True
 
 STATIC_URL = "/static/"
-STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT = DATA_DIR / "staticfiles"  # `manage.py collectstatic` fills it for production
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 def _plotly_bundle_dir() -> str:
     """plotly.js as shipped inside the `plotly` Python package (served as /static/plotly/plotly.min.js)."""
     import plotly
@@ -160,7 +160,6 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 
 # pairloop itself.
 PAIRLOOP = {
-    "LEASE_SECONDS": env.int("PAIRLOOP_LEASE_SECONDS", 600, minimum=10),
     "UNDO_SECONDS": env.int("PAIRLOOP_UNDO_SECONDS", 120, minimum=0),
     "MODELS_DIR": DATA_DIR / "models",
     "CHECKPOINTS_DIR": Path(env.str("PAIRLOOP_CHECKPOINT_DIR", str(DATA_DIR / "checkpoints"))),

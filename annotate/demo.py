@@ -1,0 +1,108 @@
+"""The demo a newcomer starts with: users, and a campaign of prompts from the demo task families
+whose responses the demo SFT policy really wrote (so a first round trains on its own outputs)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth.models import Group, User
+from django.db import transaction
+
+from annotate.access import REVIEWERS_GROUP
+from annotate.actions import AddResult, PairInput, add_pairs
+from annotate.models import Campaign, Response
+
+DEMO_SLUG = "demo"
+DEMO_USERS = [
+    # username, password, role
+    ("admin", "pairloop-admin", "admin"),
+    ("reviewer", "pairloop-review", "reviewer"),
+    ("labeler1", "pairloop-label", "labeler"),
+    ("labeler2", "pairloop-label", "labeler"),
+    ("labeler3", "pairloop-label", "labeler"),
+]
+
+INSTRUCTIONS = """\
+Each prompt is a small task with a checkable answer (arithmetic, reversing or sorting words,
+listing items, rewriting politely). Two answers from the model are shown as **A** and **B**.
+
+1. Prefer the answer that is **correct**.
+2. Between two correct answers, prefer the one that answers in **a full, friendly sentence**
+   over a bare or padded one.
+3. **Tie** (key 3) when they are equally good; **both bad** (key 4) when neither is right.
+
+Then say how much better the winner is, from 1 (negligibly) to 4 (far better).
+"""
+
+
+def demo_policy_dir(preset: str | None = None) -> Path:
+    preset = preset or settings.PAIRLOOP["DEMO_POLICY_PRESET"]
+    name = "demo-policy" if preset == "demo" else f"demo-policy-{preset}"
+    return Path(settings.PAIRLOOP["MODELS_DIR"]) / name
+
+
+def default_policy(preset: str | None = None) -> str:
+    """The policy a campaign's first round starts from: PAIRLOOP_POLICY_MODEL or the demo policy."""
+    if settings.PAIRLOOP["POLICY_MODEL"]:
+        return settings.PAIRLOOP["POLICY_MODEL"]
+    from training.engine.demo_policy import ensure_demo_policy
+
+    preset = preset or settings.PAIRLOOP["DEMO_POLICY_PRESET"]
+    return str(ensure_demo_policy(demo_policy_dir(preset), preset=preset))
+
+
+@dataclass
+class SeedResult:
+    users_created: list[str]
+    pairs: AddResult
+    policy: str
+
+
+def ensure_users() -> list[str]:
+    created = []
+    reviewers, _ = Group.objects.get_or_create(name=REVIEWERS_GROUP)
+    for username, password, role in DEMO_USERS:
+        user, was_created = User.objects.get_or_create(username=username)
+        if was_created:
+            user.set_password(password)
+            user.is_staff = user.is_superuser = role == "admin"
+            user.save()
+            created.append(username)
+        if role == "reviewer":
+            user.groups.add(reviewers)
+    return created
+
+
+def seed_demo(*, prompts: int = 120, per_prompt: int = 3, seed: int = 0, preset: str | None = None,
+              on_progress=None) -> SeedResult:
+    """Create (or top up) the demo campaign; safe to run twice (duplicates are skipped)."""
+    from training.engine import demo_tasks
+    from training.engine.sample import sample_responses
+
+    with transaction.atomic():
+        created_users = ensure_users()
+        campaign, _ = Campaign.objects.get_or_create(
+            slug=DEMO_SLUG,
+            defaults=dict(name="Demo: small tasks", instructions=INSTRUCTIONS, allow_tie=True, allow_both_bad=True,
+                          ask_strength=True, ask_rationale=True, overlap=1),
+        )
+        campaign.members.add(*User.objects.filter(username__in=[u for u, _, r in DEMO_USERS if r != "reviewer"]))
+    policy = default_policy(preset)
+    instructions = demo_tasks.make_prompts(prompts, seed, "train")
+    kwargs = {} if on_progress is None else {"on_progress": on_progress}
+    samples = sample_responses(policy, instructions, num_per_prompt=per_prompt, temperature=1.0, seed=seed, **kwargs)
+    rng = random.Random(seed)
+    items = []
+    for instruction, responses in zip(instructions, samples):
+        distinct = list(dict.fromkeys(r for r in responses if r.strip()))
+        for a, b in itertools.combinations(distinct, 2):
+            if rng.random() < 0.5:
+                a, b = b, a
+            items.append(PairInput(instruction, a, b))
+    result = add_pairs(campaign, items, source=Response.SEED, checkpoints=(policy, policy),
+                       generation={"temperature": 1.0, "seed": seed, "policy": policy})
+    return SeedResult(created_users, result, policy)

@@ -1,0 +1,180 @@
+"""The labeling page over HTTP, with the personas: what a labeler, a reviewer, an admin and an
+outsider can and cannot do, and what gets stored."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.test import Client
+
+from annotate.actions import PairInput, add_pairs
+from annotate.models import Assignment, Judgment, Pair
+from tests.conftest import PASSWORD, make_campaign
+
+pytestmark = pytest.mark.django_db
+
+
+def client_for(user) -> Client:
+    client = Client()
+    assert client.login(username=user.username, password=PASSWORD)
+    return client
+
+
+def current_assignment(response) -> Assignment:
+    match = re.search(rb'data-assignment="(\d+)"', response.content)
+    assert match, "no pair on the page"
+    return Assignment.objects.select_related("pair").get(pk=int(match.group(1)))
+
+
+def test_it_shows_a_labeler_their_campaigns_and_a_pair(labeler, campaign):
+    client = client_for(labeler)
+    home = client.get("/")
+    assert home.status_code == 200
+    assert campaign.label_url().encode() in home.content
+    page = client.get(campaign.label_url())
+    assert page.status_code == 200
+    assignment = current_assignment(page)
+    left, right = assignment.shown()
+    text = page.content.decode()
+    assert text.index(left.text) < text.index(right.text)
+    assert "Judged today: <strong id=\"judged-today\">0</strong>" in text
+
+
+def test_it_records_a_judgment_and_answers_with_the_next_pair(labeler, campaign):
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    response = client.post(f"{campaign.label_url()}{first.pk}/judge/",
+                           {"choice": "a", "strength": "4", "ms": "2300"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    assert b"<html" not in response.content  # a fragment for htmx to swap in, not a page
+    following = current_assignment(response)
+    assert following.pk != first.pk
+    judgment = Judgment.objects.get()
+    shown_left = first.shown()[0]
+    assert judgment.chosen_rejected()[0] == shown_left
+    assert (judgment.strength, judgment.milliseconds, judgment.a_on_left) == (4, 2300, first.a_on_left)
+    assert judgment.labeler == labeler and judgment.source == Judgment.HUMAN
+
+
+def test_it_records_one_judgment_for_a_double_submit(labeler, campaign):
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    for _ in range(2):
+        assert client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "tie"},
+                           HTTP_HX_REQUEST="true").status_code == 200
+    assert Judgment.objects.filter(pair=first.pair).count() == 1
+    assert Pair.objects.get(pk=first.pair_id).judgments_count == 1
+
+
+def test_it_asks_for_strength_when_the_campaign_wants_it(labeler, campaign):
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    response = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "b"}, HTTP_HX_REQUEST="true")
+    assert b"strength 1 to 4" in response.content
+    assert current_assignment(response).pk == first.pk
+    assert not Judgment.objects.exists()
+
+
+def test_it_refuses_options_the_campaign_does_not_offer(labeler):
+    campaign = make_campaign("strict", n_pairs=2, members=[labeler], allow_tie=False, allow_both_bad=False)
+    client = client_for(labeler)
+    page = client.get(campaign.label_url())
+    assert b'data-choice="tie"' not in page.content
+    first = current_assignment(page)
+    response = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    assert b"does not offer" in response.content
+    assert not Judgment.objects.exists()
+
+
+def test_it_skips_and_never_shows_the_skipped_pair_again(labeler):
+    campaign = make_campaign("two", n_pairs=2, members=[labeler])
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    after_skip = client.post(f"{campaign.label_url()}{first.pk}/skip/", HTTP_HX_REQUEST="true")
+    second = current_assignment(after_skip)
+    assert second.pair_id != first.pair_id
+    client.post(f"{campaign.label_url()}{second.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    assert b"No pairs are waiting for you" in client.get(campaign.label_url()).content
+
+
+def test_it_undoes_the_last_judgment_and_shows_that_pair_again(labeler, campaign):
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "both_bad"}, HTTP_HX_REQUEST="true")
+    undone = client.post(f"{campaign.label_url()}undo/", HTTP_HX_REQUEST="true")
+    assert current_assignment(undone).pair_id == first.pair_id
+    assert not Judgment.objects.exists()
+    assert Pair.objects.get(pk=first.pair_id).judgments_count == 0
+
+
+def test_it_says_when_the_queue_is_empty_and_listens_for_new_pairs(labeler):
+    campaign = make_campaign("empty", members=[labeler])
+    page = client_for(labeler).get(campaign.label_url())
+    assert b"No pairs are waiting for you" in page.content
+    assert b'ws-connect="/ws/campaigns/empty/"' in page.content
+
+
+def test_it_stops_at_the_daily_cap(labeler):
+    campaign = make_campaign("capped", n_pairs=5, members=[labeler], daily_cap=1)
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    response = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    assert b"reached today's cap" in response.content
+
+
+def test_it_escapes_model_outputs(labeler):
+    campaign = make_campaign("xss", members=[labeler])
+    add_pairs(campaign, [PairInput("Say [hi](javascript:alert(1)) <script>alert(2)</script>",
+                                   '<script>alert("a")</script>', '<img src=x onerror="alert(3)">')], notify=False)
+    body = client_for(labeler).get(campaign.label_url()).content.decode()
+    assert "<script>alert" not in body
+    assert "<img src=x" not in body
+    assert "javascript:" not in body
+    assert "&lt;script&gt;alert(&quot;a&quot;)&lt;/script&gt;" in body
+    assert "&lt;img src=x onerror=&quot;alert(3)&quot;&gt;" in body
+
+
+def test_it_refuses_an_outsider_everything(outsider, campaign):
+    client = client_for(outsider)
+    assert campaign.label_url().encode() not in client.get("/").content
+    assert client.get(campaign.label_url()).status_code == 404
+    assert client.get(campaign.get_absolute_url()).status_code == 404
+    assert client.get(f"/campaigns/{campaign.slug}/export/").status_code == 404
+    assert client.get(f"/campaigns/{campaign.slug}/import/").status_code == 404
+    assert client.get("/admin/annotate/campaign/").status_code == 302  # to the admin login
+    assert not Assignment.objects.exists()
+
+
+def test_it_refuses_a_labeler_someone_elses_assignment(labeler, outsider, campaign):
+    theirs = current_assignment(client_for(labeler).get(campaign.label_url()))
+    campaign.members.add(outsider)
+    client = client_for(outsider)
+    assert client.post(f"{campaign.label_url()}{theirs.pk}/judge/", {"choice": "tie"}).status_code == 404
+    assert client.post(f"{campaign.label_url()}{theirs.pk}/skip/").status_code == 404
+    assert not Judgment.objects.exists()
+    assert not Assignment.objects.get(pk=theirs.pk).skipped
+
+
+def test_it_lets_a_labeler_not_import_or_review(labeler, campaign):
+    client = client_for(labeler)
+    assert client.get(campaign.get_absolute_url()).status_code == 404
+    assert client.post(f"/campaigns/{campaign.slug}/import/").status_code == 404
+
+
+def test_it_lets_a_reviewer_read_but_not_import(reviewer, campaign):
+    client = client_for(reviewer)
+    assert client.get(campaign.get_absolute_url()).status_code == 200
+    assert client.get(f"/campaigns/{campaign.slug}/import/").status_code == 404
+
+
+def test_it_lets_an_admin_see_and_import(admin_user, campaign):
+    client = client_for(admin_user)
+    page = client.get(campaign.get_absolute_url())
+    assert page.status_code == 200 and b"Import a file" in page.content
+    assert client.get(f"/campaigns/{campaign.slug}/import/").status_code == 200
+
+
+def test_it_requires_login(campaign):
+    response = Client().get(campaign.label_url())
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
