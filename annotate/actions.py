@@ -63,7 +63,7 @@ def judgments_left(campaign: Campaign) -> int:
     """Judgments still wanted in the campaign (cached a few seconds: it is shown on every pair)."""
 
     def compute():
-        total = Pair.objects.filter(campaign=campaign, is_open=True).aggregate(
+        total = Pair.objects.filter(campaign=campaign, is_open=True, gold_choice="").aggregate(
             wanted=Coalesce(Sum(campaign.overlap - F("judgments_count")), 0)
         )["wanted"]
         return int(total)
@@ -99,8 +99,12 @@ def claim_next_pair(campaign: Campaign, labeler, now=None) -> Claim:
         return Claim(None, "cap")
 
     seen_by_me = Assignment.objects.filter(pair=OuterRef("pk"), labeler=labeler)
+    if campaign.gold_rate > 0 and random.random() < campaign.gold_rate:
+        gold = _claim_gold(campaign, labeler, seen_by_me, now)
+        if gold is not None:
+            return Claim(gold)
     candidates = list(
-        Pair.objects.filter(campaign=campaign, is_open=True)
+        Pair.objects.filter(campaign=campaign, is_open=True, gold_choice="")
         .exclude(Exists(seen_by_me))
         .annotate(leases=Coalesce(Subquery(_live_leases(now)), 0))
         .filter(judgments_count__lt=campaign.overlap - F("leases"))
@@ -138,6 +142,25 @@ def claim_next_pair(campaign: Campaign, labeler, now=None) -> Claim:
         # Every candidate was taken while we looked: try once more on a fresh list.
         return claim_next_pair(campaign, labeler, now) if random.random() < 0.9 else Claim(None, "empty")
     return Claim(None, "empty")
+
+
+def _claim_gold(campaign: Campaign, labeler, seen_by_me, now) -> Assignment | None:
+    """A gold item (a pair with a known answer) this labeler has not seen. Gold items are shown to
+    every labeler, so they have no overlap limit; they measure each labeler's agreement."""
+    pair = (
+        Pair.objects.filter(campaign=campaign).exclude(gold_choice="").exclude(Exists(seen_by_me))
+        .order_by("-priority", "id").first()
+    )
+    if pair is None:
+        return None
+    try:
+        with transaction.atomic():
+            return Assignment.objects.create(
+                pair=pair, labeler=labeler, a_on_left=random.random() < 0.5, created_at=now, shown_at=now,
+                expires_at=now + timedelta(seconds=campaign.lease_seconds),
+            )
+    except IntegrityError:
+        return None
 
 
 SHOWN_CHOICES = {"a": Judgment.A, "b": Judgment.B, "tie": Judgment.TIE, "both_bad": Judgment.BOTH_BAD}
@@ -189,7 +212,7 @@ def submit_judgment(
         if not assignment.a_on_left and canonical in (Judgment.A, Judgment.B):
             canonical = Judgment.B if canonical == Judgment.A else Judgment.A
         pair = Pair.objects.select_for_update().get(pk=assignment.pair_id)
-        if not assignment.is_live(now):
+        if not assignment.is_live(now) and not pair.gold_choice:
             taken = pair.judgments_count + _count_live_leases(pair.pk, now, exclude_id=assignment.pk)
             if taken >= campaign.overlap:
                 raise JudgmentError("your lease on this pair ran out and others have judged it since")
@@ -212,7 +235,7 @@ def submit_judgment(
         assignment.completed_at = now
         assignment.save(update_fields=["completed_at"])
         pair.judgments_count += 1
-        pair.is_open = pair.judgments_count < campaign.overlap
+        pair.is_open = pair.judgments_count < campaign.overlap and not pair.gold_choice
         pair.save(update_fields=["judgments_count", "is_open"])
     return judgment, True
 

@@ -105,7 +105,11 @@ class Pair(models.Model):
     key = models.CharField(max_length=40, help_text="Order-free hash of the two responses: duplicates are skipped.")
     priority = models.IntegerField(default=0, help_text="Higher is served first.")
     round = models.ForeignKey("training.Round", null=True, blank=True, on_delete=models.SET_NULL, related_name="pairs")
-    gold_choice = models.CharField(max_length=8, blank=True, help_text="Known answer when this is a gold item.")
+    gold_choice = models.CharField(
+        max_length=8, blank=True, choices=[("a", "A is better"), ("b", "B is better"), ("tie", "tie"),
+                                           ("both_bad", "both bad")],
+        help_text="Known answer (in response_a/response_b terms) when this is a gold item: shown to every "
+                  "labeler at the campaign's gold rate, to measure agreement.")
     judgments_count = models.PositiveIntegerField(default=0)
     is_open = models.BooleanField(default=True, help_text="Still needs judgments (kept by the actions).")
     created_at = models.DateTimeField(default=timezone.now)

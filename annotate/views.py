@@ -11,7 +11,7 @@ from pathlib import Path
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 from django.http import FileResponse, Http404, HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.utils import timezone
@@ -141,10 +141,16 @@ def campaign_detail(request, slug):
     pairs = Pair.objects.filter(campaign=campaign)
     judgments = Judgment.objects.filter(pair__campaign=campaign)
     by_choice = dict(judgments.values_list("choice").annotate(n=Count("id")))
+    on_gold = Q(pair__gold_choice__gt="")
     labelers = (
         judgments.exclude(labeler=None)
         .values("labeler__username", "source")
-        .annotate(n=Count("id"), today=Count("id", filter=Q(created_at__date=timezone.localdate())))
+        .annotate(
+            n=Count("id"),
+            today=Count("id", filter=Q(created_at__date=timezone.localdate())),
+            gold=Count("id", filter=on_gold),
+            gold_agreed=Count("id", filter=on_gold & Q(choice=F("pair__gold_choice"))),
+        )
         .order_by("-n")
     )
     context = {

@@ -178,3 +178,21 @@ def test_it_lets_an_admin_see_and_import(admin_user, campaign):
 def test_it_requires_login(campaign):
     response = Client().get(campaign.label_url())
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_it_shows_gold_items_to_every_labeler_and_reports_agreement(labeler, outsider, reviewer):
+    campaign = make_campaign("gold", n_pairs=3, members=[labeler, outsider], gold_rate=1.0, overlap=1)
+    gold = Pair.objects.filter(campaign=campaign).order_by("id").first()
+    gold.gold_choice = Judgment.A
+    gold.save(update_fields=["gold_choice"])
+    for user, shown_choice_for_a in ((labeler, True), (outsider, False)):
+        client = client_for(user)
+        assignment = current_assignment(client.get(campaign.label_url()))
+        assert assignment.pair_id == gold.pk  # gold first at a gold rate of 1, beyond the overlap of 1
+        agrees = "a" if assignment.a_on_left == shown_choice_for_a else "b"
+        client.post(f"{campaign.label_url()}{assignment.pk}/judge/", {"choice": agrees, "strength": "2"},
+                    HTTP_HX_REQUEST="true")
+    assert Judgment.objects.filter(pair=gold).count() == 2
+    page = client_for(reviewer).get(campaign.get_absolute_url()).content.decode()
+    assert re.search(r"lena-labeler</td><td>human</td><td>1</td><td>1</td><td>1 / 1", page)
+    assert re.search(r"otto-outsider</td><td>human</td><td>1</td><td>1</td><td>0 / 1", page)

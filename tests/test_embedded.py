@@ -1,0 +1,107 @@
+"""The embedded default as a newcomer meets it: no DATABASE_URL, no REDIS_URL. Migrate, seed the
+demo, start `python -m pairloop.embedded serve`, log in with a demo login and label a pair over
+real HTTP, with the launcher's embedded Redis and Celery worker running."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.embedded
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "PAIRLOOP_TEST_DATABASE_NAME"}}
+    env.update(PAIRLOOP_DATA_DIR=str(data_dir), PAIRLOOP_DEMO_POLICY_PRESET="tiny")
+    return env
+
+
+def manage(env, *args, timeout=600) -> str:
+    result = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+class Browser:
+    """A cookie-keeping HTTP client, enough for Django's login and CSRF."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def csrf(self) -> str:
+        return next(c.value for c in self.jar if c.name == "csrftoken")
+
+    def get(self, path: str) -> str:
+        with self.opener.open(self.base + path, timeout=30) as response:
+            return response.read().decode()
+
+    def post(self, path: str, data: dict, headers: dict | None = None) -> str:
+        body = urllib.parse.urlencode(data).encode()
+        request = urllib.request.Request(self.base + path, data=body, headers={
+            "X-CSRFToken": self.csrf(), "Referer": self.base + path, **(headers or {})})
+        with self.opener.open(request, timeout=30) as response:
+            return response.read().decode()
+
+
+def test_it_serves_the_seeded_demo_for_labeling_with_no_outside_services(tmp_path):
+    data_dir = tmp_path / "var"
+    env = embedded_env(data_dir)
+    manage(env, "migrate", "--noinput")
+    seeded = manage(env, "seed_demo", "--preset", "tiny", "--prompts", "30")
+    assert "labeler1" in seeded and "pairloop-label" in seeded
+    again = manage(env, "seed_demo", "--preset", "tiny", "--prompts", "30")
+    assert "0 pairs added" in again  # safe to run twice
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pairloop.embedded", "serve", "--port", str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        browser = Browser(base)
+        deadline = time.time() + 60
+        while True:
+            try:
+                login_page = browser.get("/accounts/login/")
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.time() < deadline, "the embedded server did not answer within a minute"
+                time.sleep(0.5)
+        assert "Log in" in login_page
+        browser.post("/accounts/login/", {"username": "labeler1", "password": "pairloop-label", "next": "/"})
+        home = browser.get("/")
+        assert "/campaigns/demo/label/" in home
+        page = browser.get("/campaigns/demo/label/")
+        assignment = re.search(r'data-assignment="(\d+)"', page).group(1)
+        after = browser.post(f"/campaigns/demo/label/{assignment}/judge/", {"choice": "tie", "ms": "900"},
+                             headers={"HX-Request": "true"})
+        assert re.search(r'Judged today: <strong id="judged-today">1</strong>', after)
+        # The worker is up on the embedded broker: ask it.
+        ping = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "pairloop", "inspect", "ping", "--timeout", "10"],
+            cwd=ROOT, env={**env, "REDIS_URL": f"unix://{data_dir / 'redis.sock'}"},
+            capture_output=True, text=True, timeout=120)
+        assert "pong" in ping.stdout, ping.stdout + ping.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
