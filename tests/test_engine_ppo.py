@@ -1,0 +1,194 @@
+"""PPO on the tiny demo policy: the reward rises, the KL stays bounded, resume is exact, bad input
+is refused before any step. CPU, a few seconds each; no network, no ../shared."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.engine.common import EngineError, read_checkpoint_meta
+from training.engine.ppo import (
+    VALUE_HEAD_DIR,
+    AdaptiveKLController,
+    PPOArgs,
+    compute_gae,
+    main,
+    resume_dir,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_policy() -> str:
+    """The tiny demo policy, built once per checkout (about 30 s) and shared by the engine tests."""
+    from training.engine.demo_policy import DEFAULT_TINY_DIR, ensure_demo_policy
+
+    return str(ensure_demo_policy(REPO / DEFAULT_TINY_DIR, preset="tiny"))
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[str]:
+    from training.engine.demo_tasks import make_prompts
+
+    prompts = make_prompts(64, seed=0, split="train")
+    return [p if isinstance(p, str) else p.get("prompt", p.get("instruction")) for p in prompts]
+
+
+def starts_with_the(instructions: list[str], responses: list[str]) -> list[float]:
+    """A rule reward the tiny policy can climb: answer in a sentence that starts with 'The'."""
+    return [1.0 if r.strip().startswith("The") else 0.0 for r in responses]
+
+
+def tiny_args(policy: str, prompts, out: Path, **overrides) -> PPOArgs:
+    settings = dict(
+        policy=policy, reward_models=[], prompts=prompts, out=str(out), steps=4, batch_size=16,
+        mini_batch_size=8, ppo_epochs=2, lr=3e-4, max_new_tokens=16, save_every=0, device="cpu", seed=0,
+    )
+    settings.update(overrides)
+    return PPOArgs(**settings)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_it_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_policy, instructions, tmp_path):
+    history = []
+    args = tiny_args(tiny_policy, instructions, tmp_path / "out", steps=24, batch_size=32, init_kl_coef=0.05)
+    final = main(args, lambda e: history.append(e["metrics"]), reward_fn=starts_with_the)
+
+    first = sum(m["ppo/reward"] for m in history[:3]) / 3
+    last = sum(m["ppo/reward"] for m in history[-3:]) / 3
+    assert last > first + 0.25, f"reward {first:.2f} -> {last:.2f}"
+    assert all(m["ppo/kl"] < 15.0 for m in history), [round(m["ppo/kl"], 2) for m in history]
+    for key in ("ppo/kl", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/value_loss", "ppo/policy_loss",
+                "ppo/explained_variance", "ppo/response_length", "ppo/eos_rate", "ppo/samples_per_second",
+                "ppo/kl_coef"):
+        assert key in final
+
+    # The final policy is a loadable save_pretrained directory that differs from the start.
+    before, after = _state(tiny_policy), _state(tmp_path / "out")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    assert (tmp_path / "out" / VALUE_HEAD_DIR).is_dir()
+    meta = read_checkpoint_meta(tmp_path / "out")
+    assert meta["stage"] == "ppo" and meta["step"] == 24
+    assert not resume_dir(tmp_path / "out").exists()
+
+
+def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, instructions, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(event):
+        if event["step"] == 2 and "log" not in event:
+            raise Stop
+
+    uninterrupted = main(tiny_args(tiny_policy, instructions, tmp_path / "a"), reward_fn=starts_with_the)
+    with pytest.raises(Stop):
+        main(tiny_args(tiny_policy, instructions, tmp_path / "b"), stop_at_2, reward_fn=starts_with_the)
+    assert read_checkpoint_meta(resume_dir(tmp_path / "b"))["step"] == 2
+    resumed_events = []
+    resumed = main(tiny_args(tiny_policy, instructions, tmp_path / "b"), resumed_events.append,
+                   reward_fn=starts_with_the)
+
+    assert [e["step"] for e in resumed_events if "log" not in e] == [3, 4]
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/policy_loss"):
+        assert uninterrupted[key] == resumed[key]
+
+
+def test_it_moves_the_adaptive_kl_coefficient_toward_the_target(tiny_policy, instructions, tmp_path):
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(current_kl=12.0, n_steps=10)
+    assert controller.value > 0.1
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(current_kl=1.0, n_steps=10)
+    assert controller.value < 0.1
+
+    # Through a run: far above a tiny target beta grows, far below a huge target it shrinks.
+    common = dict(steps=4, adaptive_kl=True, kl_horizon=64, init_kl_coef=0.1, lr=1e-3)
+    high = []
+    main(tiny_args(tiny_policy, instructions, tmp_path / "hi", kl_target=1e-3, **common),
+         lambda e: high.append(e["metrics"]["ppo/kl_coef"]), reward_fn=starts_with_the)
+    low = []
+    main(tiny_args(tiny_policy, instructions, tmp_path / "lo", kl_target=1e3, **common),
+         lambda e: low.append(e["metrics"]["ppo/kl_coef"]), reward_fn=starts_with_the)
+    assert high[0] == low[0] == 0.1  # the first step uses the initial coefficient (and has KL 0)
+    assert high[-1] > high[1]
+    assert high[-1] > 0.1 > low[-1]
+
+
+def test_it_penalises_responses_that_never_emit_eos(tiny_policy, instructions, tmp_path):
+    metrics = main(
+        tiny_args(tiny_policy, instructions, tmp_path / "out", steps=1, max_new_tokens=2, missing_eos_penalty=2.0),
+        reward_fn=lambda ins, res: [0.5] * len(res),
+    )
+    assert metrics["ppo/eos_rate"] < 1.0
+    assert metrics["ppo/reward"] == pytest.approx(0.5)
+    assert metrics["ppo/score"] == pytest.approx(0.5 - 2.0 * (1.0 - metrics["ppo/eos_rate"]))
+
+
+def test_it_computes_gae_that_bootstraps_from_zero_at_the_end():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # delta_2 = 1 - 0.5; delta_1 = 0 + 0.5 - 0.5 = 0; delta_0 = 0 -> A_t = sum lam^k delta_{t+k}
+    expected = torch.tensor([[0.95**2 * 0.5, 0.95 * 0.5, 0.5, 0.0]])
+    assert torch.allclose(advantages, expected)
+    assert torch.allclose(returns, (expected + values) * mask)
+
+
+@pytest.mark.parametrize(
+    "overrides, reward_fn, message",
+    [
+        (dict(prompts=[]), starts_with_the, "no prompts"),
+        (dict(reward_models=["rule:no_such_rule"]), None, "unknown rule judge 'no_such_rule'"),
+        (dict(policy="/nonexistent/policy"), starts_with_the, "does not exist"),
+        (dict(reward_models=["/nonexistent/rm"]), None, "reward model path '/nonexistent/rm' does not exist"),
+        (dict(reward_models=["rule:correct"], reward_weights=[1.0, 0.5]), None, "2 reward weights for 1"),
+        (dict(reward_models=[]), None, "no reward"),
+        (dict(prompts=["word " * 5000]), starts_with_the, "exceeds the policy's context"),
+    ],
+)
+def test_it_refuses_bad_input_before_any_step(tiny_policy, tmp_path, overrides, reward_fn, message):
+    events = []
+    settings = {"policy": tiny_policy, "prompts": ["What is 2 + 3?"], **overrides}
+    args = tiny_args(settings.pop("policy"), settings.pop("prompts"), tmp_path / "out", **settings)
+    with pytest.raises(EngineError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        main(args, events.append, reward_fn=reward_fn)
+    assert events == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"What is {i} + {i}?"}) for i in range(8)))
+    result = subprocess.run(
+        [sys.executable, "-m", "training.engine.ppo", "--policy", tiny_policy, "--reward-model", "rule:correct",
+         "--reward-weight", "2.0", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2",
+         "--batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "8", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"ppo/reward", "ppo/kl", "ppo/samples_per_second"} <= set(final)
+    assert (tmp_path / "out" / "config.json").exists()
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "training.engine.ppo", "--policy", tiny_policy, "--reward-model", "rule:nope",
+         "--prompts", str(prompts), "--out", str(tmp_path / "bad")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode != 0
+    assert "unknown rule judge" in json.loads(bad.stdout.strip().splitlines()[-1])["error"]

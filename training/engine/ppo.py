@@ -1,0 +1,838 @@
+"""PPO against one or more reward models, with a per-token KL penalty to a frozen reference.
+
+The algorithm of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"),
+Stiennon et al. 2020 ("Learning to summarize from human feedback") and Ouyang et al. 2022
+(InstructGPT), with the implementation details catalogued by Huang et al. 2024 ("The N+
+Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization"), cited below as
+[N+ §n] by the number of the detail in that paper, and TRL's PPOv2 trainer (von Werra et al.)
+where we follow its conventions. One step:
+
+  1. rollouts: sample one response per prompt from the policy (sample.generate, KV cache);
+  2. scores: decode the responses to text and score (instruction, response) with each reward
+     source (reward-model checkpoints with their own tokenizers, rule judges, or a callable),
+     weighted sum; subtract a penalty from responses that never emitted EOS;
+  3. per-token rewards: -beta * (logp - logp_ref) at every response token, plus the
+     (normalised) score at the last token;
+  4. advantages by GAE (gamma 1, lambda 0.95), whitened over the batch;
+  5. several epochs over shuffled minibatches of the clipped surrogate + clipped value loss,
+     gradient norm clipped;
+  6. the adaptive KL controller moves beta toward the target KL.
+
+Critic: a linear value head on the policy's last hidden state (shared trunk), as in TRL's
+AutoModelForCausalLMWithValueHead. Stiennon et al. and [N+] use a separate critic initialised
+from the reward model; we do not, because (a) our reward may come from a model with another
+tokenizer (MiniLM) or from a rule, so no per-token critic can be initialised from it, and (b) a
+second copy of the policy doubles the forward/backward cost, which on a 2-core CPU is the
+budget of a whole training round. The value loss is weighted by vf_coef=0.1 (TRL) so it does
+not dominate the shared trunk's gradient.
+
+This module never imports Django.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.engine.common import (
+    EngineError,
+    ProgressFn,
+    TqdmProgress,
+    format_prompt,
+    load_causal_lm,
+    load_trainer_state,
+    no_progress,
+    pick_device,
+    pick_dtype,
+    print_final_metrics,
+    prompt_text,
+    read_checkpoint_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    set_seed,
+)
+
+STAGE = "ppo"
+RULE_PREFIX = "rule:"
+VALUE_HEAD_DIR = "value_head"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+@dataclass
+class PPOArgs:
+    """Settings of one PPO run. Defaults fit the demo policy on a 2-core CPU (about two minutes)."""
+
+    policy: str = ""
+    """Causal LM to train (save_pretrained directory or hub name in the local cache)."""
+    ref_policy: str | None = None
+    """Frozen reference for the KL penalty; None means the starting policy (Ziegler et al. 2019)."""
+    reward_models: list[str] = field(default_factory=list)
+    """Reward sources: reward-model checkpoint paths, or "rule:NAME" for a rule judge of demo_tasks."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward source (empty: all 1.0), e.g. quality + safety as in the seed material."""
+    prompts: str | list[str] = ""
+    """JSONL with a "prompt" (or "instruction"/"input") per line, a text file of lines, or a list."""
+    out: str = "var/models/ppo-policy"
+    """Directory of the final policy; the resumable checkpoint goes to `<out>.resume/`."""
+    steps: int = 40
+    """PPO iterations (rollout batch + optimisation); 40 x 64 episodes fits about 2 minutes on 2 cores."""
+    batch_size: int = 64
+    """Rollouts per step (TRL PPOv2 uses 64 per device x accumulation; Stiennon et al. 512)."""
+    mini_batch_size: int = 16
+    """Rollouts per gradient step; batch_size / mini_batch_size minibatches per epoch."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch (Ziegler et al. 2019 / TRL: 4; 2 trades sample reuse for speed on CPU)."""
+    lr: float = 3e-5
+    """Adam learning rate (Stiennon et al. 2020 used 1.5e-5 for 1.3B; a 3M-param policy tolerates more)."""
+    init_kl_coef: float = 0.05
+    """beta of the per-token KL penalty (TRL PPOv2 kl_coef 0.05; Ziegler et al. 2019 start at 0.1)."""
+    adaptive_kl: bool = False
+    """Adapt beta toward kl_target with the proportional controller of Ziegler et al. 2019 (sec 2.2)."""
+    kl_target: float = 6.0
+    """Target KL (nats per response) of the adaptive controller (Ziegler et al. 2019; TRL legacy default 6)."""
+    kl_horizon: int = 10000
+    """Horizon (episodes) of the adaptive controller (Ziegler et al. 2019; TRL legacy default 10000)."""
+    gamma: float = 1.0
+    """Discount; 1 for episodic text generation (Ziegler et al. 2019; [N+ §-PPO])."""
+    lam: float = 0.95
+    """GAE lambda (Schulman et al. 2016; Ziegler et al. 2019 and TRL use 0.95)."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon (Schulman et al. 2017; TRL 0.2)."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values (OpenAI baselines ppo2; TRL 0.2)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss on the shared trunk (TRL PPOv2 vf_coef 0.1)."""
+    max_grad_norm: float = 1.0
+    """Global gradient norm clip (TRL / transformers TrainingArguments default 1.0)."""
+    max_new_tokens: int = 48
+    """Response length cap (TL;DR [N+] uses 53; the demo tasks' answers need < 40 tokens)."""
+    temperature: float = 0.7
+    """Sampling temperature; logits are divided by it when scoring too ([N+ §... "temperature"]; TRL 0.7)."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 samples the full distribution, which PPO's likelihood ratio assumes."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of responses with no EOS (TRL PPOv2; [N+] replaces such scores by -1)."""
+    reward_norm: str = "running"
+    """Score normalisation: running (mean/std of all scores so far, Ziegler et al. 2019 normalise the
+    reward to mean 0 / std 1), batch (per rollout batch), or none."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards of each batch before GAE (TRL PPOv2 whiten_rewards, default off)."""
+    seed: int = 0
+    """Seed of prompts order, sampling and minibatch order (each step reseeded from it: resumable)."""
+    save_every: int = 10
+    """Write the resumable checkpoint every N steps (0: only when stopped)."""
+    resume: bool = True
+    """Continue from `<out>.resume/` when it exists."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16. Trained weights stay fp32."""
+
+
+# --------------------------------------------------------------------------------------------
+# Value head, KL controller, running statistics
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the policy's last hidden state: one linear layer (TRL's ValueHead, without dropout)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        # Zero init: the first advantages are the plain returns, no random critic noise.
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
+        return self.summary(hidden.float()).squeeze(-1)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / VALUE_HEAD_FILE))
+        (path / "config.json").write_text(json.dumps({"hidden_size": self.summary.in_features}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ValueHead:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        head = cls(int(config["hidden_size"]))
+        head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
+        return head
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, eq. (2): beta <- beta * (1 + K_beta * e_t), e_t = clip(KL/target - 1, -0.2, 0.2),
+    with K_beta = n_steps / horizon (n_steps = episodes in the batch)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """A constant beta (Stiennon et al. 2020 and Ouyang et al. 2022 use a fixed coefficient)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class RunningMoments:
+    """Running mean and std of scalars (Chan et al. parallel variance), in float64 for exact resume."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.double()
+        n, batch_mean = xs.numel(), xs.mean().item()
+        batch_var = xs.var(unbiased=False).item() if n > 1 else 0.0
+        if self.count == 0:
+            self.mean, self.var, self.count = batch_mean, batch_var, n
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta * delta * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+# --------------------------------------------------------------------------------------------
+# Masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1).clamp(min=1)  # unbiased, as TRL
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Whiten over the real tokens only ([N+ §"advantage whitening"]; TRL masked_whiten)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: prompts and reward sources
+
+
+def read_prompts(source: str | Sequence[str]) -> list[tuple[str, str]]:
+    """(instruction, input) pairs from a list of strings, a JSONL file or a text file of lines."""
+    if isinstance(source, (list, tuple)):
+        items: list[Any] = list(source)
+    else:
+        path = Path(str(source))
+        if not str(source):
+            raise EngineError("no prompts given: pass --prompts FILE (JSONL with a 'prompt' field, or text lines)")
+        if not path.exists():
+            raise EngineError(f"prompts file {str(source)!r} does not exist")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items = []
+        for number, line in enumerate(lines, 1):
+            if path.suffix in (".jsonl", ".json") or line.lstrip().startswith("{"):
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise EngineError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            else:
+                items.append(line)
+    prompts = []
+    for number, item in enumerate(items, 1):
+        if isinstance(item, dict):
+            if "prompt" in item:
+                prompts.append((prompt_text(item["prompt"]), str(item.get("input") or "")))
+            elif "instruction" in item:
+                prompts.append((str(item["instruction"]), str(item.get("input") or "")))
+            else:
+                raise EngineError(f"prompt {number} has neither a 'prompt' nor an 'instruction' field")
+        else:
+            prompts.append((prompt_text(item), ""))
+    prompts = [(ins, inp) for ins, inp in prompts if ins.strip()]
+    if not prompts:
+        raise EngineError("no prompts: the prompt source is empty")
+    return prompts
+
+
+def _rule_judges() -> dict[str, Callable[[str, str], float]]:
+    from training.engine.demo_tasks import RULE_JUDGES
+
+    return RULE_JUDGES
+
+
+def check_reward_sources(reward_models: Sequence[str], reward_weights: Sequence[float], has_fn: bool) -> list[float]:
+    """Refuse unknown rule names, missing checkpoints and mismatched weights, before any step."""
+    if not reward_models and not has_fn:
+        raise EngineError("no reward: pass at least one --reward-model PATH or rule:NAME")
+    weights = list(reward_weights) if reward_weights else [1.0] * len(reward_models)
+    if len(weights) != len(reward_models):
+        raise EngineError(
+            f"{len(reward_weights)} reward weights for {len(reward_models)} reward models: give one weight per model"
+        )
+    for source in reward_models:
+        if source.startswith(RULE_PREFIX):
+            name = source[len(RULE_PREFIX):]
+            judges = _rule_judges()
+            if name not in judges:
+                raise EngineError(f"unknown rule judge {name!r}: known rules are {', '.join(sorted(judges))}")
+        else:
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise EngineError(f"reward model path {source!r} does not exist")
+            if not (path / "config.json").exists():
+                raise EngineError(f"reward model path {source!r} has no config.json: not a save_pretrained directory")
+    return [float(w) for w in weights]
+
+
+class CombinedReward:
+    """Weighted sum of reward sources, each scoring decoded (instruction, response) text."""
+
+    def __init__(self, reward_models: Sequence[str], weights: Sequence[float], device: torch.device,
+                 reward_fn: RewardFn | None = None):
+        self.parts: list[tuple[str, float, Callable[[list[str], list[str]], torch.Tensor]]] = []
+        for source, weight in zip(reward_models, weights, strict=True):
+            if source.startswith(RULE_PREFIX):
+                judge = _rule_judges()[source[len(RULE_PREFIX):]]
+                self.parts.append((source, weight, self._rule(judge)))
+            else:
+                from training.engine.reward import RewardScorer
+
+                scorer = RewardScorer(source, device=str(device))
+                self.parts.append((source, weight, self._scorer(scorer)))
+        if reward_fn is not None:
+            self.parts.append(("reward_fn", 1.0, self._callable(reward_fn)))
+
+    @staticmethod
+    def _rule(judge):
+        def score(instructions, responses):
+            return torch.tensor([float(judge(i, r)) for i, r in zip(instructions, responses, strict=True)])
+        return score
+
+    @staticmethod
+    def _scorer(scorer):
+        def score(instructions, responses):
+            return scorer.score(instructions, responses).detach().float().cpu()
+        return score
+
+    @staticmethod
+    def _callable(fn):
+        def score(instructions, responses):
+            values = list(fn(instructions, responses))
+            if len(values) != len(responses):
+                raise EngineError(f"reward_fn returned {len(values)} scores for {len(responses)} responses")
+            return torch.tensor([float(v) for v in values])
+        return score
+
+    def __call__(self, instructions: list[str], responses: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros(len(responses))  # (B,)
+        parts = {}
+        for name, weight, score in self.parts:
+            values = score(instructions, responses)  # (B,)
+            parts[name] = values.mean().item()
+            total += weight * values
+        return total, parts
+
+
+# --------------------------------------------------------------------------------------------
+# Forward pass over (query, response)
+
+
+def forward_response(model, value_head: ValueHead | None, query_ids, query_mask, response_ids, response_mask,
+                     temperature: float, autocast_dtype: torch.dtype | None = None):
+    """Log-probs of the response tokens (under logits / temperature), their logits and values.
+
+    query_ids (B, Tq) left-padded, response_ids (B, Tr) right-padded.
+    Returns logprobs (B, Tr), logits (B, Tr, V) and values (B, Tr) (None without a value head).
+    """
+    tq, tr = query_ids.shape[1], response_ids.shape[1]
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Tq + Tr)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, Tq + Tr)
+    # Left padding: positions count real tokens only, as generation does ([N+ §"padding"]).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq + Tr)
+    device_type = input_ids.device.type
+    with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=value_head is not None,
+            use_cache=False,
+            logits_to_keep=tr + 1,  # only the logits that predict response tokens
+        )
+    # The logit at position Tq-1+t predicts response token t.
+    logits = out.logits[:, -(tr + 1):-1].float() / temperature  # (B, Tr, V)  [N+ §"temperature"]
+    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, response_ids.unsqueeze(-1)).squeeze(-1)  # (B, Tr)
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, tq - 1:tq + tr - 1]  # (B, Tr, H): state before each response token
+        values = value_head(hidden)  # (B, Tr)
+    return logprobs, logits, values
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:  # (B, T, V) -> (B, T)
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def trim_padding(query_ids, query_mask, response_ids, response_mask):
+    """Drop query columns that are padding in every row (left) and response columns past every end."""
+    keep_q = query_mask.bool().any(0)  # (Tq,)
+    first = int(keep_q.float().argmax()) if keep_q.any() else query_ids.shape[1] - 1
+    lengths = response_mask.sum(1)
+    last = max(int(lengths.max()), 1)
+    return query_ids[:, first:], query_mask[:, first:], response_ids[:, :last], response_mask[:, :last]
+
+
+# --------------------------------------------------------------------------------------------
+# GAE and losses
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    rewards, values, mask: (B, T). Positions past the end have mask 0: their value and reward are 0,
+    so the last real token bootstraps from 0 (the episode ends there). Returns advantages and
+    returns (B, T) (returns = advantages + values, the critic's target, as in TRL / [N+]).
+    """
+    values = values * mask
+    rewards = rewards * mask
+    t_len = rewards.shape[1]
+    advantages_reversed = []
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(t_len)):
+        next_values = values[:, t + 1] if t + 1 < t_len else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, T)
+    returns = advantages + values
+    return advantages * mask, returns * mask
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class _SavesTogether:
+    """save_pretrained of several objects into one directory (policy weights + its tokenizer)."""
+
+    def __init__(self, *objs):
+        self.objs = objs
+
+    def save_pretrained(self, path) -> None:
+        for obj in self.objs:
+            obj.save_pretrained(path)
+
+
+def resume_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
+
+
+def _step_generator(seed: int, step: int, salt: int, device: torch.device) -> torch.Generator:
+    """A generator seeded from (seed, step): each step's randomness is independent of history, so a
+    resumed run draws exactly what the uninterrupted run drew."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1))
+    return generator
+
+
+def _prompt_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Prompts of `step`: consecutive slices of a fresh shuffle per pass over the prompts."""
+    indices = []
+    for k in range(step * batch, (step + 1) * batch):
+        epoch = k // n
+        perm = torch.randperm(n, generator=_step_generator(seed, epoch, 101, torch.device("cpu")))
+        indices.append(int(perm[k % n]))
+    return indices
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _validate_args(args: PPOArgs) -> None:
+    if not args.policy:
+        raise EngineError("no policy given: pass --policy PATH")
+    positive = ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")
+    for name in positive:
+        if int(getattr(args, name)) < 1:
+            raise EngineError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if args.mini_batch_size > args.batch_size:
+        raise EngineError(f"mini_batch_size ({args.mini_batch_size}) is larger than batch_size ({args.batch_size})")
+    if args.temperature <= 0:
+        raise EngineError(f"temperature must be positive, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise EngineError(f"top_p must be in (0, 1], got {args.top_p}")
+    if args.reward_norm not in ("running", "batch", "none"):
+        raise EngineError(f"reward_norm must be running, batch or none, got {args.reward_norm!r}")
+    if args.adaptive_kl and (args.kl_target <= 0 or args.kl_horizon <= 0):
+        raise EngineError("adaptive_kl needs a positive kl_target and kl_horizon")
+
+
+def _context_length(model) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: RewardFn | None = None) -> dict[str, Any]:
+    """Run PPO; return the final metrics. Saves the policy at args.out and, while running, a resumable
+    checkpoint at `<out>.resume/` (every save_every steps, and before an exception from on_progress)."""
+    from training.engine.sample import generate
+
+    # ---- check everything before the first step ------------------------------------------------
+    _validate_args(args)
+    prompts = read_prompts(args.prompts)
+    weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None)
+    device = pick_device(args.device)
+    compute_dtype = pick_dtype(device, args.dtype)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    if autocast_dtype is not None and device.type == "cpu":
+        autocast_dtype = None  # fp32 on CPU
+
+    checkpoint = resume_dir(args.out)
+    resuming = bool(args.resume and read_checkpoint_meta(checkpoint) and (checkpoint / "trainer_state.pt").exists())
+
+    set_seed(args.seed)
+    # Trained weights stay fp32 (autocast on CUDA); the reference may live in the compute dtype.
+    policy, tokenizer = load_causal_lm(str(checkpoint) if resuming else args.policy, device, torch.float32)
+    ref_source = args.ref_policy or args.policy
+    if resuming or args.ref_policy:
+        ref_policy, ref_tokenizer = load_causal_lm(ref_source, device, compute_dtype)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise EngineError(f"reference policy {ref_source!r} has another tokenizer than the policy: "
+                              "the per-token KL needs the same vocabulary")
+    else:
+        ref_policy = copy.deepcopy(policy).to(compute_dtype)
+    if tokenizer.eos_token_id is None:
+        raise EngineError(f"the policy's tokenizer ({args.policy!r}) has no eos token: responses could never end")
+
+    formatted = [format_prompt(ins, inp) for ins, inp in prompts]
+    context = _context_length(policy)
+    if context is not None:
+        for number, text in enumerate(formatted, 1):
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if length + args.max_new_tokens > context:
+                raise EngineError(
+                    f"prompt {number} is {length} tokens; with max_new_tokens={args.max_new_tokens} it exceeds the "
+                    f"policy's context of {context} tokens: shorten it or lower max_new_tokens"
+                )
+
+    reward = CombinedReward(args.reward_models, weights, device, reward_fn)
+
+    # Dropout off in every model ([N+ §"disable dropout"]; Ziegler et al. 2019): eval() everywhere,
+    # gradients still flow. Otherwise the logprobs of the rollout and of the update disagree at ratio 1.
+    policy.eval()
+    ref_policy.eval()
+    ref_policy.requires_grad_(False)
+    hidden_size = policy.get_output_embeddings().in_features
+    value_head = (ValueHead.from_pretrained(checkpoint / VALUE_HEAD_DIR) if resuming else ValueHead(hidden_size)).to(device)
+
+    params = list(policy.parameters()) + list(value_head.parameters())
+    # Adam eps 1e-5 ([N+ §"Adam epsilon"], from Ziegler et al.'s lm-human-preferences).
+    optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+    kl_ctl: AdaptiveKLController | FixedKLController = (
+        AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
+        if args.adaptive_kl else FixedKLController(args.init_kl_coef)
+    )
+    score_stats = RunningMoments()
+    start_step = 0
+    metrics: dict[str, Any] = {}
+    if resuming:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        score_stats.load_state_dict(state["score_stats"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        metrics = dict(state.get("metrics") or {})
+        on_progress({"stage": STAGE, "step": start_step, "total": args.steps,
+                     "metrics": metrics, "log": f"resuming from {checkpoint} at step {start_step}"})
+
+    def save_resume(step: int) -> None:
+        save_checkpoint(
+            checkpoint, stage=STAGE, args=args, step=step, metrics=metrics,
+            pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
+            trainer_state={
+                "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(),
+                "score_stats": score_stats.state_dict(), "rng": rng_state(), "step": step, "metrics": metrics,
+            },
+        )
+
+    # ---- the PPO loop -----------------------------------------------------------------------------
+    for step in range(start_step, args.steps):
+        started = time.perf_counter()
+        batch_idx = _prompt_indices(len(prompts), args.batch_size, step, args.seed)
+        instructions = [prompts[i][0] for i in batch_idx]
+
+        # 1. Rollouts: one response per prompt, sampled with the KV cache.
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
+                                             enabled=autocast_dtype is not None):
+            rollout = generate(
+                policy, tokenizer, [formatted[i] for i in batch_idx],
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                batch_size=max(args.mini_batch_size, 16),
+                generator=_step_generator(args.seed, step, 1, device),
+            )
+        query_ids, query_mask, response_ids, response_mask = trim_padding(
+            rollout.query_ids.to(device), rollout.query_mask.to(device),
+            rollout.response_ids.to(device), rollout.response_mask.to(device),
+        )
+        mask = response_mask.float()  # (B, Tr) 1 for real tokens incl. EOS
+        ended = rollout.ended.to(device).bool()  # (B,)
+        generated_at = time.perf_counter()
+
+        # 2. Scores on decoded text, by each reward source with its own tokenizer.
+        raw_scores, score_parts = reward(instructions, list(rollout.texts))  # (B,)
+        raw_scores = raw_scores.to(device)
+        # Missing-EOS penalty (TRL PPOv2 missing_eos_penalty; [N+ §"EOS trick"]): a response cut off
+        # at max_new_tokens is worse than any finished one.
+        scores = raw_scores - args.missing_eos_penalty * (~ended).float()  # (B,)
+        # Reward normalisation: Ziegler et al. 2019 scale the reward to mean 0, std 1; we keep running
+        # moments over all scores seen (or per batch), so the KL coefficient means the same through training.
+        if args.reward_norm == "running":
+            score_stats.update(scores.cpu())
+            norm_scores = (scores - score_stats.mean) / (score_stats.std + 1e-8)
+        elif args.reward_norm == "batch":
+            norm_scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8)
+        else:
+            norm_scores = scores
+
+        # 3. Log-probs of the rollout under the policy (with values) and under the reference.
+        with torch.no_grad():
+            old_logprobs, old_values, entropies = [], [], []
+            ref_logprobs = []
+            for start in range(0, len(batch_idx), args.mini_batch_size):
+                sl = slice(start, start + args.mini_batch_size)
+                lp, logits, v = forward_response(policy, value_head, query_ids[sl], query_mask[sl], response_ids[sl],
+                                                 response_mask[sl], args.temperature, autocast_dtype)
+                old_logprobs.append(lp)
+                old_values.append(v)
+                entropies.append(entropy_from_logits(logits))
+                rlp, _, _ = forward_response(ref_policy, None, query_ids[sl], query_mask[sl], response_ids[sl],
+                                             response_mask[sl], args.temperature, autocast_dtype)
+                ref_logprobs.append(rlp)
+            old_logprobs = torch.cat(old_logprobs) * mask  # (B, Tr)
+            old_values = torch.cat(old_values) * mask  # (B, Tr)
+            ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, Tr)
+            entropy = masked_mean(torch.cat(entropies), mask)
+
+            # 4. Per-token rewards: -beta * KL at each token (Ziegler et al. 2019 eq. 1; Stiennon et al. 2020),
+            # plus the score at the last real token ([N+ §"reward at EOS"]).
+            beta = kl_ctl.value
+            kl_per_token = (old_logprobs - ref_logprobs) * mask  # (B, Tr) k1 estimate of KL(pi || ref)
+            non_score_reward = -beta * kl_per_token  # (B, Tr)
+            rewards = non_score_reward.clone()
+            last = (response_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
+            rewards[torch.arange(rewards.shape[0], device=device), last] += norm_scores
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+            advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, Tr)
+            # Advantage whitening over the batch ([N+ §"advantage whitening"]; TRL PPOv2).
+            advantages = masked_whiten(advantages, mask)
+
+        # 5. Several epochs of clipped PPO over shuffled minibatches.
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl")}
+        order_gen = _step_generator(args.seed, step, 2, torch.device("cpu"))
+        batch = len(batch_idx)
+        for _epoch in range(args.ppo_epochs):
+            order = torch.randperm(batch, generator=order_gen).to(device)
+            for start in range(0, batch, args.mini_batch_size):
+                mb = order[start:start + args.mini_batch_size]
+                q_ids, q_mask, r_ids, r_mask = trim_padding(query_ids[mb], query_mask[mb], response_ids[mb],
+                                                            response_mask[mb])
+                tr = r_ids.shape[1]
+                mb_mask = r_mask.float()  # (b, tr)
+                mb_old_logprobs, mb_old_values = old_logprobs[mb, :tr], old_values[mb, :tr]
+                mb_adv, mb_returns = advantages[mb, :tr], returns[mb, :tr]
+
+                new_logprobs, _, new_values = forward_response(policy, value_head, q_ids, q_mask, r_ids, r_mask,
+                                                               args.temperature, autocast_dtype)  # (b, tr)
+                # Clipped value loss (OpenAI baselines ppo2; [N+ §"value clipping"]).
+                values_clipped = mb_old_values + torch.clamp(new_values - mb_old_values,
+                                                             -args.cliprange_value, args.cliprange_value)
+                vf_losses1 = (new_values - mb_returns) ** 2
+                vf_losses2 = (values_clipped - mb_returns) ** 2
+                vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mb_mask)
+                # Clipped surrogate objective (Schulman et al. 2017, eq. 7).
+                log_ratio = (new_logprobs - mb_old_logprobs) * mb_mask
+                ratio = torch.exp(log_ratio)
+                pg_losses1 = -mb_adv * ratio
+                pg_losses2 = -mb_adv * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
+                pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mb_mask)
+                loss = pg_loss + args.vf_coef * vf_loss
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+
+                with torch.no_grad():
+                    stats["pg_loss"].append(pg_loss.item())
+                    stats["vf_loss"].append(vf_loss.item())
+                    stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses1).float(), mb_mask).item())
+                    stats["vf_clipfrac"].append(masked_mean((vf_losses2 > vf_losses1).float(), mb_mask).item())
+                    # Schulman's k2 estimate of KL(old || new) over the update (TRL PPOv2 approxkl).
+                    stats["approx_kl"].append((0.5 * masked_mean(log_ratio ** 2, mb_mask)).item())
+
+        # 6. Adaptive KL: measured KL per response against the target (Ziegler et al. 2019).
+        mean_kl = kl_per_token.sum(1).mean().item()
+        kl_ctl.update(mean_kl, args.batch_size)
+
+        with torch.no_grad():
+            flat_returns, flat_values = returns[mask.bool()], old_values[mask.bool()]
+            var_returns = flat_returns.var(unbiased=False)
+            explained_variance = (1 - (flat_returns - flat_values).var(unbiased=False) / var_returns).item() \
+                if var_returns > 0 else float("nan")
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "ppo/reward": raw_scores.mean().item(),
+            "ppo/score": scores.mean().item(),
+            "ppo/rlhf_reward": (scores - beta * kl_per_token.sum(1)).mean().item(),
+            "ppo/kl": mean_kl,
+            "ppo/kl_coef": beta,
+            "ppo/entropy": entropy.item(),
+            "ppo/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
+            "ppo/value_clipfrac": sum(stats["vf_clipfrac"]) / len(stats["vf_clipfrac"]),
+            "ppo/approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
+            "ppo/value_loss": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
+            "ppo/policy_loss": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
+            "ppo/explained_variance": explained_variance,
+            "ppo/response_length": mask.sum(1).mean().item(),
+            "ppo/eos_rate": ended.float().mean().item(),
+            "ppo/samples_per_second": batch / elapsed,
+            "ppo/generate_seconds": generated_at - started,
+            "ppo/step_seconds": elapsed,
+        }
+        if len(score_parts) > 1:
+            metrics.update({f"ppo/reward/{name}": value for name, value in score_parts.items()})
+
+        done = step + 1
+        try:
+            on_progress({"stage": STAGE, "step": done, "total": args.steps, "metrics": metrics})
+        except BaseException:
+            save_resume(done)  # stopped from outside: keep what this step learned, then stop
+            raise
+        if args.save_every and done % args.save_every == 0 and done < args.steps:
+            save_resume(done)
+
+    # ---- the final policy -------------------------------------------------------------------------
+    save_checkpoint(
+        args.out, stage=STAGE, args=args, step=args.steps, metrics=metrics,
+        pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
+    )
+    shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.engine.ppo",
+        description="PPO of a causal LM against reward models (paths or rule:NAME) with a KL penalty.",
+    )
+    parser.add_argument("--policy", required=True, help=PPOArgs.__doc__ and "policy checkpoint (path or name)")
+    parser.add_argument("--ref-policy", default=None, help="reference policy (default: the starting policy)")
+    parser.add_argument("--reward-model", action="append", default=[], dest="reward_models",
+                        help="reward model path or rule:NAME; repeat for several")
+    parser.add_argument("--reward-weight", action="append", type=float, default=[], dest="reward_weights",
+                        help="weight of the matching --reward-model; repeat in the same order")
+    parser.add_argument("--prompts", required=True, help="JSONL ({'prompt': ...}) or text file, one prompt a line")
+    parser.add_argument("--out", required=True, help="output directory of the trained policy")
+    skip = {"policy", "ref_policy", "reward_models", "reward_weights", "prompts", "out"}
+    defaults = PPOArgs()
+    for f in fields(PPOArgs):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    args = PPOArgs(**vars(ns))
+    progress = TqdmProgress("ppo")
+    try:
+        metrics = main(args, progress)
+    except EngineError as exc:
+        progress.close()
+        print(f"error: {exc}", flush=True)
+        print_final_metrics({"error": str(exc)})
+        return 2
+    progress.close()
+    print_final_metrics(metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
