@@ -46,7 +46,9 @@
     const button = f && f.querySelector(`button[name="strength"][value="${value}"]`);
     if (!button) return;
     $("ms-input").value = Math.round(performance.now() - shownAt);
-    f.requestSubmit(button);
+    // A click, not requestSubmit(button): htmx 2 takes the submitter's name/value only from the
+    // button it saw clicked, so requestSubmit(button) would post no strength.
+    button.click();
   }
 
   function click(id) {
