@@ -1,0 +1,171 @@
+"""Preference pairs from the labeling app's export, checked and ready for reward training.
+
+The export uses TRL's columns (https://huggingface.co/docs/trl/dataset_formats, "preference"):
+`prompt` (text, or chat turns [{"role", "content"}]), `chosen`, `rejected` (text), plus
+`margin` (float, from the labelers' strength; may be absent), `pair_id`, `labeler`. It comes as
+JSONL, Parquet, or a directory written by `datasets.Dataset.save_to_disk`; the same file feeds TRL.
+
+Plain Python over `datasets`; never imports Django.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from .common import EngineError, prompt_text
+
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_pairs(path: str | Path) -> Dataset:
+    """Read exported pairs into a Dataset with columns prompt, chosen, rejected (text) and margin (float).
+
+    Chat-turn prompts are flattened with `common.prompt_text`; a missing `margin` column or value is 0.0.
+    Other columns (pair_id, labeler, ...) are kept. Every problem is an EngineError that names the file,
+    and for a bad value the row (1-based) and the field.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise EngineError(f"pairs file {str(path)!r} does not exist")
+    rows = _read_rows(path)
+    if not rows:
+        raise EngineError(f"pairs file {str(path)!r} holds no pairs")
+    columns = set(rows[0])
+    for column in REQUIRED_COLUMNS:
+        if column not in columns:
+            raise EngineError(
+                f"pairs file {str(path)!r} has no {column!r} column "
+                f"(found: {', '.join(sorted(columns)) or 'none'}); an export needs prompt, chosen and rejected"
+            )
+    clean = [_clean_row(row, number, path) for number, row in enumerate(rows, start=1)]
+    return Dataset.from_list(clean)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows as plain dicts, whatever the file format."""
+    if path.is_dir():
+        try:
+            loaded = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise EngineError(f"{str(path)!r} is a directory but not one written by datasets' save_to_disk: {exc}")
+        if isinstance(loaded, DatasetDict):
+            if "train" not in loaded:
+                raise EngineError(f"{str(path)!r} holds splits {sorted(loaded)}, but no 'train' split to read")
+            loaded = loaded["train"]
+        return loaded.to_list()
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise EngineError(f"cannot read Parquet file {str(path)!r}: {exc}") from exc
+    raise EngineError(
+        f"unknown pairs format {path.suffix or '(no extension)'!r} for {str(path)!r}: "
+        "use .jsonl, .parquet or a save_to_disk directory"
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array of rows is accepted too
+        try:
+            rows = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise EngineError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    else:
+        rows = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise EngineError(f"{str(path)!r} line {line_number} is not valid JSON: {exc.msg}") from exc
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise EngineError(f"{str(path)!r} row {number} is a {type(row).__name__}, not a JSON object")
+    return rows
+
+
+def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any]:
+    where = f"{str(path)!r} row {number}"
+    clean = dict(row)
+    for field in TEXT_COLUMNS:
+        value = row.get(field)
+        if isinstance(value, list):  # chat turns (a prompt, or TRL's conversational chosen/rejected)
+            try:
+                value = prompt_text(value)
+            except EngineError as exc:
+                raise EngineError(f"{where}: field {field!r}: {exc}") from exc
+        if not isinstance(value, str):
+            raise EngineError(f"{where}: field {field!r} must be text, got {type(value).__name__}")
+        if not value.strip():
+            raise EngineError(f"{where}: field {field!r} is empty")
+        clean[field] = value
+    margin = row.get("margin")
+    if margin is None:
+        margin = 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise EngineError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
+    clean["margin"] = float(margin)
+    return clean
+
+
+def split_pairs(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split pairs into (train, eval) by prompt, so no prompt is in both; about eval_fraction of the pairs held out.
+
+    Prompts are shuffled with `seed`, then moved to the eval side until it holds at least
+    eval_fraction of the pairs. With eval_fraction 0 the eval side is empty.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise EngineError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0.0:
+        return ds, ds.select([])
+    by_prompt: dict[str, list[int]] = {}
+    for index, prompt in enumerate(ds["prompt"]):
+        by_prompt.setdefault(prompt, []).append(index)
+    if len(by_prompt) < 2:
+        raise EngineError(
+            f"cannot hold out pairs by prompt: all {len(ds)} pairs share one prompt; give an eval file instead"
+        )
+    prompts = list(by_prompt)
+    random.Random(seed).shuffle(prompts)
+    wanted = eval_fraction * len(ds)
+    eval_indices: list[int] = []
+    for prompt in prompts[:-1]:  # the last prompt always stays in train
+        if len(eval_indices) >= wanted:
+            break
+        eval_indices.extend(by_prompt[prompt])
+    held = set(eval_indices)
+    train_indices = [i for i in range(len(ds)) if i not in held]
+    return ds.select(train_indices), ds.select(sorted(eval_indices))
+
+
+def data_version(path: str | Path) -> str:
+    """A short content hash of a pairs file or save_to_disk directory (file names and bytes), for checkpoints."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise EngineError(f"pairs file {str(path)!r} does not exist")
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]

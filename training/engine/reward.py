@@ -1,0 +1,641 @@
+"""A Bradley-Terry reward model trained on human preference pairs.
+
+For a prompt x with a chosen response y_c and a rejected one y_r, a sequence-classification model
+with one output gives rewards r(x, y). The Bradley-Terry model (Bradley & Terry 1952) says
+P(y_c > y_r) = sigmoid(r_c - r_r); we minimise its negative log-likelihood, as InstructGPT does
+(Ouyang et al. 2022, eq. 1), optionally minus a margin from the labelers' strength (Llama 2,
+Touvron et al. 2023, sec. 3.2.2) and plus a centering term that keeps rewards near zero
+(Eisenstein et al. 2023, "Helping or Herding?", eq. 2; TRL's center_rewards_coefficient):
+
+    loss = -log sigmoid(r_c - r_r - margin) + coef * (r_c + r_r)^2
+
+Inputs: an encoder (BERT-like: the default all-MiniLM-L6-v2, which has no eos token) sees
+(prompt, response) as a text pair: [CLS] prompt [SEP] response [SEP], scored at [CLS]. A decoder
+sees prompt + response (+ eos when the tokenizer has one), scored at the last token. Long pairs are
+truncated, never dropped: the prompt loses tokens from its start first, then the response from its end.
+
+Speed, measured against TRL's RewardTrainer in benchmarks/reward_vs_trl.py: chosen and rejected go
+through the model as one (2B, T) batch padded only to the longest in the batch; batches are built
+from pairs of similar length (as transformers' LengthGroupedSampler does, with batch order shuffled);
+no gradient checkpointing; evaluation under torch.inference_mode, sorted by length.
+
+    python -m training.engine.reward --train pairs.jsonl --out runs/rm [--eval held.jsonl] [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    EngineError,
+    ProgressFn,
+    TqdmProgress,
+    default_reward_backbone,
+    load_reward_model,
+    load_trainer_state,
+    no_progress,
+    pick_device,
+    pick_dtype,
+    print_final_metrics,
+    read_checkpoint_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    set_seed,
+)
+from .data import data_version, load_pairs, split_pairs
+
+STAGE = "reward"
+
+
+@dataclass
+class RewardArgs:
+    train: str = ""
+    """Exported pairs to train on: JSONL, Parquet or a save_to_disk directory (prompt, chosen, rejected[, margin])."""
+    eval: str | None = None
+    """Held-out pairs; None: hold out eval_fraction of the training prompts."""
+    eval_fraction: float = 0.1
+    """Share of pairs held out (split by prompt) when no eval file is given (a common 90/10 split)."""
+    model: str = field(default_factory=default_reward_backbone)
+    """Backbone name or path, loaded as a sequence classifier with one output (default: the packaged MiniLM)."""
+    out: str = "runs/reward"
+    """Where the final model goes (save_pretrained + pairloop.json); the resumable state goes to <out>.resume/."""
+    epochs: int = 1
+    """Passes over the training pairs; InstructGPT trains its RM for one epoch, it overfits after (Ouyang et al. 2022)."""
+    lr: float = 1e-4
+    """AdamW learning rate; TRL RewardConfig's default."""
+    batch_size: int = 8
+    """Pairs per step (each pair is two sequences); TRL/transformers' per_device_train_batch_size default."""
+    eval_batch_size: int = 32
+    """Pairs per forward pass during evaluation (no gradients, so larger is fine)."""
+    max_length: int = 512
+    """Longest tokenized sequence (prompt + response + special tokens); the MiniLM's position limit."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; transformers' TrainingArguments default."""
+    warmup_ratio: float = 0.0
+    """Share of steps with linear warm-up before the linear decay to zero; transformers' default."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; transformers' TrainingArguments default."""
+    use_margin: bool = True
+    """Subtract each pair's margin inside the sigmoid (Llama 2, Touvron et al. 2023, sec. 3.2.2)."""
+    center_rewards_coef: float | None = None
+    """Weight of the reward-centering term (r_c + r_r)^2; Eisenstein et al. 2023 / TRL suggest 0.01; None: off."""
+    group_by_length: bool = True
+    """Batch pairs of similar length to cut padding (transformers' LengthGroupedSampler idea), batch order shuffled."""
+    shuffle: bool = True
+    """Shuffle the pairs each epoch (seeded); False keeps file order (used to compare trainers on one order)."""
+    disable_dropout: bool = True
+    """Set dropout to 0 while training, as TRL's RewardConfig does by default (disable_dropout=True)."""
+    seed: int = 42
+    """Seed for the head's initialisation, the split and the data order; transformers' default."""
+    eval_every: int = 50
+    """Evaluate on the held-out pairs every N steps (and at the end); 0: only at the end."""
+    log_every: int = 10
+    """Average training metrics over N steps before reporting them; TRL's logging_steps default."""
+    save_every: int = 200
+    """Write the resumable checkpoint every N steps (and whenever on_progress raises); 0: only then."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16; weights stay fp32."""
+    resume: bool = True
+    """Continue from <out>.resume/ when it exists (same data and settings), else start fresh."""
+
+
+# Settings that must match for a resumed run to continue the same training.
+RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup_ratio",
+               "max_grad_norm", "use_margin", "center_rewards_coef", "group_by_length", "shuffle",
+               "disable_dropout", "seed", "eval_fraction")
+
+
+def resume_dir(out: str | Path) -> Path:
+    """The resumable checkpoint of a run writing to `out`."""
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding: (prompt, response) -> token ids, truncating instead of dropping
+
+
+def is_encoder(config, tokenizer) -> bool:
+    """True for BERT-like models (read a text pair, score at [CLS]); False for decoders (score the last token)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return True
+    return False
+
+
+class PairEncoder:
+    """Turns (prompt, response) texts into model inputs of at most max_length tokens.
+
+    Encoders get the tokenizer's pair template ([CLS] p [SEP] r [SEP] for BERT, with token type ids);
+    decoders get the single-sequence template over p + r, then eos when the tokenizer has one (the
+    MiniLM has none and needs none: its template ends in [SEP], and it is scored at [CLS]). When too
+    long, the prompt loses tokens from its start (its end is the question being answered); if the
+    response alone still does not fit, it is cut at its end, keeping max_length // 8 prompt tokens.
+    """
+
+    def __init__(self, tokenizer, config, max_length: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = tokenizer
+        self.encoder = is_encoder(config, tokenizer)
+        self.max_length = max_length
+        self.with_types = self.encoder and "token_type_ids" in tokenizer.model_input_names
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None:
+            # A private copy without the fixed padding/truncation some tokenizer.json files carry.
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_padding()
+            self._backend.no_truncation()
+        self.eos_id = None if self.encoder else tokenizer.eos_token_id
+        self.n_special = len(self.encode([""], [""])[0][0][0]) if self._backend else (3 if self.encoder else 1)
+        self.budget = max_length - self.n_special
+        if self.budget < 2:
+            raise EngineError(f"max_length {max_length} leaves no room for text beside {self.n_special} special tokens")
+
+    def _keep(self, n_prompt: int, n_response: int) -> tuple[int, int]:
+        """How many prompt tokens (from its end) and response tokens (from its start) fit."""
+        budget = self.max_length - getattr(self, "n_special", 0)
+        if n_prompt + n_response <= budget:
+            return n_prompt, n_response
+        min_prompt = min(n_prompt, max(1, self.max_length // 8))
+        response_keep = min(n_response, budget - min_prompt)
+        return budget - response_keep, response_keep
+
+    def encode(self, prompts: list[str], responses: list[str]) -> tuple[list[tuple[list[int], list[int] | None]], list[bool]]:
+        """[(input_ids, token_type_ids or None)] per pair, and whether each one was truncated."""
+        out, truncated = [], []
+        if self._backend is not None:
+            prompt_encs = self._backend.encode_batch(list(prompts), add_special_tokens=False)
+            response_encs = self._backend.encode_batch(list(responses), add_special_tokens=False)
+            for p, r in zip(prompt_encs, response_encs):
+                n_p, n_r = len(p.ids), len(r.ids)
+                keep_p, keep_r = self._keep(n_p, n_r)
+                truncated.append((keep_p, keep_r) != (n_p, n_r))
+                if truncated[-1]:
+                    p.truncate(keep_p, direction="left")
+                    r.truncate(keep_r, direction="right")
+                if self.encoder:
+                    enc = self._backend.post_process(p, r)
+                else:
+                    from tokenizers import Encoding
+
+                    enc = self._backend.post_process(Encoding.merge([p, r]))
+                out.append(self._with_eos(list(enc.ids), list(enc.type_ids)))
+            return out, truncated
+        # Tokenizers without a Rust backend: the classic templates by hand.
+        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        response_ids = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        for p, r in zip(prompt_ids, response_ids):
+            keep_p, keep_r = self._keep(len(p), len(r))
+            truncated.append((keep_p, keep_r) != (len(p), len(r)))
+            p, r = p[len(p) - keep_p:], r[:keep_r]
+            if self.encoder:
+                cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+                out.append(([cls, *p, sep, *r, sep], [0] * (len(p) + 2) + [1] * (len(r) + 1)))
+            else:
+                out.append(self._with_eos(p + r, []))
+        return out, truncated
+
+    def _with_eos(self, ids: list[int], types: list[int]) -> tuple[list[int], list[int] | None]:
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+            types.append(types[-1] if types else 0)
+        return ids, (types if self.with_types else None)
+
+
+def model_length_limit(model, tokenizer) -> int | None:
+    """The longest sequence the model accepts (position embeddings), when it has such a limit."""
+    limits = [getattr(model.config, "max_position_embeddings", None)]
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    limits = [int(x) for x in limits if isinstance(x, int) and x > 0]
+    return min(limits) if limits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching: dynamic padding, optional grouping by length, a data order that is a pure function
+# of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                shuffle: bool = True, group_by_length: bool = True) -> list[list[int]]:
+    """The batches (lists of pair indices) of one epoch; the one short batch, if any, comes last.
+
+    With group_by_length, a seeded permutation is cut into mega-batches of 50 batches, each sorted
+    by length (transformers' LengthGroupedSampler, mega-batch multiplier 50), cut into batches, and
+    the full batches are shuffled so long and short ones alternate through the epoch.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        mega = 50 * batch_size
+        order = [i for start in range(0, len(order), mega)
+                 for i in sorted(order[start:start + mega], key=lambda i: -lengths[i])]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length and shuffle:
+        full = [b for b in batches if len(b) == batch_size]
+        short = [b for b in batches if len(b) < batch_size]
+        rng.shuffle(full)
+        batches = full + short
+    return batches
+
+
+def collate(sequences: list[tuple[list[int], list[int] | None]], pad_id: int,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence in this batch (dynamic padding). Returns (N, T) tensors."""
+    width = max(len(ids) for ids, _ in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)  # (N, T)
+    with_types = sequences[0][1] is not None
+    token_type_ids = torch.zeros((n, width), dtype=torch.long) if with_types else None
+    for row, (ids, types) in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        if with_types:
+            token_type_ids[row, :len(types)] = torch.tensor(types)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if with_types:
+        batch["token_type_ids"] = token_type_ids
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coef: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-log sigmoid(r_c - r_r - margin), averaged over pairs, plus coef * mean((r_c + r_r)^2).
+
+    r_chosen, r_rejected, margin: (B,). Returns the loss and its terms (detached), one per name.
+    """
+    reward_gap = r_chosen - r_rejected  # (B,)
+    if margin is None:
+        margin = torch.zeros_like(reward_gap)
+    bt_loss = -F.logsigmoid(reward_gap - margin).mean()  # Ouyang et al. 2022, eq. 1; Touvron et al. 2023
+    if center_coef:
+        center_loss = center_coef * ((r_chosen + r_rejected) ** 2).mean()  # Eisenstein et al. 2023, eq. 2
+    else:
+        center_loss = torch.zeros((), device=reward_gap.device)
+    loss = bt_loss + center_loss
+    terms = {"bt_loss": bt_loss.detach(), "center_loss": center_loss.detach(), "reward_gap": reward_gap.detach()}
+    return loss, terms
+
+
+def pair_rewards(model, pairs: list[dict[str, Any]], pad_id: int, device: torch.device,
+                 autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected for a batch of encoded pairs, in one (2B, T) forward pass."""
+    sequences = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    inputs = collate(sequences, pad_id, device)
+    with autocast:
+        rewards = model(**inputs).logits.squeeze(-1).float()  # (2B,)
+    r_chosen, r_rejected = rewards.chunk(2)  # (B,), (B,)
+    return r_chosen, r_rejected
+
+
+@torch.inference_mode()
+def evaluate(model, pairs: list[dict[str, Any]], batch_size: int, pad_id: int, device: torch.device,
+             autocast=None, use_margin: bool = True) -> dict[str, float]:
+    """Held-out accuracy (r_c > r_r), mean rewards, mean reward gap and loss, over all pairs."""
+    autocast = autocast or nullcontext()
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i]["length"])  # less padding; order-free metrics
+    chosen, rejected, margins = [], [], []
+    for start in range(0, len(order), batch_size):
+        batch = [pairs[i] for i in order[start:start + batch_size]]
+        r_c, r_r = pair_rewards(model, batch, pad_id, device, autocast)
+        chosen.append(r_c)
+        rejected.append(r_r)
+        margins.append(torch.tensor([p["margin"] for p in batch], device=device))
+    model.train(was_training)
+    r_chosen, r_rejected, margin = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)  # (N,)
+    loss, _ = bradley_terry_loss(r_chosen, r_rejected, margin if use_margin else None)
+    return {
+        "rm/accuracy": (r_chosen > r_rejected).float().mean().item(),
+        "rm/chosen_reward": r_chosen.mean().item(),
+        "rm/rejected_reward": r_rejected.mean().item(),
+        "rm/margin": (r_chosen - r_rejected).mean().item(),
+        "rm/eval_loss": loss.item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _encode_dataset(encoder: PairEncoder, ds) -> tuple[list[dict[str, Any]], int]:
+    """Encoded pairs: {"chosen": (ids, types), "rejected": (ids, types), "margin", "length"}."""
+    chosen, cut_c = encoder.encode(ds["prompt"], ds["chosen"])
+    rejected, cut_r = encoder.encode(ds["prompt"], ds["rejected"])
+    pairs = [{"chosen": c, "rejected": r, "margin": float(m), "length": max(len(c[0]), len(r[0]))}
+             for c, r, m in zip(chosen, rejected, ds["margin"])]
+    return pairs, sum(a or b for a, b in zip(cut_c, cut_r))
+
+
+class _ModelAndTokenizer:
+    """Saves a model and its tokenizer into one save_pretrained directory."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def save_pretrained(self, path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def _prepare_data(args: RewardArgs):
+    """Load and check the pairs before anything heavy happens."""
+    if not args.train:
+        raise EngineError("no training pairs given: pass --train PATH")
+    train_ds = load_pairs(args.train)
+    version = data_version(args.train)
+    if args.eval:
+        eval_ds = load_pairs(args.eval)
+        version = f"{version}+{data_version(args.eval)}"
+    else:
+        train_ds, eval_ds = split_pairs(train_ds, args.eval_fraction, args.seed)
+    if len(train_ds) == 0:
+        raise EngineError("no training pairs left after holding out the eval pairs")
+    return train_ds, eval_ds, version
+
+
+def _check_args(args: RewardArgs) -> None:
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise EngineError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise EngineError(f"lr must be positive, got {args.lr}")
+    for name in ("eval_every", "log_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise EngineError(f"{name} must be 0 or more, got {getattr(args, name)}")
+
+
+def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Train a Bradley-Terry reward model; returns the final metrics (rm/accuracy on the held-out pairs)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    _check_args(args)
+    train_ds, eval_ds, version = _prepare_data(args)
+    device = pick_device(args.device)
+    compute_dtype = pick_dtype(device, args.dtype)
+    autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32
+                else nullcontext())
+
+    # Resume from <out>.resume/ when it belongs to this run.
+    state_dir = resume_dir(args.out)
+    trainer_state = None
+    if args.resume and (state_dir / "trainer_state.pt").exists():
+        meta = read_checkpoint_meta(state_dir) or {}
+        if meta.get("stage") != STAGE:
+            raise EngineError(f"{state_dir} is not a reward-model checkpoint (stage {meta.get('stage')!r})")
+        if meta.get("data_version") != version:
+            raise EngineError(f"{state_dir} was trained on other data (version {meta.get('data_version')} != "
+                              f"{version}); delete it or pass resume=False to start over")
+        saved = meta.get("args", {})
+        changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            raise EngineError(f"{state_dir} was written with other settings ({', '.join(changed)}); "
+                              "delete it or pass resume=False to start over")
+        trainer_state = load_trainer_state(state_dir)
+
+    set_seed(args.seed)
+    model_source = str(state_dir) if trainer_state else args.model
+    model, tokenizer = load_reward_model(model_source, device, torch.float32)
+    limit = model_length_limit(model, tokenizer)
+    if limit is not None and args.max_length > limit:
+        raise EngineError(f"max_length {args.max_length} is longer than the model allows ({limit} tokens); "
+                          f"pass --max-length {limit} or less")
+    if args.disable_dropout:
+        _disable_dropout(model)
+    encoder = PairEncoder(tokenizer, model.config, args.max_length)
+    train_pairs, truncated = _encode_dataset(encoder, train_ds)
+    eval_pairs, eval_truncated = _encode_dataset(encoder, eval_ds) if len(eval_ds) else ([], 0)
+    pad_id = tokenizer.pad_token_id
+    lengths = [p["length"] for p in train_pairs]
+
+    steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+
+    step, train_seconds, pairs_seen, tokens_seen, padded_seen = 0, 0.0, 0, 0, 0
+    window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
+    metrics: dict[str, Any] = {}
+    if trainer_state:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        step = trainer_state["step"]
+        train_seconds, pairs_seen = trainer_state["train_seconds"], trainer_state["pairs_seen"]
+        tokens_seen, padded_seen = trainer_state["tokens_seen"], trainer_state["padded_seen"]
+        window, metrics = trainer_state["window"], trainer_state["metrics"]
+        set_rng_state(trainer_state["rng"])
+        on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": metrics,
+                     "log": f"resumed from {state_dir} at step {step}"})
+
+    def save_resume() -> None:
+        save_checkpoint(state_dir, stage=STAGE, args=args, step=step, metrics=metrics, data_version=version,
+                        pretrained={"": _ModelAndTokenizer(model, tokenizer)},
+                        trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "rng": rng_state(), "step": step, "train_seconds": train_seconds,
+                                       "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
+                                       "padded_seen": padded_seen, "window": window, "metrics": metrics,
+                                       "data_order": batch_order(lengths, args.batch_size, args.seed,
+                                                                 step // steps_per_epoch, args.shuffle,
+                                                                 args.group_by_length)})
+
+    model.train()
+    start_epoch, start_batch = divmod(step, steps_per_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        batches = batch_order(lengths, args.batch_size, args.seed, epoch, args.shuffle, args.group_by_length)
+        for indices in batches[start_batch if epoch == start_epoch else 0:]:
+            started = time.perf_counter()
+            pairs = [train_pairs[i] for i in indices]
+            r_chosen, r_rejected = pair_rewards(model, pairs, pad_id, device, autocast)  # (B,), (B,)
+            margin = torch.tensor([p["margin"] for p in pairs], device=device) if args.use_margin else None
+            loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # Metrics stay on the device until a log step (no per-step host sync on CUDA).
+            window["loss"] += loss.detach()
+            window["correct"] += (terms["reward_gap"] > 0).sum()
+            window["grad_norm"] += grad_norm.detach()
+            window["pairs"] += len(pairs)
+            window["steps"] += 1
+            pairs_seen += len(pairs)
+            tokens_seen += sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in pairs)
+            padded_seen += 2 * len(pairs) * max(p["length"] for p in pairs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - started
+            window["seconds"] += elapsed
+            train_seconds += elapsed
+
+            last = step == total_steps
+            if window["steps"] and (last or (args.log_every and step % args.log_every == 0)):
+                metrics.update({
+                    "rm/loss": float(window["loss"]) / window["steps"],
+                    "rm/train_accuracy": float(window["correct"]) / window["pairs"],
+                    "rm/grad_norm": float(window["grad_norm"]) / window["steps"],
+                    "rm/lr": scheduler.get_last_lr()[0],
+                    "rm/pairs_per_second": window["pairs"] / max(window["seconds"], 1e-9),
+                })
+                window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
+            if eval_pairs and (last or (args.eval_every and step % args.eval_every == 0)):
+                metrics.update(evaluate(model, eval_pairs, args.eval_batch_size, pad_id, device, autocast,
+                                        args.use_margin))
+            try:
+                on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics)})
+            except BaseException:
+                save_resume()  # stopped at a step boundary: keep what was done, then let the caller see why
+                raise
+            if args.save_every and step % args.save_every == 0 and not last:
+                save_resume()
+
+    final = dict(metrics)
+    final.update({
+        "rm/pairs_per_second": pairs_seen / max(train_seconds, 1e-9),
+        "rm/train_seconds": train_seconds,
+        "rm/steps": step,
+        "rm/train_pairs": len(train_pairs),
+        "rm/eval_pairs": len(eval_pairs),
+        "rm/truncated_pairs": truncated + eval_truncated,
+        "rm/train_tokens": tokens_seen,
+        "rm/padded_tokens": padded_seen,
+    })
+    save_checkpoint(args.out, stage=STAGE, args=args, step=step, metrics=final, data_version=version,
+                    pretrained={"": _ModelAndTokenizer(model, tokenizer)})
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring text with a trained reward model (PPO, review pages)
+
+
+class RewardScorer:
+    """Scores (prompt, response) texts with a reward model and its own tokenizer.
+
+    `path_or_model` is a checkpoint path (or hub name) or an already-loaded (model, tokenizer).
+    """
+
+    def __init__(self, path_or_model, device: str = "auto", batch_size: int = 32, max_length: int = 512,
+                 dtype: str = "auto"):
+        if isinstance(path_or_model, (tuple, list)):
+            self.model, self.tokenizer = path_or_model
+            self.device = next(self.model.parameters()).device
+        else:
+            self.device = pick_device(device)
+            self.model, self.tokenizer = load_reward_model(str(path_or_model), self.device,
+                                                           pick_dtype(self.device, dtype))
+        limit = model_length_limit(self.model, self.tokenizer)
+        self.max_length = min(max_length, limit) if limit else max_length
+        self.batch_size = batch_size
+        self.encoder = PairEncoder(self.tokenizer, self.model.config, self.max_length)
+        self.model.eval()
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Rewards, (B,) float32 on the CPU, in the order given."""
+        if len(prompts) != len(responses):
+            raise EngineError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return torch.zeros(0)
+        encoded, _ = self.encoder.encode(list(prompts), list(responses))
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+        scores = torch.empty(len(encoded))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            inputs = collate([encoded[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
+            rewards = self.model(**inputs).logits[:, 0].float().cpu()  # (b,)
+            scores[chunk] = rewards
+        return scores
+
+    __call__ = score
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> RewardArgs:
+    p = argparse.ArgumentParser(prog="python -m training.engine.reward", description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", required=True, help="exported pairs to train on (JSONL, Parquet or a save_to_disk directory)")
+    p.add_argument("--eval", default=None, help="held-out pairs (default: hold out --eval-fraction by prompt)")
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--model", default=None, help="backbone name or path (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--out", required=True, help="directory for the final model")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--center-rewards-coef", type=float, default=None)
+    p.add_argument("--no-margin", action="store_true", help="ignore the margin column")
+    p.add_argument("--no-group-by-length", action="store_true", help="random batches instead of length-grouped")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-resume", action="store_true", help="start over even if <out>.resume/ exists")
+    a = p.parse_args(argv)
+    values = dict(train=a.train, eval=a.eval, eval_fraction=a.eval_fraction, out=a.out, epochs=a.epochs, lr=a.lr,
+                  batch_size=a.batch_size, eval_batch_size=a.eval_batch_size, max_length=a.max_length,
+                  seed=a.seed, center_rewards_coef=a.center_rewards_coef, use_margin=not a.no_margin,
+                  group_by_length=not a.no_group_by_length, eval_every=a.eval_every, log_every=a.log_every,
+                  save_every=a.save_every, device=a.device, dtype=a.dtype, resume=not a.no_resume)
+    if a.model:
+        values["model"] = a.model
+    return RewardArgs(**values)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        progress = TqdmProgress("reward model")
+        try:
+            metrics = main(args, progress)
+        finally:
+            progress.close()
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_final_metrics(metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
