@@ -1,0 +1,346 @@
+"""Batched sampling from a causal LM with a KV cache, returning text and per-token log-probabilities.
+
+Prompts are left-padded so every row's next token sits in the last column; position ids count
+only real tokens, so a prompt gives the same distribution alone or beside a longer one. Each step
+feeds one token per row through the cached keys and values. The log-probability of each sampled
+token is taken under the policy's logits divided by the temperature, the distribution PPO's
+importance ratio needs (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO",
+details on temperature and on sampling from the unfiltered policy).
+
+    python -m training.engine.sample --model PATH --prompts prompts.jsonl --out samples.jsonl
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.engine.common import (
+    EngineError,
+    ProgressFn,
+    TqdmProgress,
+    ensure_pad_token,
+    format_prompt,
+    load_causal_lm,
+    no_progress,
+    pick_device,
+    pick_dtype,
+    print_final_metrics,
+)
+
+
+@dataclass
+class Rollout:
+    query_ids: torch.Tensor  # (B, Tq) long, left-padded prompts
+    query_mask: torch.Tensor  # (B, Tq) long, 1 for real prompt tokens
+    response_ids: torch.Tensor  # (B, Tr) long, right-padded with pad after EOS (EOS itself kept)
+    response_mask: torch.Tensor  # (B, Tr) long, 1 for real response tokens, EOS included
+    logprobs: torch.Tensor  # (B, Tr) float, log p(token) under logits / temperature; 0 where masked
+    ended: torch.Tensor  # (B,) bool, True where the response emitted EOS
+    texts: list[str]  # decoded responses, special tokens skipped, stripped
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class SampleArgs:
+    model: str = ""
+    """Causal LM to sample from: a Hugging Face name or a save_pretrained directory."""
+    prompts: str = ""
+    """File of instructions: JSONL with a "prompt" (or "instruction") field, or plain text, one per line."""
+    out: str = "var/samples.jsonl"
+    """Output JSONL: one {"prompt", "responses"} object per prompt."""
+    num_per_prompt: int = 2
+    """Responses per prompt (2 makes one pair to compare; InstructGPT showed labelers 4 to 9)."""
+    max_new_tokens: int = 64
+    """Most tokens generated per response (the demo tasks' answers need fewer than 50)."""
+    temperature: float = 0.7
+    """Softmax temperature; 0 means greedy. 0.7 is a common middle ground (our choice): lower makes pairs alike."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (Holtzman et al. 2020); 1.0 samples the full distribution, as PPO rollouts should."""
+    batch_size: int = 16
+    """Sequences generated together."""
+    seed: int = 0
+    """Seed of the sampling generator: the same seed gives the same responses."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every token outside the smallest set whose probability reaches top_p (nucleus)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) mass of strictly more likely tokens
+    remove_sorted = mass_before >= top_p  # the most likely token is always kept
+    remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from softmax(logits), by the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014).
+
+    Noise is drawn on the generator's device, so a CPU generator drives a CUDA model reproducibly.
+    """
+    noise_device = generator.device if generator is not None else logits.device
+    uniform = torch.rand(logits.shape, generator=generator, device=noise_device).to(logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1.0 - 1e-7)))
+    return torch.argmax(logits + gumbel, dim=-1)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = width or max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _generate_batch(model, query_ids, query_mask, *, eos_id, pad_id, max_new_tokens, temperature, top_p, generator):
+    """Sample one batch with a KV cache. Returns response ids, mask, logprobs (B, Tr) and ended (B,)."""
+    batch = query_ids.size(0)
+    device = query_ids.device
+    position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq): positions count real tokens only
+    # Only the last position's logits are needed to start sampling (logits_to_keep, where supported).
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=position_ids, use_cache=True, **keep)
+    cache = out.cache
+    logits = out.logits[:, -1, :].float()  # (B, V)
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    attention = query_mask
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs, masks = [], [], []
+    for _ in range(max_new_tokens):
+        scaled = logits / temperature if temperature > 0 else logits  # (B, V)
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        if temperature > 0:
+            token = _sample(_top_p_filter(scaled, top_p), generator)  # (B,)
+        else:
+            token = torch.argmax(scaled, dim=-1)
+        alive = ~done
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
+        logprobs.append(torch.where(alive, token_logp, torch.zeros_like(token_logp)))
+        tokens.append(token)
+        masks.append(alive.long())
+        done = done | (alive & (token == eos_id))
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+                    cache=cache, use_cache=True)
+        cache = out.cache
+        logits = out.logits[:, -1, :].float()
+        next_position = next_position + 1
+    return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), done
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.7,
+             top_p: float = 1.0, batch_size: int = 16, generator: torch.Generator | None = None,
+             on_progress: ProgressFn = no_progress) -> Rollout:
+    """Sample one response per (already formatted) prompt. Tensors come back on the model's device.
+
+    Prompts are processed longest first in batches of `batch_size` (less padding), and the rows
+    are returned in the order given.
+    """
+    if not prompts:
+        raise EngineError("no prompts to sample from")
+    if max_new_tokens < 1:
+        raise EngineError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise EngineError(f"top_p must be in (0, 1], got {top_p}")
+    ensure_pad_token(tokenizer, model)
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise EngineError("the tokenizer has no eos token, so a response could never end")
+    pad_id = tokenizer.pad_token_id
+    device = _model_device(model)
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise EngineError(f"prompt {i} is empty")
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(ids) for ids in encoded)
+    if positions and longest + max_new_tokens > positions:
+        raise EngineError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                          f"{positions} positions; shorten the prompt or lower max_new_tokens")
+
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            query_ids, query_mask = _left_pad([encoded[i] for i in rows], pad_id)
+            result = _generate_batch(model, query_ids.to(device), query_mask.to(device), eos_id=eos_id, pad_id=pad_id,
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     generator=generator)
+            parts.append((rows, *result))
+            on_progress({"stage": "sample", "step": min(start + batch_size, len(order)), "total": len(order),
+                         "metrics": {}})
+    finally:
+        model.train(was_training)
+
+    # Reassemble in the caller's order: queries left-padded to one width, responses right-padded.
+    n = len(encoded)
+    width_q = longest
+    width_r = max(p[1].size(1) for p in parts)
+    query_ids, query_mask = _left_pad(encoded, pad_id, width_q)
+    response_ids = torch.full((n, width_r), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((n, width_r), dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, width_r), dtype=torch.float32, device=device)
+    ended = torch.zeros(n, dtype=torch.bool, device=device)
+    for rows, ids, mask, logp, done in parts:
+        index = torch.tensor(rows, device=device)
+        response_ids[index, : ids.size(1)] = ids
+        response_mask[index, : ids.size(1)] = mask
+        logprobs[index, : ids.size(1)] = logp
+        ended[index] = done
+    texts = [tokenizer.decode(response_ids[i][response_mask[i].bool()].tolist(), skip_special_tokens=True).strip()
+             for i in range(n)]
+    return Rollout(query_ids.to(device), query_mask.to(device), response_ids, response_mask, logprobs, ended, texts)
+
+
+def sequence_logprobs(model, rollout: Rollout, temperature: float = 0.7) -> torch.Tensor:
+    """Recompute log p(response token) under logits / temperature with one forward pass: (B, Tr).
+
+    Matches Rollout.logprobs; PPO uses the same arithmetic for its ratios.
+    """
+    input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)  # (B, Tq+Tr)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits.float()
+    t_q = rollout.query_ids.size(1)
+    logits = logits[:, t_q - 1:-1, :]  # (B, Tr, V): the logits that predicted each response token
+    if temperature > 0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+    return logp * rollout.response_mask
+
+
+def sample_responses(model_path: str, instructions: list[str], *, num_per_prompt: int = 2, max_new_tokens: int = 64,
+                     temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
+                     device: str = "auto", dtype: str = "auto",
+                     on_progress: ProgressFn = no_progress) -> list[list[str]]:
+    """`num_per_prompt` responses for each instruction from the model at `model_path` (Alpaca template)."""
+    responses, _ = _sample_with_stats(model_path, instructions, num_per_prompt=num_per_prompt,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+                                      on_progress=on_progress)
+    return responses
+
+
+def _sample_with_stats(model_path, instructions, *, num_per_prompt, max_new_tokens, temperature, top_p, batch_size,
+                       seed, device, dtype, on_progress):
+    if not instructions:
+        raise EngineError("no prompts to sample from")
+    if num_per_prompt < 1:
+        raise EngineError(f"num_per_prompt must be at least 1, got {num_per_prompt}")
+    torch_device = pick_device(device)
+    model, tokenizer = load_causal_lm(model_path, torch_device, pick_dtype(torch_device, dtype))
+    formatted = [format_prompt(text) for text in instructions for _ in range(num_per_prompt)]
+    generator = torch.Generator(device=torch_device).manual_seed(seed)
+    started = time.perf_counter()
+    rollout = generate(model, tokenizer, formatted, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, batch_size=batch_size, generator=generator, on_progress=on_progress)
+    seconds = time.perf_counter() - started
+    n_tokens = int(rollout.response_mask.sum())
+    grouped = [rollout.texts[i * num_per_prompt:(i + 1) * num_per_prompt] for i in range(len(instructions))]
+    stats = {"sample/responses": len(rollout), "sample/tokens": n_tokens, "sample/seconds": seconds,
+             "sample/tokens_per_s": n_tokens / max(seconds, 1e-9),
+             "sample/mean_length": n_tokens / len(rollout),
+             "sample/ended_fraction": float(rollout.ended.float().mean())}
+    return grouped, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point and CLI
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Instructions from JSONL ({"prompt"} or {"instruction"}) or plain text, one per line."""
+    path = Path(path)
+    if not str(path) or not path.exists():
+        raise EngineError(f"prompts file {str(path)!r} does not exist")
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EngineError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise EngineError(f"{path}:{lineno}: needs a non-empty \"prompt\" (or \"instruction\") text field")
+            prompts.append(text)
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise EngineError(f"prompts file {str(path)!r} has no prompts")
+    return prompts
+
+
+def main(args: SampleArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Sample responses for every prompt in the file and write them as JSONL; returns the metrics."""
+    if not args.model:
+        raise EngineError("no model given (--model NAME_OR_PATH)")
+    instructions = read_prompts(args.prompts)
+    responses, metrics = _sample_with_stats(
+        args.model, instructions, num_per_prompt=args.num_per_prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+        device=args.device, dtype=args.dtype, on_progress=on_progress)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for prompt, texts in zip(instructions, responses):
+            handle.write(json.dumps({"prompt": prompt, "responses": texts}) + "\n")
+    tmp.replace(out)
+    metrics["sample/out"] = str(out)
+    return metrics
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    from training.engine.sft import parser_for
+
+    parsed = parser_for(SampleArgs, "Sample responses from a causal LM for a file of instructions.").parse_args(argv)
+    args = SampleArgs(**vars(parsed))
+    progress = TqdmProgress("sample")
+    try:
+        metrics = main(args, progress)
+    finally:
+        progress.close()
+    print_final_metrics(metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        cli()
+    except EngineError as exc:
+        raise SystemExit(f"error: {exc}") from None

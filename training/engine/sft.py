@@ -1,0 +1,417 @@
+"""Supervised fine-tuning: teach a causal LM to answer instructions from demonstrations.
+
+The first stage of RLHF (Ouyang et al. 2022, step 1). Each example is (instruction, input,
+output); the prompt is the Alpaca template (common.format_prompt) and the loss is the token-level
+cross-entropy of the response only: prompt positions get label -100 (as in Alpaca's train.py,
+Taori et al. 2023), and the tokenizer's EOS token is appended to the response so the model learns
+to stop.
+
+    python -m training.engine.sft --model PATH --train data.jsonl [--eval held.jsonl] --out DIR
+
+The last line of output is one JSON object of final metrics (sft/loss, sft/eval_loss, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training.engine.common import (
+    EngineError,
+    ProgressFn,
+    TqdmProgress,
+    ensure_pad_token,
+    format_prompt,
+    load_causal_lm,
+    load_trainer_state,
+    no_progress,
+    pick_device,
+    pick_dtype,
+    print_final_metrics,
+    read_checkpoint_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    set_seed,
+)
+
+IGNORE_INDEX = -100  # labels with this value add nothing to the loss (PyTorch cross_entropy default)
+
+
+@dataclass
+class SFTArgs:
+    model: str = ""
+    """Causal LM to fine-tune: a Hugging Face name or a save_pretrained directory."""
+    train: str = ""
+    """JSONL file, one {"instruction", "input" (optional), "output"} object per line."""
+    eval: str | None = None
+    """Optional JSONL file of the same shape: its response-token loss is reported as sft/eval_loss."""
+    out: str = "var/checkpoints/sft"
+    """Directory for the fine-tuned checkpoint (save_pretrained + pairloop.json), written atomically."""
+    epochs: float = 3.0
+    """Passes over the training data (Alpaca: 3)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 lets `epochs` decide (HF Trainer's max_steps)."""
+    lr: float = 2e-5
+    """Peak AdamW learning rate (Alpaca: 2e-5 for a pretrained 7B model; small models from scratch want ~1e-3)."""
+    batch_size: int = 16
+    """Examples per optimizer step (Alpaca used 128 over 4 GPUs; 16 suits a CPU)."""
+    max_length: int = 512
+    """Longest prompt+response in tokens (Alpaca's model_max_length: 512); longer is an error unless truncate."""
+    truncate: bool = False
+    """Cut examples longer than max_length (or the model's positions) instead of refusing them."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps with linear warmup before the cosine decay (Alpaca: 0.03, cosine)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (Alpaca: 0)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (HF Trainer's max_grad_norm default: 1.0)."""
+    group_by_length: bool = True
+    """Batch examples of similar length to waste less compute on padding (HF Trainer's group_by_length)."""
+    seed: int = 42
+    """Seed for data order and initialisation noise (HF Trainer's default: 42)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."""
+    log_every: int = 10
+    """Emit a progress event with the mean loss every this many steps (every step still reports progress)."""
+    resume: bool = False
+    """Continue from the trainer state saved in `out` (after a cancel) instead of starting over."""
+    data_version: str | None = None
+    """Label of the training data recorded in the checkpoint (e.g. an export's version)."""
+
+
+class ModelAndTokenizer:
+    """Saves a model and its tokenizer into one save_pretrained directory (for save_checkpoint)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def save_pretrained(self, path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def read_examples(path: str | Path, what: str = "training data") -> list[dict[str, str]]:
+    """JSONL rows {"instruction", "input"?, "output"}; any problem names the file and line."""
+    path = Path(path)
+    if not str(path) or not path.exists():
+        raise EngineError(f"{what} file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise EngineError(f"{what} path {str(path)!r} is a directory; give a JSONL file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EngineError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise EngineError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in ("instruction", "output"):
+                if key not in row:
+                    raise EngineError(f"{path}:{lineno}: missing {key!r} (each line needs instruction and output)")
+            for key in ("instruction", "input", "output"):
+                if key in row and not isinstance(row[key], str):
+                    raise EngineError(f"{path}:{lineno}: {key!r} must be text, got {type(row[key]).__name__}")
+            if not row["output"].strip():
+                raise EngineError(f"{path}:{lineno}: 'output' is empty")
+            rows.append({"instruction": row["instruction"], "input": row.get("input", ""), "output": row["output"],
+                         "line": lineno})
+    if not rows:
+        raise EngineError(f"{what} file {str(path)!r} has no examples")
+    return rows
+
+
+def model_max_positions(model) -> int | None:
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def encode_examples(tokenizer, examples: list[dict[str, Any]], *, max_length: int, model_positions: int | None,
+                    truncate: bool, source: str = "example") -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per example: prompt tokens labelled -100, response tokens + EOS kept.
+
+    Prompt and response are tokenized separately, as sample.py sees them at generation time.
+    """
+    if tokenizer.eos_token_id is None:
+        raise EngineError("the tokenizer has no eos token: the response needs one appended so the model learns to stop")
+    limit = min(max_length, model_positions) if model_positions else max_length
+    prompts = [format_prompt(e["instruction"], e.get("input", "")) for e in examples]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer([e["output"] for e in examples], add_special_tokens=False)["input_ids"]
+    encoded = []
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        r = list(r) + [tokenizer.eos_token_id]
+        if len(p) + len(r) > limit:
+            if not truncate:
+                where = f"{source} line {examples[i]['line']}" if "line" in examples[i] else f"{source} {i}"
+                bound = (f"the model allows {model_positions} positions" if model_positions and limit == model_positions
+                         else f"max_length is {max_length}")
+                raise EngineError(f"{where} is {len(p) + len(r)} tokens long, but {bound}; "
+                                  "shorten it or ask for truncation (--truncate)")
+            # Keep the whole prompt when it fits (cutting the response's tail); else its last tokens
+            # and the first half-window of the response.
+            keep_r = limit - len(p) if len(p) < limit else min(len(r), max(1, limit // 2))
+            r = r[:keep_r]
+            p = p[len(p) - (limit - len(r)):]
+        encoded.append((list(p) + r, [IGNORE_INDEX] * len(p) + r))
+    return encoded
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
+    longest = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, (ids, labs) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return input_ids.to(device), mask.to(device), labels.to(device)
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The batches of one epoch, a pure function of (seed, epoch) so a resumed run sees the same order.
+
+    With group_by_length, a shuffled order is cut into mega-batches of 50 batches, each sorted by
+    length, then the batches are shuffled (HF Trainer's LengthGroupedSampler).
+    """
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if group_by_length:
+        mega = 50 * batch_size
+        order = [i for s in range(0, len(order), mega)
+                 for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    return batches
+
+
+def response_loss(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over response tokens of the batch, and how many there were."""
+    logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
+    pred = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
+    target = labels[:, 1:]  # (B, T-1)
+    n_tokens = int((target != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX)
+    return loss, n_tokens
+
+
+@torch.no_grad()
+def eval_loss(model, encoded, pad_id: int, batch_size: int, device) -> float:
+    """Token-weighted mean response loss over `encoded`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(encoded), batch_size):
+        loss, n = response_loss(model, *collate(encoded[s:s + batch_size], pad_id, device))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup then cosine decay to zero (Alpaca's schedule: cosine, warmup_ratio 0.03)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, on_progress: ProgressFn = no_progress,
+              *, eval_examples: list[dict[str, Any]] | None = None, save: typing.Callable | None = None,
+              resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune `model` in place on `examples`; returns the final metrics.
+
+    All data is tokenized and checked before the first step. `save(step, metrics, trainer_state)`,
+    when given, is called before an exception from `on_progress` propagates (a cancel), so the
+    run can be resumed with `resume_state` (the saved trainer_state).
+    """
+    if not examples:
+        raise EngineError("no training examples")
+    if args.batch_size < 1:
+        raise EngineError(f"batch_size must be at least 1, got {args.batch_size}")
+    device = next(model.parameters()).device
+    ensure_pad_token(tokenizer, model)
+    positions = model_max_positions(model)
+    encoded = encode_examples(tokenizer, examples, max_length=args.max_length, model_positions=positions,
+                              truncate=args.truncate, source=args.train or "example")
+    encoded_eval = (encode_examples(tokenizer, eval_examples, max_length=args.max_length, model_positions=positions,
+                                    truncate=args.truncate, source=args.eval or "eval example")
+                    if eval_examples else None)
+    pad_id = tokenizer.pad_token_id
+    lengths = [len(ids) for ids, _ in encoded]
+    steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
+    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.epochs * steps_per_epoch))
+    warmup = max(1, int(args.warmup_ratio * total))
+
+    # AdamW without decay on biases and LayerNorm weights (as in nanoGPT and HF Trainer).
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+    step = 0
+    metrics: dict[str, Any] = {}
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = int(resume_state["step"])
+        metrics = dict(resume_state.get("metrics", {}))
+        set_rng_state(resume_state["rng"])
+
+    if encoded_eval is not None and "sft/eval_loss_start" not in metrics:
+        metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device)
+    model.train()
+    recent: list[float] = []
+    n_tokens_seen, train_seconds = 0, 0.0
+    epoch = step // steps_per_epoch
+    while step < total:
+        batches = epoch_batches(lengths, args.batch_size, args.seed, epoch, args.group_by_length)
+        for batch in batches[step - epoch * steps_per_epoch:]:
+            if step >= total:
+                break
+            started = time.perf_counter()
+            input_ids, mask, labels = collate([encoded[i] for i in batch], pad_id, device)  # (B, T) each
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, args.lr)
+            loss, _ = response_loss(model, input_ids, mask, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            train_seconds += time.perf_counter() - started
+            n_tokens_seen += int(mask.sum())
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise EngineError(f"the loss became {loss_value} at step {step}; lower the learning rate")
+            metrics.setdefault("sft/first_loss", loss_value)
+            recent = (recent + [loss_value])[-max(1, args.log_every):]
+            metrics.update({"sft/loss": sum(recent) / len(recent), "sft/lr": optimizer.param_groups[0]["lr"],
+                            "sft/grad_norm": float(grad_norm), "sft/epoch": step / steps_per_epoch,
+                            "sft/tokens_per_s": n_tokens_seen / max(train_seconds, 1e-9)})
+            event = {"stage": "sft", "step": step, "total": total, "metrics": dict(metrics)}
+            if step % max(1, args.log_every) and step != total:
+                event["metrics"] = {"sft/loss": loss_value}
+            try:
+                on_progress(event)
+            except BaseException:
+                if save is not None and step < total:
+                    save(step, metrics, {"optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
+                                         "rng": rng_state()})
+                raise
+        epoch += 1
+
+    if encoded_eval is not None:
+        metrics["sft/eval_loss"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device)
+    metrics.update({"sft/steps": step, "sft/examples": len(encoded), "sft/train_seconds": train_seconds})
+    model.eval()
+    return metrics
+
+
+def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Load the model and data, check everything, fine-tune, save; returns the final metrics."""
+    if not args.model:
+        raise EngineError("no model given (--model NAME_OR_PATH)")
+    if not args.train:
+        raise EngineError("no training data given (--train FILE.jsonl)")
+    examples = read_examples(args.train, "training data")
+    eval_examples = read_examples(args.eval, "eval data") if args.eval else None
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+
+    resume_state, source = None, args.model
+    if args.resume:
+        meta = read_checkpoint_meta(args.out)
+        state = load_trainer_state(args.out) if meta and meta.get("stage") == "sft" else None
+        if state is not None:
+            resume_state, source = state, args.out
+    set_seed(args.seed)
+    model, tokenizer = load_causal_lm(source, device, dtype)
+    tokenizer.padding_side = "right"
+
+    def save(step, metrics, trainer_state=None):
+        save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics,
+                        pretrained={"": ModelAndTokenizer(model, tokenizer)}, data_version=args.data_version,
+                        trainer_state=trainer_state)
+
+    metrics = train_sft(model, tokenizer, examples, args, on_progress, eval_examples=eval_examples, save=save,
+                        resume_state=resume_state)
+    save(metrics["sft/steps"], metrics)
+    metrics["sft/checkpoint"] = str(args.out)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def parser_for(cls, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one --flag per dataclass field, its docstring as help."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = str(following.value.value)
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=description)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    parsed = parser_for(SFTArgs, "Supervised fine-tuning on (instruction, input, output) JSONL.").parse_args(argv)
+    args = SFTArgs(**vars(parsed))
+    progress = TqdmProgress("sft")
+    try:
+        metrics = main(args, progress)
+    finally:
+        progress.close()
+    print_final_metrics(metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        cli()
+    except EngineError as exc:
+        raise SystemExit(f"error: {exc}") from None
