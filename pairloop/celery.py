@@ -9,3 +9,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pairloop.settings")
 app = Celery("pairloop")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+# Jobs whose worker died (SIGKILL, lost machine) stop sending heartbeats: mark them failed soon after.
+app.conf.beat_schedule = {
+    "fail-stale-training-jobs": {"task": "training.fail_stale_jobs", "schedule": 15.0},
+}

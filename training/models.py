@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
+
+
+@dataclass
+class WinRate:
+    """One side of a round's pairs against the other, counted from judgments."""
+
+    wins: int = 0
+    losses: int = 0
+    ties: int = 0
+    both_bad: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.wins + self.losses + self.ties + self.both_bad
+
+    @property
+    def rate(self) -> float | None:
+        """Wins plus half the ties and both-bad, over all judgments (None without judgments)."""
+        if not self.total:
+            return None
+        return (self.wins + 0.5 * (self.ties + self.both_bad)) / self.total
 
 
 class Round(models.Model):
@@ -47,7 +71,29 @@ class Round(models.Model):
         return Job.QUEUED if all(s == Job.QUEUED for s in statuses) else Job.RUNNING
 
     def is_active(self) -> bool:
-        return self.jobs.filter(status__in=Job.ACTIVE).exists()
+        """Queued or running. A round whose job failed or was cancelled is not, though its later jobs
+        still wait (as queued) for a resume."""
+        return self.status() in Job.ACTIVE
+
+    def win_rates(self) -> dict[str, WinRate]:
+        """Judgments on this round's pairs, by judgment source: the new policy's response is always side A
+        (the labeling page randomises what is shown left), so choice A is a win for this round."""
+        from annotate.models import Judgment
+
+        rates: dict[str, WinRate] = {}
+        rows = (Judgment.objects.filter(pair__round=self).values_list("source", "choice")
+                .annotate(n=models.Count("id")).order_by())
+        for source, choice, n in rows:
+            rate = rates.setdefault(source, WinRate())
+            if choice == Judgment.A:
+                rate.wins += n
+            elif choice == Judgment.B:
+                rate.losses += n
+            elif choice == Judgment.TIE:
+                rate.ties += n
+            else:
+                rate.both_bad += n
+        return rates
 
 
 class Job(models.Model):
@@ -105,6 +151,29 @@ class Job(models.Model):
             return None
         elapsed = (timezone.now() - self.started_at).total_seconds()
         return max(0.0, elapsed / self.step * (self.total_steps - self.step))
+
+    # Charted metric keys: losses, accuracies, rewards, KL and entropy (not the KL coefficient or
+    # the approximate KL of the PPO update, nor per-source rewards like ppo/reward/<path>).
+    CHART_KEY = re.compile(r"^[a-z]+/[a-z_]*(loss|accuracy|reward|kl|entropy|score)[a-z_]*$")
+    CHART_SKIP = ("kl_coef", "approx_kl")
+
+    @classmethod
+    def is_chart_key(cls, key: str) -> bool:
+        return bool(cls.CHART_KEY.match(key)) and not key.endswith(cls.CHART_SKIP)
+
+    def chart_points(self, last: int | None = None) -> list[dict]:
+        """Metric points with only the charted keys (the last `last` points when given)."""
+        points = self.metrics[-last:] if last else self.metrics
+        charted = []
+        for point in points:
+            values = {k: v for k, v in point.items() if k != "step" and self.is_chart_key(k)}
+            if values:
+                charted.append({"step": point.get("step", 0), **values})
+        return charted
+
+    def error_summary(self) -> str:
+        """The first paragraph of the error (the message; the traceback follows a blank line)."""
+        return self.error.split("\n\n", 1)[0]
 
     def duration_seconds(self) -> float | None:
         if not self.started_at:

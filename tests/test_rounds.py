@@ -1,0 +1,474 @@
+"""Training rounds without training: the actions (launch refusals, one round at a time, cancel,
+stale heartbeats, resume), a job's life in runner.execute with a stand-in job kind, the pages with
+the personas, and the round's WebSocket. The chain is never sent to a broker here; the real
+worker runs in tests/test_round_worker.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import WebsocketCommunicator
+from channels.routing import URLRouter
+from django.test import Client
+from django.utils import timezone
+
+from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
+from annotate.models import Judgment, Pair, Response
+from tests.conftest import PASSWORD, make_campaign, make_user
+from training import actions, live, runner
+from training.config import build_config
+from training.engine.common import EngineError
+from training.models import Job, Round
+
+MIN = 5
+
+
+@pytest.fixture(autouse=True)
+def small_minimum(settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": MIN, "HEARTBEAT_STALE_SECONDS": 30}
+
+
+@pytest.fixture
+def chains(monkeypatch):
+    """The chains a test would have sent to Celery: lists of job ids, in order."""
+    sent: list[list[int]] = []
+    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: sent.append(list(job_ids)))
+    return sent
+
+
+def judged_campaign(slug="shop", usable=MIN, members=()):
+    campaign = make_campaign(slug=slug, members=members)
+    add_pairs(campaign, [PairInput(f"Question {i}?", f"good {i}", f"bad {i}", preferred="a") for i in range(usable)],
+              notify=False)
+    return campaign
+
+
+def client_for(user) -> Client:
+    client = Client()
+    assert client.login(username=user.username, password=PASSWORD)
+    return client
+
+
+def launch(campaign, user=None, **overrides):
+    return actions.launch_round(campaign, user, build_config("tiny", overrides))
+
+
+def claim(job: Job, task_id="task-1") -> Job:
+    got, why = actions.claim_job(job.pk, task_id)
+    assert got is not None, why
+    return got
+
+
+def succeed(job: Job, **round_fields) -> None:
+    claim(job, f"task-{job.pk}")
+    actions.finish_job(job.pk, f"task-{job.pk}", result={}, round_fields=round_fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_it_refuses_a_launch_below_the_minimum_of_usable_judgments(chains):
+    campaign = judged_campaign(usable=MIN - 2)
+    # Ties are judgments but not Bradley-Terry pairs: they do not count.
+    judge = make_user("judge")
+    for _ in range(3):
+        assignment = claim_next_pair(campaign, judge).assignment
+        if assignment is None:
+            break
+        submit_judgment(assignment_id=assignment.pk, labeler=judge, choice="tie")
+    with pytest.raises(actions.RoundRefused, match=rf"{MIN - 2} usable .* at least {MIN} needed"):
+        launch(campaign)
+    assert not Round.objects.exists() and chains == []
+
+
+@pytest.mark.django_db
+def test_it_launches_a_round_whose_jobs_are_sent_as_one_chain_on_commit(chains, admin_user,
+                                                                         django_capture_on_commit_callbacks):
+    campaign = judged_campaign()
+    with django_capture_on_commit_callbacks(execute=True):
+        round_ = launch(campaign, admin_user, ppo_steps=7, pairing="sft")
+    jobs = list(round_.jobs.order_by("order"))
+    assert [j.kind for j in jobs] == ["export", "reward", "ppo", "sample", "enqueue"]
+    assert all(j.status == Job.QUEUED for j in jobs)
+    assert chains == [[j.pk for j in jobs]]
+    assert round_.number == 1 and round_.launched_by == admin_user
+    assert round_.config["ppo_steps"] == 7 and round_.config["pairing"] == "sft" and round_.config["preset"] == "tiny"
+    assert round_.parent_policy.endswith("demo-policy-tiny") and round_.config["base_policy"] == round_.parent_policy
+    assert round_.config["usable_judgments"] == MIN
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_second_round_while_one_is_active_and_allows_it_after_a_failure(chains):
+    campaign = judged_campaign()
+    first = launch(campaign)
+    with pytest.raises(actions.RoundRefused, match="Round 1 of this campaign is still queued"):
+        launch(campaign)
+    export = first.jobs.get(kind=Job.EXPORT)
+    claim(export)
+    actions.fail_job(export.pk, "task-1", error="boom")
+    assert first.status() == Job.FAILED and not first.is_active()
+    second = launch(campaign)
+    assert second.number == 2
+    # The failed round cannot be resumed while the second one is active.
+    with pytest.raises(actions.RoundRefused, match="Round 2 .* never run at once"):
+        actions.resume_job(export)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_never_runs_two_rounds_of_one_campaign_even_when_launched_at_the_same_moment(chains):
+    campaign = judged_campaign()
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def attempt():
+        from django.db import connection
+
+        try:
+            barrier.wait()
+            launch(campaign)
+            outcomes.append("launched")
+        except actions.RoundRefused:
+            outcomes.append("refused")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes) == ["launched", "refused", "refused", "refused"]
+    assert Round.objects.filter(campaign=campaign).count() == 1
+    assert len(chains) == 1
+
+
+@pytest.mark.django_db
+def test_it_starts_round_two_from_round_one_s_policy(chains):
+    campaign = judged_campaign()
+    first = launch(campaign)
+    for job in first.jobs.order_by("order"):
+        succeed(job, **({"policy_checkpoint": "/ckpt/round-1/policy"} if job.kind == Job.PPO else {}))
+    first.refresh_from_db()
+    assert first.status() == Job.SUCCEEDED and first.finished_at is not None
+    second = launch(campaign)
+    assert second.number == 2
+    assert second.parent_policy == "/ckpt/round-1/policy"
+    assert second.config["base_policy"] == first.config["base_policy"]
+
+
+@pytest.mark.django_db
+def test_it_cancels_a_queued_job_at_once(chains):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    actions.cancel_job(job)
+    job.refresh_from_db()
+    assert job.status == Job.CANCELLED and job.finished_at is not None
+    # Its task, arriving later, does not run it, and the chain stops there.
+    assert runner.execute(job.pk, "late-task") is False
+    assert round_.status() == Job.CANCELLED
+
+
+@pytest.mark.django_db
+def test_it_cancels_a_running_job_at_its_next_step_boundary(chains, monkeypatch):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    seen_steps = []
+
+    def stand_in(job, progress):
+        for step in range(1, 6):
+            if step == 3:
+                actions.cancel_job(job)  # an admin presses Cancel while step 3 runs
+            progress({"stage": "test", "step": step, "total": 5, "metrics": {"test/loss": 1.0 / step}})
+            seen_steps.append(step)
+        return runner.Outcome({})
+
+    monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, stand_in)
+    assert runner.execute(job.pk, "task-1") is False
+    job.refresh_from_db()
+    assert job.status == Job.CANCELLED
+    assert seen_steps == [1, 2]  # step 3's progress report raised: the engine stops there
+    assert job.step == 3 and "Cancelled at step 3" in job.log
+    assert [p["step"] for p in job.metrics] == [1, 2, 3]
+    assert round_.jobs.get(kind=Job.REWARD).status == Job.QUEUED
+
+
+@pytest.mark.django_db
+def test_it_records_a_failed_job_with_its_message_and_traceback_and_stops_the_chain(chains, monkeypatch):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+
+    def broken(job, progress):
+        progress({"stage": "test", "step": 1, "total": 2, "metrics": {"test/loss": 0.5}})
+        raise EngineError("pairs file 'x.jsonl' has no 'chosen' column")
+
+    monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, broken)
+    assert runner.execute(job.pk, "task-1") is False
+    job.refresh_from_db()
+    assert job.status == Job.FAILED
+    assert job.error_summary() == "pairs file 'x.jsonl' has no 'chosen' column"
+    assert "Traceback (most recent call last)" in job.error
+    assert job.metrics == [{"step": 1, "test/loss": 0.5}]
+    # The next job's task (if it were sent anyway) does not run after a failed one.
+    reward = round_.jobs.get(kind=Job.REWARD)
+    assert runner.execute(reward.pk, "task-2") is False
+    reward.refresh_from_db()
+    assert reward.status == Job.QUEUED
+
+
+@pytest.mark.django_db
+def test_it_runs_a_job_once_when_its_message_arrives_twice(chains, monkeypatch):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    runs = []
+    monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, lambda job, progress: runs.append(job.pk) or runner.Outcome({"ok": 1}))
+    assert runner.execute(job.pk, "task-1") is True
+    assert runner.execute(job.pk, "task-1-redelivered") is True  # already succeeded: the chain may go on
+    assert runs == [job.pk]
+    job.refresh_from_db()
+    assert (job.status, job.result, job.attempts, job.celery_task_id) == (Job.SUCCEEDED, {"ok": 1}, 1, "task-1")
+
+
+@pytest.mark.django_db
+def test_it_marks_a_job_whose_heartbeat_went_stale_failed_with_a_clear_reason(chains):
+    round_ = launch(judged_campaign())
+    stale, fresh = round_.jobs.get(kind=Job.EXPORT), round_.jobs.get(kind=Job.REWARD)
+    claim(stale, "dead-worker")
+    Job.objects.filter(pk=stale.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=31))
+    assert actions.fail_stale_jobs() == [stale]
+    stale.refresh_from_db()
+    assert stale.status == Job.FAILED
+    assert "no heartbeat for 31 s" in stale.error and "Resume continues from the last checkpoint" in stale.error
+    # The dead worker, should it wake up, can no longer write to the job.
+    with pytest.raises(actions.JobLost):
+        actions.record_progress(stale.pk, "dead-worker", step=1, total=2, metrics=[], log_text="")
+    assert actions.heartbeat(stale.pk, "dead-worker") is False
+    # A job that beats is left alone.
+    Job.objects.filter(pk=stale.pk).update(status=Job.SUCCEEDED)
+    claim(fresh, "live-worker")
+    assert actions.fail_stale_jobs() == []
+
+
+@pytest.mark.django_db
+def test_it_resumes_a_failed_job_and_then_the_rest_of_its_chain(chains, django_capture_on_commit_callbacks):
+    round_ = launch(judged_campaign())
+    jobs = {job.kind: job for job in round_.jobs.all()}
+    succeed(jobs[Job.EXPORT])
+    succeed(jobs[Job.REWARD])
+    claim(jobs[Job.PPO], "killed")
+    Job.objects.filter(pk=jobs[Job.PPO].pk).update(step=4, total_steps=10)
+    actions.fail_job(jobs[Job.PPO].pk, "killed", error="worker lost")
+    with pytest.raises(actions.RoundRefused, match="Only a failed or cancelled job"):
+        actions.resume_job(jobs[Job.REWARD])
+    with django_capture_on_commit_callbacks(execute=True):
+        actions.resume_job(jobs[Job.PPO])
+    ppo = Job.objects.get(pk=jobs[Job.PPO].pk)
+    assert ppo.status == Job.QUEUED and "Resumed" in ppo.log
+    assert chains[-1] == [jobs[Job.PPO].pk, jobs[Job.SAMPLE].pk, jobs[Job.ENQUEUE].pk]
+    assert round_.is_active()
+    # The resumed attempt keeps the progress so far: the engine resumes from its checkpoint.
+    resumed = claim(ppo, "fresh-worker")
+    assert (resumed.attempts, resumed.step, resumed.error) == (2, 4, "")
+
+
+def test_it_validates_round_settings_by_name():
+    assert build_config("tiny", {"ppo_steps": "4", "sample_temperature": "0.9"}).ppo_steps == 4
+    with pytest.raises(ValueError, match="unknown round settings: ppo_stepz"):
+        build_config("demo", {"ppo_stepz": "4"})
+    with pytest.raises(ValueError, match="ppo_batch_size must be a multiple of ppo_mini_batch_size"):
+        build_config("demo", {"ppo_batch_size": "10", "ppo_mini_batch_size": "4"})
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        build_config("demo", {"pairing": "random"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages, with the personas
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_it_refuses_round_pages_and_launching_to_labelers_and_outsiders(chains, labeler, outsider):
+    campaign = judged_campaign(members=[labeler])
+    round_ = launch(campaign)
+    job = round_.jobs.get(kind=Job.EXPORT)
+    for user in (labeler, outsider):
+        client = client_for(user)
+        assert client.get(f"/campaigns/{campaign.slug}/rounds/").status_code == 404
+        assert client.get(f"/rounds/{round_.pk}/").status_code == 404
+        assert client.post(f"/campaigns/{campaign.slug}/rounds/", {"preset": "tiny"}).status_code == 404
+        assert client.post(f"/rounds/{round_.pk}/jobs/{job.pk}/cancel/").status_code == 404
+    job.refresh_from_db()
+    assert Round.objects.count() == 1 and job.status == Job.QUEUED
+
+
+@pytest.mark.django_db
+def test_it_lets_a_reviewer_read_rounds_but_not_launch_or_cancel(chains, reviewer):
+    campaign = judged_campaign()
+    round_ = launch(campaign)
+    job = round_.jobs.get(kind=Job.EXPORT)
+    client = client_for(reviewer)
+    page = client.get(f"/rounds/{round_.pk}/")
+    assert page.status_code == 200
+    assert f'id="job-{job.pk}"'.encode() in page.content and b"job_cancel" not in page.content
+    assert f'id="job-{job.pk}-cancel"'.encode() not in page.content
+    rounds_page = client.get(f"/campaigns/{campaign.slug}/rounds/")
+    assert rounds_page.status_code == 200 and b'id="launch-round"' not in rounds_page.content
+    assert client.post(f"/campaigns/{campaign.slug}/rounds/", {"preset": "tiny"}).status_code == 404
+    assert client.post(f"/rounds/{round_.pk}/jobs/{job.pk}/cancel/").status_code == 404
+    assert Round.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_it_shows_an_admin_the_usable_judgments_and_refuses_a_launch_below_the_minimum(chains, admin_user):
+    campaign = judged_campaign(usable=2)
+    client = client_for(admin_user)
+    page = client.get(f"/campaigns/{campaign.slug}/rounds/?preset=tiny")
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert 'id="launch-round"' in text and "<strong>2</strong> usable judgments" in text
+    assert "label 3 more pairs before launching" in text
+    form = {"preset": "tiny", **{k: v for k, v in build_config("tiny").as_dict().items() if k != "reward_model"}}
+    refused = client.post(f"/campaigns/{campaign.slug}/rounds/", form, follow=True)
+    assert "Not enough judgments to train on: 2 usable" in refused.content.decode()
+    assert not Round.objects.exists()
+
+
+@pytest.mark.django_db
+def test_it_launches_a_round_from_the_form(chains, admin_user, django_capture_on_commit_callbacks):
+    campaign = judged_campaign()
+    client = client_for(admin_user)
+    form = {**{k: v for k, v in build_config("tiny").as_dict().items() if k != "reward_model"}, "ppo_steps": 5}
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(f"/campaigns/{campaign.slug}/rounds/", form)
+    round_ = Round.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/rounds/{round_.pk}/"
+    assert round_.config["ppo_steps"] == 5 and round_.launched_by == admin_user and len(chains) == 1
+    page = client.get(response["Location"])
+    for job in round_.jobs.all():
+        for element in (f'id="job-{job.pk}"', f'id="job-{job.pk}-progress"', f'id="job-{job.pk}-charts"',
+                        f'id="job-{job.pk}-cancel"'):
+            assert element.encode() in page.content
+    assert b"plotly/plotly.min.js" in page.content and f'ws-connect="/ws/rounds/{round_.pk}/"'.encode() in page.content
+    bad = client.post(f"/campaigns/{campaign.slug}/rounds/", {**form, "ppo_batch_size": 10, "ppo_mini_batch_size": 4})
+    assert b"ppo_batch_size must be a multiple" in bad.content
+
+
+@pytest.mark.django_db
+def test_it_lets_an_admin_cancel_and_resume_from_the_round_page(chains, admin_user, django_capture_on_commit_callbacks):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    client = client_for(admin_user)
+    response = client.post(f"/rounds/{round_.pk}/jobs/{job.pk}/cancel/", HTTP_HX_REQUEST="true")
+    assert response.status_code == 200 and f'id="job-{job.pk}-resume"'.encode() in response.content
+    job.refresh_from_db()
+    assert job.status == Job.CANCELLED
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(f"/rounds/{round_.pk}/jobs/{job.pk}/resume/")
+    assert response.status_code == 302
+    job.refresh_from_db()
+    assert job.status == Job.QUEUED and chains[-1][0] == job.pk
+
+
+@pytest.mark.django_db
+def test_it_shows_a_failed_job_s_error_and_the_state_from_the_database_on_reload(chains, reviewer):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    claim(job)
+    actions.record_progress(job.pk, "task-1", step=3, total=4,
+                            metrics=[{"step": 1, "rm/loss": 0.7}, {"step": 3, "rm/loss": 0.5, "rm/lr": 1e-4}],
+                            log_text="[12:00:00] step 3 <b>done</b>\n")
+    page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
+    assert 'aria-valuenow="75"' in page and "step <span" in page and "ETA" in page
+    assert "step 3 &lt;b&gt;done&lt;/b&gt;" in page  # the log is escaped
+    # The charts start from the points stored on the row (only the charted keys).
+    assert '[{"step": 1, "rm/loss": 0.7}, {"step": 3, "rm/loss": 0.5}]' in page
+    actions.fail_job(job.pk, "task-1", error="CUDA out of <memory>\n\nTraceback (most recent call last):\n  boom")
+    page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
+    assert f'id="job-{job.pk}-error"' in page and "CUDA out of &lt;memory&gt;" in page and "Traceback" in page
+
+
+@pytest.mark.django_db
+def test_it_reviews_a_round_with_escaped_outputs_scores_and_human_win_rates_apart_from_simulated(chains, reviewer):
+    campaign = judged_campaign()
+    round_ = launch(campaign)
+    prompt_id = campaign.prompts.order_by("id").first().pk
+    prompt = campaign.prompts.get(pk=prompt_id).text
+    evil = "<script>alert('x')</script>"
+    sample_job = round_.jobs.get(kind=Job.SAMPLE)
+    from annotate.models import content_hash
+
+    for job in round_.jobs.order_by("order"):
+        succeed(job)
+    Job.objects.filter(pk=sample_job.pk).update(result={
+        "samples": [{"prompt_id": prompt_id, "prompt": prompt, "new": [evil, "fine"], "other": ["meh", "ok"]}],
+        "scores": {content_hash(prompt, evil): 1.25, content_hash(prompt, "meh"): -0.5},
+        "opponent": "SFT policy", "sample/reward_new": 0.6, "sample/reward_opponent": -0.2,
+    })
+    added = add_pairs(campaign, [PairInput(f"Round q{i}?", f"new {i}", f"old {i}") for i in range(4)],
+                      round=round_, source=Response.POLICY, notify=False)
+    assert added.created == 4
+    pairs = list(Pair.objects.filter(round=round_).order_by("id"))
+    human, bot = make_user("hugo"), make_user("sim-correct_sentence-1")
+    for pair, choice in zip(pairs, ["a", "a", "b", "tie"]):
+        Judgment.objects.create(pair=pair, labeler=human, choice=choice, source=Judgment.HUMAN)
+    for pair in pairs:
+        Judgment.objects.create(pair=pair, labeler=bot, choice="b", source=Judgment.SIMULATED)
+    page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
+    assert evil not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "1.25" in page and "-0.50" in page and "Paired against: SFT policy" in page
+    rates = round_.win_rates()
+    assert (rates["human"].wins, rates["human"].losses, rates["human"].ties) == (2, 1, 1)
+    assert rates["human"].rate == pytest.approx(2.5 / 4) and rates["simulated"].rate == 0.0
+    assert '<td class="human-rate">0.63 (4)</td>' in page
+    assert '<td class="simulated-rate">0.00 (0 / 4 / 0 / 0)</td>' in page
+
+
+# ---------------------------------------------------------------------------------------------
+# The round's WebSocket
+# ---------------------------------------------------------------------------------------------
+
+def _communicator(round_, user):
+    from pairloop.routing import websocket_urlpatterns
+
+    communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/rounds/{round_.pk}/")
+    communicator.scope["user"] = user
+    return communicator
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_pushes_a_job_s_fragment_and_metric_points_to_reviewers_only(chains, reviewer, outsider):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.REWARD)
+    n_jobs = round_.jobs.count()
+
+    def work_on_the_job():  # what a worker does: write the row, then tell the round's group
+        Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, step=2, total_steps=8, started_at=timezone.now(),
+                                             metrics=[{"step": 1, "rm/loss": 0.69}, {"step": 2, "rm/loss": 0.6}])
+        live.job_changed(job)
+
+    async def session():
+        refused = _communicator(round_, outsider)
+        connected, _ = await refused.connect()
+        assert not connected
+        communicator = _communicator(round_, reviewer)
+        connected, _ = await communicator.connect()
+        assert connected
+        for _ in range(n_jobs):  # the current state of every job on connect
+            html = await communicator.receive_from(timeout=5)
+            assert 'hx-swap-oob="true"' in html
+            assert json.loads(await communicator.receive_from(timeout=5))["type"] == "points"
+        await sync_to_async(work_on_the_job)()
+        html = await communicator.receive_from(timeout=5)
+        points = json.loads(await communicator.receive_from(timeout=5))
+        await communicator.disconnect()
+        return html, points
+
+    html, points = async_to_sync(session)()
+    assert f'id="job-{job.pk}-live"' in html and "running" in html and 'aria-valuenow="25"' in html
+    assert 'id="round-status"' in html
+    assert points == {"type": "points", "job": job.pk, "attempt": 0,
+                      "points": [{"step": 1, "rm/loss": 0.69}, {"step": 2, "rm/loss": 0.6}]}

@@ -1,0 +1,307 @@
+"""One door per state change of rounds and jobs.
+
+Views, management commands, Celery tasks and tests call these; nothing else creates rounds or
+moves a job's status. A worker owns a running job through its Celery task id: every write it
+makes is a conditional UPDATE on (status=running, celery_task_id=its id), so a job taken away
+from it (marked failed because its heartbeat went stale, then resumed elsewhere) is never
+written by the old worker again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from annotate.models import Campaign, Judgment
+from training import live
+from training.config import RoundConfig
+from training.models import Job, Round
+
+log = logging.getLogger(__name__)
+
+CHAIN = (Job.EXPORT, Job.REWARD, Job.PPO, Job.SAMPLE, Job.ENQUEUE)
+
+
+class RoundRefused(ValueError):
+    """A launch or resume that must not happen; the message says why, for the admin."""
+
+
+class JobLost(RuntimeError):
+    """The worker no longer owns this job (it was marked failed or cancelled meanwhile)."""
+
+
+def usable_judgments(campaign: Campaign) -> int:
+    """Judgments that make a Bradley-Terry pair (A or B preferred), humans and simulated alike."""
+    return Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B]).count()
+
+
+def active_round(campaign: Campaign) -> Round | None:
+    """The campaign's round that is queued or running, if any (a failed or cancelled one is not)."""
+    candidates = (Round.objects.filter(campaign=campaign, jobs__status__in=Job.ACTIVE)
+                  .distinct().prefetch_related("jobs").order_by("-number"))
+    for round_ in candidates:
+        if round_.status() in Job.ACTIVE:
+            return round_
+    return None
+
+
+def round_dir(campaign: Campaign, number: int) -> Path:
+    return Path(settings.PAIRLOOP["CHECKPOINTS_DIR"]) / campaign.slug / f"round-{number}"
+
+
+def base_policy(campaign: Campaign, preset: str) -> str:
+    """The campaign's SFT policy: the first round's, else PAIRLOOP_POLICY_MODEL, else the demo policy's path
+    (built by the first training job that needs it, never by the web process)."""
+    first = Round.objects.filter(campaign=campaign).order_by("number").first()
+    if first is not None and first.config.get("base_policy"):
+        return first.config["base_policy"]
+    if settings.PAIRLOOP["POLICY_MODEL"]:
+        return settings.PAIRLOOP["POLICY_MODEL"]
+    from annotate.demo import demo_policy_dir
+
+    return str(demo_policy_dir(preset))
+
+
+def parent_policy(campaign: Campaign, preset: str) -> str:
+    """Round N+1 starts from the newest round's trained policy; the first round from the SFT policy."""
+    latest = Round.objects.filter(campaign=campaign).exclude(policy_checkpoint="").order_by("-number").first()
+    return latest.policy_checkpoint if latest is not None else base_policy(campaign, preset)
+
+
+def launch_round(campaign: Campaign, user, config: RoundConfig) -> Round:
+    """Create round N+1 of the campaign with its chain of jobs and enqueue the chain on commit.
+
+    Refuses (RoundRefused) below PAIRLOOP["MIN_JUDGMENTS"] usable judgments, or while another round
+    of the campaign is queued or running: the campaign row is locked, so two launches at once
+    cannot both pass the check.
+    """
+    config.validate()
+    minimum = settings.PAIRLOOP["MIN_JUDGMENTS"]
+    with transaction.atomic():
+        campaign = Campaign.objects.select_for_update().get(pk=campaign.pk)
+        usable = usable_judgments(campaign)
+        if usable < minimum:
+            raise RoundRefused(
+                f"Not enough judgments to train on: {usable} usable (A or B preferred), at least {minimum} needed "
+                f"(PAIRLOOP_MIN_JUDGMENTS). Label {minimum - usable} more pairs first."
+            )
+        running = active_round(campaign)
+        if running is not None:
+            raise RoundRefused(f"Round {running.number} of this campaign is still {running.status()}: "
+                               "two rounds of one campaign never run at once. Wait for it or cancel it.")
+        last = Round.objects.filter(campaign=campaign).order_by("-number").values_list("number", flat=True).first()
+        number = (last or 0) + 1
+        stored = config.as_dict()
+        stored["base_policy"] = base_policy(campaign, config.preset)
+        stored["usable_judgments"] = usable
+        round_ = Round.objects.create(
+            campaign=campaign, number=number, config=stored,
+            parent_policy=parent_policy(campaign, config.preset),
+            launched_by=user if getattr(user, "is_authenticated", False) else None,
+        )
+        jobs = [Job.objects.create(round=round_, kind=kind, order=order) for order, kind in enumerate(CHAIN)]
+        job_ids = [job.pk for job in jobs]
+        transaction.on_commit(lambda: _start_chain(job_ids))
+    log.info("launched %s (%d usable judgments)", round_, usable)
+    return round_
+
+
+def _start_chain(job_ids: list[int]) -> None:
+    from training import tasks
+
+    tasks.start_chain(job_ids)
+
+
+def cancel_job(job: Job) -> Job:
+    """Stop a job: a queued one is cancelled at once, a running one at its next step boundary
+    (the worker's progress callback sees cancel_requested and raises)."""
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(pk=job.pk)
+        now = timezone.now()
+        if job.status == Job.QUEUED:
+            job.status, job.finished_at = Job.CANCELLED, now
+            job.log = _append_log(job.log, "Cancelled before it started.")
+            job.save(update_fields=["status", "finished_at", "log"])
+        elif job.status == Job.RUNNING and not job.cancel_requested:
+            job.cancel_requested = True
+            job.log = _append_log(job.log, "Cancel requested: stopping at the next step.")
+            job.save(update_fields=["cancel_requested", "log"])
+        else:
+            return job
+        transaction.on_commit(lambda: live.job_changed(job))
+    return job
+
+
+def resume_job(job: Job) -> Job:
+    """Run a failed or cancelled job again from its resumable checkpoint, then the rest of its chain."""
+    with transaction.atomic():
+        Campaign.objects.select_for_update().get(pk=job.round.campaign_id)
+        job = Job.objects.select_for_update().select_related("round").get(pk=job.pk)
+        if job.status not in (Job.FAILED, Job.CANCELLED):
+            raise RoundRefused(f"Only a failed or cancelled job can be resumed; this one is {job.status}.")
+        if Job.objects.filter(round=job.round, order__lt=job.order).exclude(status=Job.SUCCEEDED).exists():
+            raise RoundRefused("An earlier job of this round has not succeeded: resume that one first.")
+        running = active_round(job.round.campaign)
+        if running is not None and running.pk != job.round_id:
+            raise RoundRefused(f"Round {running.number} of this campaign is {running.status()}: "
+                               "two rounds of one campaign never run at once.")
+        job.status, job.cancel_requested, job.finished_at = Job.QUEUED, False, None
+        job.log = _append_log(job.log, "Resumed: continuing from the last checkpoint.")
+        job.save(update_fields=["status", "cancel_requested", "finished_at", "log"])
+        later = list(Job.objects.filter(round=job.round, order__gt=job.order).order_by("order"))
+        for other in later:
+            if other.status in (Job.FAILED, Job.CANCELLED):
+                other.status, other.cancel_requested, other.finished_at = Job.QUEUED, False, None
+                other.save(update_fields=["status", "cancel_requested", "finished_at"])
+        job_ids = [job.pk] + [other.pk for other in later if other.status != Job.SUCCEEDED]
+        transaction.on_commit(lambda: _start_chain(job_ids))
+        transaction.on_commit(lambda: live.job_changed(job))
+    return job
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's side: claim, progress, heartbeat, finish
+# ---------------------------------------------------------------------------------------------
+
+def claim_job(job_id: int, task_id: str) -> tuple[Job | None, str]:
+    """Move a queued job to running for this Celery task; returns (job, "") or (None, why not).
+
+    A conditional UPDATE: of two deliveries of one job (a redelivered message and a resume), one wins.
+    """
+    now = timezone.now()
+    job = Job.objects.select_related("round__campaign").filter(pk=job_id).first()
+    if job is None:
+        return None, "gone"
+    if job.status != Job.QUEUED:
+        return None, job.status
+    earlier = Job.objects.filter(round_id=job.round_id, order__lt=job.order).exclude(status=Job.SUCCEEDED)
+    if earlier.exists():
+        return None, "waiting"
+    claimed = Job.objects.filter(pk=job_id, status=Job.QUEUED).update(
+        status=Job.RUNNING, celery_task_id=task_id, started_at=now, heartbeat_at=now, finished_at=None,
+        error="", attempts=F("attempts") + 1, cancel_requested=False,
+    )
+    if not claimed:
+        return None, "taken"
+    job.refresh_from_db()
+    live.job_changed(job)
+    return job, ""
+
+
+def _mine(job_id: int, task_id: str):
+    return Job.objects.filter(pk=job_id, status=Job.RUNNING, celery_task_id=task_id)
+
+
+def record_progress(job_id: int, task_id: str, *, step: int, total: int, metrics: list, log_text: str) -> bool:
+    """Write a running job's progress, metric points and log tail, and refresh its heartbeat.
+
+    Returns whether a cancel was requested. Raises JobLost when this task no longer owns the job.
+    """
+    updated = _mine(job_id, task_id).update(step=step, total_steps=total, metrics=metrics, log=log_text,
+                                            heartbeat_at=timezone.now())
+    if not updated:
+        raise JobLost(f"job {job_id} is no longer running under task {task_id}")
+    return cancel_requested(job_id)
+
+
+def cancel_requested(job_id: int) -> bool:
+    return bool(Job.objects.filter(pk=job_id).values_list("cancel_requested", flat=True).first())
+
+
+def heartbeat(job_id: int, task_id: str) -> bool:
+    """Refresh the heartbeat of a running job; False when this task no longer owns it."""
+    return bool(_mine(job_id, task_id).update(heartbeat_at=timezone.now()))
+
+
+def finish_job(job_id: int, task_id: str, *, result: dict, checkpoint_path: str = "", step: int | None = None,
+               total: int | None = None, metrics: list | None = None, log_text: str | None = None,
+               round_fields: dict | None = None) -> Job:
+    """Mark a job succeeded with its final result, and record what it produced on the round."""
+    now = timezone.now()
+    with transaction.atomic():
+        job = _mine(job_id, task_id).select_for_update().select_related("round").first()
+        if job is None:
+            raise JobLost(f"job {job_id} is no longer running under task {task_id}")
+        job.status, job.finished_at, job.heartbeat_at, job.result = Job.SUCCEEDED, now, now, result
+        job.checkpoint_path = checkpoint_path or job.checkpoint_path
+        fields = ["status", "finished_at", "heartbeat_at", "result", "checkpoint_path"]
+        for name, value in (("step", step), ("total_steps", total), ("metrics", metrics), ("log", log_text)):
+            if value is not None:
+                setattr(job, name, value)
+                fields.append(name)
+        if step is None and job.total_steps:
+            job.step = job.total_steps
+            fields.append("step")
+        job.save(update_fields=fields)
+        round_ = job.round
+        changed = dict(round_fields or {})
+        if not Job.objects.filter(round=round_).exclude(pk=job.pk).exclude(status=Job.SUCCEEDED).exists():
+            changed["finished_at"] = now
+        if changed:
+            for name, value in changed.items():
+                setattr(round_, name, value)
+            round_.save(update_fields=list(changed))
+        transaction.on_commit(lambda: live.job_changed(job))
+    return job
+
+
+def fail_job(job_id: int, task_id: str, *, error: str, log_text: str | None = None,
+             metrics: list | None = None, step: int | None = None, status: str = Job.FAILED) -> Job | None:
+    """Mark a running job failed (error: message, then traceback) or cancelled. None if it is not ours."""
+    now = timezone.now()
+    values = {"status": status, "finished_at": now, "error": error, "cancel_requested": False}
+    if log_text is not None:
+        values["log"] = log_text
+    if metrics is not None:
+        values["metrics"] = metrics
+    if step is not None:
+        values["step"] = step
+    if not _mine(job_id, task_id).update(**values):
+        return None
+    job = Job.objects.select_related("round").get(pk=job_id)
+    live.job_changed(job)
+    return job
+
+
+def fail_stale_jobs(now=None) -> list[Job]:
+    """Running jobs whose heartbeat is older than PAIRLOOP["HEARTBEAT_STALE_SECONDS"] are marked failed:
+    their worker was killed or lost the database. Called by Celery beat and by the round page."""
+    now = now or timezone.now()
+    stale_after = settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"]
+    cutoff = now - timedelta(seconds=stale_after)
+    failed = []
+    for job in Job.objects.filter(status=Job.RUNNING, heartbeat_at__lt=cutoff).select_related("round"):
+        seen = job.heartbeat_at
+        ago = int((now - seen).total_seconds())
+        error = (f"The worker stopped: no heartbeat for {ago} s (a job is marked failed after {stale_after} s "
+                 f"of silence). It was probably killed or lost its connection at "
+                 f"{timezone.localtime(seen):%Y-%m-%d %H:%M:%S}. Resume continues from the last checkpoint.")
+        if Job.objects.filter(pk=job.pk, status=Job.RUNNING, heartbeat_at=seen).update(
+                status=Job.FAILED, finished_at=now, error=error,
+                log=_append_log(job.log, "Marked failed: the worker's heartbeat went stale.")):
+            job.refresh_from_db()
+            live.job_changed(job)
+            failed.append(job)
+            log.warning("%s: %s", job, error)
+    return failed
+
+
+LOG_TAIL_CHARS = 8000
+
+
+def _append_log(text: str, line: str) -> str:
+    stamp = timezone.localtime().strftime("%H:%M:%S")
+    return tail(f"{text}{'' if not text or text.endswith(chr(10)) else chr(10)}[{stamp}] {line}\n")
+
+
+def tail(text: str, limit: int = LOG_TAIL_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[-limit:]
+    return cut[cut.find("\n") + 1:] if "\n" in cut else cut

@@ -1,0 +1,167 @@
+"""A round's settings: one flat dataclass, two presets, and parsing from `KEY=VALUE` text.
+
+The launch form, `manage.py launch_round --set KEY=VALUE` and the runner all read this one
+definition. Defaults come from the engine (training/engine/*.py, where each is cited); the demo
+preset fits the demo campaign on 2 CPU cores in a few minutes, the tiny preset fits a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+PAIRING_PREVIOUS, PAIRING_SFT, PAIRING_SELF = "previous", "sft", "self"
+PAIRINGS = {
+    PAIRING_PREVIOUS: "new policy vs the previous round's policy",
+    PAIRING_SFT: "new policy vs the SFT (starting) policy",
+    PAIRING_SELF: "two samples of the new policy",
+}
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    preset: str = "demo"
+    """Which preset the other values started from (demo or tiny)."""
+    seed: int = 0
+    """Seed of data order, sampling and the choice of prompts (the same prompts every round, for review)."""
+    reward_model: str = ""
+    """Reward backbone name or path; empty: PAIRLOOP_REWARD_MODEL, else the packaged MiniLM."""
+    reward_epochs: int = 1
+    """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
+    reward_lr: float = 1e-4
+    """Reward model AdamW learning rate (TRL RewardConfig)."""
+    reward_batch_size: int = 8
+    """Preference pairs per reward step."""
+    reward_max_length: int = 256
+    """Longest (prompt, response) in tokens for the reward model; the demo's are well under it."""
+    ppo_steps: int = 40
+    """PPO iterations (each: a rollout batch and its optimisation)."""
+    ppo_batch_size: int = 64
+    """Rollouts per PPO step."""
+    ppo_mini_batch_size: int = 16
+    """Rollouts per gradient step inside a PPO step."""
+    ppo_kl_coef: float = 0.05
+    """beta of the per-token KL penalty to the round's starting policy (TRL PPOv2)."""
+    ppo_lr: float = 3e-5
+    """PPO Adam learning rate."""
+    ppo_max_new_tokens: int = 48
+    """Longest response during PPO and sampling."""
+    ppo_save_every: int = 10
+    """Resumable PPO checkpoint every N steps (a killed worker resumes from the last one)."""
+    sample_prompts: int = 32
+    """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them)."""
+    sample_per_prompt: int = 2
+    """Responses per prompt from each policy (the number of new pairs per prompt)."""
+    sample_temperature: float = 0.7
+    """Sampling temperature of the new pairs' responses."""
+    pairing: str = PAIRING_PREVIOUS
+    """What the new policy's responses are compared with: previous, sft or self."""
+    priority: int = 10
+    """Queue priority of the new pairs (higher is served first)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming every bad value."""
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"preset must be one of {', '.join(PRESETS)}")
+        if self.pairing not in PAIRINGS:
+            problems.append(f"pairing must be one of {', '.join(PAIRINGS)}")
+        for name in ("reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size", "ppo_mini_batch_size",
+                     "ppo_max_new_tokens", "sample_prompts", "sample_per_prompt"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.reward_max_length < 16:
+            problems.append("reward_max_length must be at least 16")
+        if self.ppo_save_every < 0:
+            problems.append("ppo_save_every must be 0 or more")
+        for name in ("reward_lr", "ppo_lr", "sample_temperature"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be above 0")
+        if self.ppo_kl_coef < 0:
+            problems.append("ppo_kl_coef must be 0 or more")
+        if self.ppo_batch_size % self.ppo_mini_batch_size:
+            problems.append("ppo_batch_size must be a multiple of ppo_mini_batch_size")
+        if self.pairing == PAIRING_SELF and self.sample_per_prompt < 2:
+            problems.append("pairing 'self' needs sample_per_prompt of 2 or more")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, RoundConfig] = {
+    "demo": RoundConfig(),
+    # A test's round: seconds per job on a tiny model.
+    "tiny": RoundConfig(preset="tiny", reward_batch_size=8, reward_max_length=64, ppo_steps=3, ppo_batch_size=8,
+                        ppo_mini_batch_size=4, ppo_max_new_tokens=16, ppo_save_every=1, sample_prompts=6,
+                        sample_per_prompt=2),
+}
+
+FIELDS = {f.name: f for f in fields(RoundConfig)}
+
+
+def field_help(name: str) -> str:
+    """The docstring under a field (the text after it in this file), for forms and --help."""
+    return _HELP.get(name, "")
+
+
+def _read_field_docs() -> dict[str, str]:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(RoundConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = str(following.value.value)
+    return docs
+
+
+_HELP = _read_field_docs()
+
+
+def _convert(name: str, raw: Any) -> Any:
+    kind = FIELDS[name].type
+    if kind == "int":
+        if isinstance(raw, bool):
+            raise ValueError(f"{name} must be an integer")
+        try:
+            return int(str(raw).strip()) if not isinstance(raw, int) else raw
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if kind == "float":
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+    return str(raw).strip()
+
+
+def build_config(preset: str = "demo", overrides: dict[str, Any] | None = None) -> RoundConfig:
+    """A validated RoundConfig: the preset's values with `overrides` (text or typed) on top.
+
+    Raises ValueError naming unknown keys and bad values.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: use {' or '.join(PRESETS)}")
+    overrides = dict(overrides or {})
+    overrides.pop("preset", None)
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown round settings: {', '.join(unknown)} (known: {', '.join(FIELDS)})")
+    config = replace(PRESETS[preset], **{k: _convert(k, v) for k, v in overrides.items()})
+    config.validate()
+    return config
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """['ppo_steps=4', 'pairing=sft'] -> {'ppo_steps': '4', 'pairing': 'sft'}; dots or dashes in keys work too."""
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        values[key.strip().replace(".", "_").replace("-", "_")] = value
+    return values

@@ -1,0 +1,55 @@
+"""The launch form: a round's settings (training/config.py) as fields, initial values from a preset."""
+
+from __future__ import annotations
+
+from django import forms
+
+from training.config import FIELDS, PAIRINGS, PRESETS, RoundConfig, build_config, field_help
+
+SECTIONS = [
+    ("Reward model", ["reward_epochs", "reward_lr", "reward_batch_size", "reward_max_length"]),
+    ("PPO", ["ppo_steps", "ppo_batch_size", "ppo_mini_batch_size", "ppo_kl_coef", "ppo_lr", "ppo_max_new_tokens"]),
+    ("Sampling", ["sample_prompts", "sample_per_prompt", "sample_temperature"]),
+    ("New pairs", ["pairing", "priority"]),
+]
+
+
+class LaunchRoundForm(forms.Form):
+    preset = forms.ChoiceField(choices=[(name, name) for name in PRESETS], help_text=field_help("preset"))
+
+    def __init__(self, *args, preset: str = "demo", **kwargs):
+        super().__init__(*args, **kwargs)
+        defaults = PRESETS.get(preset, PRESETS["demo"])
+        self.fields["preset"].initial = defaults.preset
+        for _, names in SECTIONS:
+            for name in names:
+                self.fields[name] = self._field(name, getattr(defaults, name))
+
+    @staticmethod
+    def _field(name: str, initial):
+        kind = FIELDS[name].type
+        label = name.split("_", 1)[1].replace("_", " ") if name != "pairing" and name != "priority" else name
+        common = {"initial": initial, "help_text": field_help(name), "label": label.capitalize()}
+        if name == "pairing":
+            return forms.ChoiceField(choices=list(PAIRINGS.items()), **common)
+        if kind == "int":
+            return forms.IntegerField(min_value=None if name == "priority" else 0, **common)
+        if kind == "float":
+            return forms.FloatField(min_value=0, **common)
+        return forms.CharField(required=False, **common)
+
+    def sections(self):
+        return [(title, [self[name] for name in names]) for title, names in SECTIONS]
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.errors:
+            return cleaned
+        values = {k: v for k, v in cleaned.items() if k != "preset"}
+        try:
+            self.config = build_config(cleaned.get("preset", "demo"), values)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return cleaned
+
+    config: RoundConfig

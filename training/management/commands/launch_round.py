@@ -1,0 +1,91 @@
+"""manage.py launch_round CAMPAIGN_SLUG [--preset demo|tiny] [--set KEY=VALUE ...] [--wait]"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from django.contrib.auth.models import User
+from django.core.management.base import BaseCommand, CommandError
+
+from annotate.models import Campaign
+from training import actions
+from training.config import FIELDS, PRESETS, build_config, field_help, parse_assignments
+from training.models import Job, Round
+
+
+class Command(BaseCommand):
+    help = ("Launch the next training round of a campaign: export -> reward model -> PPO -> sample -> "
+            "enqueue new pairs, as a Celery chain. With --wait, follow its jobs and exit non-zero if one fails.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("campaign", help="campaign slug")
+        parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                            help="starting values: demo (minutes on 2 CPU cores) or tiny (seconds, for tests)")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one setting; keys: " + ", ".join(
+                                f"{name} ({field_help(name).rstrip('.')})" for name in FIELDS if name != "preset"))
+        parser.add_argument("--user", default="", help="username recorded as the launcher")
+        parser.add_argument("--wait", action="store_true", help="follow the jobs with a progress bar until the round ends")
+        parser.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the jobs with --wait")
+
+    def handle(self, *args, **options):
+        campaign = Campaign.objects.filter(slug=options["campaign"]).first()
+        if campaign is None:
+            raise CommandError(f"no campaign {options['campaign']!r}")
+        user = None
+        if options["user"]:
+            user = User.objects.filter(username=options["user"]).first()
+            if user is None:
+                raise CommandError(f"no user {options['user']!r}")
+        try:
+            config = build_config(options["preset"], parse_assignments(options["set"]))
+            round_ = actions.launch_round(campaign, user, config)
+        except (ValueError, actions.RoundRefused) as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(self.style.SUCCESS(f"Launched round {round_.number} of {campaign.slug} (id {round_.pk}) "
+                                             f"from {round_.parent_policy}"))
+        if options["wait"]:
+            self.follow(round_, options["poll"])
+
+    def follow(self, round_: Round, poll: float) -> None:
+        """Progress bars per job until every job succeeded, or one failed or was cancelled."""
+        from tqdm import tqdm
+
+        bars: dict[int, tqdm] = {}
+        started_waiting = time.monotonic()
+        hinted = False
+        try:
+            while True:
+                actions.fail_stale_jobs()
+                jobs = list(Job.objects.filter(round=round_).order_by("order"))
+                for job in jobs:
+                    if job.status == Job.QUEUED:
+                        continue
+                    bar = bars.get(job.pk)
+                    if bar is None:
+                        bar = bars[job.pk] = tqdm(desc=f"{job.order + 1}. {job.kind:<7}", total=job.total_steps or None,
+                                                  file=sys.stderr, dynamic_ncols=True, leave=True)
+                    if job.total_steps and bar.total != job.total_steps:
+                        bar.total = job.total_steps
+                    bar.n = job.step
+                    bar.set_postfix_str(job.status, refresh=True)
+                ended = [job for job in jobs if job.status in (Job.FAILED, Job.CANCELLED)]
+                if ended:
+                    job = ended[0]
+                    raise CommandError(f"{job.get_kind_display()} job {job.status}: "
+                                       f"{job.error_summary() or 'no error text'}")
+                if all(job.status == Job.SUCCEEDED for job in jobs):
+                    break
+                if not hinted and time.monotonic() - started_waiting > 30 and all(j.status == Job.QUEUED for j in jobs):
+                    self.stderr.write("No worker has picked up the round yet: is one running? "
+                                      "(celery -A pairloop worker -Q default,training)")
+                    hinted = True
+                time.sleep(poll)
+        finally:
+            for bar in bars.values():
+                bar.close()
+        enqueue = jobs[-1]
+        self.stdout.write(self.style.SUCCESS(
+            f"Round {round_.number} done: {enqueue.result.get('created', 0)} new pairs in the queue; "
+            f"policy {Round.objects.get(pk=round_.pk).policy_checkpoint}"))

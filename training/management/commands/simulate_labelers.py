@@ -1,0 +1,46 @@
+"""manage.py simulate_labelers CAMPAIGN_SLUG --judge rule:NAME|rm:PATH --noise 0.25 --count N [--labelers 1]"""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from annotate.models import Campaign
+from training.simulate import SimulationError, make_judge, simulate_labelers
+
+
+class Command(BaseCommand):
+    help = ("Record judgments by simulated labelers (bot accounts; marked simulated, so human statistics "
+            "leave them out). A rule judge of the demo tasks or a reward model decides; --noise flips A/B.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("campaign", help="campaign slug")
+        parser.add_argument("--judge", default="rule:correct_sentence",
+                            help="rule:NAME (a demo rule judge, e.g. rule:correct_sentence) or rm:PATH (a reward model)")
+        parser.add_argument("--noise", type=float, default=0.25, help="probability of flipping each A/B choice (0-1)")
+        parser.add_argument("--count", type=int, default=100, help="judgments to record (fewer if the queue runs dry)")
+        parser.add_argument("--labelers", type=int, default=1, help="bot accounts taking turns")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+        parser.add_argument("--device", default="auto", help="device of an rm: judge")
+
+    def handle(self, *args, **options):
+        campaign = Campaign.objects.filter(slug=options["campaign"]).first()
+        if campaign is None:
+            raise CommandError(f"no campaign {options['campaign']!r}")
+        if options["count"] < 0 or options["labelers"] < 1:
+            raise CommandError("--count must be 0 or more and --labelers 1 or more")
+        try:
+            judge = make_judge(options["judge"], device=options["device"])
+        except SimulationError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(f"Judge {judge.name}: {judge.description}")
+        self.stdout.write(f"Noise: each A/B choice flipped with probability {options['noise']}")
+        try:
+            result = simulate_labelers(campaign, judge, noise=options["noise"], count=options["count"],
+                                       labelers=options["labelers"], seed=options["seed"])
+        except SimulationError as exc:
+            raise CommandError(str(exc)) from None
+        choices = ", ".join(f"{k} {v}" for k, v in sorted(result.by_choice.items())) or "none"
+        self.stdout.write(self.style.SUCCESS(
+            f"Recorded {result.judgments} simulated judgments on {campaign.slug} ({choices}; {result.flipped} flipped)."))
+        if result.stopped == "empty":
+            self.stdout.write("Stopped early: the queue has no pair left for these labelers.")

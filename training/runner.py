@@ -1,0 +1,507 @@
+"""What each kind of job does: plain functions that call the engine and the labeling actions.
+
+`execute(job_id, task_id)` is the whole life of one job in a worker: claim the row, keep its
+heartbeat fresh from a thread, run the job kind's function with a progress callback that writes
+step, metric points and log tail to the row (and raises to cancel), then mark it succeeded,
+failed (message + traceback) or cancelled. The Celery tasks only call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import connections
+from django.utils import timezone
+
+from annotate.models import Campaign, Prompt, Response, content_hash
+from training import actions, live
+from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, RoundConfig, build_config
+from training.models import Job, Round
+
+log = logging.getLogger(__name__)
+
+MAX_POINTS = 1000  # metric points kept per job; older ones are thinned out beyond this
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback when an admin asked to cancel: the engine stops at a step boundary."""
+
+
+class RunnerError(Exception):
+    """A job that cannot run, with a message for the admin (no traceback needed to understand it)."""
+
+
+@dataclass
+class Outcome:
+    result: dict[str, Any]
+    checkpoint_path: str = ""
+    round_fields: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and heartbeat
+# ---------------------------------------------------------------------------------------------
+
+class Progress:
+    """The engine's on_progress callback for one job.
+
+    Keeps step, metric points (only the values that changed since the last point) and the log tail in
+    memory and writes them to the row at most every `min_interval` seconds (and on log lines and the
+    last step), through actions.record_progress; raises JobCancelled when a cancel was requested.
+    A job with several parts (sampling two policies) maps each part onto one bar with `section`.
+    """
+
+    def __init__(self, job: Job, task_id: str, min_interval: float = 0.5, log_every: float = 5.0):
+        self.job_id, self.task_id = job.pk, task_id
+        self.step, self.total = job.step if job.attempts > 1 else 0, job.total_steps
+        self.metrics: list[dict[str, Any]] = list(job.metrics) if job.attempts > 1 else []
+        self.log = job.log
+        self._last: dict[str, Any] = {}
+        self._offset = 0
+        self._written_at = 0.0
+        self._logged_at = 0.0
+        self.min_interval, self.log_every = min_interval, log_every
+
+    # -- the callback -----------------------------------------------------------------------
+    def __call__(self, event: dict[str, Any]) -> None:
+        force = False
+        if "step" in event:
+            self.step = self._offset + int(event["step"])
+            if event.get("total") and not self._section_total:
+                self.total = int(event["total"])
+            force = self.step >= self.total > 0
+        metrics = event.get("metrics") or {}
+        if metrics and "step" in event:
+            self._add_point(self.step, metrics)
+            if time.monotonic() - self._logged_at >= self.log_every or force:
+                self.line(self._summary(event.get("stage", ""), metrics))
+        if event.get("log"):
+            self.line(str(event["log"]))
+            force = True
+        if not self.flush(force=force) and "step" in event and actions.cancel_requested(self.job_id):
+            raise JobCancelled()  # between writes, a cancel is still seen at the very next step
+
+    _section_total = False
+
+    def section(self, offset: int, total: int) -> None:
+        """Report the next part's steps as offset + step, on a bar of `total` for the whole job."""
+        self._offset, self.total, self._section_total = offset, total, True
+
+    def set(self, step: int, total: int) -> None:
+        self.step, self.total = step, total
+        self.flush(force=True)
+
+    def line(self, text: str) -> None:
+        stamp = timezone.localtime().strftime("%H:%M:%S")
+        for part in text.splitlines() or [""]:
+            self.log += f"[{stamp}] {part}\n"
+        self.log = actions.tail(self.log)
+        self._logged_at = time.monotonic()
+
+    def flush(self, force: bool = False) -> bool:
+        """Write to the row unless one was written less than min_interval ago; True if written."""
+        now = time.monotonic()
+        if not force and now - self._written_at < self.min_interval:
+            return False
+        self._written_at = now
+        cancel = actions.record_progress(self.job_id, self.task_id, step=self.step, total=self.total,
+                                         metrics=self.metrics, log_text=self.log)
+        live.job_progressed(self._round_id(), self.job_id)
+        if cancel:
+            raise JobCancelled()
+        return True
+
+    def _round_id(self) -> int:
+        if not hasattr(self, "_rid"):
+            self._rid = Job.objects.filter(pk=self.job_id).values_list("round_id", flat=True).first()
+        return self._rid
+
+    # -- metric points ----------------------------------------------------------------------
+    def _add_point(self, step: int, metrics: dict[str, Any]) -> None:
+        changed = {}
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                continue
+            if self._last.get(key) != value:
+                changed[key] = value
+                self._last[key] = value
+        if not changed:
+            return
+        # A resumed stage reports its steps again from its checkpoint: what it says now is the truth.
+        while self.metrics and self.metrics[-1].get("step", 0) >= step:
+            self.metrics.pop()
+        self.metrics.append({"step": step, **changed})
+        if len(self.metrics) > MAX_POINTS:
+            self.metrics = self.metrics[: len(self.metrics) - MAX_POINTS // 2: 2] + self.metrics[-MAX_POINTS // 2:]
+
+    def _summary(self, stage: str, metrics: dict[str, Any]) -> str:
+        shown = [f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and Job.is_chart_key(k)]
+        return f"{stage} step {self.step}/{self.total}" + (": " + " ".join(shown[:6]) if shown else "")
+
+
+class Heartbeat(threading.Thread):
+    """Keeps a running job's heartbeat fresh while the main thread is busy (loading a model, a long step)."""
+
+    def __init__(self, job_id: int, task_id: str, interval: float):
+        super().__init__(name=f"heartbeat-job-{job_id}", daemon=True)
+        self.job_id, self.task_id, self.interval = job_id, task_id, interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.wait(self.interval):
+                try:
+                    if not actions.heartbeat(self.job_id, self.task_id):
+                        return
+                except Exception:  # noqa: BLE001 - a missed beat is retried; staleness is the alarm
+                    log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+
+def heartbeat_interval() -> float:
+    return max(1.0, settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"] / 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# One job's life
+# ---------------------------------------------------------------------------------------------
+
+def execute(job_id: int, task_id: str) -> bool:
+    """Run one job to its end. Returns True when the rest of the chain may go on (the job succeeded now
+    or before), False when the chain must stop here (failed, cancelled, or someone else runs it)."""
+    job, why = actions.claim_job(job_id, task_id)
+    if job is None:
+        log.info("job %s not run by task %s: %s", job_id, task_id, why)
+        return why == Job.SUCCEEDED
+    progress = Progress(job, task_id)
+    progress.line(f"Started {job.get_kind_display()} (attempt {job.attempts}) on {_host()}.")
+    beat = Heartbeat(job.pk, task_id, heartbeat_interval())
+    beat.start()
+    try:
+        outcome = RUNNERS[job.kind](job, progress)
+    except JobCancelled:
+        progress.line(f"Cancelled at step {progress.step}.")
+        actions.fail_job(job_id, task_id, error="", status=Job.CANCELLED, log_text=progress.log,
+                         metrics=progress.metrics, step=progress.step)
+        return False
+    except actions.JobLost:
+        log.warning("job %s was taken away from task %s while it ran", job_id, task_id)
+        return False
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded on the row
+        message = _error_message(exc)
+        progress.line(f"Failed: {message}")
+        actions.fail_job(job_id, task_id, error=f"{message}\n\n{traceback.format_exc()}", log_text=progress.log,
+                         metrics=progress.metrics, step=progress.step)
+        log.exception("job %s failed", job_id)
+        return False
+    finally:
+        beat.stop()
+    progress.line("Done.")
+    try:
+        actions.finish_job(job_id, task_id, result=_jsonable(outcome.result), checkpoint_path=outcome.checkpoint_path,
+                           metrics=progress.metrics, log_text=progress.log, round_fields=outcome.round_fields)
+    except actions.JobLost:
+        return False
+    return True
+
+
+def _error_message(exc: BaseException) -> str:
+    from training.engine.common import EngineError
+
+    if isinstance(exc, (EngineError, RunnerError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers of the job kinds
+# ---------------------------------------------------------------------------------------------
+
+def round_config(round_: Round) -> RoundConfig:
+    stored = {k: v for k, v in round_.config.items() if k in RoundConfig.__dataclass_fields__}
+    return build_config(stored.get("preset", "demo"), stored)
+
+
+def device() -> str:
+    return settings.PAIRLOOP["DEVICE"]
+
+
+def _fresh_start(job: Job, *paths: Path) -> None:
+    """A job's first attempt starts clean: leftovers at its paths (an earlier database's round with the
+    same number) must not be taken for its resumable checkpoint. A resume keeps them."""
+    if job.attempts > 1:
+        return
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def ensure_policy(path: str, preset: str) -> str:
+    """Build the demo policy first when `path` is the demo policy's cached directory (the training
+    worker builds it, never the web process); any other policy is used as given."""
+    from annotate.demo import demo_policy_dir
+    from training.engine.demo_policy import PRESETS, ensure_demo_policy
+
+    for name in PRESETS:
+        if Path(path) == demo_policy_dir(name):
+            return str(ensure_demo_policy(path, preset=name))
+    return path
+
+
+def _is_held_out(text: str) -> bool:
+    """One prompt in ten (by content hash) stays out of PPO's training prompts."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % 10 == 0
+
+
+def ppo_prompts(campaign: Campaign) -> list[str]:
+    texts = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("text", flat=True))
+    if not texts:
+        raise RunnerError(f"campaign {campaign.slug!r} has no prompts to train the policy on")
+    train = [t for t in texts if not _is_held_out(t)]
+    return train or texts
+
+
+def sample_prompts(campaign: Campaign, config: RoundConfig) -> list[tuple[int, str]]:
+    """The prompts whose responses become new pairs: drawn with the round's seed from the campaign's
+    prompts, so successive rounds sample the same prompts (the review compares them side by side)."""
+    rows = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("id", "text"))
+    if not rows:
+        raise RunnerError(f"campaign {campaign.slug!r} has no prompts to sample")
+    rng = random.Random(config.seed)
+    return sorted(rng.sample(rows, min(config.sample_prompts, len(rows))))
+
+
+def opponent(round_: Round, config: RoundConfig) -> tuple[str, str]:
+    """(label, checkpoint) of what the new policy is paired against; ("", "") for two samples of itself."""
+    if config.pairing == PAIRING_PREVIOUS:
+        return ("SFT policy" if round_.number == 1 or round_.parent_policy == round_.config.get("base_policy")
+                else "previous round's policy"), round_.parent_policy
+    if config.pairing == PAIRING_SFT:
+        return "SFT policy", round_.config["base_policy"]
+    return "", ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The job kinds
+# ---------------------------------------------------------------------------------------------
+
+def run_export(job: Job, progress: Progress) -> Outcome:
+    """Export the campaign's judged pairs to a versioned JSONL file (round number + content hash)."""
+    from annotate.exporting import export_pairs
+
+    round_ = job.round
+    campaign = round_.campaign
+    progress.set(0, 1)
+    out_dir = Path(settings.PAIRLOOP["EXPORTS_DIR"]) / campaign.slug
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".round-{round_.number}-job-{job.pk}.jsonl"
+    exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True)
+    if not exported.rows:
+        tmp.unlink(missing_ok=True)
+        raise RunnerError("the export holds no Bradley-Terry pairs (judgments with A or B preferred): "
+                          "nothing to train the reward model on")
+    digest = hashlib.sha256(Path(exported.path).read_bytes()).hexdigest()[:16]
+    final = out_dir / f"round-{round_.number}-{digest}.jsonl"
+    Path(exported.path).replace(final)
+    progress.line(f"Exported {exported.rows} pairs to {final}")
+    progress.set(1, 1)
+    return Outcome({"rows": exported.rows, "path": str(final), "data_version": digest}, str(final),
+                   {"dataset_path": str(final), "data_version": digest})
+
+
+def run_reward(job: Job, progress: Progress) -> Outcome:
+    """Train the round's Bradley-Terry reward model on the exported pairs."""
+    from training.engine import reward
+
+    round_ = job.round
+    config = round_config(round_)
+    out = actions.round_dir(round_.campaign, round_.number) / "reward"
+    _fresh_start(job, out, reward.resume_dir(out))
+    backbone = config.reward_model or settings.PAIRLOOP["REWARD_MODEL"]
+    args = reward.RewardArgs(
+        train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
+        batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
+        log_every=2, eval_every=10, save_every=20, resume=True, device=device(),
+        **({"model": backbone} if backbone else {}),
+    )
+    progress.line(f"Reward model from {args.model} on {round_.dataset_path}")
+    metrics = reward.main(args, progress)
+    return Outcome(metrics, str(out), {"reward_checkpoint": str(out)})
+
+
+def run_ppo(job: Job, progress: Progress) -> Outcome:
+    """PPO from the round's starting policy against its reward model."""
+    from training.engine import ppo
+
+    round_ = job.round
+    config = round_config(round_)
+    if not round_.reward_checkpoint:
+        raise RunnerError("this round has no reward model yet: its reward job has not succeeded")
+    out = actions.round_dir(round_.campaign, round_.number) / "policy"
+    _fresh_start(job, out, ppo.resume_dir(out))
+    progress.line(f"Loading the starting policy {round_.parent_policy}")
+    policy = ensure_policy(round_.parent_policy, config.preset)
+    prompts = ppo_prompts(round_.campaign)
+    args = ppo.PPOArgs(
+        policy=policy, reward_models=[round_.reward_checkpoint], prompts=prompts, out=str(out),
+        steps=config.ppo_steps, batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
+        init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
+        save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),
+    )
+    progress.line(f"PPO on {len(prompts)} prompts for {args.steps} steps of {args.batch_size} rollouts")
+    metrics = ppo.main(args, progress)
+    return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
+
+
+def run_sample(job: Job, progress: Progress) -> Outcome:
+    """Sample the new policy (and the one it is paired against) on the round's prompts, score every
+    response shown in the review with the round's reward model, and keep it all on the job."""
+    from training.engine.reward import RewardScorer
+    from training.engine.sample import sample_responses
+
+    round_ = job.round
+    config = round_config(round_)
+    if not round_.policy_checkpoint:
+        raise RunnerError("this round has no trained policy yet: its PPO job has not succeeded")
+    rows = sample_prompts(round_.campaign, config)
+    texts = [text for _, text in rows]
+    label, other_checkpoint = opponent(round_, config)
+    per_policy = len(texts) * config.sample_per_prompt
+    total = per_policy * (2 if other_checkpoint else 1)
+    generation = {"max_new_tokens": config.ppo_max_new_tokens, "temperature": config.sample_temperature,
+                  "top_p": 1.0, "num_per_prompt": config.sample_per_prompt, "seed": config.seed + round_.number}
+    kwargs = dict(num_per_prompt=config.sample_per_prompt, max_new_tokens=config.ppo_max_new_tokens,
+                  temperature=config.sample_temperature, seed=config.seed + round_.number, device=device())
+    progress.section(0, total)
+    progress.line(f"Sampling {per_policy} responses from the new policy")
+    new = sample_responses(round_.policy_checkpoint, texts, on_progress=progress, **kwargs)
+    other: list[list[str]] = [[] for _ in texts]
+    if other_checkpoint:
+        progress.section(per_policy, total)
+        progress.line(f"Sampling {per_policy} responses from the {label} ({other_checkpoint})")
+        other = sample_responses(ensure_policy(other_checkpoint, config.preset), texts, on_progress=progress, **kwargs)
+
+    progress.line("Scoring the responses with this round's reward model")
+    shown = _review_texts(round_, rows, new, other)
+    scorer = RewardScorer(round_.reward_checkpoint, device=device())
+    pairs = sorted(shown)
+    values = scorer.score([p for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
+    scores = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
+    samples = [{"prompt_id": pid, "prompt": text, "new": n, "other": o}
+               for (pid, text), n, o in zip(rows, new, other)]
+    out = actions.round_dir(round_.campaign, round_.number) / "samples.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+
+    def mean_score(side: str) -> float | None:
+        got = [scores[content_hash(s["prompt"], r)] for s in samples for r in s[side]]
+        return sum(got) / len(got) if got else None
+
+    result = {"samples": samples, "scores": scores, "opponent": label, "opponent_checkpoint": other_checkpoint,
+              "new_checkpoint": round_.policy_checkpoint, "generation": generation,
+              "sample/reward_new": mean_score("new"), "sample/reward_opponent": mean_score("other")}
+    result.update(_rule_judge_summary(samples))
+    progress.set(total, total)
+    return Outcome(result, str(out))
+
+
+def _review_texts(round_: Round, rows, new, other) -> set[tuple[str, str]]:
+    """(prompt, response) texts the review shows for these prompts: this round's samples, earlier
+    rounds' samples and the responses the campaign started with."""
+    texts = {text for _, text in rows}
+    shown = {(text, r) for (_, text), rs in zip(rows, new) for r in rs}
+    shown |= {(text, r) for (_, text), rs in zip(rows, other) for r in rs}
+    earlier = Job.objects.filter(round__campaign=round_.campaign, round__number__lt=round_.number, kind=Job.SAMPLE,
+                                 status=Job.SUCCEEDED)
+    for result in earlier.values_list("result", flat=True):
+        for sample in (result or {}).get("samples", []):
+            if sample["prompt"] in texts:
+                shown |= {(sample["prompt"], r) for r in sample["new"]}
+    initial = Response.objects.filter(prompt_id__in=[pid for pid, _ in rows], source__in=[Response.SEED, Response.IMPORT])
+    shown |= set(initial.values_list("prompt__text", "text"))
+    return {(p, r) for p, r in shown if r.strip()}
+
+
+def _rule_judge_summary(samples: list[dict]) -> dict[str, float]:
+    """For demo prompts: the demo rule judge's mean score of each side (what the simulated labeler prefers)."""
+    from training.engine import demo_tasks
+
+    summary = {}
+    for side in ("new", "other"):
+        scored = [demo_tasks.judge_score(s["prompt"], r) for s in samples for r in s[side]
+                  if demo_tasks.parse_task(s["prompt"]) is not None]
+        if scored:
+            summary[f"sample/judge_{side}"] = sum(scored) / len(scored)
+    return summary
+
+
+def run_enqueue(job: Job, progress: Progress) -> Outcome:
+    """Add the sampled responses as new pairs of the campaign, tagged with the round, at its priority.
+    The new policy's response is always side A (the labeling page randomises what is shown left)."""
+    from annotate.actions import PairInput, add_pairs
+
+    round_ = job.round
+    config = round_config(round_)
+    sample_job = round_.jobs.get(kind=Job.SAMPLE)
+    if sample_job.status != Job.SUCCEEDED:
+        raise RunnerError("the round's sample job has not succeeded: nothing to enqueue")
+    result = sample_job.result
+    progress.set(0, 1)
+    items = []
+    for sample in result["samples"]:
+        if config.pairing == PAIRING_SELF:
+            distinct = list(dict.fromkeys(r for r in sample["new"] if r.strip()))
+            items += [PairInput(sample["prompt"], a, b) for a, b in itertools.combinations(distinct, 2)]
+        else:
+            items += [PairInput(sample["prompt"], a, b) for a, b in zip(sample["new"], sample["other"])
+                      if a.strip() and b.strip() and a != b]
+    other = result.get("opponent_checkpoint") or result["new_checkpoint"]
+    added = add_pairs(round_.campaign, items, round=round_, priority=config.priority, source=Response.POLICY,
+                      checkpoints=(result["new_checkpoint"], other), generation=result.get("generation", {}))
+    progress.line(f"Enqueued {added.created} new pairs at priority {config.priority} "
+                  f"({added.skipped} skipped: duplicates or identical responses)")
+    progress.set(1, 1)
+    return Outcome({"created": added.created, "skipped": added.skipped, "pairing": config.pairing,
+                    "priority": config.priority})
+
+
+RUNNERS: dict[str, Callable[[Job, Progress], Outcome]] = {
+    Job.EXPORT: run_export,
+    Job.REWARD: run_reward,
+    Job.PPO: run_ppo,
+    Job.SAMPLE: run_sample,
+    Job.ENQUEUE: run_enqueue,
+}

@@ -1,0 +1,169 @@
+"""Round pages: thin functions — check access, call an action, render.
+
+A campaign's rounds (with the launch form for admins), a round's jobs (live over a WebSocket,
+the same state from the database on reload), cancel and resume, and the review of what the
+round's policy writes. Model outputs are untrusted text: the templates only ever escape them.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from annotate.access import campaign_for_admin, campaign_for_reviewer, is_admin
+from annotate.models import Judgment, Response, content_hash
+from training import actions
+from training.access import job_for_admin, round_for_reviewer
+from training.forms import LaunchRoundForm
+from training.models import Job, Round
+
+REVIEW_PROMPTS = 20
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def campaign_rounds(request, slug):
+    campaign = campaign_for_reviewer(request, slug)
+    admin = is_admin(request.user)
+    form = None
+    if admin:
+        preset = request.GET.get("preset") or settings.PAIRLOOP["DEMO_POLICY_PRESET"]
+        if request.method == "POST":
+            campaign_for_admin(request, slug)
+            form = LaunchRoundForm(request.POST, preset=request.POST.get("preset", preset))
+            if form.is_valid():
+                try:
+                    round_ = actions.launch_round(campaign, request.user, form.config)
+                except actions.RoundRefused as exc:
+                    messages.error(request, str(exc))
+                else:
+                    messages.success(request, f"Round {round_.number} launched.")
+                    return redirect(round_)
+        else:
+            form = LaunchRoundForm(preset=preset)
+    elif request.method == "POST":
+        campaign_for_admin(request, slug)  # 404 for a reviewer
+    rounds = Round.objects.filter(campaign=campaign).prefetch_related("jobs").order_by("-number")
+    usable, minimum = actions.usable_judgments(campaign), settings.PAIRLOOP["MIN_JUDGMENTS"]
+    return render(request, "training/campaign_rounds.html", {
+        "campaign": campaign,
+        "rounds": rounds,
+        "form": form,
+        "is_admin": admin,
+        "usable": usable,
+        "minimum": minimum,
+        "needed": max(0, minimum - usable),
+        "active": actions.active_round(campaign),
+    })
+
+
+@login_required
+def round_detail(request, round_id):
+    round_ = round_for_reviewer(request, round_id)
+    actions.fail_stale_jobs()  # with beat, the page never waits on it; without, the page does the check
+    jobs = list(round_.jobs.all())
+    return render(request, "training/round_detail.html", {
+        "round": round_,
+        "campaign": round_.campaign,
+        "jobs": jobs,
+        "is_admin": is_admin(request.user),
+        "review": review(round_),
+    })
+
+
+def _job_response(request, job: Job):
+    if request.htmx:
+        job = Job.objects.select_related("round__campaign").get(pk=job.pk)
+        return render(request, "training/round_detail.html#job-live",
+                      {"job": job, "round": job.round, "is_admin": True})
+    return redirect(job.round)
+
+
+@login_required
+@require_POST
+def job_cancel(request, round_id, job_id):
+    job = job_for_admin(request, round_id, job_id)
+    actions.cancel_job(job)
+    return _job_response(request, job)
+
+
+@login_required
+@require_POST
+def job_resume(request, round_id, job_id):
+    job = job_for_admin(request, round_id, job_id)
+    try:
+        actions.resume_job(job)
+    except actions.RoundRefused as exc:
+        messages.error(request, str(exc))
+        if request.htmx:
+            from django_htmx.http import HttpResponseClientRefresh
+
+            return HttpResponseClientRefresh()
+    return _job_response(request, job)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review
+# ---------------------------------------------------------------------------------------------
+
+def review(round_: Round) -> dict | None:
+    """What the round's policy writes beside earlier rounds' for the same prompts, with this round's
+    reward-model scores, and human (and, apart, simulated) win rates of each round's responses."""
+    sample_job = round_.jobs.filter(kind=Job.SAMPLE, status=Job.SUCCEEDED).first()
+    rates = _win_rates(round_)
+    if sample_job is None:
+        return {"rows": [], "columns": [], "rates": rates, "summary": None} if rates else None
+    result = sample_job.result or {}
+    scores = result.get("scores", {})
+    samples = result.get("samples", [])[:REVIEW_PROMPTS]
+    texts = {s["prompt"] for s in samples}
+    earlier: dict[int, dict[str, list[str]]] = {}
+    for number, res in (Job.objects.filter(round__campaign=round_.campaign, round__number__lt=round_.number,
+                                           kind=Job.SAMPLE, status=Job.SUCCEEDED)
+                        .order_by("round__number").values_list("round__number", "result")):
+        earlier[number] = {s["prompt"]: s["new"] for s in (res or {}).get("samples", []) if s["prompt"] in texts}
+    initial: dict[str, list[str]] = {}
+    for prompt, text in (Response.objects.filter(prompt_id__in=[s["prompt_id"] for s in samples],
+                                                 source__in=[Response.SEED, Response.IMPORT])
+                         .order_by("id").values_list("prompt__text", "text")):
+        initial.setdefault(prompt, []).append(text)
+    opponent = result.get("opponent") or ""
+    columns = ["Before any round"] + [f"Round {n}" for n in earlier] + [f"Round {round_.number} (this round)"]
+    if opponent:
+        columns.append(f"Paired against: {opponent}")
+
+    def cell(prompt: str, responses: list[str]) -> list[dict]:
+        return [{"text": r, "score": scores.get(content_hash(prompt, r))} for r in responses[:3]]
+
+    rows = []
+    for sample in samples:
+        prompt = sample["prompt"]
+        cells = [cell(prompt, initial.get(prompt, []))]
+        cells += [cell(prompt, by_prompt.get(prompt, [])) for by_prompt in earlier.values()]
+        cells.append(cell(prompt, sample["new"]))
+        if opponent:
+            cells.append(cell(prompt, sample["other"]))
+        rows.append({"prompt": prompt, "cells": cells})
+    summary = {key.split("/", 1)[1]: result.get(key) for key in ("sample/reward_new", "sample/reward_opponent",
+                                                                 "sample/judge_new", "sample/judge_other")}
+    return {"rows": rows, "columns": columns, "rates": rates, "summary": summary, "opponent": opponent}
+
+
+def _win_rates(round_: Round) -> list[dict]:
+    """Per round up to this one (pairing against another policy): its responses' record, humans and
+    simulated labelers apart (simulated never count in the human figures)."""
+    rows = []
+    rounds = Round.objects.filter(campaign=round_.campaign, number__lte=round_.number).order_by("number")
+    for other in rounds:
+        if other.config.get("pairing") == "self":
+            continue
+        rates = other.win_rates()
+        human, simulated = rates.get(Judgment.HUMAN), rates.get(Judgment.SIMULATED)
+        if human is None and simulated is None:
+            continue
+        against = "SFT policy" if other.config.get("pairing") == "sft" or other.number == 1 else "previous round"
+        rows.append({"round": other, "against": against, "human": human, "simulated": simulated})
+    return rows
