@@ -1,0 +1,565 @@
+"""Import preference pairs from a file: JSONL, CSV, Parquet or a `datasets` save_to_disk directory.
+
+Row shapes (extra columns are ignored):
+  prompt, response_a, response_b     one pair to label
+  prompt, responses                  a list of responses: every pair of them, or `pairs_per_prompt`
+                                     pairs sampled per row (seeded)
+  prompt, chosen, rejected [, margin]  TRL's preference format: imported already judged (chosen is
+                                     response A, recorded as an imported judgment, not a labeler's)
+  chosen, rejected (chat turns only)  TRL's implicit-prompt conversational format: the turns both
+                                     share are the prompt, the assistant turns after them the responses
+
+A prompt is text or chat turns [{"role", "content"}] (in CSV, chat turns come as a JSON string; so
+does a `responses` list). TRL's conversational chosen/rejected (a list of assistant turns) are
+flattened to their text.
+
+The whole file is read twice, streaming, so memory stays bounded however long it is: the first pass
+validates every row and collects errors (line and field); only a clean file gets the second pass,
+which feeds the rows to `actions.add_pairs` (one transaction; duplicates are skipped and counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import json
+import math
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from annotate.actions import PairInput, add_pairs
+
+MAX_ERRORS = 20
+BATCH_ROWS = 1024  # rows per Parquet / Arrow batch read
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+KNOWN_SUFFIXES = (*JSON_SUFFIXES, ".csv", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One problem in the file: `line` is the 1-based line (JSONL, CSV) or row (Parquet, datasets); 0 = the file."""
+
+    line: int
+    field: str
+    reason: str
+
+    def describe(self, unit: str = "line") -> str:
+        where = f"{unit} {self.line}" if self.line else "file"
+        return f"{where}, field {self.field!r}: {self.reason}" if self.field else f"{where}: {self.reason}"
+
+
+class ImportFailed(Exception):
+    """The file was refused and nothing was imported; `errors` names the first problems (line and field)."""
+
+    def __init__(self, errors: list[RowError], *, unit: str = "line", total: int | None = None):
+        self.errors = list(errors)
+        self.unit = unit
+        self.total = total if total is not None else len(self.errors)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        shown = "; ".join(error.describe(self.unit) for error in self.errors[:5])
+        more = self.total - min(5, len(self.errors))
+        suffix = f" (and {more} more error{'s' if more != 1 else ''})" if more > 0 else ""
+        return f"{shown}{suffix}"
+
+    def lines(self) -> list[str]:
+        """Every collected error, one per line (for the management command)."""
+        out = [error.describe(self.unit) for error in self.errors]
+        if self.total > len(self.errors):
+            out.append(f"... {self.total - len(self.errors)} more errors not listed")
+        return out
+
+
+@dataclass
+class ImportResult:
+    created: int
+    skipped: int
+    rows: int
+
+
+class _BadRow(Exception):
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: int = 0,
+                priority: int = 0) -> ImportResult:
+    """Validate the whole file, then add its pairs to the campaign; raises ImportFailed and adds nothing
+    when any row is bad."""
+    path = Path(path)
+    if pairs_per_prompt is not None and pairs_per_prompt < 1:
+        raise ImportFailed([RowError(0, "pairs_per_prompt", f"must be at least 1, got {pairs_per_prompt}")])
+    reader = _reader_for(path)
+
+    # Pass 1: validate every row, keep the first MAX_ERRORS problems and count the rest.
+    errors: list[RowError] = []
+    total_errors = rows = 0
+    for line, row in reader.rows():
+        if isinstance(row, RowError):
+            problem = row
+        else:
+            rows += 1
+            try:
+                _pairs_from_row(row, csv_text=reader.csv_text)
+                continue
+            except _BadRow as bad:
+                problem = RowError(line, bad.field, bad.reason)
+        total_errors += 1
+        if len(errors) < MAX_ERRORS:
+            errors.append(problem)
+    if not errors and rows == 0:
+        errors, total_errors = [RowError(0, "", "the file holds no rows")], 1
+    if errors:
+        raise ImportFailed(errors, unit=reader.unit, total=total_errors)
+
+    # Pass 2: stream the (now known good) rows into add_pairs, which writes in batches in one transaction.
+    rng = random.Random(seed)
+
+    def items() -> Iterator[PairInput]:
+        for line, row in reader.rows():
+            if isinstance(row, RowError):  # the file changed between the passes: add_pairs rolls back
+                raise ImportFailed([row], unit=reader.unit)
+            try:
+                pairs = _pairs_from_row(row, csv_text=reader.csv_text)
+            except _BadRow as bad:
+                raise ImportFailed([RowError(line, bad.field, bad.reason)], unit=reader.unit) from None
+            if isinstance(pairs, _ResponseList):
+                yield from pairs.sample(pairs_per_prompt, rng)
+            else:
+                yield pairs
+
+    added = add_pairs(campaign, items(), priority=priority)
+    return ImportResult(created=added.created, skipped=added.skipped, rows=rows)
+
+
+def import_upload(campaign, uploaded_file, **kwargs) -> ImportResult:
+    """Spool a Django UploadedFile to a temporary file with its suffix (.jsonl, .csv, ...) and import it."""
+    suffix = _upload_suffix(getattr(uploaded_file, "name", "") or "")
+    handle = tempfile.NamedTemporaryFile(prefix="pairloop-import-", suffix=suffix, delete=False)
+    try:
+        with handle:
+            for chunk in uploaded_file.chunks():
+                handle.write(chunk)
+        return import_file(campaign, handle.name, **kwargs)
+    finally:
+        os.unlink(handle.name)
+
+
+def _upload_suffix(name: str) -> str:
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] in (*JSON_SUFFIXES, ".csv"):
+        return "".join(suffixes[-2:])
+    if suffixes and suffixes[-1] in KNOWN_SUFFIXES:
+        return suffixes[-1]
+    return ""  # unknown: the format is told from the content
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each yields (line or row number, dict | RowError), streaming
+# ---------------------------------------------------------------------------------------------
+
+class _Reader:
+    unit = "line"
+    csv_text = False  # CSV cells are all text: JSON lists and numbers come as strings
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rows(self) -> Iterator[tuple[int, dict | RowError]]:
+        raise NotImplementedError
+
+
+def _reader_for(path: Path) -> _Reader:
+    if not path.exists():
+        raise ImportFailed([RowError(0, "", f"{str(path)!r} does not exist")])
+    if path.is_dir():
+        return _DatasetDirReader(path)
+    name = path.name.lower()
+    compressed = name.endswith(".gz")
+    suffix = Path(name[:-3]).suffix if compressed else path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return _JsonlReader(path, compressed)
+    if suffix == ".csv":
+        return _CsvReader(path, compressed)
+    if suffix in (".parquet", ".pq"):
+        return _ParquetReader(path)
+    return _sniff(path, compressed)
+
+
+def _sniff(path: Path, compressed: bool) -> _Reader:
+    """An unknown extension: tell the format from the first bytes."""
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError as exc:
+        raise ImportFailed([RowError(0, "", f"cannot read the file: {exc}")]) from None
+    if head.startswith(b"PAR1"):
+        return _ParquetReader(path)
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith((b"{", b"[")):
+        return _JsonlReader(path, compressed)
+    first_line = text.split(b"\n", 1)[0]
+    if b"," in first_line and (b"prompt" in first_line or b"chosen" in first_line):
+        return _CsvReader(path, compressed)
+    raise ImportFailed([RowError(0, "", f"unknown format {path.suffix or '(no extension)'!r}: use JSONL (.jsonl), "
+                                        "CSV (.csv), Parquet (.parquet) or a datasets save_to_disk directory")])
+
+
+class _JsonlReader(_Reader):
+    """JSON lines, one object per line (blank lines skipped). A file that is one JSON array is read whole."""
+
+    def __init__(self, path: Path, compressed: bool = False):
+        super().__init__(path)
+        self.compressed = compressed
+
+    def _open(self):
+        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+
+    def rows(self):
+        with self._open() as handle:
+            start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if start.startswith(b"["):
+            yield from self._array_rows()
+            return
+        with self._open() as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, RowError(number, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield number, RowError(number, "", f"invalid JSON: {exc.msg} (column {exc.colno})")
+                    continue
+                if not isinstance(row, dict):
+                    yield number, RowError(number, "", f"not a JSON object (got {_kind(row)})")
+                    continue
+                yield number, row
+
+    def _array_rows(self):
+        """A JSON array of objects (datasets' to_json(lines=False)); not streamed: rows are numbered 1.."""
+        self.unit = "row"
+        try:
+            with self._open() as handle:
+                rows = json.loads(handle.read().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            yield 0, RowError(0, "", f"invalid JSON: {exc}")
+            return
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                yield number, RowError(number, "", f"not a JSON object (got {_kind(row)})")
+            else:
+                yield number, row
+
+
+class _CsvReader(_Reader):
+    """CSV with a header line (line 1); data lines are numbered as in the file, from where each record starts."""
+
+    csv_text = True
+
+    def __init__(self, path: Path, compressed: bool = False):
+        super().__init__(path)
+        self.compressed = compressed
+
+    def rows(self):
+        csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))  # long responses: up to 64 MiB a cell
+        raw = gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            try:
+                header = next(reader, None)
+            except (csv.Error, UnicodeDecodeError) as exc:
+                yield 1, RowError(1, "", f"cannot read the header: {exc}")
+                return
+            if not header:
+                return
+            header = [name.strip() for name in header]
+            problem = _header_problem(header)
+            if problem:
+                yield 1, RowError(1, "", problem)
+                return
+            while True:
+                start = reader.line_num + 1
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except (csv.Error, UnicodeDecodeError) as exc:
+                    yield start, RowError(start, "", f"unreadable CSV: {exc}")
+                    return  # the reader cannot resynchronise after a broken record
+                if not cells or all(not cell.strip() for cell in cells):
+                    continue
+                if len(cells) > len(header):
+                    yield start, RowError(start, "", f"{len(cells)} fields, but the header names {len(header)}")
+                    continue
+                yield start, dict(zip(header, cells))  # fewer cells: the missing fields are missing
+
+
+def _header_problem(columns: list[str]) -> str:
+    names = set(columns)
+    if {"chosen", "rejected"} <= names or "prompt" in names:
+        return ""
+    return (f"unknown shape: columns {', '.join(columns) or '(none)'}; expected prompt with response_a and "
+            "response_b, prompt with responses, or prompt with chosen and rejected")
+
+
+class _ParquetReader(_Reader):
+    """Parquet, read a batch of rows at a time (pyarrow's iter_batches); rows numbered from 1."""
+
+    unit = "row"
+
+    def rows(self):
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+            yield 0, RowError(0, "", f"cannot read the Parquet file: {exc}")
+            return
+        problem = _header_problem(parquet.schema_arrow.names)
+        if problem:
+            yield 0, RowError(0, "", problem)
+            return
+        number = 0
+        with parquet:
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+
+
+class _DatasetDirReader(_Reader):
+    """A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict's 'train' split).
+
+    The Arrow files are memory-mapped and read a batch at a time."""
+
+    unit = "row"
+
+    def rows(self):
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            loaded = load_from_disk(str(self.path))
+        except (FileNotFoundError, ValueError) as exc:
+            yield 0, RowError(0, "", f"a directory, but not one written by datasets' save_to_disk ({exc})")
+            return
+        if isinstance(loaded, DatasetDict):
+            if "train" in loaded:
+                loaded = loaded["train"]
+            elif len(loaded) == 1:
+                loaded = next(iter(loaded.values()))
+            else:
+                yield 0, RowError(0, "", f"holds splits {sorted(loaded)} but no 'train' split to import")
+                return
+        problem = _header_problem(list(loaded.column_names))
+        if problem:
+            yield 0, RowError(0, "", problem)
+            return
+        number = 0
+        for batch in loaded.with_format("arrow").iter(batch_size=BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows to pairs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _ResponseList:
+    prompt: str | list[dict]
+    responses: list[str]
+
+    def sample(self, pairs_per_prompt: int | None, rng: random.Random) -> list[PairInput]:
+        combos = list(itertools.combinations(range(len(self.responses)), 2))
+        if pairs_per_prompt is not None and pairs_per_prompt < len(combos):
+            combos = sorted(rng.sample(combos, pairs_per_prompt))
+        return [PairInput(self.prompt, self.responses[i], self.responses[j]) for i, j in combos]
+
+
+def _present(row: dict, key: str) -> bool:
+    return row.get(key) is not None
+
+
+def _pairs_from_row(row: dict[str, Any], *, csv_text: bool) -> PairInput | _ResponseList:
+    """The pair (or the list of responses to pair) a row holds; raises _BadRow naming the field."""
+    trl = _present(row, "chosen") or _present(row, "rejected")
+    listed = _present(row, "responses")
+    ab = _present(row, "response_a") or _present(row, "response_b")
+    if trl + listed + ab > 1:
+        found = [k for k in ("chosen", "rejected", "responses", "response_a", "response_b") if _present(row, k)]
+        raise _BadRow("", f"unknown shape: mixes {', '.join(found)}; use one of response_a/response_b, "
+                          "responses, or chosen/rejected")
+    if trl:
+        return _trl_pair(row, csv_text)
+    prompt = _prompt(row, csv_text)
+    if listed:
+        responses = _responses(row["responses"], csv_text)
+        return _ResponseList(prompt, responses)
+    if ab:
+        return PairInput(prompt, _response(row, "response_a", csv_text), _response(row, "response_b", csv_text))
+    fields = ", ".join(k for k in row if _present(row, k)) or "none"
+    raise _BadRow("", f"unknown shape (fields: {fields}): expected prompt with response_a and response_b, "
+                      "prompt with responses, or prompt with chosen and rejected")
+
+
+def _trl_pair(row: dict, csv_text: bool) -> PairInput:
+    margin = _margin(row.get("margin"), csv_text)
+    no_prompt = not _present(row, "prompt") or (csv_text and not str(row["prompt"]).strip())
+    if no_prompt:
+        chosen, rejected = (_maybe_json_list(row.get(k), csv_text, field=k) for k in ("chosen", "rejected"))
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            prompt, chosen_text, rejected_text = _split_implicit_prompt(chosen, rejected)
+            return PairInput(prompt, chosen_text, rejected_text, preferred="a", margin=margin)
+        raise _BadRow("prompt", "missing" if not _present(row, "prompt") else "empty text")
+    prompt = _prompt(row, csv_text)
+    return PairInput(prompt, _response(row, "chosen", csv_text), _response(row, "rejected", csv_text),
+                     preferred="a", margin=margin)
+
+
+def _prompt(row: dict, csv_text: bool) -> str | list[dict]:
+    if "prompt" not in row or row["prompt"] is None:
+        raise _BadRow("prompt", "missing")
+    value = _maybe_json_list(row["prompt"], csv_text, field="prompt")
+    if isinstance(value, str):
+        if not value.strip():
+            raise _BadRow("prompt", "empty text")
+        return value
+    if isinstance(value, list):
+        return _turns(value, "prompt")
+    raise _BadRow("prompt", f"must be text or chat turns [{{role, content}}], got {_kind(value)}")
+
+
+def _turns(value: list, field: str) -> list[dict]:
+    if not value:
+        raise _BadRow(field, "empty list of chat turns")
+    turns = []
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict):
+            raise _BadRow(field, f"turn {number} is {_kind(turn)}, not an object with role and content")
+        for key in ("role", "content"):
+            if key not in turn or turn[key] is None:
+                raise _BadRow(field, f"turn {number} has no {key!r}")
+            if not isinstance(turn[key], str):
+                raise _BadRow(field, f"turn {number}: {key!r} is {_kind(turn[key])}, not a string")
+        if not turn["role"].strip():
+            raise _BadRow(field, f"turn {number} has an empty role")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    if not any(t["content"].strip() for t in turns):
+        raise _BadRow(field, "every chat turn is empty")
+    return turns
+
+
+def _response(row: dict, field: str, csv_text: bool) -> str:
+    if field not in row or row[field] is None:
+        raise _BadRow(field, "missing")
+    return _response_text(_maybe_json_list(row[field], csv_text, field=field), field)
+
+
+def _response_text(value: Any, field: str) -> str:
+    if isinstance(value, list):  # TRL's conversational format: the assistant's turns
+        turns = _turns(value, field)
+        if any(t["role"] != "assistant" for t in turns):
+            raise _BadRow(field, "as chat turns a response may hold only assistant turns")
+        value = "\n\n".join(t["content"] for t in turns)
+    if not isinstance(value, str):
+        raise _BadRow(field, f"not a string (got {_kind(value)})")
+    if not value.strip():
+        raise _BadRow(field, "empty text")
+    return value
+
+
+def _responses(value: Any, csv_text: bool) -> list[str]:
+    if csv_text and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _BadRow("responses", f"not a JSON list ({exc.msg})") from None
+    if not isinstance(value, list):
+        raise _BadRow("responses", f"must be a list of responses, got {_kind(value)}")
+    texts = []
+    for number, item in enumerate(value, start=1):
+        try:
+            texts.append(_response_text(item, "responses"))
+        except _BadRow as bad:
+            raise _BadRow("responses", f"item {number}: {bad.reason}") from None
+    distinct = list(dict.fromkeys(texts))  # the same text twice makes no pair
+    if len(distinct) < 2:
+        raise _BadRow("responses", f"needs at least 2 different responses, got {len(distinct)}")
+    return distinct
+
+
+def _split_implicit_prompt(chosen: list, rejected: list) -> tuple[list[dict], str, str]:
+    """TRL's implicit-prompt conversation: the shared leading turns are the prompt."""
+    chosen_turns, rejected_turns = _turns(chosen, "chosen"), _turns(rejected, "rejected")
+    shared = 0
+    while (shared < min(len(chosen_turns), len(rejected_turns))
+           and chosen_turns[shared] == rejected_turns[shared]):
+        shared += 1
+    while shared and chosen_turns[shared - 1]["role"] == "assistant":
+        shared -= 1  # a shared assistant answer belongs to the responses, not the prompt
+    if shared == 0:
+        raise _BadRow("prompt", "missing (and chosen and rejected share no leading turns to take it from)")
+    for field, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
+        if len(turns) == shared:
+            raise _BadRow(field, "no assistant turn after the prompt the two conversations share")
+    return (chosen_turns[:shared], _response_text(chosen_turns[shared:], "chosen"),
+            _response_text(rejected_turns[shared:], "rejected"))
+
+
+def _maybe_json_list(value: Any, csv_text: bool, field: str = "") -> Any:
+    """In CSV, a cell holding a JSON list (chat turns) becomes the list; other text stays text."""
+    if not (csv_text and isinstance(value, str)):
+        return value
+    stripped = value.strip()
+    if not (stripped.startswith("[{") and stripped.endswith("}]")):
+        return value
+    try:
+        parsed = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise _BadRow(field, f"looks like chat turns but is not valid JSON ({exc.msg})") from None
+    return parsed if isinstance(parsed, list) else value
+
+
+def _margin(value: Any, csv_text: bool) -> float | None:
+    if value is None or (csv_text and isinstance(value, str) and not value.strip()):
+        return None
+    if csv_text and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _BadRow("margin", f"not a number: {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadRow("margin", f"not a number (got {_kind(value)})")
+    if not math.isfinite(value):
+        raise _BadRow("margin", f"not a finite number: {value!r}")
+    return float(value)
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+__all__ = ["ImportFailed", "ImportResult", "RowError", "import_file", "import_upload", "MAX_ERRORS"]
