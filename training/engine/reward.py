@@ -344,13 +344,26 @@ def evaluate(model, pairs: list[dict[str, Any]], batch_size: int, pad_id: int, d
 # Training
 
 
+def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with transformers' default betas and eps, fused into one kernel where torch has one (CPU and
+    CUDA since torch 2.4; transformers' default optim too since torch 2.8). On this CPU the unfused
+    per-tensor loop took 1.5 s per step for the MiniLM's 22.7M parameters, the fused kernel 0.22 s."""
+    kwargs = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def _disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
-def _encode_dataset(encoder: PairEncoder, ds) -> tuple[list[dict[str, Any]], int]:
+def encode_pairs(encoder: PairEncoder, ds) -> tuple[list[dict[str, Any]], int]:
     """Encoded pairs: {"chosen": (ids, types), "rejected": (ids, types), "margin", "length"}."""
     chosen, cut_c = encoder.encode(ds["prompt"], ds["chosen"])
     rejected, cut_r = encoder.encode(ds["prompt"], ds["rejected"])
@@ -435,18 +448,19 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     if args.disable_dropout:
         _disable_dropout(model)
     encoder = PairEncoder(tokenizer, model.config, args.max_length)
-    train_pairs, truncated = _encode_dataset(encoder, train_ds)
-    eval_pairs, eval_truncated = _encode_dataset(encoder, eval_ds) if len(eval_ds) else ([], 0)
+    train_pairs, truncated = encode_pairs(encoder, train_ds)
+    eval_pairs, eval_truncated = encode_pairs(encoder, eval_ds) if len(eval_ds) else ([], 0)
     pad_id = tokenizer.pad_token_id
     lengths = [p["length"] for p in train_pairs]
 
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    optimizer = make_adamw(params, args.lr, args.weight_decay, device)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
     step, train_seconds, pairs_seen, tokens_seen, padded_seen = 0, 0.0, 0, 0, 0
+    loop_seconds, paused = 0.0, 0.0  # wall time of the loop; time spent evaluating and saving inside it
     window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
     metrics: dict[str, Any] = {}
     if trainer_state:
@@ -455,6 +469,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         step = trainer_state["step"]
         train_seconds, pairs_seen = trainer_state["train_seconds"], trainer_state["pairs_seen"]
         tokens_seen, padded_seen = trainer_state["tokens_seen"], trainer_state["padded_seen"]
+        loop_seconds = trainer_state["loop_seconds"]
         window, metrics = trainer_state["window"], trainer_state["metrics"]
         set_rng_state(trainer_state["rng"])
         on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": metrics,
@@ -467,11 +482,13 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                                        "rng": rng_state(), "step": step, "train_seconds": train_seconds,
                                        "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
                                        "padded_seen": padded_seen, "window": window, "metrics": metrics,
+                                       "loop_seconds": loop_seconds + time.perf_counter() - loop_started - paused,
                                        "data_order": batch_order(lengths, args.batch_size, args.seed,
                                                                  step // steps_per_epoch, args.shuffle,
                                                                  args.group_by_length)})
 
     model.train()
+    loop_started = time.perf_counter()
     start_epoch, start_batch = divmod(step, steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         batches = batch_order(lengths, args.batch_size, args.seed, epoch, args.shuffle, args.group_by_length)
@@ -513,20 +530,26 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                 })
                 window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
             if eval_pairs and (last or (args.eval_every and step % args.eval_every == 0)):
+                eval_started = time.perf_counter()
                 metrics.update(evaluate(model, eval_pairs, args.eval_batch_size, pad_id, device, autocast,
                                         args.use_margin))
+                paused += time.perf_counter() - eval_started
             try:
                 on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics)})
             except BaseException:
                 save_resume()  # stopped at a step boundary: keep what was done, then let the caller see why
                 raise
             if args.save_every and step % args.save_every == 0 and not last:
+                save_started = time.perf_counter()
                 save_resume()
+                paused += time.perf_counter() - save_started
+    loop_seconds += time.perf_counter() - loop_started - paused
 
     final = dict(metrics)
     final.update({
         "rm/pairs_per_second": pairs_seen / max(train_seconds, 1e-9),
         "rm/train_seconds": train_seconds,
+        "rm/loop_seconds": loop_seconds,
         "rm/steps": step,
         "rm/train_pairs": len(train_pairs),
         "rm/eval_pairs": len(eval_pairs),
