@@ -1,0 +1,222 @@
+"""Export a campaign's judgments: Bradley-Terry pairs in TRL's columns, or every judgment raw.
+
+Pairs (`bt_rows`): one row per judgment that prefers A or B (ties and both-bad are left out; every
+labeler's judgment on a pair is its own row, imported preferences included with labeler ""), in
+TRL's preference columns (https://huggingface.co/docs/trl/dataset_formats, "preference"):
+  prompt   the prompt as plain text (chat turns flattened as labelers saw them: TRL reads a
+           conversational prompt only when chosen/rejected are conversational too, so text is the
+           form every tool reads)
+  chosen, rejected   the responses' text
+  margin   from the labeler's strength (Judgment.margin(): Llama 2's 0, 1/3, 2/3, 1), 0.0 without one
+  pair_id, labeler
+
+Files: JSONL, Parquet, or a `datasets.Dataset.save_to_disk` directory ("hf"), written to a temporary
+name beside the target and renamed, streaming rows from the database in chunks (bounded memory).
+Rows come in judgment order, so the same judgments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from annotate.models import Judgment
+
+FORMATS = ("jsonl", "parquet", "hf")
+CHUNK = 2000  # rows fetched from the database and written at a time
+
+BT_SCHEMA = pa.schema([
+    ("prompt", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("margin", pa.float64()),
+    ("pair_id", pa.int64()),
+    ("labeler", pa.string()),
+])
+
+RAW_SCHEMA = pa.schema([
+    ("judgment_id", pa.int64()),
+    ("pair_id", pa.int64()),
+    ("prompt", pa.string()),
+    ("response_a", pa.string()),
+    ("response_b", pa.string()),
+    ("choice", pa.string()),           # a, b, tie, both_bad (in response_a / response_b terms)
+    ("strength", pa.int64()),          # 1..4, null when not asked or not A/B
+    ("margin", pa.float64()),
+    ("a_on_left", pa.bool_()),         # shown order; null for imported judgments
+    ("left_response", pa.string()),    # "a" or "b": which response was shown on the left
+    ("milliseconds", pa.int64()),
+    ("rationale", pa.string()),
+    ("labeler", pa.string()),
+    ("source", pa.string()),           # human, simulated, import
+    ("gold_choice", pa.string()),      # the known answer when the pair is a gold item, else ""
+    ("created_at", pa.string()),       # ISO 8601
+])
+
+
+class ExportError(ValueError):
+    """An export that cannot be written as asked (unknown format)."""
+
+
+@dataclass
+class ExportResult:
+    rows: int
+    path: str
+
+
+def _judgments(campaign):
+    return (
+        Judgment.objects.filter(pair__campaign=campaign)
+        .select_related("pair__prompt", "pair__response_a", "pair__response_b", "labeler")
+        .order_by("pk")
+    )
+
+
+def bt_rows(campaign, *, include_simulated: bool = True) -> Iterator[dict]:
+    """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler}, one per A/B judgment."""
+    judgments = _judgments(campaign).filter(choice__in=[Judgment.A, Judgment.B])
+    if not include_simulated:
+        judgments = judgments.exclude(source=Judgment.SIMULATED)
+    for judgment in judgments.iterator(chunk_size=CHUNK):
+        chosen, rejected = judgment.chosen_rejected()
+        yield {
+            "prompt": judgment.pair.prompt.text,
+            "chosen": chosen.text,
+            "rejected": rejected.text,
+            "margin": judgment.margin(),
+            "pair_id": judgment.pair_id,
+            "labeler": judgment.labeler.username if judgment.labeler else "",
+        }
+
+
+def raw_rows(campaign, *, include_simulated: bool = True) -> Iterator[dict]:
+    """Every judgment of the campaign (ties, both-bad and imported included; simulated unless told not to)."""
+    judgments = _judgments(campaign)
+    if not include_simulated:
+        judgments = judgments.exclude(source=Judgment.SIMULATED)
+    for judgment in judgments.iterator(chunk_size=CHUNK):
+        pair = judgment.pair
+        yield {
+            "judgment_id": judgment.pk,
+            "pair_id": pair.pk,
+            "prompt": pair.prompt.text,
+            "response_a": pair.response_a.text,
+            "response_b": pair.response_b.text,
+            "choice": judgment.choice,
+            "strength": judgment.strength,
+            "margin": judgment.margin(),
+            "a_on_left": judgment.a_on_left,
+            "left_response": None if judgment.a_on_left is None else ("a" if judgment.a_on_left else "b"),
+            "milliseconds": judgment.milliseconds,
+            "rationale": judgment.rationale,
+            "labeler": judgment.labeler.username if judgment.labeler else "",
+            "source": judgment.source,
+            "gold_choice": pair.gold_choice,
+            "created_at": judgment.created_at.isoformat(),
+        }
+
+
+def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False,
+                 include_simulated: bool = True) -> ExportResult:
+    """Write the campaign's pairs (or, with raw, every judgment) to out_path; returns rows written.
+
+    jsonl and parquet write one file, hf a save_to_disk directory; the target appears whole or not at all.
+    An empty export still carries its schema in Parquet and hf; an empty JSONL file is empty.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = (raw_rows(campaign, include_simulated=include_simulated) if raw
+            else bt_rows(campaign, include_simulated=include_simulated))
+    schema = RAW_SCHEMA if raw else BT_SCHEMA
+    temp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        if format == "jsonl":
+            count = _write_jsonl(rows, temp)
+        elif format == "parquet":
+            count = _write_parquet(rows, schema, temp)
+        else:
+            count = _write_hf(rows, schema, temp)
+        _replace(temp, out)
+    finally:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        elif temp.exists():
+            temp.unlink()
+    return ExportResult(rows=count, path=str(out))
+
+
+def _write_jsonl(rows: Iterator[dict], path: Path) -> int:
+    count = 0
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    return count
+
+
+def _batches(rows: Iterator[dict], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= CHUNK:
+            yield pa.RecordBatch.from_pylist(chunk, schema=schema)
+            chunk = []
+    if chunk:
+        yield pa.RecordBatch.from_pylist(chunk, schema=schema)
+
+
+def _write_parquet(rows: Iterator[dict], schema: pa.Schema, path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    count = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in _batches(rows, schema):
+            writer.write_batch(batch)
+            count += batch.num_rows
+    return count
+
+
+def _write_hf(rows: Iterator[dict], schema: pa.Schema, path: Path) -> int:
+    """Stream the rows into an Arrow file, memory-map it as a Dataset and save_to_disk it."""
+    from datasets import Dataset
+
+    count = 0
+    with tempfile.TemporaryDirectory(prefix="pairloop-export-", dir=path.parent) as scratch:
+        arrow_path = Path(scratch) / "rows.arrow"
+        with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in _batches(rows, schema):
+                writer.write_batch(batch)
+                count += batch.num_rows
+        dataset = Dataset.from_file(str(arrow_path))
+        # One shard at least: datasets writes no shard for an empty dataset, and then cannot load it.
+        dataset.save_to_disk(str(path), num_shards=1 if count == 0 else None)
+        del dataset
+    return count
+
+
+def _replace(temp: Path, out: Path) -> None:
+    """Move the finished export into place; a directory replaces an old one (moved aside, then removed)."""
+    if temp.is_dir():
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(out, old)
+        os.replace(temp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(temp, out)

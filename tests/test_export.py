@@ -1,0 +1,215 @@
+"""Exporting judgments: Bradley-Terry pairs in TRL's columns, raw judgments, files real tools read."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from django.core.management import CommandError, call_command
+
+from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
+from annotate.exporting import BT_SCHEMA, RAW_SCHEMA, bt_rows, export_pairs, raw_rows
+from annotate.importing import import_file
+from annotate.models import Judgment
+from tests.conftest import make_campaign, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+def judge(campaign, user, choice, strength=None, *, rationale="", milliseconds=1500, source=Judgment.HUMAN):
+    """Claim the next pair and submit `choice` in the labeler's terms ("a" = the left response).
+
+    Returns (left text, right text, prompt text) as the labeler saw them."""
+    assignment = claim_next_pair(campaign, user).assignment
+    submit_judgment(assignment_id=assignment.pk, labeler=user, choice=choice, strength=strength,
+                    rationale=rationale, milliseconds=milliseconds, source=source)
+    left, right = assignment.shown()
+    return left.text, right.text, assignment.pair.prompt.text
+
+
+@pytest.fixture
+def judged(labeler):
+    """A campaign with one judgment of each kind; returns (campaign, the expected Bradley-Terry rows)."""
+    campaign = make_campaign("exp", n_pairs=5, members=[labeler], ask_strength=True, ask_rationale=True)
+    bot = make_user("sim-bot")
+    expected = []
+    left, right, prompt = judge(campaign, labeler, "a", 4, rationale="left is exact")
+    expected.append((prompt, left, right, 1.0, labeler.username))
+    left, right, prompt = judge(campaign, labeler, "b", 1)
+    expected.append((prompt, right, left, 0.0, labeler.username))
+    judge(campaign, labeler, "tie")
+    judge(campaign, labeler, "both_bad")
+    left, right, prompt = judge(campaign, bot, "a", 2, source=Judgment.SIMULATED)
+    expected.append((prompt, left, right, 1 / 3, "sim-bot"))
+    add_pairs(campaign, [PairInput("Imported?", "good", "bad", preferred="a", margin=2 / 3)], notify=False)
+    expected.append(("Imported?", "good", "bad", 2 / 3, ""))
+    return campaign, expected
+
+
+def as_tuples(rows):
+    return sorted((r["prompt"], r["chosen"], r["rejected"], round(r["margin"], 6), r["labeler"]) for r in rows)
+
+
+def rounded(expected):
+    return sorted((p, c, r, round(m, 6), who) for p, c, r, m, who in expected)
+
+
+def test_it_exports_a_and_b_choices_only_with_margin_from_strength(judged):
+    campaign, expected = judged
+    rows = list(bt_rows(campaign))
+    assert as_tuples(rows) == rounded(expected)  # the tie and the both-bad are not there
+    assert all(set(row) == set(BT_SCHEMA.names) for row in rows)
+
+    without_simulated = list(bt_rows(campaign, include_simulated=False))
+    assert as_tuples(without_simulated) == rounded([e for e in expected if e[4] != "sim-bot"])
+
+
+def test_it_exports_every_judgment_raw_with_shown_order_and_timing(judged, labeler):
+    campaign, _ = judged
+    rows = list(raw_rows(campaign))
+    assert len(rows) == 6 and all(list(row) == RAW_SCHEMA.names for row in rows)
+    mine = [r for r in rows if r["labeler"] == labeler.username]
+    assert sorted(r["choice"] for r in mine if r["choice"] in ("tie", "both_bad")) == ["both_bad", "tie"]
+    for row in mine:
+        assert row["milliseconds"] == 1500 and row["source"] == "human"
+        assert row["left_response"] == ("a" if row["a_on_left"] else "b")
+        if row["choice"] in ("tie", "both_bad"):
+            assert row["strength"] is None and row["margin"] == 0.0
+    assert [r["rationale"] for r in mine if r["rationale"]] == ["left is exact"]
+    assert {r["strength"] for r in mine if r["choice"] in ("a", "b")} == {4, 1}
+    [imported] = [r for r in rows if r["source"] == "import"]
+    assert (imported["labeler"], imported["a_on_left"], imported["left_response"]) == ("", None, None)
+    assert imported["choice"] == "a" and math.isclose(imported["margin"], 2 / 3)
+    assert all(r["created_at"][:4].isdigit() and "T" in r["created_at"] for r in rows)
+
+
+def load(path: Path, fmt: str, cache: Path):
+    import datasets
+
+    if fmt == "hf":
+        return datasets.load_from_disk(str(path))
+    return datasets.load_dataset("json" if fmt == "jsonl" else "parquet", data_files=str(path), split="train",
+                                 cache_dir=str(cache))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_its_files_load_with_datasets_as_is(judged, tmp_path, fmt):
+    campaign, expected = judged
+    out = tmp_path / f"pairs.{fmt}"
+
+    result = export_pairs(campaign, out, format=fmt)
+
+    assert result.rows == 4 and result.path == str(out)
+    dataset = load(out, fmt, tmp_path / "cache")
+    assert dataset.column_names == BT_SCHEMA.names
+    assert dataset.features["margin"].dtype == "float64" and dataset.features["pair_id"].dtype == "int64"
+    assert as_tuples(dataset.to_list()) == rounded(expected)
+    assert dataset.to_list() == list(bt_rows(campaign))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == [out.name]  # no temp left
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_its_raw_files_load_with_datasets_as_is(judged, tmp_path, fmt):
+    campaign, _ = judged
+    out = tmp_path / f"raw.{fmt}"
+    assert export_pairs(campaign, out, format=fmt, raw=True).rows == 6
+    dataset = load(out, fmt, tmp_path / "cache")
+    assert dataset.column_names == RAW_SCHEMA.names
+    assert sorted(dataset["choice"]) == sorted(r["choice"] for r in raw_rows(campaign))
+
+
+def test_an_empty_export_keeps_its_schema(tmp_path):
+    import datasets
+
+    campaign = make_campaign("empty", n_pairs=3)
+    assert export_pairs(campaign, tmp_path / "e.parquet", format="parquet").rows == 0
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.num_rows == 0 and table.schema.names == BT_SCHEMA.names
+
+    assert export_pairs(campaign, tmp_path / "e_hf", format="hf").rows == 0
+    dataset = datasets.load_from_disk(str(tmp_path / "e_hf"))
+    assert len(dataset) == 0 and dataset.column_names == BT_SCHEMA.names
+
+    assert export_pairs(campaign, tmp_path / "e.jsonl").rows == 0
+    assert (tmp_path / "e.jsonl").read_bytes() == b""
+
+
+def test_it_replaces_an_earlier_export_whole(judged, tmp_path):
+    import datasets
+
+    campaign, _ = judged
+    out = tmp_path / "round"
+    export_pairs(make_campaign("other"), out, format="hf")  # an earlier, empty export at the same place
+    export_pairs(campaign, out, format="hf")
+    assert len(datasets.load_from_disk(str(out))) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["round"]
+
+
+def test_an_export_imports_back_with_the_same_preferences(judged, tmp_path):
+    campaign, _ = judged
+    export_pairs(campaign, tmp_path / "pairs.parquet", format="parquet")
+    copy = make_campaign("copy")
+
+    result = import_file(copy, tmp_path / "pairs.parquet")
+
+    assert (result.created, result.skipped) == (4, 0)
+    back = [{**row, "labeler": ""} for row in bt_rows(copy)]
+    assert as_tuples(back) == as_tuples({**row, "labeler": ""} for row in bt_rows(campaign))
+
+
+def test_the_command_writes_each_format_and_says_how_many_rows(judged, tmp_path, capsys):
+    campaign, _ = judged
+    call_command("export_pairs", campaign.slug, str(tmp_path / "p.parquet"), "--format", "parquet")
+    assert "Wrote 4 pairs" in capsys.readouterr().out
+    call_command("export_pairs", campaign.slug, str(tmp_path / "p.jsonl"), "--no-simulated")
+    assert "Wrote 3 pairs" in capsys.readouterr().out
+    call_command("export_pairs", campaign.slug, str(tmp_path / "raw"), "--format", "hf", "--raw")
+    assert "Wrote 6 judgments" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "p.parquet").num_rows == 4
+    with pytest.raises(CommandError, match="no campaign with slug 'nope'"):
+        call_command("export_pairs", "nope", str(tmp_path / "x.jsonl"))
+    with pytest.raises(CommandError):
+        call_command("export_pairs", campaign.slug, str(tmp_path / "x.csv"), "--format", "csv")
+
+
+@pytest.mark.slow
+def test_trl_reward_trainer_takes_a_step_on_the_export(labeler, tmp_path):
+    """TRL 1.16's RewardTrainer reads the exported file as is, margin included, and updates the model."""
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from training.engine.common import default_reward_backbone
+
+    campaign = make_campaign("trl", n_pairs=8, members=[labeler], ask_strength=True)
+    for i in range(8):
+        judge(campaign, labeler, "ab"[i % 2], 4 if i < 6 else 2)
+    export_pairs(campaign, tmp_path / "pairs.jsonl")
+    dataset = datasets.load_dataset("json", data_files=str(tmp_path / "pairs.jsonl"), split="train",
+                                    cache_dir=str(tmp_path / "cache"))
+
+    tokenizer = AutoTokenizer.from_pretrained(default_reward_backbone())  # the MiniLM's vocabulary, offline
+    tokenizer.eos_token = tokenizer.sep_token  # TRL appends EOS; BERT's tokenizer names none
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    before = [p.detach().clone() for p in model.parameters()]
+    config = RewardConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=len(dataset),
+                          learning_rate=1e-2, max_length=64, use_cpu=True, report_to="none", save_strategy="no",
+                          logging_steps=1, disable_tqdm=True, activation_checkpointing=False)
+    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+
+    output = trainer.train()
+
+    assert output.global_step == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # At initialisation both rewards are ~0, so TRL's loss -logsigmoid(r_c - r_r - margin) is ~softplus(margin):
+    # it read our margins (4 pairs at 1.0 and 2 at 1/3 would not give log 2, the loss without margins).
+    margins = dataset["margin"]
+    expected = sum(math.log1p(math.exp(m)) for m in margins) / len(margins)
+    assert sorted(margins) == [1 / 3] * 2 + [1.0] * 6
+    assert abs(output.training_loss - expected) < 0.02 and abs(expected - math.log(2)) > 0.2
