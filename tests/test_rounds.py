@@ -5,6 +5,7 @@ worker runs in tests/test_round_worker.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from datetime import timedelta
@@ -13,6 +14,7 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from channels.routing import URLRouter
+from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
 
@@ -274,6 +276,32 @@ def test_it_resumes_a_failed_job_and_then_the_rest_of_its_chain(chains, django_c
     # The resumed attempt keeps the progress so far: the engine resumes from its checkpoint.
     resumed = claim(ppo, "fresh-worker")
     assert (resumed.attempts, resumed.step, resumed.error) == (2, 4, "")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_exits_non_zero_when_a_job_of_a_followed_round_fails(monkeypatch):
+    campaign = judged_campaign()
+
+    def broken(job, progress):
+        raise EngineError("the reward backbone 'nope' does not exist")
+
+    monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, broken)
+    # A stand-in for the broker and worker: run the chain right here, as a worker would.
+    monkeypatch.setattr("training.tasks.start_chain",
+                        lambda ids: all(runner.execute(pk, f"task-{pk}") for pk in ids))
+    with pytest.raises(CommandError, match="export pairs job failed: the reward backbone 'nope' does not exist"):
+        call_command("launch_round", campaign.slug, "--preset", "tiny", "--wait", "--poll", "0.1",
+                     stdout=io.StringIO(), stderr=io.StringIO())
+    with pytest.raises(CommandError, match="unknown round settings: stepz"):
+        call_command("launch_round", campaign.slug, "--set", "stepz=3", stdout=io.StringIO())
+
+
+def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default():
+    from training import tasks
+
+    queues = {kind: tasks.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in actions.CHAIN}
+    assert queues == {"export": "default", "reward": "training", "ppo": "training", "sample": "training",
+                      "enqueue": "default"}
 
 
 def test_it_validates_round_settings_by_name():

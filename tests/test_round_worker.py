@@ -1,0 +1,180 @@
+"""Rounds end to end with a real Celery worker and Redis, tiny settings: a campaign of demo prompts
+whose responses the tiny demo policy wrote, labeled by a simulated labeler; a round trains a reward
+model and PPO and puts the new policy's pairs in the queue; the next round starts from its policy.
+And the fault: the worker is SIGKILLed during PPO, the job is marked failed, Resume finishes it."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from django.core.management import call_command
+
+from annotate.actions import PairInput, add_pairs, claim_next_pair
+from annotate.demo import default_policy
+from annotate.models import Campaign, Response
+from tests.conftest import make_user
+from tests.worker import Worker
+from training import actions
+from training.config import build_config
+from training.engine import demo_tasks
+from training.engine.common import read_checkpoint_meta
+from training.engine.sample import sample_responses
+from training.models import Job, Round
+from training.simulate import make_judge, simulate_labelers
+
+pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+STALE_SECONDS = 5
+
+
+@pytest.fixture
+def tiny_world(settings, tmp_path_factory):
+    """Small minimum and quick staleness here and in the worker; a tiny reward backbone."""
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 10, "HEARTBEAT_STALE_SECONDS": STALE_SECONDS}
+    return {"env": {"PAIRLOOP_HEARTBEAT_STALE_SECONDS": str(STALE_SECONDS)},
+            "reward_model": str(tiny_reward_backbone(tmp_path_factory.mktemp("rm") / "backbone"))}
+
+
+def tiny_reward_backbone(path: Path) -> Path:
+    """A 1-layer BERT with the packaged MiniLM tokenizer (untrained: the round trains it)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from training.engine.common import default_reward_backbone, load_tokenizer
+
+    tokenizer = load_tokenizer(default_reward_backbone())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def seed_campaign(slug: str, n_prompts: int = 24) -> Campaign:
+    """Demo prompts, responses sampled from the tiny demo policy, labeled by a noisy rule labeler."""
+    policy = default_policy("tiny")  # builds the tiny demo policy once (cached under MODELS_DIR)
+    campaign = Campaign.objects.create(slug=slug, name=slug, overlap=1)
+    prompts = demo_tasks.make_prompts(n_prompts, seed=0, split="train")
+    samples = sample_responses(policy, prompts, num_per_prompt=3, max_new_tokens=24, temperature=1.0, seed=0,
+                               device="cpu")
+    items = []
+    for prompt, responses in zip(prompts, samples):
+        distinct = list(dict.fromkeys(r for r in responses if r.strip()))
+        items += [PairInput(prompt, a, b) for a, b in zip(distinct, distinct[1:])]
+    add_pairs(campaign, items, source=Response.SEED, checkpoints=(policy, policy), notify=False)
+    result = simulate_labelers(campaign, make_judge("rule:correct_sentence"), noise=0.25, count=1000)
+    assert actions.usable_judgments(campaign) >= 10, result
+    return campaign
+
+
+def wait_for(predicate, timeout: float, worker: Worker, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- worker log ---\n{worker.log()[-6000:]}")
+
+
+def round_over(round_: Round):
+    jobs = list(Job.objects.filter(round=round_).order_by("order"))
+    if any(job.status in (Job.FAILED, Job.CANCELLED) for job in jobs):
+        failed = next(job for job in jobs if job.status in (Job.FAILED, Job.CANCELLED))
+        raise AssertionError(f"{failed.kind} job {failed.status}: {failed.error}\n{failed.log}")
+    return jobs if all(job.status == Job.SUCCEEDED for job in jobs) else None
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_world):
+    campaign = seed_campaign("loop")
+    pairs_before = campaign.pairs.count()
+    config = build_config("tiny", {"reward_model": tiny_world["reward_model"]})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        first = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(first), 240, worker, "round 1 to finish")
+        first.refresh_from_db()
+
+        assert [job.kind for job in jobs] == ["export", "reward", "ppo", "sample", "enqueue"]
+        assert all(job.celery_task_id and job.attempts == 1 for job in jobs)
+        assert Path(first.dataset_path).name.startswith("round-1-") and first.data_version in first.dataset_path
+        reward_meta = read_checkpoint_meta(first.reward_checkpoint)
+        assert reward_meta["stage"] == "reward" and 0.0 <= jobs[1].result["rm/accuracy"] <= 1.0
+        # A new policy checkpoint whose weights moved away from the SFT policy it started from.
+        assert read_checkpoint_meta(first.policy_checkpoint)["stage"] == "ppo"
+        assert first.policy_checkpoint == str(actions.round_dir(campaign, 1) / "policy")
+        start, trained = weights(first.parent_policy), weights(first.policy_checkpoint)
+        assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)
+        # Progress and metric points were written to the rows as the jobs ran.
+        ppo = jobs[2]
+        assert ppo.step == ppo.total_steps == config.ppo_steps
+        assert [p["step"] for p in ppo.metrics] == list(range(1, config.ppo_steps + 1))
+        assert all("ppo/kl" in p for p in ppo.metrics) and "Done." in ppo.log
+        # New pairs, tagged with the round, in the queue ahead of the older ones.
+        created = jobs[4].result["created"]
+        assert created > 0 and campaign.pairs.count() == pairs_before + created
+        new_pairs = campaign.pairs.filter(round=first)
+        assert new_pairs.count() == created and all(p.is_open and p.priority == config.priority for p in new_pairs)
+        assert all(p.response_a.text in {t for s in jobs[3].result["samples"] for t in s["new"]}
+                   for p in new_pairs.select_related("response_a"))
+        claim = claim_next_pair(campaign, make_user("lab"))
+        assert claim.assignment.pair.round_id == first.pk
+
+        # Round two from the command line, followed to its end with --wait.
+        out = io.StringIO()
+        call_command("launch_round", campaign.slug, "--preset", "tiny", "--set",
+                     f"reward_model={tiny_world['reward_model']}", "--wait", "--poll", "0.5", stdout=out)
+        assert "Round 2 done" in out.getvalue(), worker.log()[-4000:]
+    second = Round.objects.get(campaign=campaign, number=2)
+    assert second.parent_policy == first.policy_checkpoint
+    assert round_over(second)
+    assert read_checkpoint_meta(second.policy_checkpoint)["args"]["policy"] == first.policy_checkpoint
+    assert second.policy_checkpoint != first.policy_checkpoint
+    assert campaign.pairs.filter(round=second).exists()
+
+
+def test_it_marks_a_job_failed_when_its_worker_is_killed_and_resume_finishes_it(tiny_world):
+    campaign = seed_campaign("fault", n_prompts=16)
+    config = build_config("tiny", {"reward_model": tiny_world["reward_model"], "ppo_steps": "40",
+                                   "ppo_save_every": "1"})
+    worker = Worker(env=tiny_world["env"], purge=True).start()
+    try:
+        round_ = actions.launch_round(campaign, None, config)
+        ppo = round_.jobs.get(kind=Job.PPO)
+        wait_for(lambda: Job.objects.filter(pk=ppo.pk, status=Job.RUNNING, step__gte=3).exists(), 240, worker,
+                 "PPO to reach step 3")
+        worker.kill()
+    finally:
+        worker.stop()
+    killed_at = Job.objects.get(pk=ppo.pk).step
+    assert killed_at < config.ppo_steps
+
+    # Its heartbeat goes stale; the round page (or beat) marks it failed with a clear reason.
+    failed = wait_for(lambda: actions.fail_stale_jobs(), 3 * STALE_SECONDS, worker, "the job to go stale", poll=1)
+    assert [job.pk for job in failed] == [ppo.pk]
+    ppo.refresh_from_db()
+    assert ppo.status == Job.FAILED and "no heartbeat" in ppo.error and "killed" in ppo.error
+    assert round_.status() == Job.FAILED
+    resume_dir = actions.round_dir(campaign, 1) / "policy.resume"
+    saved_step = read_checkpoint_meta(resume_dir)["step"]
+    assert saved_step >= 2
+
+    with Worker(env=tiny_world["env"]) as fresh:
+        actions.resume_job(ppo)
+        jobs = wait_for(lambda: round_over(round_), 240, fresh, "the resumed round to finish")
+    ppo = jobs[2]
+    assert ppo.attempts == 2 and ppo.step == config.ppo_steps and ppo.error == ""
+    assert f"resuming from {resume_dir} at step {saved_step}" in ppo.log
+    # The points tell one story: every step once, in order, the resumed run's from its checkpoint on.
+    assert [p["step"] for p in ppo.metrics] == list(range(1, config.ppo_steps + 1))
+    assert jobs[4].result["created"] > 0 and campaign.pairs.filter(round=round_).exists()
+    assert not resume_dir.exists()  # the engine removes it once the final policy is saved
