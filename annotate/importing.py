@@ -13,6 +13,9 @@ A prompt is text or chat turns [{"role", "content"}] (in CSV, chat turns come as
 does a `responses` list). TRL's conversational chosen/rejected (a list of assistant turns) are
 flattened to their text.
 
+A pair already in the campaign (in either order), repeated in the file, or whose two responses are the
+same text is skipped and counted, not an error.
+
 The whole file is read twice, streaming, so memory stays bounded however long it is: the first pass
 validates every row and collects errors (line and field); only a clean file gets the second pass,
 which feeds the rows to `actions.add_pairs` (one transaction; duplicates are skipped and counted).
@@ -44,7 +47,9 @@ KNOWN_SUFFIXES = (*JSON_SUFFIXES, ".csv", ".parquet", ".pq")
 
 @dataclass(frozen=True)
 class RowError:
-    """One problem in the file: `line` is the 1-based line (JSONL, CSV) or row (Parquet, datasets); 0 = the file."""
+    """One problem in the file.
+
+    `line` is the 1-based line (JSONL, CSV) or row (Parquet, datasets); 0 means the file as a whole."""
 
     line: int
     field: str
@@ -214,8 +219,9 @@ def _sniff(path: Path, compressed: bool) -> _Reader:
     first_line = text.split(b"\n", 1)[0]
     if b"," in first_line and (b"prompt" in first_line or b"chosen" in first_line):
         return _CsvReader(path, compressed)
-    raise ImportFailed([RowError(0, "", f"unknown format {path.suffix or '(no extension)'!r}: use JSONL (.jsonl), "
-                                        "CSV (.csv), Parquet (.parquet) or a datasets save_to_disk directory")])
+    reason = (f"unknown format {path.suffix or '(no extension)'!r}: use JSONL (.jsonl), CSV (.csv), "
+              "Parquet (.parquet) or a datasets save_to_disk directory")
+    raise ImportFailed([RowError(0, "", reason)])
 
 
 class _JsonlReader(_Reader):
@@ -272,7 +278,7 @@ class _JsonlReader(_Reader):
 
 
 class _CsvReader(_Reader):
-    """CSV with a header line (line 1); data lines are numbered as in the file, from where each record starts."""
+    """CSV with a header line (line 1); records are numbered by the file line they start on."""
 
     csv_text = True
 
@@ -309,7 +315,8 @@ class _CsvReader(_Reader):
                 if not cells or all(not cell.strip() for cell in cells):
                     continue
                 if len(cells) > len(header):
-                    yield start, RowError(start, "", f"{len(cells)} fields, but the header names {len(header)}")
+                    reason = f"{len(cells)} fields, but the header names {len(header)}"
+                    yield start, RowError(start, "", reason)
                     continue
                 yield start, dict(zip(header, cells))  # fewer cells: the missing fields are missing
 
@@ -407,7 +414,8 @@ def _pairs_from_row(row: dict[str, Any], *, csv_text: bool) -> PairInput | _Resp
     listed = _present(row, "responses")
     ab = _present(row, "response_a") or _present(row, "response_b")
     if trl + listed + ab > 1:
-        found = [k for k in ("chosen", "rejected", "responses", "response_a", "response_b") if _present(row, k)]
+        shape_fields = ("chosen", "rejected", "responses", "response_a", "response_b")
+        found = [k for k in shape_fields if _present(row, k)]
         raise _BadRow("", f"unknown shape: mixes {', '.join(found)}; use one of response_a/response_b, "
                           "responses, or chosen/rejected")
     if trl:
@@ -417,7 +425,8 @@ def _pairs_from_row(row: dict[str, Any], *, csv_text: bool) -> PairInput | _Resp
         responses = _responses(row["responses"], csv_text)
         return _ResponseList(prompt, responses)
     if ab:
-        return PairInput(prompt, _response(row, "response_a", csv_text), _response(row, "response_b", csv_text))
+        return PairInput(prompt, _response(row, "response_a", csv_text),
+                         _response(row, "response_b", csv_text))
     fields = ", ".join(k for k in row if _present(row, k)) or "none"
     raise _BadRow("", f"unknown shape (fields: {fields}): expected prompt with response_a and response_b, "
                       "prompt with responses, or prompt with chosen and rejected")

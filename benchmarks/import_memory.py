@@ -1,11 +1,12 @@
 """Importing a large JSONL file: rows per second and peak memory (RSS), to show the import streams.
 
 Builds an N-row JSONL file (prompt, response_a, response_b; every row a new pair) in a temporary
-directory, creates a throwaway test database (PostgreSQL from DATABASE_URL, else SQLite in a temporary
-PAIRLOOP_DATA_DIR), migrates it, imports the file with annotate.importing.import_file (validation pass,
-then add_pairs in one transaction) and prints rows/s and peak RSS (resource.getrusage). Each size runs in
-its own process, so each peak is that run's own; if the import held the file in memory, the peak would
-grow with N, while a streaming import stays near the 10,000-row figure.
+directory, creates a throwaway database of its own (PostgreSQL from DATABASE_URL, named
+pairloop_bench_import or PAIRLOOP_TEST_DATABASE_NAME; else SQLite in a temporary directory), migrates it,
+imports the file with annotate.importing.import_file (validation pass, then add_pairs in one transaction)
+and prints rows/s, the RSS just before the import (/proc/self/status VmRSS) and the process's peak RSS
+(resource.getrusage). Each size runs in its own process, so each peak is that run's own; if the import
+held the file in memory, peak minus before would grow with N, while a streaming import stays flat.
 
     .venv/bin/python benchmarks/import_memory.py                      # 10,000 and 100,000 rows, SQLite
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/pairloop REDIS_URL=redis://127.0.0.1:6379/14 \\
@@ -34,11 +35,20 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_now_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def build_file(path: Path, rows: int) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for i in range(rows):
             row = {
-                "prompt": f"Question {i}: how would you explain topic {i % 977} to a newcomer in two sentences?",
+                "prompt": f"Question {i}: how would you explain topic {i % 977} to a newcomer in two "
+                          "sentences?",
                 "response_a": f"Answer A{i}. " + "A careful explanation of the idea, step by step. " * 4,
                 "response_b": f"Answer B{i}. " + "A shorter, looser take on the same idea. " * 3,
             }
@@ -57,6 +67,12 @@ def run_one(rows: int) -> dict:
     if "REDIS_URL" not in os.environ:
         settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
         settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Its own throwaway database, so it never clobbers a test database someone else is using.
+    default_db = settings.DATABASES["default"]
+    if not os.environ.get("PAIRLOOP_TEST_DATABASE_NAME"):
+        bench_name = (str(scratch / "bench.sqlite3") if default_db["ENGINE"].endswith("sqlite3")
+                      else "pairloop_bench_import")
+        default_db["TEST"] = {**default_db.get("TEST", {}), "NAME": bench_name}
     django.setup()
     from django.db import connection
 
@@ -69,7 +85,7 @@ def run_one(rows: int) -> dict:
         from annotate.models import Campaign, Pair
 
         campaign = Campaign.objects.create(slug="bench", name="Bench")
-        before = rss_mib()
+        before = rss_now_mib()
         started = time.perf_counter()
         result = import_file(campaign, path)
         seconds = time.perf_counter() - started
@@ -88,7 +104,8 @@ def run_one(rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="10000,100000", help="comma-separated sizes, each run in its own process")
+    parser.add_argument("--rows", default="10000,100000",
+                        help="comma-separated sizes, each run in its own process")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size here
     opts = parser.parse_args()
     if opts.one:
@@ -104,11 +121,13 @@ def main() -> None:
           f"{'peak RSS MiB':>13}")
     for r in results:
         print(f"{r['rows']:>8} {r['file_mib']:>9} {r['database']:>10} {r['seconds']:>8} {r['rows_per_s']:>8} "
-              f"{r['rss_before_mib']:>15} {r['peak_rss_mib']:>13}   created {r['created']}, skipped {r['skipped']}")
+              f"{r['rss_before_mib']:>15} {r['peak_rss_mib']:>13}   "
+              f"created {r['created']}, skipped {r['skipped']}")
     if len(results) > 1:
         low, high = results[0], results[-1]
-        growth = (high["peak_rss_mib"] - high["rss_before_mib"]) / max(1.0, low["peak_rss_mib"] - low["rss_before_mib"])
-        print(f"{high['rows'] // low['rows']}x the rows: import's own memory (peak - before) grew {growth:.2f}x")
+        own = [r["peak_rss_mib"] - r["rss_before_mib"] for r in (low, high)]
+        print(f"{high['rows'] // low['rows']}x the rows: the import's own memory (peak - before) went from "
+              f"{own[0]:.1f} to {own[1]:.1f} MiB")
     print(json.dumps(results))
 
 

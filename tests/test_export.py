@@ -49,7 +49,8 @@ def judged(labeler):
 
 
 def as_tuples(rows):
-    return sorted((r["prompt"], r["chosen"], r["rejected"], round(r["margin"], 6), r["labeler"]) for r in rows)
+    return sorted((r["prompt"], r["chosen"], r["rejected"], round(r["margin"], 6), r["labeler"])
+                  for r in rows)
 
 
 def rounded(expected):
@@ -198,17 +199,18 @@ def test_trl_reward_trainer_takes_a_step_on_the_export(labeler, tmp_path):
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id))
     before = [p.detach().clone() for p in model.parameters()]
-    config = RewardConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=len(dataset),
-                          learning_rate=1e-2, max_length=64, use_cpu=True, report_to="none", save_strategy="no",
-                          logging_steps=1, disable_tqdm=True, activation_checkpointing=False)
+    config = RewardConfig(output_dir=str(tmp_path / "out"), max_steps=1,
+                          per_device_train_batch_size=len(dataset), learning_rate=1e-2, max_length=64,
+                          use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+                          disable_tqdm=True, activation_checkpointing=False)
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
     output = trainer.train()
 
     assert output.global_step == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    # At initialisation both rewards are ~0, so TRL's loss -logsigmoid(r_c - r_r - margin) is ~softplus(margin):
-    # it read our margins (4 pairs at 1.0 and 2 at 1/3 would not give log 2, the loss without margins).
+    # At initialisation both rewards are ~0, so TRL's loss -logsigmoid(r_c - r_r - margin) is about the mean
+    # softplus(margin): it read our margins (without them the loss would be log 2).
     margins = dataset["margin"]
     expected = sum(math.log1p(math.exp(m)) for m in margins) / len(margins)
     assert sorted(margins) == [1 / 3] * 2 + [1.0] * 6

@@ -74,8 +74,8 @@ WRITERS = {
 
 
 def pair_texts(campaign) -> set[tuple[str, str, str]]:
-    return {(p.prompt.text, p.response_a.text, p.response_b.text)
-            for p in Pair.objects.filter(campaign=campaign).select_related("prompt", "response_a", "response_b")}
+    pairs = Pair.objects.filter(campaign=campaign).select_related("prompt", "response_a", "response_b")
+    return {(p.prompt.text, p.response_a.text, p.response_b.text) for p in pairs}
 
 
 # --- formats and shapes -----------------------------------------------------------------------
@@ -177,8 +177,8 @@ def test_it_reads_trl_conversational_pairs_with_and_without_an_explicit_prompt(t
 def test_it_imports_a_datasets_dict_directory_by_its_train_split(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    DatasetDict({"train": Dataset.from_list(AB_ROWS[:3]), "test": Dataset.from_list(AB_ROWS[3:])}).save_to_disk(
-        str(tmp_path / "dd"))
+    splits = DatasetDict({"train": Dataset.from_list(AB_ROWS[:3]), "test": Dataset.from_list(AB_ROWS[3:])})
+    splits.save_to_disk(str(tmp_path / "dd"))
     campaign = make_campaign("dd")
     assert import_file(campaign, tmp_path / "dd").created == 3
 

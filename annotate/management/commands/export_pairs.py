@@ -18,8 +18,10 @@ class Command(BaseCommand):
         parser.add_argument("--format", choices=FORMATS, default="jsonl",
                             help="jsonl, parquet, or hf (a datasets save_to_disk directory)")
         parser.add_argument("--raw", action="store_true",
-                            help="every judgment: choice, strength, shown order, milliseconds, rationale, labeler")
-        parser.add_argument("--no-simulated", action="store_true", help="leave out simulated labelers' judgments")
+                            help="every judgment: choice, strength, shown order, milliseconds, rationale, "
+                                 "labeler")
+        parser.add_argument("--no-simulated", action="store_true",
+                            help="leave out simulated labelers' judgments")
 
     def handle(self, *args, **options):
         try:

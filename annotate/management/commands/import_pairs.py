@@ -1,4 +1,4 @@
-"""manage.py import_pairs CAMPAIGN_SLUG PATH: add pairs from a JSONL, CSV, Parquet file or a datasets directory."""
+"""manage.py import_pairs CAMPAIGN_SLUG PATH: add pairs from JSONL, CSV, Parquet or a datasets directory."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ class Command(BaseCommand):
         parser.add_argument("campaign", help="the campaign's slug")
         parser.add_argument("path", help="file (.jsonl, .json, .csv, .parquet, optionally .gz) or directory")
         parser.add_argument("--pairs-per-prompt", type=int, default=None,
-                            help="for rows with a `responses` list: sample this many pairs per row (default: all)")
+                            help="for rows with a `responses` list: sample this many pairs per row "
+                                 "(default: all)")
         parser.add_argument("--seed", type=int, default=0, help="seed for --pairs-per-prompt sampling")
-        parser.add_argument("--priority", type=int, default=0, help="queue priority of the new pairs (higher first)")
+        parser.add_argument("--priority", type=int, default=0,
+                            help="queue priority of the new pairs (higher first)")
 
     def handle(self, *args, **options):
         try:
