@@ -174,6 +174,9 @@ def test_it_cancels_a_queued_job_at_once(chains):
     # Its task, arriving later, does not run it, and the chain stops there.
     assert runner.execute(job.pk, "late-task") is False
     assert round_.status() == Job.CANCELLED
+    # Only the round's current job can be cancelled: a later one waits for it.
+    with pytest.raises(actions.RoundRefused, match="cancel the round's current job"):
+        actions.cancel_job(round_.jobs.get(kind=Job.ENQUEUE))
 
 
 @pytest.mark.django_db
@@ -377,9 +380,10 @@ def test_it_launches_a_round_from_the_form(chains, admin_user, django_capture_on
     assert round_.config["ppo_steps"] == 5 and round_.launched_by == admin_user and len(chains) == 1
     page = client.get(response["Location"])
     for job in round_.jobs.all():
-        for element in (f'id="job-{job.pk}"', f'id="job-{job.pk}-progress"', f'id="job-{job.pk}-charts"',
-                        f'id="job-{job.pk}-cancel"'):
+        for element in (f'id="job-{job.pk}"', f'id="job-{job.pk}-progress"', f'id="job-{job.pk}-charts"'):
             assert element.encode() in page.content
+        # Cancel stops the round at its current job: the only one with the button.
+        assert (f'id="job-{job.pk}-cancel"'.encode() in page.content) == (job.kind == Job.EXPORT)
     assert b"plotly/plotly.min.js" in page.content and f'ws-connect="/ws/rounds/{round_.pk}/"'.encode() in page.content
     bad = client.post(f"/campaigns/{campaign.slug}/rounds/", {**form, "ppo_batch_size": 10, "ppo_mini_batch_size": 4})
     assert b"ppo_batch_size must be a multiple" in bad.content

@@ -119,10 +119,13 @@ def _start_chain(job_ids: list[int]) -> None:
 
 
 def cancel_job(job: Job) -> Job:
-    """Stop a job: a queued one is cancelled at once, a running one at its next step boundary
-    (the worker's progress callback sees cancel_requested and raises)."""
+    """Stop a round at its current job: a queued one is cancelled at once, a running one at its next
+    step boundary (the worker's progress callback sees cancel_requested and raises). Later jobs stay
+    queued (a resume runs them); they never start while an earlier one has not succeeded."""
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
+        if Job.objects.filter(round_id=job.round_id, order__lt=job.order).exclude(status=Job.SUCCEEDED).exists():
+            raise RoundRefused("An earlier job of this round has not finished: cancel the round's current job.")
         now = timezone.now()
         if job.status == Job.QUEUED:
             job.status, job.finished_at = Job.CANCELLED, now

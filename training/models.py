@@ -60,15 +60,21 @@ class Round(models.Model):
         return f"round-{self.pk}"
 
     def status(self) -> str:
+        """running while any job runs; else failed or cancelled when one is; succeeded when all are;
+        queued before the first job starts, running between jobs."""
         statuses = [job.status for job in self.jobs.all()]
         if not statuses:
             return Job.QUEUED
-        for status in (Job.FAILED, Job.CANCELLED, Job.RUNNING):
+        for status in (Job.RUNNING, Job.FAILED, Job.CANCELLED):
             if status in statuses:
                 return status
         if all(s == Job.SUCCEEDED for s in statuses):
             return Job.SUCCEEDED
         return Job.QUEUED if all(s == Job.QUEUED for s in statuses) else Job.RUNNING
+
+    def current_job(self) -> Job | None:
+        """The job the round is at: the first one that has not succeeded (None when all have)."""
+        return next((job for job in self.jobs.all() if job.status != Job.SUCCEEDED), None)
 
     def is_active(self) -> bool:
         """Queued or running. A round whose job failed or was cancelled is not, though its later jobs

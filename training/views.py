@@ -86,7 +86,10 @@ def _job_response(request, job: Job):
 @require_POST
 def job_cancel(request, round_id, job_id):
     job = job_for_admin(request, round_id, job_id)
-    actions.cancel_job(job)
+    try:
+        actions.cancel_job(job)
+    except actions.RoundRefused as exc:
+        messages.error(request, str(exc))
     return _job_response(request, job)
 
 
