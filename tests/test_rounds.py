@@ -12,14 +12,14 @@ from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.testing import WebsocketCommunicator
 from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
-from annotate.models import Judgment, Pair, Response
+from annotate.models import Judgment, Pair, Response, content_hash
 from tests.conftest import PASSWORD, make_campaign, make_user
 from training import actions, live, runner
 from training.config import build_config
@@ -431,8 +431,6 @@ def test_it_reviews_a_round_with_escaped_outputs_scores_and_human_win_rates_apar
     prompt = campaign.prompts.get(pk=prompt_id).text
     evil = "<script>alert('x')</script>"
     sample_job = round_.jobs.get(kind=Job.SAMPLE)
-    from annotate.models import content_hash
-
     for job in round_.jobs.order_by("order"):
         succeed(job)
     Job.objects.filter(pk=sample_job.pk).update(result={

@@ -39,7 +39,8 @@ def database_url_for_worker() -> str:
 
 
 class Worker:
-    def __init__(self, *, queues: str = "default,training", env: dict[str, str] | None = None, purge: bool = False):
+    def __init__(self, *, queues: str = "default,training", env: dict[str, str] | None = None,
+                 purge: bool = False):
         self.queues, self.extra_env, self.purge = queues, dict(env or {}), purge
         self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
         self.log_path = Path(tempfile.mkstemp(prefix="pairloop-worker-", suffix=".log")[1])
@@ -50,14 +51,14 @@ class Worker:
         env.update({"DATABASE_URL": database_url_for_worker(), "DJANGO_SETTINGS_MODULE": "pairloop.settings",
                     "PYTHONUNBUFFERED": "1"})
         env.update(self.extra_env)
-        command = [sys.executable, "-m", "celery", "-A", "pairloop", "worker", "-Q", self.queues, "-n", self.name,
-                   "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-                   "--without-heartbeat"]
+        command = [sys.executable, "-m", "celery", "-A", "pairloop", "worker", "-Q", self.queues,
+                   "-n", self.name, "--concurrency", "1", "--loglevel", "INFO", "--without-gossip",
+                   "--without-mingle", "--without-heartbeat"]
         if self.purge:
             command.append("--purge")  # messages left in the broker by earlier runs
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if "ready." in self.log():

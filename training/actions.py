@@ -88,15 +88,15 @@ def launch_round(campaign: Campaign, user, config: RoundConfig) -> Round:
         usable = usable_judgments(campaign)
         if usable < minimum:
             raise RoundRefused(
-                f"Not enough judgments to train on: {usable} usable (A or B preferred), at least {minimum} needed "
-                f"(PAIRLOOP_MIN_JUDGMENTS). Label {minimum - usable} more pairs first."
+                f"Not enough judgments to train on: {usable} usable (A or B preferred), at least "
+                f"{minimum} needed (PAIRLOOP_MIN_JUDGMENTS). Label {minimum - usable} more pairs first."
             )
         running = active_round(campaign)
         if running is not None:
             raise RoundRefused(f"Round {running.number} of this campaign is still {running.status()}: "
                                "two rounds of one campaign never run at once. Wait for it or cancel it.")
-        last = Round.objects.filter(campaign=campaign).order_by("-number").values_list("number", flat=True).first()
-        number = (last or 0) + 1
+        numbers = Round.objects.filter(campaign=campaign).order_by("-number").values_list("number", flat=True)
+        number = (numbers.first() or 0) + 1
         stored = config.as_dict()
         stored["base_policy"] = base_policy(campaign, config.preset)
         stored["usable_judgments"] = usable
@@ -124,8 +124,10 @@ def cancel_job(job: Job) -> Job:
     queued (a resume runs them); they never start while an earlier one has not succeeded."""
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
-        if Job.objects.filter(round_id=job.round_id, order__lt=job.order).exclude(status=Job.SUCCEEDED).exists():
-            raise RoundRefused("An earlier job of this round has not finished: cancel the round's current job.")
+        earlier = Job.objects.filter(round_id=job.round_id, order__lt=job.order).exclude(status=Job.SUCCEEDED)
+        if earlier.exists():
+            raise RoundRefused("An earlier job of this round has not finished: "
+                               "cancel the round's current job.")
         now = timezone.now()
         if job.status == Job.QUEUED:
             job.status, job.finished_at = Job.CANCELLED, now
@@ -201,7 +203,8 @@ def _mine(job_id: int, task_id: str):
     return Job.objects.filter(pk=job_id, status=Job.RUNNING, celery_task_id=task_id)
 
 
-def record_progress(job_id: int, task_id: str, *, step: int, total: int, metrics: list, log_text: str) -> bool:
+def record_progress(job_id: int, task_id: str, *, step: int, total: int, metrics: list,
+                    log_text: str) -> bool:
     """Write a running job's progress, metric points and log tail, and refresh its heartbeat.
 
     Returns whether a cancel was requested. Raises JobLost when this task no longer owns the job.
@@ -282,8 +285,8 @@ def fail_stale_jobs(now=None) -> list[Job]:
     for job in Job.objects.filter(status=Job.RUNNING, heartbeat_at__lt=cutoff).select_related("round"):
         seen = job.heartbeat_at
         ago = int((now - seen).total_seconds())
-        error = (f"The worker stopped: no heartbeat for {ago} s (a job is marked failed after {stale_after} s "
-                 f"of silence). It was probably killed or lost its connection at "
+        error = (f"The worker stopped: no heartbeat for {ago} s (a job is marked failed after "
+                 f"{stale_after} s of silence). It was probably killed or lost its connection at "
                  f"{timezone.localtime(seen):%Y-%m-%d %H:%M:%S}. Resume continues from the last checkpoint.")
         if Job.objects.filter(pk=job.pk, status=Job.RUNNING, heartbeat_at=seen).update(
                 status=Job.FAILED, finished_at=now, error=error,

@@ -66,8 +66,8 @@ class RoundConfig:
             problems.append(f"preset must be one of {', '.join(PRESETS)}")
         if self.pairing not in PAIRINGS:
             problems.append(f"pairing must be one of {', '.join(PAIRINGS)}")
-        for name in ("reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size", "ppo_mini_batch_size",
-                     "ppo_max_new_tokens", "sample_prompts", "sample_per_prompt"):
+        for name in ("reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size",
+                     "ppo_mini_batch_size", "ppo_max_new_tokens", "sample_prompts", "sample_per_prompt"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.reward_max_length < 16:
@@ -93,9 +93,9 @@ class RoundConfig:
 PRESETS: dict[str, RoundConfig] = {
     "demo": RoundConfig(),
     # A test's round: seconds per job on a tiny model.
-    "tiny": RoundConfig(preset="tiny", reward_batch_size=8, reward_max_length=64, ppo_steps=3, ppo_batch_size=8,
-                        ppo_mini_batch_size=4, ppo_max_new_tokens=16, ppo_save_every=1, sample_prompts=6,
-                        sample_per_prompt=2),
+    "tiny": RoundConfig(preset="tiny", reward_batch_size=8, reward_max_length=64, ppo_steps=3,
+                        ppo_batch_size=8, ppo_mini_batch_size=4, ppo_max_new_tokens=16, ppo_save_every=1,
+                        sample_prompts=6, sample_per_prompt=2),
 }
 
 FIELDS = {f.name: f for f in fields(RoundConfig)}
@@ -114,7 +114,8 @@ def _read_field_docs() -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+        documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and documented:
             docs[node.target.id] = str(following.value.value)
     return docs
 
@@ -157,7 +158,7 @@ def build_config(preset: str = "demo", overrides: dict[str, Any] | None = None) 
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
-    """['ppo_steps=4', 'pairing=sft'] -> {'ppo_steps': '4', 'pairing': 'sft'}; dots or dashes in keys work too."""
+    """['ppo_steps=4', 'pairing=sft'] -> {'ppo_steps': '4', 'pairing': 'sft'}; ppo.steps works too."""
     values = {}
     for item in items:
         if "=" not in item:

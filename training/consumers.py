@@ -35,7 +35,8 @@ class RoundConsumer(AsyncWebsocketConsumer):
             await self.close()
             return
         try:
-            self.round = await database_sync_to_async(round_for_reviewer)(_Request(user), self.scope["url_route"]["kwargs"]["round_id"])
+            round_id = self.scope["url_route"]["kwargs"]["round_id"]
+            self.round = await database_sync_to_async(round_for_reviewer)(_Request(user), round_id)
         except Http404:
             await self.close()
             return

@@ -37,7 +37,7 @@ MAX_POINTS = 1000  # metric points kept per job; older ones are thinned out beyo
 
 
 class JobCancelled(Exception):
-    """Raised from the progress callback when an admin asked to cancel: the engine stops at a step boundary."""
+    """Raised from the progress callback when an admin asked to cancel: the engine stops at a step."""
 
 
 class RunnerError(Exception):
@@ -148,7 +148,8 @@ class Progress:
             self.metrics.pop()
         self.metrics.append({"step": step, **changed})
         if len(self.metrics) > MAX_POINTS:
-            self.metrics = self.metrics[: len(self.metrics) - MAX_POINTS // 2: 2] + self.metrics[-MAX_POINTS // 2:]
+            half = MAX_POINTS // 2
+            self.metrics = self.metrics[: len(self.metrics) - half: 2] + self.metrics[-half:]
 
     def _summary(self, stage: str, metrics: dict[str, Any]) -> str:
         shown = [f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and Job.is_chart_key(k)]
@@ -211,16 +212,17 @@ def execute(job_id: int, task_id: str) -> bool:
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the row
         message = _error_message(exc)
         progress.line(f"Failed: {message}")
-        actions.fail_job(job_id, task_id, error=f"{message}\n\n{traceback.format_exc()}", log_text=progress.log,
-                         metrics=progress.metrics, step=progress.step)
+        actions.fail_job(job_id, task_id, error=f"{message}\n\n{traceback.format_exc()}",
+                         log_text=progress.log, metrics=progress.metrics, step=progress.step)
         log.exception("job %s failed", job_id)
         return False
     finally:
         beat.stop()
     progress.line("Done.")
     try:
-        actions.finish_job(job_id, task_id, result=_jsonable(outcome.result), checkpoint_path=outcome.checkpoint_path,
-                           metrics=progress.metrics, log_text=progress.log, round_fields=outcome.round_fields)
+        actions.finish_job(job_id, task_id, result=_jsonable(outcome.result),
+                           checkpoint_path=outcome.checkpoint_path, metrics=progress.metrics,
+                           log_text=progress.log, round_fields=outcome.round_fields)
     except actions.JobLost:
         return False
     return True
@@ -402,7 +404,8 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
     per_policy = len(texts) * config.sample_per_prompt
     total = per_policy * (2 if other_checkpoint else 1)
     generation = {"max_new_tokens": config.ppo_max_new_tokens, "temperature": config.sample_temperature,
-                  "top_p": 1.0, "num_per_prompt": config.sample_per_prompt, "seed": config.seed + round_.number}
+                  "top_p": 1.0, "num_per_prompt": config.sample_per_prompt,
+                  "seed": config.seed + round_.number}
     kwargs = dict(num_per_prompt=config.sample_per_prompt, max_new_tokens=config.ppo_max_new_tokens,
                   temperature=config.sample_temperature, seed=config.seed + round_.number, device=device())
     progress.section(0, total)
@@ -412,7 +415,8 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
     if other_checkpoint:
         progress.section(per_policy, total)
         progress.line(f"Sampling {per_policy} responses from the {label} ({other_checkpoint})")
-        other = sample_responses(ensure_policy(other_checkpoint, config.preset), texts, on_progress=progress, **kwargs)
+        other_policy = ensure_policy(other_checkpoint, config.preset)
+        other = sample_responses(other_policy, texts, on_progress=progress, **kwargs)
 
     progress.line("Scoring the responses with this round's reward model")
     shown = _review_texts(round_, rows, new, other)
@@ -430,8 +434,9 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
         got = [scores[content_hash(s["prompt"], r)] for s in samples for r in s[side]]
         return sum(got) / len(got) if got else None
 
-    result = {"samples": samples, "scores": scores, "opponent": label, "opponent_checkpoint": other_checkpoint,
-              "new_checkpoint": round_.policy_checkpoint, "generation": generation,
+    result = {"samples": samples, "scores": scores, "opponent": label,
+              "opponent_checkpoint": other_checkpoint, "new_checkpoint": round_.policy_checkpoint,
+              "generation": generation,
               "sample/reward_new": mean_score("new"), "sample/reward_opponent": mean_score("other")}
     result.update(_rule_judge_summary(samples))
     progress.set(total, total)
@@ -444,19 +449,20 @@ def _review_texts(round_: Round, rows, new, other) -> set[tuple[str, str]]:
     texts = {text for _, text in rows}
     shown = {(text, r) for (_, text), rs in zip(rows, new) for r in rs}
     shown |= {(text, r) for (_, text), rs in zip(rows, other) for r in rs}
-    earlier = Job.objects.filter(round__campaign=round_.campaign, round__number__lt=round_.number, kind=Job.SAMPLE,
-                                 status=Job.SUCCEEDED)
+    earlier = Job.objects.filter(round__campaign=round_.campaign, round__number__lt=round_.number,
+                                 kind=Job.SAMPLE, status=Job.SUCCEEDED)
     for result in earlier.values_list("result", flat=True):
         for sample in (result or {}).get("samples", []):
             if sample["prompt"] in texts:
                 shown |= {(sample["prompt"], r) for r in sample["new"]}
-    initial = Response.objects.filter(prompt_id__in=[pid for pid, _ in rows], source__in=[Response.SEED, Response.IMPORT])
+    initial = Response.objects.filter(prompt_id__in=[pid for pid, _ in rows],
+                                      source__in=[Response.SEED, Response.IMPORT])
     shown |= set(initial.values_list("prompt__text", "text"))
     return {(p, r) for p, r in shown if r.strip()}
 
 
 def _rule_judge_summary(samples: list[dict]) -> dict[str, float]:
-    """For demo prompts: the demo rule judge's mean score of each side (what the simulated labeler prefers)."""
+    """For demo prompts: the demo rule judge's mean score of each side (what simulated labelers prefer)."""
     from training.engine import demo_tasks
 
     summary = {}

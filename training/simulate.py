@@ -45,7 +45,8 @@ def make_judge(spec: str, device: str = "auto") -> Judge:
 
         name = spec[len(RULE):]
         if name not in demo_tasks.RULE_JUDGES:
-            raise SimulationError(f"unknown rule judge {name!r}: known rules are {', '.join(sorted(demo_tasks.RULE_JUDGES))}")
+            known = ", ".join(sorted(demo_tasks.RULE_JUDGES))
+            raise SimulationError(f"unknown rule judge {name!r}: known rules are {known}")
         rule = demo_tasks.RULE_JUDGES[name]
         # Rule scores lie in [0, 1]: a wrong answer against a right one differs by about 0.5.
         return Judge(spec, lambda prompts, responses: [rule(p, r) for p, r in zip(prompts, responses)],
@@ -57,7 +58,8 @@ def make_judge(spec: str, device: str = "auto") -> Judge:
 
         path = spec[len(RM):]
         if not (Path(path) / "config.json").exists():
-            raise SimulationError(f"reward model {path!r} is not a save_pretrained directory (no config.json)")
+            raise SimulationError(f"reward model {path!r} is not a save_pretrained directory "
+                                  "(no config.json)")
         scorer = RewardScorer(path, device=device)
         # Bradley-Terry gaps: 0.5 / 1.5 / 3 nats are P(better) of about 0.62 / 0.82 / 0.95.
         return Judge(spec, lambda prompts, responses: scorer.score(prompts, responses).tolist(),
@@ -88,9 +90,10 @@ def strength_for(gap: float, steps: tuple[float, float, float]) -> int:
     return 1 + sum(gap >= step for step in steps)
 
 
-def simulate_labelers(campaign: Campaign, judge: Judge, *, noise: float = 0.25, count: int = 100, labelers: int = 1,
-                      seed: int = 0, on_judgment: Callable[[int], None] | None = None) -> SimulationResult:
-    """Record up to `count` judgments by `labelers` bots taking turns, until the queue has nothing for them."""
+def simulate_labelers(campaign: Campaign, judge: Judge, *, noise: float = 0.25, count: int = 100,
+                      labelers: int = 1, seed: int = 0,
+                      on_judgment: Callable[[int], None] | None = None) -> SimulationResult:
+    """Record up to `count` judgments by `labelers` bots taking turns, until the queue has none for them."""
     if not 0.0 <= noise <= 1.0:
         raise SimulationError(f"noise is a probability: 0 to 1, got {noise}")
     rng = random.Random(seed)
@@ -120,10 +123,12 @@ def simulate_labelers(campaign: Campaign, judge: Judge, *, noise: float = 0.25, 
             if rng.random() < noise:
                 choice = "b" if choice == "a" else "a"
                 result.flipped += 1
-        strength = strength_for(gap, judge.strength_steps) if choice in ("a", "b") and campaign.ask_strength else None
-        _, created = submit_judgment(assignment_id=assignment.pk, labeler=bot, choice=choice, strength=strength,
-                                     rationale=f"simulated by {judge.name}" if campaign.ask_rationale else "",
-                                     source=Judgment.SIMULATED)
+        strength = None
+        if choice in ("a", "b") and campaign.ask_strength:
+            strength = strength_for(gap, judge.strength_steps)
+        rationale = f"simulated by {judge.name}" if campaign.ask_rationale else ""
+        _, created = submit_judgment(assignment_id=assignment.pk, labeler=bot, choice=choice,
+                                     strength=strength, rationale=rationale, source=Judgment.SIMULATED)
         if created:
             result.judgments += 1
             result.by_choice[choice] = result.by_choice.get(choice, 0) + 1

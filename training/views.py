@@ -127,7 +127,8 @@ def review(round_: Round) -> dict | None:
     for number, res in (Job.objects.filter(round__campaign=round_.campaign, round__number__lt=round_.number,
                                            kind=Job.SAMPLE, status=Job.SUCCEEDED)
                         .order_by("round__number").values_list("round__number", "result")):
-        earlier[number] = {s["prompt"]: s["new"] for s in (res or {}).get("samples", []) if s["prompt"] in texts}
+        samples_then = (res or {}).get("samples", [])
+        earlier[number] = {s["prompt"]: s["new"] for s in samples_then if s["prompt"] in texts}
     initial: dict[str, list[str]] = {}
     for prompt, text in (Response.objects.filter(prompt_id__in=[s["prompt_id"] for s in samples],
                                                  source__in=[Response.SEED, Response.IMPORT])
@@ -150,8 +151,8 @@ def review(round_: Round) -> dict | None:
         if opponent:
             cells.append(cell(prompt, sample["other"]))
         rows.append({"prompt": prompt, "cells": cells})
-    summary = {key.split("/", 1)[1]: result.get(key) for key in ("sample/reward_new", "sample/reward_opponent",
-                                                                 "sample/judge_new", "sample/judge_other")}
+    keys = ("sample/reward_new", "sample/reward_opponent", "sample/judge_new", "sample/judge_other")
+    summary = {key.split("/", 1)[1]: result.get(key) for key in keys}
     return {"rows": rows, "columns": columns, "rates": rates, "summary": summary, "opponent": opponent}
 
 
@@ -167,6 +168,7 @@ def _win_rates(round_: Round) -> list[dict]:
         human, simulated = rates.get(Judgment.HUMAN), rates.get(Judgment.SIMULATED)
         if human is None and simulated is None:
             continue
-        against = "SFT policy" if other.config.get("pairing") == "sft" or other.number == 1 else "previous round"
+        sft = other.config.get("pairing") == "sft" or other.number == 1
+        against = "SFT policy" if sft else "previous round"
         rows.append({"round": other, "against": against, "human": human, "simulated": simulated})
     return rows

@@ -16,18 +16,20 @@ from training.models import Job, Round
 
 class Command(BaseCommand):
     help = ("Launch the next training round of a campaign: export -> reward model -> PPO -> sample -> "
-            "enqueue new pairs, as a Celery chain. With --wait, follow its jobs and exit non-zero if one fails.")
+            "enqueue new pairs, as a Celery chain. With --wait, follow its jobs and exit non-zero "
+            "if one fails.")
 
     def add_arguments(self, parser):
         parser.add_argument("campaign", help="campaign slug")
+        keys = ", ".join(f"{name} ({field_help(name).rstrip('.')})" for name in FIELDS if name != "preset")
         parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                            help="starting values: demo (minutes on 2 CPU cores) or tiny (seconds, for tests)")
+                            help="starting values: demo (minutes on 2 CPU cores) or tiny (for tests)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override one setting; keys: " + ", ".join(
-                                f"{name} ({field_help(name).rstrip('.')})" for name in FIELDS if name != "preset"))
+                            help=f"override one setting; keys: {keys}")
         parser.add_argument("--user", default="", help="username recorded as the launcher")
-        parser.add_argument("--wait", action="store_true", help="follow the jobs with a progress bar until the round ends")
-        parser.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the jobs with --wait")
+        parser.add_argument("--wait", action="store_true",
+                            help="follow the jobs with a progress bar until the round ends")
+        parser.add_argument("--poll", type=float, default=1.0, help="seconds between looks (--wait)")
 
     def handle(self, *args, **options):
         campaign = Campaign.objects.filter(slug=options["campaign"]).first()
@@ -43,8 +45,8 @@ class Command(BaseCommand):
             round_ = actions.launch_round(campaign, user, config)
         except (ValueError, actions.RoundRefused) as exc:
             raise CommandError(str(exc)) from None
-        self.stdout.write(self.style.SUCCESS(f"Launched round {round_.number} of {campaign.slug} (id {round_.pk}) "
-                                             f"from {round_.parent_policy}"))
+        self.stdout.write(self.style.SUCCESS(f"Launched round {round_.number} of {campaign.slug} "
+                                             f"(id {round_.pk}) from {round_.parent_policy}"))
         if options["wait"]:
             self.follow(round_, options["poll"])
 
@@ -64,8 +66,9 @@ class Command(BaseCommand):
                         continue
                     bar = bars.get(job.pk)
                     if bar is None:
-                        bar = bars[job.pk] = tqdm(desc=f"{job.order + 1}. {job.kind:<7}", total=job.total_steps or None,
-                                                  file=sys.stderr, dynamic_ncols=True, leave=True)
+                        bar = bars[job.pk] = tqdm(desc=f"{job.order + 1}. {job.kind:<7}",
+                                                  total=job.total_steps or None, file=sys.stderr,
+                                                  dynamic_ncols=True, leave=True)
                     if job.total_steps and bar.total != job.total_steps:
                         bar.total = job.total_steps
                     bar.n = job.step
@@ -77,7 +80,8 @@ class Command(BaseCommand):
                                        f"{job.error_summary() or 'no error text'}")
                 if all(job.status == Job.SUCCEEDED for job in jobs):
                     break
-                if not hinted and time.monotonic() - started_waiting > 30 and all(j.status == Job.QUEUED for j in jobs):
+                waited = time.monotonic() - started_waiting
+                if not hinted and waited > 30 and all(j.status == Job.QUEUED for j in jobs):
                     self.stderr.write("No worker has picked up the round yet: is one running? "
                                       "(celery -A pairloop worker -Q default,training)")
                     hinted = True

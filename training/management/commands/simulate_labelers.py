@@ -1,4 +1,5 @@
-"""manage.py simulate_labelers CAMPAIGN_SLUG --judge rule:NAME|rm:PATH --noise 0.25 --count N [--labelers 1]"""
+"""manage.py simulate_labelers CAMPAIGN_SLUG --judge rule:NAME|rm:PATH --noise 0.25 --count N
+[--labelers 1]"""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("campaign", help="campaign slug")
         parser.add_argument("--judge", default="rule:correct_sentence",
-                            help="rule:NAME (a demo rule judge, e.g. rule:correct_sentence) or rm:PATH (a reward model)")
-        parser.add_argument("--noise", type=float, default=0.25, help="probability of flipping each A/B choice (0-1)")
-        parser.add_argument("--count", type=int, default=100, help="judgments to record (fewer if the queue runs dry)")
+                            help="rule:NAME (a demo rule judge, e.g. rule:correct_sentence) "
+                                 "or rm:PATH (a reward model)")
+        parser.add_argument("--noise", type=float, default=0.25,
+                            help="probability of flipping each A/B choice (0-1)")
+        parser.add_argument("--count", type=int, default=100,
+                            help="judgments to record (fewer if the queue runs dry)")
         parser.add_argument("--labelers", type=int, default=1, help="bot accounts taking turns")
         parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
         parser.add_argument("--device", default="auto", help="device of an rm: judge")
@@ -41,6 +45,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         choices = ", ".join(f"{k} {v}" for k, v in sorted(result.by_choice.items())) or "none"
         self.stdout.write(self.style.SUCCESS(
-            f"Recorded {result.judgments} simulated judgments on {campaign.slug} ({choices}; {result.flipped} flipped)."))
+            f"Recorded {result.judgments} simulated judgments on {campaign.slug} "
+            f"({choices}; {result.flipped} flipped)."))
         if result.stopped == "empty":
             self.stdout.write("Stopped early: the queue has no pair left for these labelers.")
