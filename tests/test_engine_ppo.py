@@ -4,6 +4,7 @@ is refused before any step. CPU, a few seconds each; no network, no ../shared.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,16 @@ from training.engine.ppo import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A 0.1M-parameter model gains nothing from a second thread, and on a shared 2-core machine two
+    OpenMP threads per process wait on each other; restore the setting for the rest of the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +189,7 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path)
         [sys.executable, "-m", "training.engine.ppo", "--policy", tiny_policy, "--reward-model", "rule:correct",
          "--reward-weight", "2.0", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2",
          "--batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "8", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     final = json.loads(result.stdout.strip().splitlines()[-1])
@@ -188,7 +199,7 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path)
     bad = subprocess.run(
         [sys.executable, "-m", "training.engine.ppo", "--policy", tiny_policy, "--reward-model", "rule:nope",
          "--prompts", str(prompts), "--out", str(tmp_path / "bad")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert bad.returncode != 0
     assert "unknown rule judge" in json.loads(bad.stdout.strip().splitlines()[-1])["error"]

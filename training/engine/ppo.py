@@ -95,6 +95,8 @@ class PPOArgs:
     """Rollouts per step (TRL PPOv2 uses 64 per device x accumulation; Stiennon et al. 512)."""
     mini_batch_size: int = 16
     """Rollouts per gradient step; batch_size / mini_batch_size minibatches per epoch."""
+    generation_batch_size: int = 64
+    """Sequences sampled (and scored without gradients) together; larger amortises per-token overhead."""
     ppo_epochs: int = 2
     """Passes over each rollout batch (Ziegler et al. 2019 / TRL: 4; 2 trades sample reuse for speed on CPU)."""
     lr: float = 3e-5
@@ -393,35 +395,84 @@ class CombinedReward:
 # Forward pass over (query, response)
 
 
+MIN_SHARED_PREFIX = 8  # below this many tokens, sharing the prompt prefix is not worth a second call
+
+
+def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor) -> int:
+    """How many leading real tokens every (left-padded) query has in common, leaving at least one
+    token of each query to the per-row part. With the Alpaca template that is the fixed header
+    ("Below is an instruction ... ### Instruction:"), a third of the tokens of a demo episode."""
+    lengths = query_mask.sum(1)  # (B,)
+    shortest = int(lengths.min())
+    if shortest < 2:
+        return 0
+    starts = query_ids.shape[1] - lengths  # (B,) first real column of each row
+    columns = starts[:, None] + torch.arange(shortest, device=query_ids.device)[None]  # (B, shortest)
+    heads = query_ids.gather(1, columns)  # (B, shortest)
+    same = (heads == heads[:1]).all(0)  # (shortest,)
+    common = shortest if bool(same.all()) else int((~same).long().argmax())
+    return min(common, shortest - 1)
+
+
 def forward_response(model, value_head: ValueHead | None, query_ids, query_mask, response_ids, response_mask,
-                     temperature: float, autocast_dtype: torch.dtype | None = None):
+                     temperature: float, autocast_dtype: torch.dtype | None = None, share_prefix: bool = True):
     """Log-probs of the response tokens (under logits / temperature), their logits and values.
 
     query_ids (B, Tq) left-padded, response_ids (B, Tr) right-padded.
     Returns logprobs (B, Tr), logits (B, Tr, V) and values (B, Tr) (None without a value head).
+
+    When every query starts with the same k tokens (the prompt template's header), those are run
+    once with batch 1 and their keys/values repeated for the batch, in the same autograd graph, so
+    the result and its gradient are those of the full forward (an exact saving, not an approximation).
     """
-    tq, tr = query_ids.shape[1], response_ids.shape[1]
-    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Tq + Tr)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, Tq + Tr)
-    # Left padding: positions count real tokens only, as generation does ([N+ §"padding"]).
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq + Tr)
-    device_type = input_ids.device.type
-    with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.float32,
+    batch, tq = query_ids.shape
+    tr = response_ids.shape[1]
+    k = shared_prefix_length(query_ids, query_mask) if share_prefix else 0
+    cache = None
+    if k >= MIN_SHARED_PREFIX:
+        start = int(tq - query_mask[0].sum())
+        header = query_ids[:1, start:start + k]  # (1, k)
+        # Drop the header's k columns from each row, keeping its left padding: (B, Tq - k).
+        cols = torch.arange(tq - k, device=query_ids.device)[None]  # (1, Tq - k)
+        row_starts = (tq - query_mask.sum(1))[:, None]  # (B, 1)
+        source = torch.where(cols < row_starts, cols, cols + k)  # (B, Tq - k)
+        rest_ids, rest_mask = query_ids.gather(1, source), query_mask.gather(1, source)
+        input_ids = torch.cat([rest_ids, response_ids], dim=1)  # (B, Tq - k + Tr)
+        # [header | padding | instruction | response]: padding in the middle is masked out, and positions
+        # count real tokens only, so every token sees what it saw in the left-padded layout.
+        attention_mask = torch.cat([torch.ones_like(query_mask[:, :k]), rest_mask, response_mask], dim=1).long()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, k:]  # (B, Tq - k + Tr)
+    else:
+        k = 0
+        input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Tq + Tr)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, Tq + Tr)
+        # Left padding: positions count real tokens only, as generation does ([N+ §"padding"]).
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq + Tr)
+    with torch.autocast(device_type=input_ids.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
+        if k:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            model(input_ids=header, position_ids=torch.arange(k, device=header.device)[None], cache=cache,
+                  use_cache=True)
+            cache.batch_repeat_interleave(batch)  # (1, heads, k, d) -> (B, heads, k, d), differentiable
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache=cache,
             output_hidden_states=value_head is not None,
-            use_cache=False,
+            use_cache=cache is not None,
             logits_to_keep=tr + 1,  # only the logits that predict response tokens
         )
-    # The logit at position Tq-1+t predicts response token t.
+    # The logit at the last query position predicts response token 0, and so on.
     logits = out.logits[:, -(tr + 1):-1].float() / temperature  # (B, Tr, V)  [N+ §"temperature"]
     logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, response_ids.unsqueeze(-1)).squeeze(-1)  # (B, Tr)
     values = None
     if value_head is not None:
-        hidden = out.hidden_states[-1][:, tq - 1:tq + tr - 1]  # (B, Tr, H): state before each response token
+        tq_here = tq - k
+        hidden = out.hidden_states[-1][:, tq_here - 1:tq_here - 1 + tr]  # (B, Tr, H): state before each token
         values = value_head(hidden)  # (B, Tr)
     return logprobs, logits, values
 
@@ -511,7 +562,7 @@ def _prompt_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
 def _validate_args(args: PPOArgs) -> None:
     if not args.policy:
         raise EngineError("no policy given: pass --policy PATH")
-    positive = ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")
+    positive = ("steps", "batch_size", "mini_batch_size", "generation_batch_size", "ppo_epochs", "max_new_tokens")
     for name in positive:
         if int(getattr(args, name)) < 1:
             raise EngineError(f"{name} must be at least 1, got {getattr(args, name)}")
@@ -632,7 +683,7 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
             rollout = generate(
                 policy, tokenizer, [formatted[i] for i in batch_idx],
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                batch_size=max(args.mini_batch_size, 16),
+                batch_size=args.generation_batch_size,
                 generator=_step_generator(args.seed, step, 1, device),
             )
         query_ids, query_mask, response_ids, response_mask = trim_padding(
@@ -663,8 +714,8 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
         with torch.no_grad():
             old_logprobs, old_values, entropies = [], [], []
             ref_logprobs = []
-            for start in range(0, len(batch_idx), args.mini_batch_size):
-                sl = slice(start, start + args.mini_batch_size)
+            for start in range(0, len(batch_idx), args.generation_batch_size):
+                sl = slice(start, start + args.generation_batch_size)
                 lp, logits, v = forward_response(policy, value_head, query_ids[sl], query_mask[sl], response_ids[sl],
                                                  response_mask[sl], args.temperature, autocast_dtype)
                 old_logprobs.append(lp)
