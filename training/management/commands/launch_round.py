@@ -54,7 +54,8 @@ class Command(BaseCommand):
         """Progress bars per job until every job succeeded, or one failed or was cancelled."""
         from tqdm import tqdm
 
-        bars: dict[int, tqdm] = {}
+        bars: dict[int, tqdm] = {}  # jobs run one after another: one open bar at a time
+        done: set[int] = set()
         started_waiting = time.monotonic()
         hinted = False
         try:
@@ -62,7 +63,7 @@ class Command(BaseCommand):
                 actions.fail_stale_jobs()
                 jobs = list(Job.objects.filter(round=round_).order_by("order"))
                 for job in jobs:
-                    if job.status == Job.QUEUED:
+                    if job.status == Job.QUEUED or job.pk in done:
                         continue
                     bar = bars.get(job.pk)
                     if bar is None:
@@ -73,6 +74,9 @@ class Command(BaseCommand):
                         bar.total = job.total_steps
                     bar.n = job.step
                     bar.set_postfix_str(job.status, refresh=True)
+                    if job.status != Job.RUNNING:
+                        bar.close()
+                        done.add(job.pk)
                 ended = [job for job in jobs if job.status in (Job.FAILED, Job.CANCELLED)]
                 if ended:
                     job = ended[0]
