@@ -65,12 +65,13 @@ class Progress:
     """
 
     def __init__(self, job: Job, task_id: str, min_interval: float = 0.5, log_every: float = 5.0):
-        self.job_id, self.task_id = job.pk, task_id
+        self.job_id, self.round_id, self.task_id = job.pk, job.round_id, task_id
         self.step, self.total = job.step if job.attempts > 1 else 0, job.total_steps
         self.metrics: list[dict[str, Any]] = list(job.metrics) if job.attempts > 1 else []
         self.log = job.log
         self._last: dict[str, Any] = {}
         self._offset = 0
+        self._section_total = False
         self._written_at = 0.0
         self._logged_at = 0.0
         self.min_interval, self.log_every = min_interval, log_every
@@ -93,8 +94,6 @@ class Progress:
             force = True
         if not self.flush(force=force) and "step" in event and actions.cancel_requested(self.job_id):
             raise JobCancelled()  # between writes, a cancel is still seen at the very next step
-
-    _section_total = False
 
     def section(self, offset: int, total: int) -> None:
         """Report the next part's steps as offset + step, on a bar of `total` for the whole job."""
@@ -119,15 +118,10 @@ class Progress:
         self._written_at = now
         cancel = actions.record_progress(self.job_id, self.task_id, step=self.step, total=self.total,
                                          metrics=self.metrics, log_text=self.log)
-        live.job_progressed(self._round_id(), self.job_id)
+        live.job_progressed(self.round_id, self.job_id)
         if cancel:
             raise JobCancelled()
         return True
-
-    def _round_id(self) -> int:
-        if not hasattr(self, "_rid"):
-            self._rid = Job.objects.filter(pk=self.job_id).values_list("round_id", flat=True).first()
-        return self._rid
 
     # -- metric points ----------------------------------------------------------------------
     def _add_point(self, step: int, metrics: dict[str, Any]) -> None:
