@@ -14,8 +14,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import IntegrityError, transaction
-from django.db.models import Count, Exists, F, OuterRef, Subquery, Sum
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Exists, F, OuterRef, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -25,6 +25,7 @@ from annotate.models import Assignment, Campaign, Judgment, Pair, Prompt, Respon
 log = logging.getLogger(__name__)
 
 CANDIDATES_PER_CLAIM = 16
+CLAIM_ROUNDS = 5  # fresh candidate lists to try when others hold every candidate we saw
 
 
 class JudgmentError(ValueError):
@@ -35,22 +36,14 @@ class JudgmentError(ValueError):
 # The queue
 # ---------------------------------------------------------------------------------------------
 
-def _live_leases(now):
-    """Subquery: live (unexpired, unfinished, unskipped) leases on the outer pair."""
-    return (
-        Assignment.objects.filter(pair=OuterRef("pk"), completed_at__isnull=True, skipped=False, expires_at__gt=now)
-        .order_by()
-        .values("pair")
-        .annotate(n=Count("*"))
-        .values("n")
-    )
-
-
 def _count_live_leases(pair_id: int, now, exclude_id: int | None = None) -> int:
-    leases = Assignment.objects.filter(pair_id=pair_id, completed_at__isnull=True, skipped=False, expires_at__gt=now)
-    if exclude_id is not None:
-        leases = leases.exclude(pk=exclude_id)
-    return leases.count()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT count(*) FROM {Assignment._meta.db_table} WHERE pair_id = %s AND completed_at IS NULL
+                AND NOT skipped AND expires_at > %s AND id <> %s""",
+            [pair_id, now, exclude_id or 0],
+        )
+        return cursor.fetchone()[0]
 
 
 def judged_today(campaign: Campaign, labeler, now=None) -> int:
@@ -68,13 +61,29 @@ def judgments_left(campaign: Campaign) -> int:
         )["wanted"]
         return int(total)
 
-    return cache.get_or_set(f"campaign-{campaign.pk}-left", compute, timeout=5)
+    key, fresh = _left_keys(campaign)
+    cached = cache.get_many([key, fresh])
+    value = cached.get(key)
+    if value is not None and fresh in cached:
+        return value
+    # One request recomputes; the others keep showing the last value meanwhile.
+    if value is None or cache.add(key + "-lock", 1, timeout=30):
+        value = compute()
+        cache.set(key, value, timeout=None)
+        cache.set(fresh, 1, timeout=15)
+        cache.delete(key + "-lock")
+    return value
+
+
+def _left_keys(campaign: Campaign) -> tuple[str, str]:
+    key = f"campaign-{campaign.pk}-left"
+    return key, key + "-fresh"
 
 
 @dataclass
 class Claim:
     assignment: Assignment | None
-    reason: str = ""  # why there is no assignment: "empty" or "cap"
+    reason: str = ""  # why there is no assignment: "empty", "cap" or "busy" (all taken; try again)
 
 
 def claim_next_pair(campaign: Campaign, labeler, now=None) -> Claim:
@@ -87,13 +96,21 @@ def claim_next_pair(campaign: Campaign, labeler, now=None) -> Claim:
     counted again under the lock, so concurrent claims never exceed the overlap.
     """
     now = now or timezone.now()
-    mine = (
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT a.id FROM {Assignment._meta.db_table} a JOIN {Pair._meta.db_table} p ON p.id = a.pair_id
+                WHERE a.labeler_id = %s AND p.campaign_id = %s AND a.completed_at IS NULL AND NOT a.skipped
+                  AND a.expires_at > %s LIMIT 1""",
+            [labeler.pk, campaign.pk, now],
+        )
+        holds_one = cursor.fetchone() is not None
+    mine = holds_one and (
         Assignment.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b")
         .filter(labeler=labeler, pair__campaign=campaign, completed_at__isnull=True, skipped=False, expires_at__gt=now)
         .order_by("created_at")
         .first()
     )
-    if mine is not None:
+    if mine:
         return Claim(mine)
     if campaign.daily_cap is not None and judged_today(campaign, labeler, now) >= campaign.daily_cap:
         return Claim(None, "cap")
@@ -103,45 +120,77 @@ def claim_next_pair(campaign: Campaign, labeler, now=None) -> Claim:
         gold = _claim_gold(campaign, labeler, seen_by_me, now)
         if gold is not None:
             return Claim(gold)
-    candidates = list(
-        Pair.objects.filter(campaign=campaign, is_open=True, gold_choice="")
-        .exclude(Exists(seen_by_me))
-        .annotate(leases=Coalesce(Subquery(_live_leases(now)), 0))
-        .filter(judgments_count__lt=campaign.overlap - F("leases"))
-        .order_by("-priority", "id")
-        .values_list("id", flat=True)[:CANDIDATES_PER_CLAIM]
-    )
-    for pair_id in candidates:
-        with transaction.atomic():
-            pair = (
-                Pair.objects.select_for_update(skip_locked=True, of=("self",))
-                .filter(pk=pair_id, is_open=True)
-                .first()
+    for _ in range(CLAIM_ROUNDS):
+        candidates = _candidates(campaign, labeler, now)
+        if not candidates:
+            return Claim(None, "empty")
+        for pair_id in candidates:
+            assignment = _lease(campaign, labeler, pair_id, now)
+            if assignment is not None:
+                return Claim(assignment)
+        # Every candidate was taken while we looked (others hold them): look again.
+    return Claim(None, "busy")
+
+
+def _candidates(campaign: Campaign, labeler, now) -> list[int]:
+    """Open pairs this labeler never had, with room under the overlap: best priority first, then
+    oldest first. Labelers arriving together do not wait on each other: a candidate another claim
+    has locked is skipped (SKIP LOCKED) and the next one tried."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT p.id FROM {Pair._meta.db_table} p
+                WHERE p.campaign_id = %s AND p.is_open AND p.gold_choice = ''
+                  AND NOT EXISTS (SELECT 1 FROM {Assignment._meta.db_table} s
+                                  WHERE s.pair_id = p.id AND s.labeler_id = %s)
+                  AND p.judgments_count + (SELECT count(*) FROM {Assignment._meta.db_table} l
+                                           WHERE l.pair_id = p.id AND l.completed_at IS NULL
+                                             AND NOT l.skipped AND l.expires_at > %s) < %s
+                ORDER BY p.priority DESC, p.id LIMIT %s""",
+            [campaign.pk, labeler.pk, now, campaign.overlap, CANDIDATES_PER_CLAIM],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _lease(campaign: Campaign, labeler, pair_id: int, now) -> Assignment | None:
+    """Lock one candidate (skipping it if another claim holds it), recount under the lock, lease it."""
+    skip_locked = "FOR UPDATE OF p SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                f"""SELECT p.judgments_count, p.prompt_id, p.response_a_id, p.response_b_id, p.gold_choice,
+                           pr.text, ra.text, rb.text
+                    FROM {Pair._meta.db_table} p
+                    JOIN {Prompt._meta.db_table} pr ON pr.id = p.prompt_id
+                    JOIN {Response._meta.db_table} ra ON ra.id = p.response_a_id
+                    JOIN {Response._meta.db_table} rb ON rb.id = p.response_b_id
+                    WHERE p.id = %s AND p.is_open {skip_locked}""",
+                [pair_id],
             )
-            if pair is None:
-                continue  # another labeler holds it right now
-            if pair.judgments_count + _count_live_leases(pair.pk, now) >= campaign.overlap:
-                continue
-            try:
-                with transaction.atomic():
-                    assignment = Assignment.objects.create(
-                        pair=pair,
-                        labeler=labeler,
-                        a_on_left=random.random() < 0.5,
-                        created_at=now,
-                        shown_at=now,
-                        expires_at=now + timedelta(seconds=campaign.lease_seconds),
-                    )
-            except IntegrityError:
-                continue  # this labeler claimed it in another tab a moment ago
-        assignment = Assignment.objects.select_related(
-            "pair__prompt", "pair__response_a", "pair__response_b"
-        ).get(pk=assignment.pk)
-        return Claim(assignment)
-    if candidates:
-        # Every candidate was taken while we looked: try once more on a fresh list.
-        return claim_next_pair(campaign, labeler, now) if random.random() < 0.9 else Claim(None, "empty")
-    return Claim(None, "empty")
+            row = cursor.fetchone()
+            if row is None:
+                return None  # another labeler holds it right now
+            count, prompt_id, a_id, b_id, gold, prompt_text, a_text, b_text = row
+            if count + _count_live_leases(pair_id, now) >= campaign.overlap:
+                return None
+            a_on_left = random.random() < 0.5
+            expires = now + timedelta(seconds=campaign.lease_seconds)
+            cursor.execute(
+                f"""INSERT INTO {Assignment._meta.db_table}
+                    (pair_id, labeler_id, a_on_left, created_at, shown_at, expires_at, completed_at, skipped)
+                    VALUES (%s, %s, %s, %s, %s, %s, NULL, false) RETURNING id""",
+                [pair_id, labeler.pk, a_on_left, now, now, expires],
+            )
+            assignment_id = cursor.fetchone()[0]
+    except IntegrityError:
+        return None  # this labeler claimed it in another tab a moment ago
+    # Build the objects the page needs from the row we already have: no second round trip.
+    pair = Pair(id=pair_id, campaign=campaign, prompt_id=prompt_id, response_a_id=a_id, response_b_id=b_id,
+                judgments_count=count, gold_choice=gold, is_open=True)
+    pair.prompt = Prompt(id=prompt_id, campaign=campaign, text=prompt_text)
+    pair.response_a = Response(id=a_id, prompt_id=prompt_id, text=a_text)
+    pair.response_b = Response(id=b_id, prompt_id=prompt_id, text=b_text)
+    return Assignment(id=assignment_id, pair=pair, labeler=labeler, a_on_left=a_on_left, created_at=now,
+                      shown_at=now, expires_at=expires)
 
 
 def _claim_gold(campaign: Campaign, labeler, seen_by_me, now) -> Assignment | None:
@@ -186,57 +235,62 @@ def submit_judgment(
     now = now or timezone.now()
     if choice not in SHOWN_CHOICES:
         raise JudgmentError(f"unknown choice {choice!r}")
-    with transaction.atomic():
-        assignment = (
-            Assignment.objects.select_for_update(of=("self",))
-            .select_related("pair__campaign")
-            .get(pk=assignment_id, labeler=labeler)
-        )
-        existing = Judgment.objects.filter(assignment=assignment).first()
-        if existing is not None:
-            return existing, False
-        if assignment.skipped:
-            raise JudgmentError("you skipped this pair")
-        campaign = assignment.pair.campaign
-        canonical = SHOWN_CHOICES[choice]
-        if canonical not in campaign.choices_offered():
-            raise JudgmentError(f"this campaign does not offer '{dict(Judgment.CHOICES)[canonical]}'")
-        if canonical in (Judgment.A, Judgment.B) and campaign.ask_strength:
-            if strength is None:
-                raise JudgmentError("say how much better: strength 1 to 4")
-            if not 1 <= int(strength) <= 4:
-                raise JudgmentError("strength must be 1 to 4")
-            strength = int(strength)
-        else:
-            strength = None
-        if not assignment.a_on_left and canonical in (Judgment.A, Judgment.B):
-            canonical = Judgment.B if canonical == Judgment.A else Judgment.A
-        pair = Pair.objects.select_for_update().get(pk=assignment.pair_id)
-        if not assignment.is_live(now) and not pair.gold_choice:
-            taken = pair.judgments_count + _count_live_leases(pair.pk, now, exclude_id=assignment.pk)
-            if taken >= campaign.overlap:
-                raise JudgmentError("your lease on this pair ran out and others have judged it since")
-        try:
-            with transaction.atomic():
-                judgment = Judgment.objects.create(
-                    pair=pair,
-                    assignment=assignment,
-                    labeler=labeler,
-                    choice=canonical,
-                    strength=strength,
-                    rationale=(rationale or "").strip()[:5000] if campaign.ask_rationale else "",
-                    milliseconds=milliseconds if milliseconds is None else max(0, int(milliseconds)),
-                    a_on_left=assignment.a_on_left,
-                    source=source,
-                    created_at=now,
+    try:
+        with transaction.atomic():
+            assignment = (
+                Assignment.objects.select_for_update(of=("self",))
+                .select_related("pair__campaign")
+                .get(pk=assignment_id, labeler=labeler)
+            )
+            if assignment.completed_at is not None:
+                existing = Judgment.objects.filter(assignment=assignment).first()
+                if existing is not None:
+                    return existing, False
+            if assignment.skipped:
+                raise JudgmentError("you skipped this pair")
+            pair = assignment.pair
+            campaign = pair.campaign
+            canonical = SHOWN_CHOICES[choice]
+            if canonical not in campaign.choices_offered():
+                raise JudgmentError(f"this campaign does not offer '{dict(Judgment.CHOICES)[canonical]}'")
+            if canonical in (Judgment.A, Judgment.B) and campaign.ask_strength:
+                if strength is None:
+                    raise JudgmentError("say how much better: strength 1 to 4")
+                if not 1 <= int(strength) <= 4:
+                    raise JudgmentError("strength must be 1 to 4")
+                strength = int(strength)
+            else:
+                strength = None
+            if not assignment.a_on_left and canonical in (Judgment.A, Judgment.B):
+                canonical = Judgment.B if canonical == Judgment.A else Judgment.A
+            if not assignment.is_live(now) and not pair.gold_choice:
+                # The lease ran out: its slot may have gone to someone else. Count under the pair's lock.
+                pair = Pair.objects.select_for_update().get(pk=assignment.pair_id)
+                taken = pair.judgments_count + _count_live_leases(pair.pk, now, exclude_id=assignment.pk)
+                if taken >= campaign.overlap:
+                    raise JudgmentError("your lease on this pair ran out and others have judged it since")
+            judgment = Judgment.objects.create(
+                pair=pair,
+                assignment=assignment,
+                labeler=labeler,
+                choice=canonical,
+                strength=strength,
+                rationale=(rationale or "").strip()[:5000] if campaign.ask_rationale else "",
+                milliseconds=milliseconds if milliseconds is None else max(0, int(milliseconds)),
+                a_on_left=assignment.a_on_left,
+                source=source,
+                created_at=now,
+            )
+            with connection.cursor() as cursor:
+                cursor.execute(f"UPDATE {Assignment._meta.db_table} SET completed_at = %s WHERE id = %s",
+                               [now, assignment.pk])
+                cursor.execute(
+                    f"""UPDATE {Pair._meta.db_table} SET judgments_count = judgments_count + 1,
+                        is_open = (judgments_count + 1 < %s AND gold_choice = '') WHERE id = %s""",
+                    [campaign.overlap, pair.pk],
                 )
-        except IntegrityError:
-            return Judgment.objects.get(pair=pair, labeler=labeler), False
-        assignment.completed_at = now
-        assignment.save(update_fields=["completed_at"])
-        pair.judgments_count += 1
-        pair.is_open = pair.judgments_count < campaign.overlap and not pair.gold_choice
-        pair.save(update_fields=["judgments_count", "is_open"])
+    except IntegrityError:
+        return Judgment.objects.get(pair_id=assignment.pair_id, labeler=labeler), False
     return judgment, True
 
 
@@ -340,7 +394,7 @@ def add_pairs(
             _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
         if notify and result.created:
             transaction.on_commit(lambda: live.pairs_arrived(campaign, result.created))
-    cache.delete(f"campaign-{campaign.pk}-left")
+    cache.delete(_left_keys(campaign)[1])  # recount on the next page shown
     return result
 
 

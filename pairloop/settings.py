@@ -85,7 +85,10 @@ TEMPLATES = [
 # Database: DATABASE_URL (postgres://user@host:5432/name), else SQLite in the data directory.
 _default_db = f"sqlite:///{DATA_DIR / 'pairloop.sqlite3'}"
 try:
-    DATABASES = {"default": dj_database_url.parse(env.str("DATABASE_URL", _default_db), conn_max_age=60)}
+    # Persistent connections suit WSGI workers (gunicorn); under ASGI every request runs in a new
+    # thread with its own connection, so the default of 0 closes each one when its request ends.
+    DATABASES = {"default": dj_database_url.parse(env.str("DATABASE_URL", _default_db),
+                                                  conn_max_age=env.int("DATABASE_CONN_MAX_AGE", 0, minimum=0))}
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

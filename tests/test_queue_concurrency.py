@@ -61,7 +61,9 @@ def test_it_drains_100_pairs_with_50_labelers_at_once_to_exactly_k_judgments_eac
             while True:
                 claim = claim_next_pair(campaign, labeler)
                 if claim.assignment is None:
-                    assert claim.reason == "empty"
+                    assert claim.reason in ("empty", "busy")
+                    if claim.reason == "busy":
+                        continue  # others held every candidate for a moment: the page retries too
                     return
                 _, created = submit_judgment(assignment_id=claim.assignment.pk, labeler=labeler,
                                              choice=random.choice(["a", "b", "tie", "both_bad"]))
