@@ -29,7 +29,7 @@ from training.engine.reward import (
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the cat sat on a mat while dogs ran in green fields under blue sky and birds sang over old "
          "red houses near quiet rivers where children play with small boats every summer day").split()
-TIMING_KEYS = {"rm/pairs_per_second", "rm/train_seconds", "rm/loop_seconds"}
+TIMING_KEYS = {"rm/pairs_per_second", "rm/train_seconds", "rm/loop_seconds", "rm/loop_cpu_seconds"}
 
 
 def tiny_bert(path: Path, max_positions: int = 128) -> str:

@@ -130,7 +130,7 @@ def resume_dir(out: str | Path) -> Path:
 # Encoding: (prompt, response) -> token ids, truncating instead of dropping
 
 
-def is_encoder(config, tokenizer) -> bool:
+def is_encoder(config) -> bool:
     """True for BERT-like models (read a text pair, score at [CLS]); False for decoders (score the last token)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -153,7 +153,7 @@ class PairEncoder:
         from tokenizers import Tokenizer
 
         self.tokenizer = tokenizer
-        self.encoder = is_encoder(config, tokenizer)
+        self.encoder = is_encoder(config)
         self.max_length = max_length
         self.with_types = self.encoder and "token_type_ids" in tokenizer.model_input_names
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -420,6 +420,8 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     compute_dtype = pick_dtype(device, args.dtype)
     autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32
                 else nullcontext())
+    # fp16 needs loss scaling against underflowing gradients (Micikevicius et al. 2018); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
 
     # Resume from <out>.resume/ when it belongs to this run.
     state_dir = resume_dir(args.out)
@@ -461,15 +463,17 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
 
     step, train_seconds, pairs_seen, tokens_seen, padded_seen = 0, 0.0, 0, 0, 0
     loop_seconds, paused = 0.0, 0.0  # wall time of the loop; time spent evaluating and saving inside it
+    loop_cpu_seconds, paused_cpu = 0.0, 0.0  # the same in CPU time of this process (all threads)
     window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
     metrics: dict[str, Any] = {}
     if trainer_state:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
+        scaler.load_state_dict(trainer_state["scaler"])
         step = trainer_state["step"]
         train_seconds, pairs_seen = trainer_state["train_seconds"], trainer_state["pairs_seen"]
         tokens_seen, padded_seen = trainer_state["tokens_seen"], trainer_state["padded_seen"]
-        loop_seconds = trainer_state["loop_seconds"]
+        loop_seconds, loop_cpu_seconds = trainer_state["loop_seconds"], trainer_state["loop_cpu_seconds"]
         window, metrics = trainer_state["window"], trainer_state["metrics"]
         set_rng_state(trainer_state["rng"])
         on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": metrics,
@@ -479,16 +483,19 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         save_checkpoint(state_dir, stage=STAGE, args=args, step=step, metrics=metrics, data_version=version,
                         pretrained={"": _ModelAndTokenizer(model, tokenizer)},
                         trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "scaler": scaler.state_dict(),
                                        "rng": rng_state(), "step": step, "train_seconds": train_seconds,
                                        "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
                                        "padded_seen": padded_seen, "window": window, "metrics": metrics,
                                        "loop_seconds": loop_seconds + time.perf_counter() - loop_started - paused,
+                                       "loop_cpu_seconds": (loop_cpu_seconds + time.process_time() - loop_cpu_started
+                                                            - paused_cpu),
                                        "data_order": batch_order(lengths, args.batch_size, args.seed,
                                                                  step // steps_per_epoch, args.shuffle,
                                                                  args.group_by_length)})
 
     model.train()
-    loop_started = time.perf_counter()
+    loop_started, loop_cpu_started = time.perf_counter(), time.process_time()
     start_epoch, start_batch = divmod(step, steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         batches = batch_order(lengths, args.batch_size, args.seed, epoch, args.shuffle, args.group_by_length)
@@ -498,9 +505,11 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
             r_chosen, r_rejected = pair_rewards(model, pairs, pad_id, device, autocast)  # (B,), (B,)
             margin = torch.tensor([p["margin"] for p in pairs], device=device) if args.use_margin else None
             loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -530,26 +539,30 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                 })
                 window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
             if eval_pairs and (last or (args.eval_every and step % args.eval_every == 0)):
-                eval_started = time.perf_counter()
+                eval_started, eval_cpu_started = time.perf_counter(), time.process_time()
                 metrics.update(evaluate(model, eval_pairs, args.eval_batch_size, pad_id, device, autocast,
                                         args.use_margin))
                 paused += time.perf_counter() - eval_started
+                paused_cpu += time.process_time() - eval_cpu_started
             try:
                 on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics)})
             except BaseException:
                 save_resume()  # stopped at a step boundary: keep what was done, then let the caller see why
                 raise
             if args.save_every and step % args.save_every == 0 and not last:
-                save_started = time.perf_counter()
+                save_started, save_cpu_started = time.perf_counter(), time.process_time()
                 save_resume()
                 paused += time.perf_counter() - save_started
+                paused_cpu += time.process_time() - save_cpu_started
     loop_seconds += time.perf_counter() - loop_started - paused
+    loop_cpu_seconds += time.process_time() - loop_cpu_started - paused_cpu
 
     final = dict(metrics)
     final.update({
         "rm/pairs_per_second": pairs_seen / max(train_seconds, 1e-9),
         "rm/train_seconds": train_seconds,
         "rm/loop_seconds": loop_seconds,
+        "rm/loop_cpu_seconds": loop_cpu_seconds,
         "rm/steps": step,
         "rm/train_pairs": len(train_pairs),
         "rm/eval_pairs": len(eval_pairs),
