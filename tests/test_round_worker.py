@@ -17,7 +17,7 @@ from django.core.management import call_command
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair
 from annotate.demo import default_policy
-from annotate.models import Campaign, Response
+from annotate.models import Campaign, Pair, Response
 from tests.conftest import make_user
 from tests.worker import Worker
 from training import actions
@@ -127,7 +127,7 @@ def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_wo
         assert all(p.response_a.text in {t for s in jobs[3].result["samples"] for t in s["new"]}
                    for p in new_pairs.select_related("response_a"))
         claim = claim_next_pair(campaign, make_user("lab"))
-        assert claim.assignment.pair.round_id == first.pk
+        assert Pair.objects.get(pk=claim.assignment.pair_id).round_id == first.pk
 
         # Round two from the command line, followed to its end with --wait.
         out = io.StringIO()
@@ -151,7 +151,7 @@ def test_it_marks_a_job_failed_when_its_worker_is_killed_and_resume_finishes_it(
         round_ = actions.launch_round(campaign, None, config)
         ppo = round_.jobs.get(kind=Job.PPO)
         wait_for(lambda: Job.objects.filter(pk=ppo.pk, status=Job.RUNNING, step__gte=3).exists(), 240, worker,
-                 "PPO to reach step 3")
+                 "PPO to reach step 3", poll=0.1)
         worker.kill()
     finally:
         worker.stop()
