@@ -107,6 +107,8 @@ def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, inst
     with pytest.raises(Stop):
         main(tiny_args(tiny_policy, instructions, tmp_path / "b"), stop_at_2, reward_fn=starts_with_the)
     assert read_checkpoint_meta(resume_dir(tmp_path / "b"))["step"] == 2
+    with pytest.raises(EngineError, match="made with other settings"):
+        main(tiny_args(tiny_policy, instructions, tmp_path / "b", seed=1), reward_fn=starts_with_the)
     resumed_events = []
     resumed = main(tiny_args(tiny_policy, instructions, tmp_path / "b"), resumed_events.append,
                    reward_fn=starts_with_the)

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from training.engine.common import (
     save_checkpoint,
     set_rng_state,
     set_seed,
+    to_jsonable,
 )
 
 STAGE = "ppo"
@@ -604,6 +606,19 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
 
     checkpoint = resume_dir(args.out)
     resuming = bool(args.resume and read_checkpoint_meta(checkpoint) and (checkpoint / "trainer_state.pt").exists())
+    data_version = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()[:16]
+    # The checkpoint's JSON names the prompts by count and hash, not by listing them all.
+    recorded_args = args if isinstance(args.prompts, str) else replace(
+        args, prompts=f"<{len(prompts)} prompts, sha256 {data_version}>")
+    if resuming:
+        saved = read_checkpoint_meta(checkpoint)
+        saved_args, now = saved.get("args") or {}, to_jsonable(recorded_args)
+        changed = [k for k in ("policy", "ref_policy", "seed", "batch_size", "mini_batch_size", "prompts")
+                   if k in saved_args and saved_args[k] != now[k]]
+        if changed or saved.get("data_version") not in (None, data_version):
+            raise EngineError(
+                f"the resumable checkpoint {checkpoint} was made with other settings "
+                f"({', '.join(changed) or 'prompts'} differ): delete it or pass resume=False (--no-resume)")
 
     set_seed(args.seed)
     # Trained weights stay fp32 (autocast on CUDA); the reference may live in the compute dtype.
@@ -663,7 +678,7 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
 
     def save_resume(step: int) -> None:
         save_checkpoint(
-            checkpoint, stage=STAGE, args=args, step=step, metrics=metrics,
+            checkpoint, stage=STAGE, args=recorded_args, step=step, metrics=metrics, data_version=data_version,
             pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
             trainer_state={
                 "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(),
@@ -831,7 +846,7 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
 
     # ---- the final policy -------------------------------------------------------------------------
     save_checkpoint(
-        args.out, stage=STAGE, args=args, step=args.steps, metrics=metrics,
+        args.out, stage=STAGE, args=recorded_args, step=args.steps, metrics=metrics, data_version=data_version,
         pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
     )
     shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
