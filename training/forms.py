@@ -14,6 +14,9 @@ SECTIONS = [
     ("New pairs", ["pairing", "priority"]),
 ]
 
+LABELS = {"lr": "Learning rate", "kl_coef": "KL coefficient", "per_prompt": "Responses per prompt",
+          "prompts": "Prompts", "model": "Backbone"}
+
 
 class LaunchRoundForm(forms.Form):
     preset = forms.ChoiceField(choices=[(name, name) for name in PRESETS], help_text=field_help("preset"))
@@ -29,8 +32,9 @@ class LaunchRoundForm(forms.Form):
     @staticmethod
     def _field(name: str, initial):
         kind = FIELDS[name].type
-        label = name.split("_", 1)[1].replace("_", " ") if name != "pairing" and name != "priority" else name
-        common = {"initial": initial, "help_text": field_help(name), "label": label.capitalize()}
+        words = name.split("_", 1)[1] if "_" in name else name
+        label = LABELS.get(words, words.replace("_", " ").capitalize())
+        common = {"initial": initial, "help_text": field_help(name), "label": label}
         if name == "pairing":
             return forms.ChoiceField(choices=list(PAIRINGS.items()), **common)
         if kind == "int":
