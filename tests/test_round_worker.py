@@ -101,7 +101,7 @@ def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_wo
     config = build_config("tiny", {"reward_model": tiny_world["reward_model"]})
     with Worker(env=tiny_world["env"], purge=True) as worker:
         first = actions.launch_round(campaign, None, config)
-        jobs = wait_for(lambda: round_over(first), 240, worker, "round 1 to finish")
+        jobs = wait_for(lambda: round_over(first), 600, worker, "round 1 to finish")
         first.refresh_from_db()
 
         assert [job.kind for job in jobs] == ["export", "reward", "ppo", "sample", "enqueue"]
@@ -150,7 +150,7 @@ def test_it_marks_a_job_failed_when_its_worker_is_killed_and_resume_finishes_it(
     try:
         round_ = actions.launch_round(campaign, None, config)
         ppo = round_.jobs.get(kind=Job.PPO)
-        wait_for(lambda: Job.objects.filter(pk=ppo.pk, status=Job.RUNNING, step__gte=3).exists(), 240, worker,
+        wait_for(lambda: Job.objects.filter(pk=ppo.pk, status=Job.RUNNING, step__gte=3).exists(), 600, worker,
                  "PPO to reach step 3", poll=0.1)
         worker.kill()
     finally:
@@ -170,7 +170,7 @@ def test_it_marks_a_job_failed_when_its_worker_is_killed_and_resume_finishes_it(
 
     with Worker(env=tiny_world["env"]) as fresh:
         actions.resume_job(ppo)
-        jobs = wait_for(lambda: round_over(round_), 240, fresh, "the resumed round to finish")
+        jobs = wait_for(lambda: round_over(round_), 600, fresh, "the resumed round to finish")
     ppo = jobs[2]
     assert ppo.attempts == 2 and ppo.step == config.ppo_steps and ppo.error == ""
     assert f"resuming from {resume_dir} at step {saved_step}" in ppo.log
