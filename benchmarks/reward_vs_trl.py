@@ -24,6 +24,22 @@ Utilisation: 6 * N * tokens FLOPs (Kaplan et al. 2020; N = non-embedding paramet
 unpadded tokens) over the wall time, against a plain fp32 torch GEMM measured in the same run.
 
     .venv/bin/python benchmarks/reward_vs_trl.py --epochs 1 --max-length 256
+
+Measured with that command on the 2-core development machine while other jobs shared it (1-minute load
+average 5-10, so wall times are inflated and uneven; CPU time of the process is the steadier measure),
+603 train / 151 held-out pairs, batch 8, lr 1e-4, 2 threads, GEMM peak 99 GFLOP/s (208 when idle):
+
+    trainer            pairs/s  pairs/cpu-s  held-out acc  pad share  of peak
+    ours                  0.83         1.65        0.6755      10.4%    21.2%
+    trl                   0.50         1.13        0.6623      24.0%    12.6%
+    trl-same-batches      0.52         1.49        0.6755      10.4%    13.3%
+
+Ours vs TRL as shipped: 1.68x the pairs per wall-second, 1.46x per CPU-second, +1.3 accuracy points.
+The gain comes from no gradient checkpointing (TRL's default recomputes the forward pass) and from
+length-grouped batches (24% padded positions down to 10%); held-out accuracy did not drop. Against TRL
+given our exact batches without checkpointing we are level per step (1.10x per CPU-second here; an
+interleaved step-for-step A/B of the two step functions measured 0.98x): both spend their time in the
+same GEMMs, and TRL's default optimizer is the same fused AdamW.
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ class PairEncoder:
         response_keep = min(n_response, budget - min_prompt)
         return budget - response_keep, response_keep
 
-    def encode(self, prompts: list[str], responses: list[str]) -> tuple[list[tuple[list[int], list[int] | None]], list[bool]]:
+    def encode(self, prompts: list[str], responses: list[str]
+               ) -> tuple[list[tuple[list[int], list[int] | None]], list[bool]]:
         """[(input_ids, token_type_ids or None)] per pair, and whether each one was truncated."""
         out, truncated = [], []
         if self._backend is not None:
@@ -208,7 +209,8 @@ class PairEncoder:
             p, r = p[len(p) - keep_p:], r[:keep_r]
             if self.encoder:
                 cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-                out.append(([cls, *p, sep, *r, sep], [0] * (len(p) + 2) + [1] * (len(r) + 1)))
+                types = [0] * (len(p) + 2) + [1] * (len(r) + 1)
+                out.append(([cls, *p, sep, *r, sep], types if self.with_types else None))
             else:
                 out.append(self._with_eos(p + r, []))
         return out, truncated
