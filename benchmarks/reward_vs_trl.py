@@ -48,6 +48,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -276,6 +277,7 @@ def main_cli() -> None:
             print(f"ours vs {row}: {ratio:.2f}x the pairs/s ({cpu_ratio:.2f}x per CPU-second), "
                   f"accuracy {points:+.1f} points")
     print(json.dumps({"results": results, "vs": summary, "gemm_peak_gflops": peak, "threads": opts.threads}))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
