@@ -410,7 +410,10 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
         progress.section(per_policy, total)
         progress.line(f"Sampling {per_policy} responses from the {label} ({other_checkpoint})")
         other_policy = ensure_policy(other_checkpoint, config.preset)
-        other = sample_responses(other_policy, texts, on_progress=progress, **kwargs)
+        # Its own seed: with the new policy's seed, a policy that barely moved would repeat the new
+        # policy's answers word for word, and those pairs would be skipped as identical.
+        other_kwargs = {**kwargs, "seed": kwargs["seed"] + 10_000}
+        other = sample_responses(other_policy, texts, on_progress=progress, **other_kwargs)
 
     progress.line("Scoring the responses with this round's reward model")
     shown = _review_texts(round_, rows, new, other)
