@@ -34,8 +34,9 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
 
 
 def manage(env, *args, timeout=600) -> str:
-    result = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    """manage.py with the embedded Redis up, as scripts/demo runs it."""
+    command = [sys.executable, "-m", "pairloop.embedded", "exec", "--", sys.executable, "manage.py", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -96,11 +97,16 @@ def test_it_serves_the_seeded_demo_for_labeling_with_no_outside_services(tmp_pat
         after = browser.post(f"/campaigns/demo/label/{assignment}/judge/", {"choice": "tie", "ms": "900"},
                              headers={"HX-Request": "true"})
         assert re.search(r'Judged today: <strong id="judged-today">1</strong>', after)
-        # The worker is up on the embedded broker: ask it.
-        ping = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "pairloop", "inspect", "ping", "--timeout", "10"],
-            cwd=ROOT, env={**env, "REDIS_URL": f"unix://{data_dir / 'redis.sock'}"},
-            capture_output=True, text=True, timeout=120)
+        # The worker is up on the embedded broker: ask it (it may still be starting).
+        deadline = time.time() + 120
+        while True:
+            ping = subprocess.run(
+                [sys.executable, "-m", "celery", "-A", "pairloop", "inspect", "ping", "--timeout", "10"],
+                cwd=ROOT, env={**env, "REDIS_URL": f"unix://{data_dir / 'redis.sock'}"},
+                capture_output=True, text=True, timeout=120)
+            if "pong" in ping.stdout or time.time() > deadline:
+                break
+            time.sleep(2)
         assert "pong" in ping.stdout, ping.stdout + ping.stderr
     finally:
         server.terminate()
