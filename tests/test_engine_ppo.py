@@ -17,6 +17,7 @@ from training.engine.ppo import (
     VALUE_HEAD_DIR,
     AdaptiveKLController,
     PPOArgs,
+    ValueHead,
     compute_gae,
     main,
     resume_dir,
@@ -95,7 +96,8 @@ def test_it_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_policy, instruc
     assert not resume_dir(tmp_path / "out").exists()
 
 
-def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, instructions, tmp_path):
+@pytest.mark.parametrize("critic", ["reference", "policy"])
+def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, instructions, tmp_path, critic):
     class Stop(Exception):
         pass
 
@@ -103,19 +105,24 @@ def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, inst
         if event["step"] == 2 and "log" not in event:
             raise Stop
 
-    uninterrupted = main(tiny_args(tiny_policy, instructions, tmp_path / "a"), reward_fn=starts_with_the)
+    uninterrupted = main(tiny_args(tiny_policy, instructions, tmp_path / "a", critic=critic),
+                         reward_fn=starts_with_the)
     with pytest.raises(Stop):
-        main(tiny_args(tiny_policy, instructions, tmp_path / "b"), stop_at_2, reward_fn=starts_with_the)
+        main(tiny_args(tiny_policy, instructions, tmp_path / "b", critic=critic), stop_at_2,
+             reward_fn=starts_with_the)
     assert read_checkpoint_meta(resume_dir(tmp_path / "b"))["step"] == 2
     with pytest.raises(EngineError, match="made with other settings"):
-        main(tiny_args(tiny_policy, instructions, tmp_path / "b", seed=1), reward_fn=starts_with_the)
+        main(tiny_args(tiny_policy, instructions, tmp_path / "b", seed=1, critic=critic), reward_fn=starts_with_the)
     resumed_events = []
-    resumed = main(tiny_args(tiny_policy, instructions, tmp_path / "b"), resumed_events.append,
+    resumed = main(tiny_args(tiny_policy, instructions, tmp_path / "b", critic=critic), resumed_events.append,
                    reward_fn=starts_with_the)
 
     assert [e["step"] for e in resumed_events if "log" not in e] == [3, 4]
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    value_a, value_b = (ValueHead.from_pretrained(tmp_path / d / VALUE_HEAD_DIR) for d in ("a", "b"))
+    assert torch.equal(value_a.summary.weight, value_b.summary.weight)
+    assert value_a.summary.weight.abs().sum() > 0  # the critic learned something
     for key in ("ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/policy_loss"):
         assert uninterrupted[key] == resumed[key]
 

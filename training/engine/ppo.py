@@ -100,8 +100,9 @@ class PPOArgs:
     """PPO iterations (rollout batch + optimisation); 30 x 64 episodes of the demo policy take 2-3 minutes on 2 cores."""
     batch_size: int = 64
     """Rollouts per step (TRL PPOv2 uses 64 per device x accumulation; Stiennon et al. 512)."""
-    mini_batch_size: int = 16
-    """Rollouts per gradient step; batch_size / mini_batch_size minibatches per epoch."""
+    mini_batch_size: int = 32
+    """Rollouts per gradient step. Measured on the demo policy (30 x 64 episodes): 16 reached the same judge score
+    as 32 and 64 with more KL (1.09 vs 0.97 vs 0.70 nats): smaller minibatches add noise that costs KL."""
     generation_batch_size: int = 64
     """Sequences sampled (and scored without gradients) together; larger amortises per-token overhead."""
     ppo_epochs: int = 1
@@ -130,6 +131,11 @@ class PPOArgs:
     """PPO ratio clip epsilon (Schulman et al. 2017; TRL 0.2)."""
     cliprange_value: float = 0.2
     """Value clip around the rollout's values (OpenAI baselines ppo2; TRL 0.2)."""
+    value_lr: float | None = 1e-3
+    """Learning rate of the value head (None: lr). On frozen reference features the critic is a small regression
+    that can move fast: 1e-3 raised its explained variance on the demo from about 0 to 0.4-0.6."""
+    value_inner: int = 0
+    """Width of the value head's hidden layer (0: a linear head)."""
     vf_coef: float = 0.1
     """Weight of the value loss on the shared trunk (TRL PPOv2 vf_coef 0.1)."""
     max_grad_norm: float = 1.0
@@ -164,17 +170,20 @@ class PPOArgs:
 
 
 class ValueHead(nn.Module):
-    """V(s_t) from the policy's last hidden state: one linear layer (TRL's ValueHead, without dropout)."""
+    """V(s_t) from a last hidden state: a linear layer (TRL's ValueHead, without dropout), or with
+    `inner` > 0 a one-hidden-layer MLP, for a critic that reads frozen features."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, inner: int = 0):
         super().__init__()
-        self.summary = nn.Linear(hidden_size, 1)
-        # Zero init: the first advantages are the plain returns, no random critic noise.
+        self.inner = inner
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, inner), nn.GELU()) if inner else nn.Identity()
+        self.summary = nn.Linear(inner or hidden_size, 1)
+        # Zero init of the output: the first advantages are the plain returns, no random critic noise.
         nn.init.zeros_(self.summary.weight)
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
-        return self.summary(hidden.float()).squeeze(-1)
+        return self.summary(self.mlp(hidden.float())).squeeze(-1)
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -182,7 +191,9 @@ class ValueHead(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / VALUE_HEAD_FILE))
-        (path / "config.json").write_text(json.dumps({"hidden_size": self.summary.in_features}))
+        config = {"hidden_size": self.mlp[0].in_features if self.inner else self.summary.in_features,
+                  "inner": self.inner}
+        (path / "config.json").write_text(json.dumps(config))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ValueHead:
@@ -190,7 +201,7 @@ class ValueHead(nn.Module):
 
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
-        head = cls(int(config["hidden_size"]))
+        head = cls(int(config["hidden_size"]), int(config.get("inner", 0)))
         head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
         return head
 
@@ -667,7 +678,8 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
     ref_policy.requires_grad_(False)
     critic_on_ref = args.critic == "reference"
     hidden_size = (ref_policy if critic_on_ref else policy).get_output_embeddings().in_features
-    value_head = (ValueHead.from_pretrained(checkpoint / VALUE_HEAD_DIR) if resuming else ValueHead(hidden_size)).to(device)
+    value_head = (ValueHead.from_pretrained(checkpoint / VALUE_HEAD_DIR) if resuming
+                  else ValueHead(hidden_size, args.value_inner)).to(device)
     # The sampler's log-probs are those of the rollout policy (same arithmetic, 1e-6 apart in fp32), so in fp32 we
     # take them as the "old" log-probs instead of a second forward pass; under bf16/fp16 autocast the sampler's and
     # the trainer's kernels differ more, and we recompute them, as [N+ §"re-compute logprobs"] advises.
@@ -675,7 +687,10 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
 
     params = list(policy.parameters()) + list(value_head.parameters())
     # Adam eps 1e-5 ([N+ §"Adam epsilon"], from Ziegler et al.'s lm-human-preferences).
-    optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+    optimizer = torch.optim.Adam([
+        {"params": list(policy.parameters())},
+        {"params": list(value_head.parameters()), "lr": args.value_lr or args.lr},
+    ], lr=args.lr, eps=1e-5)
     kl_ctl: AdaptiveKLController | FixedKLController = (
         AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
         if args.adaptive_kl else FixedKLController(args.init_kl_coef)
