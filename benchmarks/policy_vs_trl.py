@@ -70,7 +70,13 @@ class Evaluator:
     """The same held-out evaluation for every policy: one sample per prompt, judge mean and KL to ref."""
 
     def __init__(self, ref, tokenizer, instructions: list[str], judge, args):
-        self.ref, self.tokenizer, self.instructions, self.judge, self.args = ref, tokenizer, instructions, judge, args
+        self.ref, self.tokenizer, self.instructions, self.judge, self.args = (
+            ref,
+            tokenizer,
+            instructions,
+            judge,
+            args,
+        )
         self.seconds = 0.0
 
     @torch.no_grad()
@@ -79,9 +85,16 @@ class Evaluator:
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(1234)
-        rollout = generate(model, self.tokenizer, [format_prompt(i) for i in self.instructions],
-                           max_new_tokens=self.args.max_new_tokens, temperature=self.args.temperature, top_p=1.0,
-                           batch_size=50, generator=generator)
+        rollout = generate(
+            model,
+            self.tokenizer,
+            [format_prompt(i) for i in self.instructions],
+            max_new_tokens=self.args.max_new_tokens,
+            temperature=self.args.temperature,
+            top_p=1.0,
+            batch_size=50,
+            generator=generator,
+        )
         logp = sequence_logprobs(model, rollout, self.args.temperature)  # (N, Tr)
         logp_ref = sequence_logprobs(self.ref, rollout, self.args.temperature)
         kl = float(((logp - logp_ref) * rollout.response_mask).sum()) / len(self.instructions)
@@ -89,19 +102,44 @@ class Evaluator:
         summary = demo_tasks.evaluate(self.instructions, rollout.texts)
         model.train(was_training)
         self.seconds += time.perf_counter() - started
-        return {"judge": sum(scores) / len(scores), "kl": kl, "correct": summary["demo/correct"],
-                "sentence": summary.get("demo/style_sentence", float("nan"))}
+        return {
+            "judge": sum(scores) / len(scores),
+            "kl": kl,
+            "correct": summary["demo/correct"],
+            "sentence": summary.get("demo/style_sentence", float("nan")),
+        }
 
 
-def run_ours(policy: str, instructions: list[str], out: Path, args, evaluator: Evaluator, prompt_tokens: float,
-             params: int) -> dict:
+def run_ours(
+    policy: str,
+    instructions: list[str],
+    out: Path,
+    args,
+    evaluator: Evaluator,
+    prompt_tokens: float,
+    params: int,
+) -> dict:
     history: list[dict] = []
     curve: list[tuple[int, dict]] = []
     ppo_args = PPOArgs(
-        policy=policy, reward_models=[f"rule:{args.judge}"], prompts=instructions, out=str(out), steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, init_kl_coef=args.beta, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=1.0, missing_eos_penalty=0.0, reward_norm="none",
-        seed=args.seed, save_every=args.eval_every, resume=False, device="cpu", dtype="fp32",
+        policy=policy,
+        reward_models=[f"rule:{args.judge}"],
+        prompts=instructions,
+        out=str(out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        init_kl_coef=args.beta,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=1.0,
+        missing_eos_penalty=0.0,
+        reward_norm="none",
+        seed=args.seed,
+        save_every=args.eval_every,
+        resume=False,
+        device="cpu",
+        dtype="fp32",
     )
 
     def on_progress(event):
@@ -126,12 +164,24 @@ def run_ours(policy: str, instructions: list[str], out: Path, args, evaluator: E
         # sampling (prefill + decode) and the reference: 2 forwards (the rollout's log-probs are reused);
         # then ppo_epochs x (forward + backward). The shared-header saving is not counted as work done.
         flops += 2 * params * tokens * 2 + 6 * params * tokens * ppo_args.ppo_epochs
-    return {"seconds": seconds, "episodes": args.steps * args.batch_size, "flops": flops, "curve": curve,
-            "train": [(m["ppo/reward"], m["ppo/kl"]) for m in history]}
+    return {
+        "seconds": seconds,
+        "episodes": args.steps * args.batch_size,
+        "flops": flops,
+        "curve": curve,
+        "train": [(m["ppo/reward"], m["ppo/kl"]) for m in history],
+    }
 
 
-def run_trl(policy: str, instructions: list[str], out: Path, args, evaluator: Evaluator, prompt_tokens: float,
-            params: int) -> dict:
+def run_trl(
+    policy: str,
+    instructions: list[str],
+    out: Path,
+    args,
+    evaluator: Evaluator,
+    prompt_tokens: float,
+    params: int,
+) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
@@ -153,17 +203,43 @@ def run_trl(policy: str, instructions: list[str], out: Path, args, evaluator: Ev
     rows = [instructions[i % len(instructions)] for i in range(n_prompts)]
     dataset = Dataset.from_dict({"prompt": [format_prompt(i) for i in rows], "instruction": rows})
     config = RLOOConfig(
-        output_dir=str(out), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
-        temperature=args.temperature, top_p=1.0, beta=args.beta, learning_rate=args.lr, lr_scheduler_type="constant",
-        warmup_steps=0, max_steps=args.steps, num_iterations=1, logging_steps=1, report_to="none", use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True, save_strategy="no", seed=args.seed,
-        dataloader_num_workers=0, max_grad_norm=1.0, shuffle_dataset=True, log_completions=False,
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=1.0,
+        beta=args.beta,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=args.steps,
+        num_iterations=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        save_strategy="no",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+        shuffle_dataset=True,
+        log_completions=False,
     )
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
-    trainer = RLOOTrainer(model=model, reward_funcs=judge_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Evaluate()])
+    trainer = RLOOTrainer(
+        model=model,
+        reward_funcs=judge_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Evaluate()],
+    )
     before = evaluator.seconds
     started = time.perf_counter()
     trainer.train()
@@ -176,9 +252,16 @@ def run_trl(policy: str, instructions: list[str], out: Path, args, evaluator: Ev
         tokens = args.batch_size * (prompt_tokens + length)
         # sampling, old log-probs, reference: 3 forwards; one forward + backward (num_iterations=1)
         flops += 2 * params * tokens * 3 + 6 * params * tokens
-        train.append((entry["reward"], entry.get("kl", float("nan")) * length))  # per-token KL -> per response
-    return {"seconds": seconds, "episodes": args.steps * args.batch_size, "flops": flops, "curve": curve,
-            "train": train}
+        train.append(
+            (entry["reward"], entry.get("kl", float("nan")) * length)
+        )  # per-token KL -> per response
+    return {
+        "seconds": seconds,
+        "episodes": args.steps * args.batch_size,
+        "flops": flops,
+        "curve": curve,
+        "train": train,
+    }
 
 
 def interpolate(curve: list[tuple[float, float]], kl: float) -> float | None:
@@ -192,18 +275,26 @@ def interpolate(curve: list[tuple[float, float]], kl: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=PPOArgs.steps, help="iterations, each of --batch-size episodes")
-    parser.add_argument("--batch-size", type=int, default=PPOArgs.batch_size, help="episodes per iteration, both")
+    parser.add_argument(
+        "--steps", type=int, default=PPOArgs.steps, help="iterations, each of --batch-size episodes"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=PPOArgs.batch_size, help="episodes per iteration, both"
+    )
     parser.add_argument("--num-generations", type=int, default=4, help="TRL RLOO: samples per prompt (k)")
     parser.add_argument("--lr", type=float, default=PPOArgs.lr, help="learning rate, both")
     parser.add_argument("--beta", type=float, default=PPOArgs.init_kl_coef, help="KL coefficient, both")
     parser.add_argument("--max-new-tokens", type=int, default=PPOArgs.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=PPOArgs.temperature)
-    parser.add_argument("--judge", default=demo_tasks.DEFAULT_RULE_JUDGE, choices=sorted(demo_tasks.RULE_JUDGES))
+    parser.add_argument(
+        "--judge", default=demo_tasks.DEFAULT_RULE_JUDGE, choices=sorted(demo_tasks.RULE_JUDGES)
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both")
     parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps")
     parser.add_argument("--eval-prompts", type=int, default=200)
-    parser.add_argument("--policy", default=str(REPO / "var/models/demo-policy"), help="the demo policy (built if missing)")
+    parser.add_argument(
+        "--policy", default=str(REPO / "var/models/demo-policy"), help="the demo policy (built if missing)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -218,30 +309,41 @@ def main() -> None:
     train_instructions = demo_tasks.make_prompts(1024, seed=args.seed, split="train")
     heldout = demo_tasks.make_prompts(args.eval_prompts, seed=args.seed + 1, split="heldout")
     prompt_tokens = sum(len(tokenizer(format_prompt(i))["input_ids"]) for i in train_instructions) / len(
-        train_instructions)
+        train_instructions
+    )
     evaluator = Evaluator(ref, tokenizer, heldout, demo_tasks.RULE_JUDGES[args.judge], args)
     peak = gemm_peak_flops()
-    print(f"# policy {policy}: {params / 1e6:.2f}M matmul params; mean prompt {prompt_tokens:.1f} tokens; "
-          f"{args.steps} x {args.batch_size} episodes; beta {args.beta}; lr {args.lr}; judge {args.judge}; "
-          f"threads {args.threads}; fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    print(
+        f"# policy {policy}: {params / 1e6:.2f}M matmul params; mean prompt {prompt_tokens:.1f} tokens; "
+        f"{args.steps} x {args.batch_size} episodes; beta {args.beta}; lr {args.lr}; judge {args.judge}; "
+        f"threads {args.threads}; fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
 
     sft = evaluator(ref)
     results = {}
     workdir = Path(tempfile.mkdtemp(prefix="policy_vs_trl-"))
     try:
-        results["ours (PPO)"] = run_ours(policy, train_instructions, workdir / "ours", args, evaluator,
-                                         prompt_tokens, params)
+        results["ours (PPO)"] = run_ours(
+            policy, train_instructions, workdir / "ours", args, evaluator, prompt_tokens, params
+        )
         print(f"# ours done in {results['ours (PPO)']['seconds']:.1f} s", flush=True)
-        results["TRL RLOO"] = run_trl(policy, train_instructions, workdir / "trl", args, evaluator, prompt_tokens,
-                                      params)
+        results["TRL RLOO"] = run_trl(
+            policy, train_instructions, workdir / "trl", args, evaluator, prompt_tokens, params
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ours, trl = results["ours (PPO)"], results["TRL RLOO"]
 
-    print(f"\n# reward against KL on {args.eval_prompts} held-out prompts (one sample each, T={args.temperature}): "
-          "judge / KL(pi||ref) per response")
+    print(
+        f"\n# reward against KL on {args.eval_prompts} held-out prompts "
+        f"(one sample each, T={args.temperature}): "
+        "judge / KL(pi||ref) per response"
+    )
     print(f"{'step':>5}  {'ours (PPO)':>16}  {'TRL RLOO':>16}")
-    print(f"{0:>5}  {sft['judge']:>7.3f} / {sft['kl']:>6.2f}  {sft['judge']:>7.3f} / {sft['kl']:>6.2f}   (SFT)")
+    print(
+        f"{0:>5}  {sft['judge']:>7.3f} / {sft['kl']:>6.2f}  {sft['judge']:>7.3f} / {sft['kl']:>6.2f}   (SFT)"
+    )
     trl_at = dict(trl["curve"])
     for step, e in ours["curve"]:
         t = trl_at.get(step)
@@ -255,26 +357,49 @@ def main() -> None:
     trl_at_ours_kl = interpolate(trl_points, ours_final["kl"])
     print("\n# equal KL")
     if ours_at_trl_kl is not None:
-        print(f"at TRL's final KL {trl_final['kl']:.2f}: ours {ours_at_trl_kl:.3f} vs TRL {trl_final['judge']:.3f}")
+        print(
+            f"at TRL's final KL {trl_final['kl']:.2f}: "
+            f"ours {ours_at_trl_kl:.3f} vs TRL {trl_final['judge']:.3f}"
+        )
     if trl_at_ours_kl is not None:
-        print(f"at our final KL {ours_final['kl']:.2f}: ours {ours_final['judge']:.3f} vs TRL {trl_at_ours_kl:.3f}")
+        print(
+            f"at our final KL {ours_final['kl']:.2f}: "
+            f"ours {ours_final['judge']:.3f} vs TRL {trl_at_ours_kl:.3f}"
+        )
 
-    print(f"\n{'':<11} {'judge':>6} {'KL':>6} {'correct':>8} {'sentence':>9} {'episodes/s':>11} {'train s':>8} "
-          f"{'of GEMM peak':>13}")
-    print(f"{'SFT':<11} {sft['judge']:>6.3f} {sft['kl']:>6.2f} {sft['correct']:>8.3f} {sft['sentence']:>9.3f}")
+    print(
+        f"\n{'':<11} {'judge':>6} {'KL':>6} {'correct':>8} {'sentence':>9} {'episodes/s':>11} {'train s':>8} "
+        f"{'of GEMM peak':>13}"
+    )
+    print(
+        f"{'SFT':<11} {sft['judge']:>6.3f} {sft['kl']:>6.2f} {sft['correct']:>8.3f} {sft['sentence']:>9.3f}"
+    )
     summary = {"sft": sft}
     for name, r in results.items():
         e = r["curve"][-1][1]
         eps = r["episodes"] / r["seconds"]
         peak_fraction = r["flops"] / r["seconds"] / peak
-        print(f"{name:<11} {e['judge']:>6.3f} {e['kl']:>6.2f} {e['correct']:>8.3f} {e['sentence']:>9.3f} "
-              f"{eps:>11.2f} {r['seconds']:>8.1f} {peak_fraction:>12.1%}")
-        summary[name] = {**e, "episodes_per_s": eps, "train_seconds": r["seconds"], "peak_fraction": peak_fraction,
-                         "curve": r["curve"]}
+        print(
+            f"{name:<11} {e['judge']:>6.3f} {e['kl']:>6.2f} {e['correct']:>8.3f} {e['sentence']:>9.3f} "
+            f"{eps:>11.2f} {r['seconds']:>8.1f} {peak_fraction:>12.1%}"
+        )
+        summary[name] = {
+            **e,
+            "episodes_per_s": eps,
+            "train_seconds": r["seconds"],
+            "peak_fraction": peak_fraction,
+            "curve": r["curve"],
+        }
     ratio = summary["ours (PPO)"]["episodes_per_s"] / summary["TRL RLOO"]["episodes_per_s"]
     print(f"\nepisodes/s ours / TRL: {ratio:.2f}x (target 1.5x)")
-    summary.update({"ratio_episodes_per_s": ratio, "ours_judge_at_trl_kl": ours_at_trl_kl,
-                    "trl_judge_at_our_kl": trl_at_ours_kl, "gemm_peak_gflops": peak / 1e9})
+    summary.update(
+        {
+            "ratio_episodes_per_s": ratio,
+            "ours_judge_at_trl_kl": ours_at_trl_kl,
+            "trl_judge_at_our_kl": trl_at_ours_kl,
+            "gemm_peak_gflops": peak / 1e9,
+        }
+    )
     print(json.dumps(summary, sort_keys=True))
 
 

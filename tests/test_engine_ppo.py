@@ -59,8 +59,19 @@ def starts_with_the(instructions: list[str], responses: list[str]) -> list[float
 
 def tiny_args(policy: str, prompts, out: Path, **overrides) -> PPOArgs:
     settings = dict(
-        policy=policy, reward_models=[], prompts=prompts, out=str(out), steps=4, batch_size=16,
-        mini_batch_size=8, ppo_epochs=2, lr=3e-4, max_new_tokens=16, save_every=0, device="cpu", seed=0,
+        policy=policy,
+        reward_models=[],
+        prompts=prompts,
+        out=str(out),
+        steps=4,
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=2,
+        lr=3e-4,
+        max_new_tokens=16,
+        save_every=0,
+        device="cpu",
+        seed=0,
     )
     settings.update(overrides)
     return PPOArgs(**settings)
@@ -81,9 +92,19 @@ def test_it_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_policy, instruc
     last = sum(m["ppo/reward"] for m in history[-3:]) / 3
     assert last > first + 0.25, f"reward {first:.2f} -> {last:.2f}"
     assert all(m["ppo/kl"] < 15.0 for m in history), [round(m["ppo/kl"], 2) for m in history]
-    for key in ("ppo/kl", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/value_loss", "ppo/policy_loss",
-                "ppo/explained_variance", "ppo/response_length", "ppo/eos_rate", "ppo/samples_per_second",
-                "ppo/kl_coef"):
+    for key in (
+        "ppo/kl",
+        "ppo/entropy",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/value_loss",
+        "ppo/policy_loss",
+        "ppo/explained_variance",
+        "ppo/response_length",
+        "ppo/eos_rate",
+        "ppo/samples_per_second",
+        "ppo/kl_coef",
+    ):
         assert key in final
 
     # The final policy is a loadable save_pretrained directory that differs from the start.
@@ -105,17 +126,27 @@ def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, inst
         if event["step"] == 2 and "log" not in event:
             raise Stop
 
-    uninterrupted = main(tiny_args(tiny_policy, instructions, tmp_path / "a", critic=critic),
-                         reward_fn=starts_with_the)
+    uninterrupted = main(
+        tiny_args(tiny_policy, instructions, tmp_path / "a", critic=critic), reward_fn=starts_with_the
+    )
     with pytest.raises(Stop):
-        main(tiny_args(tiny_policy, instructions, tmp_path / "b", critic=critic), stop_at_2,
-             reward_fn=starts_with_the)
+        main(
+            tiny_args(tiny_policy, instructions, tmp_path / "b", critic=critic),
+            stop_at_2,
+            reward_fn=starts_with_the,
+        )
     assert read_checkpoint_meta(resume_dir(tmp_path / "b"))["step"] == 2
     with pytest.raises(EngineError, match="made with other settings"):
-        main(tiny_args(tiny_policy, instructions, tmp_path / "b", seed=1, critic=critic), reward_fn=starts_with_the)
+        main(
+            tiny_args(tiny_policy, instructions, tmp_path / "b", seed=1, critic=critic),
+            reward_fn=starts_with_the,
+        )
     resumed_events = []
-    resumed = main(tiny_args(tiny_policy, instructions, tmp_path / "b", critic=critic), resumed_events.append,
-                   reward_fn=starts_with_the)
+    resumed = main(
+        tiny_args(tiny_policy, instructions, tmp_path / "b", critic=critic),
+        resumed_events.append,
+        reward_fn=starts_with_the,
+    )
 
     assert [e["step"] for e in resumed_events if "log" not in e] == [3, 4]
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
@@ -138,11 +169,17 @@ def test_it_moves_the_adaptive_kl_coefficient_toward_the_target(tiny_policy, ins
     # Through a run: far above a tiny target beta grows, far below a huge target it shrinks.
     common = dict(steps=4, adaptive_kl=True, kl_horizon=64, init_kl_coef=0.1, lr=1e-3)
     high = []
-    main(tiny_args(tiny_policy, instructions, tmp_path / "hi", kl_target=1e-3, **common),
-         lambda e: high.append(e["metrics"]["ppo/kl_coef"]), reward_fn=starts_with_the)
+    main(
+        tiny_args(tiny_policy, instructions, tmp_path / "hi", kl_target=1e-3, **common),
+        lambda e: high.append(e["metrics"]["ppo/kl_coef"]),
+        reward_fn=starts_with_the,
+    )
     low = []
-    main(tiny_args(tiny_policy, instructions, tmp_path / "lo", kl_target=1e3, **common),
-         lambda e: low.append(e["metrics"]["ppo/kl_coef"]), reward_fn=starts_with_the)
+    main(
+        tiny_args(tiny_policy, instructions, tmp_path / "lo", kl_target=1e3, **common),
+        lambda e: low.append(e["metrics"]["ppo/kl_coef"]),
+        reward_fn=starts_with_the,
+    )
     assert high[0] == low[0] == 0.1  # the first step uses the initial coefficient (and has KL 0)
     assert high[-1] > high[1]
     assert high[-1] > 0.1 > low[-1]
@@ -150,7 +187,9 @@ def test_it_moves_the_adaptive_kl_coefficient_toward_the_target(tiny_policy, ins
 
 def test_it_penalises_responses_that_never_emit_eos(tiny_policy, instructions, tmp_path):
     metrics = main(
-        tiny_args(tiny_policy, instructions, tmp_path / "out", steps=1, max_new_tokens=2, missing_eos_penalty=2.0),
+        tiny_args(
+            tiny_policy, instructions, tmp_path / "out", steps=1, max_new_tokens=2, missing_eos_penalty=2.0
+        ),
         reward_fn=lambda ins, res: [0.5] * len(res),
     )
     assert metrics["ppo/eos_rate"] < 1.0
@@ -195,10 +234,36 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"What is {i} + {i}?"}) for i in range(8)))
     result = subprocess.run(
-        [sys.executable, "-m", "training.engine.ppo", "--policy", tiny_policy, "--reward-model", "rule:correct",
-         "--reward-weight", "2.0", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2",
-         "--batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "8", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "training.engine.ppo",
+            "--policy",
+            tiny_policy,
+            "--reward-model",
+            "rule:correct",
+            "--reward-weight",
+            "2.0",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--mini-batch-size",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     final = json.loads(result.stdout.strip().splitlines()[-1])
@@ -206,9 +271,24 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path)
     assert (tmp_path / "out" / "config.json").exists()
 
     bad = subprocess.run(
-        [sys.executable, "-m", "training.engine.ppo", "--policy", tiny_policy, "--reward-model", "rule:nope",
-         "--prompts", str(prompts), "--out", str(tmp_path / "bad")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "training.engine.ppo",
+            "--policy",
+            tiny_policy,
+            "--reward-model",
+            "rule:nope",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert bad.returncode != 0
     assert "unknown rule judge" in json.loads(bad.stdout.strip().splitlines()[-1])["error"]

@@ -97,26 +97,27 @@ class PPOArgs:
     out: str = "var/models/ppo-policy"
     """Directory of the final policy; the resumable checkpoint goes to `<out>.resume/`."""
     steps: int = 30
-    """PPO iterations (rollout batch + optimisation); 30 x 64 episodes of the demo policy take 2-3 minutes on 2 cores."""
+    """PPO iterations (rollout batch + optimisation); 30 x 64 demo episodes take 1.5-3 minutes on 2 cores."""
     batch_size: int = 64
     """Rollouts per step (TRL PPOv2 uses 64 per device x accumulation; Stiennon et al. 512)."""
     mini_batch_size: int = 32
-    """Rollouts per gradient step. Measured on the demo policy (30 x 64 episodes): 16 reached the same judge score
-    as 32 and 64 with more KL (1.09 vs 0.97 vs 0.70 nats): smaller minibatches add noise that costs KL."""
+    """Rollouts per gradient step. Measured on the demo policy (30 x 64 episodes): 16 reached the same
+    judge score as 32 and 64 with more KL (1.09 vs 0.97 vs 0.70 nats): smaller minibatches add noise
+    that costs KL."""
     generation_batch_size: int = 64
     """Sequences sampled (and scored without gradients) together; larger amortises per-token overhead."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch (OpenRLHF's default 1; TRL PPOv2 4). Measured on the demo policy: 2 epochs
-    gave the same judge score per episode as 1, at 1.3x the time."""
+    """Passes over each rollout batch (OpenRLHF's default 1; TRL PPOv2 4). Measured on the demo policy:
+    2 epochs gave the same judge score per episode as 1, at 1.3x the time."""
     lr: float = 1e-4
-    """Adam learning rate (Stiennon et al. 2020: 1.5e-5 for 1.3B). The demo's 3.6M GPT-2 learned best at 5e-5-1e-4;
-    3e-4 lost correctness, 1e-3 collapsed to one-word answers."""
+    """Adam learning rate (Stiennon et al. 2020: 1.5e-5 for 1.3B). The demo's 3.6M GPT-2 learned best at
+    5e-5-1e-4; 3e-4 lost correctness, 1e-3 collapsed to one-word answers."""
     init_kl_coef: float = 0.05
     """beta of the per-token KL penalty (TRL PPOv2 kl_coef 0.05; Ziegler et al. 2019 start at 0.1)."""
     adaptive_kl: bool = False
     """Adapt beta toward kl_target with the proportional controller of Ziegler et al. 2019 (sec 2.2)."""
     kl_target: float = 6.0
-    """Target KL (nats per response) of the adaptive controller (Ziegler et al. 2019; TRL legacy default 6)."""
+    """Target KL (nats per response) of the adaptive controller (Ziegler et al. 2019; TRL legacy: 6)."""
     kl_horizon: int = 10000
     """Horizon (episodes) of the adaptive controller (Ziegler et al. 2019; TRL legacy default 10000)."""
     gamma: float = 1.0
@@ -124,16 +125,17 @@ class PPOArgs:
     lam: float = 0.95
     """GAE lambda (Schulman et al. 2016; Ziegler et al. 2019 and TRL use 0.95)."""
     critic: str = "reference"
-    """Where the value head reads its features: "reference" (the frozen reference's last hidden state, a separate
-    critic whose trunk is the starting policy; no extra forward pass, no value gradient in the policy) or
+    """Where the value head reads its features: "reference" (the frozen reference's last hidden state,
+    a separate critic whose trunk is the starting policy; no extra forward pass, no value gradient in
+    the policy) or
     "policy" (a head on the policy's trunk, trained jointly, as TRL's AutoModelForCausalLMWithValueHead)."""
     cliprange: float = 0.2
     """PPO ratio clip epsilon (Schulman et al. 2017; TRL 0.2)."""
     cliprange_value: float = 0.2
     """Value clip around the rollout's values (OpenAI baselines ppo2; TRL 0.2)."""
     value_lr: float | None = 1e-3
-    """Learning rate of the value head (None: lr). On frozen reference features the critic is a small regression
-    that can move fast: 1e-3 raised its explained variance on the demo from about 0 to 0.4-0.6."""
+    """Learning rate of the value head (None: lr). On frozen reference features the critic is a small
+    regression that can move fast: 1e-3 raised its explained variance on the demo from about 0 to 0.4-0.6."""
     value_inner: int = 0
     """Width of the value head's hidden layer (0: a linear head)."""
     vf_coef: float = 0.1
@@ -162,7 +164,7 @@ class PPOArgs:
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     dtype: str = "auto"
-    """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16. Trained weights stay fp32."""
+    """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16. Trained weights: fp32."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,9 +192,14 @@ class ValueHead(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / VALUE_HEAD_FILE))
-        config = {"hidden_size": self.mlp[0].in_features if self.inner else self.summary.in_features,
-                  "inner": self.inner}
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+            str(path / VALUE_HEAD_FILE),
+        )
+        config = {
+            "hidden_size": self.mlp[0].in_features if self.inner else self.summary.in_features,
+            "inner": self.inner,
+        }
         (path / "config.json").write_text(json.dumps(config))
 
     @classmethod
@@ -306,7 +313,9 @@ def read_prompts(source: str | Sequence[str]) -> list[tuple[str, str]]:
     else:
         path = Path(str(source))
         if not str(source):
-            raise EngineError("no prompts given: pass --prompts FILE (JSONL with a 'prompt' field, or text lines)")
+            raise EngineError(
+                "no prompts given: pass --prompts FILE (JSONL with a 'prompt' field, or text lines)"
+            )
         if not path.exists():
             raise EngineError(f"prompts file {str(source)!r} does not exist")
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -342,18 +351,21 @@ def _rule_judges() -> dict[str, Callable[[str, str], float]]:
     return RULE_JUDGES
 
 
-def check_reward_sources(reward_models: Sequence[str], reward_weights: Sequence[float], has_fn: bool) -> list[float]:
+def check_reward_sources(
+    reward_models: Sequence[str], reward_weights: Sequence[float], has_fn: bool
+) -> list[float]:
     """Refuse unknown rule names, missing checkpoints and mismatched weights, before any step."""
     if not reward_models and not has_fn:
         raise EngineError("no reward: pass at least one --reward-model PATH or rule:NAME")
     weights = list(reward_weights) if reward_weights else [1.0] * len(reward_models)
     if len(weights) != len(reward_models):
         raise EngineError(
-            f"{len(reward_weights)} reward weights for {len(reward_models)} reward models: give one weight per model"
+            f"{len(reward_weights)} reward weights for {len(reward_models)} reward models: "
+            "give one weight per model"
         )
     for source in reward_models:
         if source.startswith(RULE_PREFIX):
-            name = source[len(RULE_PREFIX):]
+            name = source[len(RULE_PREFIX) :]
             judges = _rule_judges()
             if name not in judges:
                 raise EngineError(f"unknown rule judge {name!r}: known rules are {', '.join(sorted(judges))}")
@@ -362,19 +374,26 @@ def check_reward_sources(reward_models: Sequence[str], reward_weights: Sequence[
             if not path.exists():
                 raise EngineError(f"reward model path {source!r} does not exist")
             if not (path / "config.json").exists():
-                raise EngineError(f"reward model path {source!r} has no config.json: not a save_pretrained directory")
+                raise EngineError(
+                    f"reward model path {source!r} has no config.json: not a save_pretrained directory"
+                )
     return [float(w) for w in weights]
 
 
 class CombinedReward:
     """Weighted sum of reward sources, each scoring decoded (instruction, response) text."""
 
-    def __init__(self, reward_models: Sequence[str], weights: Sequence[float], device: torch.device,
-                 reward_fn: RewardFn | None = None):
+    def __init__(
+        self,
+        reward_models: Sequence[str],
+        weights: Sequence[float],
+        device: torch.device,
+        reward_fn: RewardFn | None = None,
+    ):
         self.parts: list[tuple[str, float, Callable[[list[str], list[str]], torch.Tensor]]] = []
         for source, weight in zip(reward_models, weights, strict=True):
             if source.startswith(RULE_PREFIX):
-                judge = _rule_judges()[source[len(RULE_PREFIX):]]
+                judge = _rule_judges()[source[len(RULE_PREFIX) :]]
                 self.parts.append((source, weight, self._rule(judge)))
             else:
                 from training.engine.reward import RewardScorer
@@ -388,12 +407,14 @@ class CombinedReward:
     def _rule(judge):
         def score(instructions, responses):
             return torch.tensor([float(judge(i, r)) for i, r in zip(instructions, responses, strict=True)])
+
         return score
 
     @staticmethod
     def _scorer(scorer):
         def score(instructions, responses):
             return scorer.score(instructions, responses).detach().float().cpu()
+
         return score
 
     @staticmethod
@@ -403,9 +424,12 @@ class CombinedReward:
             if len(values) != len(responses):
                 raise EngineError(f"reward_fn returned {len(values)} scores for {len(responses)} responses")
             return torch.tensor([float(v) for v in values])
+
         return score
 
-    def __call__(self, instructions: list[str], responses: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self, instructions: list[str], responses: list[str]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros(len(responses))  # (B,)
         parts = {}
         for name, weight, score in self.parts:
@@ -438,8 +462,17 @@ def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor) -> i
     return min(common, shortest - 1)
 
 
-def forward_response(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
-                     autocast_dtype: torch.dtype | None = None, want_hidden: bool = False, share_prefix: bool = True):
+def forward_response(
+    model,
+    query_ids,
+    query_mask,
+    response_ids,
+    response_mask,
+    temperature: float,
+    autocast_dtype: torch.dtype | None = None,
+    want_hidden: bool = False,
+    share_prefix: bool = True,
+):
     """Log-probs of the response tokens (under logits / temperature), their logits and hidden states.
 
     query_ids (B, Tq) left-padded, response_ids (B, Tr) right-padded.
@@ -456,7 +489,7 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     cache = None
     if k >= MIN_SHARED_PREFIX:
         start = int(tq - query_mask[0].sum())
-        header = query_ids[:1, start:start + k]  # (1, k)
+        header = query_ids[:1, start : start + k]  # (1, k)
         # Drop the header's k columns from each row, keeping its left padding: (B, Tq - k).
         cols = torch.arange(tq - k, device=query_ids.device)[None]  # (1, Tq - k)
         row_starts = (tq - query_mask.sum(1))[:, None]  # (B, 1)
@@ -465,7 +498,9 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         input_ids = torch.cat([rest_ids, response_ids], dim=1)  # (B, Tq - k + Tr)
         # [header | padding | instruction | response]: padding in the middle is masked out, and positions
         # count real tokens only, so every token sees what it saw in the left-padded layout.
-        attention_mask = torch.cat([torch.ones_like(query_mask[:, :k]), rest_mask, response_mask], dim=1).long()
+        attention_mask = torch.cat(
+            [torch.ones_like(query_mask[:, :k]), rest_mask, response_mask], dim=1
+        ).long()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, k:]  # (B, Tq - k + Tr)
     else:
         k = 0
@@ -473,14 +508,21 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, Tq + Tr)
         # Left padding: positions count real tokens only, as generation does ([N+ §"padding"]).
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq + Tr)
-    with torch.autocast(device_type=input_ids.device.type, dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None):
+    with torch.autocast(
+        device_type=input_ids.device.type,
+        dtype=autocast_dtype or torch.float32,
+        enabled=autocast_dtype is not None,
+    ):
         if k:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.config)
-            model(input_ids=header, position_ids=torch.arange(k, device=header.device)[None], cache=cache,
-                  use_cache=True)
+            model(
+                input_ids=header,
+                position_ids=torch.arange(k, device=header.device)[None],
+                cache=cache,
+                use_cache=True,
+            )
             cache.batch_repeat_interleave(batch)  # (1, heads, k, d) -> (B, heads, k, d), differentiable
         out = model(
             input_ids=input_ids,
@@ -492,12 +534,16 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
             logits_to_keep=tr + 1,  # only the logits that predict response tokens
         )
     # The logit at the last query position predicts response token 0, and so on.
-    logits = out.logits[:, -(tr + 1):-1].float() / temperature  # (B, Tr, V)  [N+ §"temperature"]
-    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, response_ids.unsqueeze(-1)).squeeze(-1)  # (B, Tr)
+    logits = out.logits[:, -(tr + 1) : -1].float() / temperature  # (B, Tr, V)  [N+ §"temperature"]
+    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, response_ids.unsqueeze(-1)).squeeze(
+        -1
+    )  # (B, Tr)
     hidden = None
     if want_hidden:
         tq_here = tq - k
-        hidden = out.hidden_states[-1][:, tq_here - 1:tq_here - 1 + tr]  # (B, Tr, H): state before each token
+        hidden = out.hidden_states[-1][
+            :, tq_here - 1 : tq_here - 1 + tr
+        ]  # (B, Tr, H): state before each token
     return logprobs, logits, hidden
 
 
@@ -586,12 +632,21 @@ def _prompt_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
 def _validate_args(args: PPOArgs) -> None:
     if not args.policy:
         raise EngineError("no policy given: pass --policy PATH")
-    positive = ("steps", "batch_size", "mini_batch_size", "generation_batch_size", "ppo_epochs", "max_new_tokens")
+    positive = (
+        "steps",
+        "batch_size",
+        "mini_batch_size",
+        "generation_batch_size",
+        "ppo_epochs",
+        "max_new_tokens",
+    )
     for name in positive:
         if int(getattr(args, name)) < 1:
             raise EngineError(f"{name} must be at least 1, got {getattr(args, name)}")
     if args.mini_batch_size > args.batch_size:
-        raise EngineError(f"mini_batch_size ({args.mini_batch_size}) is larger than batch_size ({args.batch_size})")
+        raise EngineError(
+            f"mini_batch_size ({args.mini_batch_size}) is larger than batch_size ({args.batch_size})"
+        )
     if args.temperature <= 0:
         raise EngineError(f"temperature must be positive, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -613,7 +668,9 @@ def _context_length(model) -> int | None:
     return None
 
 
-def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: RewardFn | None = None) -> dict[str, Any]:
+def main(
+    args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: RewardFn | None = None
+) -> dict[str, Any]:
     """Run PPO; return the final metrics. Saves the policy at args.out and, while running, a resumable
     checkpoint at `<out>.resume/` (every save_every steps, and before an exception from on_progress)."""
     from training.engine.sample import generate
@@ -629,20 +686,29 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
         autocast_dtype = None  # fp32 on CPU
 
     checkpoint = resume_dir(args.out)
-    resuming = bool(args.resume and read_checkpoint_meta(checkpoint) and (checkpoint / "trainer_state.pt").exists())
+    resuming = bool(
+        args.resume and read_checkpoint_meta(checkpoint) and (checkpoint / "trainer_state.pt").exists()
+    )
     data_version = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()[:16]
     # The checkpoint's JSON names the prompts by count and hash, not by listing them all.
-    recorded_args = args if isinstance(args.prompts, str) else replace(
-        args, prompts=f"<{len(prompts)} prompts, sha256 {data_version}>")
+    recorded_args = (
+        args
+        if isinstance(args.prompts, str)
+        else replace(args, prompts=f"<{len(prompts)} prompts, sha256 {data_version}>")
+    )
     if resuming:
         saved = read_checkpoint_meta(checkpoint)
         saved_args, now = saved.get("args") or {}, to_jsonable(recorded_args)
-        changed = [k for k in ("policy", "ref_policy", "seed", "batch_size", "mini_batch_size", "prompts")
-                   if k in saved_args and saved_args[k] != now[k]]
+        changed = [
+            k
+            for k in ("policy", "ref_policy", "seed", "batch_size", "mini_batch_size", "prompts")
+            if k in saved_args and saved_args[k] != now[k]
+        ]
         if changed or saved.get("data_version") not in (None, data_version):
             raise EngineError(
                 f"the resumable checkpoint {checkpoint} was made with other settings "
-                f"({', '.join(changed) or 'prompts'} differ): delete it or pass resume=False (--no-resume)")
+                f"({', '.join(changed) or 'prompts'} differ): delete it or pass resume=False (--no-resume)"
+            )
 
     set_seed(args.seed)
     # Trained weights stay fp32 (autocast on CUDA); the reference may live in the compute dtype.
@@ -651,12 +717,16 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
     if resuming or args.ref_policy:
         ref_policy, ref_tokenizer = load_causal_lm(ref_source, device, compute_dtype)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise EngineError(f"reference policy {ref_source!r} has another tokenizer than the policy: "
-                              "the per-token KL needs the same vocabulary")
+            raise EngineError(
+                f"reference policy {ref_source!r} has another tokenizer than the policy: "
+                "the per-token KL needs the same vocabulary"
+            )
     else:
         ref_policy = copy.deepcopy(policy).to(compute_dtype)
     if tokenizer.eos_token_id is None:
-        raise EngineError(f"the policy's tokenizer ({args.policy!r}) has no eos token: responses could never end")
+        raise EngineError(
+            f"the policy's tokenizer ({args.policy!r}) has no eos token: responses could never end"
+        )
 
     formatted = [format_prompt(ins, inp) for ins, inp in prompts]
     context = _context_length(policy)
@@ -665,7 +735,8 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
             length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             if length + args.max_new_tokens > context:
                 raise EngineError(
-                    f"prompt {number} is {length} tokens; with max_new_tokens={args.max_new_tokens} it exceeds the "
+                    f"prompt {number} is {length} tokens; with max_new_tokens={args.max_new_tokens} "
+                    "it exceeds the "
                     f"policy's context of {context} tokens: shorten it or lower max_new_tokens"
                 )
 
@@ -678,22 +749,31 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
     ref_policy.requires_grad_(False)
     critic_on_ref = args.critic == "reference"
     hidden_size = (ref_policy if critic_on_ref else policy).get_output_embeddings().in_features
-    value_head = (ValueHead.from_pretrained(checkpoint / VALUE_HEAD_DIR) if resuming
-                  else ValueHead(hidden_size, args.value_inner)).to(device)
-    # The sampler's log-probs are those of the rollout policy (same arithmetic, 1e-6 apart in fp32), so in fp32 we
-    # take them as the "old" log-probs instead of a second forward pass; under bf16/fp16 autocast the sampler's and
-    # the trainer's kernels differ more, and we recompute them, as [N+ §"re-compute logprobs"] advises.
+    value_head = (
+        ValueHead.from_pretrained(checkpoint / VALUE_HEAD_DIR)
+        if resuming
+        else ValueHead(hidden_size, args.value_inner)
+    ).to(device)
+    # The sampler's log-probs are those of the rollout policy (same arithmetic, 1e-6 apart in fp32),
+    # so in fp32 we take them as the "old" log-probs instead of a second forward pass; under bf16/fp16
+    # autocast the sampler's and the trainer's kernels differ more, and we recompute them, as [N+ §"re-
+    # compute logprobs"] advises.
     reuse_rollout_logprobs = autocast_dtype is None
 
     params = list(policy.parameters()) + list(value_head.parameters())
     # Adam eps 1e-5 ([N+ §"Adam epsilon"], from Ziegler et al.'s lm-human-preferences).
-    optimizer = torch.optim.Adam([
-        {"params": list(policy.parameters())},
-        {"params": list(value_head.parameters()), "lr": args.value_lr or args.lr},
-    ], lr=args.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": list(policy.parameters())},
+            {"params": list(value_head.parameters()), "lr": args.value_lr or args.lr},
+        ],
+        lr=args.lr,
+        eps=1e-5,
+    )
     kl_ctl: AdaptiveKLController | FixedKLController = (
         AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
-        if args.adaptive_kl else FixedKLController(args.init_kl_coef)
+        if args.adaptive_kl
+        else FixedKLController(args.init_kl_coef)
     )
     score_stats = RunningMoments()
     start_step = 0
@@ -706,16 +786,32 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
         set_rng_state(state["rng"])
         start_step = int(state["step"])
         metrics = dict(state.get("metrics") or {})
-        on_progress({"stage": STAGE, "step": start_step, "total": args.steps,
-                     "metrics": metrics, "log": f"resuming from {checkpoint} at step {start_step}"})
+        on_progress(
+            {
+                "stage": STAGE,
+                "step": start_step,
+                "total": args.steps,
+                "metrics": metrics,
+                "log": f"resuming from {checkpoint} at step {start_step}",
+            }
+        )
 
     def save_resume(step: int) -> None:
         save_checkpoint(
-            checkpoint, stage=STAGE, args=recorded_args, step=step, metrics=metrics, data_version=data_version,
+            checkpoint,
+            stage=STAGE,
+            args=recorded_args,
+            step=step,
+            metrics=metrics,
+            data_version=data_version,
             pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
             trainer_state={
-                "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(),
-                "score_stats": score_stats.state_dict(), "rng": rng_state(), "step": step, "metrics": metrics,
+                "optimizer": optimizer.state_dict(),
+                "kl_ctl": kl_ctl.state_dict(),
+                "score_stats": score_stats.state_dict(),
+                "rng": rng_state(),
+                "step": step,
+                "metrics": metrics,
             },
         )
 
@@ -726,17 +822,29 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
         instructions = [prompts[i][0] for i in batch_idx]
 
         # 1. Rollouts: one response per prompt, sampled with the KV cache.
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
-                                             enabled=autocast_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=device.type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
+            ),
+        ):
             rollout = generate(
-                policy, tokenizer, [formatted[i] for i in batch_idx],
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                policy,
+                tokenizer,
+                [formatted[i] for i in batch_idx],
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
                 batch_size=args.generation_batch_size,
                 generator=_step_generator(args.seed, step, 1, device),
             )
         query_ids, query_mask, response_ids, response_mask = trim_padding(
-            rollout.query_ids.to(device), rollout.query_mask.to(device),
-            rollout.response_ids.to(device), rollout.response_mask.to(device),
+            rollout.query_ids.to(device),
+            rollout.query_mask.to(device),
+            rollout.response_ids.to(device),
+            rollout.response_mask.to(device),
         )
         mask = response_mask.float()  # (B, Tr) 1 for real tokens incl. EOS
         ended = rollout.ended.to(device).bool()  # (B,)
@@ -767,13 +875,15 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
                 sl = slice(start, start + args.generation_batch_size)
                 chunk = (query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
                 if not critic_on_ref or not reuse_rollout_logprobs:
-                    lp, _, hidden = forward_response(policy, *chunk, args.temperature, autocast_dtype,
-                                                     want_hidden=not critic_on_ref)
+                    lp, _, hidden = forward_response(
+                        policy, *chunk, args.temperature, autocast_dtype, want_hidden=not critic_on_ref
+                    )
                     old_logprobs.append(lp)
                     if not critic_on_ref:
                         old_values.append(value_head(hidden))  # (b, Tr)
-                rlp, _, hidden = forward_response(ref_policy, *chunk, args.temperature, autocast_dtype,
-                                                  want_hidden=critic_on_ref)
+                rlp, _, hidden = forward_response(
+                    ref_policy, *chunk, args.temperature, autocast_dtype, want_hidden=critic_on_ref
+                )
                 ref_logprobs.append(rlp)
                 if critic_on_ref:
                     ref_hidden.append(hidden)
@@ -781,12 +891,12 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
             if old_logprobs:
                 old_logprobs = torch.cat(old_logprobs) * mask  # (B, Tr)
             else:
-                old_logprobs = rollout.logprobs[:, :mask.shape[1]].to(device).float() * mask  # (B, Tr)
+                old_logprobs = rollout.logprobs[:, : mask.shape[1]].to(device).float() * mask  # (B, Tr)
             old_values = torch.cat(old_values) * mask  # (B, Tr)
             ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, Tr)
             ref_hidden = torch.cat(ref_hidden) if critic_on_ref else None  # (B, Tr, H): the critic's input
 
-            # 4. Per-token rewards: -beta * KL at each token (Ziegler et al. 2019 eq. 1; Stiennon et al. 2020),
+            # 4. Per-token rewards: -beta * KL at each token (Ziegler et al. 2019 eq. 1; Stiennon 2020),
             # plus the score at the last real token ([N+ §"reward at EOS"]).
             beta = kl_ctl.value
             kl_per_token = (old_logprobs - ref_logprobs) * mask  # (B, Tr) k1 estimate of KL(pi || ref)
@@ -804,31 +914,43 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
         forwarded_at = time.perf_counter()
 
         # 5. Several epochs of clipped PPO over shuffled minibatches.
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl")}
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl")
+        }
         entropy_sum, entropy_tokens = 0.0, 0.0
         order_gen = _step_generator(args.seed, step, 2, torch.device("cpu"))
         batch = len(batch_idx)
         for epoch in range(args.ppo_epochs):
             order = torch.randperm(batch, generator=order_gen).to(device)
             for start in range(0, batch, args.mini_batch_size):
-                mb = order[start:start + args.mini_batch_size]
-                q_ids, q_mask, r_ids, r_mask = trim_padding(query_ids[mb], query_mask[mb], response_ids[mb],
-                                                            response_mask[mb])
+                mb = order[start : start + args.mini_batch_size]
+                q_ids, q_mask, r_ids, r_mask = trim_padding(
+                    query_ids[mb], query_mask[mb], response_ids[mb], response_mask[mb]
+                )
                 tr = r_ids.shape[1]
                 mb_mask = r_mask.float()  # (b, tr)
                 mb_old_logprobs, mb_old_values = old_logprobs[mb, :tr], old_values[mb, :tr]
                 mb_adv, mb_returns = advantages[mb, :tr], returns[mb, :tr]
 
-                new_logprobs, logits, hidden = forward_response(policy, q_ids, q_mask, r_ids, r_mask, args.temperature,
-                                                                autocast_dtype, want_hidden=not critic_on_ref)
+                new_logprobs, logits, hidden = forward_response(
+                    policy,
+                    q_ids,
+                    q_mask,
+                    r_ids,
+                    r_mask,
+                    args.temperature,
+                    autocast_dtype,
+                    want_hidden=not critic_on_ref,
+                )
                 new_values = value_head(ref_hidden[mb, :tr] if critic_on_ref else hidden)  # (b, tr)
                 if epoch == 0:  # the policy's entropy on its own samples, read off the first pass
                     with torch.no_grad():
                         entropy_sum += (entropy_from_logits(logits) * mb_mask).sum().item()
                         entropy_tokens += mb_mask.sum().item()
                 # Clipped value loss (OpenAI baselines ppo2; [N+ §"value clipping"]).
-                values_clipped = mb_old_values + torch.clamp(new_values - mb_old_values,
-                                                             -args.cliprange_value, args.cliprange_value)
+                values_clipped = mb_old_values + torch.clamp(
+                    new_values - mb_old_values, -args.cliprange_value, args.cliprange_value
+                )
                 vf_losses1 = (new_values - mb_returns) ** 2
                 vf_losses2 = (values_clipped - mb_returns) ** 2
                 vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mb_mask)
@@ -849,9 +971,11 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
                     stats["pg_loss"].append(pg_loss.item())
                     stats["vf_loss"].append(vf_loss.item())
                     stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses1).float(), mb_mask).item())
-                    stats["vf_clipfrac"].append(masked_mean((vf_losses2 > vf_losses1).float(), mb_mask).item())
+                    stats["vf_clipfrac"].append(
+                        masked_mean((vf_losses2 > vf_losses1).float(), mb_mask).item()
+                    )
                     # Schulman's k2 estimate of KL(old || new) over the update (TRL PPOv2 approxkl).
-                    stats["approx_kl"].append((0.5 * masked_mean(log_ratio ** 2, mb_mask)).item())
+                    stats["approx_kl"].append((0.5 * masked_mean(log_ratio**2, mb_mask)).item())
 
         # 6. Adaptive KL: measured KL per response against the target (Ziegler et al. 2019).
         mean_kl = kl_per_token.sum(1).mean().item()
@@ -860,8 +984,11 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
         with torch.no_grad():
             flat_returns, flat_values = returns[mask.bool()], old_values[mask.bool()]
             var_returns = flat_returns.var(unbiased=False)
-            explained_variance = (1 - (flat_returns - flat_values).var(unbiased=False) / var_returns).item() \
-                if var_returns > 0 else float("nan")
+            explained_variance = (
+                (1 - (flat_returns - flat_values).var(unbiased=False) / var_returns).item()
+                if var_returns > 0
+                else float("nan")
+            )
         elapsed = time.perf_counter() - started
         metrics = {
             "ppo/reward": raw_scores.mean().item(),
@@ -899,7 +1026,12 @@ def main(args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: Reward
 
     # ---- the final policy -------------------------------------------------------------------------
     save_checkpoint(
-        args.out, stage=STAGE, args=recorded_args, step=args.steps, metrics=metrics, data_version=data_version,
+        args.out,
+        stage=STAGE,
+        args=recorded_args,
+        step=args.steps,
+        metrics=metrics,
+        data_version=data_version,
         pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
     )
     shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
@@ -915,13 +1047,28 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m training.engine.ppo",
         description="PPO of a causal LM against reward models (paths or rule:NAME) with a KL penalty.",
     )
-    parser.add_argument("--policy", required=True, help=PPOArgs.__doc__ and "policy checkpoint (path or name)")
+    parser.add_argument(
+        "--policy", required=True, help=PPOArgs.__doc__ and "policy checkpoint (path or name)"
+    )
     parser.add_argument("--ref-policy", default=None, help="reference policy (default: the starting policy)")
-    parser.add_argument("--reward-model", action="append", default=[], dest="reward_models",
-                        help="reward model path or rule:NAME; repeat for several")
-    parser.add_argument("--reward-weight", action="append", type=float, default=[], dest="reward_weights",
-                        help="weight of the matching --reward-model; repeat in the same order")
-    parser.add_argument("--prompts", required=True, help="JSONL ({'prompt': ...}) or text file, one prompt a line")
+    parser.add_argument(
+        "--reward-model",
+        action="append",
+        default=[],
+        dest="reward_models",
+        help="reward model path or rule:NAME; repeat for several",
+    )
+    parser.add_argument(
+        "--reward-weight",
+        action="append",
+        type=float,
+        default=[],
+        dest="reward_weights",
+        help="weight of the matching --reward-model; repeat in the same order",
+    )
+    parser.add_argument(
+        "--prompts", required=True, help="JSONL ({'prompt': ...}) or text file, one prompt a line"
+    )
     parser.add_argument("--out", required=True, help="output directory of the trained policy")
     skip = {"policy", "ref_policy", "reward_models", "reward_weights", "prompts", "out"}
     defaults = PPOArgs()
