@@ -201,12 +201,12 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_model_dir, data, 
     done = subprocess.run(
         [sys.executable, "-m", "training.engine.sft", "--model", str(tiny_model_dir), "--train", str(train),
          "--eval", str(evaluation), "--out", str(tmp_path / "out"), "--max-steps", "3", "--lr", "1e-3",
-         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     assert metrics["sft/steps"] == 3 and "sft/eval_loss" in metrics
     bad = subprocess.run([sys.executable, "-m", "training.engine.sft", "--model", str(tmp_path / "nope"),
-                          "--train", str(train)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--train", str(train)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
 
 
@@ -225,7 +225,7 @@ def test_it_builds_the_tiny_demo_policy_once_even_when_two_processes_ask(tmp_pat
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    outputs = [p.communicate(timeout=1200) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
     assert sorted(o[0].strip().splitlines()[-1] for o in outputs) == ["built", "cached"]
     meta = read_checkpoint_meta(out)
