@@ -124,6 +124,11 @@ def test_it_keeps_heldout_prompts_out_of_the_training_split():
     assert not train & set(heldout)
     assert not {e["instruction"] for e in make_sft_examples(2000, seed=5)} & set(heldout)
     assert {parse_task(p).family for p in heldout} == set(FAMILIES)
+    # The split is by problem, not phrasing: a held-out sum asked another way is still held out.
+    for task in make_tasks(100, seed=1, split="heldout", families=["arithmetic"]):
+        f = task.fields
+        for phrasing in (f"What is {f['a']} {f['op']} {f['b']}?", f"Compute {f['a']} {f['op']} {f['b']}."):
+            assert phrasing not in train
 
 
 def test_it_mixes_styles_and_families_in_the_sft_examples_reproducibly():
@@ -134,7 +139,7 @@ def test_it_mixes_styles_and_families_in_the_sft_examples_reproducibly():
     families = Counter(e["family"] for e in examples)
     assert set(styles) == set(STYLES) and min(styles.values()) > 120
     assert styles[PREFERRED_STYLE] < 0.3 * len(examples)  # room for preferences to shape
-    assert families == {f: 200 for f in FAMILIES}
+    assert families == {"arithmetic": 223, "reverse": 222, "sort": 222, "category": 222, "polite": 111}
     for e in examples:
         assert e["input"] == ""
         assert is_correct(e["instruction"], e["output"])

@@ -22,7 +22,16 @@ from training.engine.demo_policy import (
     evaluate_policy,
     train_tokenizer,
 )
-from training.engine.sft import IGNORE_INDEX, SFTArgs, encode_examples, main, response_loss, collate
+from training.engine.sft import (
+    IGNORE_INDEX,
+    SFTArgs,
+    can_share_prefix,
+    collate,
+    encode_examples,
+    main,
+    response_loss,
+    shared_prefix_length,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +52,7 @@ def tiny_model_dir(tmp_path_factory, examples) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = train_tokenizer([format_prompt(e["instruction"]) + e["output"] for e in examples], 400)
+    tokenizer = train_tokenizer([t for e in examples for t in (format_prompt(e["instruction"]), e["output"])], 400)
     eos = tokenizer.eos_token_id
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=192, n_embd=32, n_layer=2, n_head=2,
@@ -77,7 +86,7 @@ def test_it_masks_prompt_tokens_and_appends_eos_to_the_response(tiny_model_dir, 
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ids[n_prompt:-1]) == example["output"]
+    assert tokenizer.decode(ids[n_prompt:-1]).strip() == example["output"]
 
 
 def test_it_computes_the_loss_over_response_tokens_only(tiny_model_dir, examples):
@@ -95,6 +104,29 @@ def test_it_computes_the_loss_over_response_tokens_only(tiny_model_dir, examples
     # Every response token and its EOS counts, nothing else.
     assert n_tokens == len(by_hand) == sum(len(tokenizer(e["output"])["input_ids"]) + 1 for e in examples[:4])
     assert float(loss) == pytest.approx(float(torch.stack(by_hand).mean()), rel=1e-5)
+
+
+def test_it_shares_the_prompt_preamble_without_changing_loss_or_gradients(tiny_model_dir, examples):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    assert can_share_prefix(model)
+    encoded = encode_examples(tokenizer, examples[:6], max_length=192, model_positions=192, truncate=False)
+    batch = collate(encoded, tokenizer.pad_token_id, "cpu")
+    assert shared_prefix_length(*batch) > 15  # the Alpaca preamble
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        loss, n = response_loss(model, *batch, share_prefix=share)
+        loss.backward()
+        results.append((float(loss.detach()), n, [p.grad.clone() for p in model.parameters()]))
+    (loss_full, n_full, grads_full), (loss_shared, n_shared, grads_shared) = results
+    assert n_full == n_shared and loss_shared == pytest.approx(loss_full, rel=1e-5)
+    for full, shared in zip(grads_full, grads_shared):
+        torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-6)
+    # With dropout on, the shortcut would share dropout masks across rows: it stays off.
+    assert not can_share_prefix(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
 
 
 def test_it_lowers_the_response_loss_and_leaves_the_prompt_unlearned(tiny_model_dir, data, tmp_path):
@@ -201,12 +233,12 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_model_dir, data, 
     done = subprocess.run(
         [sys.executable, "-m", "training.engine.sft", "--model", str(tiny_model_dir), "--train", str(train),
          "--eval", str(evaluation), "--out", str(tmp_path / "out"), "--max-steps", "3", "--lr", "1e-3",
-         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
+         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     assert metrics["sft/steps"] == 3 and "sft/eval_loss" in metrics
     bad = subprocess.run([sys.executable, "-m", "training.engine.sft", "--model", str(tmp_path / "nope"),
-                          "--train", str(train)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                          "--train", str(train)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
 
 

@@ -119,7 +119,11 @@ def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> t
 
 @torch.no_grad()
 def _generate_batch(model, query_ids, query_mask, *, eos_id, pad_id, max_new_tokens, temperature, top_p, generator):
-    """Sample one batch with a KV cache. Returns response ids, mask, logprobs (B, Tr) and ended (B,)."""
+    """Sample one batch with a KV cache. Returns response ids, mask, logprobs (B, Tr) and ended (B,).
+
+    Rows that emitted EOS leave the batch (their cache rows are dropped), so the remaining steps
+    cost only what the unfinished rows need.
+    """
     batch = query_ids.size(0)
     device = query_ids.device
     position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq): positions count real tokens only
@@ -127,34 +131,48 @@ def _generate_batch(model, query_ids, query_mask, *, eos_id, pad_id, max_new_tok
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=position_ids, use_cache=True, **keep)
     cache = out.cache
-    logits = out.logits[:, -1, :].float()  # (B, V)
-    next_position = position_ids[:, -1:] + 1  # (B, 1)
-    attention = query_mask
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs, masks = [], [], []
-    for _ in range(max_new_tokens):
-        scaled = logits / temperature if temperature > 0 else logits  # (B, V)
+    compactable = hasattr(cache, "batch_select_indices")
+    logits = out.logits[:, -1, :].float()  # (b, V), b = rows still generating
+    next_position = position_ids[:, -1:] + 1  # (b, 1)
+    attention = query_mask  # (b, Tq + t)
+    rows = torch.arange(batch, device=device)  # (b,) original row of each active row
+    alive = torch.ones(batch, dtype=torch.bool, device=device)  # used when rows cannot leave the cache
+    response_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = 0
+    for step in range(max_new_tokens):
+        steps = step + 1
+        scaled = logits / temperature if temperature > 0 else logits  # (b, V)
         logp_all = torch.log_softmax(scaled, dim=-1)
         if temperature > 0:
-            token = _sample(_top_p_filter(scaled, top_p), generator)  # (B,)
+            token = _sample(_top_p_filter(scaled, top_p), generator)  # (b,)
         else:
             token = torch.argmax(scaled, dim=-1)
-        alive = ~done
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
-        token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
-        logprobs.append(torch.where(alive, token_logp, torch.zeros_like(token_logp)))
-        tokens.append(token)
-        masks.append(alive.long())
-        done = done | (alive & (token == eos_id))
-        if bool(done.all()):
+        token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)  # (b,)
+        live_rows = rows[alive]
+        response_ids[live_rows, step] = token[alive]
+        response_mask[live_rows, step] = 1
+        logprobs[live_rows, step] = token_logp[alive]
+        finished = alive & (token == eos_id)
+        ended[rows[finished]] = True
+        alive = alive & ~finished
+        if not bool(alive.any()):
             break
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=-1)
+        if compactable and bool(finished.any()):
+            keep_idx = alive.nonzero().squeeze(1)
+            cache.batch_select_indices(keep_idx)
+            rows, token, attention, next_position = rows[keep_idx], token[keep_idx], attention[keep_idx], next_position[keep_idx]
+            alive = alive[keep_idx]
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        attention = torch.cat([attention, torch.ones((attention.size(0), 1), dtype=attention.dtype, device=device)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
                     cache=cache, use_cache=True)
         cache = out.cache
         logits = out.logits[:, -1, :].float()
         next_position = next_position + 1
-    return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1), done
+    return response_ids[:, :steps], response_mask[:, :steps], logprobs[:, :steps], ended
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.7,
