@@ -233,12 +233,12 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_model_dir, data, 
     done = subprocess.run(
         [sys.executable, "-m", "training.engine.sft", "--model", str(tiny_model_dir), "--train", str(train),
          "--eval", str(evaluation), "--out", str(tmp_path / "out"), "--max-steps", "3", "--lr", "1e-3",
-         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     assert metrics["sft/steps"] == 3 and "sft/eval_loss" in metrics
     bad = subprocess.run([sys.executable, "-m", "training.engine.sft", "--model", str(tmp_path / "nope"),
-                          "--train", str(train)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--train", str(train)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
 
 
