@@ -17,6 +17,7 @@ from training.engine import demo_tasks
 from training.engine.common import EngineError, format_prompt, read_checkpoint_meta
 from training.engine.demo_policy import (
     PRESETS,
+    build_demo_policy,
     build_model,
     ensure_demo_policy,
     evaluate_policy,
@@ -271,6 +272,10 @@ def test_it_builds_the_tiny_demo_policy_once_even_when_two_processes_ask(tmp_pat
     assert ensure_demo_policy(out, preset="tiny") == out
     assert time.perf_counter() - started < 1.0
     assert read_checkpoint_meta(out)["saved_at"] == meta["saved_at"]
+
+    # Reproducible: the same preset and seed rebuild the same weights, byte for byte.
+    again = build_demo_policy(tmp_path / "again", preset="tiny")
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
     # Better than before its SFT: the same architecture untrained scores lower under the judge.
     from transformers import AutoModelForCausalLM, AutoTokenizer

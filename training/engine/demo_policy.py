@@ -5,12 +5,18 @@ the project builds itself, in minutes, on a laptop CPU:
 
 1. SFT data from demo_tasks.make_sft_examples: five task families answered in a mixture of styles;
 2. a byte-level BPE tokenizer trained on it with `tokenizers` (GPT-2's scheme, Radford et al.
-   2019; digits split one by one as in Llama, Touvron et al. 2023, so arithmetic is learnable),
-   eos = pad = <|endoftext|>;
-3. a GPT-2 built from a config (demo preset: 4 layers, 256 wide, about 4M parameters), dropout
-   off (nanoGPT's default for short runs), trained from scratch with sft.train_sft: loss on the
-   response tokens only;
-4. saved with save_pretrained + pairloop.json (common.save_checkpoint), with held-out metrics.
+   2019, with a prefix space so a response's first word is the same token as in the prompt;
+   digits split one by one as in Llama, Touvron et al. 2023), eos = pad = <|endoftext|>. The
+   demo corpus has about 1.1k distinct pieces, so the 4k vocabulary saturates there;
+3. a GPT-2 built from a config (demo preset: 4 layers, 192 wide, 6 heads, 2.1M parameters),
+   dropout off (nanoGPT's default for short runs), trained from scratch with sft.train_sft: loss
+   on the response tokens only, the shared prompt preamble computed once per batch;
+4. saved with save_pretrained + pairloop.json (common.save_checkpoint), with held-out metrics
+   (correctness per family, style mix, judge score, sampling tokens/s).
+
+Measured on this 2-core machine with light load: the demo preset builds in about 4.5 minutes
+(3,000 steps at about 10k tokens/s) and answers 64% of held-out prompts correctly at temperature
+0.7; the tiny preset (tests) builds in about 15 seconds.
 
     python -m training.engine.demo_policy --out var/models/demo-policy [--preset demo|tiny] [--force]
 
@@ -75,13 +81,17 @@ class DemoPreset:
     """AdamW weight decay on matrices (nanoGPT: 0.1)."""
     n_eval: int
     """Held-out prompts sampled after training to measure correctness and style mix."""
+    threads: int = 0
+    """CPU threads for torch during the build; 0 keeps torch's choice. One thread is barely slower
+    for a tiny model and does not collapse when other processes load the machine."""
 
 
 PRESETS: dict[str, DemoPreset] = {
     "demo": DemoPreset(n_examples=48000, vocab_size=4096, n_layer=4, n_embd=192, n_head=6, n_positions=512,
                        epochs=1.0, lr=2e-3, batch_size=16, warmup_ratio=0.03, weight_decay=0.1, n_eval=250),
     "tiny": DemoPreset(n_examples=6400, vocab_size=512, n_layer=2, n_embd=64, n_head=2, n_positions=256,
-                       epochs=1.0, lr=5e-3, batch_size=16, warmup_ratio=0.05, weight_decay=0.1, n_eval=40),
+                       epochs=1.0, lr=5e-3, batch_size=16, warmup_ratio=0.05, weight_decay=0.1, n_eval=40,
+                       threads=1),
 }
 
 
@@ -136,6 +146,16 @@ def build_demo_policy(out_dir: str | Path, preset: str = "demo", seed: int = 0,
     if preset not in PRESETS:
         raise EngineError(f"unknown demo preset {preset!r} (known: {', '.join(PRESETS)})")
     settings = PRESETS[preset]
+    threads_before = torch.get_num_threads()
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _build(Path(out_dir), preset, settings, seed, on_progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _build(out_dir: Path, preset: str, settings: DemoPreset, seed: int, on_progress: ProgressFn) -> Path:
     started = time.perf_counter()
     set_seed(seed)
     examples = demo_tasks.make_sft_examples(settings.n_examples, seed)
@@ -174,7 +194,7 @@ def is_built(out_dir: str | Path, preset: str = "demo", seed: int | None = None)
     args = meta.get("args") or {}
     settings = PRESETS.get(preset)
     return (settings is not None and args.get("preset") == preset and args.get("recipe") == RECIPE
-            and all(args.get(k) == v for k, v in asdict(settings).items())
+            and all(args.get(k) == v for k, v in asdict(settings).items() if k != "threads")
             and (seed is None or args.get("seed") == seed))
 
 
