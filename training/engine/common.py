@@ -6,6 +6,7 @@ Plain Python over torch and transformers; this package never imports Django.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -13,8 +14,9 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +73,14 @@ def prompt_text(prompt: str | list[dict[str, str]]) -> str:
 
 def pick_device(preference: str = "auto") -> torch.device:
     """CUDA when present (or asked for), else CPU. `preference` is auto, cpu, cuda or cuda:N."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if preference == "auto" else preference)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"device {preference!r} asked for, but CUDA is not available here")
+    if device.type == "cuda":
+        # cuDNN's attention plans a new graph for every new sequence length: in bf16 on an H200 it took
+        # 6.6 ms of CPU per call, and sampling (one length per decoded token) ran 7x slower than fp32.
+        # The flash and memory-efficient kernels take any length. (benchmarks/engine_pipeline.py)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return device
 
 
@@ -302,6 +307,73 @@ class TqdmProgress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal under it), by field name."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)):
+            docs[node.target.id] = str(following.value.value)
+    return docs
+
+
+def parser_for(cls, description: str, *, prog: str | None = None, required: tuple[str, ...] = (),
+               flag_names: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one --flag per field of the Args dataclass `cls`, its docstring as help.
+
+    Booleans get --flag / --no-flag; list fields are repeated flags (`flag_names` gives them a
+    singular name, e.g. reward_models -> --reward-model); `required` fields have no default."""
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    flag_names = flag_names or {}
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(cls):
+        flag = "--" + flag_names.get(f.name, f.name.replace("_", "-"))
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        hint = hints[f.name]
+        options = [t for t in typing.get_args(hint) if t is not type(None)]
+        kind = options[0] if options else hint
+        doc = docs.get(f.name, "")
+        if hint is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc)
+        elif typing.get_origin(hint) is list:
+            item = (typing.get_args(hint) or (str,))[0]
+            parser.add_argument(flag, dest=f.name, action="append", type=item, default=[],
+                                metavar=flag[2:].upper().replace("-", "_"), help=f"{doc} (repeat for several)")
+        elif f.name in required:
+            parser.add_argument(flag, dest=f.name, type=kind, required=True, help=doc)
+        else:
+            kind = typing.get_origin(kind) or kind  # str | list[str] takes a str on the command line
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"{doc} (default: {default})")
+    return parser
+
+
+def run_cli(cls, main: Callable[..., dict[str, Any]], argv: list[str] | None, *, stage: str, description: str,
+            required: tuple[str, ...] = (), flag_names: dict[str, str] | None = None) -> int:
+    """The engine's command lines: flags -> Args -> main(args, progress bar) -> final metrics as the last line.
+
+    A problem with the input (EngineError) prints `error: ...` on stderr and, as the last line of
+    stdout, {"error": ...} for scripts; the exit status is then 2."""
+    parser = parser_for(cls, description, prog=f"python -m training.engine.{stage}", required=required,
+                        flag_names=flag_names)
+    args = cls(**vars(parser.parse_args(argv)))
+    progress = TqdmProgress(stage)
+    try:
+        metrics = main(args, progress)
+    except EngineError as exc:
+        progress.close()
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print_final_metrics({"error": str(exc)})
+        return 2
+    progress.close()
+    print_final_metrics(metrics)
+    return 0
 
 
 def args_from_dict(cls, values: dict[str, Any]):

@@ -36,7 +36,6 @@ This module never imports Django.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -44,7 +43,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +54,15 @@ from torch import nn
 from training.engine.common import (
     EngineError,
     ProgressFn,
-    TqdmProgress,
     format_prompt,
     load_causal_lm,
     load_trainer_state,
     no_progress,
     pick_device,
     pick_dtype,
-    print_final_metrics,
     prompt_text,
     read_checkpoint_meta,
+    run_cli,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -1042,62 +1040,10 @@ def main(
 # CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.engine.ppo",
-        description="PPO of a causal LM against reward models (paths or rule:NAME) with a KL penalty.",
-    )
-    parser.add_argument(
-        "--policy", required=True, help=PPOArgs.__doc__ and "policy checkpoint (path or name)"
-    )
-    parser.add_argument("--ref-policy", default=None, help="reference policy (default: the starting policy)")
-    parser.add_argument(
-        "--reward-model",
-        action="append",
-        default=[],
-        dest="reward_models",
-        help="reward model path or rule:NAME; repeat for several",
-    )
-    parser.add_argument(
-        "--reward-weight",
-        action="append",
-        type=float,
-        default=[],
-        dest="reward_weights",
-        help="weight of the matching --reward-model; repeat in the same order",
-    )
-    parser.add_argument(
-        "--prompts", required=True, help="JSONL ({'prompt': ...}) or text file, one prompt a line"
-    )
-    parser.add_argument("--out", required=True, help="output directory of the trained policy")
-    skip = {"policy", "ref_policy", "reward_models", "reward_weights", "prompts", "out"}
-    defaults = PPOArgs()
-    for f in fields(PPOArgs):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
-    return parser
-
-
 def cli(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    args = PPOArgs(**vars(ns))
-    progress = TqdmProgress("ppo")
-    try:
-        metrics = main(args, progress)
-    except EngineError as exc:
-        progress.close()
-        print(f"error: {exc}", flush=True)
-        print_final_metrics({"error": str(exc)})
-        return 2
-    progress.close()
-    print_final_metrics(metrics)
-    return 0
+    return run_cli(PPOArgs, main, argv, stage="ppo", required=("policy", "prompts", "out"),
+                   flag_names={"reward_models": "reward-model", "reward_weights": "reward-weight"},
+                   description="PPO of a causal LM against reward models (paths or rule:NAME) with a KL penalty.")
 
 
 if __name__ == "__main__":

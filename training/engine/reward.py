@@ -24,7 +24,6 @@ no gradient checkpointing; evaluation under torch.inference_mode, sorted by leng
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import shutil
@@ -41,15 +40,14 @@ import torch.nn.functional as F
 from .common import (
     EngineError,
     ProgressFn,
-    TqdmProgress,
     default_reward_backbone,
     load_reward_model,
     load_trainer_state,
     no_progress,
     pick_device,
     pick_dtype,
-    print_final_metrics,
     read_checkpoint_meta,
+    run_cli,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -627,52 +625,9 @@ class RewardScorer:
 # Command line
 
 
-def parse_args(argv: list[str] | None = None) -> RewardArgs:
-    p = argparse.ArgumentParser(prog="python -m training.engine.reward", description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", required=True, help="exported pairs to train on (JSONL, Parquet or a save_to_disk directory)")
-    p.add_argument("--eval", default=None, help="held-out pairs (default: hold out --eval-fraction by prompt)")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--model", default=None, help="backbone name or path (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--out", required=True, help="directory for the final model")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--center-rewards-coef", type=float, default=None)
-    p.add_argument("--no-margin", action="store_true", help="ignore the margin column")
-    p.add_argument("--no-group-by-length", action="store_true", help="random batches instead of length-grouped")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--no-resume", action="store_true", help="start over even if <out>.resume/ exists")
-    a = p.parse_args(argv)
-    values = dict(train=a.train, eval=a.eval, eval_fraction=a.eval_fraction, out=a.out, epochs=a.epochs, lr=a.lr,
-                  batch_size=a.batch_size, eval_batch_size=a.eval_batch_size, max_length=a.max_length,
-                  seed=a.seed, center_rewards_coef=a.center_rewards_coef, use_margin=not a.no_margin,
-                  group_by_length=not a.no_group_by_length, eval_every=a.eval_every, log_every=a.log_every,
-                  save_every=a.save_every, device=a.device, dtype=a.dtype, resume=not a.no_resume)
-    if a.model:
-        values["model"] = a.model
-    return RewardArgs(**values)
-
-
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        progress = TqdmProgress("reward model")
-        try:
-            metrics = main(args, progress)
-        finally:
-            progress.close()
-    except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print_final_metrics(metrics)
-    return 0
+    return run_cli(RewardArgs, main, argv, stage="reward", required=("train", "out"),
+                   flag_names={"use_margin": "margin"}, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ import torch
 from training.engine.common import (
     EngineError,
     ProgressFn,
-    TqdmProgress,
     ensure_pad_token,
     format_prompt,
     load_causal_lm,
     no_progress,
     pick_device,
     pick_dtype,
-    print_final_metrics,
+    run_cli,
 )
 
 
@@ -343,22 +342,10 @@ def main(args: SampleArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     return metrics
 
 
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    from training.engine.sft import parser_for
-
-    parsed = parser_for(SampleArgs, "Sample responses from a causal LM for a file of instructions.").parse_args(argv)
-    args = SampleArgs(**vars(parsed))
-    progress = TqdmProgress("sample")
-    try:
-        metrics = main(args, progress)
-    finally:
-        progress.close()
-    print_final_metrics(metrics)
-    return metrics
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(SampleArgs, main, argv, stage="sample", required=("model", "prompts"),
+                   description="Sample responses from a causal LM for a file of instructions.")
 
 
 if __name__ == "__main__":
-    try:
-        cli()
-    except EngineError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    raise SystemExit(cli())

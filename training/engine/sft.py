@@ -13,12 +13,11 @@ The last line of output is one JSON object of final metrics (sft/loss, sft/eval_
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 from training.engine.common import (
     EngineError,
     ProgressFn,
-    TqdmProgress,
     ensure_pad_token,
     format_prompt,
     load_causal_lm,
@@ -36,8 +34,8 @@ from training.engine.common import (
     no_progress,
     pick_device,
     pick_dtype,
-    print_final_metrics,
     read_checkpoint_meta,
+    run_cli,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -418,45 +416,10 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
 # CLI
 
 
-def parser_for(cls, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per dataclass field, its docstring as help."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            docs[node.target.id] = str(following.value.value)
-    hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=description)
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-            continue
-        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
-    return parser
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    parsed = parser_for(SFTArgs, "Supervised fine-tuning on (instruction, input, output) JSONL.").parse_args(argv)
-    args = SFTArgs(**vars(parsed))
-    progress = TqdmProgress("sft")
-    try:
-        metrics = main(args, progress)
-    finally:
-        progress.close()
-    print_final_metrics(metrics)
-    return metrics
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(SFTArgs, main, argv, stage="sft", required=("model", "train"),
+                   description="Supervised fine-tuning on (instruction, input, output) JSONL, loss on the response only.")
 
 
 if __name__ == "__main__":
-    try:
-        cli()
-    except EngineError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    raise SystemExit(cli())
