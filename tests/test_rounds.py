@@ -457,6 +457,46 @@ def test_it_reviews_a_round_with_escaped_outputs_scores_and_human_win_rates_apar
     assert '<td class="simulated-rate">0.00 (0 / 4 / 0 / 0)</td>' in page
 
 
+@pytest.mark.django_db
+def test_it_rates_every_policy_on_one_scale_from_the_judgments_between_them(chains, reviewer):
+    campaign = judged_campaign()
+    first = launch(campaign)
+    for job in first.jobs.order_by("order"):
+        succeed(job, policy_checkpoint="/models/round-1")
+    second = launch(campaign)
+    for job in second.jobs.order_by("order"):
+        succeed(job, policy_checkpoint="/models/round-2")
+    first.refresh_from_db()
+    sft = first.config["base_policy"]
+    human, bot = make_user("hugo"), make_user("sim-correct_sentence-1")
+
+    def judged(round_, checkpoints, tag, choices, labeler, source):
+        items = [PairInput(f"{tag} {i}?", f"{tag} new {i}", f"{tag} old {i}") for i in range(len(choices))]
+        add_pairs(campaign, items, round=round_, source=Response.POLICY, checkpoints=checkpoints, notify=False)
+        for pair, choice in zip(Pair.objects.filter(round=round_, prompt__text__startswith=tag).order_by("id"), choices):
+            Judgment.objects.create(pair=pair, labeler=labeler, choice=choice, source=source)
+
+    # Simulated labelers alone: the ratings say they come from them.
+    judged(first, ("/models/round-1", sft), "sim", ["a"] * 6 + ["b"] * 4, bot, Judgment.SIMULATED)
+    page = client_for(reviewer).get(f"/rounds/{first.pk}/").content.decode()
+    assert 'id="policy-ratings"' in page and "<strong>simulated-labeler</strong>" in page
+    # Humans: round 1 beats the SFT policy 30 to 10, round 2 beats round 1 24 to 16 (a tie counts half).
+    judged(first, ("/models/round-1", sft), "r1", ["a"] * 29 + ["b"] * 9 + ["tie"] * 2, human, Judgment.HUMAN)
+    judged(second, ("/models/round-2", "/models/round-1"), "r2", ["a"] * 24 + ["b"] * 16, human, Judgment.HUMAN)
+    page = client_for(reviewer).get(f"/rounds/{second.pk}/").content.decode()
+    table = page.split('id="policy-ratings"')[1].split("</table>")[0]
+    assert [row.split("</td>")[0] for row in table.split("<tr><td>")[1:]] == ["Round 2", "Round 1", "SFT policy"]
+    assert "From 80 human judgments" in page
+    ratings = {row.split("</td>")[0]: row for row in table.split("<tr><td>")[1:]}
+    assert '<td class="rating">1000</td>' in ratings["SFT policy"]
+    # 30 of 40, plus the prior's virtual tie: 400 log10(30.5 / 10.5) = 185 Elo points above the SFT policy.
+    assert '<td class="rating">1185</td>' in ratings["Round 1"]
+    # The first round's page rates only what existed then.
+    page = client_for(reviewer).get(f"/rounds/{first.pk}/").content.decode()
+    table = page.split('id="policy-ratings"')[1].split("</table>")[0]
+    assert "Round 2" not in table and "From 40 human judgments" in page
+
+
 # ---------------------------------------------------------------------------------------------
 # The round's WebSocket
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ round's policy writes. Model outputs are untrusted text: the templates only ever
 
 from __future__ import annotations
 
+import os
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db.models import Q
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -19,8 +22,10 @@ from training import actions
 from training.access import job_for_admin, round_for_reviewer
 from training.forms import LaunchRoundForm
 from training.models import Job, Round
+from training.ratings import bradley_terry
 
 REVIEW_PROMPTS = 20
+RATING_BOOTSTRAP = 200  # resamples for the ratings' 95% intervals
 
 
 @login_required
@@ -117,8 +122,9 @@ def review(round_: Round) -> dict | None:
     reward-model scores, and human (and, apart, simulated) win rates of each round's responses."""
     sample_job = round_.jobs.filter(kind=Job.SAMPLE, status=Job.SUCCEEDED).first()
     rates = _win_rates(round_)
+    ratings = policy_ratings(round_)
     if sample_job is None:
-        return {"rows": [], "columns": [], "rates": rates, "summary": None} if rates else None
+        return {"rows": [], "columns": [], "rates": rates, "ratings": ratings, "summary": None} if rates else None
     result = sample_job.result or {}
     scores = result.get("scores", {})
     samples = result.get("samples", [])[:REVIEW_PROMPTS]
@@ -153,7 +159,44 @@ def review(round_: Round) -> dict | None:
         rows.append({"prompt": prompt, "cells": cells})
     keys = ("sample/reward_new", "sample/reward_opponent", "sample/judge_new", "sample/judge_other")
     summary = {key.split("/", 1)[1]: result.get(key) for key in keys}
-    return {"rows": rows, "columns": columns, "rates": rates, "summary": summary, "opponent": opponent}
+    return {"rows": rows, "columns": columns, "rates": rates, "ratings": ratings, "summary": summary,
+            "opponent": opponent}
+
+
+RATING_OUTCOME = {Judgment.A: 1.0, Judgment.B: 0.0, Judgment.TIE: 0.5, Judgment.BOTH_BAD: 0.5}
+
+
+def _checkpoint_key(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path)) if path else ""
+
+
+def policy_ratings(round_: Round) -> dict | None:
+    """Bradley-Terry ratings of the SFT policy and every round's policy up to this one, from the judgments
+    of pairs whose two responses came from two of them; humans, else simulated labelers (said which)."""
+    rounds = list(Round.objects.filter(campaign=round_.campaign, number__lte=round_.number).order_by("number"))
+    names = {}
+    base = rounds[0].config.get("base_policy", "") if rounds else ""
+    if base:
+        names[_checkpoint_key(base)] = "SFT policy"
+    for other in rounds:
+        if other.policy_checkpoint:
+            names[_checkpoint_key(other.policy_checkpoint)] = f"Round {other.number}"
+    if len(names) < 2:
+        return None
+    outcomes: dict[str, list[tuple[str, str, float]]] = {Judgment.HUMAN: [], Judgment.SIMULATED: []}
+    judgments = (Judgment.objects.filter(pair__campaign=round_.campaign, source__in=list(outcomes))
+                 .filter(Q(pair__round__isnull=True) | Q(pair__round__number__lte=round_.number))
+                 .values_list("source", "choice", "pair__response_a__checkpoint", "pair__response_b__checkpoint"))
+    for source, choice, checkpoint_a, checkpoint_b in judgments.iterator():
+        a, b = names.get(_checkpoint_key(checkpoint_a)), names.get(_checkpoint_key(checkpoint_b))
+        if a and b and a != b and choice in RATING_OUTCOME:
+            outcomes[source].append((a, b, RATING_OUTCOME[choice]))
+    source = Judgment.HUMAN if outcomes[Judgment.HUMAN] else Judgment.SIMULATED
+    if not outcomes[source]:
+        return None
+    anchor = "SFT policy" if base else None
+    return {"source": source, "judgments": len(outcomes[source]),
+            "players": bradley_terry(outcomes[source], anchor=anchor, bootstrap=RATING_BOOTSTRAP)}
 
 
 def _win_rates(round_: Round) -> list[dict]:
