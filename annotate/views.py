@@ -98,6 +98,7 @@ def judge(request, slug, assignment_id):
             strength=_int_or_none(request.POST.get("strength")),
             rationale=request.POST.get("rationale", ""),
             milliseconds=milliseconds,
+            campaign=campaign,
         )
     except Assignment.DoesNotExist:
         raise Http404("no such assignment") from None

@@ -156,6 +156,17 @@ def test_it_refuses_a_labeler_someone_elses_assignment(labeler, outsider, campai
     assert not Assignment.objects.get(pk=theirs.pk).skipped
 
 
+def test_it_refuses_a_judgment_sent_through_another_campaign_s_page(labeler, campaign):
+    other = make_campaign(slug="kitchen", n_pairs=3, members=[labeler])
+    mine = current_assignment(client_for(labeler).get(campaign.label_url()))
+    client = client_for(labeler)
+    # A pair is judged under its own campaign's rules and counts: never through another campaign's URL.
+    assert client.post(f"{other.label_url()}{mine.pk}/judge/", {"choice": "a", "strength": "2"}).status_code == 404
+    assert not Judgment.objects.exists()
+    assert client.post(f"{campaign.label_url()}{mine.pk}/judge/", {"choice": "a", "strength": "2"}).status_code == 200
+    assert Judgment.objects.get().pair.campaign == campaign
+
+
 def test_it_lets_a_labeler_not_import_or_review(labeler, campaign):
     client = client_for(labeler)
     assert client.get(campaign.get_absolute_url()).status_code == 404
