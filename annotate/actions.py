@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -68,9 +69,13 @@ def judgments_left(campaign: Campaign) -> int:
         return int(total)
 
     key, fresh = _left_keys(campaign)
+    remembered = _LEFT_IN_PROCESS.get(campaign.pk)
+    if remembered is not None and remembered[1] > time.monotonic():
+        return remembered[0]  # this process asked Redis less than a second ago
     cached = cache.get_many([key, fresh])
     value = cached.get(key)
     if value is not None and fresh in cached:
+        _LEFT_IN_PROCESS[campaign.pk] = (value, time.monotonic() + 1.0)
         return value
     # One request recomputes; the others keep showing the last value meanwhile.
     if value is None or cache.add(key + "-lock", 1, timeout=30):
@@ -79,6 +84,9 @@ def judgments_left(campaign: Campaign) -> int:
         cache.set(fresh, 1, timeout=15)
         cache.delete(key + "-lock")
     return value
+
+
+_LEFT_IN_PROCESS: dict[int, tuple[int, float]] = {}  # campaign id -> (judgments left, until when)
 
 
 def _left_keys(campaign: Campaign) -> tuple[str, str]:
@@ -421,7 +429,8 @@ def add_pairs(
             _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
         if notify and result.created:
             transaction.on_commit(lambda: live.pairs_arrived(campaign, result.created))
-    cache.delete(_left_keys(campaign)[1])  # recount on the next page shown
+    cache.delete(_left_keys(campaign)[1])  # recount on the next page shown (other processes: within 1 s)
+    _LEFT_IN_PROCESS.pop(campaign.pk, None)
     return result
 
 

@@ -129,6 +129,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # Sessions in signed cookies: the labeling path loads no session row (DESIGN.md: lean request path).
 SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+AUTHENTICATION_BACKENDS = ["annotate.auth.PairloopModelBackend"]
 SESSION_COOKIE_HTTPONLY = True
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"

@@ -186,6 +186,19 @@ def test_it_lets_an_admin_see_and_import(admin_user, campaign):
     assert client.get(f"/campaigns/{campaign.slug}/import/").status_code == 200
 
 
+def test_it_signs_out_a_labeler_deactivated_or_deleted_mid_session(labeler, campaign):
+    client = client_for(labeler)
+    assert client.get(campaign.label_url()).status_code == 200
+    labeler.is_active = False
+    labeler.save()
+    assert client.get(campaign.label_url())["Location"].startswith("/accounts/login/")
+    labeler.is_active = True
+    labeler.save()
+    client = client_for(labeler)
+    labeler.delete()
+    assert client.get(campaign.label_url())["Location"].startswith("/accounts/login/")
+
+
 def test_it_requires_login(campaign):
     response = Client().get(campaign.label_url())
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
