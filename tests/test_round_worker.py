@@ -129,15 +129,20 @@ def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_wo
         claim = claim_next_pair(campaign, make_user("lab"))
         assert Pair.objects.get(pk=claim.assignment.pair_id).round_id == first.pk
 
-        # Round two from the command line, followed to its end with --wait.
+        # Round two from the command line, followed to its end with --wait; its reward model starts from
+        # the SFT policy (reward_model=sft, the demo preset's default).
         out = io.StringIO()
-        call_command("launch_round", campaign.slug, "--preset", "tiny", "--set",
-                     f"reward_model={tiny_world['reward_model']}", "--wait", "--poll", "0.5", stdout=out)
+        call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "reward_model=sft",
+                     "--wait", "--poll", "0.5", stdout=out)
         assert "Round 2 done" in out.getvalue(), worker.log()[-4000:]
     second = Round.objects.get(campaign=campaign, number=2)
     assert second.parent_policy == first.policy_checkpoint
     assert round_over(second)
-    assert read_checkpoint_meta(second.policy_checkpoint)["args"]["policy"] == first.policy_checkpoint
+    ppo_args = read_checkpoint_meta(second.policy_checkpoint)["args"]
+    assert ppo_args["policy"] == first.policy_checkpoint
+    assert ppo_args["ref_policy"] == first.config["base_policy"]  # the KL penalty is to SFT in every round
+    reward_meta = read_checkpoint_meta(second.reward_checkpoint)
+    assert reward_meta["args"]["model"] == first.config["base_policy"]
     assert second.policy_checkpoint != first.policy_checkpoint
     assert campaign.pairs.filter(round=second).exists()
 

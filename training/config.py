@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 PAIRING_PREVIOUS, PAIRING_SFT, PAIRING_SELF = "previous", "sft", "self"
+REWARD_FROM_SFT = "sft"  # reward_model value: the campaign's SFT policy is the reward backbone
 PAIRINGS = {
     PAIRING_PREVIOUS: "new policy vs the previous round's policy",
     PAIRING_SFT: "new policy vs the SFT (starting) policy",
@@ -24,8 +25,10 @@ class RoundConfig:
     """Which preset the other values started from (demo or tiny)."""
     seed: int = 0
     """Seed of data order, sampling and the choice of prompts (the same prompts every round, for review)."""
-    reward_model: str = ""
-    """Reward backbone name or path; empty: PAIRLOOP_REWARD_MODEL, else the packaged MiniLM."""
+    reward_model: str = REWARD_FROM_SFT
+    """Reward backbone: "sft" (the campaign's SFT policy with a score head, as InstructGPT initialises its
+    reward model from the supervised model, Ouyang et al. 2022), a name or path, or empty:
+    PAIRLOOP_REWARD_MODEL, else the packaged MiniLM."""
     reward_epochs: int = 1
     """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
     reward_lr: float = 1e-4
@@ -34,22 +37,23 @@ class RoundConfig:
     """Preference pairs per reward step."""
     reward_max_length: int = 256
     """Longest (prompt, response) in tokens for the reward model; the demo's are well under it."""
-    ppo_steps: int = 24
-    """PPO iterations (each: a rollout batch and its optimisation); 24 x 32 fit minutes on 2 cores."""
-    ppo_batch_size: int = 32
-    """Rollouts per PPO step (the engine's 64 doubles the time of a round)."""
-    ppo_mini_batch_size: int = 16
-    """Rollouts per gradient step inside a PPO step."""
+    ppo_steps: int = 30
+    """PPO iterations (each: a rollout batch and its optimisation); 30 x 64 take about 25 s on 2 cores."""
+    ppo_batch_size: int = 64
+    """Rollouts per PPO step (the engine's default, measured on the demo policy in training/engine/ppo.py)."""
+    ppo_mini_batch_size: int = 32
+    """Rollouts per gradient step inside a PPO step (16 reached the same reward with more KL)."""
     ppo_kl_coef: float = 0.05
-    """beta of the per-token KL penalty to the round's starting policy (TRL PPOv2)."""
-    ppo_lr: float = 3e-5
-    """PPO Adam learning rate."""
+    """beta of the per-token KL penalty to the SFT policy, in every round (TRL PPOv2's 0.05)."""
+    ppo_lr: float = 1e-4
+    """PPO Adam learning rate (the engine's default for the demo policy)."""
     ppo_max_new_tokens: int = 48
     """Longest response during PPO and sampling."""
     ppo_save_every: int = 10
     """Resumable PPO checkpoint every N steps (a killed worker resumes from the last one)."""
-    sample_prompts: int = 32
-    """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them)."""
+    sample_prompts: int = 128
+    """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them); sampling them
+    takes seconds, and each round's pairs are what teach the next reward model the new policy's faults."""
     sample_per_prompt: int = 2
     """Responses per prompt from each policy (the number of new pairs per prompt)."""
     sample_temperature: float = 0.7

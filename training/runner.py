@@ -28,7 +28,7 @@ from django.utils import timezone
 
 from annotate.models import Campaign, Prompt, Response, content_hash
 from training import actions, live
-from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, RoundConfig, build_config
+from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, REWARD_FROM_SFT, RoundConfig, build_config
 from training.models import Job, Round
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,8 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     out = actions.round_dir(round_.campaign, round_.number) / "reward"
     _fresh_start(job, out, reward.resume_dir(out))
     backbone = config.reward_model or settings.PAIRLOOP["REWARD_MODEL"]
+    if backbone == REWARD_FROM_SFT:
+        backbone = round_.config["base_policy"]
     args = reward.RewardArgs(
         train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
         batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
@@ -359,7 +361,9 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
 
 
 def run_ppo(job: Job, progress: Progress) -> Outcome:
-    """PPO from the round's starting policy against its reward model."""
+    """PPO from the round's starting policy against its reward model, with the KL penalty to the SFT
+    policy in every round (InstructGPT's reference, Ouyang et al. 2022): a penalty to the round's own
+    start let drift add up over rounds (closed loop: KL to SFT 1.2 -> 2.1 -> 2.8, correctness falling)."""
     from training.engine import ppo
 
     round_ = job.round
@@ -370,9 +374,10 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     _fresh_start(job, out, ppo.resume_dir(out))
     progress.line(f"Loading the starting policy {round_.parent_policy}")
     policy = ensure_policy(round_.parent_policy, config.preset)
+    reference = ensure_policy(round_.config["base_policy"], config.preset)
     prompts = ppo_prompts(round_.campaign)
     args = ppo.PPOArgs(
-        policy=policy, reward_models=[round_.reward_checkpoint], prompts=prompts, out=str(out),
+        policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts, out=str(out),
         steps=config.ppo_steps, batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
         init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
         save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),
