@@ -62,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise", type=float, default=0.25, help="probability the labeler flips its preference")
     p.add_argument("--labels-per-round", type=int, default=0,
                    help="judgments per round before launching (0: every open pair)")
-    p.add_argument("--seed-prompts", type=int, default=120, help="prompts of the seeded demo campaign")
+    p.add_argument("--seed-prompts", type=int, default=3000,
+                   help="prompts of the seeded demo campaign (3000: about 7,800 pairs judged before round 1; the "
+                        "reward model needs thousands of noisy comparisons, see benchmarks/README.md)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts of the comparison")
     p.add_argument("--eval-seed", type=int, default=1,
                    help="seed of the held-out prompts and of their sampling")

@@ -43,8 +43,10 @@ class RoundConfig:
     """Rollouts per PPO step (the engine's default, measured on the demo policy in training/engine/ppo.py)."""
     ppo_mini_batch_size: int = 32
     """Rollouts per gradient step inside a PPO step (16 reached the same reward with more KL)."""
-    ppo_kl_coef: float = 0.05
-    """beta of the per-token KL penalty to the SFT policy, in every round (TRL PPOv2's 0.05)."""
+    ppo_kl_coef: float = 0.15
+    """beta of the per-token KL penalty to the SFT policy, in every round. TRL PPOv2 uses 0.05; on the demo
+    (benchmarks/closed_loop.py) 0.15 kept more of the SFT policy's correctness (0.625 vs 0.600 by round 3)
+    for a higher judge score (+0.067 vs +0.054 over SFT) at the same win rate."""
     ppo_lr: float = 1e-4
     """PPO Adam learning rate (the engine's default for the demo policy)."""
     ppo_max_new_tokens: int = 48

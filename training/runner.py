@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import random
 import shutil
 import threading
@@ -349,11 +350,15 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     backbone = config.reward_model or settings.PAIRLOOP["REWARD_MODEL"]
     if backbone == REWARD_FROM_SFT:
         backbone = round_.config["base_policy"]
+    # About ten held-out evaluations and checkpoints a run, at least every 10 and 20 steps: evaluating
+    # every 10 steps cost the demo's 7,800-pair round more time than training did.
+    usable = round_.config.get("usable_judgments", 0)
+    steps = math.ceil(usable * 0.9 / config.reward_batch_size) * config.reward_epochs
     args = reward.RewardArgs(
         train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
         batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
-        log_every=2, eval_every=10, save_every=20, resume=True, device=device(),
-        **({"model": backbone} if backbone else {}),
+        log_every=2, eval_every=max(10, steps // 10), save_every=max(20, steps // 10), resume=True,
+        device=device(), **({"model": backbone} if backbone else {}),
     )
     progress.line(f"Reward model from {args.model} on {round_.dataset_path}")
     metrics = reward.main(args, progress)
