@@ -488,7 +488,7 @@ def test_it_rates_every_policy_on_one_scale_from_the_judgments_between_them(chai
     assert [row.split("</td>")[0] for row in table.split("<tr><td>")[1:]] == ["Round 2", "Round 1", "SFT policy"]
     assert "From 80 human judgments" in page
     ratings = {row.split("</td>")[0]: row for row in table.split("<tr><td>")[1:]}
-    assert '<td class="rating">1000</td>' in ratings["SFT policy"]
+    assert '<td class="rating">1000</td>' in ratings["SFT policy"] and "the anchor" in ratings["SFT policy"]
     # 30 of 40, plus the prior's virtual tie: 400 log10(30.5 / 10.5) = 185 Elo points above the SFT policy.
     assert '<td class="rating">1185</td>' in ratings["Round 1"]
     # The first round's page rates only what existed then.
