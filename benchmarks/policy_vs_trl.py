@@ -140,6 +140,7 @@ def run_ours(
         resume=False,
         device="cpu",
         dtype="fp32",
+        **args.ours,
     )
 
     def on_progress(event):
@@ -264,6 +265,19 @@ def run_trl(
     }
 
 
+def parse_ours(items: list[str]) -> dict:
+    """KEY=VALUE settings of PPOArgs, each converted to its field's type."""
+    defaults = PPOArgs()
+    values = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        if not hasattr(defaults, key):
+            raise SystemExit(f"--ours {item}: PPOArgs has no setting {key!r}")
+        kind = type(getattr(defaults, key))
+        values[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+    return values
+
+
 def interpolate(curve: list[tuple[float, float]], kl: float) -> float | None:
     """Judge score of a (KL, judge) curve at `kl`, linear between points; None outside its range."""
     points = sorted(curve)
@@ -296,7 +310,10 @@ def main() -> None:
         "--policy", default=str(REPO / "var/models/demo-policy"), help="the demo policy (built if missing)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="another PPOArgs setting of ours, e.g. mini_batch_size=64 (repeatable)")
     args = parser.parse_args()
+    args.ours = parse_ours(args.ours)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -398,6 +415,7 @@ def main() -> None:
             "ours_judge_at_trl_kl": ours_at_trl_kl,
             "trl_judge_at_our_kl": trl_at_ours_kl,
             "gemm_peak_gflops": peak / 1e9,
+            "ours_settings": args.ours,
         }
     )
     print(json.dumps(summary, sort_keys=True))
