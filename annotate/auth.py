@@ -15,6 +15,6 @@ class PairloopModelBackend(ModelBackend):
             pk = model._meta.pk.to_python(user_id)
         except Exception:  # a session holding a malformed id is no session
             return None
-        user = next(iter(model._default_manager.raw(f"SELECT * FROM {model._meta.db_table} WHERE id = %s",
-                                                       [pk])), None)
+        query = f"SELECT * FROM {model._meta.db_table} WHERE {model._meta.pk.column} = %s"
+        user = next(iter(model._default_manager.raw(query, [pk])), None)
         return user if user is not None and self.user_can_authenticate(user) else None

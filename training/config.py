@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from training.engine.fields import field_docs
+
 PAIRING_PREVIOUS, PAIRING_SFT, PAIRING_SELF = "previous", "sft", "self"
 REWARD_FROM_SFT = "sft"  # reward_model value: the campaign's SFT policy is the reward backbone
 PAIRINGS = {
@@ -112,21 +114,7 @@ def field_help(name: str) -> str:
     return _HELP.get(name, "")
 
 
-def _read_field_docs() -> dict[str, str]:
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(RoundConfig))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-        if isinstance(node, ast.AnnAssign) and documented:
-            docs[node.target.id] = str(following.value.value)
-    return docs
-
-
-_HELP = _read_field_docs()
+_HELP = field_docs(RoundConfig)
 
 
 def _convert(name: str, raw: Any) -> Any:

@@ -96,13 +96,13 @@ def bradley_terry(outcomes: Iterable[tuple[Hashable, Hashable, float]], anchor: 
     cells = np.array(list(keyed), dtype=float)
     counts = np.array(list(keyed.values()), dtype=float)
     n = len(players)
-    _, games = _tables(n, cells, counts)
+    wins, games = _tables(n, cells, counts)
     reachable = _component(games > 0, index[anchor])
 
     def elo(log_strength: np.ndarray) -> np.ndarray:
         return ANCHOR_RATING + ELO_SCALE / math.log(10) * (log_strength - log_strength[index[anchor]])
 
-    point = elo(_fit(n, *_tables(n, cells, counts)))
+    point = elo(_fit(n, wins, games))
     draws = np.empty((bootstrap, n))
     rng = np.random.default_rng(seed)
     total = int(counts.sum())

@@ -352,8 +352,8 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
         backbone = round_.config["base_policy"]
     # About ten held-out evaluations and checkpoints a run, at least every 10 and 20 steps: evaluating
     # every 10 steps cost the demo's 7,800-pair round more time than training did.
-    usable = round_.config.get("usable_judgments", 0)
-    steps = math.ceil(usable * 0.9 / config.reward_batch_size) * config.reward_epochs
+    trained_on = round_.config.get("usable_judgments", 0) * (1 - reward.RewardArgs.eval_fraction)
+    steps = math.ceil(trained_on / config.reward_batch_size) * config.reward_epochs
     args = reward.RewardArgs(
         train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
         batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
@@ -382,7 +382,8 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     reference = ensure_policy(round_.config["base_policy"], config.preset)
     prompts = ppo_prompts(round_.campaign)
     args = ppo.PPOArgs(
-        policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts, out=str(out),
+        policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts,
+        out=str(out),
         steps=config.ppo_steps, batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
         init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
         save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),

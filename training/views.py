@@ -122,9 +122,11 @@ def review(round_: Round) -> dict | None:
     reward-model scores, and human (and, apart, simulated) win rates of each round's responses."""
     sample_job = round_.jobs.filter(kind=Job.SAMPLE, status=Job.SUCCEEDED).first()
     rates = _win_rates(round_)
+    if sample_job is None and not rates:
+        return None
     ratings = policy_ratings(round_)
     if sample_job is None:
-        return {"rows": [], "columns": [], "rates": rates, "ratings": ratings, "summary": None} if rates else None
+        return {"rows": [], "columns": [], "rates": rates, "ratings": ratings, "summary": None}
     result = sample_job.result or {}
     scores = result.get("scores", {})
     samples = result.get("samples", [])[:REVIEW_PROMPTS]

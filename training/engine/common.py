@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.engine.fields import field_docs
+
 # A progress event is a dict: {"stage": str, "step": int, "total": int, "metrics": {...}}
 # optionally with "log": str. A callback may raise to stop training at a step boundary
 # (the Django side raises JobCancelled this way); the stage saves its last checkpoint first
@@ -309,27 +311,13 @@ class TqdmProgress:
         self._bar.close()
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """Each dataclass field's docstring (the string literal under it), by field name."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)):
-            docs[node.target.id] = str(following.value.value)
-    return docs
-
-
 def parser_for(cls, description: str, *, prog: str | None = None, required: tuple[str, ...] = (),
                flag_names: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one --flag per field of the Args dataclass `cls`, its docstring as help.
 
     Booleans get --flag / --no-flag; list fields are repeated flags (`flag_names` gives them a
     singular name, e.g. reward_models -> --reward-model); `required` fields have no default."""
-    docs = _field_docs(cls)
+    docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     flag_names = flag_names or {}
     parser = argparse.ArgumentParser(prog=prog, description=description)
