@@ -59,8 +59,18 @@ def judged_today(campaign: Campaign, labeler, now=None) -> int:
         return cursor.fetchone()[0]
 
 
+LEFT_RECOUNT_SECONDS = 300
+
+
 def judgments_left(campaign: Campaign) -> int:
-    """Judgments still wanted in the campaign (cached a few seconds: it is shown on every pair)."""
+    """Judgments still wanted in the campaign, shown on every pair.
+
+    Counting them scans every open pair (about 100 ms of PostgreSQL at a million pairs, on every core
+    it may use), so the count lives in the cache: recounted exactly every LEFT_RECOUNT_SECONDS and right
+    after pairs are added, and in between each judgment counts it down and each undo counts it up
+    (`_count_left`). Changes made around the actions (an admin closing pairs by hand, a new overlap)
+    show at the next recount.
+    """
 
     def compute():
         total = Pair.objects.filter(campaign=campaign, is_open=True, gold_choice="").aggregate(
@@ -68,7 +78,7 @@ def judgments_left(campaign: Campaign) -> int:
         )["wanted"]
         return int(total)
 
-    key, fresh = _left_keys(campaign)
+    key, fresh = _left_keys(campaign.pk)
     remembered = _LEFT_IN_PROCESS.get(campaign.pk)
     if remembered is not None and remembered[1] > time.monotonic():
         return remembered[0]  # this process asked Redis less than a second ago
@@ -77,20 +87,37 @@ def judgments_left(campaign: Campaign) -> int:
     if value is not None and fresh in cached:
         _LEFT_IN_PROCESS[campaign.pk] = (value, time.monotonic() + 1.0)
         return value
-    # One request recomputes; the others keep showing the last value meanwhile.
+    # One request recounts; the others keep showing the last value meanwhile.
     if value is None or cache.add(key + "-lock", 1, timeout=30):
         value = compute()
         cache.set(key, value, timeout=None)
-        cache.set(fresh, 1, timeout=15)
+        cache.set(fresh, 1, timeout=LEFT_RECOUNT_SECONDS)
         cache.delete(key + "-lock")
     return value
+
+
+def _count_left(campaign_id: int, delta: int) -> None:
+    """A judgment (-1) or an undo (+1) moves the cached "left in campaign" without a recount."""
+    try:
+        cache.incr(_left_keys(campaign_id)[0], delta)
+    except ValueError:
+        pass  # not counted yet: the next page shown counts
+    remembered = _LEFT_IN_PROCESS.get(campaign_id)
+    if remembered is not None:
+        _LEFT_IN_PROCESS[campaign_id] = (remembered[0] + delta, remembered[1])
 
 
 _LEFT_IN_PROCESS: dict[int, tuple[int, float]] = {}  # campaign id -> (judgments left, until when)
 
 
-def _left_keys(campaign: Campaign) -> tuple[str, str]:
-    key = f"campaign-{campaign.pk}-left"
+def forget_judgments_left(campaign: Campaign) -> None:
+    """Drop the cached count: the next page recounts (after pairs were added, or a test's fresh start)."""
+    cache.delete_many(_left_keys(campaign.pk))
+    _LEFT_IN_PROCESS.pop(campaign.pk, None)
+
+
+def _left_keys(campaign_id: int) -> tuple[str, str]:
+    key = f"campaign-{campaign_id}-left"
     return key, key + "-fresh"
 
 
@@ -326,6 +353,8 @@ def submit_judgment(
             )
     except IntegrityError:
         return Judgment.objects.get(pair_id=row[0], labeler=labeler), False
+    if not gold_choice:
+        _count_left(campaign_id, -1)
     return judgment, True
 
 
@@ -367,6 +396,8 @@ def undo_last_judgment(campaign: Campaign, labeler, now=None) -> Judgment | None
             assignment.shown_at = now
             assignment.expires_at = now + timedelta(seconds=campaign.lease_seconds)
             assignment.save(update_fields=["completed_at", "shown_at", "expires_at"])
+    if not pair.gold_choice:
+        _count_left(campaign.pk, +1)
     return judgment
 
 
@@ -429,7 +460,7 @@ def add_pairs(
             _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
         if notify and result.created:
             transaction.on_commit(lambda: live.pairs_arrived(campaign, result.created))
-    cache.delete(_left_keys(campaign)[1])  # recount on the next page shown (other processes: within 1 s)
+    cache.delete(_left_keys(campaign.pk)[1])  # recount on the next page shown (other processes: within 1 s)
     _LEFT_IN_PROCESS.pop(campaign.pk, None)
     return result
 

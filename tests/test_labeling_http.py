@@ -8,6 +8,7 @@ import re
 import pytest
 from django.test import Client
 
+from annotate import actions
 from annotate.actions import PairInput, add_pairs
 from annotate.models import Assignment, Judgment, Pair
 from tests.conftest import PASSWORD, make_campaign
@@ -106,6 +107,27 @@ def test_it_undoes_the_last_judgment_and_shows_that_pair_again(labeler, campaign
     assert current_assignment(undone).pair_id == first.pair_id
     assert not Judgment.objects.exists()
     assert Pair.objects.get(pk=first.pair_id).judgments_count == 0
+
+
+def left_in_campaign(response) -> int:
+    match = re.search(rb'id="left-in-campaign">(\d+)<', response.content)
+    assert match, "no progress line on the page"
+    return int(match.group(1))
+
+
+def test_its_progress_line_counts_judgments_undos_and_new_pairs(labeler):
+    campaign = make_campaign("progress", n_pairs=10, members=[labeler], overlap=2)
+    actions.forget_judgments_left(campaign)  # test databases reuse campaign ids; the cache outlives them
+    client = client_for(labeler)
+    page = client.get(campaign.label_url())
+    assert left_in_campaign(page) == 20
+    first = current_assignment(page)
+    judged = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    assert left_in_campaign(judged) == 19  # counted down at once, without a recount
+    undone = client.post(f"{campaign.label_url()}undo/", HTTP_HX_REQUEST="true")
+    assert left_in_campaign(undone) == 20
+    add_pairs(campaign, [PairInput(f"More {i}?", f"Yes {i}", f"No {i}") for i in range(3)], notify=False)
+    assert left_in_campaign(client.get(campaign.label_url())) == 26
 
 
 def test_it_says_when_the_queue_is_empty_and_listens_for_new_pairs(labeler):
