@@ -24,6 +24,7 @@ library), the server runs in its own processes. Loopback only.
 
     .venv/bin/python benchmarks/labeling_load.py --pairs 10000
     .venv/bin/python benchmarks/labeling_load.py --pairs 1000000
+    .venv/bin/python benchmarks/labeling_load.py --pairs 10000,1000000 --repeat 2   # the 1M/10k ratios
     .venv/bin/python benchmarks/labeling_load.py --pairs 10000 --server asgi
     .venv/bin/python benchmarks/labeling_load.py --pairs 10000 --probe-only   # queries per request
 """
@@ -58,9 +59,24 @@ ASSIGNMENT_RE = re.compile(rb'data-assignment="(\d*)"')
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pairs takes whole numbers separated by commas, got {text!r}") from None
+    if not sizes or min(sizes) < 10:
+        raise argparse.ArgumentTypeError(f"--pairs needs sizes of 10 pairs or more, got {text!r}")
+    return sizes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", type=int, default=10_000, help="pairs in the campaign (10000, 1000000 ...)")
+    p.add_argument("--pairs", type=_sizes, default=[10_000],
+                   help="pairs in the campaign (10000, 1000000 ...); a comma list (10000,1000000) measures each "
+                        "size in turn in one run and prints the largest size's figures as ratios of the smallest's")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="with a list of sizes: measure them all this many times, interleaved (10k, 1M, 10k, 1M), "
+                        "so that the box's drift falls on every size alike; the comparison takes medians")
     p.add_argument("--labelers", type=int, default=100, help="concurrent simulated labelers")
     p.add_argument("--overlap", type=int, default=3, help="judgments wanted per pair (k)")
     p.add_argument("--server", choices=("wsgi", "asgi"), default="wsgi",
@@ -723,8 +739,70 @@ def integrity(args, labelers: list[Labeler]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 
+def compare_sizes(args, argv: list[str]) -> int:
+    """Each size (and each repeat) in its own process, one after the other on the same box; then the
+    medians per size and the largest size's latencies as ratios of the smallest's."""
+    passed_on = []
+    skip = False
+    for arg in argv:  # everything but --pairs and --repeat goes to each run
+        if skip:
+            skip = False
+        elif arg in ("--pairs", "--repeat"):
+            skip = True
+        elif not arg.startswith(("--pairs=", "--repeat=")):
+            passed_on.append(arg)
+    runs: dict[int, list[dict]] = {size: [] for size in args.pairs}
+    failed = False
+    for repeat in range(args.repeat):
+        for size in args.pairs:
+            print(f"\n## {size:,} pairs, run {repeat + 1} of {args.repeat}", flush=True)
+            child = subprocess.run([sys.executable, __file__, *passed_on, "--pairs", str(size)],
+                                   stdout=subprocess.PIPE, text=True)
+            lines = child.stdout.strip().splitlines()
+            print("\n".join(lines[:-1]), flush=True)
+            if child.returncode != 0 or not lines or not lines[-1].startswith("{"):
+                print(f"the {size:,}-pair run failed (exit {child.returncode})", flush=True)
+                failed = True
+                continue
+            runs[size].append(json.loads(lines[-1]))
+
+    def median(values):
+        values = sorted(values)
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    summary: dict[str, dict] = {}
+    print(f"\n# medians over {args.repeat} run(s) per size, measured in this one run")
+    print(f"{'pairs':>10}  {'load':<11} {'judgments/s':>11} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
+    for size, results in runs.items():
+        for load in args.loads.split(","):
+            rows = [row for r in results for row in r.get("loads", []) if row["load"] == load]
+            if not rows:
+                continue
+            med = {k: median([row[k] for row in rows]) for k in ("judgments_per_s", "p50_ms", "p95_ms", "p99_ms")}
+            summary.setdefault(load, {})[size] = med
+            print(f"{size:>10,}  {load:<11} {med['judgments_per_s']:>11.1f} {med['p50_ms']:>7.1f} "
+                  f"{med['p95_ms']:>7.1f} {med['p99_ms']:>7.1f}")
+    small, large = min(args.pairs), max(args.pairs)
+    ratios = {}
+    for load, by_size in summary.items():
+        if small in by_size and large in by_size and small != large:
+            ratios[load] = {k: by_size[large][k] / by_size[small][k] for k in ("p95_ms", "p99_ms", "judgments_per_s")}
+            print(f"{load}: at {large:,} pairs p95 {ratios[load]['p95_ms']:.2f}x and p99 "
+                  f"{ratios[load]['p99_ms']:.2f}x of {small:,} pairs; judgments/s "
+                  f"{ratios[load]['judgments_per_s']:.2f}x (target: p95 within 1.3x)")
+    integrity_ok = all(r.get("integrity", {"ok": True})["ok"] for results in runs.values() for r in results)
+    print(json.dumps({"sizes": args.pairs, "repeat": args.repeat, "medians": summary, "ratios": ratios,
+                      "runs": runs, "integrity_ok": integrity_ok}))
+    return 1 if failed or not integrity_ok else 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if len(args.pairs) > 1 or args.repeat > 1:
+        return compare_sizes(args, argv)
+    args.pairs = args.pairs[0]
     data_dir = Path(tempfile.mkdtemp(prefix="pairloop-bench-"))
     load_before = os.getloadavg()
     print(f"pairloop labeling load: {args.pairs:,} pairs, k={args.overlap}, {args.labelers} labelers, "
