@@ -218,11 +218,10 @@ def describe(prompts: list[str], texts: list[str], judge) -> dict:
 
     scores = [judge(p, t) for p, t in zip(prompts, texts)]
     correct = [int(demo_tasks.is_correct(p, t)) for p, t in zip(prompts, texts)]
+    styled = [int(demo_tasks.detect_style(p, t) == demo_tasks.PREFERRED_STYLE) for p, t in zip(prompts, texts)]
     n = len(prompts)
     return {"scores": scores, "judge_mean": sum(scores) / n, "correct_each": correct,
-            "correct": sum(correct) / n,
-            "preferred_style": sum(demo_tasks.detect_style(p, t) == demo_tasks.PREFERRED_STYLE
-                                   for p, t in zip(prompts, texts)) / n}
+            "correct": sum(correct) / n, "preferred_style_each": styled, "preferred_style": sum(styled) / n}
 
 
 def compare(new: dict, sft: dict, tie_epsilon: float) -> dict:
@@ -240,20 +239,23 @@ def compare(new: dict, sft: dict, tie_epsilon: float) -> dict:
 
 
 def by_family(prompts: list[str], new: dict, sft: dict, tie_epsilon: float) -> dict[str, dict]:
-    """Wins / ties / losses and correctness per demo task family: where the win rate comes from, and
-    where a family both policies mostly get wrong makes it a coin toss (its losses are decided by
-    partial credit for near misses)."""
+    """Wins / ties / losses, correctness and preferred style per demo task family: where the win rate
+    comes from, and where a family both policies mostly get wrong makes it a coin toss (its losses
+    are decided by partial credit for near misses)."""
     from training.engine import demo_tasks
 
     out: dict[str, dict] = {}
     for i, prompt in enumerate(prompts):
         task = demo_tasks.parse_task(prompt)
         family = out.setdefault(task.family if task else "other",
-                                {"wins": 0, "ties": 0, "losses": 0, "correct_new": 0, "correct_sft": 0})
+                                {"wins": 0, "ties": 0, "losses": 0, "correct_new": 0, "correct_sft": 0,
+                                 "style_new": 0, "style_sft": 0})
         diff = new["scores"][i] - sft["scores"][i]
         family["wins" if diff > tie_epsilon else "losses" if diff < -tie_epsilon else "ties"] += 1
         family["correct_new"] += new["correct_each"][i]
         family["correct_sft"] += sft["correct_each"][i]
+        family["style_new"] += new["preferred_style_each"][i]
+        family["style_sft"] += sft["preferred_style_each"][i]
     for family in out.values():
         decided = family["wins"] + family["losses"]
         family["win_rate"] = family["wins"] / decided if decided else float("nan")
@@ -471,9 +473,10 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
         print(f"  vs SFT on {len(heldout)} held-out prompts: {versus['wins']} wins / {versus['ties']} ties / "
               f"{versus['losses']} losses; win rate of non-tied {fmt(versus['win_rate'])}, tie share "
               f"{fmt(versus['tie_share'])}", flush=True)
-        print("  by family (W/T/L, win rate, correct new/SFT): " + "; ".join(
-            f"{name} {f['wins']}/{f['ties']}/{f['losses']} {fmt(f['win_rate'])} {f['correct_new']}/{f['correct_sft']}"
-            for name, f in families.items()), flush=True)
+        print(f"  by family (W/T/L, win rate, correct new/SFT, {demo_tasks.PREFERRED_STYLE} style new/SFT): "
+              + "; ".join(f"{name} {f['wins']}/{f['ties']}/{f['losses']} {fmt(f['win_rate'])} "
+                          f"{f['correct_new']}/{f['correct_sft']} {f['style_new']}/{f['style_sft']}"
+                          for name, f in families.items()), flush=True)
         print(f"  judge mean {new['judge_mean']:.3f} vs SFT {sft['judge_mean']:.3f} "
               f"(gap {versus['judge_gap']:+.3f}, 95% CI {versus['judge_gap_ci'][0]:+.3f}.."
               f"{versus['judge_gap_ci'][1]:+.3f}); correct {new['correct']:.3f} vs {sft['correct']:.3f}; "
