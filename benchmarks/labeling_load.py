@@ -40,6 +40,7 @@ import re
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -766,11 +767,6 @@ def compare_sizes(args, argv: list[str]) -> int:
                 continue
             runs[size].append(json.loads(lines[-1]))
 
-    def median(values):
-        values = sorted(values)
-        mid = len(values) // 2
-        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
     summary: dict[str, dict] = {}
     print(f"\n# medians over {args.repeat} run(s) per size, measured in this one run")
     print(f"{'pairs':>10}  {'load':<11} {'judgments/s':>11} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
@@ -779,7 +775,7 @@ def compare_sizes(args, argv: list[str]) -> int:
             rows = [row for r in results for row in r.get("loads", []) if row["load"] == load]
             if not rows:
                 continue
-            med = {k: median([row[k] for row in rows]) for k in ("judgments_per_s", "p50_ms", "p95_ms", "p99_ms")}
+            med = {k: statistics.median(row[k] for row in rows) for k in ("judgments_per_s", "p50_ms", "p95_ms", "p99_ms")}
             summary.setdefault(load, {})[size] = med
             print(f"{size:>10,}  {load:<11} {med['judgments_per_s']:>11.1f} {med['p50_ms']:>7.1f} "
                   f"{med['p95_ms']:>7.1f} {med['p99_ms']:>7.1f}")
