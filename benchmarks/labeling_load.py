@@ -533,7 +533,7 @@ def signed_session_cookies(usernames: list[str]) -> dict[str, dict]:
     for user in User.objects.filter(username__in=usernames):
         session = engine.SessionStore()
         session[SESSION_KEY] = user._meta.pk.value_to_string(user)
-        session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+        session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]  # as force_login picks it
         session[HASH_SESSION_KEY] = user.get_session_auth_hash()
         session.save()
         cookies[user.username] = {settings.SESSION_COOKIE_NAME: session.session_key,
