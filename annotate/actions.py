@@ -111,7 +111,9 @@ _LEFT_IN_PROCESS: dict[int, tuple[int, float]] = {}  # campaign id -> (judgments
 
 
 def forget_judgments_left(campaign: Campaign) -> None:
-    """Drop the cached count: the next page recounts (after pairs were added, or a test's fresh start)."""
+    """Drop the cached count, value and all: the next page recounts before it shows one (a fresh start,
+    as tests need: their databases reuse campaign ids). Adding pairs only marks the count stale, so
+    that one request recounts while the others keep showing the last value."""
     cache.delete_many(_left_keys(campaign.pk))
     _LEFT_IN_PROCESS.pop(campaign.pk, None)
 
