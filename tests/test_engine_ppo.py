@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from training.engine.ppo import (
     PPOArgs,
     ValueHead,
     compute_gae,
+    leave_one_out,
     main,
     resume_dir,
 )
@@ -83,9 +85,13 @@ def _state(path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
-def test_it_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_policy, instructions, tmp_path):
+@pytest.mark.parametrize("samples_per_prompt", [1, 4])
+def test_it_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_policy, instructions, tmp_path, samples_per_prompt):
     history = []
-    args = tiny_args(tiny_policy, instructions, tmp_path / "out", steps=24, batch_size=32, init_kl_coef=0.05)
+    args = tiny_args(
+        tiny_policy, instructions, tmp_path / "out", steps=24, batch_size=32, init_kl_coef=0.05,
+        samples_per_prompt=samples_per_prompt,
+    )
     final = main(args, lambda e: history.append(e["metrics"]), reward_fn=starts_with_the)
 
     first = sum(m["ppo/reward"] for m in history[:3]) / 3
@@ -208,6 +214,29 @@ def test_it_computes_gae_that_bootstraps_from_zero_at_the_end():
     assert torch.allclose(returns, (expected + values) * mask)
 
 
+def test_its_leave_one_out_baseline_cancels_what_a_prompt_gives_every_sample():
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.7, 0.7, 0.7, 0.7])
+    # Group 1: the one right answer gains 1 - 0, the others lose 1/3; group 2 agrees: no signal.
+    expected = torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(leave_one_out(scores, 4), expected)
+
+
+def test_it_samples_each_prompt_several_times_in_a_row(tiny_policy, instructions, tmp_path):
+    seen: list[list[str]] = []
+
+    def recorded(batch_instructions, responses):
+        seen.append(list(batch_instructions))
+        return starts_with_the(batch_instructions, responses)
+
+    main(tiny_args(tiny_policy, instructions, tmp_path / "out", steps=2, batch_size=32, samples_per_prompt=4),
+         reward_fn=recorded)
+    assert len(seen) == 2
+    for batch in seen:  # 8 prompts a step, each answered 4 times in a row
+        groups = [batch[i : i + 4] for i in range(0, 32, 4)]
+        assert all(len(set(g)) == 1 for g in groups)
+        assert len({g[0] for g in groups}) == 8
+
+
 @pytest.mark.parametrize(
     "overrides, reward_fn, message",
     [
@@ -218,13 +247,14 @@ def test_it_computes_gae_that_bootstraps_from_zero_at_the_end():
         (dict(reward_models=["rule:correct"], reward_weights=[1.0, 0.5]), None, "2 reward weights for 1"),
         (dict(reward_models=[]), None, "no reward"),
         (dict(prompts=["word " * 5000]), starts_with_the, "exceeds the policy's context"),
+        (dict(samples_per_prompt=3), starts_with_the, "batch_size (16) is not a multiple of samples_per_prompt (3)"),
     ],
 )
 def test_it_refuses_bad_input_before_any_step(tiny_policy, tmp_path, overrides, reward_fn, message):
     events = []
     settings = {"policy": tiny_policy, "prompts": ["What is 2 + 3?"], **overrides}
     args = tiny_args(settings.pop("policy"), settings.pop("prompts"), tmp_path / "out", **settings)
-    with pytest.raises(EngineError, match=message.replace("(", r"\(").replace("+", r"\+")):
+    with pytest.raises(EngineError, match=re.escape(message)):
         main(args, events.append, reward_fn=reward_fn)
     assert events == []
     assert not (tmp_path / "out").exists()

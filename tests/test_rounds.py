@@ -313,6 +313,8 @@ def test_it_validates_round_settings_by_name():
         build_config("demo", {"ppo_stepz": "4"})
     with pytest.raises(ValueError, match="ppo_batch_size must be a multiple of ppo_mini_batch_size"):
         build_config("demo", {"ppo_batch_size": "10", "ppo_mini_batch_size": "4"})
+    with pytest.raises(ValueError, match="ppo_batch_size must be a multiple of ppo_samples_per_prompt"):
+        build_config("demo", {"ppo_samples_per_prompt": "3"})
     with pytest.raises(ValueError, match="pairing must be one of"):
         build_config("demo", {"pairing": "random"})
 

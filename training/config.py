@@ -43,6 +43,9 @@ class RoundConfig:
     """PPO iterations (each: a rollout batch and its optimisation); 30 x 64 take about 25 s on 2 cores."""
     ppo_batch_size: int = 64
     """Rollouts per PPO step (the engine's default, measured on the demo policy in training/engine/ppo.py)."""
+    ppo_samples_per_prompt: int = 1
+    """Responses per prompt in a PPO batch; 2 or more baseline each score by the others' mean (RLOO's
+    leave-one-out baseline, training/engine/ppo.py)."""
     ppo_mini_batch_size: int = 32
     """Rollouts per gradient step inside a PPO step (16 reached the same reward with more KL)."""
     ppo_kl_coef: float = 0.15
@@ -75,7 +78,7 @@ class RoundConfig:
         if self.pairing not in PAIRINGS:
             problems.append(f"pairing must be one of {', '.join(PAIRINGS)}")
         for name in ("reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size",
-                     "ppo_mini_batch_size", "ppo_max_new_tokens", "sample_prompts", "sample_per_prompt"):
+                     "ppo_mini_batch_size", "ppo_samples_per_prompt", "ppo_max_new_tokens", "sample_prompts", "sample_per_prompt"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.reward_max_length < 16:
@@ -89,6 +92,8 @@ class RoundConfig:
             problems.append("ppo_kl_coef must be 0 or more")
         if self.ppo_batch_size % self.ppo_mini_batch_size:
             problems.append("ppo_batch_size must be a multiple of ppo_mini_batch_size")
+        if self.ppo_samples_per_prompt >= 1 and self.ppo_batch_size % self.ppo_samples_per_prompt:
+            problems.append("ppo_batch_size must be a multiple of ppo_samples_per_prompt")
         if self.pairing == PAIRING_SELF and self.sample_per_prompt < 2:
             problems.append("pairing 'self' needs sample_per_prompt of 2 or more")
         if problems:

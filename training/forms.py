@@ -8,7 +8,7 @@ from training.config import FIELDS, PAIRINGS, PRESETS, RoundConfig, build_config
 
 SECTIONS = [
     ("Reward model", ["reward_epochs", "reward_lr", "reward_batch_size", "reward_max_length"]),
-    ("PPO", ["ppo_steps", "ppo_batch_size", "ppo_mini_batch_size", "ppo_kl_coef", "ppo_lr",
+    ("PPO", ["ppo_steps", "ppo_batch_size", "ppo_samples_per_prompt", "ppo_mini_batch_size", "ppo_kl_coef", "ppo_lr",
              "ppo_max_new_tokens"]),
     ("Sampling", ["sample_prompts", "sample_per_prompt", "sample_temperature"]),
     ("New pairs", ["pairing", "priority"]),

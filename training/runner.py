@@ -385,6 +385,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
         policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts,
         out=str(out),
         steps=config.ppo_steps, batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
+        samples_per_prompt=config.ppo_samples_per_prompt,
         init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
         save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),
     )

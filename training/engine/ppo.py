@@ -98,6 +98,14 @@ class PPOArgs:
     """PPO iterations (rollout batch + optimisation); 30 x 64 demo episodes take 1.5-3 minutes on 2 cores."""
     batch_size: int = 64
     """Rollouts per step (TRL PPOv2 uses 64 per device x accumulation; Stiennon et al. 512)."""
+    samples_per_prompt: int = 4
+    """Responses sampled for each prompt of a step (batch_size must be a multiple). With k >= 2 each
+    response's score is baselined by the mean score of the other k - 1 responses to its prompt before
+    normalisation and GAE: the leave-one-out baseline of RLOO (Kool et al. 2019; Ahmadian et al. 2024),
+    as OpenRLHF's reinforce_baseline subtracts the group mean. How hard a prompt is then no longer
+    reaches the advantages, which an untrained critic cannot remove. Measured on the demo policy
+    (benchmarks/policy_vs_trl.py, 1000 held-out prompts): k=4 scored 0.660 / 0.681 at KL 0.14 / 0.26,
+    k=1 0.644 / 0.669 at KL 0.15 / 0.27, at the same speed."""
     mini_batch_size: int = 32
     """Rollouts per gradient step. Measured on the demo policy (30 x 64 episodes): 16 reached the same
     judge score as 32 and 64 with more KL (1.09 vs 0.97 vs 0.70 nats): smaller minibatches add noise
@@ -151,6 +159,9 @@ class PPOArgs:
     reward_norm: str = "running"
     """Score normalisation: running (mean/std of all scores so far, Ziegler et al. 2019 normalise the
     reward to mean 0 / std 1), batch (per rollout batch), or none."""
+    whiten_advantages: bool = True
+    """Whiten the advantages of each batch to mean 0 / std 1 ([N+ §"advantage whitening"]; TRL PPOv2). Off,
+    a batch whose responses score alike makes a small update, as RLOO's unnormalised advantages do."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards of each batch before GAE (TRL PPOv2 whiten_rewards, default off)."""
     seed: int = 0
@@ -563,6 +574,14 @@ def trim_padding(query_ids, query_mask, response_ids, response_mask):
 # GAE and losses
 
 
+def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Each score minus the mean of the other scores of its group (adjacent runs of `group`): RLOO's
+    baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"). (B,) -> (B,)."""
+    grouped = scores.view(-1, group)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group - 1)
+    return (grouped - baseline).view(-1)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
 
@@ -633,6 +652,7 @@ def _validate_args(args: PPOArgs) -> None:
     positive = (
         "steps",
         "batch_size",
+        "samples_per_prompt",
         "mini_batch_size",
         "generation_batch_size",
         "ppo_epochs",
@@ -641,6 +661,10 @@ def _validate_args(args: PPOArgs) -> None:
     for name in positive:
         if int(getattr(args, name)) < 1:
             raise EngineError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if args.batch_size % args.samples_per_prompt:
+        raise EngineError(
+            f"batch_size ({args.batch_size}) is not a multiple of samples_per_prompt ({args.samples_per_prompt})"
+        )
     if args.mini_batch_size > args.batch_size:
         raise EngineError(
             f"mini_batch_size ({args.mini_batch_size}) is larger than batch_size ({args.batch_size})"
@@ -699,7 +723,9 @@ def main(
         saved_args, now = saved.get("args") or {}, to_jsonable(recorded_args)
         changed = [
             k
-            for k in ("policy", "ref_policy", "seed", "batch_size", "mini_batch_size", "prompts")
+            for k in (
+                "policy", "ref_policy", "seed", "batch_size", "samples_per_prompt", "mini_batch_size", "prompts"
+            )
             if k in saved_args and saved_args[k] != now[k]
         ]
         if changed or saved.get("data_version") not in (None, data_version):
@@ -816,10 +842,13 @@ def main(
     # ---- the PPO loop -----------------------------------------------------------------------------
     for step in range(start_step, args.steps):
         started = time.perf_counter()
-        batch_idx = _prompt_indices(len(prompts), args.batch_size, step, args.seed)
+        group = args.samples_per_prompt
+        batch_idx = [
+            i for i in _prompt_indices(len(prompts), args.batch_size // group, step, args.seed) for _ in range(group)
+        ]
         instructions = [prompts[i][0] for i in batch_idx]
 
-        # 1. Rollouts: one response per prompt, sampled with the KV cache.
+        # 1. Rollouts: samples_per_prompt responses per prompt (adjacent), sampled with the KV cache.
         with (
             torch.no_grad(),
             torch.autocast(
@@ -854,15 +883,16 @@ def main(
         # Missing-EOS penalty (TRL PPOv2 missing_eos_penalty; [N+ §"EOS trick"]): a response cut off
         # at max_new_tokens is worse than any finished one.
         scores = raw_scores - args.missing_eos_penalty * (~ended).float()  # (B,)
+        baselined = leave_one_out(scores, group) if group > 1 else scores  # (B,)
         # Reward normalisation: Ziegler et al. 2019 scale the reward to mean 0, std 1; we keep running
         # moments over all scores seen (or per batch), so the KL coefficient means the same through training.
         if args.reward_norm == "running":
-            score_stats.update(scores.cpu())
-            norm_scores = (scores - score_stats.mean) / (score_stats.std + 1e-8)
+            score_stats.update(baselined.cpu())
+            norm_scores = (baselined - score_stats.mean) / (score_stats.std + 1e-8)
         elif args.reward_norm == "batch":
-            norm_scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8)
+            norm_scores = (baselined - baselined.mean()) / (baselined.std(unbiased=False) + 1e-8)
         else:
-            norm_scores = scores
+            norm_scores = baselined
 
         scored_at = time.perf_counter()
 
@@ -907,7 +937,8 @@ def main(
 
             advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, Tr)
             # Advantage whitening over the batch ([N+ §"advantage whitening"]; TRL PPOv2).
-            advantages = masked_whiten(advantages, mask)
+            if args.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
 
         forwarded_at = time.perf_counter()
 
