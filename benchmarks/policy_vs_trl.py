@@ -287,6 +287,47 @@ def interpolate(curve: list[tuple[float, float]], kl: float) -> float | None:
     return None
 
 
+def print_curves(results: dict, sft: dict, args) -> None:
+    """Judge / KL of every evaluated step, one column per trainer."""
+    print(
+        f"\n# reward against KL on {args.eval_prompts} held-out prompts "
+        f"(one sample each, T={args.temperature}): judge / KL(pi||ref) per response"
+    )
+    names = list(results)
+    print(f"{'step':>5}  " + "  ".join(f"{name:>16}" for name in names))
+    print(f"{0:>5}  " + "  ".join(f"{sft['judge']:>7.3f} / {sft['kl']:>6.2f}" for _ in names) + "   (SFT)")
+    at = [dict(results[name]["curve"]) for name in names]
+    for step in sorted({step for curve in at for step in curve}):
+        cells = [f"{c[step]['judge']:>7.3f} / {c[step]['kl']:>6.2f}" if step in c else " " * 16 for c in at]
+        print(f"{step:>5}  " + "  ".join(cells))
+
+
+def print_table(results: dict, sft: dict, peak: float) -> dict:
+    """The final evaluation, speed and share of the GEMM peak of each trainer; returns them by name."""
+    print(
+        f"\n{'':<11} {'judge':>6} {'KL':>6} {'correct':>8} {'sentence':>9} {'episodes/s':>11} {'train s':>8} "
+        f"{'of GEMM peak':>13}"
+    )
+    print(f"{'SFT':<11} {sft['judge']:>6.3f} {sft['kl']:>6.2f} {sft['correct']:>8.3f} {sft['sentence']:>9.3f}")
+    summary = {}
+    for name, r in results.items():
+        e = r["curve"][-1][1]
+        eps = r["episodes"] / r["seconds"]
+        peak_fraction = r["flops"] / r["seconds"] / peak
+        print(
+            f"{name:<11} {e['judge']:>6.3f} {e['kl']:>6.2f} {e['correct']:>8.3f} {e['sentence']:>9.3f} "
+            f"{eps:>11.2f} {r['seconds']:>8.1f} {peak_fraction:>12.1%}"
+        )
+        summary[name] = {
+            **e,
+            "episodes_per_s": eps,
+            "train_seconds": r["seconds"],
+            "peak_fraction": peak_fraction,
+            "curve": r["curve"],
+        }
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -312,6 +353,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                         help="another PPOArgs setting of ours, e.g. mini_batch_size=64 (repeatable)")
+    parser.add_argument("--only", choices=["ours", "trl"],
+                        help="run one trainer (to try settings; the comparison needs both)")
     args = parser.parse_args()
     args.ours = parse_ours(args.ours)
 
@@ -341,31 +384,24 @@ def main() -> None:
     results = {}
     workdir = Path(tempfile.mkdtemp(prefix="policy_vs_trl-"))
     try:
-        results["ours (PPO)"] = run_ours(
-            policy, train_instructions, workdir / "ours", args, evaluator, prompt_tokens, params
-        )
-        print(f"# ours done in {results['ours (PPO)']['seconds']:.1f} s", flush=True)
-        results["TRL RLOO"] = run_trl(
-            policy, train_instructions, workdir / "trl", args, evaluator, prompt_tokens, params
-        )
+        if args.only != "trl":
+            results["ours (PPO)"] = run_ours(
+                policy, train_instructions, workdir / "ours", args, evaluator, prompt_tokens, params
+            )
+            print(f"# ours done in {results['ours (PPO)']['seconds']:.1f} s", flush=True)
+        if args.only != "ours":
+            results["TRL RLOO"] = run_trl(
+                policy, train_instructions, workdir / "trl", args, evaluator, prompt_tokens, params
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.only:
+        print_curves(results, sft, args)
+        print(json.dumps({"sft": sft, "only": args.only, **print_table(results, sft, peak)}))
+        return
     ours, trl = results["ours (PPO)"], results["TRL RLOO"]
 
-    print(
-        f"\n# reward against KL on {args.eval_prompts} held-out prompts "
-        f"(one sample each, T={args.temperature}): "
-        "judge / KL(pi||ref) per response"
-    )
-    print(f"{'step':>5}  {'ours (PPO)':>16}  {'TRL RLOO':>16}")
-    print(
-        f"{0:>5}  {sft['judge']:>7.3f} / {sft['kl']:>6.2f}  {sft['judge']:>7.3f} / {sft['kl']:>6.2f}   (SFT)"
-    )
-    trl_at = dict(trl["curve"])
-    for step, e in ours["curve"]:
-        t = trl_at.get(step)
-        right = f"{t['judge']:>7.3f} / {t['kl']:>6.2f}" if t else ""
-        print(f"{step:>5}  {e['judge']:>7.3f} / {e['kl']:>6.2f}  {right}")
+    print_curves(results, sft, args)
 
     ours_final, trl_final = ours["curve"][-1][1], trl["curve"][-1][1]
     ours_points = [(0.0, sft["judge"])] + [(e["kl"], e["judge"]) for _, e in ours["curve"]]
@@ -384,29 +420,7 @@ def main() -> None:
             f"ours {ours_final['judge']:.3f} vs TRL {trl_at_ours_kl:.3f}"
         )
 
-    print(
-        f"\n{'':<11} {'judge':>6} {'KL':>6} {'correct':>8} {'sentence':>9} {'episodes/s':>11} {'train s':>8} "
-        f"{'of GEMM peak':>13}"
-    )
-    print(
-        f"{'SFT':<11} {sft['judge']:>6.3f} {sft['kl']:>6.2f} {sft['correct']:>8.3f} {sft['sentence']:>9.3f}"
-    )
-    summary = {"sft": sft}
-    for name, r in results.items():
-        e = r["curve"][-1][1]
-        eps = r["episodes"] / r["seconds"]
-        peak_fraction = r["flops"] / r["seconds"] / peak
-        print(
-            f"{name:<11} {e['judge']:>6.3f} {e['kl']:>6.2f} {e['correct']:>8.3f} {e['sentence']:>9.3f} "
-            f"{eps:>11.2f} {r['seconds']:>8.1f} {peak_fraction:>12.1%}"
-        )
-        summary[name] = {
-            **e,
-            "episodes_per_s": eps,
-            "train_seconds": r["seconds"],
-            "peak_fraction": peak_fraction,
-            "curve": r["curve"],
-        }
+    summary = {"sft": sft, **print_table(results, sft, peak)}
     ratio = summary["ours (PPO)"]["episodes_per_s"] / summary["TRL RLOO"]["episodes_per_s"]
     print(f"\nepisodes/s ours / TRL: {ratio:.2f}x (target 1.5x)")
     summary.update(
