@@ -32,8 +32,9 @@ STYLES: tuple[str, ...] = ("terse", "sentence", "padded", "curt")
 PREFERRED_STYLE = "sentence"
 # The SFT mixture: the preferred style is deliberately the rarest, so preferences have room to act.
 STYLE_WEIGHTS: dict[str, float] = {"terse": 0.3, "sentence": 0.2, "padded": 0.25, "curt": 0.25}
-# SFT examples per family, relative: copying a request politely is learnt fastest, carrying digits
-# and sorting slowest.
+# SFT examples per family, relative: copying a request politely is learnt fastest, adding digits
+# and sorting slowest. Doubling arithmetic in the 5-minute build raised its correct answers from 30% to
+# 48% and cost category (58% -> 24%) and sort (56% -> 34%): the budget is shared.
 SFT_FAMILY_WEIGHTS: dict[str, int] = {"arithmetic": 2, "reverse": 2, "sort": 2, "category": 2, "polite": 1}
 # How a judge ranks the styles it does not prefer (1.0 goes to the preferred one).
 STYLE_RANK: dict[str, float] = {"terse": 0.4, "sentence": 0.4, "padded": 0.2, "curt": 0.0}
