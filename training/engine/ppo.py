@@ -7,7 +7,7 @@ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization"), 
 [N+ §n] by the number of the detail in that paper, and TRL's PPOv2 trainer (von Werra et al.)
 where we follow its conventions. One step:
 
-  1. rollouts: sample one response per prompt from the policy (sample.generate, KV cache);
+  1. rollouts: sample samples_per_prompt responses per prompt from the policy (sample.generate, KV cache);
   2. scores: decode the responses to text and score (instruction, response) with each reward
      source (reward-model checkpoints with their own tokenizers, rule judges, or a callable),
      weighted sum; subtract a penalty from responses that never emitted EOS;
