@@ -10,7 +10,8 @@ where we follow its conventions. One step:
   1. rollouts: sample samples_per_prompt responses per prompt from the policy (sample.generate, KV cache);
   2. scores: decode the responses to text and score (instruction, response) with each reward
      source (reward-model checkpoints with their own tokenizers, rule judges, or a callable),
-     weighted sum; subtract a penalty from responses that never emitted EOS;
+     weighted sum; subtract a penalty from responses that never emitted EOS; subtract from each
+     score the mean score of its prompt's other samples (RLOO's leave-one-out baseline);
   3. per-token rewards: -beta * (logp - logp_ref) at every response token, plus the
      (normalised) score at the last token;
   4. advantages by GAE (gamma 1, lambda 0.95), whitened over the batch;
