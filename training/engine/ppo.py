@@ -14,7 +14,7 @@ where we follow its conventions. One step:
      score the mean score of its prompt's other samples (RLOO's leave-one-out baseline);
   3. per-token rewards: -beta * (logp - logp_ref) at every response token, plus the
      (normalised) score at the last token;
-  4. advantages by GAE (gamma 1, lambda 0.95), whitened over the batch;
+  4. advantages by GAE (gamma 1, lambda 0.95), whitened over the batch (whiten_advantages);
   5. several epochs over shuffled minibatches of the clipped surrogate + clipped value loss,
      gradient norm clipped;
   6. the adaptive KL controller moves beta toward the target KL.
@@ -841,9 +841,9 @@ def main(
         )
 
     # ---- the PPO loop -----------------------------------------------------------------------------
+    group = args.samples_per_prompt
     for step in range(start_step, args.steps):
         started = time.perf_counter()
-        group = args.samples_per_prompt
         batch_idx = [
             i for i in _prompt_indices(len(prompts), args.batch_size // group, step, args.seed) for _ in range(group)
         ]
