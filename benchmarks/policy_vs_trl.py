@@ -121,7 +121,7 @@ def run_ours(
 ) -> dict:
     history: list[dict] = []
     curve: list[tuple[int, dict]] = []
-    ppo_args = PPOArgs(
+    shared = dict(
         policy=policy,
         reward_models=[f"rule:{args.judge}"],
         prompts=instructions,
@@ -140,8 +140,9 @@ def run_ours(
         resume=False,
         device="cpu",
         dtype="fp32",
-        **args.ours,
     )
+    # --ours KEY=VALUE overrides the shared settings too (e.g. lr=5e-5 for ours alone).
+    ppo_args = PPOArgs(**{**shared, **args.ours})
 
     def on_progress(event):
         if "log" in event:
@@ -352,7 +353,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
-                        help="another PPOArgs setting of ours, e.g. mini_batch_size=64 (repeatable)")
+                        help="a PPOArgs setting of ours, e.g. mini_batch_size=64; lr=5e-5 overrides --lr for ours alone (repeatable)")
     parser.add_argument("--only", choices=["ours", "trl"],
                         help="run one trainer (to try settings; the comparison needs both)")
     args = parser.parse_args()
