@@ -214,6 +214,19 @@ def test_it_computes_gae_that_bootstraps_from_zero_at_the_end():
     assert torch.allclose(returns, (expected + values) * mask)
 
 
+def test_its_default_lambda_gives_the_return_to_go_minus_the_value():
+    # The default lam=1 (gamma 1): each token's advantage is the sum of the rewards from it to the end of
+    # the response, minus its own value, whatever the critic predicts for the tokens after it.
+    rewards = torch.tensor([[-0.1, -0.2, 1.0, 0.0]])
+    values = torch.tensor([[0.3, -4.0, 7.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    defaults = PPOArgs()
+    advantages, returns = compute_gae(rewards, values, mask, gamma=defaults.gamma, lam=defaults.lam)
+    to_go = torch.tensor([[0.7, 0.8, 1.0, 0.0]])
+    assert torch.allclose(advantages, (to_go - values) * mask)
+    assert torch.allclose(returns, to_go)
+
+
 def test_its_leave_one_out_baseline_cancels_what_a_prompt_gives_every_sample():
     scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.7, 0.7, 0.7, 0.7])
     # Group 1: the one right answer gains 1 - 0, the others lose 1/3; group 2 agrees: no signal.
