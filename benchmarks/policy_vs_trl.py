@@ -274,7 +274,11 @@ def parse_ours(items: list[str]) -> dict:
         key, _, raw = item.partition("=")
         if not hasattr(defaults, key):
             raise SystemExit(f"--ours {item}: PPOArgs has no setting {key!r}")
-        kind = type(getattr(defaults, key))
+        default = getattr(defaults, key)
+        if default is None:  # an optional number, e.g. mini_batch_size (None: the whole batch)
+            values[key] = None if raw.lower() == "none" else (int(raw) if raw.lstrip("-").isdigit() else float(raw))
+            continue
+        kind = type(default)
         values[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
     return values
 

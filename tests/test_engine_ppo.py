@@ -261,6 +261,8 @@ def test_it_samples_each_prompt_several_times_in_a_row(tiny_policy, instructions
         (dict(reward_models=[]), None, "no reward"),
         (dict(prompts=["word " * 5000]), starts_with_the, "exceeds the policy's context"),
         (dict(samples_per_prompt=3), starts_with_the, "batch_size (16) is not a multiple of samples_per_prompt (3)"),
+        (dict(mini_batch_size=0), starts_with_the, "mini_batch_size must be at least 1, got 0"),
+        (dict(mini_batch_size=32), starts_with_the, "mini_batch_size (32) is larger than batch_size (16)"),
     ],
 )
 def test_it_refuses_bad_input_before_any_step(tiny_policy, tmp_path, overrides, reward_fn, message):
@@ -293,10 +295,8 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path)
             str(tmp_path / "out"),
             "--steps",
             "2",
-            "--batch-size",
+            "--batch-size",  # no --mini-batch-size: the default takes the whole batch of 8
             "8",
-            "--mini-batch-size",
-            "4",
             "--max-new-tokens",
             "8",
             "--device",
