@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training.engine import demo_tasks  # noqa: E402
-from training.engine.common import format_prompt, load_causal_lm  # noqa: E402
+from training.engine.common import format_prompt, load_causal_lm, value_type  # noqa: E402
 from training.engine.demo_policy import ensure_demo_policy  # noqa: E402
 from training.engine.ppo import PPOArgs, resume_dir  # noqa: E402
 from training.engine.ppo import main as ppo_main  # noqa: E402
@@ -268,17 +269,13 @@ def run_trl(
 
 def parse_ours(items: list[str]) -> dict:
     """KEY=VALUE settings of PPOArgs, each converted to its field's type."""
-    defaults = PPOArgs()
+    hints = typing.get_type_hints(PPOArgs)
     values = {}
     for item in items:
         key, _, raw = item.partition("=")
-        if not hasattr(defaults, key):
+        if key not in hints:
             raise SystemExit(f"--ours {item}: PPOArgs has no setting {key!r}")
-        default = getattr(defaults, key)
-        if default is None:  # an optional number, e.g. mini_batch_size (None: the whole batch)
-            values[key] = None if raw.lower() == "none" else (int(raw) if raw.lstrip("-").isdigit() else float(raw))
-            continue
-        kind = type(default)
+        kind = value_type(hints[key])  # as the engine's CLI converts it: mini_batch_size (int | None) -> int
         values[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
     return values
 

@@ -311,6 +311,12 @@ class TqdmProgress:
         self._bar.close()
 
 
+def value_type(hint):
+    """The type a command-line value of a field annotated `hint` converts to: `int | None` -> int."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)]
+    return options[0] if options else hint
+
+
 def parser_for(cls, description: str, *, prog: str | None = None, required: tuple[str, ...] = (),
                flag_names: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one --flag per field of the Args dataclass `cls`, its docstring as help.
@@ -325,8 +331,7 @@ def parser_for(cls, description: str, *, prog: str | None = None, required: tupl
         flag = "--" + flag_names.get(f.name, f.name.replace("_", "-"))
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         hint = hints[f.name]
-        options = [t for t in typing.get_args(hint) if t is not type(None)]
-        kind = options[0] if options else hint
+        kind = value_type(hint)
         doc = docs.get(f.name, "")
         if hint is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc)

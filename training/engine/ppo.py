@@ -137,8 +137,9 @@ class PPOArgs:
     """GAE lambda (Schulman et al. 2016). Ziegler et al. 2019 and TRL PPOv2 use 0.95; Ahmadian et al.
     2024 ("Back to Basics") report their PPO did best with lambda = 1: the return minus the critic's
     value, no bootstrap bias, where the score comes only at the last token. Measured on the demo
-    policy (benchmarks/policy_vs_trl.py, 60 x 64 episodes, 1000 held-out prompts, judge / KL per response): 0.95 gave 0.666 / 0.22,
-    0.706 / 0.51, 0.722 / 0.67; 1.0 gave 0.680 / 0.22, 0.711 / 0.55, 0.742 / 0.70."""
+    policy (benchmarks/policy_vs_trl.py, 60 x 64 episodes, 1000 held-out prompts, judge / KL per
+    response): 0.95 gave 0.666 / 0.22, 0.706 / 0.51, 0.722 / 0.67; 1.0 gave 0.680 / 0.22, 0.711 / 0.55,
+    0.742 / 0.70."""
     critic: str = "reference"
     """Where the value head reads its features: "reference" (the frozen reference's last hidden state,
     a separate critic whose trunk is the starting policy; no extra forward pass, no value gradient in
@@ -662,19 +663,19 @@ def _validate_args(args: PPOArgs) -> None:
         "steps",
         "batch_size",
         "samples_per_prompt",
+        "mini_batch_size",
         "generation_batch_size",
         "ppo_epochs",
         "max_new_tokens",
     )
     for name in positive:
-        if int(getattr(args, name)) < 1:
-            raise EngineError(f"{name} must be at least 1, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and int(value) < 1:  # None: the field's own meaning (mini_batch_size: all)
+            raise EngineError(f"{name} must be at least 1, got {value}")
     if args.batch_size % args.samples_per_prompt:
         raise EngineError(
             f"batch_size ({args.batch_size}) is not a multiple of samples_per_prompt ({args.samples_per_prompt})"
         )
-    if args.mini_batch_size is not None and args.mini_batch_size < 1:
-        raise EngineError(f"mini_batch_size must be at least 1, got {args.mini_batch_size}")
     if args.mini_batch_size is not None and args.mini_batch_size > args.batch_size:
         raise EngineError(
             f"mini_batch_size ({args.mini_batch_size}) is larger than batch_size ({args.batch_size})"
