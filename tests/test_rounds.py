@@ -281,6 +281,28 @@ def test_it_resumes_a_failed_job_and_then_the_rest_of_its_chain(chains, django_c
     assert (resumed.attempts, resumed.step, resumed.error) == (2, 4, "")
 
 
+@pytest.mark.django_db
+def test_it_times_a_resumed_job_s_eta_from_the_step_it_resumed_at(chains):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    claim(job, "first")
+    actions.record_progress(job.pk, "first", step=6, total=10, metrics=[], log_text="")
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=60))
+    job.refresh_from_db()
+    assert job.eta_seconds() == pytest.approx(40, abs=2)  # 6 steps in 60 s, 4 to go
+    actions.fail_job(job.pk, "first", error="worker lost")
+    actions.resume_job(job)
+    # The second run restores the checkpoint of step 6 and makes one step in 10 s: its 3 steps to go
+    # take 30 s, not the 4 s that "7 steps in 10 s" would promise.
+    claim(Job.objects.get(pk=job.pk), "second")
+    for step in (6, 7):
+        actions.record_progress(job.pk, "second", step=step, total=10, metrics=[], log_text="")
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=10))
+    job.refresh_from_db()
+    assert job.start_step == 6
+    assert job.eta_seconds() == pytest.approx(30, abs=2)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_it_exits_non_zero_when_a_job_of_a_followed_round_fails(monkeypatch):
     campaign = judged_campaign()

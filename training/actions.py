@@ -15,7 +15,8 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
 from annotate.models import Campaign, Judgment
@@ -190,7 +191,7 @@ def claim_job(job_id: int, task_id: str) -> tuple[Job | None, str]:
         return None, "waiting"
     claimed = Job.objects.filter(pk=job_id, status=Job.QUEUED).update(
         status=Job.RUNNING, celery_task_id=task_id, started_at=now, heartbeat_at=now, finished_at=None,
-        error="", attempts=F("attempts") + 1, cancel_requested=False,
+        start_step=0 if job.step == 0 else None, error="", attempts=F("attempts") + 1, cancel_requested=False,
     )
     if not claimed:
         return None, "taken"
@@ -209,8 +210,10 @@ def record_progress(job_id: int, task_id: str, *, step: int, total: int, metrics
 
     Returns whether a cancel was requested. Raises JobLost when this task no longer owns the job.
     """
-    updated = _mine(job_id, task_id).update(step=step, total_steps=total, metrics=metrics, log=log_text,
-                                            heartbeat_at=timezone.now())
+    updated = _mine(job_id, task_id).update(
+        step=step, total_steps=total, metrics=metrics, log=log_text, heartbeat_at=timezone.now(),
+        start_step=Least(Coalesce(F("start_step"), Value(step)), Value(step)),
+    )
     if not updated:
         raise JobLost(f"job {job_id} is no longer running under task {task_id}")
     return cancel_requested(job_id)

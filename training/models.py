@@ -117,6 +117,10 @@ class Job(models.Model):
     status = models.CharField(max_length=10, choices=STATUSES, default=QUEUED)
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
+    start_step = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="The step this run started from: 0, or for a resumed job the lowest step it has reported "
+                  "(its checkpoint's). The ETA counts from it.")
     metrics = models.JSONField(default=list, blank=True, help_text="Metric points: [{step, key: value...}].")
     result = models.JSONField(default=dict, blank=True, help_text="Final metrics and outputs.")
     log = models.TextField(blank=True, help_text="The tail of the job's log.")
@@ -153,10 +157,13 @@ class Job(models.Model):
         return min(1.0, self.step / self.total_steps)
 
     def eta_seconds(self) -> float | None:
-        if self.status != self.RUNNING or not self.started_at or not self.step or not self.total_steps:
+        """Seconds left at this run's pace: its time so far over the steps it made. A resumed job
+        counts from the step it resumed at, not from 0; None until it has made a step."""
+        done = self.step - (self.start_step or 0)
+        if self.status != self.RUNNING or not self.started_at or done <= 0 or not self.total_steps:
             return None
         elapsed = (timezone.now() - self.started_at).total_seconds()
-        return max(0.0, elapsed / self.step * (self.total_steps - self.step))
+        return max(0.0, elapsed / done * (self.total_steps - self.step))
 
     # Charted metric keys: losses, accuracies, rewards, KL and entropy (not the KL coefficient or
     # the approximate KL of the PPO update, nor per-source rewards like ppo/reward/<path>).
