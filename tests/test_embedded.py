@@ -70,8 +70,10 @@ def test_it_serves_the_seeded_demo_for_labeling_with_no_outside_services(tmp_pat
     manage(env, "migrate", "--noinput")
     seeded = manage(env, "seed_demo", "--preset", "tiny", "--prompts", "30")
     assert "labeler1" in seeded and "pairloop-label" in seeded
+    # A simulated labeler judged enough pairs to launch a round at once; the rest wait for people.
+    assert "Enough to launch a training round now" in seeded
     again = manage(env, "seed_demo", "--preset", "tiny", "--prompts", "30")
-    assert "0 pairs added" in again  # safe to run twice
+    assert "0 pairs added" in again and "simulated labeler" not in again  # safe to run twice
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "pairloop.embedded", "serve", "--port", str(port)],
@@ -97,6 +99,11 @@ def test_it_serves_the_seeded_demo_for_labeling_with_no_outside_services(tmp_pat
         after = browser.post(f"/campaigns/demo/label/{assignment}/judge/", {"choice": "tie", "ms": "900"},
                              headers={"HX-Request": "true"})
         assert re.search(r'Judged today: <strong id="judged-today">1</strong>', after)
+        admin = Browser(base)
+        admin.get("/accounts/login/")
+        admin.post("/accounts/login/", {"username": "admin", "password": "pairloop-admin", "next": "/"})
+        rounds = admin.get("/campaigns/demo/rounds/")
+        assert "Launch round 1" in rounds and "Not enough judgments" not in rounds
         # The worker is up on the embedded broker: ask it (it may still be starting).
         deadline = time.time() + 120
         while True:

@@ -1,7 +1,8 @@
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 
 from annotate.demo import DEMO_SLUG, DEMO_USERS, seed_demo
-from annotate.models import Pair
+from annotate.models import Campaign, Pair
 
 
 class Command(BaseCommand):
@@ -11,18 +12,49 @@ class Command(BaseCommand):
         parser.add_argument("--prompts", type=int, default=120, help="demo prompts to sample (default 120)")
         parser.add_argument("--per-prompt", type=int, default=3, help="responses sampled per prompt (default 3)")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--judged", type=int, default=None,
+                            help="usable judgments the campaign gets from a simulated labeler (rule:correct_sentence, "
+                                 "25%% noise, marked simulated), so that a round can be launched at once "
+                                 "(default PAIRLOOP_MIN_JUDGMENTS; 0: none)")
         parser.add_argument("--preset", choices=["demo", "tiny"], default=None,
                             help="demo policy preset (default PAIRLOOP_DEMO_POLICY_PRESET)")
 
-    def handle(self, *args, prompts, per_prompt, seed, preset, **options):
+    def handle(self, *args, prompts, per_prompt, seed, preset, judged, **options):
+        judged = settings.PAIRLOOP["MIN_JUDGMENTS"] if judged is None else judged
+        if judged < 0:
+            raise CommandError("--judged must be 0 or more")
         self.stdout.write("Preparing the demo policy (built once, then cached) and sampling its answers…")
         result = seed_demo(prompts=prompts, per_prompt=per_prompt, seed=seed, preset=preset)
         total = Pair.objects.filter(campaign__slug=DEMO_SLUG).count()
         self.stdout.write(self.style.SUCCESS(
             f"Demo campaign '{DEMO_SLUG}': {result.pairs.created} pairs added, {result.pairs.skipped} already there, "
             f"{total} in all. Policy: {result.policy}"))
+        self._judge_until(Campaign.objects.get(slug=DEMO_SLUG), judged, seed)
         if result.users_created:
             self.stdout.write(f"Created users: {', '.join(result.users_created)}")
         self.stdout.write("Demo logins (username / password):")
         for username, password, role in DEMO_USERS:
             self.stdout.write(f"  {username:<10} {password:<16} {role}")
+
+    def _judge_until(self, campaign: Campaign, wanted: int, seed: int) -> None:
+        """Simulated judgments until the campaign has `wanted` usable ones (ties do not count), or no pair is left."""
+        from training.actions import usable_judgments
+        from training.simulate import make_judge, simulate_labelers
+
+        judge = make_judge("rule:correct_sentence")
+        recorded = 0
+        while (missing := wanted - usable_judgments(campaign)) > 0:
+            result = simulate_labelers(campaign, judge, noise=0.25, count=missing, seed=seed + recorded)
+            recorded += result.judgments
+            if result.stopped:
+                break
+        usable = usable_judgments(campaign)
+        if recorded:
+            self.stdout.write(f"A simulated labeler ({judge.name}, 25% noise) judged {recorded} pairs: "
+                              f"{usable} usable judgments in the campaign.")
+        if usable >= settings.PAIRLOOP["MIN_JUDGMENTS"]:
+            self.stdout.write("Enough to launch a training round now; the other pairs wait for people.")
+        elif usable < wanted:
+            self.stdout.write(self.style.WARNING(
+                f"Only {usable} usable judgments (wanted {wanted}): the campaign ran out of pairs; "
+                "seed more prompts with --prompts."))
