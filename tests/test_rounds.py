@@ -294,7 +294,8 @@ def test_it_times_a_resumed_job_s_eta_from_the_step_it_resumed_at(chains):
     actions.resume_job(job)
     # The second run restores the checkpoint of step 6 and makes one step in 10 s: its 3 steps to go
     # take 30 s, not the 4 s that "7 steps in 10 s" would promise.
-    claim(Job.objects.get(pk=job.pk), "second")
+    resumed = claim(Job.objects.get(pk=job.pk), "second")
+    assert resumed.eta_seconds() is None  # no step made yet in this run: no guess
     for step in (6, 7):
         actions.record_progress(job.pk, "second", step=step, total=10, metrics=[], log_text="")
     Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=10))

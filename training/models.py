@@ -159,8 +159,10 @@ class Job(models.Model):
     def eta_seconds(self) -> float | None:
         """Seconds left at this run's pace: its time so far over the steps it made. A resumed job
         counts from the step it resumed at, not from 0; None until it has made a step."""
-        done = self.step - (self.start_step or 0)
-        if self.status != self.RUNNING or not self.started_at or done <= 0 or not self.total_steps:
+        if self.status != self.RUNNING or not self.started_at or self.start_step is None or not self.total_steps:
+            return None
+        done = self.step - self.start_step
+        if done <= 0:
             return None
         elapsed = (timezone.now() - self.started_at).total_seconds()
         return max(0.0, elapsed / done * (self.total_steps - self.step))
