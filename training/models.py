@@ -159,9 +159,9 @@ class Job(models.Model):
     def eta_seconds(self) -> float | None:
         """Seconds left at this run's pace: its time so far over the steps it made. A resumed job
         counts from the step it resumed at, not from 0; None until it has made a step."""
-        if self.status != self.RUNNING or not self.started_at or self.start_step is None or not self.total_steps:
+        if self.status != self.RUNNING or not self.started_at or not self.total_steps:
             return None
-        done = self.step - self.start_step
+        done = self.step - self.start_step if self.start_step is not None else 0
         if done <= 0:
             return None
         elapsed = (timezone.now() - self.started_at).total_seconds()

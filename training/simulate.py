@@ -17,9 +17,12 @@ from django.contrib.auth.models import User
 
 from annotate.actions import claim_next_pair, submit_judgment
 from annotate.models import Campaign, Judgment
+from training.engine.demo_tasks import DEFAULT_RULE_JUDGE
 
 RULE, RM = "rule:", "rm:"
 TIE_EPSILON = 1e-6
+DEFAULT_JUDGE = RULE + DEFAULT_RULE_JUDGE  # rule:correct_sentence
+DEFAULT_NOISE = 0.25  # a quarter of the A/B choices flipped
 
 
 class SimulationError(ValueError):
@@ -90,7 +93,7 @@ def strength_for(gap: float, steps: tuple[float, float, float]) -> int:
     return 1 + sum(gap >= step for step in steps)
 
 
-def simulate_labelers(campaign: Campaign, judge: Judge, *, noise: float = 0.25, count: int = 100,
+def simulate_labelers(campaign: Campaign, judge: Judge, *, noise: float = DEFAULT_NOISE, count: int = 100,
                       labelers: int = 1, seed: int = 0,
                       on_judgment: Callable[[int], None] | None = None) -> SimulationResult:
     """Record up to `count` judgments by `labelers` bots taking turns, until the queue has none for them."""

@@ -3,6 +3,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from annotate.demo import DEMO_SLUG, DEMO_USERS, seed_demo
 from annotate.models import Campaign, Pair
+from training.actions import usable_judgments
+from training.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, make_judge, simulate_labelers
 
 
 class Command(BaseCommand):
@@ -13,9 +15,9 @@ class Command(BaseCommand):
         parser.add_argument("--per-prompt", type=int, default=3, help="responses sampled per prompt (default 3)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--judged", type=int, default=None,
-                            help="usable judgments the campaign gets from a simulated labeler (rule:correct_sentence, "
-                                 "25%% noise, marked simulated), so that a round can be launched at once "
-                                 "(default PAIRLOOP_MIN_JUDGMENTS; 0: none)")
+                            help=f"usable judgments the campaign gets from a simulated labeler "
+                                 f"({DEFAULT_JUDGE}, {DEFAULT_NOISE * 100:g}%% noise, marked simulated), so that "
+                                 "a round can be launched at once (default PAIRLOOP_MIN_JUDGMENTS; 0: none)")
         parser.add_argument("--preset", choices=["demo", "tiny"], default=None,
                             help="demo policy preset (default PAIRLOOP_DEMO_POLICY_PRESET)")
 
@@ -37,21 +39,20 @@ class Command(BaseCommand):
             self.stdout.write(f"  {username:<10} {password:<16} {role}")
 
     def _judge_until(self, campaign: Campaign, wanted: int, seed: int) -> None:
-        """Simulated judgments until the campaign has `wanted` usable ones (ties do not count), or no pair is left."""
-        from training.actions import usable_judgments
-        from training.simulate import make_judge, simulate_labelers
-
-        judge = make_judge("rule:correct_sentence")
+        """Simulated judgments until the campaign has `wanted` usable ones (ties do not count), or no pair
+        is left."""
+        judge = make_judge(DEFAULT_JUDGE)
         recorded = 0
         while (missing := wanted - usable_judgments(campaign)) > 0:
-            result = simulate_labelers(campaign, judge, noise=0.25, count=missing, seed=seed + recorded)
+            result = simulate_labelers(campaign, judge, noise=DEFAULT_NOISE, count=missing,
+                                       seed=seed + recorded)
             recorded += result.judgments
             if result.stopped:
                 break
         usable = usable_judgments(campaign)
         if recorded:
-            self.stdout.write(f"A simulated labeler ({judge.name}, 25% noise) judged {recorded} pairs: "
-                              f"{usable} usable judgments in the campaign.")
+            self.stdout.write(f"A simulated labeler ({judge.name}, {DEFAULT_NOISE:.0%} noise) judged "
+                              f"{recorded} pairs: {usable} usable judgments in the campaign.")
         if usable >= settings.PAIRLOOP["MIN_JUDGMENTS"]:
             self.stdout.write("Enough to launch a training round now; the other pairs wait for people.")
         elif usable < wanted:

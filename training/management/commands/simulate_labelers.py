@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from annotate.models import Campaign
-from training.simulate import SimulationError, make_judge, simulate_labelers
+from training.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, SimulationError, make_judge, simulate_labelers
 
 
 class Command(BaseCommand):
@@ -15,10 +15,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("campaign", help="campaign slug")
-        parser.add_argument("--judge", default="rule:correct_sentence",
+        parser.add_argument("--judge", default=DEFAULT_JUDGE,
                             help="rule:NAME (a demo rule judge, e.g. rule:correct_sentence) "
                                  "or rm:PATH (a reward model)")
-        parser.add_argument("--noise", type=float, default=0.25,
+        parser.add_argument("--noise", type=float, default=DEFAULT_NOISE,
                             help="probability of flipping each A/B choice (0-1)")
         parser.add_argument("--count", type=int, default=100,
                             help="judgments to record (fewer if the queue runs dry)")
