@@ -261,3 +261,42 @@ def test_it_refuses_a_labeler_another_campaigns_page(page, labeler):
     })""", f"/ws/campaigns/{theirs.slug}/")
     assert outcome == "refused"
     assert not Assignment.objects.filter(pair__campaign=theirs).exists()
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_it_shows_the_strength_question_only_after_a_choice(page, labeler, width):
+    campaign = make_campaign(f"strength-{width}", n_pairs=3, members=[labeler])
+    assert campaign.ask_strength
+    page.set_viewport_size({"width": width, "height": 900})
+    log_in(page, labeler)
+    open_label_page(page, campaign)
+    strength_buttons = page.locator('#strength-row button[name="strength"]')
+    assert strength_buttons.count() == 4
+
+    def visible_strength_buttons() -> int:
+        return sum(strength_buttons.nth(i).is_visible() for i in range(strength_buttons.count()))
+
+    assert not page.is_visible("#strength-row"), "the strength question shows before any choice"
+    assert visible_strength_buttons() == 0
+
+    page.keyboard.press("1")
+    page.wait_for_selector("#strength-row", state="visible")
+    assert visible_strength_buttons() == 4
+    assert " ".join(page.inner_text("#strength-question").split()) == "How much better is A?"
+
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#strength-row", state="hidden")
+    assert visible_strength_buttons() == 0
+
+    # Back with the mouse, and after a submit the next pair's question is hidden again.
+    page.click('button.choice[data-choice="b"]')
+    page.wait_for_selector("#strength-row", state="visible")
+    assert " ".join(page.inner_text("#strength-question").split()) == "How much better is B?"
+    page.click("#strength-cancel")
+    page.wait_for_selector("#strength-row", state="hidden")
+    first = current_assignment_id(page)
+    page.keyboard.press("2")
+    page.keyboard.press("3")
+    wait_for_another_pair(page, first)
+    assert not page.is_visible("#strength-row")
+    assert Judgment.objects.filter(labeler=labeler, strength=3).count() == 1
