@@ -21,6 +21,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from annotate import live
+from pairloop import redis_guard
 from annotate.models import Assignment, Campaign, Judgment, Pair, Prompt, Response, content_hash
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def judged_today(campaign: Campaign, labeler, now=None) -> int:
 
 
 LEFT_RECOUNT_SECONDS = 300
+LEFT_WITHOUT_REDIS_SECONDS = 15  # while Redis is down, each process recounts at most this often
 
 
 def judgments_left(campaign: Campaign) -> int:
@@ -69,7 +71,8 @@ def judgments_left(campaign: Campaign) -> int:
     it may use), so the count lives in the cache: recounted exactly every LEFT_RECOUNT_SECONDS and right
     after pairs are added, and in between each judgment counts it down and each undo counts it up
     (`_count_left`). Changes made around the actions (an admin closing pairs by hand, a new overlap)
-    show at the next recount.
+    show at the next recount. While Redis is down each process counts from the database instead, at
+    most every LEFT_WITHOUT_REDIS_SECONDS.
     """
 
     def compute():
@@ -82,26 +85,35 @@ def judgments_left(campaign: Campaign) -> int:
     remembered = _LEFT_IN_PROCESS.get(campaign.pk)
     if remembered is not None and remembered[1] > time.monotonic():
         return remembered[0]  # this process asked Redis less than a second ago
-    cached = cache.get_many([key, fresh])
-    value = cached.get(key)
-    if value is not None and fresh in cached:
-        _LEFT_IN_PROCESS[campaign.pk] = (value, time.monotonic() + 1.0)
-        return value
-    # One request recounts; the others keep showing the last value meanwhile.
-    if value is None or cache.add(key + "-lock", 1, timeout=30):
+    try:
+        with redis_guard.guard("judgments left"):
+            cached = cache.get_many([key, fresh])
+            value = cached.get(key)
+            if value is not None and fresh in cached:
+                _LEFT_IN_PROCESS[campaign.pk] = (value, time.monotonic() + 1.0)
+                return value
+            # One request recounts; the others keep showing the last value meanwhile.
+            if value is None or cache.add(key + "-lock", 1, timeout=30):
+                value = compute()
+                cache.set(key, value, timeout=None)
+                cache.set(fresh, 1, timeout=LEFT_RECOUNT_SECONDS)
+                cache.delete(key + "-lock")
+            return value
+    except redis_guard.RedisDown:
         value = compute()
-        cache.set(key, value, timeout=None)
-        cache.set(fresh, 1, timeout=LEFT_RECOUNT_SECONDS)
-        cache.delete(key + "-lock")
-    return value
+        _LEFT_IN_PROCESS[campaign.pk] = (value, time.monotonic() + LEFT_WITHOUT_REDIS_SECONDS)
+        return value
 
 
 def _count_left(campaign_id: int, delta: int) -> None:
     """A judgment (-1) or an undo (+1) moves the cached "left in campaign" without a recount."""
     try:
-        cache.incr(_left_keys(campaign_id)[0], delta)
+        with redis_guard.guard("count judgments left"):
+            cache.incr(_left_keys(campaign_id)[0], delta)
     except ValueError:
         pass  # not counted yet: the next page shown counts
+    except redis_guard.RedisDown:
+        pass  # the next exact recount corrects it
     remembered = _LEFT_IN_PROCESS.get(campaign_id)
     if remembered is not None:
         _LEFT_IN_PROCESS[campaign_id] = (remembered[0] + delta, remembered[1])
@@ -114,8 +126,12 @@ def forget_judgments_left(campaign: Campaign) -> None:
     """Drop the cached count, value and all: the next page recounts before it shows one (a fresh start,
     as tests need: their databases reuse campaign ids). Adding pairs only marks the count stale, so
     that one request recounts while the others keep showing the last value."""
-    cache.delete_many(_left_keys(campaign.pk))
     _LEFT_IN_PROCESS.pop(campaign.pk, None)
+    try:
+        with redis_guard.guard("forget judgments left"):
+            cache.delete_many(_left_keys(campaign.pk))
+    except redis_guard.RedisDown:
+        pass  # a restarted Redis holds no count; a reachable one recounts within LEFT_RECOUNT_SECONDS
 
 
 def _left_keys(campaign_id: int) -> tuple[str, str]:
@@ -462,8 +478,12 @@ def add_pairs(
             _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
         if notify and result.created:
             transaction.on_commit(lambda: live.pairs_arrived(campaign, result.created))
-    cache.delete(_left_keys(campaign.pk)[1])  # recount on the next page shown (other processes: within 1 s)
     _LEFT_IN_PROCESS.pop(campaign.pk, None)
+    try:
+        with redis_guard.guard("mark judgments left stale"):
+            cache.delete(_left_keys(campaign.pk)[1])  # recount on the next page shown (others: within 1 s)
+    except redis_guard.RedisDown:
+        pass  # a restarted Redis holds no count; a reachable one recounts within LEFT_RECOUNT_SECONDS
     return result
 
 

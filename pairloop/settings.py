@@ -107,11 +107,17 @@ REDIS_URL = env.str("REDIS_URL", f"unix://{EMBEDDED_REDIS_SOCKET}")
 EMBEDDED = "REDIS_URL" not in env.environ
 _broker_url, _redis_address = redis_url_parts(REDIS_URL)
 
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _redis_address}}
+# Socket timeouts, so an unreachable Redis costs a labeler seconds, not a hung request: the labeling
+# path falls back to the database while Redis is down (pairloop/redis_guard.py).
+_REDIS_TIMEOUT = env.int("PAIRLOOP_REDIS_TIMEOUT", 2, minimum=1)
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _redis_address,
+                      "OPTIONS": {"socket_connect_timeout": _REDIS_TIMEOUT, "socket_timeout": _REDIS_TIMEOUT}}}
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [{"address": _redis_address}], "prefix": env.str("PAIRLOOP_CHANNEL_PREFIX", "pairloop")},
+        # No read timeout here: a consumer's receive blocks on Redis by design.
+        "CONFIG": {"hosts": [{"address": _redis_address, "socket_connect_timeout": _REDIS_TIMEOUT}],
+                   "prefix": env.str("PAIRLOOP_CHANNEL_PREFIX", "pairloop")},
     }
 }
 

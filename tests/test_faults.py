@@ -1,0 +1,65 @@
+"""Faults the labeling path must outlive without a browser: Redis unreachable (cache and channel layer
+on a port nobody listens on) and a database connection that fails mid-request."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from django.core.cache import caches
+from django.test import override_settings
+
+from annotate import actions
+from annotate.actions import PairInput, add_pairs
+from annotate.models import Judgment, Pair
+from pairloop import redis_guard
+from tests.services import free_port
+from tests.test_labeling_http import client_for, current_assignment
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def redis_unreachable(settings):
+    address = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
+    with override_settings(
+        CACHES={"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": address,
+                            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1}}},
+        CHANNEL_LAYERS={"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                    "CONFIG": {"hosts": [{"address": address, "socket_connect_timeout": 1}]}}},
+    ):
+        from channels.layers import channel_layers
+
+        channel_layers.backends.clear()
+        redis_guard.reset()
+        actions._LEFT_IN_PROCESS.clear()
+        yield
+        channel_layers.backends.clear()
+        redis_guard.reset()
+    caches["default"].clear()
+
+
+def left_shown(response) -> int:
+    return int(re.search(rb'id="left-in-campaign">(\d+)<', response.content).group(1))
+
+
+def test_it_keeps_labeling_and_importing_while_redis_is_unreachable(labeler, campaign, redis_unreachable):
+    client = client_for(labeler)
+    started = time.monotonic()
+    page = client.get(campaign.label_url())
+    assert page.status_code == 200 and left_shown(page) == 10  # counted from the database
+    shown = current_assignment(page)
+    response = client.post(f"{campaign.label_url()}{shown.pk}/judge/", {"choice": "a", "strength": "2", "ms": "900"},
+                           HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    assert current_assignment(response).pk != shown.pk
+    assert Judgment.objects.get().assignment_id == shown.pk
+    # Pairs added while Redis is down are stored; their push is dropped, not raised.
+    added = add_pairs(campaign, [PairInput("New question?", "yes", "no")])
+    assert added.created == 1 and Pair.objects.filter(campaign=campaign).count() == 11
+    actions._LEFT_IN_PROCESS.clear()
+    assert left_shown(client.get(campaign.label_url())) == 10  # 11 wanted, 1 judged
+    undo = client.post(f"{campaign.label_url()}undo/", HTTP_HX_REQUEST="true")
+    assert undo.status_code == 200 and not Judgment.objects.exists()
+    assert time.monotonic() - started < 10, "requests waited on the unreachable Redis"
