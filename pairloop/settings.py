@@ -61,6 +61,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "pairloop.middleware.DatabaseUnavailableMiddleware",  # innermost: sees the views' database errors
 ]
 
 ROOT_URLCONF = "pairloop.urls"
