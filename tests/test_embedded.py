@@ -28,14 +28,17 @@ def free_port() -> int:
 
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "PAIRLOOP_TEST_DATABASE_NAME"}}
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"DATABASE_URL", "REDIS_URL", "PAIRLOOP_TEST_DATABASE_NAME", "PAIRLOOP_EMBEDDED_CHILD"}}
     env.update(PAIRLOOP_DATA_DIR=str(data_dir), PAIRLOOP_DEMO_POLICY_PRESET="tiny")
     return env
 
 
-def manage(env, *args, timeout=600) -> str:
-    """manage.py with the embedded Redis up, as scripts/demo runs it."""
-    command = [sys.executable, "-m", "pairloop.embedded", "exec", "--", sys.executable, "manage.py", *args]
+def manage(env, *args, timeout=600, plain=False) -> str:
+    """manage.py with the embedded Redis up, as scripts/demo runs it (plain: as a user types it)."""
+    command = [sys.executable, "manage.py", *args]
+    if not plain:
+        command = [sys.executable, "-m", "pairloop.embedded", "exec", "--", *command]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -115,6 +118,24 @@ def test_it_serves_the_seeded_demo_for_labeling_with_no_outside_services(tmp_pat
                 break
             time.sleep(2)
         assert "pong" in ping.stdout, ping.stdout + ping.stderr
+
+        # Commands beside the running server join its Redis: the demo keeps serving and its worker answers.
+        for name, how in (("exec", False), ("plain", True)):
+            pairs = data_dir / f"{name}.jsonl"
+            pairs.write_text("".join(f'{{"prompt": "Beside the server, {name} {i}?", "response_a": "a{i}", '
+                                     f'"response_b": "b{i}"}}\n' for i in range(2)))
+            assert "Imported 2 pairs" in manage(env, "import_pairs", "demo", str(pairs), plain=how)
+        again = browser.get("/campaigns/demo/label/")
+        assert re.search(r'data-assignment="\d+"', again)
+        ping = subprocess.run([sys.executable, "-m", "celery", "-A", "pairloop", "inspect", "ping", "--timeout", "10"],
+                              cwd=ROOT, env={**env, "REDIS_URL": f"unix://{data_dir / 'redis.sock'}"},
+                              capture_output=True, text=True, timeout=120)
+        assert "pong" in ping.stdout, "the worker lost its broker after a command ran beside it"
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # With the server stopped, a plain command starts the embedded Redis for itself and stops it after.
+    more = data_dir / "later.jsonl"
+    more.write_text('{"prompt": "After the server?", "response_a": "x", "response_b": "y"}\n')
+    assert "Imported 1 pairs" in manage(env, "import_pairs", "demo", str(more), plain=True)
+    assert not (data_dir / "redis.sock").exists()
