@@ -139,7 +139,8 @@ class Assignment(models.Model):
     """A pair leased to one labeler, with the side each response was shown on."""
 
     pair = models.ForeignKey(Pair, on_delete=models.CASCADE, related_name="assignments")
-    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    # PROTECT: an assignment holds the side a judgment was shown on; a labeler is deactivated, never deleted.
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="assignments")
     a_on_left = models.BooleanField(help_text="True: response A was shown on the left as 'A'.")
     created_at = models.DateTimeField(default=timezone.now)
     shown_at = models.DateTimeField(default=timezone.now)
@@ -172,9 +173,13 @@ class Judgment(models.Model):
     HUMAN, SIMULATED, IMPORTED = "human", "simulated", "import"
     SOURCES = [(HUMAN, "human"), (SIMULATED, "simulated labeler"), (IMPORTED, "imported preference")]
 
-    pair = models.ForeignKey(Pair, on_delete=models.CASCADE, related_name="judgments")
-    assignment = models.OneToOneField(Assignment, null=True, blank=True, on_delete=models.CASCADE, related_name="judgment")
-    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="judgments")
+    # Judgments never disappear by a cascade: deleting a campaign, prompt, response, pair, assignment or
+    # user they hang on raises ProtectedError (the admin shows "cannot delete"); users are deactivated.
+    pair = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="judgments")
+    assignment = models.OneToOneField(Assignment, null=True, blank=True, on_delete=models.PROTECT,
+                                      related_name="judgment")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+                                related_name="judgments", help_text="Empty for imported preferences.")
     choice = models.CharField(max_length=8, choices=CHOICES, help_text="In terms of the pair's response_a / response_b.")
     strength = models.PositiveSmallIntegerField(null=True, blank=True, help_text="1 (slightly) .. 4 (far) better.")
     rationale = models.TextField(blank=True)

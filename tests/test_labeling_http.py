@@ -11,7 +11,7 @@ from django.test import Client
 from annotate import actions
 from annotate.actions import PairInput, add_pairs
 from annotate.models import Assignment, Judgment, Pair
-from tests.conftest import PASSWORD, make_campaign
+from tests.conftest import PASSWORD, make_campaign, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -214,10 +214,12 @@ def test_it_signs_out_a_labeler_deactivated_or_deleted_mid_session(labeler, camp
     labeler.is_active = False
     labeler.save()
     assert client.get(campaign.label_url())["Location"].startswith("/accounts/login/")
-    labeler.is_active = True
-    labeler.save()
-    client = client_for(labeler)
-    labeler.delete()
+    # A user who never labeled may be deleted (one who did is deactivated instead: tests/test_deletion.py).
+    newcomer = make_user("nina-newcomer")
+    campaign.members.add(newcomer)
+    client = client_for(newcomer)
+    assert client.get("/").status_code == 200
+    newcomer.delete()
     assert client.get(campaign.label_url())["Location"].startswith("/accounts/login/")
 
 
