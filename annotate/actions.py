@@ -420,6 +420,28 @@ def undo_last_judgment(campaign: Campaign, labeler, now=None) -> Judgment | None
 
 
 # ---------------------------------------------------------------------------------------------
+# Labelers leaving
+# ---------------------------------------------------------------------------------------------
+
+def deactivate_user(user, now=None) -> int:
+    """Take a user out of labeling instead of deleting them: their judgments stay and count.
+
+    They are signed out on their next request (annotate.auth loads only active users) and their live
+    leases end now, so those pairs go back to the queue at once. Returns the number of leases ended.
+    Deleting a user who has assignments or judgments is refused (PROTECT): this is the way out.
+    """
+    now = now or timezone.now()
+    model = type(user)
+    with transaction.atomic():
+        model._default_manager.filter(pk=user.pk, is_active=True).update(is_active=False)
+        user.is_active = False
+        released = Assignment.objects.filter(
+            labeler_id=user.pk, completed_at__isnull=True, skipped=False, expires_at__gt=now
+        ).update(expires_at=now)
+    return released
+
+
+# ---------------------------------------------------------------------------------------------
 # Adding pairs (import, demo seed, a round's new samples)
 # ---------------------------------------------------------------------------------------------
 

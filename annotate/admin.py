@@ -1,46 +1,162 @@
-from django.contrib import admin
+"""The Django admin for the labeling domain.
 
+Judgments never disappear through it: deleting what judgments hang on (a campaign, prompt, response, pair
+or user) is refused with their count, users are deactivated instead, and judgments and assignments are
+read-only here (their state changes go through annotate/actions.py).
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.contrib.auth import admin as auth_admin
+from django.contrib.auth import get_user_model
+from django.db.models import Count, Q
+
+from annotate.actions import deactivate_user
 from annotate.models import Assignment, Campaign, Judgment, Pair, Prompt, Response
+
+User = get_user_model()
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Lists and shows rows, never adds, changes or deletes them: their state changes go through actions."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class KeepsJudgmentsAdmin(admin.ModelAdmin):
+    """Refuses to delete rows that judgments hang on, saying how many, before Django collects every row."""
+
+    judgment_paths: tuple[str, ...] = ()  # lookups from Judgment to this model, e.g. "pair__campaign"
+
+    def judgments_on(self, obj):
+        """The judgments deleting this row would take with it (PROTECT refuses it)."""
+        if not self.judgment_paths:
+            return Judgment.objects.none()
+        query = Q()
+        for path in self.judgment_paths:
+            query |= Q(**{path: obj.pk})
+        return Judgment.objects.filter(query)
+
+    def refusal_hint(self) -> str:
+        return "Judgments are never deleted, so neither is anything they belong to."
+
+    def held_by(self, objs) -> list[str]:
+        """One line per row that may not be deleted, saying what holds it (empty: all may go)."""
+        held = []
+        for obj in objs:
+            n = self.judgments_on(obj).count()
+            if n:
+                held.append(f"{obj}: {n} judgment{'s' if n != 1 else ''}")
+        return held
+
+    def get_deleted_objects(self, objs, request):
+        held = self.held_by(objs)
+        if held:
+            # The admin shows these as protected objects under "Cannot delete", and deletes nothing.
+            self.message_user(request, self.refusal_hint(), messages.ERROR)
+            return [], {}, set(), held
+        return super().get_deleted_objects(objs, request)
 
 
 @admin.register(Campaign)
-class CampaignAdmin(admin.ModelAdmin):
+class CampaignAdmin(KeepsJudgmentsAdmin):
     list_display = ["name", "slug", "overlap", "is_active", "created_at"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["members"]
     search_fields = ["name", "slug"]
 
+    judgment_paths = ("pair__campaign",)
+
+    def refusal_hint(self):
+        return ("Judgments are never deleted, so neither is a campaign that has some: "
+                "untick “is active” instead.")
+
 
 @admin.register(Prompt)
-class PromptAdmin(admin.ModelAdmin):
+class PromptAdmin(KeepsJudgmentsAdmin):
     list_display = ["id", "campaign", "text", "created_at"]
     list_filter = ["campaign"]
     search_fields = ["text"]
+    judgment_paths = ("pair__prompt",)
 
 
 @admin.register(Response)
-class ResponseAdmin(admin.ModelAdmin):
+class ResponseAdmin(KeepsJudgmentsAdmin):
     list_display = ["id", "prompt", "source", "round", "created_at"]
     list_filter = ["source"]
     raw_id_fields = ["prompt", "round"]
     search_fields = ["text"]
+    judgment_paths = ("pair__response_a", "pair__response_b")
 
 
 @admin.register(Pair)
-class PairAdmin(admin.ModelAdmin):
+class PairAdmin(KeepsJudgmentsAdmin):
     list_display = ["id", "campaign", "prompt", "priority", "judgments_count", "is_open", "round"]
     list_filter = ["campaign", "is_open"]
     raw_id_fields = ["prompt", "response_a", "response_b", "round"]
+    readonly_fields = ["judgments_count"]  # kept by the actions, as its judgments come and go
+    judgment_paths = ("pair",)
 
 
 @admin.register(Assignment)
-class AssignmentAdmin(admin.ModelAdmin):
+class AssignmentAdmin(ReadOnlyAdmin):
     list_display = ["id", "pair", "labeler", "a_on_left", "expires_at", "completed_at", "skipped"]
-    raw_id_fields = ["pair", "labeler"]
+    list_select_related = ["pair__prompt", "labeler"]
 
 
 @admin.register(Judgment)
-class JudgmentAdmin(admin.ModelAdmin):
+class JudgmentAdmin(ReadOnlyAdmin):
     list_display = ["id", "pair", "labeler", "choice", "strength", "milliseconds", "source", "created_at"]
     list_filter = ["choice", "source"]
-    raw_id_fields = ["pair", "assignment", "labeler"]
+    list_select_related = ["pair__prompt", "labeler"]
+
+
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+
+
+@admin.register(User)
+class UserAdmin(auth_admin.UserAdmin, KeepsJudgmentsAdmin):
+    """Django's user admin, where a labeler who has judged is deactivated rather than deleted."""
+
+    actions = ["deactivate"]
+
+    def held_by(self, objs):
+        pks = [obj.pk for obj in objs]
+        judgments = dict(Judgment.objects.filter(labeler__in=pks).values_list("labeler")
+                         .annotate(n=Count("id")).order_by())
+        assignments = dict(Assignment.objects.filter(labeler__in=pks).values_list("labeler")
+                           .annotate(n=Count("id")).order_by())
+        return [f"{user}: {judgments.get(user.pk, 0)} judgments, {assignments.get(user.pk, 0)} assignments"
+                for user in objs if judgments.get(user.pk) or assignments.get(user.pk)]
+
+    def refusal_hint(self):
+        return ("Judgments are never deleted, so neither is a user who has labeled: deactivate them instead "
+                "(the “Deactivate” action on the user list). Their judgments stay and count.")
+
+    @admin.action(description="Deactivate selected users (sign them out; their judgments stay)",
+                  permissions=["change"])
+    def deactivate(self, request, queryset):
+        released = 0
+        users = list(queryset)
+        for user in users:
+            released += deactivate_user(user)
+        self.message_user(
+            request,
+            f"Deactivated {len(users)} user{'s' if len(users) != 1 else ''}; "
+            f"{released} pair lease{'s' if released != 1 else ''} went back to the queue.",
+            messages.SUCCESS,
+        )
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            deactivate_user(obj)  # unticking "active" ends their leases too

@@ -1,5 +1,9 @@
+"""The Django admin for rounds and jobs. A job's row is the record of truth of a run: read-only here, its
+state changes go through training/actions.py."""
+
 from django.contrib import admin
 
+from annotate.admin import ReadOnlyAdmin
 from training.models import Job, Round
 
 
@@ -7,6 +11,14 @@ class JobInline(admin.TabularInline):
     model = Job
     extra = 0
     fields = ["order", "kind", "status", "step", "total_steps", "checkpoint_path"]
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(Round)
@@ -16,6 +28,7 @@ class RoundAdmin(admin.ModelAdmin):
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(ReadOnlyAdmin):
     list_display = ["id", "round", "kind", "status", "step", "total_steps", "heartbeat_at"]
     list_filter = ["kind", "status"]
+    list_select_related = ["round__campaign"]
