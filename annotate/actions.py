@@ -376,10 +376,17 @@ def submit_judgment(
     return judgment, True
 
 
-def skip_assignment(*, assignment_id: int, labeler) -> Assignment:
-    """Give a pair back without judging it; this labeler will not be shown it again."""
+def skip_assignment(*, assignment_id: int, labeler, campaign: Campaign | None = None) -> Assignment:
+    """Give a pair back without judging it; this labeler will not be shown it again.
+
+    Raises Assignment.DoesNotExist for an assignment that is not this labeler's (or, when `campaign` is
+    given, not in that campaign), as submit_judgment does.
+    """
+    mine = Assignment.objects.filter(pk=assignment_id, labeler=labeler)
+    if campaign is not None:
+        mine = mine.filter(pair__campaign=campaign)
     with transaction.atomic():
-        assignment = Assignment.objects.select_for_update().get(pk=assignment_id, labeler=labeler)
+        assignment = mine.select_for_update(of=("self",)).get()
         if assignment.completed_at is None and not assignment.skipped:
             assignment.skipped = True
             assignment.save(update_fields=["skipped"])

@@ -112,7 +112,7 @@ def judge(request, slug, assignment_id):
 def skip(request, slug, assignment_id):
     campaign = campaign_for_labeler(request, slug)
     try:
-        actions.skip_assignment(assignment_id=assignment_id, labeler=request.user)
+        actions.skip_assignment(assignment_id=assignment_id, labeler=request.user, campaign=campaign)
     except Assignment.DoesNotExist:
         raise Http404("no such assignment") from None
     return _render_pair(request, campaign, note="Skipped.")

@@ -244,3 +244,12 @@ def test_it_shows_gold_items_to_every_labeler_and_reports_agreement(labeler, out
     page = client_for(reviewer).get(campaign.get_absolute_url()).content.decode()
     assert re.search(r"lena-labeler</td><td>human</td><td>1</td><td>1</td><td>1 / 1", page)
     assert re.search(r"otto-outsider</td><td>human</td><td>1</td><td>1</td><td>0 / 1", page)
+
+
+def test_it_refuses_a_skip_sent_through_another_campaign_s_page(labeler, campaign):
+    other = make_campaign(slug="kitchen", n_pairs=3, members=[labeler])
+    client = client_for(labeler)
+    mine = current_assignment(client.get(campaign.label_url()))
+    assert client.post(f"{other.label_url()}{mine.pk}/skip/", HTTP_HX_REQUEST="true").status_code == 404
+    assert not Assignment.objects.get(pk=mine.pk).skipped
+    assert current_assignment(client.get(campaign.label_url())).pk == mine.pk  # still theirs to judge
