@@ -393,21 +393,62 @@ def skip_assignment(*, assignment_id: int, labeler, campaign: Campaign | None = 
     return assignment
 
 
-def undo_last_judgment(campaign: Campaign, labeler, now=None) -> Judgment | None:
+def _undoable(campaign: Campaign, labeler, now):
+    """This labeler's human judgments in the campaign still inside the undo window, newest first."""
+    window = timedelta(seconds=settings.PAIRLOOP["UNDO_SECONDS"])
+    return (Judgment.objects.filter(labeler=labeler, pair__campaign=campaign, source=Judgment.HUMAN,
+                                    created_at__gte=now - window)
+            .order_by("-created_at", "-pk"))
+
+
+def last_undoable_judgment_id(campaign: Campaign, labeler, now=None) -> int | None:
+    """The judgment "Undo last" takes back right now (None when there is none): the page sends its id,
+    so undo takes back what the labeler saw as their last, and only that."""
+    seconds = settings.PAIRLOOP["UNDO_SECONDS"]
+    if not seconds:
+        return None
+    since = (now or timezone.now()) - timedelta(seconds=seconds)
+    with connection.cursor() as cursor:  # on every page shown: plain SQL, on the (labeler, created_at) index
+        cursor.execute(
+            f"""SELECT j.id FROM {Judgment._meta.db_table} j JOIN {Pair._meta.db_table} p ON p.id = j.pair_id
+                WHERE j.labeler_id = %s AND j.created_at >= %s AND j.source = %s AND p.campaign_id = %s
+                ORDER BY j.created_at DESC, j.id DESC LIMIT 1""",
+            [labeler.pk, connection.ops.adapt_datetimefield_value(since), Judgment.HUMAN, campaign.pk],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+class UndoRefused(ValueError):
+    """An undo that changes nothing, with the reason the labeler is told."""
+
+
+def undo_last_judgment(
+    campaign: Campaign, labeler, now=None, *, judgment_id: int | None = None
+) -> Judgment | None:
     """Take back this labeler's last judgment in the campaign if it is recent enough.
 
+    With `judgment_id` (what the labeling page sends: the last judgment when it was shown), only that
+    judgment is taken back, and only while it is still the labeler's last: a second undo sent with the
+    same id (a fast double `u`, two tabs) raises UndoRefused and changes nothing. Without it, whatever
+    is last now. Returns None when nothing is recent enough.
     The pair comes back to the labeler as a live lease, so the next page shows it again.
     """
     now = now or timezone.now()
-    window = timedelta(seconds=settings.PAIRLOOP["UNDO_SECONDS"])
     with transaction.atomic():
-        judgment = (
-            Judgment.objects.select_for_update(of=("self",))
-            .select_related("assignment", "pair")
-            .filter(labeler=labeler, pair__campaign=campaign, source=Judgment.HUMAN, created_at__gte=now - window)
-            .order_by("-created_at", "-pk")
-            .first()
-        )
+        undoable = _undoable(campaign, labeler, now).select_for_update(of=("self",))
+        undoable = undoable.select_related("assignment")
+        if judgment_id is None:
+            judgment = undoable.first()
+        else:
+            # Lock the named judgment: a concurrent undo of it waits here, then finds it gone.
+            judgment = undoable.filter(pk=judgment_id).first()
+            if judgment is None:
+                if Judgment.objects.filter(pk=judgment_id, labeler=labeler, pair__campaign=campaign).exists():
+                    return None  # still there: only too old to undo
+                raise UndoRefused("That judgment was undone already.")
+            if _undoable(campaign, labeler, now).values_list("pk", flat=True).first() != judgment.pk:
+                raise UndoRefused("Nothing undone: you have judged another pair since.")
         if judgment is None:
             return None
         pair = Pair.objects.select_for_update().get(pk=judgment.pair_id)

@@ -59,6 +59,8 @@ def _pair_context(request, campaign, claim: actions.Claim | None, error: str = "
         "judged_today": actions.judged_today(campaign, request.user),
         "left_in_campaign": actions.judgments_left(campaign),
         "choices": campaign.choices_offered(),
+        # What "Undo last" takes back: the labeler's last judgment as this page shows it.
+        "last_judgment_id": actions.last_undoable_judgment_id(campaign, request.user),
     }
 
 
@@ -122,9 +124,17 @@ def skip(request, slug, assignment_id):
 @require_POST
 def undo(request, slug):
     campaign = campaign_for_labeler(request, slug)
-    undone = actions.undo_last_judgment(campaign, request.user)
-    note = "Undone: judge it again." if undone else "Nothing to undo (only the last few minutes can be undone)."
-    return _render_pair(request, campaign, note=note)
+    judgment_id = _int_or_none(request.POST.get("judgment"))
+    if judgment_id is None:  # the page showed no judgment to undo
+        return _render_pair(request, campaign, note=NOTHING_TO_UNDO)
+    try:
+        undone = actions.undo_last_judgment(campaign, request.user, judgment_id=judgment_id)
+    except actions.UndoRefused as exc:
+        return _render_pair(request, campaign, note=str(exc))
+    return _render_pair(request, campaign, note="Undone: judge it again." if undone else NOTHING_TO_UNDO)
+
+
+NOTHING_TO_UNDO = "Nothing to undo (only the last few minutes can be undone)."
 
 
 @login_required

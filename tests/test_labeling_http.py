@@ -4,8 +4,10 @@ outsider can and cannot do, and what gets stored."""
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
+from django.db import connection
 from django.test import Client
 
 from annotate import actions
@@ -99,11 +101,24 @@ def test_it_skips_and_never_shows_the_skipped_pair_again(labeler):
     assert b"No pairs are waiting for you" in client.get(campaign.label_url()).content
 
 
+def undo_id(response) -> str:
+    """The judgment the page's "Undo last" button takes back ("" when none)."""
+    match = re.search(r"""hx-vals='\{"judgment": "(\d*)"\}'""", response.content.decode())
+    assert match, "no undo button on the page"
+    return match.group(1)
+
+
+def press_undo(client, campaign, judgment_id: str):
+    """What "Undo last" (or the key u) posts: the judgment id its page was rendered with."""
+    return client.post(f"{campaign.label_url()}undo/", {"judgment": judgment_id}, HTTP_HX_REQUEST="true")
+
+
 def test_it_undoes_the_last_judgment_and_shows_that_pair_again(labeler, campaign):
     client = client_for(labeler)
     first = current_assignment(client.get(campaign.label_url()))
-    client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "both_bad"}, HTTP_HX_REQUEST="true")
-    undone = client.post(f"{campaign.label_url()}undo/", HTTP_HX_REQUEST="true")
+    judged = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "both_bad"},
+                         HTTP_HX_REQUEST="true")
+    undone = press_undo(client, campaign, undo_id(judged))
     assert current_assignment(undone).pair_id == first.pair_id
     assert not Judgment.objects.exists()
     assert Pair.objects.get(pk=first.pair_id).judgments_count == 0
@@ -124,7 +139,7 @@ def test_its_progress_line_counts_judgments_undos_and_new_pairs(labeler):
     first = current_assignment(page)
     judged = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
     assert left_in_campaign(judged) == 19  # counted down at once, without a recount
-    undone = client.post(f"{campaign.label_url()}undo/", HTTP_HX_REQUEST="true")
+    undone = press_undo(client, campaign, undo_id(judged))
     assert left_in_campaign(undone) == 20
     add_pairs(campaign, [PairInput(f"More {i}?", f"Yes {i}", f"No {i}") for i in range(3)], notify=False)
     assert left_in_campaign(client.get(campaign.label_url())) == 26
@@ -253,3 +268,82 @@ def test_it_refuses_a_skip_sent_through_another_campaign_s_page(labeler, campaig
     assert client.post(f"{other.label_url()}{mine.pk}/skip/", HTTP_HX_REQUEST="true").status_code == 404
     assert not Assignment.objects.get(pk=mine.pk).skipped
     assert current_assignment(client.get(campaign.label_url())).pk == mine.pk  # still theirs to judge
+
+
+def judge_two(client, campaign):
+    """Judge two pairs through the page; returns the page after the second judgment and both pair ids."""
+    first = current_assignment(client.get(campaign.label_url()))
+    page = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    second = current_assignment(page)
+    page = client.post(f"{campaign.label_url()}{second.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    return page, first.pair_id, second.pair_id
+
+
+def test_it_undoes_one_judgment_for_a_fast_double_undo(labeler, campaign):
+    client = client_for(labeler)
+    page, first_pair, second_pair = judge_two(client, campaign)
+    last = undo_id(page)
+    assert last == str(Judgment.objects.get(pair_id=second_pair).pk)
+    # Two presses of u before the page changes both send the judgment the page showed as last.
+    undone = press_undo(client, campaign, last)
+    again = press_undo(client, campaign, last)
+    assert b"Undone: judge it again." in undone.content
+    assert b"undone already" in again.content
+    assert list(Judgment.objects.values_list("pair_id", flat=True)) == [first_pair]
+    assert Pair.objects.get(pk=first_pair).judgments_count == 1
+    assert current_assignment(again).pair_id == second_pair
+    # Pressing u again on the page that came back takes back the one before, as a labeler expects.
+    assert undo_id(again) == str(Judgment.objects.get(pair_id=first_pair).pk)
+    press_undo(client, campaign, undo_id(again))
+    assert not Judgment.objects.exists()
+
+
+def test_it_refuses_an_undo_from_a_page_older_than_the_last_judgment(labeler, campaign):
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    stale = client.post(f"{campaign.label_url()}{first.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    second = current_assignment(stale)
+    # Another tab judges a second pair; the first tab still shows the first judgment as last.
+    client.post(f"{campaign.label_url()}{second.pk}/judge/", {"choice": "tie"}, HTTP_HX_REQUEST="true")
+    refused = press_undo(client, campaign, undo_id(stale))
+    assert b"you have judged another pair since" in refused.content
+    assert Judgment.objects.count() == 2
+    assert set(Pair.objects.filter(pk__in=[first.pair_id, second.pair_id])
+               .values_list("judgments_count", flat=True)) == {1}
+
+
+def test_it_has_nothing_to_undo_on_a_page_showing_no_judgment(labeler, campaign):
+    client = client_for(labeler)
+    page = client.get(campaign.label_url())
+    assert undo_id(page) == ""
+    response = press_undo(client, campaign, "")
+    assert b"Nothing to undo" in response.content
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_it_undoes_one_judgment_for_two_undos_arriving_at_once(labeler, campaign):
+    if connection.vendor != "postgresql":
+        pytest.skip(f"needs PostgreSQL (real concurrency); DATABASE_URL is {connection.vendor}")
+    page, first_pair, second_pair = judge_two(client_for(labeler), campaign)
+    last = undo_id(page)
+    start = threading.Barrier(4)
+    notes: list[bytes] = []
+
+    def press_u():
+        try:
+            client = client_for(labeler)
+            start.wait()
+            notes.append(press_undo(client, campaign, last).content)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=press_u) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sum(b"Undone: judge it again." in note for note in notes) == 1
+    assert sum(b"undone already" in note for note in notes) == 3
+    assert list(Judgment.objects.values_list("pair_id", flat=True)) == [first_pair]
+    assert Pair.objects.get(pk=second_pair).judgments_count == 0
