@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count, F, Q
@@ -42,7 +43,8 @@ def home(request):
     })
 
 
-def _pair_context(request, campaign, claim: actions.Claim | None, error: str = "", note: str = ""):
+def _pair_context(request, campaign, claim: actions.Claim | None, error: str = "", note: str = "",
+                  last_judgment_id: int | None = None):
     assignment = claim.assignment if claim else None
     left = right = None
     if assignment is not None:
@@ -59,14 +61,14 @@ def _pair_context(request, campaign, claim: actions.Claim | None, error: str = "
         "judged_today": actions.judged_today(campaign, request.user),
         "left_in_campaign": actions.judgments_left(campaign),
         "choices": campaign.choices_offered(),
-        # What "Undo last" takes back: the labeler's last judgment as this page shows it.
-        "last_judgment_id": actions.last_undoable_judgment_id(campaign, request.user),
+        # What "Undo last" takes back: the labeler's last judgment as this page shows it (a submit knows it).
+        "last_judgment_id": last_judgment_id or actions.last_undoable_judgment_id(campaign, request.user),
     }
 
 
-def _render_pair(request, campaign, error: str = "", note: str = "", claim=None):
+def _render_pair(request, campaign, error: str = "", note: str = "", claim=None, last_judgment_id=None):
     claim = claim or actions.claim_next_pair(campaign, request.user)
-    context = _pair_context(request, campaign, claim, error=error, note=note)
+    context = _pair_context(request, campaign, claim, error=error, note=note, last_judgment_id=last_judgment_id)
     template = "annotate/label.html#pair" if request.htmx else "annotate/label.html"
     return render(request, template, context)
 
@@ -93,7 +95,7 @@ def judge(request, slug, assignment_id):
     campaign = campaign_for_labeler(request, slug)
     milliseconds = _int_or_none(request.POST.get("ms"))
     try:
-        _, created = actions.submit_judgment(
+        judgment, created = actions.submit_judgment(
             assignment_id=assignment_id,
             labeler=request.user,
             choice=request.POST.get("choice", ""),
@@ -106,7 +108,10 @@ def judge(request, slug, assignment_id):
         raise Http404("no such assignment") from None
     except actions.JudgmentError as exc:
         return _render_pair(request, campaign, error=str(exc))
-    return _render_pair(request, campaign, note="" if created else "Already recorded.")
+    if not created:
+        return _render_pair(request, campaign, note="Already recorded.")
+    undoable = judgment.source == Judgment.HUMAN and settings.PAIRLOOP["UNDO_SECONDS"] > 0
+    return _render_pair(request, campaign, last_judgment_id=judgment.pk if undoable else None)
 
 
 @login_required

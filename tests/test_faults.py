@@ -60,6 +60,7 @@ def test_it_keeps_labeling_and_importing_while_redis_is_unreachable(labeler, cam
     assert added.created == 1 and Pair.objects.filter(campaign=campaign).count() == 11
     actions._LEFT_IN_PROCESS.clear()
     assert left_shown(client.get(campaign.label_url())) == 10  # 11 wanted, 1 judged
-    undo = client.post(f"{campaign.label_url()}undo/", HTTP_HX_REQUEST="true")
+    undo = client.post(f"{campaign.label_url()}undo/", {"judgment": Judgment.objects.get().pk},
+                       HTTP_HX_REQUEST="true")
     assert undo.status_code == 200 and not Judgment.objects.exists()
     assert time.monotonic() - started < 10, "requests waited on the unreachable Redis"
