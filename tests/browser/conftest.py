@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -75,17 +76,9 @@ def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, time
     raise RuntimeError(f"the server did not answer {url} within {timeout:.0f}s:\n{log_path.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def app_server(django_db_setup, django_db_blocker):
-    """Base URL of daphne serving the app on a free loopback port, against the test database.
-
-    Session-scoped and torn down before the test database is dropped (it depends on
-    django_db_setup), so no server connection keeps the database open.
-    """
-    from django.db import connection
-
-    with django_db_blocker.unblock():
-        url_of_db = database_url(connection.settings_dict)
+@contextmanager
+def serve_app(url_of_db: str, **extra_env: str):
+    """daphne serving the app on a free loopback port against the given database; yields its base URL."""
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="pairloop-daphne-", suffix=".log", delete=False)
     log_path = Path(log_file.name)
@@ -98,6 +91,7 @@ def app_server(django_db_setup, django_db_blocker):
         # (WHITENOISE_USE_FINDERS), so no collectstatic is needed.
         "DEBUG": "0",
         "LOG_LEVEL": "WARNING",
+        **extra_env,
     })
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "pairloop.asgi:application"],
@@ -116,6 +110,21 @@ def app_server(django_db_setup, django_db_blocker):
             process.wait()
         log_file.close()
         log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def app_server(django_db_setup, django_db_blocker):
+    """Base URL of daphne serving the app on a free loopback port, against the test database.
+
+    Session-scoped and torn down before the test database is dropped (it depends on
+    django_db_setup), so no server connection keeps the database open.
+    """
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        url_of_db = database_url(connection.settings_dict)
+    with serve_app(url_of_db) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
