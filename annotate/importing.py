@@ -9,9 +9,9 @@ Row shapes (extra columns are ignored):
   chosen, rejected (chat turns only)  TRL's implicit-prompt conversational format: the turns both
                                      share are the prompt, the assistant turns after them the responses
 
-A prompt is text or chat turns [{"role", "content"}] (in CSV, chat turns come as a JSON string; so
-does a `responses` list). TRL's conversational chosen/rejected (a list of assistant turns) are
-flattened to their text.
+A prompt is text or chat turns [{"role", "content"}] with role system, user or assistant (in CSV, chat
+turns come as a JSON string; so does a `responses` list). TRL's conversational chosen/rejected (a list
+of assistant turns) are flattened to their text.
 
 A pair already in the campaign (in either order), repeated in the file, or whose two responses are the
 same text is skipped and counted, not an error.
@@ -42,6 +42,7 @@ from annotate.actions import PairInput, add_pairs
 MAX_ERRORS = 20
 BATCH_ROWS = 1024  # rows per Parquet / Arrow batch read
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CHAT_ROLES = ("system", "user", "assistant")  # the roles chat templates (and TRL's formats) know
 KNOWN_SUFFIXES = (*JSON_SUFFIXES, ".csv", ".parquet", ".pq")
 
 
@@ -471,8 +472,8 @@ def _turns(value: list, field: str) -> list[dict]:
                 raise _BadRow(field, f"turn {number} has no {key!r}")
             if not isinstance(turn[key], str):
                 raise _BadRow(field, f"turn {number}: {key!r} is {_kind(turn[key])}, not a string")
-        if not turn["role"].strip():
-            raise _BadRow(field, f"turn {number} has an empty role")
+        if turn["role"] not in CHAT_ROLES:
+            raise _BadRow(field, f"turn {number} has role {turn['role']!r}: use {', '.join(CHAT_ROLES)}")
         turns.append({"role": turn["role"], "content": turn["content"]})
     if not any(t["content"].strip() for t in turns):
         raise _BadRow(field, "every chat turn is empty")

@@ -240,6 +240,10 @@ def test_it_imports_nothing_when_one_row_is_bad_and_names_its_line_and_field(tmp
     ('{"prompt": "Q", "chosen": "x"}', "rejected", "missing"),
     ('{"prompt": [{"role": "user"}], "response_a": "x", "response_b": "y"}', "prompt", "no 'content'"),
     ('{"prompt": 12, "response_a": "x", "response_b": "y"}', "prompt", "text or chat turns"),
+    ('{"prompt": [{"role": "wizard", "content": "Hi"}], "response_a": "x", "response_b": "y"}', "prompt",
+     "turn 1 has role 'wizard': use system, user, assistant"),
+    ('{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "", "content": "x"}], '
+     '"rejected": "y"}', "chosen", "turn 1 has role ''"),
 ])
 def test_it_names_the_line_and_field_of_each_kind_of_bad_row(tmp_path, line, field, needle):
     campaign = make_campaign("kinds")
