@@ -16,6 +16,11 @@ of assistant turns) are flattened to their text.
 A pair already in the campaign (in either order), repeated in the file, or whose two responses are the
 same text is skipped and counted, not an error.
 
+Sizes are capped so that a hostile file is refused by its size, not by running out of memory: one line
+(or CSV record, or a whole JSON array file) at most MAX_LINE_BYTES; a JSONL or CSV file at most
+settings.PAIRLOOP["MAX_IMPORT_BYTES"] bytes once decompressed (a gzip bomb stops there); a `responses`
+list at most MAX_PAIRS_PER_ROW pairs unless `pairs_per_prompt` samples fewer.
+
 The whole file is read twice, streaming, so memory stays bounded however long it is: the first pass
 validates every row and collects errors (line and field); only a clean file gets the second pass,
 which feeds the rows to `actions.add_pairs` (one transaction; duplicates are skipped and counted).
@@ -26,20 +31,24 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import itertools
 import json
 import math
 import os
 import random
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
+
 from annotate.actions import PairInput, add_pairs
 
 MAX_ERRORS = 20
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one row's bytes: its parsed objects take a few times that in memory
+MAX_PAIRS_PER_ROW = 1000  # pairs one `responses` list may make (n responses: n(n-1)/2) without sampling
 BATCH_ROWS = 1024  # rows per Parquet / Arrow batch read
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CHAT_ROLES = ("system", "user", "assistant")  # the roles chat templates (and TRL's formats) know
@@ -107,7 +116,7 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
     path = Path(path)
     if pairs_per_prompt is not None and pairs_per_prompt < 1:
         raise ImportFailed([RowError(0, "pairs_per_prompt", f"must be at least 1, got {pairs_per_prompt}")])
-    reader = _reader_for(path)
+    reader = _reader_for(path, settings.PAIRLOOP["MAX_IMPORT_BYTES"])
 
     # Pass 1: validate every row, keep the first MAX_ERRORS problems and count the rest.
     errors: list[RowError] = []
@@ -118,7 +127,9 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
         else:
             rows += 1
             try:
-                _pairs_from_row(row, csv_text=reader.csv_text)
+                pairs = _pairs_from_row(row, csv_text=reader.csv_text)
+                if isinstance(pairs, _ResponseList):
+                    pairs.check_count(pairs_per_prompt)
                 continue
             except _BadRow as bad:
                 problem = RowError(line, bad.field, bad.reason)
@@ -187,7 +198,71 @@ class _Reader:
         raise NotImplementedError
 
 
-def _reader_for(path: Path) -> _Reader:
+class _TooBig(Exception):
+    """The file inflated past the import's byte cap."""
+
+
+class _TooLong(Exception):
+    """One line ran past MAX_LINE_BYTES."""
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.4g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class _CappedRaw(io.RawIOBase):
+    """A byte stream (a plain or a gzip file) that raises _TooBig once more than `cap` bytes came out."""
+
+    def __init__(self, inner, cap: int):
+        self.inner, self.cap, self.count = inner, cap, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.inner.readinto(buffer)
+        self.count += n
+        if self.count > self.cap:
+            raise _TooBig()
+        return n
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+class _TextFile(_Reader):
+    """JSONL or CSV, plain or gzip: read through the byte cap, line by line through the line cap."""
+
+    def __init__(self, path: Path, compressed: bool, max_bytes: int):
+        super().__init__(path)
+        self.compressed, self.max_bytes = compressed, max_bytes
+
+    def _open(self) -> io.BufferedReader:
+        inner = gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+        return io.BufferedReader(_CappedRaw(inner, self.max_bytes))
+
+    def _problem(self, exc: Exception) -> str:
+        """The reason for a read that stopped: too big, a broken gzip stream, or not text."""
+        if isinstance(exc, _TooBig):
+            gunzipped = " once decompressed" if self.compressed else ""
+            return (f"the file holds more than {_size(self.max_bytes)}{gunzipped} "
+                    "(PAIRLOOP_MAX_IMPORT_BYTES): nothing past here was read")
+        if isinstance(exc, _TooLong):
+            return f"longer than {_size(MAX_LINE_BYTES)}, the most one row may hold"
+        if isinstance(exc, UnicodeDecodeError):
+            return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        return f"cannot decompress the gzip file ({exc})"
+
+
+READ_ERRORS = (_TooBig, _TooLong, OSError, EOFError, zlib.error, UnicodeDecodeError)
+
+
+def _reader_for(path: Path, max_bytes: int) -> _Reader:
     if not path.exists():
         raise ImportFailed([RowError(0, "", f"{str(path)!r} does not exist")])
     if path.is_dir():
@@ -196,79 +271,86 @@ def _reader_for(path: Path) -> _Reader:
     compressed = name.endswith(".gz")
     suffix = Path(name[:-3]).suffix if compressed else path.suffix.lower()
     if suffix in JSON_SUFFIXES:
-        return _JsonlReader(path, compressed)
+        return _JsonlReader(path, compressed, max_bytes)
     if suffix == ".csv":
-        return _CsvReader(path, compressed)
+        return _CsvReader(path, compressed, max_bytes)
     if suffix in (".parquet", ".pq"):
         return _ParquetReader(path)
-    return _sniff(path, compressed)
+    return _sniff(path, compressed, max_bytes)
 
 
-def _sniff(path: Path, compressed: bool) -> _Reader:
+def _sniff(path: Path, compressed: bool, max_bytes: int) -> _Reader:
     """An unknown extension: tell the format from the first bytes."""
     opener = gzip.open if compressed else open
     try:
         with opener(path, "rb") as handle:
             head = handle.read(4096)
-    except OSError as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ImportFailed([RowError(0, "", f"cannot read the file: {exc}")]) from None
     if head.startswith(b"PAR1"):
         return _ParquetReader(path)
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith((b"{", b"[")):
-        return _JsonlReader(path, compressed)
+        return _JsonlReader(path, compressed, max_bytes)
     first_line = text.split(b"\n", 1)[0]
     if b"," in first_line and (b"prompt" in first_line or b"chosen" in first_line):
-        return _CsvReader(path, compressed)
+        return _CsvReader(path, compressed, max_bytes)
     reason = (f"unknown format {path.suffix or '(no extension)'!r}: use JSONL (.jsonl), CSV (.csv), "
               "Parquet (.parquet) or a datasets save_to_disk directory")
     raise ImportFailed([RowError(0, "", reason)])
 
 
-class _JsonlReader(_Reader):
+BOM = b"\xef\xbb\xbf"
+
+
+class _JsonlReader(_TextFile):
     """JSON lines, one object per line (blank lines skipped). A file that is one JSON array is read whole."""
 
-    def __init__(self, path: Path, compressed: bool = False):
-        super().__init__(path)
-        self.compressed = compressed
-
-    def _open(self):
-        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
-
     def rows(self):
-        with self._open() as handle:
-            start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        try:
+            with self._open() as handle:
+                start = handle.read(4096).lstrip(BOM + b" \t\r\n")
+        except READ_ERRORS as exc:
+            yield 0, RowError(0, "", self._problem(exc))
+            return
         if start.startswith(b"["):
             yield from self._array_rows()
             return
+        number = 0
         with self._open() as handle:
-            for number, raw in enumerate(handle, start=1):
-                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if not raw.strip():
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    yield number, RowError(number, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    yield number, RowError(number, "", f"invalid JSON: {exc.msg} (column {exc.colno})")
-                    continue
-                if not isinstance(row, dict):
-                    yield number, RowError(number, "", f"not a JSON object (got {_kind(row)})")
-                    continue
-                yield number, row
+            try:
+                while raw := handle.readline(MAX_LINE_BYTES + 1):
+                    number += 1
+                    if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                        yield number, RowError(number, "", self._problem(_TooLong()))
+                        while raw and not raw.endswith(b"\n"):  # skip the rest of it, a block at a time
+                            raw = handle.readline(1 << 20)
+                        continue
+                    if number == 1 and raw.startswith(BOM):
+                        raw = raw[3:]
+                    if raw.strip():
+                        yield number, _json_object(number, raw)
+            except READ_ERRORS as exc:
+                yield number + 1, RowError(number + 1, "", self._problem(exc))
 
     def _array_rows(self):
-        """A JSON array of objects (datasets' to_json(lines=False)); not streamed: rows are numbered 1.."""
+        """A JSON array of objects (datasets' to_json(lines=False)); not streamed, so at most MAX_LINE_BYTES;
+        rows are numbered 1.."""
         self.unit = "row"
         try:
             with self._open() as handle:
-                rows = json.loads(handle.read().decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                data = handle.read(MAX_LINE_BYTES + 1)
+        except READ_ERRORS as exc:
+            yield 0, RowError(0, "", self._problem(exc))
+            return
+        if len(data) > MAX_LINE_BYTES:
+            reason = (f"a JSON array is read whole, so it may hold at most {_size(MAX_LINE_BYTES)}: "
+                      "write JSON lines (one object per line) instead")
+            yield 0, RowError(0, "", reason)
+            return
+        try:
+            rows = json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             yield 0, RowError(0, "", f"invalid JSON: {exc}")
             return
         for number, row in enumerate(rows, start=1):
@@ -278,24 +360,43 @@ class _JsonlReader(_Reader):
                 yield number, row
 
 
-class _CsvReader(_Reader):
+def _json_object(number: int, raw: bytes) -> dict | RowError:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RowError(number, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RowError(number, "", f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return RowError(number, "", "invalid JSON: nested too deeply")
+    if not isinstance(row, dict):
+        return RowError(number, "", f"not a JSON object (got {_kind(row)})")
+    return row
+
+
+def _capped_lines(handle: io.TextIOBase) -> Iterator[str]:
+    """The handle's lines, raising _TooLong at one longer than MAX_LINE_BYTES (before reading all of it)."""
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        if len(line) > MAX_LINE_BYTES and not line.endswith(("\n", "\r")):
+            raise _TooLong()
+        yield line
+
+
+class _CsvReader(_TextFile):
     """CSV with a header line (line 1); records are numbered by the file line they start on."""
 
     csv_text = True
 
-    def __init__(self, path: Path, compressed: bool = False):
-        super().__init__(path)
-        self.compressed = compressed
-
     def rows(self):
-        csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))  # long responses: up to 64 MiB a cell
-        raw = gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
-        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle)
+        csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))  # long responses: one row's worth
+        with io.TextIOWrapper(self._open(), encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(_capped_lines(handle))
             try:
                 header = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as exc:
-                yield 1, RowError(1, "", f"cannot read the header: {exc}")
+            except (csv.Error, *READ_ERRORS) as exc:
+                yield 1, RowError(1, "", f"cannot read the header: {self._csv_problem(exc)}")
                 return
             if not header:
                 return
@@ -310,8 +411,8 @@ class _CsvReader(_Reader):
                     cells = next(reader)
                 except StopIteration:
                     return
-                except (csv.Error, UnicodeDecodeError) as exc:
-                    yield start, RowError(start, "", f"unreadable CSV: {exc}")
+                except (csv.Error, *READ_ERRORS) as exc:
+                    yield start, RowError(start, "", self._csv_problem(exc))
                     return  # the reader cannot resynchronise after a broken record
                 if not cells or all(not cell.strip() for cell in cells):
                     continue
@@ -320,6 +421,9 @@ class _CsvReader(_Reader):
                     yield start, RowError(start, "", reason)
                     continue
                 yield start, dict(zip(header, cells))  # fewer cells: the missing fields are missing
+
+    def _csv_problem(self, exc: Exception) -> str:
+        return f"unreadable CSV: {exc}" if isinstance(exc, csv.Error) else self._problem(exc)
 
 
 def _header_problem(columns: list[str]) -> str:
@@ -398,11 +502,38 @@ class _ResponseList:
     prompt: str | list[dict]
     responses: list[str]
 
+    def pair_count(self, pairs_per_prompt: int | None) -> int:
+        n = len(self.responses)
+        every = n * (n - 1) // 2
+        return every if pairs_per_prompt is None else min(every, pairs_per_prompt)
+
+    def check_count(self, pairs_per_prompt: int | None) -> None:
+        count = self.pair_count(pairs_per_prompt)
+        if count <= MAX_PAIRS_PER_ROW:
+            return
+        made = (f"{len(self.responses)} responses make {count} pairs" if pairs_per_prompt is None
+                else f"{pairs_per_prompt} pairs per prompt asked")
+        raise _BadRow("responses", f"{made}, more than the {MAX_PAIRS_PER_ROW} one row may add: sample at "
+                                   "most that many with pairs per prompt (--pairs-per-prompt)")
+
     def sample(self, pairs_per_prompt: int | None, rng: random.Random) -> list[PairInput]:
-        combos = list(itertools.combinations(range(len(self.responses)), 2))
-        if pairs_per_prompt is not None and pairs_per_prompt < len(combos):
-            combos = sorted(rng.sample(combos, pairs_per_prompt))
-        return [PairInput(self.prompt, self.responses[i], self.responses[j]) for i, j in combos]
+        """Every pair, or `pairs_per_prompt` of them drawn by rng (picked by index: no list of every pair)."""
+        every = len(self.responses) * (len(self.responses) - 1) // 2
+        chosen = range(every)
+        if pairs_per_prompt is not None and pairs_per_prompt < every:
+            chosen = sorted(rng.sample(chosen, pairs_per_prompt))
+        return [PairInput(self.prompt, self.responses[i], self.responses[j])
+                for i, j in _combinations_at(len(self.responses), chosen)]
+
+
+def _combinations_at(n: int, indices) -> Iterator[tuple[int, int]]:
+    """The pairs at the given sorted positions of itertools.combinations(range(n), 2), in one walk."""
+    i = first = 0  # first: the position of (i, i + 1)
+    for k in indices:
+        while k >= first + (n - 1 - i):
+            first += n - 1 - i
+            i += 1
+        yield i, i + 1 + (k - first)
 
 
 def _present(row: dict, key: str) -> bool:

@@ -181,6 +181,7 @@ PAIRLOOP = {
     "MIN_JUDGMENTS": env.int("PAIRLOOP_MIN_JUDGMENTS", 50, minimum=1),
     "HEARTBEAT_STALE_SECONDS": env.int("PAIRLOOP_HEARTBEAT_STALE_SECONDS", 45, minimum=5),
     "DEVICE": env.str("PAIRLOOP_DEVICE", "auto"),
+    "MAX_IMPORT_BYTES": env.int("PAIRLOOP_MAX_IMPORT_BYTES", 4 * 1024**3, minimum=1),
 }
 
 LOGGING = {

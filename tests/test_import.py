@@ -13,7 +13,15 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 
-from annotate.importing import MAX_ERRORS, ImportFailed, RowError, import_file, import_upload
+from annotate.importing import (
+    MAX_ERRORS,
+    MAX_LINE_BYTES,
+    MAX_PAIRS_PER_ROW,
+    ImportFailed,
+    RowError,
+    import_file,
+    import_upload,
+)
 from annotate.models import Judgment, Pair, Prompt
 from tests.conftest import make_campaign
 
@@ -312,6 +320,98 @@ def test_it_refuses_an_empty_file_a_missing_path_and_an_unknown_format(tmp_path)
                          (tmp_path / "notes.txt", "unknown format")):
         with pytest.raises(ImportFailed, match=needle):
             import_file(campaign, path)
+
+
+# --- size caps: refused by size, not by running out of memory ---------------------------------
+
+def giant_line(size: int) -> str:
+    return json.dumps({"prompt": "Q", "response_a": "x" * size, "response_b": "y"})
+
+
+def test_it_refuses_a_line_longer_than_the_cap_by_its_line_and_checks_the_rest(tmp_path):
+    campaign = make_campaign("long")
+    path = tmp_path / "long.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:  # 16 MiB of one line in a file of a few KiB
+        handle.write(f"{json.dumps(AB_ROWS[0])}\n{giant_line(MAX_LINE_BYTES)}\n")
+        handle.write('{"prompt": "Q", "response_a": "x"}\n')
+
+    with pytest.raises(ImportFailed) as failed:
+        import_file(campaign, path)
+
+    assert [(e.line, e.field) for e in failed.value.errors] == [(2, ""), (3, "response_b")]
+    assert "line 2: longer than 16 MiB, the most one row may hold" in str(failed.value)
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+def test_it_refuses_a_csv_record_and_a_json_array_longer_than_the_cap(tmp_path):
+    campaign = make_campaign("longcsv")
+    path = tmp_path / "long.csv.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("prompt,response_a,response_b\nQ,x,y\nQ2," + "x" * (MAX_LINE_BYTES + 1) + ",y\n")
+    with pytest.raises(ImportFailed, match="line 3: longer than 16 MiB"):
+        import_file(campaign, path)
+
+    array = tmp_path / "array.json.gz"
+    with gzip.open(array, "wt", encoding="utf-8") as handle:
+        handle.write(f"[{giant_line(MAX_LINE_BYTES)}]")
+    with pytest.raises(ImportFailed, match="a JSON array is read whole, so it may hold at most 16 MiB"):
+        import_file(campaign, array)
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+def test_it_stops_a_gzip_bomb_at_the_byte_cap(tmp_path, settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MAX_IMPORT_BYTES": 1024 * 1024}
+    campaign = make_campaign("bomb")
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wb") as handle:  # valid rows, then 64 MiB of blank lines in 64 KiB of gzip
+        handle.write(b"".join(json.dumps(row).encode() + b"\n" for row in AB_ROWS))
+        handle.write(b"\n" * (64 * 1024 * 1024))
+
+    with pytest.raises(ImportFailed) as failed:
+        import_file(campaign, path)
+
+    [error] = failed.value.errors
+    assert 1024 * 1024 - 8192 < error.line <= 1024 * 1024  # where the cap was reached
+    assert "holds more than 1 MiB once decompressed (PAIRLOOP_MAX_IMPORT_BYTES)" in error.reason
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+def test_it_names_a_broken_gzip_stream_instead_of_crashing(tmp_path):
+    campaign = make_campaign("broken")
+    whole = gzip.compress("".join(json.dumps(row) + "\n" for row in AB_ROWS * 50).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ImportFailed, match="cannot decompress the gzip file"):
+        import_file(campaign, path)
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+def test_it_caps_the_pairs_a_responses_list_makes_unless_sampled(tmp_path):
+    campaign = make_campaign("many")
+    n = 46  # 46 * 45 / 2 = 1035 pairs
+    assert n * (n - 1) // 2 > MAX_PAIRS_PER_ROW
+    rows = [AB_ROWS[0], {"prompt": "Say hi.", "responses": [f"hi {i}" for i in range(n)]}]
+    path = write_jsonl(tmp_path / "many.jsonl", rows)
+
+    with pytest.raises(ImportFailed) as failed:
+        import_file(campaign, path)
+    assert str(failed.value) == ("line 2, field 'responses': 46 responses make 1035 pairs, more than "
+                                 "the 1000 one row may add: sample at most that many with pairs per "
+                                 "prompt (--pairs-per-prompt)")
+    assert not Pair.objects.filter(campaign=campaign).exists()
+    with pytest.raises(ImportFailed, match="line 2, field 'responses': 1001 pairs per prompt asked"):
+        import_file(campaign, path, pairs_per_prompt=MAX_PAIRS_PER_ROW + 1)
+
+    assert import_file(campaign, path, pairs_per_prompt=10).created == 1 + 10
+
+
+def test_it_samples_from_a_long_responses_list_without_listing_every_pair(tmp_path):
+    campaign = make_campaign("huge")
+    responses = [f"answer {i}" for i in range(100_000)]  # 5 billion pairs: sampled by position
+    path = write_jsonl(tmp_path / "huge.jsonl", [{"prompt": "Count.", "responses": responses}])
+
+    assert import_file(campaign, path, pairs_per_prompt=5, seed=1).created == 5
+    assert all(a != b and a in responses and b in responses for _, a, b in pair_texts(campaign))
 
 
 # --- the upload form's helper and the management command ----------------------------------------
