@@ -23,7 +23,9 @@ list at most MAX_PAIRS_PER_ROW pairs unless `pairs_per_prompt` samples fewer.
 
 The whole file is read twice, streaming, so memory stays bounded however long it is: the first pass
 validates every row and collects errors (line and field); only a clean file gets the second pass,
-which feeds the rows to `actions.add_pairs` (one transaction; duplicates are skipped and counted).
+which feeds the rows to `actions.add_pairs` in transactions of COMMIT_PAIRS pairs, so that an import
+never holds SQLite's write lock for long and labelers keep judging meanwhile. A fault mid-way keeps the
+batches before it; importing the same file again adds the rest (duplicates are skipped and counted).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import math
 import os
 import random
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from annotate.actions import PairInput, add_pairs
 
 MAX_ERRORS = 20
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one row's bytes: its parsed objects take a few times that in memory
+COMMIT_PAIRS = 1000  # pairs written per transaction by the second pass
 MAX_PAIRS_PER_ROW = 1000  # pairs one `responses` list may make (n responses: n(n-1)/2) without sampling
 BATCH_ROWS = 1024  # rows per Parquet / Arrow batch read
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -100,6 +104,10 @@ class ImportResult:
     rows: int
 
 
+# progress(phase, rows done, rows in all): phase "checking" (rows in all not known yet: None) or "importing".
+Progress = Callable[[str, int, "int | None"], None]
+
+
 class _BadRow(Exception):
     def __init__(self, field: str, reason: str):
         self.field, self.reason = field, reason
@@ -110,9 +118,9 @@ class _BadRow(Exception):
 # ---------------------------------------------------------------------------------------------
 
 def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: int = 0,
-                priority: int = 0) -> ImportResult:
+                priority: int = 0, progress: Progress | None = None) -> ImportResult:
     """Validate the whole file, then add its pairs to the campaign; raises ImportFailed and adds nothing
-    when any row is bad."""
+    when any row is bad. `progress` is told how far each pass got, every few thousand rows."""
     path = Path(path)
     if pairs_per_prompt is not None and pairs_per_prompt < 1:
         raise ImportFailed([RowError(0, "pairs_per_prompt", f"must be at least 1, got {pairs_per_prompt}")])
@@ -126,6 +134,8 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
             problem = row
         else:
             rows += 1
+            if progress is not None and rows % BATCH_ROWS == 0:
+                progress("checking", rows, None)
             try:
                 pairs = _pairs_from_row(row, csv_text=reader.csv_text)
                 if isinstance(pairs, _ResponseList):
@@ -141,12 +151,15 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
     if errors:
         raise ImportFailed(errors, unit=reader.unit, total=total_errors)
 
-    # Pass 2: stream the (now known good) rows into add_pairs, which writes in batches in one transaction.
+    # Pass 2: stream the (now known good) rows into add_pairs, one transaction per COMMIT_PAIRS pairs.
     rng = random.Random(seed)
+    done = 0
 
     def items() -> Iterator[PairInput]:
+        nonlocal done
         for line, row in reader.rows():
-            if isinstance(row, RowError):  # the file changed between the passes: add_pairs rolls back
+            done += 1
+            if isinstance(row, RowError):  # the file changed between the passes
                 raise ImportFailed([row], unit=reader.unit)
             try:
                 pairs = _pairs_from_row(row, csv_text=reader.csv_text)
@@ -157,8 +170,22 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
             else:
                 yield pairs
 
-    added = add_pairs(campaign, items(), priority=priority)
-    return ImportResult(created=added.created, skipped=added.skipped, rows=rows)
+    created = skipped = 0
+    pending = items()
+    try:
+        while batch := list(itertools.islice(pending, COMMIT_PAIRS)):
+            added = add_pairs(campaign, batch, priority=priority)
+            created, skipped = created + added.created, skipped + added.skipped
+            if progress is not None:
+                progress("importing", done, rows)
+    except ImportFailed as failed:
+        if created or skipped:
+            reason = (f"the file changed after it was checked; {created} pairs from the rows before were "
+                      "added: import it again once it is settled (they are skipped then)")
+            failed.errors.append(RowError(0, "", reason))
+            failed.total += 1
+        raise
+    return ImportResult(created=created, skipped=skipped, rows=rows)
 
 
 def import_upload(campaign, uploaded_file, **kwargs) -> ImportResult:

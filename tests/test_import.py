@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
+from django.db import connections
 
 from annotate.importing import (
     MAX_ERRORS,
@@ -320,6 +322,36 @@ def test_it_refuses_an_empty_file_a_missing_path_and_an_unknown_format(tmp_path)
                          (tmp_path / "notes.txt", "unknown format")):
         with pytest.raises(ImportFailed, match=needle):
             import_file(campaign, path)
+
+
+# --- batches: labelers are not locked out while a long import writes -----------------------------
+
+@pytest.mark.django_db(transaction=True)
+def test_it_commits_in_batches_that_other_connections_see_while_it_runs(tmp_path):
+    campaign = make_campaign("batches")
+    rows = [{"prompt": f"Q{i}", "response_a": f"a{i}", "response_b": f"b{i}"} for i in range(2500)]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    reports, seen_elsewhere = [], []
+
+    def count_in_another_connection():
+        try:
+            seen_elsewhere.append(Pair.objects.filter(campaign=campaign).count())
+        finally:
+            connections.close_all()
+
+    def progress(phase, done, total):
+        reports.append((phase, done, total))
+        if phase == "importing":
+            other = threading.Thread(target=count_in_another_connection)
+            other.start()
+            other.join()
+
+    result = import_file(campaign, path, progress=progress)
+
+    assert result.created == 2500
+    assert seen_elsewhere == [1000, 2000, 2500]  # each batch was committed before the next was read
+    assert reports == [("checking", 1024, None), ("checking", 2048, None), ("importing", 1000, 2500),
+                       ("importing", 2000, 2500), ("importing", 2500, 2500)]
 
 
 # --- size caps: refused by size, not by running out of memory ---------------------------------
