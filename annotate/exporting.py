@@ -13,6 +13,10 @@ TRL's preference columns (https://huggingface.co/docs/trl/dataset_formats, "pref
 Files: JSONL, Parquet, or a `datasets.Dataset.save_to_disk` directory ("hf"), written to a temporary
 name beside the target and renamed, streaming rows from the database in chunks (bounded memory).
 Rows come in judgment order, so the same judgments give byte-identical files.
+
+An existing target is replaced only when it is an earlier export of ours (a JSONL or Parquet file, or a
+datasets directory, whose columns are BT_SCHEMA's or RAW_SCHEMA's) of the same kind, file or directory;
+anything else (a backups folder given as OUT) is refused unless `force`.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ RAW_SCHEMA = pa.schema([
 
 
 class ExportError(ValueError):
-    """An export that cannot be written as asked (unknown format)."""
+    """An export that cannot be written as asked (unknown format, a target that is not an earlier export)."""
 
 
 @dataclass
@@ -125,15 +129,20 @@ def raw_rows(campaign, *, include_simulated: bool = True) -> Iterator[dict]:
 
 
 def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False,
-                 include_simulated: bool = True) -> ExportResult:
+                 include_simulated: bool = True, force: bool = False) -> ExportResult:
     """Write the campaign's pairs (or, with raw, every judgment) to out_path; returns rows written.
 
     jsonl and parquet write one file, hf a save_to_disk directory; the target appears whole or not at all.
     An empty export still carries its schema in Parquet and hf; an empty JSONL file is empty.
+    Raises ExportError, writing nothing, when out_path holds something that is not an earlier export of
+    the same kind, unless `force`.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     out = Path(out_path)
+    refusal = "" if force else _refusal(out, format)
+    if refusal:
+        raise ExportError(refusal)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = (raw_rows(campaign, include_simulated=include_simulated) if raw
             else bt_rows(campaign, include_simulated=include_simulated))
@@ -153,6 +162,45 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
         elif temp.exists():
             temp.unlink()
     return ExportResult(rows=count, path=str(out))
+
+
+def _refusal(out: Path, format: str) -> str:
+    """Why replacing `out` could destroy something that is not an earlier export ("" when it cannot)."""
+    if not out.exists():
+        return ""
+    if format == "hf" and not out.is_dir():
+        return (f"refusing to replace the file {out} with an hf export directory: choose another path, "
+                "or pass --force to replace the file")
+    if format != "hf" and out.is_dir():
+        return (f"refusing to replace the directory {out} with a {format} file: choose a file path, "
+                "or pass --force to delete the directory and everything in it")
+    if _columns(out) in (BT_SCHEMA.names, RAW_SCHEMA.names, []):
+        return ""
+    kind = "directory" if out.is_dir() else "file"
+    ours = "datasets directory" if out.is_dir() else "JSONL or Parquet file"
+    return (f"refusing to replace the {kind} {out}: it is not an earlier pairloop export (a {ours} of "
+            "pairs or judgments); choose another path, or pass --force to replace it")
+
+
+def _columns(path: Path) -> list[str] | None:
+    """The column names of an export-like file or datasets directory: [] for an empty file, None unknown."""
+    try:
+        if path.is_dir():
+            info = json.loads((path / "dataset_info.json").read_text(encoding="utf-8"))
+            return list(info["features"]) if (path / "state.json").is_file() else None
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            if not head:
+                return []  # an empty JSONL export: nothing to lose
+            if head == b"PAR1":
+                import pyarrow.parquet as pq
+
+                return pq.read_schema(path).names
+            handle.seek(0)
+            first = json.loads(handle.readline(16 * 1024 * 1024))
+            return list(first) if isinstance(first, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return None
 
 
 def _write_jsonl(rows: Iterator[dict], path: Path) -> int:

@@ -148,6 +148,62 @@ def test_it_replaces_an_earlier_export_whole(judged, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["round"]
 
 
+def test_it_replaces_earlier_jsonl_and_parquet_exports_without_being_told(judged, tmp_path):
+    campaign, _ = judged
+    for fmt, name in (("jsonl", "p.jsonl"), ("parquet", "p.parquet")):
+        for raw in (True, False):  # an earlier raw export is ours too
+            earlier = make_campaign(f"earlier-{fmt}-{raw}", n_pairs=1)
+            export_pairs(earlier, tmp_path / name, format=fmt, raw=raw)
+            export_pairs(campaign, tmp_path / name, format=fmt)
+    assert pq.read_table(tmp_path / "p.parquet").num_rows == 4
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_command_refuses_to_replace_a_directory_that_is_not_an_export(judged, tmp_path):
+    campaign, _ = judged
+    backups = tmp_path / "backups"
+    (backups / "2024").mkdir(parents=True)
+    (backups / "2024" / "db.dump").write_bytes(b"precious")
+    for args in (["--format", "hf"], ["--format", "jsonl"], ["--format", "parquet", "--raw"]):
+        with pytest.raises(CommandError) as refused:
+            call_command("export_pairs", campaign.slug, str(backups), *args)
+        assert "nothing was exported: refusing to replace the directory" in str(refused.value)
+        assert "--force" in str(refused.value)
+        assert (backups / "2024" / "db.dump").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups"]  # no temporary left beside it
+
+    call_command("export_pairs", campaign.slug, str(backups), "--format", "hf", "--force")
+    assert not (backups / "2024").exists() and len(datasets_load(backups)) == 4
+
+
+def test_the_command_refuses_to_replace_a_file_that_is_not_an_export(judged, tmp_path):
+    import pyarrow as pa
+
+    campaign, _ = judged
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"todo": "call the bank"}\n')
+    table = tmp_path / "sales.parquet"
+    pq.write_table(pa.table({"month": ["may"], "sales": [3]}), table)
+    earlier = tmp_path / "pairs.jsonl"
+    export_pairs(campaign, earlier)
+    cases = ((notes, ["--format", "jsonl"], "the file"), (table, ["--format", "parquet"], "the file"),
+             (earlier, ["--format", "hf"], "the file"))
+    for path, args, what in cases:
+        before = path.read_bytes()
+        with pytest.raises(CommandError, match=f"refusing to replace {what} {path}"):
+            call_command("export_pairs", campaign.slug, str(path), *args)
+        assert path.read_bytes() == before
+
+    call_command("export_pairs", campaign.slug, str(notes), "--force")
+    assert len(notes.read_text().splitlines()) == 4
+
+
+def datasets_load(path: Path):
+    import datasets
+
+    return datasets.load_from_disk(str(path))
+
+
 def test_an_export_imports_back_with_the_same_preferences(judged, tmp_path):
     campaign, _ = judged
     export_pairs(campaign, tmp_path / "pairs.parquet", format="parquet")

@@ -1,10 +1,10 @@
-"""manage.py export_pairs CAMPAIGN_SLUG OUT --format jsonl|parquet|hf [--raw] [--no-simulated]."""
+"""manage.py export_pairs CAMPAIGN OUT --format jsonl|parquet|hf [--raw] [--no-simulated] [--force]."""
 
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from annotate.exporting import FORMATS, export_pairs
+from annotate.exporting import FORMATS, ExportError, export_pairs
 from annotate.models import Campaign
 
 
@@ -22,13 +22,19 @@ class Command(BaseCommand):
                                  "labeler")
         parser.add_argument("--no-simulated", action="store_true",
                             help="leave out simulated labelers' judgments")
+        parser.add_argument("--force", action="store_true",
+                            help="replace OUT even when it is not an earlier export of the same kind "
+                                 "(default: refuse, e.g. a backups directory)")
 
     def handle(self, *args, **options):
         try:
             campaign = Campaign.objects.get(slug=options["campaign"])
         except Campaign.DoesNotExist:
             raise CommandError(f"no campaign with slug {options['campaign']!r}") from None
-        result = export_pairs(campaign, options["out"], format=options["format"], raw=options["raw"],
-                              include_simulated=not options["no_simulated"])
+        try:
+            result = export_pairs(campaign, options["out"], format=options["format"], raw=options["raw"],
+                                  include_simulated=not options["no_simulated"], force=options["force"])
+        except ExportError as exc:
+            raise CommandError(f"nothing was exported: {exc}") from None
         kind = "judgments" if options["raw"] else "pairs"
         self.stdout.write(f"Wrote {result.rows} {kind} to {result.path}")
