@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 
@@ -203,12 +204,29 @@ def _columns(path: Path) -> list[str] | None:
         return None
 
 
-def _write_jsonl(rows: Iterator[dict], path: Path) -> int:
+def export_to_file(campaign, handle: BinaryIO, *, format: str = "jsonl", raw: bool = False,
+                   include_simulated: bool = True) -> int:
+    """Write the export as one JSONL or Parquet stream into an open binary file (a download); returns rows."""
+    if format not in ("jsonl", "parquet"):
+        raise ExportError(f"a {format!r} export is not one file: use jsonl or parquet")
+    rows = (raw_rows(campaign, include_simulated=include_simulated) if raw
+            else bt_rows(campaign, include_simulated=include_simulated))
+    if format == "jsonl":
+        return _jsonl_into(rows, handle)
+    return _parquet_into(rows, RAW_SCHEMA if raw else BT_SCHEMA, handle)
+
+
+def _jsonl_into(rows: Iterator[dict], handle: BinaryIO) -> int:
     count = 0
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
+    for row in rows:
+        handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        count += 1
+    return count
+
+
+def _write_jsonl(rows: Iterator[dict], path: Path) -> int:
+    with open(path, "wb") as handle:
+        count = _jsonl_into(rows, handle)
         handle.flush()
         os.fsync(handle.fileno())
     return count
@@ -226,10 +244,15 @@ def _batches(rows: Iterator[dict], schema: pa.Schema) -> Iterator[pa.RecordBatch
 
 
 def _write_parquet(rows: Iterator[dict], schema: pa.Schema, path: Path) -> int:
+    with open(path, "wb") as handle:
+        return _parquet_into(rows, schema, handle)
+
+
+def _parquet_into(rows: Iterator[dict], schema: pa.Schema, handle: BinaryIO) -> int:
     import pyarrow.parquet as pq
 
     count = 0
-    with pq.ParquetWriter(path, schema) as writer:
+    with pq.ParquetWriter(handle, schema) as writer:
         for batch in _batches(rows, schema):
             writer.write_batch(batch)
             count += batch.num_rows

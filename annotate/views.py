@@ -7,8 +7,8 @@ fragment, which htmx swaps in.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -186,20 +186,41 @@ def campaign_detail(request, slug):
 EXPORT_FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
 
 
+class TempFileDownload(FileResponse):
+    """A download of an open temporary file, closed (and so deleted) with the response.
+
+    Under ASGI, Django's FileResponse reads a plain file whole into memory first; this one reads it a
+    block at a time there too."""
+
+    def __init__(self, handle, **kwargs):
+        self.handle = handle  # file_to_stream is unset when streaming_content is replaced (the test client)
+        super().__init__(handle, **kwargs)
+
+    async def __aiter__(self):
+        read = sync_to_async(self.handle.read, thread_sensitive=False)
+        while chunk := await read(self.block_size):
+            yield chunk
+
+
 @login_required
 @require_GET
 def export(request, slug):
     campaign = campaign_for_reviewer(request, slug)
-    from annotate.exporting import export_pairs
+    from annotate.exporting import export_to_file  # pyarrow: loaded by the first export, not every worker
 
     fmt = request.GET.get("format", "jsonl")
     if fmt not in EXPORT_FORMATS:
         return HttpResponseBadRequest("format must be jsonl or parquet")
     raw = request.GET.get("raw") == "1"
-    tmp = Path(tempfile.mkdtemp(prefix="pairloop-export-"))
     name = f"{campaign.slug}-{'judgments' if raw else 'pairs'}{EXPORT_FORMATS[fmt]}"
-    result = export_pairs(campaign, tmp / name, format=fmt, raw=raw)
-    return FileResponse(open(result.path, "rb"), as_attachment=True, filename=name)
+    handle = tempfile.TemporaryFile(prefix="pairloop-export-")  # unnamed: its space returns when it closes
+    try:
+        export_to_file(campaign, handle, format=fmt, raw=raw)
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return TempFileDownload(handle, as_attachment=True, filename=name)
 
 
 @login_required

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import math
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from django.core.management import CommandError, call_command
+from django.test import Client
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
 from annotate.exporting import BT_SCHEMA, RAW_SCHEMA, bt_rows, export_pairs, raw_rows
@@ -229,6 +236,67 @@ def test_the_command_writes_each_format_and_says_how_many_rows(judged, tmp_path,
         call_command("export_pairs", "nope", str(tmp_path / "x.jsonl"))
     with pytest.raises(CommandError):
         call_command("export_pairs", campaign.slug, str(tmp_path / "x.csv"), "--format", "csv")
+
+
+# --- the download button -------------------------------------------------------------------------
+
+def files_held_open_under(folder: Path) -> list[str]:
+    """Files this process still holds open inside folder (deleted ones included)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            held.append(target)
+    return held
+
+
+def download(client, campaign, **params):
+    response = client.get(f"/campaigns/{campaign.slug}/export/", params)
+    assert response.status_code == 200 and response.streaming
+    body = b"".join(response.streaming_content)  # at its end the test client closes the response
+    return response, body
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads open files from /proc")
+def test_web_exports_leave_no_temporary_files_behind(judged, reviewer, tmp_path, monkeypatch):
+    campaign, expected = judged
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    client = Client()
+    client.force_login(reviewer)
+
+    for _ in range(5):
+        response, body = download(client, campaign, format="jsonl")
+        assert response["Content-Disposition"] == 'attachment; filename="exp-pairs.jsonl"'
+        assert as_tuples(json.loads(line) for line in body.decode().splitlines()) == rounded(expected)
+        response, body = download(client, campaign, format="parquet", raw="1")
+        assert response["Content-Disposition"] == 'attachment; filename="exp-judgments.parquet"'
+        assert pq.read_table(io.BytesIO(body)).num_rows == 6
+
+    assert list(scratch.iterdir()) == []
+    assert files_held_open_under(scratch) == []  # closed, so their space is back
+
+
+def test_a_web_export_streams_block_by_block_under_asgi(judged, reviewer):
+    campaign, _ = judged
+    client = Client()
+    client.force_login(reviewer)
+    _, whole = download(client, campaign, format="jsonl", raw="1")
+    response = client.get(f"/campaigns/{campaign.slug}/export/", {"format": "jsonl", "raw": "1"})
+    response.block_size = 256
+
+    async def consume():
+        return [chunk async for chunk in response]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Django warns when it must read a whole file into memory first
+        chunks = asyncio.run(consume())
+    assert list(response.streaming_content) == []  # read to its end: the test client closes it
+    assert len(chunks) == -(-len(whole) // 256) and b"".join(chunks) == whole
 
 
 @pytest.mark.slow
