@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
-from django.db import connections
+from django.db import connection, connections
 
 from annotate.importing import (
     MAX_ERRORS,
@@ -352,6 +352,14 @@ def test_it_commits_in_batches_that_other_connections_see_while_it_runs(tmp_path
     assert seen_elsewhere == [1000, 2000, 2500]  # each batch was committed before the next was read
     assert reports == [("checking", 1024, None), ("checking", 2048, None), ("importing", 1000, 2500),
                        ("importing", 2000, 2500), ("importing", 2500, 2500)]
+
+
+def test_sqlite_connections_use_write_ahead_logging_so_reads_do_not_wait_for_an_import():
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite only: PostgreSQL readers never wait for writers")
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode")
+        assert cursor.fetchone()[0] == "wal"
 
 
 # --- size caps: refused by size, not by running out of memory ---------------------------------
