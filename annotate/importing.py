@@ -35,10 +35,10 @@ import gzip
 import io
 import itertools
 import json
+import logging
 import math
-import os
 import random
-import tempfile
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,8 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
 
 from annotate.actions import PairInput, add_pairs
+from annotate.models import ImportJob
+
+log = logging.getLogger(__name__)
 
 MAX_ERRORS = 20
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one row's bytes: its parsed objects take a few times that in memory
@@ -154,6 +159,8 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
     # Pass 2: stream the (now known good) rows into add_pairs, one transaction per COMMIT_PAIRS pairs.
     rng = random.Random(seed)
     done = 0
+    if progress is not None:
+        progress("importing", 0, rows)
 
     def items() -> Iterator[PairInput]:
         nonlocal done
@@ -188,17 +195,72 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
     return ImportResult(created=created, skipped=skipped, rows=rows)
 
 
-def import_upload(campaign, uploaded_file, **kwargs) -> ImportResult:
-    """Spool a Django UploadedFile to a temporary file with its suffix (.jsonl, .csv, ...) and import it."""
-    suffix = _upload_suffix(getattr(uploaded_file, "name", "") or "")
-    handle = tempfile.NamedTemporaryFile(prefix="pairloop-import-", suffix=suffix, delete=False)
+def start_import_job(campaign, user, upload, *, pairs_per_prompt: int | None = None, seed: int = 0,
+                     priority: int = 0) -> ImportJob:
+    """Keep a Django UploadedFile in the data directory and queue its import (sent to a worker on commit).
+
+    The file keeps its suffix (.jsonl, .csv.gz, ...); without a known one its format is told from its content.
+    """
+    from annotate.tasks import import_job
+
+    folder = uploads_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}{_upload_suffix(upload.name or '')}"
     try:
-        with handle:
-            for chunk in uploaded_file.chunks():
+        with open(path, "wb") as handle:
+            for chunk in upload.chunks():
                 handle.write(chunk)
-        return import_file(campaign, handle.name, **kwargs)
-    finally:
-        os.unlink(handle.name)
+        with transaction.atomic():
+            job = ImportJob.objects.create(
+                campaign=campaign, uploaded_by=user, file_name=(upload.name or "")[:255], file_path=str(path),
+                file_size=path.stat().st_size,
+                options={"pairs_per_prompt": pairs_per_prompt, "seed": seed, "priority": priority})
+            import_job.delay_on_commit(job.pk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return job
+
+
+def run_import_job(job_id: int) -> ImportJob | None:
+    """The task's body: import a queued job's file, writing progress and the result or the errors to its row.
+
+    Only a queued job is taken (a conditional update), so a message delivered twice imports once. The upload
+    is deleted when the job ends."""
+    now = timezone.now()
+    if not ImportJob.objects.filter(pk=job_id, status=ImportJob.QUEUED).update(status=ImportJob.CHECKING,
+                                                                                started_at=now):
+        return ImportJob.objects.filter(pk=job_id).first()  # gone, finished, or taken by another worker
+    job = ImportJob.objects.select_related("campaign").get(pk=job_id)
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        job.status = ImportJob.CHECKING if phase == "checking" else ImportJob.IMPORTING
+        job.rows_done, job.rows_total = done, total
+        job.save(update_fields=["status", "rows_done", "rows_total"])
+
+    options = job.options
+    fields = ["status", "rows_done", "rows_total", "pairs_created", "pairs_skipped", "errors", "finished_at"]
+    try:
+        result = import_file(job.campaign, job.file_path, pairs_per_prompt=options.get("pairs_per_prompt"),
+                             seed=options.get("seed") or 0, priority=options.get("priority") or 0,
+                             progress=progress)
+    except ImportFailed as failed:
+        job.status, job.errors = ImportJob.FAILED, failed.lines()
+    except Exception as exc:  # noqa: BLE001 - the row is the record: the page shows why it stopped
+        log.exception("import job %s stopped", job.pk)
+        job.status, job.errors = ImportJob.FAILED, [f"the import stopped: {type(exc).__name__}: {exc}"]
+    else:
+        job.status, job.rows_done, job.rows_total = ImportJob.SUCCEEDED, result.rows, result.rows
+        job.pairs_created, job.pairs_skipped = result.created, result.skipped
+    Path(job.file_path).unlink(missing_ok=True)
+    job.finished_at = timezone.now()
+    job.save(update_fields=fields)
+    return job
+
+
+def uploads_dir() -> Path:
+    """Where web uploads wait for their import job: in the data directory, which default workers share."""
+    return Path(settings.DATA_DIR) / "uploads"
 
 
 def _upload_suffix(name: str) -> str:
@@ -730,4 +792,5 @@ def _kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-__all__ = ["ImportFailed", "ImportResult", "RowError", "import_file", "import_upload", "MAX_ERRORS"]
+__all__ = ["ImportFailed", "ImportResult", "RowError", "import_file", "start_import_job", "run_import_job",
+           "MAX_ERRORS"]

@@ -213,3 +213,53 @@ class Judgment(models.Model):
         if self.choice == self.B:
             return self.pair.response_b, self.pair.response_a
         return None
+
+
+class ImportJob(models.Model):
+    """A file uploaded on a campaign's import page, imported by a Celery task on the default queue."""
+
+    QUEUED, CHECKING, IMPORTING, SUCCEEDED, FAILED = "queued", "checking", "importing", "succeeded", "failed"
+    STATUSES = [(QUEUED, "queued"), (CHECKING, "checking the file"), (IMPORTING, "importing"),
+                (SUCCEEDED, "imported"), (FAILED, "failed")]
+    FINISHED = (SUCCEEDED, FAILED)
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="import_jobs")
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                    on_delete=models.SET_NULL, related_name="+")
+    file_name = models.CharField(max_length=255, help_text="The file's name as the browser sent it.")
+    file_path = models.CharField(max_length=500,
+                                 help_text="The upload, kept in the data directory until imported.")
+    file_size = models.BigIntegerField(default=0)
+    options = models.JSONField(default=dict, blank=True,
+                               help_text="import_file's pairs_per_prompt, seed and priority, from the form.")
+    status = models.CharField(max_length=10, choices=STATUSES, default=QUEUED)
+    rows_done = models.PositiveIntegerField(default=0, help_text="Rows checked, then rows imported.")
+    rows_total = models.PositiveIntegerField(null=True, blank=True,
+                                             help_text="Rows in the file, once checked.")
+    pairs_created = models.PositiveIntegerField(default=0)
+    pairs_skipped = models.PositiveIntegerField(default=0, help_text="Duplicates of pairs already there.")
+    errors = models.JSONField(default=list, blank=True,
+                              help_text="Why it failed, one line each, naming the line and field.")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"import of {self.file_name} into {self.campaign}"
+
+    def get_absolute_url(self):
+        return reverse("import_job", args=[self.campaign.slug, self.pk])
+
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    def progress_fraction(self) -> float | None:
+        """Share of rows imported; None while the file is still being checked (its length unknown)."""
+        if self.status == self.SUCCEEDED:
+            return 1.0
+        if self.status != self.IMPORTING or not self.rows_total:
+            return None
+        return min(1.0, self.rows_done / self.rows_total)

@@ -10,13 +10,15 @@ import tempfile
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.db.models import Count, F, Q
-from django.http import FileResponse, Http404, HttpResponseBadRequest
-from django.shortcuts import redirect, render
+from django.http import FileResponse, Http404, HttpResponseBadRequest, QueryDict
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
-from django.views.decorators.http import require_GET, require_POST
+from django.utils.datastructures import MultiValueDict
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from annotate import actions
 from annotate.access import (
@@ -27,7 +29,7 @@ from annotate.access import (
     is_admin,
     is_reviewer,
 )
-from annotate.models import Assignment, Judgment, Pair
+from annotate.models import Assignment, ImportJob, Judgment, Pair
 
 
 @login_required
@@ -223,26 +225,95 @@ def export(request, slug):
     return TempFileDownload(handle, as_attachment=True, filename=name)
 
 
+class CappedUpload(FileUploadHandler):
+    """Refuses an upload over the cap before it is stored: at once by its Content-Length, else as it grows."""
+
+    FORM_SLACK = 64 * 1024  # the form's other fields and the multipart headers around the file
+
+    def __init__(self, request, cap: int):
+        super().__init__(request)
+        self.cap, self.received, self.refused = cap, 0, False
+
+    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
+        if content_length > self.cap + self.FORM_SLACK:
+            self.refused = True
+            return QueryDict(encoding=encoding), MultiValueDict()  # parsed as empty: the body is never read
+        return None
+
+    def receive_data_chunk(self, raw_data, start):
+        self.received += len(raw_data)
+        if self.received > self.cap:
+            self.refused = True
+            raise StopUpload(connection_reset=False)
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
+
+
+def _size(n: int) -> str:
+    if n >= 1024**3:
+        return f"{n / 1024**3:.4g} GiB"
+    return f"{n / 1024**2:.4g} MiB" if n >= 1024**2 else f"{n} bytes"
+
+
+def _whole_number(value: str, what: str, minimum: int | None = None) -> int | None:
+    """A form field's whole number (None when empty); raises ValueError with a message naming the field."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a whole number, not {value!r}.") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{what} must be at least {minimum}.")
+    return number
+
+
+@csrf_exempt  # the upload cap must be in place before the body is read; CSRF is checked just below
 @login_required
+@require_http_methods(["GET", "POST"])
 def import_pairs_view(request, slug):
     campaign = campaign_for_admin(request, slug)
-    from annotate.importing import ImportFailed, import_upload
+    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
+    request.upload_handlers.insert(0, capped)
+    return _import_page(request, campaign, capped)
 
+
+@csrf_protect
+def _import_page(request, campaign, capped: CappedUpload):
+    from annotate.importing import start_import_job
+
+    error, status = "", 200
     if request.method == "POST":
         upload = request.FILES.get("file")
-        if upload is None:
-            messages.error(request, "Choose a file to import.")
+        if capped.refused:
+            error, status = (f"The file is larger than the upload limit of {_size(capped.cap)} "
+                             "(PAIRLOOP_MAX_UPLOAD_BYTES): nothing was stored. Import it on the server with "
+                             "manage.py import_pairs, or ask for a higher limit."), 413
+        elif upload is None:
+            error, status = "Choose a file to import.", 400
         else:
             try:
-                result = import_upload(
-                    campaign,
-                    upload,
-                    pairs_per_prompt=_int_or_none(request.POST.get("pairs_per_prompt")),
-                    priority=_int_or_none(request.POST.get("priority")) or 0,
-                )
-            except ImportFailed as exc:
-                messages.error(request, f"Nothing was imported. {exc}")
+                pairs_per_prompt = _whole_number(request.POST.get("pairs_per_prompt"), "Pairs per prompt", 1)
+                priority = _whole_number(request.POST.get("priority"), "Priority") or 0
+            except ValueError as exc:
+                error, status = str(exc), 400
             else:
-                messages.success(request, f"Imported {result.created} pairs; skipped {result.skipped} duplicates.")
-        return redirect("campaign_detail", slug=campaign.slug)
-    return render(request, "annotate/import.html", {"campaign": campaign})
+                job = start_import_job(campaign, request.user, upload, pairs_per_prompt=pairs_per_prompt,
+                                       priority=priority)
+                return redirect(job)
+    jobs = ImportJob.objects.filter(campaign=campaign)[:10]
+    return render(request, "annotate/import.html", {
+        "campaign": campaign, "error": error, "jobs": jobs, "max_upload": _size(capped.cap),
+    }, status=status)
+
+
+@login_required
+@require_GET
+def import_job(request, slug, job_id):
+    campaign = campaign_for_admin(request, slug)
+    job = get_object_or_404(ImportJob, pk=job_id, campaign=campaign)
+    template = "annotate/import_job.html#status" if request.htmx else "annotate/import_job.html"
+    return render(request, template, {"campaign": campaign, "job": job})

@@ -184,6 +184,7 @@ PAIRLOOP = {
     "HEARTBEAT_STALE_SECONDS": env.int("PAIRLOOP_HEARTBEAT_STALE_SECONDS", 45, minimum=5),
     "DEVICE": env.str("PAIRLOOP_DEVICE", "auto"),
     "MAX_IMPORT_BYTES": env.int("PAIRLOOP_MAX_IMPORT_BYTES", 4 * 1024**3, minimum=1),
+    "MAX_UPLOAD_BYTES": env.int("PAIRLOOP_MAX_UPLOAD_BYTES", 256 * 1024**2, minimum=1),
 }
 
 LOGGING = {

@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.db import connection, connections
 
@@ -22,7 +21,6 @@ from annotate.importing import (
     ImportFailed,
     RowError,
     import_file,
-    import_upload,
 )
 from annotate.models import Judgment, Pair, Prompt
 from tests.conftest import make_campaign
@@ -349,9 +347,9 @@ def test_it_commits_in_batches_that_other_connections_see_while_it_runs(tmp_path
     result = import_file(campaign, path, progress=progress)
 
     assert result.created == 2500
-    assert seen_elsewhere == [1000, 2000, 2500]  # each batch was committed before the next was read
-    assert reports == [("checking", 1024, None), ("checking", 2048, None), ("importing", 1000, 2500),
-                       ("importing", 2000, 2500), ("importing", 2500, 2500)]
+    assert seen_elsewhere == [0, 1000, 2000, 2500]  # each batch was committed before the next was read
+    assert reports == [("checking", 1024, None), ("checking", 2048, None), ("importing", 0, 2500),
+                       ("importing", 1000, 2500), ("importing", 2000, 2500), ("importing", 2500, 2500)]
 
 
 def test_sqlite_connections_use_write_ahead_logging_so_reads_do_not_wait_for_an_import():
@@ -454,18 +452,7 @@ def test_it_samples_from_a_long_responses_list_without_listing_every_pair(tmp_pa
     assert all(a != b and a in responses and b in responses for _, a, b in pair_texts(campaign))
 
 
-# --- the upload form's helper and the management command ----------------------------------------
-
-def test_it_imports_an_upload_by_its_name_or_its_content(tmp_path):
-    campaign = make_campaign("upload")
-    csv_bytes = write_csv(tmp_path / "u.csv", AB_ROWS[:2]).read_bytes()
-    assert import_upload(campaign, SimpleUploadedFile("pairs.csv", csv_bytes)).created == 2
-    parquet_bytes = write_parquet(tmp_path / "u.parquet", AB_ROWS[2:]).read_bytes()
-    assert import_upload(campaign, SimpleUploadedFile("export (1)", parquet_bytes)).created == 3
-    jsonl_bytes = write_jsonl(tmp_path / "u.jsonl", AB_ROWS).read_bytes()
-    result = import_upload(campaign, SimpleUploadedFile("pairs.download", jsonl_bytes))
-    assert (result.created, result.skipped) == (0, 5)
-
+# --- the management command ----------------------------------------
 
 def test_the_command_prints_imported_and_skipped(tmp_path, capsys):
     campaign = make_campaign("cmd")

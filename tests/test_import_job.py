@@ -1,0 +1,191 @@
+"""Importing from the web: the upload is kept in the data directory and imported by a Celery task on the
+default queue; its page shows the progress, then the result or the errors (line and field)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+
+from annotate.importing import run_import_job, uploads_dir
+from annotate.models import ImportJob, Pair
+from tests.conftest import make_campaign
+from tests.worker import Worker
+
+pytestmark = pytest.mark.django_db
+
+ROWS = [{"prompt": f"What is {i} + {i}?", "response_a": f"It is {2 * i}.", "response_b": f"Maybe {i}."}
+        for i in range(5)]
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def client_for(user, **kwargs) -> Client:
+    client = Client(**kwargs)
+    client.force_login(user)
+    return client
+
+
+def upload(client, campaign, name: str, content: bytes, **fields):
+    file = SimpleUploadedFile(name, content)
+    return client.post(f"/campaigns/{campaign.slug}/import/", {"file": file, **fields})
+
+
+def uploads() -> set[str]:
+    return {p.name for p in uploads_dir().iterdir()} if uploads_dir().is_dir() else set()
+
+
+def test_it_queues_an_upload_then_shows_its_result(admin_user, django_capture_on_commit_callbacks):
+    campaign = make_campaign("web")
+    client = client_for(admin_user)
+
+    with django_capture_on_commit_callbacks() as enqueued:
+        response = upload(client, campaign, "pairs.jsonl", jsonl(ROWS + ROWS[:1]), priority="3")
+
+    job = ImportJob.objects.get(campaign=campaign)
+    assert response.status_code == 302 and response["Location"] == job.get_absolute_url()
+    assert len(enqueued) == 1  # the task is sent once the job's row is committed
+    assert (job.status, job.file_name, job.uploaded_by, job.options["priority"]) == ("queued", "pairs.jsonl",
+                                                                                      admin_user, 3)
+    assert Path(job.file_path).parent == uploads_dir()
+    assert Path(job.file_path).read_bytes() == jsonl(ROWS + ROWS[:1])
+    assert not Pair.objects.filter(campaign=campaign).exists()  # nothing happens inside the request
+    page = client.get(job.get_absolute_url())
+    assert b"Waiting for a worker" in page.content and b'hx-trigger="every 1s"' in page.content
+
+    run_import_job(job.pk)  # what the worker runs
+
+    job.refresh_from_db()
+    assert (job.status, job.pairs_created, job.pairs_skipped, job.rows_total) == ("succeeded", 5, 1, 6)
+    assert not Path(job.file_path).exists()  # the upload is not kept once imported
+    assert set(Pair.objects.filter(campaign=campaign).values_list("priority", flat=True)) == {3}
+    card = client.get(job.get_absolute_url(), headers={"HX-Request": "true"})
+    body = card.content.decode()
+    assert body.lstrip().startswith('<article class="card import-job" id="import-job"')  # the card alone
+    assert "Imported 5 pairs from 6 rows; skipped 1 duplicate." in body
+    assert "hx-trigger" not in body  # finished: the card stops polling
+    listing = client.get(f"/campaigns/{campaign.slug}/import/")
+    assert b"pairs.jsonl" in listing.content and b"imported" in listing.content
+
+
+def test_it_shows_the_line_and_field_of_a_bad_upload_and_imports_nothing(admin_user):
+    campaign = make_campaign("webbad")
+    client = client_for(admin_user)
+    rows = [dict(row) for row in ROWS]
+    rows[1]["response_b"] = "<b>x</b>"
+    rows[3]["prompt"] = [{"role": "wizard", "content": "Hi"}]
+    del rows[4]["response_a"]
+    upload(client, campaign, "bad.jsonl.gz", gzip.compress(jsonl(rows)))
+    job = ImportJob.objects.get(campaign=campaign)
+
+    run_import_job(job.pk)
+
+    job.refresh_from_db()
+    assert job.status == "failed" and not Pair.objects.filter(campaign=campaign).exists()
+    assert job.errors == ["line 4, field 'prompt': turn 1 has role 'wizard': use system, user, assistant",
+                          "line 5, field 'response_a': missing"]
+    body = client.get(job.get_absolute_url()).content.decode()
+    assert "Nothing was imported." in body
+    assert "line 4, field &#x27;prompt&#x27;: turn 1 has role &#x27;wizard&#x27;" in body
+    assert not Path(job.file_path).exists()
+
+
+def test_it_tells_the_format_from_the_content_when_the_name_does_not(admin_user, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    campaign = make_campaign("sniff")
+    client = client_for(admin_user)
+    pq.write_table(pa.Table.from_pylist(ROWS[:3]), tmp_path / "p.parquet")
+    upload(client, campaign, "export (1)", (tmp_path / "p.parquet").read_bytes())
+    upload(client, campaign, "pairs.download", jsonl(ROWS))
+    for job in ImportJob.objects.filter(campaign=campaign).order_by("pk"):
+        run_import_job(job.pk)
+    jobs = ImportJob.objects.filter(campaign=campaign).order_by("pk")
+    assert [(j.status, j.pairs_created, j.pairs_skipped) for j in jobs] == [("succeeded", 3, 0),
+                                                                            ("succeeded", 2, 3)]
+
+
+def test_a_job_delivered_twice_imports_once(admin_user):
+    campaign = make_campaign("twice")
+    upload(client_for(admin_user), campaign, "pairs.jsonl", jsonl(ROWS))
+    job = ImportJob.objects.get(campaign=campaign)
+    run_import_job(job.pk)
+    finished_at = ImportJob.objects.get(pk=job.pk).finished_at
+
+    again = run_import_job(job.pk)
+
+    assert (again.status, again.pairs_created, again.finished_at) == ("succeeded", 5, finished_at)
+    assert run_import_job(job.pk + 1000) is None  # a job that no longer exists: nothing to do
+
+
+@pytest.mark.parametrize("size", [5_000, 200_000])  # under and over the form's slack around the cap
+def test_it_refuses_an_upload_over_the_cap_before_storing_it(admin_user, settings, size):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MAX_UPLOAD_BYTES": 4096}
+    campaign = make_campaign("big")
+    before = uploads()
+
+    response = upload(client_for(admin_user), campaign, "big.jsonl", b"\n" * size)
+
+    assert response.status_code == 413
+    assert b"larger than the upload limit of 4096 bytes (PAIRLOOP_MAX_UPLOAD_BYTES)" in response.content
+    assert not ImportJob.objects.exists() and uploads() == before
+
+
+def test_it_refuses_a_bad_form_without_queueing_anything(admin_user):
+    campaign = make_campaign("form")
+    client = client_for(admin_user)
+    refusals = (({"pairs_per_prompt": "0"}, b"Pairs per prompt must be at least 1."),
+                ({"priority": "high"}, b"Priority must be a whole number, not &#x27;high&#x27;."))
+    for fields, message in refusals:
+        response = upload(client, campaign, "pairs.jsonl", jsonl(ROWS), **fields)
+        assert response.status_code == 400 and message in response.content
+    response = client.post(f"/campaigns/{campaign.slug}/import/", {})
+    assert response.status_code == 400 and b"Choose a file to import." in response.content
+    assert not ImportJob.objects.exists()
+
+
+def test_it_checks_csrf_and_access(admin_user, labeler, reviewer, outsider):
+    campaign = make_campaign("guard", members=[labeler])
+    forged = upload(client_for(admin_user, enforce_csrf_checks=True), campaign, "pairs.jsonl", jsonl(ROWS))
+    assert forged.status_code == 403 and not ImportJob.objects.exists()
+
+    upload(client_for(admin_user), campaign, "pairs.jsonl", jsonl(ROWS))
+    job = ImportJob.objects.get()
+    for user in (labeler, reviewer, outsider):
+        client = client_for(user)
+        assert client.get(job.get_absolute_url()).status_code == 404
+        assert upload(client, campaign, "pairs.jsonl", jsonl(ROWS)).status_code == 404
+    other = make_campaign("other")
+    assert client_for(admin_user).get(f"/campaigns/{other.slug}/import/{job.pk}/").status_code == 404
+    assert ImportJob.objects.count() == 1
+
+
+@pytest.mark.worker
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_real_worker_imports_uploads_and_reports_errors(admin_user):
+    campaign = make_campaign("worker")
+    client = client_for(admin_user)
+    with Worker(queues="default", purge=True) as worker:
+        upload(client, campaign, "good.jsonl", jsonl(ROWS))
+        upload(client, campaign, "bad.jsonl", jsonl([{"prompt": "Q", "responses": ["one"]}]))
+        deadline = time.monotonic() + 90
+        while ImportJob.objects.exclude(status__in=ImportJob.FINISHED).exists():
+            assert time.monotonic() < deadline, worker.log()[-4000:]
+            time.sleep(0.25)
+
+    good, bad = ImportJob.objects.filter(campaign=campaign).order_by("pk")
+    assert (good.status, good.pairs_created, good.rows_total) == ("succeeded", 5, 5)
+    assert bad.status == "failed"
+    assert bad.errors == ["line 1, field 'responses': needs at least 2 different responses, got 1"]
+    assert Pair.objects.filter(campaign=campaign).count() == 5
+    assert b"Imported 5 pairs from 5 rows" in client.get(good.get_absolute_url()).content
+    assert not Path(good.file_path).exists() and not Path(bad.file_path).exists()
