@@ -7,6 +7,7 @@ Every variable is documented in README.md (tests/test_settings.py checks that).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -19,21 +20,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 DATA_DIR = Path(env.str("PAIRLOOP_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 DEBUG = env.bool("DEBUG", False)
-_secret = env.str("SECRET_KEY", "")
-if not _secret:
-    if not DEBUG and env.bool("PAIRLOOP_REQUIRE_SECRET_KEY", False):
-        raise ImproperlyConfigured("SECRET_KEY is not set (PAIRLOOP_REQUIRE_SECRET_KEY is on)")
-    # The embedded default keeps a generated key in the data directory, so sessions survive restarts.
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    key_file = DATA_DIR / "secret_key"
-    if not key_file.exists():
-        import secrets
-
-        key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
-    _secret = key_file.read_text().strip()
-SECRET_KEY = _secret
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+LOCAL_HOSTS = ["localhost", "127.0.0.1", "[::1]", "testserver"]
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", LOCAL_HOSTS)
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
@@ -107,7 +95,43 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Redis: Celery broker, Channels layer and cache. Unset: the embedded server's socket.
 EMBEDDED_REDIS_SOCKET = DATA_DIR / "redis.sock"
 REDIS_URL = env.str("REDIS_URL", f"unix://{EMBEDDED_REDIS_SOCKET}")
-EMBEDDED = "REDIS_URL" not in env.environ
+# The embedded default: SQLite and the embedded Redis (REDIS_URL unset, or the launcher's socket that
+# `python -m pairloop.embedded` hands its children).
+EMBEDDED = (DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+            and REDIS_URL == f"unix://{EMBEDDED_REDIS_SOCKET}")
+
+
+def _secret_key_file(path: Path) -> str:
+    """The key kept in the data directory, created once with its final permissions (0600)."""
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written under a unique name, then linked into place: a process starting at the same time
+        # reads either no file or the whole key, never a half-written one or one with wider permissions.
+        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temp.unlink(missing_ok=True)  # left by a dead process that had this pid
+        fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(50))
+            os.link(temp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            temp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+# A server that answers a real host name outside the embedded default may be one of several web
+# processes on several machines: they must share one key, or each one's cookies are void on the next.
+SECRET_KEY = env.str("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not EMBEDDED and not set(ALLOWED_HOSTS) <= set(LOCAL_HOSTS):
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set: outside the embedded default every web process must share one key "
+            "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(50))')")
+    SECRET_KEY = _secret_key_file(DATA_DIR / "secret_key")
 _broker_url, _redis_address = redis_url_parts(REDIS_URL)
 
 # Socket timeouts, so an unreachable Redis costs a labeler seconds, not a hung request: the labeling
