@@ -8,6 +8,7 @@ Every variable is documented in README.md (tests/test_settings.py checks that).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -35,6 +36,7 @@ INSTALLED_APPS = [
     "channels",
     "django_htmx",
     "template_partials",
+    "axes",
     "annotate",
     "training",
 ]
@@ -49,6 +51,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # django-axes asks to be last; after the response it only looks for its lockout flag (no query), so
+    # it may sit before the database-unavailable middleware, which must be innermost to see views' errors.
+    "axes.middleware.AxesMiddleware",
     "pairloop.middleware.DatabaseUnavailableMiddleware",  # innermost: sees the views' database errors
 ]
 
@@ -162,11 +167,23 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # Sessions in signed cookies: the labeling path loads no session row (DESIGN.md: lean request path).
 SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
-AUTHENTICATION_BACKENDS = ["annotate.auth.PairloopModelBackend"]
+# Axes first: it refuses a locked-out login before any password is hashed. Requests that are not
+# logins only meet PairloopModelBackend.get_user.
+AUTHENTICATION_BACKENDS = ["annotate.auth.PairloopAxesBackend", "annotate.auth.PairloopModelBackend"]
 SESSION_COOKIE_HTTPONLY = True
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+# Login throttling (django-axes) on /accounts/login/ and /admin/login/: one username from one address
+# is locked out for a while after too many failures, so guessing is slow and a labeler's mistyping
+# never locks out the colleagues behind the same office address.
+AXES_FAILURE_LIMIT = env.int("PAIRLOOP_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("PAIRLOOP_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False  # no start-up banner in every command's output; failures are still logged
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

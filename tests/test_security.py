@@ -4,6 +4,7 @@ login throttling, who sees tracebacks, password-reset pages only with email, and
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -11,9 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
+from tests.conftest import PASSWORD, make_user
 
 ROOT = Path(__file__).resolve().parent.parent
+LOGIN_URLS = ["/accounts/login/", "/admin/login/"]
 
 
 def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -52,3 +58,56 @@ def test_it_writes_the_embedded_key_file_readable_by_its_owner_only(tmp_path):
     assert manage(env, "check").returncode == 0
     assert key_file.read_text() == key  # kept: sessions survive restarts
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("secret_key")] == ["secret_key"]
+
+
+def login(client: Client, url: str, username: str, password: str):
+    return client.post(url, {"username": username, "password": password})
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", LOGIN_URLS)
+def test_it_throttles_password_guessing_on_both_login_pages(url, settings, admin_user):
+    settings.AXES_FAILURE_LIMIT = 3
+    other = make_user("olga-other-admin", is_staff=True, is_superuser=True)
+    guesser = Client()
+    for _ in range(2):
+        response = login(guesser, url, admin_user.username, "wrong-guess")
+        assert response.status_code == 200  # the form again, with its error
+    locked = login(guesser, url, admin_user.username, "wrong-guess")
+    assert locked.status_code == 429
+    assert "Too many failed logins" in locked.content.decode()
+    # Locked out: even the right password is refused, and no session is given.
+    right = login(guesser, url, admin_user.username, PASSWORD)
+    assert right.status_code == 429 and "sessionid" not in right.cookies
+    assert guesser.get("/admin/").status_code == 302
+    # Someone else at the same address still logs in.
+    colleague = Client()
+    response = login(colleague, url, other.username, PASSWORD)
+    assert response.status_code == 302
+    assert colleague.get("/admin/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_it_forgets_failures_after_a_successful_login(settings, labeler):
+    settings.AXES_FAILURE_LIMIT = 3
+    client = Client()
+    for _ in range(2):
+        login(client, "/accounts/login/", labeler.username, "typo")
+    assert login(client, "/accounts/login/", labeler.username, PASSWORD).status_code == 302
+    client.post("/accounts/logout/")
+    for _ in range(2):
+        login(client, "/accounts/login/", labeler.username, "typo")
+    assert login(client, "/accounts/login/", labeler.username, PASSWORD).status_code == 302
+
+
+@pytest.mark.django_db
+def test_it_keeps_login_throttling_off_the_labeling_path(labeler, campaign):
+    client = Client()
+    assert login(client, "/accounts/login/", labeler.username, PASSWORD).status_code == 302
+    page = client.get(campaign.label_url())
+    assignment = re.search(r'data-assignment="(\d+)"', page.content.decode()).group(1)
+    with CaptureQueriesContext(connection) as queries:
+        response = client.post(f"{campaign.label_url()}{assignment}/judge/", {"choice": "a", "ms": "900"},
+                               HTTP_HX_REQUEST="true")
+    assert response.status_code == 200 and "data-assignment" in response.content.decode()
+    assert not [q["sql"] for q in queries if "axes_" in q["sql"]]
