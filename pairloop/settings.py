@@ -183,7 +183,21 @@ AXES_COOLOFF_TIME = timedelta(minutes=env.int("PAIRLOOP_LOGIN_COOLOFF_MINUTES", 
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_CLIENT_IP_CALLABLE = "annotate.auth.client_ip"
 AXES_VERBOSE = False  # no start-up banner in every command's output; failures are still logged
+
+# HTTPS (production): PAIRLOOP_HTTPS=1 makes cookies secure, sends HSTS and redirects http:// to
+# https://; `manage.py check --deploy` with DEBUG=0 is clean with it. Behind a reverse proxy that
+# terminates TLS, PAIRLOOP_BEHIND_PROXY=1 trusts its X-Forwarded-Proto and X-Forwarded-For headers.
+HTTPS = env.bool("PAIRLOOP_HTTPS", False)
+BEHIND_PROXY = env.bool("PAIRLOOP_BEHIND_PROXY", False)
+if BEHIND_PROXY:
+    # Only safe when the proxy sets this header itself on every request (Django's docs).
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", HTTPS)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -38,6 +38,13 @@ def production_env(tmp_path, **extra) -> dict[str, str]:
     return env
 
 
+def test_it_reports_nothing_for_check_deploy_with_production_settings(tmp_path):
+    result = manage(production_env(tmp_path), "check", "--deploy", "--fail-level", "WARNING")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+    assert "WARNING" not in result.stdout + result.stderr
+
+
 def test_it_refuses_to_serve_a_host_name_without_a_secret_key(tmp_path):
     env = production_env(tmp_path)
     del env["SECRET_KEY"]
@@ -98,6 +105,18 @@ def test_it_forgets_failures_after_a_successful_login(settings, labeler):
     for _ in range(2):
         login(client, "/accounts/login/", labeler.username, "typo")
     assert login(client, "/accounts/login/", labeler.username, PASSWORD).status_code == 302
+
+
+@pytest.mark.django_db
+def test_it_throttles_each_client_behind_a_proxy_by_its_forwarded_address(settings, admin_user):
+    settings.AXES_FAILURE_LIMIT = 2
+    settings.BEHIND_PROXY = True
+    attacker = Client(HTTP_X_FORWARDED_FOR="203.0.113.7")  # every request comes from the proxy's address
+    for _ in range(2):
+        last = login(attacker, "/admin/login/", admin_user.username, "wrong-guess")
+    assert last.status_code == 429
+    owner = Client(HTTP_X_FORWARDED_FOR="203.0.113.7, 198.51.100.2")  # a forged first entry changes nothing
+    assert login(owner, "/admin/login/", admin_user.username, PASSWORD).status_code == 302
 
 
 @pytest.mark.django_db
