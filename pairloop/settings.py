@@ -199,6 +199,9 @@ SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", HTTPS)
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if HTTPS else 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
 
+# With DEBUG on, only staff see Django's technical error page; everyone else a one-line error.
+DEFAULT_EXCEPTION_REPORTER = "pairloop.errors.StaffOnlyExceptionReporter"
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},

@@ -16,7 +16,12 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from tests.conftest import PASSWORD, make_user
+from annotate.actions import PairInput, add_pairs
+from tests.conftest import PASSWORD, make_campaign, make_user
+from training import actions, runner
+from training.config import build_config
+from training.engine.common import EngineError
+from training.models import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGIN_URLS = ["/accounts/login/", "/admin/login/"]
@@ -130,3 +135,60 @@ def test_it_keeps_login_throttling_off_the_labeling_path(labeler, campaign):
                                HTTP_HX_REQUEST="true")
     assert response.status_code == 200 and "data-assignment" in response.content.decode()
     assert not [q["sql"] for q in queries if "axes_" in q["sql"]]
+
+
+@pytest.fixture
+def broken_home(monkeypatch):
+    def explode(user):
+        raise RuntimeError("secret-detail-of-the-failure")
+
+    monkeypatch.setattr("annotate.views.campaigns_for_user", explode)
+
+
+def client_for(user) -> Client:
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.django_db
+def test_it_shows_tracebacks_with_debug_on_to_admins_only(settings, broken_home, labeler, admin_user):
+    settings.DEBUG = True
+    response = client_for(labeler).get("/", HTTP_ACCEPT="text/html")
+    assert response.status_code == 500
+    body = response.content.decode()
+    assert "secret-detail-of-the-failure" not in body and "Traceback" not in body
+    plain = client_for(labeler).get("/", HTTP_ACCEPT="text/plain")
+    assert plain.status_code == 500 and "secret-detail-of-the-failure" not in plain.content.decode()
+    staff = client_for(admin_user).get("/", HTTP_ACCEPT="text/html")
+    assert staff.status_code == 500
+    assert "secret-detail-of-the-failure" in staff.content.decode()
+    # A forged Host header is answered with no debug page either (Django raises before any login).
+    forged = Client(raise_request_exception=False).get("/accounts/login/", HTTP_HOST="evil.example.org")
+    assert forged.status_code == 400
+    assert "ALLOWED_HOSTS" not in forged.content.decode()
+
+
+@pytest.mark.django_db
+def test_it_shows_a_failed_jobs_traceback_to_admins_and_its_message_to_reviewers(
+        settings, monkeypatch, reviewer, admin_user):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 2}
+    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)
+    campaign = make_campaign(slug="sec")
+    add_pairs(campaign, [PairInput(f"Q{i}?", f"good {i}", f"bad {i}", preferred="a") for i in range(2)],
+              notify=False)
+    round_ = actions.launch_round(campaign, admin_user, build_config("tiny"))
+    job = round_.jobs.get(kind=Job.EXPORT)
+
+    def broken(job, progress):
+        raise EngineError("pairs file has no 'chosen' column")
+
+    monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, broken)
+    runner.execute(job.pk, "task-1")
+    url = f"/rounds/{round_.pk}/"
+    as_reviewer = client_for(reviewer).get(url).content.decode()
+    as_admin = client_for(admin_user).get(url).content.decode()
+    for page in (as_reviewer, as_admin):
+        assert "pairs file has no &#x27;chosen&#x27; column" in page
+    assert "Traceback (most recent call last)" in as_admin
+    assert "Traceback" not in as_reviewer and "runner.py" not in as_reviewer
