@@ -3,6 +3,7 @@ login throttling, who sees tracebacks, password-reset pages only with email, and
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import secrets
@@ -12,9 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.core import mail
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.urls import clear_url_caches
 
 from annotate.actions import PairInput, add_pairs
 from tests.conftest import PASSWORD, make_campaign, make_user
@@ -192,3 +195,43 @@ def test_it_shows_a_failed_jobs_traceback_to_admins_and_its_message_to_reviewers
         assert "pairs file has no &#x27;chosen&#x27; column" in page
     assert "Traceback (most recent call last)" in as_admin
     assert "Traceback" not in as_reviewer and "runner.py" not in as_reviewer
+
+
+@pytest.fixture
+def email_configured(settings):
+    """The URLconf as it is built when EMAIL_HOST is set."""
+    import pairloop.urls
+
+    settings.EMAIL_HOST = "smtp.example.org"
+    importlib.reload(pairloop.urls)
+    clear_url_caches()
+    yield
+    settings.EMAIL_HOST = ""
+    importlib.reload(pairloop.urls)
+    clear_url_caches()
+
+
+@pytest.mark.django_db
+def test_it_has_no_password_reset_pages_without_email(labeler):
+    client = Client()
+    assert client.get("/accounts/password_reset/").status_code == 404
+    assert client.post("/accounts/password_reset/", {"email": "lena@example.org"}).status_code == 404
+    assert "Forgot your password" not in client.get("/accounts/login/").content.decode()
+    assert mail.outbox == []
+
+
+@pytest.mark.django_db
+def test_it_mails_a_password_reset_link_when_email_is_configured(email_configured, labeler):
+    labeler.email = "lena@example.org"
+    labeler.save(update_fields=["email"])
+    client = Client()
+    assert "Forgot your password" in client.get("/accounts/login/").content.decode()
+    response = client.post("/accounts/password_reset/", {"email": "lena@example.org"})
+    assert response.status_code == 302
+    assert len(mail.outbox) == 1
+    link = re.search(r"http://testserver(/accounts/reset/\S+/)", mail.outbox[0].body).group(1)
+    form = client.get(link, follow=True)
+    done = client.post(form.redirect_chain[-1][0], {"new_password1": "a-new-long-passphrase",
+                                                    "new_password2": "a-new-long-passphrase"})
+    assert done.status_code == 302
+    assert Client().login(username=labeler.username, password="a-new-long-passphrase")
