@@ -3,8 +3,10 @@ whose responses the demo SFT policy really wrote (so a first round trains on its
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import random
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,35 +58,73 @@ def default_policy(preset: str | None = None) -> str:
 
 
 @dataclass
+class DemoLogin:
+    username: str
+    password: str | None  # None: the user was there before and keeps the password they have
+    role: str
+
+
+@dataclass
 class SeedResult:
     users_created: list[str]
+    logins: list[DemoLogin]
     pairs: AddResult
     policy: str
 
 
-def ensure_users() -> list[str]:
-    created = []
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def known_passwords_allowed(host: str) -> bool:
+    """The README's public demo passwords only for the embedded default served on a loopback address;
+    anywhere else (a real database, a server others can reach) the demo users get random ones."""
+    return settings.EMBEDDED and is_loopback(host)
+
+
+def ensure_users(known_passwords: bool) -> tuple[list[str], list[DemoLogin]]:
+    """Create the demo users; (usernames created, each user's login as it stands now).
+
+    With known_passwords off, a new user gets a random password, and an existing one that still has
+    its public password gets a random one instead; both are reported once, here."""
+    created, logins = [], []
     reviewers, _ = Group.objects.get_or_create(name=REVIEWERS_GROUP)
-    for username, password, role in DEMO_USERS:
+    for username, known, role in DEMO_USERS:
         user, was_created = User.objects.get_or_create(username=username)
+        password = None
         if was_created:
+            password = known if known_passwords else secrets.token_urlsafe(12)
             user.set_password(password)
             user.is_staff = user.is_superuser = role == "admin"
             user.save()
             created.append(username)
+        elif user.check_password(known):
+            password = known
+            if not known_passwords:
+                password = secrets.token_urlsafe(12)
+                user.set_password(password)
+                user.save(update_fields=["password"])
         if role == "reviewer":
             user.groups.add(reviewers)
-    return created
+        logins.append(DemoLogin(username, password, role))
+    return created, logins
 
 
 def seed_demo(*, prompts: int = 120, per_prompt: int = 3, seed: int = 0, preset: str | None = None,
-              on_progress=None) -> SeedResult:
-    """Create (or top up) the demo campaign; safe to run twice (duplicates are skipped)."""
+              on_progress=None, known_passwords: bool = False) -> SeedResult:
+    """Create (or top up) the demo campaign; safe to run twice (duplicates are skipped). The demo users
+    get the README's passwords only with known_passwords (see known_passwords_allowed)."""
     from training.engine import demo_tasks
     from training.engine.sample import sample_responses
 
     with transaction.atomic():
-        created_users = ensure_users()
+        created_users, logins = ensure_users(known_passwords)
         campaign, _ = Campaign.objects.get_or_create(
             slug=DEMO_SLUG,
             defaults=dict(name="Demo: small tasks", instructions=INSTRUCTIONS, allow_tie=True, allow_both_bad=True,
@@ -105,4 +145,4 @@ def seed_demo(*, prompts: int = 120, per_prompt: int = 3, seed: int = 0, preset:
             items.append(PairInput(instruction, a, b))
     result = add_pairs(campaign, items, source=Response.SEED, checkpoints=(policy, policy),
                        generation={"temperature": 1.0, "seed": seed, "policy": policy})
-    return SeedResult(created_users, result, policy)
+    return SeedResult(created_users, logins, result, policy)

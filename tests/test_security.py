@@ -4,6 +4,7 @@ login throttling, who sees tracebacks, password-reset pages only with email, and
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import re
 import secrets
@@ -13,13 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import User
 from django.core import mail
+from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import clear_url_caches
 
 from annotate.actions import PairInput, add_pairs
+from annotate.demo import DEMO_USERS
 from tests.conftest import PASSWORD, make_campaign, make_user
 from training import actions, runner
 from training.config import build_config
@@ -235,3 +239,52 @@ def test_it_mails_a_password_reset_link_when_email_is_configured(email_configure
                                                     "new_password2": "a-new-long-passphrase"})
     assert done.status_code == 302
     assert Client().login(username=labeler.username, password="a-new-long-passphrase")
+
+
+def seed(*args: str) -> str:
+    out = io.StringIO()
+    call_command("seed_demo", "--preset", "tiny", "--prompts", "2", "--per-prompt", "2", "--judged", "0",
+                 *args, stdout=out)
+    return out.getvalue()
+
+
+def printed_logins(output: str) -> dict[str, str]:
+    """username -> password from seed_demo's table of demo logins."""
+    names = "|".join(username for username, _, _ in DEMO_USERS)
+    return dict(re.findall(rf"^  ({names})\s+(\S+)\s+\w+$", output, re.MULTILINE))
+
+
+def can_log_in(username: str, password: str) -> bool:
+    return Client().post("/accounts/login/", {"username": username, "password": password}).status_code == 302
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_it_gives_demo_users_random_passwords_outside_the_embedded_default():
+    output = seed()
+    logins = printed_logins(output)
+    assert sorted(logins) == sorted(username for username, _, _ in DEMO_USERS)
+    for username, known, _ in DEMO_USERS:
+        assert logins[username] != known and len(logins[username]) >= 16
+        assert not can_log_in(username, known)
+        assert can_log_in(username, logins[username])
+    assert "pairloop-admin" not in output
+    # A rerun shows no password: the ones printed were the only copy.
+    again = printed_logins(seed())
+    assert set(again.values()) == {"(unchanged)"}
+    assert User.objects.get(username="admin").is_superuser
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_it_keeps_the_readme_logins_only_for_the_embedded_demo_on_loopback(settings):
+    settings.EMBEDDED = True
+    local = printed_logins(seed("--host", "127.0.0.1"))
+    assert local == {username: known for username, known, _ in DEMO_USERS}
+    assert can_log_in("labeler1", "pairloop-label")
+    # Served to the network: the public passwords are replaced, and the new ones printed once.
+    exposed = printed_logins(seed("--host", "0.0.0.0"))
+    for username, known, _ in DEMO_USERS:
+        assert exposed[username] != known
+        assert not can_log_in(username, known) and can_log_in(username, exposed[username])

@@ -1,7 +1,9 @@
+import os
+
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from annotate.demo import DEMO_SLUG, DEMO_USERS, seed_demo
+from annotate.demo import DEMO_SLUG, known_passwords_allowed, seed_demo
 from annotate.models import Campaign, Pair
 from training.actions import usable_judgments
 from training.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, make_judge, simulate_labelers
@@ -20,13 +22,19 @@ class Command(BaseCommand):
                                  "a round can be launched at once (default PAIRLOOP_MIN_JUDGMENTS; 0: none)")
         parser.add_argument("--preset", choices=["demo", "tiny"], default=None,
                             help="demo policy preset (default PAIRLOOP_DEMO_POLICY_PRESET)")
+        parser.add_argument("--host", default=os.environ.get("PAIRLOOP_HOST", "127.0.0.1"),
+                            help="address the demo will be served on (default PAIRLOOP_HOST or 127.0.0.1); the "
+                                 "README's demo passwords only for the embedded default on a loopback address, "
+                                 "random ones otherwise")
 
-    def handle(self, *args, prompts, per_prompt, seed, preset, judged, **options):
+    def handle(self, *args, prompts, per_prompt, seed, preset, judged, host, **options):
         judged = settings.PAIRLOOP["MIN_JUDGMENTS"] if judged is None else judged
         if judged < 0:
             raise CommandError("--judged must be 0 or more")
+        known = known_passwords_allowed(host)
         self.stdout.write("Preparing the demo policy (built once, then cached) and sampling its answers…")
-        result = seed_demo(prompts=prompts, per_prompt=per_prompt, seed=seed, preset=preset)
+        result = seed_demo(prompts=prompts, per_prompt=per_prompt, seed=seed, preset=preset,
+                           known_passwords=known)
         total = Pair.objects.filter(campaign__slug=DEMO_SLUG).count()
         self.stdout.write(self.style.SUCCESS(
             f"Demo campaign '{DEMO_SLUG}': {result.pairs.created} pairs added, {result.pairs.skipped} already there, "
@@ -34,9 +42,15 @@ class Command(BaseCommand):
         self._judge_until(Campaign.objects.get(slug=DEMO_SLUG), judged, seed)
         if result.users_created:
             self.stdout.write(f"Created users: {', '.join(result.users_created)}")
-        self.stdout.write("Demo logins (username / password):")
-        for username, password, role in DEMO_USERS:
-            self.stdout.write(f"  {username:<10} {password:<16} {role}")
+        if known:
+            self.stdout.write("Demo logins (username / password):")
+        else:
+            self.stdout.write(self.style.WARNING(
+                "Demo logins (username / password): random passwords, shown only this once; the README's public "
+                "ones are used only on the embedded default served on 127.0.0.1."))
+        for login in result.logins:
+            password = login.password or "(unchanged)"
+            self.stdout.write(f"  {login.username:<10} {password:<16} {login.role}")
 
     def _judge_until(self, campaign: Campaign, wanted: int, seed: int) -> None:
         """Simulated judgments until the campaign has `wanted` usable ones (ties do not count), or no pair
