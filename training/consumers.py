@@ -4,7 +4,8 @@ message that static/pairloop/training.js adds to its charts.
 
 Every message is rendered from the database row, so the browser always shows the row's state. On
 connect it sends the current state of every job, which heals anything missed while disconnected.
-Access: reviewers and admins, as for the round page (training.access.round_for_reviewer).
+Access: reviewers and admins, as for the round page (training.access.round_for_reviewer), checked
+again before every push (annotate.consumers.AccessCheckedConsumer): a demoted reviewer's socket closes.
 """
 
 from __future__ import annotations
@@ -12,47 +13,32 @@ from __future__ import annotations
 import json
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
-from django.http import Http404
 from django.template.loader import render_to_string
 
 from annotate.access import is_admin
+from annotate.consumers import AccessCheckedConsumer
 from training.access import round_for_reviewer
 from training.models import Job
 
 POINTS_PER_MESSAGE = 50
 
 
-class _Request:
-    def __init__(self, user):
-        self.user = user
+class RoundConsumer(AccessCheckedConsumer):
+    def grant(self, request) -> str:
+        self.round = round_for_reviewer(request, self.scope["url_route"]["kwargs"]["round_id"])
+        self.is_admin = is_admin(request.user)  # rechecked too: a demoted admin's fragments lose the buttons
+        return self.round.group_name()
 
-
-class RoundConsumer(AsyncWebsocketConsumer):
     async def connect(self):
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close()
-            return
-        try:
-            round_id = self.scope["url_route"]["kwargs"]["round_id"]
-            self.round = await database_sync_to_async(round_for_reviewer)(_Request(user), round_id)
-        except Http404:
-            await self.close()
-            return
-        self.is_admin = is_admin(user)
-        self.group = self.round.group_name()
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
+        await super().connect()
+        if not self.joined:
+            return  # refused
         for job_id in await database_sync_to_async(self._job_ids)():
             await self._send_job(job_id)
 
-    async def disconnect(self, code):
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-
     async def job_update(self, event):
-        await self._send_job(int(event["job_id"]))
+        if await self.still_allowed():
+            await self._send_job(int(event["job_id"]))
 
     def _job_ids(self) -> list[int]:
         return list(Job.objects.filter(round_id=self.round.pk).values_list("pk", flat=True))
