@@ -1,6 +1,6 @@
 """The WebSockets keep checking access: a labeler removed from a campaign, a reviewer demoted, an
-demoted admin gets no more of what they lost: the next push rechecks, sends nothing and closes the
-socket (code 4403).
+account deactivated or a campaign closed gets no more pushes, and the socket is closed (code 4403),
+both when the admin's change announces itself and when it does not (the next push rechecks).
 On the real Channels layer (Redis), with real commits, as in production."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def member_removed_silently(campaign, user):
     Campaign.members.through.objects.filter(campaign=campaign, user=user).delete()  # no signal
 
 
-@pytest.mark.parametrize("remove", [member_removed_silently])
+@pytest.mark.parametrize("remove", [member_removed_by_the_admin, member_removed_silently])
 def test_it_stops_pushing_pairs_to_a_labeler_removed_from_the_campaign(campaign, labeler, remove):
     other = campaign.members.get(username="mia-member")
     path = f"/ws/campaigns/{campaign.slug}/"
@@ -94,6 +94,30 @@ def test_it_stops_pushing_pairs_to_a_labeler_removed_from_the_campaign(campaign,
     async_to_sync(session)()
 
 
+def test_it_closes_the_sockets_of_a_deactivated_labeler_and_of_a_closed_campaign(campaign, labeler):
+    other = campaign.members.get(username="mia-member")
+    path = f"/ws/campaigns/{campaign.slug}/"
+
+    def deactivate(user):
+        user.is_active = False
+        user.save(update_fields=["is_active"])
+
+    def close_campaign():
+        campaign.is_active = False
+        campaign.save(update_fields=["is_active"])
+
+    async def session():
+        first = await connected(path, labeler)
+        second = await connected(path, other)
+        await sync_to_async(deactivate)(labeler)
+        await assert_closed_for_access(first)
+        assert await second.receive_nothing(timeout=0.5)  # the other account is untouched
+        await sync_to_async(close_campaign)()
+        await assert_closed_for_access(second)
+
+    async_to_sync(session)()
+
+
 def demoted_by_the_admin(user):
     user.groups.remove(Group.objects.get(name=REVIEWERS_GROUP))
 
@@ -102,7 +126,7 @@ def demoted_silently(user):
     Group.objects.get(name=REVIEWERS_GROUP).user_set.through.objects.filter(user=user).delete()  # no signal
 
 
-@pytest.mark.parametrize("demote", [demoted_silently])
+@pytest.mark.parametrize("demote", [demoted_by_the_admin, demoted_silently])
 def test_it_stops_pushing_a_round_s_jobs_to_a_demoted_reviewer(round_, reviewer, admin_user, demote):
     job = round_.jobs.order_by("order").first()
     n_jobs = round_.jobs.count()
