@@ -12,5 +12,5 @@ urlpatterns = [
     path("campaigns/<slug:slug>/instructions/", views.instructions, name="instructions"),
     path("campaigns/<slug:slug>/export/", views.export, name="export"),
     path("campaigns/<slug:slug>/import/", views.import_pairs_view, name="import_pairs"),
-    path("campaigns/<slug:slug>/import/<int:job_id>/", views.import_job, name="import_job"),
+    path("campaigns/<slug:slug>/import/<int:import_id>/", views.import_job, name="import_job"),
 ]

@@ -312,8 +312,8 @@ def _import_page(request, campaign, capped: CappedUpload):
 
 @login_required
 @require_GET
-def import_job(request, slug, job_id):
+def import_job(request, slug, import_id):
     campaign = campaign_for_admin(request, slug)
-    job = get_object_or_404(ImportJob, pk=job_id, campaign=campaign)
+    job = get_object_or_404(ImportJob, pk=import_id, campaign=campaign)
     template = "annotate/import_job.html#status" if request.htmx else "annotate/import_job.html"
     return render(request, template, {"campaign": campaign, "job": job})
