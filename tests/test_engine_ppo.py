@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine.common import EngineError, read_checkpoint_meta
+from training.engine.common import EngineError, StopWithoutSaving, read_checkpoint_meta
 from training.engine.ppo import (
     VALUE_HEAD_DIR,
     AdaptiveKLController,
@@ -335,3 +335,73 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path)
     )
     assert bad.returncode != 0
     assert "unknown rule judge" in json.loads(bad.stdout.strip().splitlines()[-1])["error"]
+
+
+def test_it_writes_no_checkpoint_when_stopped_without_saving(tiny_policy, instructions, tmp_path):
+    """A worker that lost its job stops at its next report and leaves the checkpoint as it was."""
+    events = []
+
+    def taken_away_at_3(event):
+        events.append(event)
+        if event.get("step") == 3:
+            raise StopWithoutSaving("the job runs elsewhere now")
+
+    with pytest.raises(StopWithoutSaving):
+        main(tiny_args(tiny_policy, instructions, tmp_path / "out", save_every=2), taken_away_at_3,
+             reward_fn=starts_with_the)
+    assert [e.get("checkpoint", False) for e in events] == [False, True, False]  # a save follows step 2
+    assert read_checkpoint_meta(resume_dir(tmp_path / "out"))["step"] == 2  # not 3
+    assert not (tmp_path / "out").exists()
+
+
+def test_it_resumes_from_the_last_good_checkpoint_after_a_write_fails_and_a_swap_is_cut(
+        tiny_policy, instructions, tmp_path, monkeypatch):
+    from training.engine import common
+
+    out = tmp_path / "out"
+    real_save = torch.save
+    saves = []
+
+    def disk_full_on_the_second_save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"\0" * 100)  # half a file, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(common.torch, "save", disk_full_on_the_second_save)
+    with pytest.raises(OSError, match="No space left"):
+        main(tiny_args(tiny_policy, instructions, out, save_every=1), reward_fn=starts_with_the)
+    monkeypatch.undo()
+    checkpoint = resume_dir(out)
+    assert read_checkpoint_meta(checkpoint)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.name]  # no half-written directory left
+
+    # Then a crash between the two renames of a later swap: the checkpoint sits aside, not in its place.
+    aside = tmp_path / f".{checkpoint.name}.old-1-1"
+    checkpoint.rename(aside)
+    events = []
+    main(tiny_args(tiny_policy, instructions, out, save_every=1), events.append, reward_fn=starts_with_the)
+    assert f"resuming from {aside} at step 1" in events[0]["log"]
+    assert [e["step"] for e in events if "log" not in e] == [2, 3, 4]
+    assert read_checkpoint_meta(out)["step"] == 4
+
+
+def test_it_resumes_from_an_earlier_attempt_s_checkpoint_and_writes_only_its_own(tiny_policy, instructions, tmp_path):
+    class Killed(Exception):
+        pass
+
+    def killed_at_2(event):
+        if event.get("step") == 2 and "log" not in event:
+            raise Killed
+
+    first, second = tmp_path / "ppo-1" / "policy", tmp_path / "ppo-2" / "policy"
+    with pytest.raises(Killed):
+        main(tiny_args(tiny_policy, instructions, first), killed_at_2, reward_fn=starts_with_the)
+    before = {p.name: p.stat().st_mtime_ns for p in resume_dir(first).iterdir()}
+    events = []
+    main(tiny_args(tiny_policy, instructions, second, resume_from=str(resume_dir(first))), events.append,
+         reward_fn=starts_with_the)
+    assert f"resuming from {resume_dir(first)} at step 2" in events[0]["log"]
+    assert read_checkpoint_meta(second)["step"] == 4
+    assert {p.name: p.stat().st_mtime_ns for p in resume_dir(first).iterdir()} == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -24,11 +25,14 @@ import numpy as np
 import torch
 
 from training.engine.fields import field_docs
+from training.engine.stop import StopWithoutSaving  # noqa: F401 - part of this module's API
 
 # A progress event is a dict: {"stage": str, "step": int, "total": int, "metrics": {...}}
-# optionally with "log": str. A callback may raise to stop training at a step boundary
-# (the Django side raises JobCancelled this way); the stage saves its last checkpoint first
-# when it can.
+# optionally with "log": str, and "checkpoint": True when the stage writes its resumable checkpoint
+# right after the event (a callback that must confirm the run is still wanted does it then).
+# A callback may raise to stop training at a step boundary (the Django side raises JobCancelled
+# this way); the stage saves its last checkpoint first when it can, unless the exception is a
+# StopWithoutSaving (the run was taken away: another attempt owns its checkpoints now).
 ProgressFn = Callable[[dict[str, Any]], None]
 
 CHECKPOINT_META = "pairloop.json"
@@ -108,7 +112,11 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in types torch.load(weights_only=True) reads (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                   float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -116,7 +124,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -230,10 +240,17 @@ def save_checkpoint(
     `pretrained` maps a subdirectory name ("" for the top) to objects with `save_pretrained`
     (models, tokenizers). `trainer_state` (optimizer, scheduler, RNG, anything torch can save)
     goes to trainer_state.pt, so a resumed run continues exactly.
+
+    Every file is fsynced before pairloop.json is written (last), and the swap (old -> aside,
+    new -> `out_dir`) is fsynced too: a failure before the swap leaves the previous checkpoint
+    where it was, one between the two renames puts it back, and a crash there leaves both
+    complete beside `out_dir`, where `find_checkpoint` finds them.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = None
     try:
         for sub, obj in pretrained.items():
             target = tmp / sub if sub else tmp
@@ -241,6 +258,7 @@ def save_checkpoint(
             obj.save_pretrained(target)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        _fsync_tree(tmp)
         meta = {
             "stage": stage,
             "step": step,
@@ -251,17 +269,81 @@ def save_checkpoint(
             "torch": torch.__version__,
         }
         (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        old = None
+        _fsync(tmp / CHECKPOINT_META)
+        _fsync(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
             out_dir.rename(old)
         tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(out_dir.parent)
     except BaseException:
+        if old is not None and not out_dir.exists():
+            old.rename(out_dir)  # the new one never took its place: the previous one stays in use
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        _discard(old)
     return out_dir
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries: renames, new files) to the disk."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(directory) / name)
+        _fsync(Path(directory))
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory, its pairloop.json first: a half-deleted one never looks complete."""
+    (path / CHECKPOINT_META).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_leftovers(out_dir: Path) -> list[Path]:
+    """What interrupted swaps left beside `out_dir`: set-aside old checkpoints and temp dirs."""
+    return sorted(p for pattern in (f".{out_dir.name}.old-*", f".{out_dir.name}.tmp-*")
+                  for p in out_dir.parent.glob(pattern) if p.is_dir())
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Before a save: once `out_dir` holds a complete checkpoint, what earlier swaps left is not needed."""
+    if _complete_meta(out_dir) is not None:
+        for leftover in _swap_leftovers(out_dir):
+            _discard(leftover)
+
+
+def _complete_meta(path: Path) -> dict[str, Any] | None:
+    """The pairloop.json of a checkpoint written in full (it is written last), else None."""
+    try:
+        return json.loads((path / CHECKPOINT_META).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """`path` when it holds a complete checkpoint; else, after a crash in the middle of a swap, the
+    complete checkpoint with the highest step that the swap left beside it; None when there is none."""
+    path = Path(path)
+    if _complete_meta(path) is not None:
+        return path
+    if not path.parent.is_dir():
+        return None
+    found = []
+    for leftover in _swap_leftovers(path):
+        meta = _complete_meta(leftover)
+        if meta is not None:
+            found.append((int(meta.get("step") or 0), float(meta.get("saved_at") or 0), leftover))
+    return max(found)[2] if found else None
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
@@ -273,10 +355,16 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    """trainer_state.pt of a checkpoint, read with weights_only=True: tensors and plain values only, so a
+    file planted on a shared checkpoint volume cannot run code in the worker that loads it."""
     state = Path(path) / TRAINER_STATE
     if not state.exists():
         return None
-    return torch.load(state, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(state, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise EngineError(f"{state} holds more than tensors and plain values, so it is not loaded (an "
+                          f"older pairloop's file, or not ours): delete it to start over ({exc})") from exc
 
 
 def print_final_metrics(metrics: dict[str, Any]) -> None:

@@ -56,6 +56,8 @@ from torch import nn
 from training.engine.common import (
     EngineError,
     ProgressFn,
+    StopWithoutSaving,
+    find_checkpoint,
     format_prompt,
     load_causal_lm,
     load_trainer_state,
@@ -180,6 +182,8 @@ class PPOArgs:
     """Write the resumable checkpoint every N steps (0: only when stopped)."""
     resume: bool = True
     """Continue from `<out>.resume/` when it exists."""
+    resume_from: str = ""
+    """Resumable checkpoint to continue from when `<out>.resume/` has none (an earlier attempt's)."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     dtype: str = "auto"
@@ -719,9 +723,12 @@ def main(
         autocast_dtype = None  # fp32 on CPU
 
     checkpoint = resume_dir(args.out)
-    resuming = bool(
-        args.resume and read_checkpoint_meta(checkpoint) and (checkpoint / "trainer_state.pt").exists()
-    )
+    # Where to resume from: this run's own resumable checkpoint, else the one it was given; a crash in the
+    # middle of a checkpoint swap left it beside its place (common.find_checkpoint).
+    source = find_checkpoint(checkpoint) if args.resume else None
+    if source is None and args.resume and args.resume_from:
+        source = find_checkpoint(args.resume_from)
+    resuming = bool(source is not None and (source / "trainer_state.pt").exists())
     data_version = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()[:16]
     # The checkpoint's JSON names the prompts by count and hash, not by listing them all.
     recorded_args = (
@@ -730,7 +737,7 @@ def main(
         else replace(args, prompts=f"<{len(prompts)} prompts, sha256 {data_version}>")
     )
     if resuming:
-        saved = read_checkpoint_meta(checkpoint)
+        saved = read_checkpoint_meta(source)
         saved_args, now = saved.get("args") or {}, to_jsonable(recorded_args)
         changed = [
             k
@@ -741,13 +748,13 @@ def main(
         ]
         if changed or saved.get("data_version") not in (None, data_version):
             raise EngineError(
-                f"the resumable checkpoint {checkpoint} was made with other settings "
+                f"the resumable checkpoint {source} was made with other settings "
                 f"({', '.join(changed) or 'prompts'} differ): delete it or pass resume=False (--no-resume)"
             )
 
     set_seed(args.seed)
     # Trained weights stay fp32 (autocast on CUDA); the reference may live in the compute dtype.
-    policy, tokenizer = load_causal_lm(str(checkpoint) if resuming else args.policy, device, torch.float32)
+    policy, tokenizer = load_causal_lm(str(source) if resuming else args.policy, device, torch.float32)
     ref_source = args.ref_policy or args.policy
     if resuming or args.ref_policy:
         ref_policy, ref_tokenizer = load_causal_lm(ref_source, device, compute_dtype)
@@ -785,7 +792,7 @@ def main(
     critic_on_ref = args.critic == "reference"
     hidden_size = (ref_policy if critic_on_ref else policy).get_output_embeddings().in_features
     value_head = (
-        ValueHead.from_pretrained(checkpoint / VALUE_HEAD_DIR)
+        ValueHead.from_pretrained(source / VALUE_HEAD_DIR)
         if resuming
         else ValueHead(hidden_size, args.value_inner)
     ).to(device)
@@ -814,7 +821,7 @@ def main(
     start_step = 0
     metrics: dict[str, Any] = {}
     if resuming:
-        state = load_trainer_state(checkpoint)
+        state = load_trainer_state(source)
         optimizer.load_state_dict(state["optimizer"])
         kl_ctl.load_state_dict(state["kl_ctl"])
         score_stats.load_state_dict(state["score_stats"])
@@ -827,7 +834,7 @@ def main(
                 "step": start_step,
                 "total": args.steps,
                 "metrics": metrics,
-                "log": f"resuming from {checkpoint} at step {start_step}",
+                "log": f"resuming from {source} at step {start_step}",
             }
         )
 
@@ -1057,12 +1064,16 @@ def main(
             metrics.update({f"ppo/reward/{name}": value for name, value in score_parts.items()})
 
         done = step + 1
+        saving = bool(args.save_every and done % args.save_every == 0 and done < args.steps)
         try:
-            on_progress({"stage": STAGE, "step": done, "total": args.steps, "metrics": metrics})
+            on_progress({"stage": STAGE, "step": done, "total": args.steps, "metrics": metrics,
+                         **({"checkpoint": True} if saving else {})})
+        except StopWithoutSaving:
+            raise  # the run was taken away: its checkpoints belong to another attempt now
         except BaseException:
             save_resume(done)  # stopped from outside: keep what this step learned, then stop
             raise
-        if args.save_every and done % args.save_every == 0 and done < args.steps:
+        if saving:
             save_resume(done)
 
     # ---- the final policy -------------------------------------------------------------------------

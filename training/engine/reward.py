@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from .common import (
     EngineError,
     ProgressFn,
+    StopWithoutSaving,
     default_reward_backbone,
+    find_checkpoint,
     load_reward_model,
     load_trainer_state,
     no_progress,
@@ -110,6 +112,8 @@ class RewardArgs:
     """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16; weights stay fp32."""
     resume: bool = True
     """Continue from <out>.resume/ when it exists (same data and settings), else start fresh."""
+    resume_from: str = ""
+    """Resumable checkpoint to continue from when <out>.resume/ has none (an earlier attempt's)."""
 
 
 # Settings that must match for a resumed run to continue the same training.
@@ -423,25 +427,29 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     # fp16 needs loss scaling against underflowing gradients (Micikevicius et al. 2018); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
 
-    # Resume from <out>.resume/ when it belongs to this run.
+    # Resume from <out>.resume/ when it belongs to this run, else from resume_from when given; a crash in the
+    # middle of a checkpoint swap left it beside its place (common.find_checkpoint).
     state_dir = resume_dir(args.out)
+    source = find_checkpoint(state_dir) if args.resume else None
+    if source is None and args.resume and args.resume_from:
+        source = find_checkpoint(args.resume_from)
     trainer_state = None
-    if args.resume and (state_dir / "trainer_state.pt").exists():
-        meta = read_checkpoint_meta(state_dir) or {}
+    if source is not None and (source / "trainer_state.pt").exists():
+        meta = read_checkpoint_meta(source) or {}
         if meta.get("stage") != STAGE:
-            raise EngineError(f"{state_dir} is not a reward-model checkpoint (stage {meta.get('stage')!r})")
+            raise EngineError(f"{source} is not a reward-model checkpoint (stage {meta.get('stage')!r})")
         if meta.get("data_version") != version:
-            raise EngineError(f"{state_dir} was trained on other data (version {meta.get('data_version')} != "
+            raise EngineError(f"{source} was trained on other data (version {meta.get('data_version')} != "
                               f"{version}); delete it or pass resume=False to start over")
         saved = meta.get("args", {})
         changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(args, k)]
         if changed:
-            raise EngineError(f"{state_dir} was written with other settings ({', '.join(changed)}); "
+            raise EngineError(f"{source} was written with other settings ({', '.join(changed)}); "
                               "delete it or pass resume=False to start over")
-        trainer_state = load_trainer_state(state_dir)
+        trainer_state = load_trainer_state(source)
 
     set_seed(args.seed)
-    model_source = str(state_dir) if trainer_state else args.model
+    model_source = str(source) if trainer_state else args.model
     model, tokenizer = load_reward_model(model_source, device, torch.float32)
     limit = model_length_limit(model, tokenizer)
     if limit is not None and args.max_length > limit:
@@ -477,7 +485,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         window, metrics = trainer_state["window"], trainer_state["metrics"]
         set_rng_state(trainer_state["rng"])
         on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": metrics,
-                     "log": f"resumed from {state_dir} at step {step}"})
+                     "log": f"resumed from {source} at step {step}"})
 
     def save_resume() -> None:
         save_checkpoint(state_dir, stage=STAGE, args=args, step=step, metrics=metrics, data_version=version,
@@ -544,12 +552,16 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                                         args.use_margin))
                 paused += time.perf_counter() - eval_started
                 paused_cpu += time.process_time() - eval_cpu_started
+            saving = bool(args.save_every and step % args.save_every == 0 and not last)
             try:
-                on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics)})
+                on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics),
+                             **({"checkpoint": True} if saving else {})})
+            except StopWithoutSaving:
+                raise  # the run was taken away: its checkpoints belong to another attempt now
             except BaseException:
                 save_resume()  # stopped at a step boundary: keep what was done, then let the caller see why
                 raise
-            if args.save_every and step % args.save_every == 0 and not last:
+            if saving:
                 save_started, save_cpu_started = time.perf_counter(), time.process_time()
                 save_resume()
                 paused += time.perf_counter() - save_started

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from training.engine.common import (
     EngineError,
     ProgressFn,
+    StopWithoutSaving,
     ensure_pad_token,
     format_prompt,
     load_causal_lm,
@@ -365,6 +366,8 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
                 event["metrics"] = {"sft/loss": loss_value}
             try:
                 on_progress(event)
+            except StopWithoutSaving:
+                raise  # the run was taken away: write nothing more
             except BaseException:
                 if save is not None and step < total:
                     save(step, metrics, {"optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
