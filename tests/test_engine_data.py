@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from training.engine.common import EngineError
-from training.engine.data import data_version, load_pairs, split_pairs
+from training.engine.data import data_version, load_pairs, read_pairs, split_pairs
 
 ROWS = [
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A colour.", "margin": 1.0, "pair_id": 1,
@@ -66,12 +66,22 @@ def test_it_flattens_chat_turn_prompts_and_defaults_the_margin_to_zero(tmp_path)
     ([{"prompt": "a", "rejected": "c"}], "no 'chosen' column"),
     (ROWS[:2] + [{"prompt": "q", "chosen": ["not", "turns"], "rejected": "b"}], "row 3: field 'chosen'"),
     (ROWS[:1] + [{"prompt": None, "chosen": "a", "rejected": "b"}], "row 2: field 'prompt' must be text"),
-    (ROWS[:1] + [{"prompt": "q", "chosen": "a", "rejected": ""}], "row 2: field 'rejected' is empty"),
+    (ROWS[:1] + [{"prompt": "  ", "chosen": "a", "rejected": "b"}], "row 2: field 'prompt' is empty"),
+    ([{"prompt": "q", "chosen": "", "rejected": "b"}], "holds no pairs with both responses non-empty"),
     (ROWS[:1] + [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}], "row 2: field 'margin'"),
 ])
 def test_it_names_the_row_and_field_of_a_bad_value(tmp_path, rows, message):
     with pytest.raises(EngineError, match=message):
         load_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows))
+
+
+def test_it_leaves_out_pairs_with_an_empty_response_instead_of_refusing_the_file(tmp_path):
+    # Anthropic HH has pairs whose preferred reply is empty; the rest of such a file is good data.
+    rows = ROWS[:2] + [{"prompt": "q", "chosen": "", "rejected": "b"}, {"prompt": "r", "chosen": "a", "rejected": " "}]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    ds, skipped = read_pairs(path)
+    assert skipped == [3, 4] and len(ds) == 2 and ds["chosen"] == [r["chosen"] for r in ROWS[:2]]
+    assert len(load_pairs(path)) == 2
 
 
 def test_it_refuses_missing_paths_unknown_formats_and_broken_files(tmp_path):

@@ -249,8 +249,8 @@ BAD_INPUTS = {
                        "no 'rejected' column"),
     "non-string value": (lambda d: write_jsonl(d / "pairs.jsonl", rule_pairs(4, 1, 0) + [
         {"prompt": "q", "chosen": 5, "rejected": "b"}]), None, "row 5: field 'chosen' must be text"),
-    "empty value": (lambda d: write_jsonl(d / "pairs.jsonl", rule_pairs(2, 1, 0) + [
-        {"prompt": "q", "chosen": "a", "rejected": "  "}]), None, "row 3: field 'rejected' is empty"),
+    "empty prompt": (lambda d: write_jsonl(d / "pairs.jsonl", rule_pairs(2, 1, 0) + [
+        {"prompt": "  ", "chosen": "a", "rejected": "b"}]), None, "row 3: field 'prompt' is empty"),
     "missing model": (lambda d: write_jsonl(d / "pairs.jsonl", rule_pairs(6, 1, 0)), "/no/such/model",
                       "'/no/such/model' does not exist"),
     "too long for the model": (lambda d: write_jsonl(d / "pairs.jsonl", rule_pairs(6, 1, 0)), "bert:4096",
@@ -297,3 +297,14 @@ def test_it_runs_from_the_command_line_and_prints_final_metrics_last(bert_path, 
                           "--model", bert_path, "--out", str(tmp_path / "rm2")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_it_trains_on_a_file_with_a_few_empty_responses_and_counts_them(bert_path, tmp_path):
+    rows = rule_pairs(n_prompts=8, per_prompt=2, seed=5)
+    rows[3]["chosen"], rows[9]["rejected"], rows[12]["chosen"] = "", "   ", ""
+    events = []
+    metrics = main(tiny_args(write_jsonl(tmp_path / "hh.jsonl", rows), bert_path, tmp_path / "rm"), events.append)
+    assert metrics["rm/skipped_empty_pairs"] == 3
+    assert metrics["rm/train_pairs"] + metrics["rm/eval_pairs"] == len(rows) - 3
+    assert any("left out 3 pairs with an empty" in e.get("log", "") for e in events)
+    assert read_checkpoint_meta(tmp_path / "rm")["metrics"]["rm/skipped_empty_pairs"] == 3

@@ -29,9 +29,17 @@ def load_pairs(path: str | Path) -> Dataset:
     """Read exported pairs into a Dataset with columns prompt, chosen, rejected (text) and margin (float).
 
     Chat-turn prompts are flattened with `common.prompt_text`; a missing `margin` column or value is 0.0.
-    Other columns (pair_id, labeler, ...) are kept. Every problem is an EngineError that names the file,
-    and for a bad value the row (1-based) and the field.
+    Other columns (pair_id, labeler, ...) are kept. Pairs with an empty response are left out (see
+    `read_pairs`). Every problem is an EngineError that names the file, and for a bad value the row
+    (1-based) and the field.
     """
+    return read_pairs(path)[0]
+
+
+def read_pairs(path: str | Path) -> tuple[Dataset, list[int]]:
+    """`load_pairs`, and the rows (1-based) left out because their chosen or rejected response is empty:
+    public sets have a few (Anthropic HH has pairs whose preferred reply is empty), and they must not
+    cost the whole file; a pair can only be learned from when both of its responses say something."""
     path = Path(path).expanduser()
     if not path.exists():
         raise EngineError(f"pairs file {str(path)!r} does not exist")
@@ -45,8 +53,17 @@ def load_pairs(path: str | Path) -> Dataset:
                 f"pairs file {str(path)!r} has no {column!r} column "
                 f"(found: {', '.join(sorted(columns)) or 'none'}); an export needs prompt, chosen and rejected"
             )
-    clean = [_clean_row(row, number, path) for number, row in enumerate(rows, start=1)]
-    return Dataset.from_list(clean)
+    clean, skipped = [], []
+    for number, row in enumerate(rows, start=1):
+        checked = _clean_row(row, number, path)
+        if checked is None:
+            skipped.append(number)
+        else:
+            clean.append(checked)
+    if not clean:
+        raise EngineError(f"pairs file {str(path)!r} holds no pairs with both responses non-empty "
+                          f"({len(skipped)} with an empty chosen or rejected response)")
+    return Dataset.from_list(clean), skipped
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -100,9 +117,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any]:
+def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any] | None:
+    """The row checked and normalised; None for a pair with an empty response (left out)."""
     where = f"{str(path)!r} row {number}"
     clean = dict(row)
+    empty_response = False
     for field in TEXT_COLUMNS:
         value = row.get(field)
         if isinstance(value, list):  # chat turns (a prompt, or TRL's conversational chosen/rejected)
@@ -113,7 +132,9 @@ def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any]:
         if not isinstance(value, str):
             raise EngineError(f"{where}: field {field!r} must be text, got {type(value).__name__}")
         if not value.strip():
-            raise EngineError(f"{where}: field {field!r} is empty")
+            if field == "prompt":
+                raise EngineError(f"{where}: field {field!r} is empty")
+            empty_response = True
         clean[field] = value
     margin = row.get("margin")
     if margin is None:
@@ -121,7 +142,7 @@ def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any]:
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise EngineError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
     clean["margin"] = float(margin)
-    return clean
+    return None if empty_response else clean
 
 
 def split_pairs(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:

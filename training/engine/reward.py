@@ -55,7 +55,7 @@ from .common import (
     set_rng_state,
     set_seed,
 )
-from .data import data_version, load_pairs, split_pairs
+from .data import data_version, read_pairs, split_pairs
 
 STAGE = "reward"
 
@@ -388,19 +388,21 @@ class _ModelAndTokenizer:
 
 
 def _prepare_data(args: RewardArgs):
-    """Load and check the pairs before anything heavy happens."""
+    """Load and check the pairs before anything heavy happens; also how many pairs with an empty response
+    were left out of the training and eval files."""
     if not args.train:
         raise EngineError("no training pairs given: pass --train PATH")
-    train_ds = load_pairs(args.train)
+    train_ds, skipped = read_pairs(args.train)
     version = data_version(args.train)
+    skipped_eval: list[int] = []
     if args.eval:
-        eval_ds = load_pairs(args.eval)
+        eval_ds, skipped_eval = read_pairs(args.eval)
         version = f"{version}+{data_version(args.eval)}"
     else:
         train_ds, eval_ds = split_pairs(train_ds, args.eval_fraction, args.seed)
     if len(train_ds) == 0:
         raise EngineError("no training pairs left after holding out the eval pairs")
-    return train_ds, eval_ds, version
+    return train_ds, eval_ds, version, len(skipped) + len(skipped_eval)
 
 
 def _check_args(args: RewardArgs) -> None:
@@ -419,7 +421,10 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     from transformers import get_linear_schedule_with_warmup
 
     _check_args(args)
-    train_ds, eval_ds, version = _prepare_data(args)
+    train_ds, eval_ds, version, skipped_empty = _prepare_data(args)
+    if skipped_empty:
+        on_progress({"stage": STAGE, "log": f"left out {skipped_empty} pairs with an empty chosen or "
+                                            "rejected response (rm/skipped_empty_pairs)"})
     device = pick_device(args.device)
     compute_dtype = pick_dtype(device, args.dtype)
     autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32
@@ -579,6 +584,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         "rm/train_pairs": len(train_pairs),
         "rm/eval_pairs": len(eval_pairs),
         "rm/truncated_pairs": truncated + eval_truncated,
+        "rm/skipped_empty_pairs": skipped_empty,
         "rm/train_tokens": tokens_seen,
         "rm/padded_tokens": padded_seen,
     })
