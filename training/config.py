@@ -7,6 +7,7 @@ preset fits the demo campaign on 2 CPU cores in a few minutes, the tiny preset f
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -19,6 +20,41 @@ PAIRINGS = {
     PAIRING_SFT: "new policy vs the SFT (starting) policy",
     PAIRING_SELF: "two samples of the new policy",
 }
+
+INT32_MAX = 2**31 - 1  # PostgreSQL's integer: Pair.priority, Job.step, seeds stored on rows
+# Range of every numeric setting: (lowest, highest, lowest excluded). Checked at launch, so a value the
+# database or the engine would refuse after hours of training is refused before anything runs.
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "seed": (0, INT32_MAX - 100_000, False),  # the runner adds the round number and 10,000 to it
+    "reward_epochs": (1, 1000, False),
+    "reward_lr": (0.0, 1.0, True),
+    "reward_batch_size": (1, 65_536, False),
+    "reward_max_length": (16, 131_072, False),
+    "ppo_steps": (1, 1_000_000, False),
+    "ppo_batch_size": (1, 65_536, False),
+    "ppo_samples_per_prompt": (1, 1024, False),
+    "ppo_mini_batch_size": (1, 65_536, False),
+    "ppo_kl_coef": (0.0, 100.0, False),
+    "ppo_lr": (0.0, 1.0, True),
+    "ppo_max_new_tokens": (1, 32_768, False),
+    "ppo_save_every": (0, 1_000_000, False),
+    "sample_prompts": (1, 100_000, False),
+    "sample_per_prompt": (1, 64, False),
+    "sample_temperature": (0.0, 100.0, True),
+    "priority": (-INT32_MAX - 1, INT32_MAX, False),
+}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class ConfigError(ValueError):
+    """Bad round settings; `problems` maps each bad setting's name to what is wrong with it."""
+
+    def __init__(self, problems: dict[str, str]):
+        super().__init__("; ".join(problems.values()))
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -71,33 +107,27 @@ class RoundConfig:
     """Queue priority of the new pairs (higher is served first)."""
 
     def validate(self) -> None:
-        """Raise ValueError naming every bad value."""
-        problems = []
+        """Raise ConfigError naming every bad value and its setting."""
+        problems: dict[str, str] = {}
         if self.preset not in PRESETS:
-            problems.append(f"preset must be one of {', '.join(PRESETS)}")
+            problems["preset"] = f"preset must be one of {', '.join(PRESETS)}"
         if self.pairing not in PAIRINGS:
-            problems.append(f"pairing must be one of {', '.join(PAIRINGS)}")
-        for name in ("reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size",
-                     "ppo_mini_batch_size", "ppo_samples_per_prompt", "ppo_max_new_tokens", "sample_prompts", "sample_per_prompt"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        if self.reward_max_length < 16:
-            problems.append("reward_max_length must be at least 16")
-        if self.ppo_save_every < 0:
-            problems.append("ppo_save_every must be 0 or more")
-        for name in ("reward_lr", "ppo_lr", "sample_temperature"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be above 0")
-        if self.ppo_kl_coef < 0:
-            problems.append("ppo_kl_coef must be 0 or more")
-        if self.ppo_batch_size % self.ppo_mini_batch_size:
-            problems.append("ppo_batch_size must be a multiple of ppo_mini_batch_size")
-        if self.ppo_samples_per_prompt >= 1 and self.ppo_batch_size % self.ppo_samples_per_prompt:
-            problems.append("ppo_batch_size must be a multiple of ppo_samples_per_prompt")
-        if self.pairing == PAIRING_SELF and self.sample_per_prompt < 2:
-            problems.append("pairing 'self' needs sample_per_prompt of 2 or more")
+            problems["pairing"] = f"pairing must be one of {', '.join(PAIRINGS)}"
+        for name, (low, high, above) in BOUNDS.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or (value <= low if above else value < low) or value > high:
+                lowest = f"above {_number(low)}" if above else f"at least {_number(low)}"
+                problems[name] = f"{name} must be {lowest} and at most {_number(high)}, got {value!r}"
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems)
+        if self.ppo_batch_size % self.ppo_mini_batch_size:
+            problems["ppo_mini_batch_size"] = "ppo_batch_size must be a multiple of ppo_mini_batch_size"
+        if self.ppo_batch_size % self.ppo_samples_per_prompt:
+            problems["ppo_samples_per_prompt"] = "ppo_batch_size must be a multiple of ppo_samples_per_prompt"
+        if self.pairing == PAIRING_SELF and self.sample_per_prompt < 2:
+            problems["sample_per_prompt"] = "pairing 'self' needs sample_per_prompt of 2 or more"
+        if problems:
+            raise ConfigError(problems)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,16 +156,19 @@ def _convert(name: str, raw: Any) -> Any:
     kind = FIELDS[name].type
     if kind == "int":
         if isinstance(raw, bool):
-            raise ValueError(f"{name} must be an integer")
+            raise ConfigError({name: f"{name} must be an integer"})
         try:
             return int(str(raw).strip()) if not isinstance(raw, int) else raw
         except ValueError:
-            raise ValueError(f"{name}={raw!r} is not an integer") from None
+            raise ConfigError({name: f"{name}={raw!r} is not an integer"}) from None
     if kind == "float":
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{name}={raw!r} is not a number") from None
+            raise ConfigError({name: f"{name}={raw!r} is not a number"}) from None
+        if not math.isfinite(value):
+            raise ConfigError({name: f"{name}={raw!r} is not a finite number"})
+        return value
     return str(raw).strip()
 
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from django import forms
 
-from training.config import FIELDS, PAIRINGS, PRESETS, RoundConfig, build_config, field_help
+from training.config import (
+    BOUNDS,
+    FIELDS,
+    PAIRINGS,
+    PRESETS,
+    ConfigError,
+    RoundConfig,
+    build_config,
+    field_help,
+)
 
 SECTIONS = [
     ("Reward model", ["reward_epochs", "reward_lr", "reward_batch_size", "reward_max_length"]),
@@ -37,10 +46,11 @@ class LaunchRoundForm(forms.Form):
         common = {"initial": initial, "help_text": field_help(name), "label": label}
         if name == "pairing":
             return forms.ChoiceField(choices=list(PAIRINGS.items()), **common)
+        low, high, _ = BOUNDS.get(name, (None, None, False))
         if kind == "int":
-            return forms.IntegerField(min_value=None if name == "priority" else 0, **common)
+            return forms.IntegerField(min_value=low, max_value=high, **common)
         if kind == "float":
-            return forms.FloatField(min_value=0, **common)
+            return forms.FloatField(min_value=low, max_value=high, **common)
         return forms.CharField(required=False, **common)
 
     def sections(self):
@@ -53,6 +63,9 @@ class LaunchRoundForm(forms.Form):
         values = {k: v for k, v in cleaned.items() if k != "preset"}
         try:
             self.config = build_config(cleaned.get("preset", "demo"), values)
+        except ConfigError as exc:
+            for name, problem in exc.problems.items():
+                self.add_error(name if name in self.fields else None, problem)
         except ValueError as exc:
             raise forms.ValidationError(str(exc)) from None
         return cleaned
