@@ -68,7 +68,6 @@ def campaign_rounds(request, slug):
 @login_required
 def round_detail(request, round_id):
     round_ = round_for_reviewer(request, round_id)
-    actions.fail_stale_jobs()  # with beat, the page never waits on it; without, the page does the check
     jobs = list(round_.jobs.all())
     return render(request, "training/round_detail.html", {
         "round": round_,
