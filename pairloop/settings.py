@@ -162,8 +162,34 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # With acks_late on Redis, a job not acked within the visibility timeout is delivered again:
 # keep it above the longest job (STYLE.md, Celery side 9).
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("PAIRLOOP_VISIBILITY_TIMEOUT", 12 * 3600, minimum=60)}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env.int("PAIRLOOP_VISIBILITY_TIMEOUT", 12 * 3600, minimum=60),
+    "socket_connect_timeout": 5,  # a publish to an unreachable Redis gives up instead of hanging
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_TIMEOUT = 5
+# Publishing (a launch, a resume) retries a lost broker connection a few times, about 3 s in all, then
+# raises: the round's job is failed with the reason (training.actions._start_chain), never left queued.
+CELERY_TASK_PUBLISH_RETRY = True
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.5, "interval_step": 0.5,
+                                    "interval_max": 1}
+# Time limits per job kind, in seconds: at the soft limit the job stops (saving its resumable checkpoint)
+# and is marked failed with the reason; the hard limit kills it PAIRLOOP_TIME_LIMIT_GRACE s later.
+JOB_SOFT_TIME_LIMITS = {
+    "export": env.int("PAIRLOOP_TIME_LIMIT_EXPORT", 1800, minimum=10),
+    "reward": env.int("PAIRLOOP_TIME_LIMIT_REWARD", 4 * 3600, minimum=10),
+    "ppo": env.int("PAIRLOOP_TIME_LIMIT_PPO", 10 * 3600, minimum=10),
+    "sample": env.int("PAIRLOOP_TIME_LIMIT_SAMPLE", 2 * 3600, minimum=10),
+    "enqueue": env.int("PAIRLOOP_TIME_LIMIT_ENQUEUE", 1800, minimum=10),
+}
+JOB_TIME_LIMIT_GRACE = env.int("PAIRLOOP_TIME_LIMIT_GRACE", 300, minimum=1)
+_longest_job = max(JOB_SOFT_TIME_LIMITS.values()) + JOB_TIME_LIMIT_GRACE
+if _longest_job >= CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]:
+    raise ImproperlyConfigured(
+        "PAIRLOOP_VISIBILITY_TIMEOUT must be above the longest job's time limit (PAIRLOOP_TIME_LIMIT_*) "
+        "plus PAIRLOOP_TIME_LIMIT_GRACE, or Redis delivers a job again while it still runs")
+# A job ready for a worker that none has claimed for this long gets a warning on its card (beat checks).
+JOB_UNCLAIMED_WARN_SECONDS = env.int("PAIRLOOP_UNCLAIMED_WARN_SECONDS", 600, minimum=10)
 
 # Sessions in signed cookies: the labeling path loads no session row (DESIGN.md: lean request path).
 SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"

@@ -111,7 +111,7 @@ def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_wo
         assert reward_meta["stage"] == "reward" and 0.0 <= jobs[1].result["rm/accuracy"] <= 1.0
         # A new policy checkpoint whose weights moved away from the SFT policy it started from.
         assert read_checkpoint_meta(first.policy_checkpoint)["stage"] == "ppo"
-        assert first.policy_checkpoint == str(actions.round_dir(campaign, 1) / "policy")
+        assert first.policy_checkpoint == str(actions.round_dir(first) / "ppo-1" / "policy")
         start, trained = weights(first.parent_policy), weights(first.policy_checkpoint)
         assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)
         # Progress and metric points were written to the rows as the jobs ran.
@@ -163,13 +163,13 @@ def test_it_marks_a_job_failed_when_its_worker_is_killed_and_resume_finishes_it(
     killed_at = Job.objects.get(pk=ppo.pk).step
     assert killed_at < config.ppo_steps
 
-    # Its heartbeat goes stale; the round page (or beat) marks it failed with a clear reason.
+    # Its heartbeat goes stale; beat marks it failed with a clear reason.
     failed = wait_for(lambda: actions.fail_stale_jobs(), 3 * STALE_SECONDS, worker, "the job to go stale", poll=1)
     assert [job.pk for job in failed] == [ppo.pk]
     ppo.refresh_from_db()
     assert ppo.status == Job.FAILED and "no heartbeat" in ppo.error and "killed" in ppo.error
     assert round_.status() == Job.FAILED
-    resume_dir = actions.round_dir(campaign, 1) / "policy.resume"
+    resume_dir = actions.round_dir(round_) / "ppo-1" / "policy.resume"
     saved_step = read_checkpoint_meta(resume_dir)["step"]
     assert saved_step >= 2
 
@@ -178,8 +178,14 @@ def test_it_marks_a_job_failed_when_its_worker_is_killed_and_resume_finishes_it(
         jobs = wait_for(lambda: round_over(round_), 600, fresh, "the resumed round to finish")
     ppo = jobs[2]
     assert ppo.attempts == 2 and ppo.step == config.ppo_steps and ppo.error == ""
+    # The second attempt continued from the first one's checkpoint, not from step 0, writing into its own
+    # directory.
     assert f"resuming from {resume_dir} at step {saved_step}" in ppo.log
+    assert ppo.start_step == saved_step > 0
+    round_.refresh_from_db()
+    second_attempt = actions.round_dir(round_) / "ppo-2" / "policy"
+    assert round_.policy_checkpoint == ppo.checkpoint_path == str(second_attempt)
     # The points tell one story: every step once, in order, the resumed run's from its checkpoint on.
     assert [p["step"] for p in ppo.metrics] == list(range(1, config.ppo_steps + 1))
     assert jobs[4].result["created"] > 0 and campaign.pairs.filter(round=round_).exists()
-    assert not resume_dir.exists()  # the engine removes it once the final policy is saved
+    assert not resume_dir.parent.exists()  # the earlier attempt's directory goes once the job succeeded

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -22,8 +24,8 @@ from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgm
 from annotate.models import Judgment, Pair, Response, content_hash
 from tests.conftest import PASSWORD, make_campaign, make_user
 from training import actions, live, runner
-from training.config import build_config
-from training.engine.common import EngineError
+from training.config import ConfigError, build_config
+from training.engine.common import EngineError, StopWithoutSaving
 from training.models import Job, Round
 
 MIN = 5
@@ -260,6 +262,148 @@ def test_it_marks_a_job_whose_heartbeat_went_stale_failed_with_a_clear_reason(ch
 
 
 @pytest.mark.django_db
+def test_it_stops_a_worker_that_lost_its_job_without_writing_and_gives_each_attempt_its_own_directory(
+        chains, monkeypatch):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    seen = {}
+
+    def taken_over_while_running(job, progress):
+        seen["first_dir"] = actions.attempt_dir(job)
+        progress({"stage": "test", "step": 1, "total": 3, "metrics": {"test/loss": 1.0}})
+        # Meanwhile its heartbeat looks stale (clock skew, a failover): beat fails it, an admin resumes it,
+        # and another worker claims it.
+        Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=60))
+        assert actions.fail_stale_jobs()
+        actions.resume_job(job)
+        seen["second"] = claim(Job.objects.get(pk=job.pk), "second-worker")
+        try:
+            # The engine is about to write its resumable checkpoint: the report must stop it first.
+            progress({"stage": "test", "step": 2, "total": 3, "metrics": {}, "checkpoint": True})
+        except StopWithoutSaving as exc:
+            seen["stopped"] = exc
+            raise
+        seen["wrote_checkpoint"] = True
+        return runner.Outcome({"from": "the first worker"})
+
+    monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, taken_over_while_running)
+    assert runner.execute(job.pk, "first-worker") is False
+    assert isinstance(seen.get("stopped"), actions.JobLost) and "wrote_checkpoint" not in seen
+    job.refresh_from_db()
+    # The row is the second attempt's, untouched by the first worker's failure path.
+    assert (job.status, job.celery_task_id, job.attempts, job.result) == (Job.RUNNING, "second-worker", 2, {})
+    assert job.step == 1 and "Failed" not in job.log.split("Resumed")[-1]  # its step 2 was never written
+    assert actions.attempt_dir(seen["second"]) != seen["first_dir"]
+    assert seen["first_dir"].name == "export-1" and actions.attempt_dir(job).name == "export-2"
+    # A heartbeat that finds the job gone stops the next report before it writes anything.
+    assert runner.Heartbeat(job.pk, "second-worker", 1.0).beat() is True  # the owner's beats go on
+    progress = runner.Progress(job, "first-worker")
+    assert runner.Heartbeat(job.pk, "first-worker", 1.0, progress.lost).beat() is False
+    assert progress.lost.is_set()
+    with pytest.raises(actions.JobLost):
+        progress({"stage": "test", "step": 3, "total": 3, "metrics": {}, "log": "late"})
+    assert Job.objects.get(pk=job.pk).step == 1
+
+
+@pytest.mark.django_db
+def test_it_names_checkpoint_directories_by_ids_so_a_recreated_campaign_never_reuses_them(chains):
+    first = launch(judged_campaign(slug="again"))
+    first_dir = actions.round_dir(first)
+    first.campaign.delete()
+    second = launch(judged_campaign(slug="again"))
+    assert second.number == first.number == 1
+    assert actions.round_dir(second) != first_dir
+    assert actions.round_dir(second).name == f"round-{second.pk}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_fails_the_round_with_the_reason_when_the_job_queue_cannot_be_reached(monkeypatch, settings):
+    from pairloop.celery import app
+
+    # Redis is down: nothing listens where the broker should be. The chain is published for real.
+    monkeypatch.setitem(app.conf, "broker_url", "redis://127.0.0.1:9/0")
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    campaign = judged_campaign()
+    started = time.monotonic()
+    round_ = launch(campaign)
+    assert time.monotonic() - started < 30  # publishing gives up after a few retries, never hangs
+    export = round_.jobs.get(kind=Job.EXPORT)
+    assert export.status == Job.FAILED and round_.status() == Job.FAILED
+    assert export.error.startswith("Could not reach the job queue (Redis): ")
+    assert "press Resume once the queue is back" in export.error and "Connection refused" in export.error
+    assert actions.active_round(campaign) is None  # it blocks no launch
+    # Resuming while the queue is still down fails the same way, with the reason.
+    actions.resume_job(export)
+    export.refresh_from_db()
+    assert export.status == Job.FAILED and "Could not reach the job queue" in export.error
+
+
+@pytest.mark.django_db
+def test_it_flags_a_job_no_worker_claims_and_shows_the_warning_on_the_round_page(chains, settings, reviewer):
+    settings.JOB_UNCLAIMED_WARN_SECONDS = 60
+    round_ = launch(judged_campaign())
+    export, reward = round_.jobs.get(kind=Job.EXPORT), round_.jobs.get(kind=Job.REWARD)
+    assert actions.flag_unclaimed_jobs() == []  # just launched
+    assert reward.queued_at is None  # it waits on the export: no worker could take it yet
+    Job.objects.filter(pk=export.pk).update(queued_at=timezone.now() - timedelta(minutes=11))
+    assert actions.flag_unclaimed_jobs() == [export]
+    export.refresh_from_db()
+    assert export.status == Job.QUEUED  # flagged, not failed: a worker may still come
+    assert export.warning.startswith("Queued for 11 min and no worker has taken it")
+    assert "celery -A pairloop worker -Q default" in export.warning
+    page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
+    assert f'id="job-{export.pk}-warning"' in page and "no worker has taken it" in page
+    assert actions.flag_unclaimed_jobs() == []  # once
+    claim(export)
+    export.refresh_from_db()
+    assert export.warning == ""
+    # The job after it becomes ready when it succeeds, and is timed from then.
+    actions.finish_job(export.pk, "task-1", result={})
+    reward.refresh_from_db()
+    assert reward.queued_at is not None and actions.flag_unclaimed_jobs() == []
+
+
+@pytest.mark.django_db
+def test_it_reads_the_round_page_without_writing(chains, reviewer):
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+    claim(job)
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=120))
+    page = client_for(reviewer).get(f"/rounds/{round_.pk}/")
+    assert page.status_code == 200
+    job.refresh_from_db()
+    assert job.status == Job.RUNNING  # beat marks it failed, not a reviewer's GET
+
+
+@pytest.mark.django_db
+def test_it_gives_each_job_kind_its_time_limits_and_fails_a_job_past_its_soft_limit(
+        chains, settings, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from training import tasks
+
+    settings.JOB_SOFT_TIME_LIMITS = {**settings.JOB_SOFT_TIME_LIMITS, "ppo": 7200, "export": 60}
+    settings.JOB_TIME_LIMIT_GRACE = 30
+    options = tasks.signature_for(Job(pk=1, kind=Job.PPO)).options
+    assert (options["soft_time_limit"], options["time_limit"]) == (7200, 7230)
+    round_ = launch(judged_campaign())
+    job = round_.jobs.get(kind=Job.EXPORT)
+
+    def too_long(job, progress):
+        progress({"stage": "test", "step": 1, "total": 9, "metrics": {"test/loss": 1.0}})
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, too_long)
+    assert runner.execute(job.pk, "task-1") is False
+    job.refresh_from_db()
+    assert job.status == Job.FAILED
+    assert job.error_summary() == (
+        "The job ran past its time limit of 60 s (PAIRLOOP_TIME_LIMIT_EXPORT) and was stopped at step 1. "
+        "Resume continues from its last checkpoint; raise the limit for longer jobs.")
+
+
+@pytest.mark.django_db
 def test_it_resumes_a_failed_job_and_then_the_rest_of_its_chain(chains, django_capture_on_commit_callbacks):
     round_ = launch(judged_campaign())
     jobs = {job.kind: job for job in round_.jobs.all()}
@@ -340,6 +484,18 @@ def test_it_validates_round_settings_by_name():
         build_config("demo", {"ppo_samples_per_prompt": "3"})
     with pytest.raises(ValueError, match="pairing must be one of"):
         build_config("demo", {"pairing": "random"})
+    # Every numeric setting has a range, checked at launch and named: a priority the database cannot
+    # store used to pass and fail the enqueue job after the training.
+    for name, value, message in [
+        ("priority", 2**31, "priority must be at least -2147483648 and at most 2147483647"),
+        ("ppo_steps", 0, "ppo_steps must be at least 1"),
+        ("ppo_lr", 0, "ppo_lr must be above 0"),
+        ("sample_temperature", "inf", "sample_temperature='inf' is not a finite number"),
+        ("ppo_save_every", 10**9, "ppo_save_every must be at least 0 and at most 1000000"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+            build_config("demo", {name: value})
+        assert list(refused.value.problems) == [name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +568,12 @@ def test_it_launches_a_round_from_the_form(chains, admin_user, django_capture_on
     assert b"plotly/plotly.min.js" in page.content and f'ws-connect="/ws/rounds/{round_.pk}/"'.encode() in page.content
     bad = client.post(f"/campaigns/{campaign.slug}/rounds/", {**form, "ppo_batch_size": 10, "ppo_mini_batch_size": 4})
     assert b"ppo_batch_size must be a multiple" in bad.content
+    # An out-of-range value is refused on its own field, and nothing is launched.
+    for field, value, message in [("priority", 2**31, "less than or equal to 2147483647"),
+                                  ("ppo_lr", 0, "ppo_lr must be above 0 and at most 1, got 0.0")]:
+        bad = client.post(f"/campaigns/{campaign.slug}/rounds/", {**form, field: value})
+        assert bad.status_code == 200 and Round.objects.count() == 1
+        assert list(bad.context["form"].errors) == [field] and message in bad.context["form"].errors[field][0]
 
 
 @pytest.mark.django_db

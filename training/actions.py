@@ -4,7 +4,8 @@ Views, management commands, Celery tasks and tests call these; nothing else crea
 moves a job's status. A worker owns a running job through its Celery task id: every write it
 makes is a conditional UPDATE on (status=running, celery_task_id=its id), so a job taken away
 from it (marked failed because its heartbeat went stale, then resumed elsewhere) is never
-written by the old worker again.
+written by the old worker again. Heartbeats and their staleness are both read on the database's
+clock (Now()), so hosts whose clocks disagree never make a live job look dead.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Value
-from django.db.models.functions import Coalesce, Least
+from django.db.models import DateTimeField, ExpressionWrapper, F, Value
+from django.db.models.functions import Coalesce, Least, Now
 from django.utils import timezone
 
 from annotate.models import Campaign, Judgment
 from training import live
 from training.config import RoundConfig
+from training.engine.stop import StopWithoutSaving
 from training.models import Job, Round
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,9 @@ class RoundRefused(ValueError):
     """A launch or resume that must not happen; the message says why, for the admin."""
 
 
-class JobLost(RuntimeError):
-    """The worker no longer owns this job (it was marked failed or cancelled meanwhile)."""
+class JobLost(StopWithoutSaving):
+    """The worker no longer owns this job (it was marked failed or cancelled meanwhile): the engine stops
+    without writing its resumable checkpoint, which is the next attempt's to write."""
 
 
 def usable_judgments(campaign: Campaign) -> int:
@@ -52,8 +55,17 @@ def active_round(campaign: Campaign) -> Round | None:
     return None
 
 
-def round_dir(campaign: Campaign, number: int) -> Path:
-    return Path(settings.PAIRLOOP["CHECKPOINTS_DIR"]) / campaign.slug / f"round-{number}"
+def round_dir(round_: Round) -> Path:
+    """Where a round's jobs write, named by ids: a campaign deleted and created again under the same
+    slug gets new rounds in new directories, never over the checkpoints older rounds name as parent."""
+    checkpoints = Path(settings.PAIRLOOP["CHECKPOINTS_DIR"])
+    return checkpoints / f"campaign-{round_.campaign_id}" / f"round-{round_.pk}"
+
+
+def attempt_dir(job: Job, attempt: int | None = None) -> Path:
+    """The directory of one attempt of a job (its current one by default): each attempt writes only its
+    own, so a worker that lost the job can never overwrite what the attempt that took it over uses."""
+    return round_dir(job.round) / f"{job.kind}-{attempt or job.attempts}"
 
 
 def base_policy(campaign: Campaign, preset: str) -> str:
@@ -106,7 +118,9 @@ def launch_round(campaign: Campaign, user, config: RoundConfig) -> Round:
             parent_policy=parent_policy(campaign, config.preset),
             launched_by=user if getattr(user, "is_authenticated", False) else None,
         )
-        jobs = [Job.objects.create(round=round_, kind=kind, order=order) for order, kind in enumerate(CHAIN)]
+        jobs = [Job.objects.create(round=round_, kind=kind, order=order,
+                                   queued_at=Now() if order == 0 else None)  # the first is ready at once
+                for order, kind in enumerate(CHAIN)]
         job_ids = [job.pk for job in jobs]
         transaction.on_commit(lambda: _start_chain(job_ids))
     log.info("launched %s (%d usable judgments)", round_, usable)
@@ -114,9 +128,30 @@ def launch_round(campaign: Campaign, user, config: RoundConfig) -> Round:
 
 
 def _start_chain(job_ids: list[int]) -> None:
+    """Publish the chain (on commit); when the broker cannot take it, fail the chain's first job with
+    the reason, so the round does not sit queued for ever and block the next launch."""
     from training import tasks
 
-    tasks.start_chain(job_ids)
+    try:
+        tasks.start_chain(job_ids)
+    except Exception as exc:  # noqa: BLE001 - kombu and redis-py raise several types for a lost broker
+        log.exception("could not publish the chain of jobs %s", job_ids)
+        fail_unpublished(job_ids[0], f"{type(exc).__name__}: {exc}")
+
+
+def fail_unpublished(job_id: int, reason: str) -> Job | None:
+    """Mark a queued job failed because its Celery message could not be sent (None if it is not queued)."""
+    error = (f"Could not reach the job queue (Redis): {reason}. Nothing ran; press Resume once "
+             "the queue is back.")
+    now = timezone.now()
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None or not Job.objects.filter(pk=job_id, status=Job.QUEUED).update(
+            status=Job.FAILED, finished_at=now, error=error, warning="",
+            log=_append_log(job.log, "Failed: the job queue could not be reached.")):
+        return None
+    job.refresh_from_db()
+    live.job_changed(job)
+    return job
 
 
 def cancel_job(job: Job) -> Job:
@@ -158,13 +193,17 @@ def resume_job(job: Job) -> Job:
             raise RoundRefused(f"Round {running.number} of this campaign is {running.status()}: "
                                "two rounds of one campaign never run at once.")
         job.status, job.cancel_requested, job.finished_at = Job.QUEUED, False, None
+        job.warning = ""
         job.log = _append_log(job.log, "Resumed: continuing from the last checkpoint.")
-        job.save(update_fields=["status", "cancel_requested", "finished_at", "log"])
+        job.save(update_fields=["status", "cancel_requested", "finished_at", "warning", "log"])
+        Job.objects.filter(pk=job.pk).update(queued_at=Now())
         later = list(Job.objects.filter(round=job.round, order__gt=job.order).order_by("order"))
         for other in later:
-            if other.status in (Job.FAILED, Job.CANCELLED):
+            if other.status in (Job.FAILED, Job.CANCELLED, Job.QUEUED):
                 other.status, other.cancel_requested, other.finished_at = Job.QUEUED, False, None
-                other.save(update_fields=["status", "cancel_requested", "finished_at"])
+                other.queued_at, other.warning = None, ""
+                other.save(update_fields=["status", "cancel_requested", "finished_at", "queued_at",
+                                          "warning"])
         job_ids = [job.pk] + [other.pk for other in later if other.status != Job.SUCCEEDED]
         transaction.on_commit(lambda: _start_chain(job_ids))
         transaction.on_commit(lambda: live.job_changed(job))
@@ -180,7 +219,6 @@ def claim_job(job_id: int, task_id: str) -> tuple[Job | None, str]:
 
     A conditional UPDATE: of two deliveries of one job (a redelivered message and a resume), one wins.
     """
-    now = timezone.now()
     job = Job.objects.select_related("round__campaign").filter(pk=job_id).first()
     if job is None:
         return None, "gone"
@@ -190,8 +228,9 @@ def claim_job(job_id: int, task_id: str) -> tuple[Job | None, str]:
     if earlier.exists():
         return None, "waiting"
     claimed = Job.objects.filter(pk=job_id, status=Job.QUEUED).update(
-        status=Job.RUNNING, celery_task_id=task_id, started_at=now, heartbeat_at=now, finished_at=None,
-        start_step=0 if job.step == 0 else None, error="", attempts=F("attempts") + 1, cancel_requested=False,
+        status=Job.RUNNING, celery_task_id=task_id, started_at=Now(), heartbeat_at=Now(), finished_at=None,
+        start_step=0 if job.step == 0 else None, error="", warning="", attempts=F("attempts") + 1,
+        cancel_requested=False,
     )
     if not claimed:
         return None, "taken"
@@ -211,7 +250,7 @@ def record_progress(job_id: int, task_id: str, *, step: int, total: int, metrics
     Returns whether a cancel was requested. Raises JobLost when this task no longer owns the job.
     """
     updated = _mine(job_id, task_id).update(
-        step=step, total_steps=total, metrics=metrics, log=log_text, heartbeat_at=timezone.now(),
+        step=step, total_steps=total, metrics=metrics, log=log_text, heartbeat_at=Now(),
         start_step=Least(Coalesce(F("start_step"), Value(step)), Value(step)),
     )
     if not updated:
@@ -225,7 +264,7 @@ def cancel_requested(job_id: int) -> bool:
 
 def heartbeat(job_id: int, task_id: str) -> bool:
     """Refresh the heartbeat of a running job; False when this task no longer owns it."""
-    return bool(_mine(job_id, task_id).update(heartbeat_at=timezone.now()))
+    return bool(_mine(job_id, task_id).update(heartbeat_at=Now()))
 
 
 def finish_job(job_id: int, task_id: str, *, result: dict, checkpoint_path: str = "", step: int | None = None,
@@ -249,6 +288,7 @@ def finish_job(job_id: int, task_id: str, *, result: dict, checkpoint_path: str 
             fields.append("step")
         job.save(update_fields=fields)
         round_ = job.round
+        Job.objects.filter(round=round_, order=job.order + 1, status=Job.QUEUED).update(queued_at=Now())
         changed = dict(round_fields or {})
         if not Job.objects.filter(round=round_).exclude(pk=job.pk).exclude(status=Job.SUCCEEDED).exists():
             changed["finished_at"] = now
@@ -278,27 +318,52 @@ def fail_job(job_id: int, task_id: str, *, error: str, log_text: str | None = No
     return job
 
 
-def fail_stale_jobs(now=None) -> list[Job]:
+def _seconds_ago(seconds: int) -> ExpressionWrapper:
+    """The database's now minus `seconds`: compared with times the database wrote (Now()), so the
+    clocks of the hosts that run workers and beat never enter the comparison."""
+    return ExpressionWrapper(Now() - Value(timedelta(seconds=seconds)), output_field=DateTimeField())
+
+
+def fail_stale_jobs() -> list[Job]:
     """Running jobs whose heartbeat is older than PAIRLOOP["HEARTBEAT_STALE_SECONDS"] are marked failed:
-    their worker was killed or lost the database. Called by Celery beat and by the round page."""
-    now = now or timezone.now()
+    their worker was killed or lost the database. Called by Celery beat (and `launch_round --wait`)."""
     stale_after = settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"]
-    cutoff = now - timedelta(seconds=stale_after)
     failed = []
-    for job in Job.objects.filter(status=Job.RUNNING, heartbeat_at__lt=cutoff).select_related("round"):
+    stale = Job.objects.filter(status=Job.RUNNING, heartbeat_at__lt=_seconds_ago(stale_after))
+    for job in stale.annotate(db_now=Now()).select_related("round"):
         seen = job.heartbeat_at
-        ago = int((now - seen).total_seconds())
+        ago = int((job.db_now - seen).total_seconds())
         error = (f"The worker stopped: no heartbeat for {ago} s (a job is marked failed after "
                  f"{stale_after} s of silence). It was probably killed or lost its connection at "
                  f"{timezone.localtime(seen):%Y-%m-%d %H:%M:%S}. Resume continues from the last checkpoint.")
         if Job.objects.filter(pk=job.pk, status=Job.RUNNING, heartbeat_at=seen).update(
-                status=Job.FAILED, finished_at=now, error=error,
+                status=Job.FAILED, finished_at=Now(), error=error,
                 log=_append_log(job.log, "Marked failed: the worker's heartbeat went stale.")):
             job.refresh_from_db()
             live.job_changed(job)
             failed.append(job)
             log.warning("%s: %s", job, error)
     return failed
+
+
+def flag_unclaimed_jobs() -> list[Job]:
+    """Jobs ready for a worker longer than PAIRLOOP_UNCLAIMED_WARN_SECONDS that none has claimed get a
+    warning on their card (they stay queued: a worker may still come). Called by Celery beat."""
+    warn_after = settings.JOB_UNCLAIMED_WARN_SECONDS
+    flagged = []
+    waiting = Job.objects.filter(status=Job.QUEUED, warning="", queued_at__lt=_seconds_ago(warn_after))
+    for job in waiting.annotate(db_now=Now()).select_related("round"):
+        minutes = max(1, int((job.db_now - job.queued_at).total_seconds() // 60))
+        queue = "training" if job.kind in Job.TRAINING_KINDS else "default"
+        warning = (f"Queued for {minutes} min and no worker has taken it (warned after {warn_after} s, "
+                   f"PAIRLOOP_UNCLAIMED_WARN_SECONDS): is a worker consuming the {queue} queue "
+                   f"(celery -A pairloop worker -Q {queue}) and is Redis reachable from it?")
+        if Job.objects.filter(pk=job.pk, status=Job.QUEUED, warning="").update(warning=warning):
+            job.refresh_from_db()
+            live.job_changed(job)
+            flagged.append(job)
+            log.warning("%s: %s", job, warning)
+    return flagged
 
 
 LOG_TAIL_CHARS = 8000

@@ -132,6 +132,13 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    queued_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="When it became ready for a worker (launched, resumed, or its previous job done); "
+                  "empty while an earlier job still has to finish.")
+    warning = models.TextField(
+        blank=True,
+        help_text="Why it looks stuck (queued, no worker took it); cleared when a worker claims it.")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

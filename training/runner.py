@@ -4,6 +4,10 @@
 heartbeat fresh from a thread, run the job kind's function with a progress callback that writes
 step, metric points and log tail to the row (and raises to cancel), then mark it succeeded,
 failed (message + traceback) or cancelled. The Celery tasks only call it.
+
+Each attempt writes into its own directory (actions.attempt_dir) and resumes from the newest
+checkpoint an earlier attempt left; a worker that lost its job (JobLost, a StopWithoutSaving) stops
+without writing anything more.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import connections
 from django.utils import timezone
@@ -65,8 +70,10 @@ class Progress:
     A job with several parts (sampling two policies) maps each part onto one bar with `section`.
     """
 
-    def __init__(self, job: Job, task_id: str, min_interval: float = 0.5, log_every: float = 5.0):
+    def __init__(self, job: Job, task_id: str, min_interval: float = 0.5, log_every: float = 5.0,
+                 lost: threading.Event | None = None):
         self.job_id, self.round_id, self.task_id = job.pk, job.round_id, task_id
+        self.lost = lost or threading.Event()  # set by the heartbeat thread when the job was taken away
         self.step, self.total = job.step if job.attempts > 1 else 0, job.total_steps
         self.metrics: list[dict[str, Any]] = list(job.metrics) if job.attempts > 1 else []
         self.log = job.log
@@ -79,12 +86,15 @@ class Progress:
 
     # -- the callback -----------------------------------------------------------------------
     def __call__(self, event: dict[str, Any]) -> None:
-        force = False
+        if self.lost.is_set():
+            raise actions.JobLost(f"job {self.job_id} is no longer running under task {self.task_id}")
+        # Before the engine writes a checkpoint, the row is written (and so ownership proved) first.
+        force = bool(event.get("checkpoint"))
         if "step" in event:
             self.step = self._offset + int(event["step"])
             if event.get("total") and not self._section_total:
                 self.total = int(event["total"])
-            force = self.step >= self.total > 0
+            force = force or self.step >= self.total > 0
         metrics = event.get("metrics") or {}
         if metrics and "step" in event:
             self._add_point(self.step, metrics)
@@ -152,18 +162,27 @@ class Progress:
 
 
 class Heartbeat(threading.Thread):
-    """Keeps a running job's heartbeat fresh while the main thread is busy (loading a model, a long step)."""
+    """Keeps a running job's heartbeat fresh while the main thread is busy (loading a model, a long step);
+    sets `lost` when the job is no longer this task's, so the next progress report stops the run."""
 
-    def __init__(self, job_id: int, task_id: str, interval: float):
+    def __init__(self, job_id: int, task_id: str, interval: float, lost: threading.Event | None = None):
         super().__init__(name=f"heartbeat-job-{job_id}", daemon=True)
         self.job_id, self.task_id, self.interval = job_id, task_id, interval
+        self.lost = lost or threading.Event()
         self._stop_event = threading.Event()
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat once; False (and `lost` set) when the job is no longer this task's."""
+        if actions.heartbeat(self.job_id, self.task_id):
+            return True
+        self.lost.set()
+        return False
 
     def run(self) -> None:
         try:
             while not self._stop_event.wait(self.interval):
                 try:
-                    if not actions.heartbeat(self.job_id, self.task_id):
+                    if not self.beat():
                         return
                 except Exception:  # noqa: BLE001 - a missed beat is retried; staleness is the alarm
                     log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
@@ -190,9 +209,10 @@ def execute(job_id: int, task_id: str) -> bool:
     if job is None:
         log.info("job %s not run by task %s: %s", job_id, task_id, why)
         return why == Job.SUCCEEDED
-    progress = Progress(job, task_id)
+    lost = threading.Event()
+    progress = Progress(job, task_id, lost=lost)
     progress.line(f"Started {job.get_kind_display()} (attempt {job.attempts}) on {_host()}.")
-    beat = Heartbeat(job.pk, task_id, heartbeat_interval())
+    beat = Heartbeat(job.pk, task_id, heartbeat_interval(), lost)
     beat.start()
     try:
         outcome = RUNNERS[job.kind](job, progress)
@@ -202,7 +222,17 @@ def execute(job_id: int, task_id: str) -> bool:
                          metrics=progress.metrics, step=progress.step)
         return False
     except actions.JobLost:
-        log.warning("job %s was taken away from task %s while it ran", job_id, task_id)
+        log.warning("job %s was taken away from task %s: stopped without writing", job_id, task_id)
+        return False
+    except SoftTimeLimitExceeded:
+        from training.tasks import time_limits
+
+        message = (f"The job ran past its time limit of {time_limits(job.kind)[0]} s "
+                   f"(PAIRLOOP_TIME_LIMIT_{job.kind.upper()}) and was stopped at step {progress.step}. "
+                   "Resume continues from its last checkpoint; raise the limit for longer jobs.")
+        progress.line(f"Failed: {message}")
+        actions.fail_job(job_id, task_id, error=f"{message}\n\n{traceback.format_exc()}",
+                         log_text=progress.log, metrics=progress.metrics, step=progress.step)
         return False
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the row
         message = _error_message(exc)
@@ -220,6 +250,7 @@ def execute(job_id: int, task_id: str) -> bool:
                            log_text=progress.log, round_fields=outcome.round_fields)
     except actions.JobLost:
         return False
+    _remove_earlier_attempts(job)
     return True
 
 
@@ -254,16 +285,33 @@ def device() -> str:
     return settings.PAIRLOOP["DEVICE"]
 
 
-def _fresh_start(job: Job, *paths: Path) -> None:
-    """A job's first attempt starts clean: leftovers at its paths (an earlier database's round with the
-    same number) must not be taken for its resumable checkpoint. A resume keeps them."""
-    if job.attempts > 1:
-        return
-    for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def _fresh_start(job: Job) -> Path:
+    """This attempt's own directory, empty: anything there was left by an earlier database whose ids
+    were the same, and must not be taken for this attempt's checkpoint."""
+    out = actions.attempt_dir(job)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def _earlier_checkpoint(job: Job, name: str, resume_dir: Callable[[Path], Path]) -> str:
+    """The resumable checkpoint with the highest step that an earlier attempt of this job left
+    (`resume_dir(<attempt dir>/<name>)`), or "" for none: a resumed job continues from it."""
+    from training.engine.common import find_checkpoint, read_checkpoint_meta
+
+    found = []
+    for attempt in range(job.attempts - 1, 0, -1):
+        path = find_checkpoint(resume_dir(actions.attempt_dir(job, attempt) / name))
+        if path is not None:
+            found.append(((read_checkpoint_meta(path) or {}).get("step") or 0, attempt, path))
+    return str(max(found)[2]) if found else ""
+
+
+def _remove_earlier_attempts(job: Job) -> None:
+    """Once an attempt succeeded, the directories of the earlier ones are no longer needed."""
+    for attempt in range(1, job.attempts):
+        shutil.rmtree(actions.attempt_dir(job, attempt), ignore_errors=True)
 
 
 def ensure_policy(path: str, preset: str) -> str:
@@ -345,8 +393,7 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
 
     round_ = job.round
     config = round_config(round_)
-    out = actions.round_dir(round_.campaign, round_.number) / "reward"
-    _fresh_start(job, out, reward.resume_dir(out))
+    out = _fresh_start(job) / "reward"
     backbone = config.reward_model or settings.PAIRLOOP["REWARD_MODEL"]
     if backbone == REWARD_FROM_SFT:
         backbone = round_.config["base_policy"]
@@ -358,6 +405,7 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
         train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
         batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
         log_every=2, eval_every=max(10, steps // 10), save_every=max(20, steps // 10), resume=True,
+        resume_from=_earlier_checkpoint(job, "reward", reward.resume_dir),
         device=device(), **({"model": backbone} if backbone else {}),
     )
     progress.line(f"Reward model from {args.model} on {round_.dataset_path}")
@@ -375,8 +423,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     config = round_config(round_)
     if not round_.reward_checkpoint:
         raise RunnerError("this round has no reward model yet: its reward job has not succeeded")
-    out = actions.round_dir(round_.campaign, round_.number) / "policy"
-    _fresh_start(job, out, ppo.resume_dir(out))
+    out = _fresh_start(job) / "policy"
     progress.line(f"Loading the starting policy {round_.parent_policy}")
     policy = ensure_policy(round_.parent_policy, config.preset)
     reference = ensure_policy(round_.config["base_policy"], config.preset)
@@ -388,6 +435,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
         samples_per_prompt=config.ppo_samples_per_prompt,
         init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
         save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),
+        resume_from=_earlier_checkpoint(job, "policy", ppo.resume_dir),
     )
     progress.line(f"PPO on {len(prompts)} prompts for {args.steps} steps of {args.batch_size} rollouts")
     metrics = ppo.main(args, progress)
@@ -435,8 +483,7 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
     scores = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
     samples = [{"prompt_id": pid, "prompt": text, "new": n, "other": o}
                for (pid, text), n, o in zip(rows, new, other)]
-    out = actions.round_dir(round_.campaign, round_.number) / "samples.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _fresh_start(job) / "samples.jsonl"
     out.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
 
     def mean_score(side: str) -> float | None:

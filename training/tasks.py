@@ -2,7 +2,8 @@
 
 Training tasks (reward, PPO, sampling) go to the `training` queue (QUEUES below), which a GPU box consumes
 with `celery -A pairloop worker -Q training --concurrency 1` (prefetch 1, acks late: settings.py);
-export and enqueue are light and go to `default`. A task that did not finish its job (failed,
+export and enqueue are light and go to `default`. Each kind has its own soft and hard time limits
+(settings.JOB_SOFT_TIME_LIMITS, PAIRLOOP_TIME_LIMIT_*). A task that did not finish its job (failed,
 cancelled, or found it run elsewhere) raises Ignore, so the rest of the chain is not sent.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from celery import chain, shared_task
 from celery.exceptions import Ignore
+from django.conf import settings
 
 from training import actions, runner
 from training.models import Job
@@ -50,7 +52,10 @@ def enqueue_job(self, job_id: int) -> int:
 
 @shared_task(name="training.fail_stale_jobs", ignore_result=True)
 def fail_stale_jobs() -> int:
-    return len(actions.fail_stale_jobs())
+    """Beat's check: running jobs whose worker went silent fail; queued ones nobody takes are flagged."""
+    failed = actions.fail_stale_jobs()
+    actions.flag_unclaimed_jobs()
+    return len(failed)
 
 
 TASKS = {Job.EXPORT: export_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.SAMPLE: sample_job,
@@ -59,9 +64,17 @@ TASKS = {Job.EXPORT: export_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.S
 QUEUES = {kind: TRAINING_QUEUE if kind in Job.TRAINING_KINDS else DEFAULT_QUEUE for kind in TASKS}
 
 
+def time_limits(kind: str) -> tuple[int, int]:
+    """(soft, hard) time limits of a job kind in s: PAIRLOOP_TIME_LIMIT_<KIND>, plus ..._GRACE."""
+    soft = settings.JOB_SOFT_TIME_LIMITS[kind]
+    return soft, soft + settings.JOB_TIME_LIMIT_GRACE
+
+
 def signature_for(job: Job):
-    """An immutable signature (the job id is its only argument), routed to its kind's queue."""
-    return TASKS[job.kind].si(job.pk).set(queue=QUEUES[job.kind])
+    """An immutable signature (the job id is its only argument), routed to its kind's queue, with its
+    kind's time limits."""
+    soft, hard = time_limits(job.kind)
+    return TASKS[job.kind].si(job.pk).set(queue=QUEUES[job.kind], soft_time_limit=soft, time_limit=hard)
 
 
 def start_chain(job_ids: list[int]) -> None:
