@@ -21,7 +21,7 @@ from django.test import Client
 from django.utils import timezone
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
-from annotate.models import Judgment, Pair, Response, content_hash
+from annotate.models import Campaign, Judgment, Pair, Response, content_hash
 from tests.conftest import PASSWORD, make_campaign, make_user
 from training import actions, live, runner
 from training.config import ConfigError, build_config
@@ -306,10 +306,11 @@ def test_it_stops_a_worker_that_lost_its_job_without_writing_and_gives_each_atte
 
 
 @pytest.mark.django_db
-def test_it_names_checkpoint_directories_by_ids_so_a_recreated_campaign_never_reuses_them(chains):
+def test_it_names_checkpoint_directories_by_ids_so_a_campaign_taking_an_old_slug_never_reuses_them(chains):
     first = launch(judged_campaign(slug="again"))
     first_dir = actions.round_dir(first)
-    first.campaign.delete()
+    # Its judgments keep the campaign from being deleted; renamed, its slug is free for a new campaign.
+    Campaign.objects.filter(pk=first.campaign_id).update(slug="again-before")
     second = launch(judged_campaign(slug="again"))
     assert second.number == first.number == 1
     assert actions.round_dir(second) != first_dir
