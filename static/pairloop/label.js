@@ -91,5 +91,14 @@
     if (event.detail.target && event.detail.target.id === "pair") reset();
   });
   document.addEventListener("htmx:oobAfterSwap", () => { if (!form()) reset(); });
+  // A socket that opens again (Redis or the server restarted) may have missed a push: look for pairs now.
+  document.addEventListener("htmx:wsOpen", (event) => {
+    const waiting = event.target.closest("[data-refresh-url]");
+    if (!waiting) return;
+    if (waiting.dataset.opened === "1") {
+      htmx.ajax("GET", waiting.dataset.refreshUrl, { target: "#pair", swap: "outerHTML" });
+    }
+    waiting.dataset.opened = "1";
+  });
   document.addEventListener("DOMContentLoaded", reset);
 })();
