@@ -215,11 +215,25 @@ def start_import_job(campaign, user, upload, *, pairs_per_prompt: int | None = N
                 campaign=campaign, uploaded_by=user, file_name=(upload.name or "")[:255], file_path=str(path),
                 file_size=path.stat().st_size,
                 options={"pairs_per_prompt": pairs_per_prompt, "seed": seed, "priority": priority})
-            import_job.delay_on_commit(job.pk)
+            transaction.on_commit(lambda: _send(import_job, job))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return job
+
+
+def _send(task, job: ImportJob) -> None:
+    """Hand the job to a worker (on commit); when the queue cannot take it, fail the job with the reason and
+    drop the upload, so it never sits queued for ever."""
+    try:
+        task.delay(job.pk)
+    except Exception as exc:  # noqa: BLE001 - kombu and redis-py raise several types for a lost broker
+        log.exception("could not queue import job %s", job.pk)
+        error = (f"Could not reach the job queue (Redis): {type(exc).__name__}: {exc}. Nothing was imported; "
+                 "upload the file again once the queue is back.")
+        if ImportJob.objects.filter(pk=job.pk, status=ImportJob.QUEUED).update(
+                status=ImportJob.FAILED, errors=[error], finished_at=timezone.now()):
+            Path(job.file_path).unlink(missing_ok=True)
 
 
 def run_import_job(job_id: int) -> ImportJob | None:

@@ -189,3 +189,24 @@ def test_a_real_worker_imports_uploads_and_reports_errors(admin_user):
     assert Pair.objects.filter(campaign=campaign).count() == 5
     assert b"Imported 5 pairs from 5 rows" in client.get(good.get_absolute_url()).content
     assert not Path(good.file_path).exists() and not Path(bad.file_path).exists()
+
+
+def test_an_upload_the_job_queue_cannot_take_fails_with_the_reason(admin_user, monkeypatch,
+                                                                    django_capture_on_commit_callbacks):
+    from pairloop.celery import app
+
+    # Redis is down: nothing listens where the broker should be. The task is published for real.
+    monkeypatch.setitem(app.conf, "broker_url", "redis://127.0.0.1:9/0")
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    campaign = make_campaign("no-queue")
+    client = client_for(admin_user)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = upload(client, campaign, "pairs.jsonl", jsonl(ROWS))
+    job = ImportJob.objects.get(campaign=campaign)
+    assert response.status_code == 302 and response["Location"] == job.get_absolute_url()
+    assert job.status == ImportJob.FAILED and job.finished_at is not None
+    assert job.errors[0].startswith("Could not reach the job queue (Redis): ")
+    assert "upload the file again once the queue is back" in job.errors[0]
+    assert not Path(job.file_path).exists() and not Pair.objects.filter(campaign=campaign).exists()
+    assert b"Could not reach the job queue" in client.get(job.get_absolute_url()).content
