@@ -50,7 +50,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from annotate.actions import PairInput, add_pairs
-from annotate.models import ImportJob
+from annotate.models import ImportJob, Pair
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,9 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
     path = Path(path)
     if pairs_per_prompt is not None and pairs_per_prompt < 1:
         raise ImportFailed([RowError(0, "pairs_per_prompt", f"must be at least 1, got {pairs_per_prompt}")])
+    low, high = Pair.PRIORITY_RANGE
+    if not low <= priority <= high:
+        raise ImportFailed([RowError(0, "priority", f"must be from {low} to {high}, got {priority}")])
     reader = _reader_for(path, settings.PAIRLOOP["MAX_IMPORT_BYTES"])
 
     # Pass 1: validate every row, keep the first MAX_ERRORS problems and count the rest.

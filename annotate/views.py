@@ -257,7 +257,7 @@ def _size(n: int) -> str:
     return f"{n / 1024**2:.4g} MiB" if n >= 1024**2 else f"{n} bytes"
 
 
-def _whole_number(value: str, what: str, minimum: int | None = None) -> int | None:
+def _whole_number(value: str, what: str, minimum: int | None = None, maximum: int | None = None) -> int | None:
     """A form field's whole number (None when empty); raises ValueError with a message naming the field."""
     value = (value or "").strip()
     if not value:
@@ -268,6 +268,8 @@ def _whole_number(value: str, what: str, minimum: int | None = None) -> int | No
         raise ValueError(f"{what} must be a whole number, not {value!r}.") from None
     if minimum is not None and number < minimum:
         raise ValueError(f"{what} must be at least {minimum}.")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{what} must be at most {maximum}.")
     return number
 
 
@@ -297,7 +299,7 @@ def _import_page(request, campaign, capped: CappedUpload):
         else:
             try:
                 pairs_per_prompt = _whole_number(request.POST.get("pairs_per_prompt"), "Pairs per prompt", 1)
-                priority = _whole_number(request.POST.get("priority"), "Priority") or 0
+                priority = _whole_number(request.POST.get("priority"), "Priority", *Pair.PRIORITY_RANGE) or 0
             except ValueError as exc:
                 error, status = str(exc), 400
             else:

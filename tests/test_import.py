@@ -475,3 +475,8 @@ def test_the_command_fails_with_line_and_field_and_for_an_unknown_campaign(tmp_p
         call_command("import_pairs", "nope", str(path))
     with pytest.raises(CommandError, match="pairs_per_prompt"):
         call_command("import_pairs", campaign.slug, str(path), "--pairs-per-prompt", "0")
+    # A priority the database cannot store is refused before anything is written, naming the field.
+    good = write_jsonl(tmp_path / "good.jsonl", AB_ROWS)
+    with pytest.raises(CommandError, match=r"field 'priority': must be from -2147483648 to 2147483647"):
+        call_command("import_pairs", campaign.slug, str(good), "--priority", str(2**31))
+    assert not Pair.objects.filter(campaign=campaign).exists()

@@ -143,7 +143,8 @@ def test_it_refuses_a_bad_form_without_queueing_anything(admin_user):
     campaign = make_campaign("form")
     client = client_for(admin_user)
     refusals = (({"pairs_per_prompt": "0"}, b"Pairs per prompt must be at least 1."),
-                ({"priority": "high"}, b"Priority must be a whole number, not &#x27;high&#x27;."))
+                ({"priority": "high"}, b"Priority must be a whole number, not &#x27;high&#x27;."),
+                ({"priority": str(2**31)}, b"Priority must be at most 2147483647."))
     for fields, message in refusals:
         response = upload(client, campaign, "pairs.jsonl", jsonl(ROWS), **fields)
         assert response.status_code == 400 and message in response.content
