@@ -35,6 +35,8 @@ LOGIN_URLS = ["/accounts/login/", "/admin/login/"]
 
 
 def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    # The browser tests' conftest sets DJANGO_ALLOW_ASYNC_UNSAFE in this process; no deployment has it.
+    env = {k: v for k, v in env.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True)
 
