@@ -108,6 +108,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.restarts_postgres  # it breaks every other open connection of this test session
 def test_it_tells_labelers_to_retry_while_postgres_restarts_and_loses_nothing(page, labeler):
     cluster = postgres_cluster()
     if connection.vendor != "postgresql" or cluster is None:
