@@ -524,16 +524,18 @@ def signed_session_cookies(usernames: list[str]) -> dict[str, dict]:
     from importlib import import_module
 
     from django.conf import settings
-    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, load_backend
     from django.contrib.auth.models import User
     from django.middleware.csrf import _get_new_csrf_string
 
     engine = import_module(settings.SESSION_ENGINE)
+    # As force_login does: the first backend that can load a user (django-axes' comes first and cannot).
+    backend = next(path for path in settings.AUTHENTICATION_BACKENDS if hasattr(load_backend(path), "get_user"))
     cookies = {}
     for user in User.objects.filter(username__in=usernames):
         session = engine.SessionStore()
         session[SESSION_KEY] = user._meta.pk.value_to_string(user)
-        session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]  # as force_login picks it
+        session[BACKEND_SESSION_KEY] = backend  # as force_login picks it
         session[HASH_SESSION_KEY] = user.get_session_auth_hash()
         session.save()
         cookies[user.username] = {settings.SESSION_COOKIE_NAME: session.session_key,
