@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from annotate import live
 from pairloop import redis_guard
-from annotate.models import Assignment, Campaign, Judgment, Pair, Prompt, Response, content_hash
+from annotate.models import Assignment, Campaign, Exclusion, Judgment, Pair, Prompt, Response, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -487,6 +487,47 @@ def deactivate_user(user, now=None) -> int:
             labeler_id=user.pk, completed_at__isnull=True, skipped=False, expires_at__gt=now
         ).update(expires_at=now)
     return released
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaving judgments out of export and training, reversibly
+# ---------------------------------------------------------------------------------------------
+
+class ExclusionError(ValueError):
+    """An exclusion that cannot be made as asked, with the reason the admin is told; nothing changed."""
+
+
+def exclude_judgments(campaign: Campaign, *, by, reason: str, labeler=None, since=None,
+                      judgment: Judgment | None = None, now=None) -> Exclusion:
+    """Leave a labeler's judgments (all, or from `since` on) or one judgment out of export and training.
+
+    Nothing is deleted; include_again() brings them back. Raises ExclusionError, changing nothing, when
+    the reason is empty, both or neither of labeler and judgment are given, or the judgment is not the
+    campaign's.
+    """
+    reason = (reason or "").strip()
+    if not reason:
+        raise ExclusionError("say why: the reason is shown with every export that leaves them out")
+    if (labeler is None) == (judgment is None):
+        raise ExclusionError("exclude either a labeler's judgments or one judgment")
+    if judgment is not None:
+        if since is not None:
+            raise ExclusionError("'since' applies to a labeler's judgments, not to one judgment")
+        if judgment.pair.campaign_id != campaign.pk:
+            raise ExclusionError(f"judgment {judgment.pk} is not in campaign {campaign.slug}")
+    return Exclusion.objects.create(campaign=campaign, labeler=labeler, since=since, judgment=judgment,
+                                    reason=reason[:2000], created_by=by, created_at=now or timezone.now())
+
+
+def include_again(exclusion: Exclusion, *, by, now=None) -> Exclusion:
+    """Lift an exclusion: its judgments count again (an export is then what it was before it)."""
+    with transaction.atomic():
+        exclusion = Exclusion.objects.select_for_update().get(pk=exclusion.pk)
+        if exclusion.lifted_at is None:
+            exclusion.lifted_at = now or timezone.now()
+            exclusion.lifted_by = by
+            exclusion.save(update_fields=["lifted_at", "lifted_by"])
+    return exclusion
 
 
 # ---------------------------------------------------------------------------------------------

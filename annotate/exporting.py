@@ -10,6 +10,10 @@ TRL's preference columns (https://huggingface.co/docs/trl/dataset_formats, "pref
   margin   from the labeler's strength (Judgment.margin(): Llama 2's 0, 1/3, 2/3, 1), 0.0 without one
   pair_id, labeler
 
+Judgments an admin excluded (annotate.models.Exclusion) are left out of both; `left_out` says how many
+and why, and the export command, the campaign page and a round's export job say it too. The files
+themselves carry no trace of it, so including them again gives the earlier file back byte for byte.
+
 Files: JSONL, Parquet, or a `datasets.Dataset.save_to_disk` directory ("hf"), written to a temporary
 name beside the target and renamed, streaming rows from the database in chunks (bounded memory).
 Rows come in judgment order, so the same judgments give byte-identical files.
@@ -33,7 +37,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
-from annotate.models import Judgment
+from annotate.models import Exclusion, Judgment
 
 FORMATS = ("jsonl", "parquet", "hf")
 CHUNK = 2000  # rows fetched from the database and written at a time
@@ -72,14 +76,62 @@ class ExportError(ValueError):
 
 
 @dataclass
+class LeftOut:
+    """Judgments an export leaves out because an admin excluded them."""
+
+    count: int
+    reasons: list[str]
+    """One line per active exclusion that leaves something out: what and why."""
+
+    def sentence(self) -> str:
+        if not self.count:
+            return ""
+        return (f"{self.count} judgment{'s' if self.count != 1 else ''} excluded by an admin: "
+                + "; ".join(self.reasons))
+
+
+@dataclass
 class ExportResult:
     rows: int
     path: str
+    left_out: LeftOut | None = None
+
+
+def _exportable(campaign, *, raw: bool, include_simulated: bool):
+    """The judgments this kind of export would hold if nothing were excluded."""
+    judgments = Judgment.objects.filter(pair__campaign=campaign)
+    if not raw:
+        judgments = judgments.filter(choice__in=[Judgment.A, Judgment.B])
+    if not include_simulated:
+        judgments = judgments.exclude(source=Judgment.SIMULATED)
+    return judgments
+
+
+def left_out(campaign, *, raw: bool = False, include_simulated: bool = True) -> LeftOut:
+    """How many judgments this export leaves out because they are excluded, and each exclusion's reason."""
+    excluded = _exportable(campaign, raw=raw, include_simulated=include_simulated).filter(
+        Exclusion.excluded_judgments(campaign))
+    count = excluded.count()
+    reasons = []
+    if count:
+        active = Exclusion.objects.filter(campaign=campaign, lifted_at__isnull=True).select_related("labeler")
+        for exclusion in active.order_by("created_at", "pk"):
+            if exclusion.judgment_id is not None:
+                hits = excluded.filter(pk=exclusion.judgment_id)
+            else:
+                hits = excluded.filter(labeler_id=exclusion.labeler_id)
+                if exclusion.since is not None:
+                    hits = hits.filter(created_at__gte=exclusion.since)
+            n = hits.count()
+            if n:
+                reasons.append(f"{exclusion.describe()} ({n})")
+    return LeftOut(count, reasons)
 
 
 def _judgments(campaign):
     return (
         Judgment.objects.filter(pair__campaign=campaign)
+        .exclude(Exclusion.excluded_judgments(campaign))
         .select_related("pair__prompt", "pair__response_a", "pair__response_b", "labeler")
         .order_by("pk")
     )
@@ -162,7 +214,8 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
             shutil.rmtree(temp, ignore_errors=True)
         elif temp.exists():
             temp.unlink()
-    return ExportResult(rows=count, path=str(out))
+    return ExportResult(rows=count, path=str(out),
+                        left_out=left_out(campaign, raw=raw, include_simulated=include_simulated))
 
 
 def _refusal(out: Path, format: str) -> str:

@@ -264,3 +264,62 @@ class ImportJob(models.Model):
         if self.status != self.IMPORTING or not self.rows_total:
             return None
         return min(1.0, self.rows_done / self.rows_total)
+
+
+class Exclusion(models.Model):
+    """Judgments an admin left out of export and training: a labeler's (all, or from a time on) or one.
+
+    Nothing is deleted: lifting the exclusion (annotate.actions.include_again) brings them back, and the
+    export is then byte for byte what it was before. Made and lifted only through annotate/actions.py.
+    """
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="exclusions")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+                                related_name="exclusions",
+                                help_text="Whose judgments; empty for one judgment.")
+    since = models.DateTimeField(null=True, blank=True,
+                                 help_text="The labeler's judgments from this time on; empty = all of them.")
+    judgment = models.ForeignKey(Judgment, null=True, blank=True, on_delete=models.PROTECT,
+                                 related_name="exclusions", help_text="One judgment; empty for a labeler's.")
+    reason = models.TextField(
+        help_text="Why, as the admin gave it: shown with every export that leaves them out.")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    lifted_at = models.DateTimeField(null=True, blank=True, help_text="Included again at this time.")
+    lifted_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="+")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(labeler__isnull=False, judgment__isnull=True)
+                           | Q(labeler__isnull=True, judgment__isnull=False, since__isnull=True)),
+                name="exclusion_of_a_labeler_or_one_judgment",
+            ),
+        ]
+
+    def __str__(self):
+        return self.describe()
+
+    def is_active(self) -> bool:
+        return self.lifted_at is None
+
+    def describe(self) -> str:
+        """What it leaves out and why, in one line."""
+        if self.judgment_id is not None:
+            what = f"judgment {self.judgment_id}"
+        else:
+            name = self.labeler.get_username() if self.labeler_id else "?"
+            what = f"{name}'s judgments" + (f" from {self.since:%Y-%m-%d %H:%M}" if self.since else "")
+        return f"{what}: {self.reason}"
+
+    @staticmethod
+    def excluded_judgments(campaign) -> Q:
+        """A filter on Judgment matching the campaign's judgments that active exclusions leave out."""
+        active = Exclusion.objects.filter(campaign=campaign, lifted_at__isnull=True)
+        by_labeler = active.filter(labeler_id=models.OuterRef("labeler_id")).filter(
+            Q(since__isnull=True) | Q(since__lte=models.OuterRef("created_at")))
+        one = active.filter(judgment_id=models.OuterRef("pk"))
+        return Q(models.Exists(by_labeler)) | Q(models.Exists(one))

@@ -382,8 +382,13 @@ def run_export(job: Job, progress: Progress) -> Outcome:
     final = out_dir / f"round-{round_.number}-{digest}.jsonl"
     Path(exported.path).replace(final)
     progress.line(f"Exported {exported.rows} pairs to {final}")
+    left_out = exported.left_out
+    if left_out and left_out.count:
+        progress.line(f"Left out {left_out.sentence()}")
     progress.set(1, 1)
-    return Outcome({"rows": exported.rows, "path": str(final), "data_version": digest}, str(final),
+    return Outcome({"rows": exported.rows, "path": str(final), "data_version": digest,
+                    "excluded": left_out.count if left_out else 0,
+                    "excluded_reasons": left_out.reasons if left_out else []}, str(final),
                    {"dataset_path": str(final), "data_version": digest})
 
 

@@ -38,3 +38,5 @@ class Command(BaseCommand):
             raise CommandError(f"nothing was exported: {exc}") from None
         kind = "judgments" if options["raw"] else "pairs"
         self.stdout.write(f"Wrote {result.rows} {kind} to {result.path}")
+        if result.left_out and result.left_out.count:
+            self.stdout.write(f"Left out {result.left_out.sentence()}")
