@@ -10,12 +10,15 @@ import tempfile
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.db.models import Count, F, Q
 from django.http import FileResponse, Http404, HttpResponseBadRequest, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.utils.datastructures import MultiValueDict
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -29,7 +32,7 @@ from annotate.access import (
     is_admin,
     is_reviewer,
 )
-from annotate.models import Assignment, ImportJob, Judgment, Pair
+from annotate.models import Assignment, Exclusion, ImportJob, Judgment, Pair
 
 
 @login_required
@@ -155,6 +158,8 @@ def instructions(request, slug):
 @login_required
 @require_GET
 def campaign_detail(request, slug):
+    from annotate.exporting import left_out  # pyarrow: loaded by the first export page, not every worker
+
     campaign = campaign_for_reviewer(request, slug)
     pairs = Pair.objects.filter(campaign=campaign)
     judgments = Judgment.objects.filter(pair__campaign=campaign)
@@ -181,8 +186,71 @@ def campaign_detail(request, slug):
         "labelers": labelers,
         "is_admin": is_admin(request.user),
         "rounds": campaign.rounds.all()[:20],
+        "left_out": left_out(campaign),
     }
     return render(request, "annotate/campaign_detail.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def quality(request, slug):
+    """The campaign's label quality for reviewers; admins also exclude judgments and include them again."""
+    error = ""
+    if request.method == "POST":
+        campaign = campaign_for_admin(request, slug)
+        try:
+            done = _change_exclusions(request, campaign)
+        except actions.ExclusionError as exc:
+            error = str(exc)
+        else:
+            messages.success(request, done)
+            return redirect("quality", slug)
+    else:
+        campaign = campaign_for_reviewer(request, slug)
+    from annotate.quality import FRESH_SECONDS, quality_report  # krippendorff: loaded by the first report
+
+    return render(request, "annotate/quality.html", {
+        "campaign": campaign,
+        "report": quality_report(campaign),
+        "fresh_seconds": FRESH_SECONDS,
+        "is_admin": is_admin(request.user),
+        "error": error,
+        "form": request.POST if error else {},
+    }, status=400 if error else 200)
+
+
+def _change_exclusions(request, campaign) -> str:
+    """Parse the quality page's exclude / include form and call the action; returns what was done."""
+    data = request.POST
+    if data.get("action") == "include":
+        pk = _int_or_none(data.get("exclusion"))
+        exclusion = Exclusion.objects.filter(campaign=campaign, pk=pk).first()
+        if exclusion is None:
+            raise actions.ExclusionError("exclusion: no such exclusion in this campaign")
+        actions.include_again(exclusion, by=request.user)
+        return f"Included again: {exclusion.describe()}"
+    if data.get("action") != "exclude":
+        raise actions.ExclusionError("action: exclude or include")
+    labeler = judgment = since = None
+    if given := data.get("judgment", "").strip():
+        judgment = Judgment.objects.filter(pk=_int_or_none(given), pair__campaign=campaign).first()
+        if judgment is None:
+            raise actions.ExclusionError(f"judgment: no judgment {given!r} in this campaign")
+    else:
+        username = data.get("labeler", "").strip()
+        labeler = (get_user_model().objects.filter(username=username, judgments__pair__campaign=campaign)
+                   .first())
+        if labeler is None:
+            raise actions.ExclusionError(f"labeler: no labeler {username!r} judged in this campaign")
+        if data.get("since", "").strip():
+            since = parse_datetime(data["since"].strip())
+            if since is None:
+                raise actions.ExclusionError("since: give a date and time, e.g. 2026-05-01T09:00")
+            if timezone.is_naive(since):
+                since = timezone.make_aware(since)
+    exclusion = actions.exclude_judgments(campaign, by=request.user, labeler=labeler, since=since,
+                                          judgment=judgment, reason=data.get("reason", ""))
+    return f"Excluded {exclusion.describe()}"
 
 
 EXPORT_FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}

@@ -54,6 +54,7 @@ EXPECTED = {
     "skip":                  (LOGIN, LOGIN,  405,   200,     405,   404,     405,   404,     405,   404),
     "undo":                  (LOGIN, LOGIN,  405,   200,     405,   404,     405,   404,     405,   200),
     "instructions":          (LOGIN, LOGIN,  200,   405,     404,   405,     404,   405,     200,   405),
+    "quality":               (LOGIN, LOGIN,  404,   404,     404,   404,     200,   404,     200,   400),
     "export":                (LOGIN, LOGIN,  404,   405,     404,   405,     200,   405,     200,   405),
     "import_pairs":          (LOGIN, LOGIN,  404,   404,     404,   404,     404,   404,     200,   400),
     "import_job":            (LOGIN, LOGIN,  404,   405,     404,   405,     404,   405,     200,   405),
