@@ -22,7 +22,17 @@ from django.utils import timezone
 
 from annotate import live
 from pairloop import redis_guard
-from annotate.models import Assignment, Campaign, Exclusion, Judgment, Pair, Prompt, Response, content_hash
+from annotate.models import (
+    Assignment,
+    Campaign,
+    Exclusion,
+    Judgment,
+    Pair,
+    Prompt,
+    Response,
+    WarningAcknowledgment,
+    content_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +227,7 @@ def _lease(campaign: Campaign, labeler, pair_id: int, now) -> Assignment | None:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
                 f"""SELECT p.judgments_count, p.prompt_id, p.response_a_id, p.response_b_id, p.gold_choice,
-                           pr.text, ra.text, rb.text
+                           pr.text, ra.text, rb.text, pr.turns
                     FROM {Pair._meta.db_table} p
                     JOIN {Prompt._meta.db_table} pr ON pr.id = p.prompt_id
                     JOIN {Response._meta.db_table} ra ON ra.id = p.response_a_id
@@ -228,7 +238,7 @@ def _lease(campaign: Campaign, labeler, pair_id: int, now) -> Assignment | None:
             row = cursor.fetchone()
             if row is None:
                 return None  # another labeler holds it right now
-            count, prompt_id, a_id, b_id, gold, prompt_text, a_text, b_text = row
+            count, prompt_id, a_id, b_id, gold, prompt_text, a_text, b_text, turns = row
             if count + _count_live_leases(pair_id, now) >= campaign.overlap:
                 return None
             a_on_left = random.random() < 0.5
@@ -245,7 +255,8 @@ def _lease(campaign: Campaign, labeler, pair_id: int, now) -> Assignment | None:
     # Build the objects the page needs from the row we already have: no second round trip.
     pair = Pair(id=pair_id, campaign=campaign, prompt_id=prompt_id, response_a_id=a_id, response_b_id=b_id,
                 judgments_count=count, gold_choice=gold, is_open=True)
-    pair.prompt = Prompt(id=prompt_id, campaign=campaign, text=prompt_text)
+    turns = Prompt._meta.get_field("turns").from_db_value(turns, None, connection)  # chat: a conversation
+    pair.prompt = Prompt(id=prompt_id, campaign=campaign, text=prompt_text, turns=turns)
     pair.response_a = Response(id=a_id, prompt_id=prompt_id, text=a_text)
     pair.response_b = Response(id=b_id, prompt_id=prompt_id, text=b_text)
     return Assignment(id=assignment_id, pair=pair, labeler=labeler, a_on_left=a_on_left, created_at=now,
@@ -487,6 +498,13 @@ def deactivate_user(user, now=None) -> int:
             labeler_id=user.pk, completed_at__isnull=True, skipped=False, expires_at__gt=now
         ).update(expires_at=now)
     return released
+
+
+def acknowledge_content_warning(campaign: Campaign, user, now=None) -> WarningAcknowledgment:
+    """Record that the user read the campaign's content warning; the label page then shows pairs."""
+    acknowledgment, _ = WarningAcknowledgment.objects.get_or_create(
+        campaign=campaign, user=user, defaults={"acknowledged_at": now or timezone.now()})
+    return acknowledgment
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class Campaign(models.Model):
     lease_seconds = models.PositiveIntegerField(default=600, help_text="A claimed pair returns to the queue after this.")
     daily_cap = models.PositiveIntegerField(null=True, blank=True, help_text="Judgments per labeler per day; empty = no cap.")
     gold_rate = models.FloatField(default=0.0, help_text="Share of gold items mixed in (0-1).")
+    content_warning = models.TextField(
+        blank=True, help_text="Markdown shown before a labeler's first pair (e.g. red-team data), acknowledged "
+                              "once per labeler; empty = none.")
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="campaigns")
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -60,6 +63,10 @@ class Campaign(models.Model):
 
     def group_name(self) -> str:
         return f"campaign-{self.pk}"
+
+    def warning_pending_for(self, user) -> bool:
+        """Whether this campaign carries a content warning the user has not acknowledged yet."""
+        return bool(self.content_warning) and not self.warning_acknowledgments.filter(user_id=user.pk).exists()
 
 
 class Prompt(models.Model):
@@ -323,3 +330,16 @@ class Exclusion(models.Model):
             Q(since__isnull=True) | Q(since__lte=models.OuterRef("created_at")))
         one = active.filter(judgment_id=models.OuterRef("pk"))
         return Q(models.Exists(by_labeler)) | Q(models.Exists(one))
+
+
+class WarningAcknowledgment(models.Model):
+    """A labeler acknowledged a campaign's content warning (annotate.actions.acknowledge_content_warning)."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="warning_acknowledgments")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    acknowledged_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["campaign", "user"], name="one_acknowledgment_per_user"),
+        ]

@@ -9,6 +9,7 @@ urlpatterns = [
     path("campaigns/<slug:slug>/label/<int:assignment_id>/judge/", views.judge, name="judge"),
     path("campaigns/<slug:slug>/label/<int:assignment_id>/skip/", views.skip, name="skip"),
     path("campaigns/<slug:slug>/label/undo/", views.undo, name="undo"),
+    path("campaigns/<slug:slug>/label/acknowledge/", views.acknowledge_warning, name="acknowledge_warning"),
     path("campaigns/<slug:slug>/instructions/", views.instructions, name="instructions"),
     path("campaigns/<slug:slug>/quality/", views.quality, name="quality"),
     path("campaigns/<slug:slug>/export/", views.export, name="export"),

@@ -82,7 +82,17 @@ def _render_pair(request, campaign, error: str = "", note: str = "", claim=None,
 @require_GET
 def label(request, slug):
     campaign = campaign_for_labeler(request, slug)
+    if campaign.warning_pending_for(request.user):
+        return render(request, "annotate/label.html", {"campaign": campaign, "warning_pending": True})
     return _render_pair(request, campaign)
+
+
+@login_required
+@require_POST
+def acknowledge_warning(request, slug):
+    campaign = campaign_for_labeler(request, slug)
+    actions.acknowledge_content_warning(campaign, request.user)
+    return redirect("label", slug)
 
 
 def _int_or_none(value):

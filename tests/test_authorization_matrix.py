@@ -37,6 +37,7 @@ ADMIN_LOGIN = "-> admin:login?next"
 OUT = "-> login"  # logged out, then the login page
 ROUND = "-> round_detail"
 CAMPAIGN = "-> campaign_detail"
+LABEL = "-> label"
 PERSONAS = ("anonymous", "member", "non_member", "reviewer", "admin")
 
 # One row per named URL pattern: the status each persona gets, GET then POST. Members label the
@@ -53,6 +54,7 @@ EXPECTED = {
     "judge":                 (LOGIN, LOGIN,  405,   200,     405,   404,     405,   404,     405,   404),
     "skip":                  (LOGIN, LOGIN,  405,   200,     405,   404,     405,   404,     405,   404),
     "undo":                  (LOGIN, LOGIN,  405,   200,     405,   404,     405,   404,     405,   200),
+    "acknowledge_warning":   (LOGIN, LOGIN,  405,   LABEL,   405,   404,     405,   404,     405,   LABEL),
     "instructions":          (LOGIN, LOGIN,  200,   405,     404,   405,     404,   405,     200,   405),
     "quality":               (LOGIN, LOGIN,  404,   404,     404,   404,     200,   404,     200,   400),
     "export":                (LOGIN, LOGIN,  404,   405,     404,   405,     200,   405,     200,   405),

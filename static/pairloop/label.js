@@ -1,11 +1,12 @@
 // Keyboard-first labeling: 1/2/3/4 choose, then 1-4 strength when asked; s skip, u undo,
-// i instructions, ? keys. Buttons do the same for mouse users. htmx posts the form and swaps in
+// r raw text / formatted, i instructions, ? keys. Buttons do the same for mouse users. htmx posts the form and swaps in
 // the next pair (one round trip per judgment).
 (function () {
   "use strict";
   const CHOICE_KEYS = { "1": "a", "2": "b", "3": "tie", "4": "both_bad" };
   let stage = "choice";
   let shownAt = performance.now();
+  let showRaw = false; // responses as raw text instead of rendered Markdown (r), kept across pairs
 
   const $ = (id) => document.getElementById(id);
   const card = () => $("pair");
@@ -20,6 +21,17 @@
     if (row) row.hidden = true;
     const choices = $("choice-row");
     if (choices) choices.classList.remove("chosen");
+    applyRaw();
+  }
+
+  function applyRaw() {
+    const c = card();
+    if (c) c.classList.toggle("show-raw", showRaw);
+    const toggle = $("raw-toggle");
+    if (toggle) {
+      toggle.setAttribute("aria-pressed", String(showRaw));
+      toggle.firstChild.textContent = showRaw ? "Show formatted " : "Show raw text ";
+    }
   }
 
   function fill(choice) {
@@ -60,6 +72,7 @@
     const button = event.target.closest("button.choice");
     if (button) { choose(button.dataset.choice); return; }
     if (event.target.closest("#strength-cancel")) reset();
+    if (event.target.closest("#raw-toggle")) { showRaw = !showRaw; applyRaw(); }
   });
 
   document.addEventListener("keydown", (event) => {
@@ -79,6 +92,7 @@
     if (key === "i") { click("show-instructions"); event.preventDefault(); return; }
     if (key === "u") { click("undo-button"); event.preventDefault(); return; }
     if (key === "s") { click("skip-button"); event.preventDefault(); return; }
+    if (key === "r") { showRaw = !showRaw; applyRaw(); event.preventDefault(); return; }
     if (stage === "strength") {
       if (key === "Escape") { reset(); event.preventDefault(); return; }
       if (["1", "2", "3", "4"].includes(key)) { chooseStrength(key); event.preventDefault(); }
@@ -100,5 +114,7 @@
     }
     waiting.dataset.opened = "1";
   });
+  // htmx settles a swapped card's attributes (its class too) after the swap: show the raw text again then.
+  document.addEventListener("htmx:afterSettle", applyRaw);
   document.addEventListener("DOMContentLoaded", reset);
 })();

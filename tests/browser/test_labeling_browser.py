@@ -234,7 +234,7 @@ def test_it_shows_new_pairs_on_an_empty_queue_without_a_reload(page, labeler):
 
     off_the_loop(add_pairs, campaign, [PairInput("Fresh question?", "Fresh answer one", "Fresh answer two")])
 
-    page.wait_for_selector("#response-a .response-text")
+    page.wait_for_selector("#response-a .response-md")  # the formatted text (the raw one shows on r)
     assert page.evaluate(MARKER) == "no reload since"
     texts = {page.inner_text("#response-a .response-text"), page.inner_text("#response-b .response-text")}
     assert texts == {"Fresh answer one", "Fresh answer two"}
