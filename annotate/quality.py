@@ -1,16 +1,21 @@
 """A campaign's quality report: agreement, position bias, labeler statistics and flags, from its judgments.
 
 Reads the rows (one query for judgments, one for response lengths, one each for skips and exclusions)
-and hands them to annotate/agreement.py. The statistics are cached for FRESH_SECONDS, so the quality page
-answers at once on a large campaign; exclusions are read fresh on every request, so an admin's change
-shows at once. `manage.py quality_report` always computes afresh.
+and hands them to annotate/agreement.py. The statistics are cached; once FRESH_SECONDS old, a task on
+the default queue recomputes them while the page goes on showing the cached ones, so the quality page
+answers at once on a large campaign (only the very first view computes them inline). Exclusions are
+read fresh on every request, so an admin's change shows at once. `manage.py quality_report` always
+computes afresh.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
+from datetime import datetime
 
 from django.core.cache import cache
+from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
@@ -19,8 +24,15 @@ from annotate.agreement import Vote
 from annotate.models import Assignment, Campaign, Exclusion, Judgment, Response
 from pairloop import redis_guard
 
+log = logging.getLogger(__name__)
+
 FRESH_SECONDS = 60
-"""How old the cached statistics on the quality page may be (new judgments show within this)."""
+"""How old the quality page's statistics may grow before a refresh is queued (new judgments show within
+this plus the refresh's own time)."""
+KEEP_SECONDS = 7 * 24 * 3600
+"""How long computed statistics stay in the cache to be shown while a refresh runs."""
+REFRESH_LOCK_SECONDS = 600
+"""One refresh per campaign at a time; a refresh that died is retried after this."""
 CACHE_VERSION = 1
 
 
@@ -82,32 +94,93 @@ def _statistics(campaign: Campaign) -> dict:
     }
 
 
+def _age_seconds(statistics: dict) -> float:
+    computed = datetime.fromisoformat(statistics["computed_at"])
+    return (timezone.now() - computed).total_seconds()
+
+
+def refresh(campaign: Campaign) -> dict:
+    """Compute the statistics now and cache them (the refresh task and the first page view call this)."""
+    statistics = _statistics(campaign)
+    try:
+        with redis_guard.guard("cache the quality report"):
+            cache.set(_key(campaign), statistics, timeout=KEEP_SECONDS)
+            cache.delete(_key(campaign) + "-refreshing")
+    except redis_guard.RedisDown:
+        pass
+    return statistics
+
+
+def _key(campaign: Campaign) -> str:
+    # With its creation time: a campaign made later under a reused id (test databases) starts afresh.
+    return f"quality-{campaign.pk}-{campaign.created_at.timestamp():.6f}-v{CACHE_VERSION}"
+
+
 def _cached_statistics(campaign: Campaign) -> dict:
-    key = f"quality-{campaign.pk}-v{CACHE_VERSION}"
+    """The cached statistics; older than FRESH_SECONDS, one refresh is queued and the page shows these
+    meanwhile (stale while revalidating), so no page waits for a recount but the first one."""
+    key = _key(campaign)
     try:
         with redis_guard.guard("quality report"):
             found = cache.get(key)
-            if found is not None and found.get("campaign") == campaign.slug:
-                return found
-            report = _statistics(campaign)
-            cache.set(key, report, timeout=FRESH_SECONDS)
-            return report
+            stale = found is not None and _age_seconds(found) > FRESH_SECONDS
+            queue = stale and cache.add(key + "-refreshing", 1, timeout=REFRESH_LOCK_SECONDS)
     except redis_guard.RedisDown:
         return _statistics(campaign)
+    if found is None:
+        return refresh(campaign)
+    if queue:
+        from annotate.tasks import refresh_quality_report
+
+        try:
+            transaction.on_commit(lambda: refresh_quality_report.delay(campaign.pk))
+        except Exception as exc:  # the broker is down: show what we have; the lock lapses, then retry
+            log.warning("could not queue a quality report refresh for %s: %s", campaign.slug, exc)
+    return found
 
 
 def quality_report(campaign: Campaign, *, fresh: bool = False) -> dict:
-    """The report as one JSON-ready dict; statistics up to FRESH_SECONDS old unless `fresh`."""
+    """The report as one JSON-ready dict; its statistics cached (see _cached_statistics) unless `fresh`."""
     report = dict(_statistics(campaign) if fresh else _cached_statistics(campaign))
-    excluded = dict(Judgment.objects.filter(pair__campaign=campaign, labeler__isnull=False)
-                    .filter(Exclusion.excluded_judgments(campaign))
-                    .values_list("labeler__username").annotate(n=Count("id")))
+    exclusions = list(Exclusion.objects.filter(campaign=campaign, lifted_at__isnull=True)
+                      .select_related("labeler", "created_by", "judgment__labeler"))
+    excluded = _excluded_per_labeler(campaign, exclusions)
     report["labelers"] = [{**row, "excluded": excluded.get(row["username"], 0)} for row in report["labelers"]]
     report["exclusions"] = [
         {"id": e.pk, "what": e.describe(), "labeler": e.labeler.get_username() if e.labeler_id else None,
          "since": e.since.isoformat() if e.since else None, "judgment": e.judgment_id, "reason": e.reason,
          "by": e.created_by.get_username() if e.created_by_id else None, "at": e.created_at.isoformat()}
-        for e in Exclusion.objects.filter(campaign=campaign, lifted_at__isnull=True)
-        .select_related("labeler", "created_by")
+        for e in exclusions
     ]
     return report
+
+
+def _excluded_per_labeler(campaign: Campaign, exclusions: list[Exclusion]) -> dict[str, int]:
+    """Each labeler's judgments that the active exclusions leave out, counted on the (labeler, created_at)
+    index, so a campaign without exclusions costs no query."""
+    earliest: dict[int, object] = {}  # labeler id -> the earliest excluded time, None for all
+    for exclusion in exclusions:
+        if exclusion.labeler_id is not None:
+            known = earliest.get(exclusion.labeler_id, exclusion.since)
+            earliest[exclusion.labeler_id] = (None if known is None or exclusion.since is None
+                                              else min(known, exclusion.since))
+    counts: dict[str, int] = {}
+    names = {}
+    for exclusion in exclusions:
+        labeler = exclusion.labeler if exclusion.judgment_id is None else exclusion.judgment.labeler
+        if labeler is not None:
+            names[labeler.pk] = labeler.get_username()
+    for labeler_id, since in earliest.items():
+        judgments = Judgment.objects.filter(pair__campaign=campaign, labeler_id=labeler_id)
+        if since is not None:
+            judgments = judgments.filter(created_at__gte=since)
+        counts[names[labeler_id]] = judgments.count()
+    for exclusion in exclusions:
+        one = exclusion.judgment
+        if one is None or one.labeler_id is None:
+            continue
+        since = earliest.get(one.labeler_id, False)
+        if since is None or (since is not False and one.created_at >= since):
+            continue  # already counted with the labeler's
+        counts[names[one.labeler_id]] = counts.get(names[one.labeler_id], 0) + 1
+    return counts

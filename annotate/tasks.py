@@ -1,6 +1,7 @@
-"""Celery tasks of the labeling app: a web upload's import, on the default queue.
+"""Celery tasks of the labeling app, on the default queue: a web upload's import, and refreshing a
+campaign's cached quality report.
 
-The task takes the ImportJob's id; the work and every write to the row are in annotate/importing.py.
+The import task takes the ImportJob's id; the work and every write to the row are in annotate/importing.py.
 """
 
 from __future__ import annotations
@@ -13,3 +14,13 @@ from annotate import importing
 @shared_task(name="annotate.import_job", ignore_result=True)
 def import_job(job_id: int) -> None:
     importing.run_import_job(job_id)
+
+
+@shared_task(name="annotate.refresh_quality_report", ignore_result=True)
+def refresh_quality_report(campaign_id: int) -> None:
+    from annotate import quality
+    from annotate.models import Campaign
+
+    campaign = Campaign.objects.filter(pk=campaign_id).first()
+    if campaign is not None:
+        quality.refresh(campaign)

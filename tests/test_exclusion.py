@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from annotate import actions
 from annotate.models import Exclusion, Judgment
+from annotate.quality import quality_report
 from tests.conftest import make_campaign, make_user
 from training import actions as training_actions
 from training import runner
@@ -95,6 +96,10 @@ def test_it_excludes_from_a_time_on_and_single_judgments(judged, admin_user, tmp
     assert len(rows) == 12 - 3 - 1
     assert "4 judgments excluded" in said
     assert "tired after lunch (3)" in said and f"judgment {one.pk}: typo in the rationale (1)" in said
+    # The quality report counts each labeler's excluded judgments once, however many exclusions cover them.
+    actions.exclude_judgments(campaign, by=admin_user, judgment=sloppy_judgments[4], reason="covered already")
+    excluded = {row["username"]: row["excluded"] for row in quality_report(campaign, fresh=True)["labelers"]}
+    assert excluded == {"sid-sloppy": 3, "carl-careful": 1}
     raw = io.StringIO()
     call_command("export_pairs", campaign.slug, str(tmp_path / "raw.jsonl"), "--raw", stdout=raw)
     kept = {json.loads(line)["judgment_id"] for line in (tmp_path / "raw.jsonl").read_text().splitlines()}

@@ -146,3 +146,34 @@ def test_the_quality_page_shows_reviewers_the_flags_and_lets_admins_exclude(judg
     assert admin.post(url, {"action": "include", "exclusion": exclusion.pk}).status_code == 302
     assert report_json(campaign)["labelers"][0]["excluded"] == 0
     assert "Nothing is excluded" in admin.get(url).content.decode()
+
+
+def test_the_page_shows_cached_statistics_and_queues_one_refresh_when_stale(reviewer, monkeypatch,
+                                                                             django_capture_on_commit_callbacks):
+    from annotate import quality, tasks
+
+    people = [make_user("pat"), make_user("quin")]
+    campaign = make_campaign(slug="cached", n_pairs=4, members=people, overlap=2, ask_strength=False)
+    url = f"/campaigns/{campaign.slug}/quality/"
+    client = client_for(reviewer)
+    assert "No judgments by labelers yet" in client.get(url).content.decode()  # the first view computes
+
+    for person in people:  # new judgments arrive after the statistics were computed
+        claim = claim_next_pair(campaign, person)
+        submit_judgment(assignment_id=claim.assignment.pk, labeler=person, choice="a")
+    queued = []
+    monkeypatch.setattr(tasks.refresh_quality_report, "delay", lambda campaign_id: queued.append(campaign_id))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert "No judgments by labelers yet" in client.get(url).content.decode()  # fresh enough: cached
+    assert queued == []
+
+    monkeypatch.setattr(quality, "FRESH_SECONDS", -1)  # now stale: shown as is, and one refresh queued
+    with django_capture_on_commit_callbacks(execute=True):
+        assert "No judgments by labelers yet" in client.get(url).content.decode()
+        assert "No judgments by labelers yet" in client.get(url).content.decode()
+    assert queued == [campaign.pk]
+
+    tasks.refresh_quality_report(campaign.pk)  # what the worker runs
+    monkeypatch.setattr(quality, "FRESH_SECONDS", 60)
+    html = client.get(url).content.decode()
+    assert "pat" in html and "quin" in html and "No judgments by labelers yet" not in html
