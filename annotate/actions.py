@@ -87,7 +87,7 @@ def judgments_left(campaign: Campaign) -> int:
 
     def compute():
         total = Pair.objects.filter(campaign=campaign, is_open=True, gold_choice="").aggregate(
-            wanted=Coalesce(Sum(campaign.overlap - F("judgments_count")), 0)
+            wanted=Coalesce(Sum(campaign.overlap + F("extra_judgments") - F("judgments_count")), 0)
         )["wanted"]
         return int(total)
 
@@ -213,7 +213,7 @@ def _candidates(campaign: Campaign, labeler, now) -> list[int]:
                                   WHERE s.pair_id = p.id AND s.labeler_id = %s)
                   AND p.judgments_count + (SELECT count(*) FROM {Assignment._meta.db_table} l
                                            WHERE l.pair_id = p.id AND l.completed_at IS NULL
-                                             AND NOT l.skipped AND l.expires_at > %s) < %s
+                                             AND NOT l.skipped AND l.expires_at > %s) < %s + p.extra_judgments
                 ORDER BY p.priority DESC, p.id LIMIT %s""",
             [campaign.pk, labeler.pk, now, campaign.overlap, CANDIDATES_PER_CLAIM],
         )
@@ -227,7 +227,7 @@ def _lease(campaign: Campaign, labeler, pair_id: int, now) -> Assignment | None:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
                 f"""SELECT p.judgments_count, p.prompt_id, p.response_a_id, p.response_b_id, p.gold_choice,
-                           pr.text, ra.text, rb.text, pr.turns
+                           pr.text, ra.text, rb.text, pr.turns, p.extra_judgments
                     FROM {Pair._meta.db_table} p
                     JOIN {Prompt._meta.db_table} pr ON pr.id = p.prompt_id
                     JOIN {Response._meta.db_table} ra ON ra.id = p.response_a_id
@@ -238,8 +238,8 @@ def _lease(campaign: Campaign, labeler, pair_id: int, now) -> Assignment | None:
             row = cursor.fetchone()
             if row is None:
                 return None  # another labeler holds it right now
-            count, prompt_id, a_id, b_id, gold, prompt_text, a_text, b_text, turns = row
-            if count + _count_live_leases(pair_id, now) >= campaign.overlap:
+            count, prompt_id, a_id, b_id, gold, prompt_text, a_text, b_text, turns, extra = row
+            if count + _count_live_leases(pair_id, now) >= campaign.overlap + extra:
                 return None
             a_on_left = random.random() < 0.5
             expires = now + timedelta(seconds=campaign.lease_seconds)
@@ -254,7 +254,7 @@ def _lease(campaign: Campaign, labeler, pair_id: int, now) -> Assignment | None:
         return None  # this labeler claimed it in another tab a moment ago
     # Build the objects the page needs from the row we already have: no second round trip.
     pair = Pair(id=pair_id, campaign=campaign, prompt_id=prompt_id, response_a_id=a_id, response_b_id=b_id,
-                judgments_count=count, gold_choice=gold, is_open=True)
+                judgments_count=count, extra_judgments=extra, gold_choice=gold, is_open=True)
     turns = Prompt._meta.get_field("turns").from_db_value(turns, None, connection)  # chat: a conversation
     pair.prompt = Prompt(id=prompt_id, campaign=campaign, text=prompt_text, turns=turns)
     pair.response_a = Response(id=a_id, prompt_id=prompt_id, text=a_text)
@@ -306,6 +306,9 @@ def submit_judgment(
 
     The hot path of labeling: plain SQL, five statements in one transaction (lock the assignment,
     insert the judgment, close the assignment, count it on the pair), no ORM query building.
+    Tie-break: when the judgment completes a pair whose judgments split (no choice made more often
+    than every other) and the campaign allows more, the pair asks for one more judgment (two more
+    statements, only then).
     """
     now = now or timezone.now()
     if choice not in SHOWN_CHOICES:
@@ -349,7 +352,7 @@ def submit_judgment(
                 # The lease ran out: its slot may have gone to someone else. Count under the pair's lock.
                 pair = Pair.objects.select_for_update().get(pk=pair_id)
                 taken = pair.judgments_count + _count_live_leases(pair_id, now, exclude_id=assignment_id)
-                if taken >= campaign.overlap:
+                if taken >= campaign.overlap + pair.extra_judgments:
                     raise JudgmentError("your lease on this pair ran out and others have judged it since")
             judgment = Judgment(
                 pair_id=pair_id,
@@ -377,14 +380,30 @@ def submit_judgment(
                            [now, assignment_id])
             cursor.execute(
                 f"""UPDATE {Pair._meta.db_table} SET judgments_count = judgments_count + 1,
-                    is_open = (judgments_count + 1 < %s AND gold_choice = '') WHERE id = %s""",
+                    is_open = (judgments_count + 1 < %s + extra_judgments AND gold_choice = '') WHERE id = %s
+                    RETURNING is_open, extra_judgments""",
                 [campaign.overlap, pair_id],
             )
+            still_open, extra = cursor.fetchone()
+            tie_break = (not gold_choice and not still_open and extra < campaign.tie_break_limit
+                         and _split(cursor, pair_id))
+            if tie_break:
+                # The judgments split: one more, up to the campaign's limit (the UPDATE locked the pair).
+                cursor.execute(f"""UPDATE {Pair._meta.db_table} SET extra_judgments = extra_judgments + 1,
+                                   is_open = true WHERE id = %s""", [pair_id])
     except IntegrityError:
         return Judgment.objects.get(pair_id=row[0], labeler=labeler), False
-    if not gold_choice:
-        _count_left(campaign_id, -1)
+    if not gold_choice and not tie_break:
+        _count_left(campaign_id, -1)  # with a tie-break, one judgment made and one more wanted: no change
     return judgment, True
+
+
+def _split(cursor, pair_id: int) -> bool:
+    """Whether a pair's judgments split: no one choice was made more often than every other."""
+    cursor.execute(f"""SELECT count(*) AS n FROM {Judgment._meta.db_table} WHERE pair_id = %s
+                       GROUP BY choice ORDER BY n DESC LIMIT 2""", [pair_id])
+    counts = [row[0] for row in cursor.fetchall()]
+    return len(counts) == 2 and counts[0] == counts[1]
 
 
 def skip_assignment(*, assignment_id: int, labeler, campaign: Campaign | None = None) -> Assignment:
@@ -466,8 +485,10 @@ def undo_last_judgment(
         assignment = judgment.assignment
         judgment.delete()
         pair.judgments_count = max(0, pair.judgments_count - 1)
-        pair.is_open = pair.judgments_count < campaign.overlap
-        pair.save(update_fields=["judgments_count", "is_open"])
+        # Tie-breaks stand only for splits still seen: the k-th was asked for at overlap + k - 1 judgments.
+        pair.extra_judgments = min(pair.extra_judgments, max(0, pair.judgments_count - campaign.overlap + 1))
+        pair.is_open = pair.judgments_count < campaign.overlap + pair.extra_judgments
+        pair.save(update_fields=["judgments_count", "extra_judgments", "is_open"])
         if assignment is not None:
             assignment.completed_at = None
             assignment.shown_at = now

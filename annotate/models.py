@@ -31,6 +31,8 @@ class Campaign(models.Model):
     ask_strength = models.BooleanField(default=True, help_text="Ask how much better, 1 (slightly) to 4 (far).")
     ask_rationale = models.BooleanField(default=False, help_text="Offer an optional rationale field.")
     overlap = models.PositiveSmallIntegerField(default=1, help_text="Judgments wanted per pair (k).")
+    tie_break_limit = models.PositiveSmallIntegerField(
+        default=0, help_text="Extra judgments a pair whose judgments split may get, one at a time; 0 = none.")
     lease_seconds = models.PositiveIntegerField(default=600, help_text="A claimed pair returns to the queue after this.")
     daily_cap = models.PositiveIntegerField(null=True, blank=True, help_text="Judgments per labeler per day; empty = no cap.")
     gold_rate = models.FloatField(default=0.0, help_text="Share of gold items mixed in (0-1).")
@@ -119,6 +121,8 @@ class Pair(models.Model):
         help_text="Known answer (in response_a/response_b terms) when this is a gold item: shown to every "
                   "labeler at the campaign's gold rate, to measure agreement.")
     judgments_count = models.PositiveIntegerField(default=0)
+    extra_judgments = models.PositiveSmallIntegerField(
+        default=0, help_text="Tie-breaks: judgments wanted beyond the overlap because the judgments split.")
     is_open = models.BooleanField(default=True, help_text="Still needs judgments (kept by the actions).")
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -140,7 +144,7 @@ class Pair(models.Model):
         return content_hash(str(low), str(high))
 
     def needs_judgments(self) -> bool:
-        return self.judgments_count < self.campaign.overlap
+        return self.judgments_count < self.campaign.overlap + self.extra_judgments
 
 
 class Assignment(models.Model):
