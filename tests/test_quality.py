@@ -54,7 +54,8 @@ def judged_campaign():
                          for i in range(PAIRS + GOLD)], notify=False)
     gold = Pair.objects.filter(campaign=campaign).order_by("id")[:GOLD]
     for pair in gold:  # test setup: mark the first pairs as gold items with their known answer
-        Pair.objects.filter(pk=pair.pk).update(gold_choice="a" if pair.response_a.text.startswith("good") else "b")
+        known = "a" if pair.response_a.text.startswith("good") else "b"
+        Pair.objects.filter(pk=pair.pk).update(gold_choice=known)
     plans = behaviours(rng)
     idle: set[str] = set()
     while len(idle) < len(people):
@@ -121,8 +122,12 @@ def test_the_quality_page_shows_reviewers_the_flags_and_lets_admins_exclude(judg
     assert page.status_code == 200
     html = page.content.decode()
     assert "position bias: the left side won 100%" in html and "low agreement with the majority" in html
+    rows = {row["username"]: row for row in report_json(campaign)["labelers"]}
+    lefty_p = rows["lefty"]["left_p_value"]
+    assert f"(p = {lefty_p:.2g})" in html  # a tiny p-value in two significant digits, not a rounded 0
     assert "Include again" not in html and 'id="exclude-form"' not in html  # reviewers only read
-    assert client_for(reviewer).post(url, {"action": "exclude", "labeler": "lefty", "reason": "x"}).status_code == 404
+    refused = client_for(reviewer).post(url, {"action": "exclude", "labeler": "lefty", "reason": "x"})
+    assert refused.status_code == 404
     detail = client_for(reviewer).get(f"/campaigns/{campaign.slug}/")
     assert url in detail.content.decode()
 
@@ -148,8 +153,8 @@ def test_the_quality_page_shows_reviewers_the_flags_and_lets_admins_exclude(judg
     assert "Nothing is excluded" in admin.get(url).content.decode()
 
 
-def test_the_page_shows_cached_statistics_and_queues_one_refresh_when_stale(reviewer, monkeypatch,
-                                                                             django_capture_on_commit_callbacks):
+def test_the_page_shows_cached_statistics_and_queues_one_refresh_when_stale(
+        reviewer, monkeypatch, django_capture_on_commit_callbacks):
     from annotate import quality, tasks
 
     people = [make_user("pat"), make_user("quin")]

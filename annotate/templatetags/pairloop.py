@@ -48,3 +48,11 @@ def duration(seconds) -> str:
         return f"{minutes}m {seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+@register.filter
+def pvalue(value) -> str:
+    """A p-value in two significant digits (3.9e-34, 0.021, 1): never rounded to a misleading 0."""
+    if value is None:
+        return "—"
+    return f"{float(value):.2g}"
