@@ -152,15 +152,16 @@ def main() -> None:
         "database": connection.vendor, "judgments": stored, "labelers": opts.labelers,
         "seed_seconds": round(seeded, 1), "cold_statistics_seconds": round(cold, 2),
         "page_ms_median": round(statistics.median(times), 1),
-        "page_ms_p95": round(times[max(0, int(len(times) * 0.95) - 1)], 1), "page_ms_max": round(times[-1], 1),
+        "page_ms_p95": round(times[max(0, int(len(times) * 0.95) - 1)], 1),
+        "page_ms_max": round(times[-1], 1),
         "fresh_seconds": quality.FRESH_SECONDS, "labelers_flagged": flagged,
         "agreement_items": statistics_now["agreement"]["items"],
     }
     print(f"{stored} judgments by {opts.labelers} labelers on {connection.vendor} (seeded in {seeded:.0f} s)")
     print(f"statistics computed cold (first view, or the refresh task): {cold:.2f} s")
     print(f"quality page, statistics cached (refreshed by a task once {quality.FRESH_SECONDS} s old): "
-          f"median {result['page_ms_median']} ms, p95 {result['page_ms_p95']} ms, max {result['page_ms_max']} ms "
-          f"over {opts.requests} requests")
+          f"median {result['page_ms_median']} ms, p95 {result['page_ms_p95']} ms, "
+          f"max {result['page_ms_max']} ms over {opts.requests} requests")
     print(f"{flagged} labelers flagged; agreement over {result['agreement_items']} pairs")
     print(json.dumps(result))
 

@@ -38,8 +38,9 @@ def judge_all(campaign, labeler, choice="a", start=None):
         claim = actions.claim_next_pair(campaign, labeler, now=start + timedelta(minutes=step))
         if claim.assignment is None:
             return made
-        judgment, _ = actions.submit_judgment(assignment_id=claim.assignment.pk, labeler=labeler, choice=choice,
-                                              strength=2, now=start + timedelta(minutes=step, seconds=20))
+        judgment, _ = actions.submit_judgment(assignment_id=claim.assignment.pk, labeler=labeler,
+                                              choice=choice, strength=2,
+                                              now=start + timedelta(minutes=step, seconds=20))
         made.append(judgment)
     raise AssertionError("the queue never ran out")
 
@@ -115,7 +116,8 @@ def test_it_refuses_an_exclusion_without_a_reason_or_of_another_campaign(judged,
         actions.exclude_judgments(campaign, by=admin_user, reason="both", labeler=sloppy,
                                   judgment=Judgment.objects.filter(labeler=sloppy).first())
     with pytest.raises(actions.ExclusionError, match="is not in campaign other"):
-        actions.exclude_judgments(other, by=admin_user, judgment=Judgment.objects.first(), reason="wrong place")
+        actions.exclude_judgments(other, by=admin_user, judgment=Judgment.objects.first(),
+                                  reason="wrong place")
     assert not Exclusion.objects.exists()
 
 
