@@ -102,7 +102,7 @@ class PairAdmin(KeepsJudgmentsAdmin):
     list_display = ["id", "campaign", "prompt", "priority", "judgments_count", "is_open", "round"]
     list_filter = ["campaign", "is_open"]
     raw_id_fields = ["prompt", "response_a", "response_b", "round"]
-    readonly_fields = ["judgments_count"]  # kept by the actions, as its judgments come and go
+    readonly_fields = ["judgments_count", "extra_judgments"]  # kept by the actions, as judgments come and go
     judgment_paths = ("pair",)
 
 
