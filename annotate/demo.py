@@ -105,15 +105,31 @@ def ensure_users(known_passwords: bool) -> tuple[list[str], list[DemoLogin]]:
             user.save()
             created.append(username)
         elif user.check_password(known):
-            password = known
-            if not known_passwords:
-                password = secrets.token_urlsafe(12)
-                user.set_password(password)
-                user.save(update_fields=["password"])
+            password = known if known_passwords else _replace_password(user)
         if role == "reviewer":
             user.groups.add(reviewers)
         logins.append(DemoLogin(username, password, role))
     return created, logins
+
+
+def _replace_password(user) -> str:
+    password = secrets.token_urlsafe(12)
+    user.set_password(password)
+    user.save(update_fields=["password"])
+    return password
+
+
+def secure_demo_logins(host: str) -> list[DemoLogin]:
+    """Give every demo user who still has the README's public password a random one, unless those are allowed
+    for `host` (known_passwords_allowed); returns the logins changed, to be shown once."""
+    if known_passwords_allowed(host):
+        return []
+    changed = []
+    for user in User.objects.filter(username__in=[username for username, _, _ in DEMO_USERS]):
+        known, role = next((known, role) for name, known, role in DEMO_USERS if name == user.username)
+        if user.check_password(known):
+            changed.append(DemoLogin(user.username, _replace_password(user), role))
+    return changed
 
 
 def seed_demo(*, prompts: int = 120, per_prompt: int = 3, seed: int = 0, preset: str | None = None,

@@ -122,6 +122,10 @@ def serve(host: str, port: int, worker: bool, concurrency: int) -> int:
     python = sys.executable
     with embedded_redis():
         env = _child_env()
+        # The README's demo passwords never reach a server others can connect to.
+        secured = subprocess.call([python, "manage.py", "secure_demo_logins", "--host", host], cwd=BASE_DIR, env=env)
+        if secured != 0:
+            return secured
         processes = [subprocess.Popen([python, "-m", "daphne", "-b", host, "-p", str(port), "pairloop.asgi:application"],
                                       cwd=BASE_DIR, env=env)]
         if worker:

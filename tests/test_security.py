@@ -290,3 +290,23 @@ def test_it_keeps_the_readme_logins_only_for_the_embedded_demo_on_loopback(setti
     for username, known, _ in DEMO_USERS:
         assert exposed[username] != known
         assert not can_log_in(username, known) and can_log_in(username, exposed[username])
+
+
+@pytest.mark.django_db
+def test_serving_the_embedded_demo_to_the_network_replaces_the_public_passwords(settings, capsys):
+    """`python -m pairloop.embedded serve --host 0.0.0.0` runs secure_demo_logins before it serves."""
+    from django.core.management import call_command
+
+    from annotate.demo import ensure_users
+
+    settings.EMBEDDED = True
+    ensure_users(known_passwords=True)
+    call_command("secure_demo_logins", "--host", "127.0.0.1")
+    assert capsys.readouterr().out == "" and can_log_in("labeler1", "pairloop-label")
+    call_command("secure_demo_logins", "--host", "0.0.0.0")
+    printed = printed_logins(capsys.readouterr().out)
+    assert sorted(printed) == sorted(username for username, _, _ in DEMO_USERS)
+    for username, known, _ in DEMO_USERS:
+        assert not can_log_in(username, known) and can_log_in(username, printed[username])
+    call_command("secure_demo_logins", "--host", "0.0.0.0")
+    assert capsys.readouterr().out == ""  # nothing public is left to replace
