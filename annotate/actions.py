@@ -424,9 +424,9 @@ def skip_assignment(*, assignment_id: int, labeler, campaign: Campaign | None = 
 
 
 def _undoable(campaign: Campaign, labeler, now):
-    """This labeler's human judgments in the campaign still inside the undo window, newest first."""
+    """This labeler's own judgments (page or API) in the campaign inside the undo window, newest first."""
     window = timedelta(seconds=settings.PAIRLOOP["UNDO_SECONDS"])
-    return (Judgment.objects.filter(labeler=labeler, pair__campaign=campaign, source=Judgment.HUMAN,
+    return (Judgment.objects.filter(labeler=labeler, pair__campaign=campaign, source__in=Judgment.UNDOABLE,
                                     created_at__gte=now - window)
             .order_by("-created_at", "-pk"))
 
@@ -441,9 +441,9 @@ def last_undoable_judgment_id(campaign: Campaign, labeler, now=None) -> int | No
     with connection.cursor() as cursor:  # on every page shown: plain SQL, on the (labeler, created_at) index
         cursor.execute(
             f"""SELECT j.id FROM {Judgment._meta.db_table} j JOIN {Pair._meta.db_table} p ON p.id = j.pair_id
-                WHERE j.labeler_id = %s AND j.created_at >= %s AND j.source = %s AND p.campaign_id = %s
+                WHERE j.labeler_id = %s AND j.created_at >= %s AND j.source IN (%s, %s) AND p.campaign_id = %s
                 ORDER BY j.created_at DESC, j.id DESC LIMIT 1""",
-            [labeler.pk, connection.ops.adapt_datetimefield_value(since), Judgment.HUMAN, campaign.pk],
+            [labeler.pk, connection.ops.adapt_datetimefield_value(since), *Judgment.UNDOABLE, campaign.pk],
         )
         row = cursor.fetchone()
     return row[0] if row else None

@@ -182,8 +182,10 @@ class Assignment(models.Model):
 class Judgment(models.Model):
     A, B, TIE, BOTH_BAD = "a", "b", "tie", "both_bad"
     CHOICES = [(A, "A is better"), (B, "B is better"), (TIE, "tie"), (BOTH_BAD, "both bad")]
-    HUMAN, SIMULATED, IMPORTED = "human", "simulated", "import"
-    SOURCES = [(HUMAN, "human"), (SIMULATED, "simulated labeler"), (IMPORTED, "imported preference")]
+    HUMAN, SIMULATED, IMPORTED, API = "human", "simulated", "import", "api"
+    SOURCES = [(HUMAN, "human"), (SIMULATED, "simulated labeler"), (IMPORTED, "imported preference"),
+               (API, "through the HTTP API")]
+    UNDOABLE = (HUMAN, API)  # a labeler's own judgments, which they may take back for a few minutes
 
     # Judgments never disappear by a cascade: deleting a campaign, prompt, response, pair, assignment or
     # user they hang on raises ProtectedError (the admin shows "cannot delete"); users are deactivated.
