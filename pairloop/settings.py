@@ -39,6 +39,8 @@ INSTALLED_APPS = [
     "axes",
     "annotate",
     "training",
+    "ninja",  # django-ninja: the API's docs page and its own Swagger UI files (no CDN)
+    "api",
 ]
 
 MIDDLEWARE = [

@@ -23,6 +23,7 @@ if settings.EMAIL_HOST:
              name="password_reset_complete"),
     ]
 urlpatterns += [
+    path("api/v1/", include("api.urls")),
     path("", include("annotate.urls")),
     path("", include("training.urls")),
 ]

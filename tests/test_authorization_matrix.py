@@ -3,7 +3,9 @@ a table of the status each one must get. The patterns come from the resolver, so
 a row fails here, with the row to add; a row whose URL is gone fails too.
 
 A labeler asking for what is not theirs gets 404 (its existence is not confirmed); anonymous users
-are sent to the login page; the admin site sends everyone but staff to its own login page.
+are sent to the login page; the admin site sends everyone but staff to its own login page. The HTTP
+API (/api/v1/) takes Bearer tokens, never the session cookie: every persona's browser gets 401 there
+(and so no CSRF token is needed, nor checked: a forged form carries no token).
 """
 
 from __future__ import annotations
@@ -65,6 +67,27 @@ EXPECTED = {
     "round_detail":          (LOGIN, LOGIN,  404,   404,     404,   404,     200,   200,     200,   200),
     "job_cancel":            (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
     "job_resume":            (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
+    # The HTTP API (api/): Bearer tokens only, so every session persona gets 401 (tests/test_api.py tries
+    # each role's token on every endpoint); the schema and its docs page are public.
+    "api:api-root":          (404,   404) * 5,
+    "api:openapi-json":      (200,   405) * 5,
+    "api:openapi-view":      (200,   405) * 5,
+    "api:campaign_list":      (401,   405) * 5,
+    "api:campaign_read":      (401,   405) * 5,
+    "api:campaign_queue":     (401,   405) * 5,
+    "api:pairs_import":       (405,   401) * 5,
+    "api:campaign_export":    (401,   405) * 5,
+    "api:label_claim":        (405,   401) * 5,
+    "api:label_judge":        (405,   401) * 5,
+    "api:label_skip":         (405,   401) * 5,
+    "api:label_undo":         (405,   401) * 5,
+    "api:round_list":         (401,   401) * 5,
+    "api:round_launch":       (401,   401) * 5,
+    "api:round_read":         (401,   405) * 5,
+    "api:job_cancel":         (405,   401) * 5,
+    "api:job_resume":         (405,   401) * 5,
+    "api:round_samples":      (401,   405) * 5,
+    "api:round_ratings":      (401,   405) * 5,
     # Accounts (django.contrib.auth.urls)
     "login":                 (200,   200,    200,   200,     200,   200,     200,   200,     200,   200),
     "logout":                (405,   OUT,    405,   OUT,     405,   OUT,     405,   OUT,     405,   OUT),
@@ -294,7 +317,7 @@ def test_a_post_without_a_csrf_token_is_refused_everywhere(world):
             client = Client(enforce_csrf_checks=True)
             client.cookies = deepcopy(cookies[persona])
             response = client.post(url, POST_DATA.get(key, {}))
-            refused_anyway = row is not None and row[2 * i + 1] in (404, LOGIN, ADMIN_LOGIN)
+            refused_anyway = row is not None and row[2 * i + 1] in (401, 404, 405, LOGIN, ADMIN_LOGIN)
             if response.status_code != 403 and not (refused_anyway and outcome(response, url) == row[2 * i + 1]):
                 accepted.append(f"{key} POST {url} as {persona}: {response.status_code}")
     assert not accepted, "POSTs without a CSRF token that were not refused:\n" + "\n".join(accepted)

@@ -1,0 +1,211 @@
+"""The API's request and response bodies (pydantic, through django-ninja): what the OpenAPI schema shows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from ninja import Schema
+from pydantic import AfterValidator, Field
+
+INT32 = 2**31 - 1
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
+class Error(Schema):
+    detail: str = Field(description="What was wrong, for a person to read.")
+
+
+class ImportError_(Schema):
+    detail: str = Field(description="The first problems, as import_pairs prints them.")
+    errors: list[str] = Field(description="Every collected problem, naming the line (row) and field.")
+    total: int = Field(description="How many problems the rows hold in all.")
+
+
+class SettingsError(Schema):
+    detail: str
+    errors: dict[str, str] = Field(description="Each bad setting's name and what is wrong with it.")
+
+
+class CampaignOut(Schema):
+    slug: str
+    name: str
+    instructions: str = Field(description="Markdown, shown to labelers.")
+    allow_tie: bool
+    allow_both_bad: bool
+    ask_strength: bool
+    ask_rationale: bool
+    overlap: int = Field(description="Judgments wanted per pair.")
+    lease_seconds: int
+    daily_cap: int | None
+    gold_rate: float
+    is_active: bool
+    created_at: datetime
+    choices: list[str] = Field(description="The choices a judgment may make here: a, b, tie, both_bad.")
+
+
+class CampaignSettings(Schema):
+    """A campaign's settings as the admin edits them; on update, only the fields sent change."""
+
+    name: Text | None = Field(None, min_length=1, max_length=200)
+    instructions: Text | None = None
+    allow_tie: bool | None = None
+    allow_both_bad: bool | None = None
+    ask_strength: bool | None = None
+    ask_rationale: bool | None = None
+    overlap: int | None = Field(None, ge=1, le=100)
+    lease_seconds: int | None = Field(None, ge=10, le=7 * 24 * 3600)
+    daily_cap: int | None = Field(None, ge=1, le=INT32)
+    gold_rate: float | None = Field(None, ge=0.0, le=1.0)
+    is_active: bool | None = None
+
+
+class CampaignCreate(CampaignSettings):
+    slug: str = Field(pattern=r"^[-a-zA-Z0-9_]+$", min_length=1, max_length=50)
+    name: Text = Field(min_length=1, max_length=200)
+
+
+class ResponseShown(Schema):
+    text: str
+
+
+class AssignmentOut(Schema):
+    id: int = Field(description="Send judgments and skips to this assignment.")
+    pair_id: int
+    prompt: str
+    left: str = Field(description="The response shown as 'a'.")
+    right: str = Field(description="The response shown as 'b'.")
+    expires_at: datetime = Field(description="The lease ends then and the pair returns to the queue.")
+
+
+class ClaimOut(Schema):
+    assignment: AssignmentOut | None
+    reason: Literal["", "empty", "cap", "busy"] = Field(
+        description="Why there is no assignment: empty (nothing left for you), cap (daily cap reached), "
+                    "busy (others hold every open pair: try again).")
+    choices: list[str]
+    ask_strength: bool
+    ask_rationale: bool
+    judged_today: int
+    left_in_campaign: int
+
+
+class JudgmentIn(Schema):
+    choice: Literal["a", "b", "tie", "both_bad"] = Field(
+        description="In shown terms: 'a' is the left response.")
+    strength: int | None = Field(None, ge=1, le=4, description="1 (slightly) .. 4 (far) better; asked for "
+                                                                 "a and b when the campaign asks strength.")
+    rationale: Text = Field("", max_length=5000)
+    milliseconds: int | None = Field(None, ge=0, le=INT32, description="Time from showing to choosing.")
+
+
+class JudgmentOut(Schema):
+    id: int
+    pair_id: int
+    choice: str = Field(description="In the pair's terms (response_a / response_b), as exports show it.")
+    strength: int | None
+    source: str
+    created: bool = Field(description="False when this assignment was judged already (nothing changed).")
+
+
+class SkipOut(Schema):
+    assignment_id: int
+    skipped: bool
+
+
+class UndoIn(Schema):
+    judgment_id: int = Field(ge=1, le=2**63 - 1, description="The judgment to take back: your last one.")
+
+
+class UndoOut(Schema):
+    judgment_id: int
+    pair_id: int
+
+
+class ImportIn(Schema):
+    rows: list[dict[str, Any]] = Field(description="Rows as import_pairs reads a JSONL file's lines: "
+                                                   "prompt with response_a/response_b, responses, or "
+                                                   "chosen/rejected.")
+    pairs_per_prompt: int | None = Field(None, ge=1, le=1000)
+    seed: int = Field(0, ge=0, le=INT32)
+    priority: int = Field(0, ge=-INT32 - 1, le=INT32)
+
+
+class ImportOut(Schema):
+    created: int
+    skipped: int = Field(description="Duplicates of pairs already there.")
+    rows: int
+
+
+class QueueOut(Schema):
+    pairs: int
+    open_pairs: int
+    judgments: int
+    judgments_left: int = Field(description="Judgments still wanted (may lag by a few minutes).")
+    live_leases: int
+    pairs_by_judgments: dict[str, int] = Field(description="How many pairs have 0, 1, 2... judgments.")
+
+
+class JobOut(Schema):
+    id: int
+    kind: str
+    order: int
+    status: str
+    step: int
+    total_steps: int
+    progress: float
+    result: dict[str, Any] = Field(description="Final metrics and outputs, once it succeeded.")
+    last_metrics: dict[str, Any] | None = Field(description="The latest metric point.")
+    error: str
+    warning: str
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RoundOut(Schema):
+    id: int
+    campaign: str
+    number: int
+    status: str
+    config: dict[str, Any]
+    parent_policy: str
+    policy_checkpoint: str
+    reward_checkpoint: str
+    created_at: datetime
+    finished_at: datetime | None
+    jobs: list[JobOut]
+
+
+class RoundIn(Schema):
+    preset: str = Field("demo", description="The settings to start from (demo or tiny); PAIRLOOP_DEMO_POLICY_"
+                                            "PRESET on the page.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Round settings over the preset's, "
+                                                                       "as launch_round --set takes them.")
+
+
+class SampleOut(Schema):
+    prompt: str
+    responses: list[str] = Field(description="What this round's policy wrote for the prompt.")
+
+
+class RatingOut(Schema):
+    policy: str
+    rating: float = Field(description="Elo scale, the SFT policy at 1000.")
+    low: float = Field(description="Lower end of the 95% bootstrap interval.")
+    high: float
+    games: int
+
+
+class RatingsOut(Schema):
+    source: str = Field(description="Whose judgments: human, else simulated labelers.")
+    judgments: int
+    players: list[RatingOut]

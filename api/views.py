@@ -1,0 +1,314 @@
+"""The API's endpoints: thin functions, as the web's views are — check the token's scope, check access
+with the web's access function, call the web's action, return JSON. Nothing here changes a row itself."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from django.db.models import Count
+from django.utils import timezone
+from ninja import Query, Router, Schema, Status
+from ninja.errors import HttpError
+
+from annotate import actions
+from annotate.access import (
+    campaign_for_admin,
+    campaign_for_labeler,
+    campaign_for_reviewer,
+    campaigns_for_user,
+    is_reviewer,
+)
+from annotate.models import Assignment, Campaign, Judgment, Pair
+from api import schemas
+from api.auth import require_scope
+from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW
+from training import actions as training_actions
+from training.access import job_for_admin, round_for_reviewer
+from training.models import Job, Round
+
+campaigns = Router(tags=["campaigns"])
+labeling = Router(tags=["labeling"])
+rounds = Router(tags=["rounds"])
+
+REFUSED = {401: schemas.Error, 403: schemas.Error, 404: schemas.Error}
+
+
+def _campaign_out(campaign: Campaign) -> dict:
+    fields = ("slug", "name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
+              "overlap", "lease_seconds", "daily_cap", "gold_rate", "is_active", "created_at")
+    return {**{name: getattr(campaign, name) for name in fields}, "choices": campaign.choices_offered()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Campaigns
+# ---------------------------------------------------------------------------------------------
+
+@campaigns.get("/campaigns", response={200: list[schemas.CampaignOut], **REFUSED})
+def campaign_list(request):
+    """The campaigns the token's user may label (members) or read (reviewers: all of them)."""
+    return [_campaign_out(campaign) for campaign in campaigns_for_user(request.user)]
+
+
+def _campaign_for_reader(request, slug: str) -> Campaign:
+    """Reviewers read any campaign; a labeler only the active ones they are members of."""
+    if is_reviewer(request.user):
+        return campaign_for_reviewer(request, slug)
+    return campaign_for_labeler(request, slug)
+
+
+@campaigns.get("/campaigns/{slug:slug}", response={200: schemas.CampaignOut, **REFUSED})
+def campaign_read(request, slug: str):
+    """A campaign's settings."""
+    return _campaign_out(_campaign_for_reader(request, slug))
+
+
+@campaigns.get("/campaigns/{slug:slug}/queue", response={200: schemas.QueueOut, **REFUSED})
+def campaign_queue(request, slug: str):
+    """The campaign's queue: open pairs, judgments per pair, live leases. Scope: review."""
+    require_scope(request, REVIEW)
+    campaign = campaign_for_reviewer(request, slug)
+    pairs = Pair.objects.filter(campaign=campaign)
+    by_count = dict(pairs.values_list("judgments_count").annotate(n=Count("id")).order_by())
+    live = Assignment.objects.filter(pair__campaign=campaign, completed_at__isnull=True, skipped=False,
+                                     expires_at__gt=timezone.now())
+    return {
+        "pairs": sum(by_count.values()),
+        "open_pairs": pairs.filter(is_open=True).count(),
+        "judgments": Judgment.objects.filter(pair__campaign=campaign).count(),
+        "judgments_left": actions.judgments_left(campaign),
+        "live_leases": live.count(),
+        "pairs_by_judgments": {str(count): n for count, n in sorted(by_count.items())},
+    }
+
+
+@campaigns.post("/campaigns/{slug:slug}/pairs",
+                response={201: schemas.ImportOut, 400: schemas.ImportError_, **REFUSED})
+def pairs_import(request, slug: str, body: schemas.ImportIn):
+    """Add pairs, checked as `manage.py import_pairs` checks a JSONL file (row N is line N): any bad row
+    and nothing is added, with the same messages. Scope: import."""
+    require_scope(request, IMPORT)
+    campaign = campaign_for_admin(request, slug)
+    from annotate.importing import ImportFailed, import_file
+
+    with tempfile.TemporaryDirectory(prefix="pairloop-api-import-") as folder:
+        path = Path(folder) / "rows.jsonl"
+        with path.open("w", encoding="utf-8") as handle:
+            for row in body.rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            result = import_file(campaign, path, pairs_per_prompt=body.pairs_per_prompt, seed=body.seed,
+                                 priority=body.priority)
+        except ImportFailed as exc:
+            return Status(400, {"detail": f"nothing was imported: {exc}", "errors": exc.lines(),
+                                "total": exc.total})
+    return Status(201, {"created": result.created, "skipped": result.skipped, "rows": result.rows})
+
+
+class ExportQuery(Schema):
+    format: str = "jsonl"
+    raw: bool = False
+
+
+@campaigns.get("/campaigns/{slug:slug}/export", response={200: None, 400: schemas.Error, **REFUSED},
+               openapi_extra={"responses": {200: {"description": "The file, streamed: JSONL or Parquet.",
+                                                  "content": {"application/octet-stream": {}}}}})
+def campaign_export(request, slug: str, query: Query[ExportQuery]):
+    """Preference pairs in TRL's prompt/chosen/rejected columns (or, with raw, every judgment), as
+    `manage.py export_pairs` writes them: format jsonl or parquet. Scope: export."""
+    require_scope(request, EXPORT)
+    campaign = campaign_for_reviewer(request, slug)
+    from annotate.exporting import export_to_file
+    from annotate.views import EXPORT_FORMATS, TempFileDownload
+
+    if query.format not in EXPORT_FORMATS:
+        return Status(400, {"detail": "format must be jsonl or parquet"})
+    name = f"{campaign.slug}-{'judgments' if query.raw else 'pairs'}{EXPORT_FORMATS[query.format]}"
+    handle = tempfile.TemporaryFile(prefix="pairloop-export-")
+    try:
+        export_to_file(campaign, handle, format=query.format, raw=query.raw)
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return TempFileDownload(handle, as_attachment=True, filename=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labeling: the same leases, overlap and fairness as the labeling page
+# ---------------------------------------------------------------------------------------------
+
+@labeling.post("/campaigns/{slug:slug}/claim", response={200: schemas.ClaimOut, **REFUSED})
+def label_claim(request, slug: str):
+    """Lease the next pair to the token's user (or get back the one they hold). Scope: label."""
+    require_scope(request, LABEL)
+    campaign = campaign_for_labeler(request, slug)
+    claim = actions.claim_next_pair(campaign, request.user)
+    assignment = None
+    if claim.assignment is not None:
+        left, right = claim.assignment.shown()
+        assignment = {"id": claim.assignment.pk, "pair_id": claim.assignment.pair_id,
+                      "prompt": claim.assignment.pair.prompt.text, "left": left.text, "right": right.text,
+                      "expires_at": claim.assignment.expires_at}
+    return {"assignment": assignment, "reason": claim.reason, "choices": campaign.choices_offered(),
+            "ask_strength": campaign.ask_strength, "ask_rationale": campaign.ask_rationale,
+            "judged_today": actions.judged_today(campaign, request.user),
+            "left_in_campaign": actions.judgments_left(campaign)}
+
+
+@labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/judgment",
+               response={200: schemas.JudgmentOut, 201: schemas.JudgmentOut, 400: schemas.Error, **REFUSED})
+def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn):
+    """Judge a leased pair (201; 200 when it was judged already). Scope: label."""
+    require_scope(request, LABEL)
+    campaign = campaign_for_labeler(request, slug)
+    try:
+        judgment, created = actions.submit_judgment(
+            assignment_id=assignment_id, labeler=request.user, choice=body.choice, strength=body.strength,
+            rationale=body.rationale, milliseconds=body.milliseconds, source=Judgment.API, campaign=campaign)
+    except Assignment.DoesNotExist:
+        raise HttpError(404, "no such assignment") from None
+    except actions.JudgmentError as exc:
+        return Status(400, {"detail": str(exc)})
+    return Status(201 if created else 200, {
+        "id": judgment.pk, "pair_id": judgment.pair_id, "choice": judgment.choice,
+        "strength": judgment.strength, "source": judgment.source, "created": created})
+
+
+@labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/skip",
+               response={200: schemas.SkipOut, **REFUSED})
+def label_skip(request, slug: str, assignment_id: int):
+    """Give a leased pair back unjudged; it is not offered to this user again. Scope: label."""
+    require_scope(request, LABEL)
+    campaign = campaign_for_labeler(request, slug)
+    try:
+        assignment = actions.skip_assignment(assignment_id=assignment_id, labeler=request.user,
+                                             campaign=campaign)
+    except Assignment.DoesNotExist:
+        raise HttpError(404, "no such assignment") from None
+    return {"assignment_id": assignment.pk, "skipped": assignment.skipped}
+
+
+@labeling.post("/campaigns/{slug:slug}/undo", response={200: schemas.UndoOut, 409: schemas.Error, **REFUSED})
+def label_undo(request, slug: str, body: schemas.UndoIn):
+    """Take back your last judgment while it is recent (PAIRLOOP_UNDO_SECONDS); its pair is leased to you
+    again. 409 when it is not your last or too old. Scope: label."""
+    require_scope(request, LABEL)
+    campaign = campaign_for_labeler(request, slug)
+    try:
+        undone = actions.undo_last_judgment(campaign, request.user, judgment_id=body.judgment_id)
+    except actions.UndoRefused as exc:
+        return Status(409, {"detail": str(exc)})
+    if undone is None:
+        return Status(409, {"detail": "Nothing to undo (only the last few minutes can be undone)."})
+    return {"judgment_id": body.judgment_id, "pair_id": undone.pair_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds
+# ---------------------------------------------------------------------------------------------
+
+def _round_out(round_: Round) -> dict:
+    jobs = list(round_.jobs.all())
+    return {
+        "id": round_.pk, "campaign": round_.campaign.slug, "number": round_.number, "status": round_.status(),
+        "config": round_.config, "parent_policy": round_.parent_policy,
+        "policy_checkpoint": round_.policy_checkpoint, "reward_checkpoint": round_.reward_checkpoint,
+        "created_at": round_.created_at, "finished_at": round_.finished_at,
+        "jobs": [{"id": job.pk, "kind": job.kind, "order": job.order, "status": job.status, "step": job.step,
+                  "total_steps": job.total_steps, "progress": job.progress_fraction(), "result": job.result,
+                  "last_metrics": job.metrics[-1] if job.metrics else None, "error": job.error,
+                  "warning": job.warning, "attempts": job.attempts, "started_at": job.started_at,
+                  "finished_at": job.finished_at} for job in jobs],
+    }
+
+
+@rounds.get("/campaigns/{slug:slug}/rounds", response={200: list[schemas.RoundOut], **REFUSED})
+def round_list(request, slug: str):
+    """The campaign's rounds, newest first, with their jobs. Scope: review."""
+    require_scope(request, REVIEW)
+    campaign = campaign_for_reviewer(request, slug)
+    found = Round.objects.filter(campaign=campaign).select_related("campaign").prefetch_related("jobs")
+    return [_round_out(round_) for round_ in found.order_by("-number")]
+
+
+@rounds.post("/campaigns/{slug:slug}/rounds",
+             response={201: schemas.RoundOut, 400: schemas.SettingsError, 409: schemas.Error, **REFUSED})
+def round_launch(request, slug: str, body: schemas.RoundIn):
+    """Launch the campaign's next round with these settings (checked as the launch form checks them);
+    409 below PAIRLOOP_MIN_JUDGMENTS or while another round runs. Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    from training.config import ConfigError, build_config
+
+    try:
+        config = build_config(body.preset, body.settings)
+    except ConfigError as exc:
+        return Status(400, {"detail": str(exc), "errors": exc.problems})
+    except ValueError as exc:
+        return Status(400, {"detail": str(exc), "errors": {}})
+    try:
+        round_ = training_actions.launch_round(campaign, request.user, config)
+    except training_actions.RoundRefused as exc:
+        return Status(409, {"detail": str(exc)})
+    return Status(201, _round_out(round_))
+
+
+@rounds.get("/rounds/{int:round_id}", response={200: schemas.RoundOut, **REFUSED})
+def round_read(request, round_id: int):
+    """A round's status and each job's progress, latest metrics and final result. Scope: review."""
+    require_scope(request, REVIEW)
+    return _round_out(round_for_reviewer(request, round_id))
+
+
+def _job_action(request, round_id: int, job_id: int, action):
+    require_scope(request, ADMIN)
+    job = job_for_admin(request, round_id, job_id)
+    try:
+        action(job)
+    except training_actions.RoundRefused as exc:
+        return Status(409, {"detail": str(exc)})
+    return Status(200, _round_out(Round.objects.select_related("campaign").get(pk=job.round_id)))
+
+
+@rounds.post("/rounds/{int:round_id}/jobs/{int:job_id}/cancel",
+             response={200: schemas.RoundOut, 409: schemas.Error, **REFUSED})
+def job_cancel(request, round_id: int, job_id: int):
+    """Cancel the round at this job (a running one stops at its next step). Scope: admin."""
+    return _job_action(request, round_id, job_id, training_actions.cancel_job)
+
+
+@rounds.post("/rounds/{int:round_id}/jobs/{int:job_id}/resume",
+             response={200: schemas.RoundOut, 409: schemas.Error, **REFUSED})
+def job_resume(request, round_id: int, job_id: int):
+    """Run a failed or cancelled job again from its last checkpoint, then the rest of the round.
+    Scope: admin."""
+    return _job_action(request, round_id, job_id, training_actions.resume_job)
+
+
+@rounds.get("/rounds/{int:round_id}/samples", response={200: list[schemas.SampleOut], **REFUSED})
+def round_samples(request, round_id: int):
+    """What the round's policy wrote for the sampled prompts (empty until its sample job succeeded).
+    Scope: review."""
+    require_scope(request, REVIEW)
+    round_ = round_for_reviewer(request, round_id)
+    job = round_.jobs.filter(kind=Job.SAMPLE, status=Job.SUCCEEDED).first()
+    samples = (job.result or {}).get("samples", []) if job else []
+    return [{"prompt": sample["prompt"], "responses": sample.get("new", [])} for sample in samples]
+
+
+@rounds.get("/rounds/{int:round_id}/ratings", response={200: schemas.RatingsOut | None, **REFUSED})
+def round_ratings(request, round_id: int):
+    """Bradley-Terry ratings of the SFT policy and each round's policy up to this one, with 95% intervals,
+    as the round's page shows them; null until two policies have been compared. Scope: review."""
+    require_scope(request, REVIEW)
+    round_ = round_for_reviewer(request, round_id)
+    from training.views import policy_ratings
+
+    ratings = policy_ratings(round_)
+    if ratings is None:
+        return None
+    players = [{"policy": str(r.player), "rating": r.rating, "low": r.low, "high": r.high, "games": r.games}
+               for r in ratings["players"]]
+    return {"source": ratings["source"], "judgments": ratings["judgments"], "players": players}
