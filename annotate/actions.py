@@ -708,3 +708,49 @@ def _strength_from_margin(margin: float | None) -> int | None:
     if margin is None:
         return None
     return max(1, min(4, int(round(float(margin) * 3)) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Campaigns
+# ---------------------------------------------------------------------------------------------
+
+CAMPAIGN_SETTINGS = ("name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
+                     "overlap", "lease_seconds", "daily_cap", "gold_rate", "is_active")
+
+
+def create_campaign(*, slug: str, name: str, **settings_) -> Campaign:
+    """A new campaign with these settings (the model's defaults for the rest). Raises ValidationError
+    naming each bad field (a slug in use, a name too long) and creates nothing."""
+    unknown = set(settings_) - set(CAMPAIGN_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown campaign settings: {', '.join(sorted(unknown))}")
+    campaign = Campaign(slug=slug, name=name, **settings_)
+    campaign.full_clean()
+    campaign.save()
+    return campaign
+
+
+def change_campaign_settings(campaign: Campaign, **changes) -> Campaign:
+    """Change a campaign's settings. A new overlap reopens the pairs that now want more judgments and
+    closes those that have enough, in the same transaction, so the queue follows at once. Raises
+    ValidationError naming each bad field and changes nothing."""
+    unknown = set(changes) - set(CAMPAIGN_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown campaign settings: {', '.join(sorted(unknown))}")
+    with transaction.atomic():
+        campaign = Campaign.objects.select_for_update().get(pk=campaign.pk)
+        new_overlap = "overlap" in changes and changes["overlap"] != campaign.overlap
+        for name, value in changes.items():
+            setattr(campaign, name, value)
+        campaign.full_clean(exclude=["slug"])
+        campaign.save(update_fields=list(changes))
+        if new_overlap:
+            # Gold items and imported preferences (judged when they arrived) keep their state.
+            pairs = Pair.objects.filter(campaign=campaign, gold_choice="")
+            pairs.filter(is_open=True, judgments_count__gte=campaign.overlap).update(is_open=False)
+            (pairs.filter(is_open=False, judgments_count__lt=campaign.overlap)
+             .exclude(Exists(Judgment.objects.filter(pair=OuterRef("pk"), source=Judgment.IMPORTED)))
+             .update(is_open=True))
+    if new_overlap:
+        forget_judgments_left(campaign)
+    return campaign
