@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.utils import timezone
 from ninja import Query, Router, Schema, Status
@@ -49,6 +50,37 @@ def _campaign_out(campaign: Campaign) -> dict:
 def campaign_list(request):
     """The campaigns the token's user may label (members) or read (reviewers: all of them)."""
     return [_campaign_out(campaign) for campaign in campaigns_for_user(request.user)]
+
+
+def _refused_settings(exc: ValidationError) -> Status:
+    errors = {name: " ".join(messages) for name, messages in exc.message_dict.items()}
+    return Status(400, {"detail": "; ".join(f"{name}: {message}" for name, message in errors.items()),
+                        "errors": errors})
+
+
+@campaigns.post("/campaigns", response={201: schemas.CampaignOut, 400: schemas.SettingsError, **REFUSED})
+def campaign_create(request, body: schemas.CampaignCreate):
+    """Create a campaign with these settings (the defaults for the rest). Scope: admin."""
+    require_scope(request, ADMIN)  # the admin scope is an admin's only
+    try:
+        campaign = actions.create_campaign(**body.dict(exclude_unset=True))
+    except ValidationError as exc:
+        return _refused_settings(exc)
+    return Status(201, _campaign_out(campaign))
+
+
+@campaigns.patch("/campaigns/{slug:slug}", response={200: schemas.CampaignOut, 400: schemas.SettingsError,
+                                                     **REFUSED})
+def campaign_update(request, slug: str, body: schemas.CampaignSettings):
+    """Change the settings sent (the others stay); a new overlap reopens or closes pairs to match.
+    Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    try:
+        campaign = actions.change_campaign_settings(campaign, **body.dict(exclude_unset=True))
+    except ValidationError as exc:
+        return _refused_settings(exc)
+    return _campaign_out(campaign)
 
 
 def _campaign_for_reader(request, slug: str) -> Campaign:

@@ -38,6 +38,10 @@ class Api:
         return self.client.post(API + path, json.dumps(body or {}), content_type="application/json",
                                 headers=self.headers)
 
+    def patch(self, path, body):
+        return self.client.patch(API + path, json.dumps(body), content_type="application/json",
+                                 headers=self.headers)
+
 
 def api_for(user, scopes=None) -> Api:
     return Api(create_token(user, "test", scopes)[1])
@@ -110,6 +114,37 @@ def test_a_token_loses_what_its_users_role_no_longer_allows(admin_user, campaign
     admin_user.save(update_fields=["is_staff", "is_superuser"])
     response = api.get("/campaigns/shop/queue")
     assert response.status_code == 403 and "review" in response.json()["detail"]
+
+
+def test_an_admin_creates_a_campaign_and_changes_its_settings(admin_user, labeler):
+    api = api_for(admin_user)
+    created = api.post("/campaigns", {"slug": "new", "name": "New one", "overlap": 2, "ask_strength": False})
+    assert created.status_code == 201
+    assert created.json()["overlap"] == 2 and created.json()["lease_seconds"] == 600  # the default
+    taken = api.post("/campaigns", {"slug": "new", "name": "Again"})
+    assert taken.status_code == 400 and set(taken.json()["errors"]) == {"slug"}
+    assert api.post("/campaigns", {"slug": "bad slug!", "name": "x"}).status_code == 422
+
+    changed = api.patch("/campaigns/new", {"allow_tie": False, "daily_cap": 50})
+    assert changed.status_code == 200 and changed.json()["choices"] == ["a", "b", "both_bad"]
+    assert changed.json()["overlap"] == 2 and changed.json()["daily_cap"] == 50
+    assert api.patch("/campaigns/new", {"overlap": 0}).status_code == 422
+    assert api_for(labeler).patch("/campaigns/new", {"name": "mine"}).status_code == 403
+    assert api.patch("/campaigns/nope", {"name": "x"}).status_code == 404
+
+
+def test_a_new_overlap_reopens_and_closes_pairs_at_once(admin_user, labeler, outsider):
+    campaign = make_campaign(slug="k", n_pairs=2, members=[labeler, outsider], overlap=1)
+    add_pairs(campaign, [PairInput("Known?", "good", "bad", preferred="a")], notify=False)
+    judged(campaign, labeler, n=2)
+    api = api_for(admin_user)
+    assert api.get("/campaigns/k/queue").json()["open_pairs"] == 0
+    assert api.patch("/campaigns/k", {"overlap": 2}).status_code == 200
+    state = api.get("/campaigns/k/queue").json()
+    assert state["open_pairs"] == 2 and state["judgments_left"] == 2  # the imported preference stays judged
+    assert api_for(outsider).post("/campaigns/k/claim").json()["assignment"] is not None
+    api.patch("/campaigns/k", {"overlap": 1})
+    assert api.get("/campaigns/k/queue").json()["open_pairs"] == 0
 
 
 # --- labeling -----------------------------------------------------------------------------------
@@ -278,6 +313,8 @@ def test_it_reports_a_finished_rounds_samples_and_job_results(admin_user, review
 # (method, path, body); {slug}, {other}, {assignment}, {round}, {job} filled from the fixture.
 ENDPOINTS = {
     "campaign_list": ("GET", "/campaigns", None),
+    "campaign_create": ("POST", "/campaigns", {"slug": "fresh", "name": "Fresh"}),
+    "campaign_update": ("PATCH", "/campaigns/{slug}", {"lease_seconds": 300}),
     "campaign_read": ("GET", "/campaigns/{slug}", None),
     "campaign_queue": ("GET", "/campaigns/{slug}/queue", None),
     "pairs_import": ("POST", "/campaigns/{slug}/pairs", {"rows": ROWS}),
@@ -301,6 +338,8 @@ ROLES = ("member", "non_member", "reviewer", "admin", "label_only_admin")
 STATUS = {
     #                    member  non-member reviewer  admin  label-only admin
     "campaign_list":     (200,   200,       200,      200,   200),
+    "campaign_create":   (403,   403,       403,      201,   403),
+    "campaign_update":   (403,   403,       403,      200,   403),
     "campaign_read":     (200,   404,       200,      200,   200),
     "campaign_queue":    (403,   403,       200,      200,   403),
     "pairs_import":      (403,   403,       403,      201,   403),
@@ -341,7 +380,8 @@ def test_every_roles_token_gets_the_expected_status_from_every_endpoint(labeler,
         for role, expected in zip(ROLES, STATUS[name]):
             with transaction.atomic():  # each request sees the same starting state
                 api = tokens[role]
-                got = (api.get(url) if method == "GET" else api.post(url, body)).status_code
+                send = getattr(api, method.lower())
+                got = (send(url) if method == "GET" else send(url, body)).status_code
                 transaction.set_rollback(True)
             if got != expected:
                 wrong.append(f"{name} {method} {url} as {role}: expected {expected}, got {got}")
