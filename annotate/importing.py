@@ -62,6 +62,7 @@ BATCH_ROWS = 1024  # rows per Parquet / Arrow batch read
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CHAT_ROLES = ("system", "user", "assistant")  # the roles chat templates (and TRL's formats) know
 KNOWN_SUFFIXES = (*JSON_SUFFIXES, ".csv", ".parquet", ".pq")
+NUL_REASON = "holds a NUL character (\\u0000), which PostgreSQL cannot store in text"
 
 
 @dataclass(frozen=True)
@@ -691,6 +692,8 @@ def _prompt(row: dict, csv_text: bool) -> str | list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise _BadRow("prompt", "empty text")
+        if "\x00" in value:
+            raise _BadRow("prompt", NUL_REASON)
         return value
     if isinstance(value, list):
         return _turns(value, "prompt")
@@ -711,6 +714,8 @@ def _turns(value: list, field: str) -> list[dict]:
                 raise _BadRow(field, f"turn {number}: {key!r} is {_kind(turn[key])}, not a string")
         if turn["role"] not in CHAT_ROLES:
             raise _BadRow(field, f"turn {number} has role {turn['role']!r}: use {', '.join(CHAT_ROLES)}")
+        if "\x00" in turn["content"]:
+            raise _BadRow(field, f"turn {number}: {NUL_REASON}")
         turns.append({"role": turn["role"], "content": turn["content"]})
     if not any(t["content"].strip() for t in turns):
         raise _BadRow(field, "every chat turn is empty")
@@ -733,6 +738,8 @@ def _response_text(value: Any, field: str) -> str:
         raise _BadRow(field, f"not a string (got {_kind(value)})")
     if not value.strip():
         raise _BadRow(field, "empty text")
+    if "\x00" in value:
+        raise _BadRow(field, NUL_REASON)
     return value
 
 

@@ -252,6 +252,12 @@ def test_it_imports_nothing_when_one_row_is_bad_and_names_its_line_and_field(tmp
      "turn 1 has role 'wizard': use system, user, assistant"),
     ('{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "", "content": "x"}], '
      '"rejected": "y"}', "chosen", "turn 1 has role ''"),
+    # NUL characters, which PostgreSQL's text columns refuse: named here instead of failing mid-import.
+    ('{"prompt": "Q\\u0000", "response_a": "x", "response_b": "y"}', "prompt", "NUL character"),
+    ('{"prompt": "Q", "response_a": "x", "response_b": "y\\u0000"}', "response_b", "NUL character"),
+    ('{"prompt": "Q", "responses": ["x", "y\\u0000"]}', "responses", "item 2: holds a NUL"),
+    ('{"prompt": [{"role": "user", "content": "\\u0000"}], "response_a": "x", "response_b": "y"}', "prompt",
+     "turn 1: holds a NUL"),
 ])
 def test_it_names_the_line_and_field_of_each_kind_of_bad_row(tmp_path, line, field, needle):
     campaign = make_campaign("kinds")
