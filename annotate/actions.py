@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.cache import cache
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Sum
 from django.db.models.functions import Coalesce
@@ -718,12 +719,22 @@ CAMPAIGN_SETTINGS = ("name", "instructions", "allow_tie", "allow_both_bad", "ask
                      "overlap", "lease_seconds", "daily_cap", "gold_rate", "is_active")
 
 
+def _check_settings(values: dict) -> None:
+    """Refuse unknown settings, and empty values where the column takes none (full_clean lets an empty value
+    through on a blank=True field, and the database would refuse it with an error instead)."""
+    unknown = set(values) - set(CAMPAIGN_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown campaign settings: {', '.join(sorted(unknown))}")
+    empty = {name: "This field cannot be null." for name, value in values.items()
+             if value is None and not Campaign._meta.get_field(name).null}
+    if empty:
+        raise ValidationError(empty)
+
+
 def create_campaign(*, slug: str, name: str, **settings_) -> Campaign:
     """A new campaign with these settings (the model's defaults for the rest). Raises ValidationError
     naming each bad field (a slug in use, a name too long) and creates nothing."""
-    unknown = set(settings_) - set(CAMPAIGN_SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown campaign settings: {', '.join(sorted(unknown))}")
+    _check_settings(settings_)
     campaign = Campaign(slug=slug, name=name, **settings_)
     campaign.full_clean()
     campaign.save()
@@ -734,9 +745,7 @@ def change_campaign_settings(campaign: Campaign, **changes) -> Campaign:
     """Change a campaign's settings. A new overlap reopens the pairs that now want more judgments and
     closes those that have enough, in the same transaction, so the queue follows at once. Raises
     ValidationError naming each bad field and changes nothing."""
-    unknown = set(changes) - set(CAMPAIGN_SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown campaign settings: {', '.join(sorted(unknown))}")
+    _check_settings(changes)
     with transaction.atomic():
         campaign = Campaign.objects.select_for_update().get(pk=campaign.pk)
         new_overlap = "overlap" in changes and changes["overlap"] != campaign.overlap
