@@ -24,15 +24,21 @@ class Error(Schema):
     detail: str = Field(description="What was wrong, for a person to read.")
 
 
+class Invalid(Schema):
+    detail: list[dict[str, Any]] = Field(description="Each invalid value: where it is (loc) and why (msg).")
+
+
 class ImportError_(Schema):
     detail: str = Field(description="The first problems, as import_pairs prints them.")
-    errors: list[str] = Field(description="Every collected problem, naming the line (row) and field.")
-    total: int = Field(description="How many problems the rows hold in all.")
+    errors: list[str] = Field([], description="Every collected problem, naming the line (row) and field "
+                                              "(none when the body itself is not JSON).")
+    total: int = Field(0, description="How many problems the rows hold in all.")
 
 
 class SettingsError(Schema):
     detail: str
-    errors: dict[str, str] = Field(description="Each bad setting's name and what is wrong with it.")
+    errors: dict[str, str] = Field({}, description="Each bad setting's name and what is wrong with it (none "
+                                                   "when the body itself is not JSON).")
 
 
 class CampaignOut(Schema):
@@ -53,19 +59,22 @@ class CampaignOut(Schema):
 
 
 class CampaignSettings(Schema):
-    """A campaign's settings as the admin edits them; on update, only the fields sent change."""
+    """A campaign's settings as the admin edits them; on update, only the fields sent change. Only
+    daily_cap takes null (no cap)."""
 
-    name: Text | None = Field(None, min_length=1, max_length=200)
-    instructions: Text | None = None
-    allow_tie: bool | None = None
-    allow_both_bad: bool | None = None
-    ask_strength: bool | None = None
-    ask_rationale: bool | None = None
-    overlap: int | None = Field(None, ge=1, le=100)
-    lease_seconds: int | None = Field(None, ge=10, le=7 * 24 * 3600)
-    daily_cap: int | None = Field(None, ge=1, le=INT32)
-    gold_rate: float | None = Field(None, ge=0.0, le=1.0)
-    is_active: bool | None = None
+    name: Text = Field(None, min_length=1, max_length=200)
+    instructions: Text = Field(None, description="Markdown, shown to labelers one click away.")
+    allow_tie: bool = Field(None, description="Offer 'tie'.")
+    allow_both_bad: bool = Field(None, description="Offer 'both bad'.")
+    ask_strength: bool = Field(None, description="Ask how much better, 1 to 4.")
+    ask_rationale: bool = Field(None, description="Offer an optional rationale.")
+    overlap: int = Field(None, ge=1, le=100, description="Judgments wanted per pair.")
+    lease_seconds: int = Field(None, ge=10, le=7 * 24 * 3600,
+                               description="A claimed pair returns to the queue after this.")
+    daily_cap: int | None = Field(None, ge=1, le=INT32,
+                                  description="Judgments per labeler per day; null: no cap.")
+    gold_rate: float = Field(None, ge=0.0, le=1.0, description="Share of gold items mixed in.")
+    is_active: bool = Field(None)
 
 
 class CampaignCreate(CampaignSettings):

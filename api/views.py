@@ -33,7 +33,9 @@ campaigns = Router(tags=["campaigns"])
 labeling = Router(tags=["labeling"])
 rounds = Router(tags=["rounds"])
 
-REFUSED = {401: schemas.Error, 403: schemas.Error, 404: schemas.Error}
+# What any endpoint may answer besides its own: no token (401), a scope missing (403), not found or not
+# the user's (404), input the schema refuses (422, django-ninja's validation).
+REFUSED = {401: schemas.Error, 403: schemas.Error, 404: schemas.Error, 422: schemas.Invalid}
 
 
 def _campaign_out(campaign: Campaign) -> dict:
@@ -222,7 +224,8 @@ def label_skip(request, slug: str, assignment_id: int):
     return {"assignment_id": assignment.pk, "skipped": assignment.skipped}
 
 
-@labeling.post("/campaigns/{slug:slug}/undo", response={200: schemas.UndoOut, 409: schemas.Error, **REFUSED})
+@labeling.post("/campaigns/{slug:slug}/undo",
+               response={200: schemas.UndoOut, 400: schemas.Error, 409: schemas.Error, **REFUSED})
 def label_undo(request, slug: str, body: schemas.UndoIn):
     """Take back your last judgment while it is recent (PAIRLOOP_UNDO_SECONDS); its pair is leased to you
     again. 409 when it is not your last or too old. Scope: label."""

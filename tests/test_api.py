@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
-from annotate.models import Assignment, Judgment, Pair
+from annotate.actions import PairInput, add_pairs, change_campaign_settings, claim_next_pair, submit_judgment
+from annotate.models import Assignment, Campaign, Judgment, Pair
 from api.actions import create_token, revoke_token
 from api.models import ApiToken
 from tests.conftest import make_campaign
@@ -131,6 +132,10 @@ def test_an_admin_creates_a_campaign_and_changes_its_settings(admin_user, labele
     assert api.patch("/campaigns/new", {"overlap": 0}).status_code == 422
     assert api_for(labeler).patch("/campaigns/new", {"name": "mine"}).status_code == 403
     assert api.patch("/campaigns/nope", {"name": "x"}).status_code == 404
+    with pytest.raises(ValidationError) as refused:  # the action itself, for callers without a schema
+        change_campaign_settings(Campaign.objects.get(slug="new"), instructions=None, overlap=3)
+    assert set(refused.value.message_dict) == {"instructions"}
+    assert Campaign.objects.get(slug="new").overlap == 2
 
 
 def test_a_new_overlap_reopens_and_closes_pairs_at_once(admin_user, labeler, outsider):
@@ -233,6 +238,8 @@ def test_a_bad_row_imports_nothing_and_names_its_line_and_field_as_the_command_d
         call_command("import_pairs", "imp", str(path))
     assert response.json()["errors"] == [line.strip() for line in str(refused.value).splitlines()[1:]]
     assert response.json()["errors"][0].startswith("line 4, field 'response_a'")
+    nul = api_for(admin_user).post("/campaigns/imp/pairs", {"rows": [{**ROWS[0], "prompt": "a\x00b"}]})
+    assert nul.status_code == 400 and "line 1, field 'prompt': holds a NUL" in nul.json()["detail"]
 
 
 def test_it_streams_the_same_export_as_export_pairs(reviewer, labeler, campaign, tmp_path):

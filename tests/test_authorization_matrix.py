@@ -72,6 +72,7 @@ EXPECTED = {
     "api:api-root":          (404,   404) * 5,
     "api:openapi-json":      (200,   405) * 5,
     "api:openapi-view":      (200,   405) * 5,
+    "api:not_found":         (404,   404) * 5,
     "api:campaign_list":      (401,   401) * 5,
     "api:campaign_create":    (401,   401) * 5,
     "api:campaign_read":      (401,   405) * 5,
