@@ -20,19 +20,22 @@ class TokenRefused(ValueError):
     """A token that cannot be made as asked (an unknown scope, one above the user's role)."""
 
 
-def role_scopes(user) -> set[str]:
-    """The scopes the user's role allows now (annotate/access.py decides roles); a token never exceeds them.
-
-    Labelers label (which campaigns: their membership, checked per campaign); reviewers also read and
-    export; admins do everything."""
+def role_allows(user, scope: str) -> bool:
+    """Whether the user's role allows `scope` now (annotate/access.py decides roles): labelers label
+    (which campaigns: their membership, checked per campaign); reviewers also read and export; admins
+    do everything. Labeling asks nothing more of the database than the user row already loaded."""
     if not user.is_active:
-        return set()
-    scopes = {LABEL}
-    if is_reviewer(user):
-        scopes |= {REVIEW, EXPORT}
-    if is_admin(user):
-        scopes |= {IMPORT, ADMIN}
-    return scopes
+        return False
+    if scope == LABEL:
+        return True
+    if scope in (REVIEW, EXPORT):
+        return is_reviewer(user)
+    return scope in (IMPORT, ADMIN) and is_admin(user)
+
+
+def role_scopes(user) -> set[str]:
+    """Every scope the user's role allows now; a token never exceeds them."""
+    return {scope for scope in SCOPE_NAMES if role_allows(user, scope)}
 
 
 def _digest(raw: str) -> str:
@@ -88,7 +91,7 @@ def token_for(raw: str, now=None) -> ApiToken | None:
     return token
 
 
-def effective_scopes(token: ApiToken) -> set[str]:
-    """What the token may do on this request: its scopes, capped by its user's role now (a demoted user's
-    token loses what the role no longer allows)."""
-    return set(token.scopes) & role_scopes(token.user)
+def token_allows(token: ApiToken, scope: str) -> bool:
+    """Whether the token may act in `scope` on this request: one of its scopes, and its user's role allows it
+    now (a demoted user's token loses what the role no longer allows)."""
+    return scope in token.scopes and role_allows(token.user, scope)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ninja.errors import HttpError
 from ninja.security import HttpBearer
 
-from api.actions import effective_scopes, token_for
+from api.actions import token_allows, token_for
 
 
 class TokenAuth(HttpBearer):
@@ -23,5 +23,5 @@ class TokenAuth(HttpBearer):
 
 def require_scope(request, scope: str) -> None:
     """403 unless the request's token has `scope` and its user's role still allows it."""
-    if scope not in effective_scopes(request.api_token):
+    if not token_allows(request.api_token, scope):
         raise HttpError(403, f"this token lacks the {scope!r} scope (or the user's role no longer allows it)")

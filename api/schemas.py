@@ -123,6 +123,8 @@ class JudgmentOut(Schema):
     strength: int | None
     source: str
     created: bool = Field(description="False when this assignment was judged already (nothing changed).")
+    next: ClaimOut | None = Field(None, description="With ?next=true: the next pair, leased as claim does, so "
+                                                    "labeling is one round trip per judgment.")
 
 
 class SkipOut(Schema):

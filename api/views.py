@@ -177,7 +177,10 @@ def campaign_export(request, slug: str, query: Query[ExportQuery]):
 def label_claim(request, slug: str):
     """Lease the next pair to the token's user (or get back the one they hold). Scope: label."""
     require_scope(request, LABEL)
-    campaign = campaign_for_labeler(request, slug)
+    return _claim(request, campaign_for_labeler(request, slug))
+
+
+def _claim(request, campaign: Campaign) -> dict:
     claim = actions.claim_next_pair(campaign, request.user)
     assignment = None
     if claim.assignment is not None:
@@ -193,8 +196,9 @@ def label_claim(request, slug: str):
 
 @labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/judgment",
                response={200: schemas.JudgmentOut, 201: schemas.JudgmentOut, 400: schemas.Error, **REFUSED})
-def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn):
-    """Judge a leased pair (201; 200 when it was judged already). Scope: label."""
+def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn, next: bool = False):
+    """Judge a leased pair (201; 200 when it was judged already); with ?next=true the answer holds the next
+    pair too. Scope: label."""
     require_scope(request, LABEL)
     campaign = campaign_for_labeler(request, slug)
     try:
@@ -207,7 +211,8 @@ def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn
         return Status(400, {"detail": str(exc)})
     return Status(201 if created else 200, {
         "id": judgment.pk, "pair_id": judgment.pair_id, "choice": judgment.choice,
-        "strength": judgment.strength, "source": judgment.source, "created": created})
+        "strength": judgment.strength, "source": judgment.source, "created": created,
+        "next": _claim(request, campaign) if next else None})
 
 
 @labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/skip",

@@ -183,6 +183,20 @@ def test_a_labeler_labels_through_the_api_with_the_pages_rules(labeler, campaign
     assert api.post("/campaigns/shop/claim").json()["assignment"]["pair_id"] != shown["pair_id"]
 
 
+def test_a_judgment_can_bring_the_next_pair_in_the_same_round_trip(labeler, campaign):
+    api = api_for(labeler)
+    shown = api.post("/campaigns/shop/claim").json()["assignment"]
+    judged_pairs = set()
+    for _ in range(3):
+        answer = api.post(f"/campaigns/shop/assignments/{shown['id']}/judgment?next=true",
+                          {"choice": "tie"}).json()
+        judged_pairs.add(answer["pair_id"])
+        shown = answer["next"]["assignment"]
+        assert shown["pair_id"] not in judged_pairs and answer["next"]["judged_today"] == len(judged_pairs)
+    assert Judgment.objects.filter(labeler=labeler, source=Judgment.API).count() == 3
+    assert api.post(f"/campaigns/shop/assignments/{shown['id']}/judgment", {"choice": "tie"}).json()["next"] is None
+
+
 def test_api_labelers_share_the_queue_and_its_overlap_with_the_page(labeler, outsider):
     campaign = make_campaign(slug="one", n_pairs=1, members=[labeler, outsider], overlap=1)
     held = claim_next_pair(campaign, labeler).assignment  # leased on the page
