@@ -13,7 +13,8 @@ What it does, top to bottom:
      saturation (every labeler submits again as soon as its answer arrives) and human pace (each
      labeler submits once every --pace seconds, start times spread evenly). Each judgment is ONE
      round trip: POST .../judge/ answers with the next pair's fragment (as htmx swaps it in), and
-     the next assignment id is read from it;
+     the next assignment id is read from it. With --path api the labelers use the HTTP API instead,
+     each with its own token: POST /api/v1/.../judgment?next=true answers with the next pair as JSON;
   5. prints p50/p95/p99 latency, judgments per second, CPU per judgment (server processes,
      PostgreSQL backends, this client), and an integrity check: stored judgments equal confirmed
      submits, no pair over k, no labeler twice on a pair, judgments_count equals the rows.
@@ -27,6 +28,7 @@ library), the server runs in its own processes. Loopback only.
     .venv/bin/python benchmarks/labeling_load.py --pairs 10000,1000000 --repeat 2   # the 1M/10k ratios
     .venv/bin/python benchmarks/labeling_load.py --pairs 10000 --server asgi
     .venv/bin/python benchmarks/labeling_load.py --pairs 10000 --probe-only   # queries per request
+    .venv/bin/python benchmarks/labeling_load.py --pairs 10000 --path api     # the API's labeling path
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--login", choices=("http", "session"), default="http",
                    help="http: POST /accounts/login/ per labeler (each hashes a password on the server); "
                         "session: sign the session cookies here, as Django's test Client.force_login does")
+    p.add_argument("--path", choices=("web", "api"), default="web",
+                   help="web: the labeling page's htmx requests; api: /api/v1/ with a Bearer token each")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulated labelers")
     return p.parse_args(argv)
 
@@ -473,6 +477,7 @@ class Labeler:
     assignment: int | None = None
     confirmed: int = 0
     connection: Connection | None = None
+    token: str | None = None  # --path api: the labeler's API token, sent instead of cookies
 
     def cookie_header(self) -> str:
         return "; ".join(f"{k}={v}" for k, v in self.cookies.items())
@@ -486,7 +491,10 @@ class Labeler:
     async def call(self, method, path, form: dict | None = None, htmx=False) -> Reply:
         headers = {"Cookie": self.cookie_header()}
         body = b""
-        if form is not None:
+        if self.token is not None:
+            headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+            body = json.dumps(form or {}).encode()
+        elif form is not None:
             body = urllib.parse.urlencode(form).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         if method == "POST" and "csrftoken" in self.cookies:
@@ -503,6 +511,13 @@ class Labeler:
         return reply
 
     async def log_in(self) -> None:
+        if self.token is not None:
+            reply = await self.call("POST", f"/api/v1/campaigns/{SLUG}/claim")
+            if reply.status != 200:
+                raise HttpError(f"{self.username}: the API's claim answered {reply.status}: "
+                                f"{reply.body[:300]!r}")
+            self.assignment = api_assignment(json.loads(reply.body))
+            return
         if "sessionid" not in self.cookies:
             await self.log_in_over_http()
         page = await self.call("GET", f"/campaigns/{SLUG}/label/")
@@ -543,6 +558,20 @@ def signed_session_cookies(usernames: list[str]) -> dict[str, dict]:
     return cookies
 
 
+def api_tokens(usernames: list[str]) -> dict[str, str]:
+    """An API token with the label scope for each labeler, made in-process as create_api_token does."""
+    from django.contrib.auth.models import User
+
+    from api.actions import create_token
+
+    return {user.username: create_token(user, "benchmark", ["label"])[1]
+            for user in User.objects.filter(username__in=usernames)}
+
+
+def api_assignment(claim: dict | None) -> int | None:
+    return claim["assignment"]["id"] if claim and claim["assignment"] else None
+
+
 def read_assignment(body: bytes) -> int | None:
     match = ASSIGNMENT_RE.search(body)
     if match is None:
@@ -557,7 +586,45 @@ class Sample:
     outcome: str  # "ok", "empty" (no pair left for this labeler), or an error
 
 
+async def judge_api(labeler: Labeler, rng: random.Random, samples: list[Sample]) -> None:
+    """One judgment through the API: one round trip, whose answer holds the next pair (?next=true)."""
+    if labeler.assignment is None:
+        started = time.perf_counter()
+        reply = await labeler.call("POST", f"/api/v1/campaigns/{SLUG}/claim")
+        labeler.assignment = api_assignment(json.loads(reply.body)) if reply.status == 200 else None
+        samples.append(Sample(started, time.perf_counter() - started, "empty"))
+        return
+    choice = rng.choice(("a", "b", "tie", "both_bad"))
+    body = {"choice": choice, "milliseconds": rng.randint(800, 9000)}
+    if choice in ("a", "b"):
+        body["strength"] = rng.randint(1, 4)
+    path = f"/api/v1/campaigns/{SLUG}/assignments/{labeler.assignment}/judgment?next=true"
+    started = time.perf_counter()
+    try:
+        reply = await labeler.call("POST", path, body)
+    except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+        samples.append(Sample(started, time.perf_counter() - started, f"connection: {type(exc).__name__}"))
+        return
+    latency = time.perf_counter() - started
+    if reply.status == 400:
+        samples.append(Sample(started, latency, f"refused: {json.loads(reply.body)['detail']}"))
+        labeler.assignment = None  # ask for a pair again
+        return
+    if reply.status not in (200, 201):
+        samples.append(Sample(started, latency, f"http {reply.status}"))
+        return
+    answer = json.loads(reply.body)
+    if reply.status == 201:
+        labeler.confirmed += 1
+        samples.append(Sample(started, latency, "ok"))
+    else:
+        samples.append(Sample(started, latency, "already recorded"))
+    labeler.assignment = api_assignment(answer["next"])
+
+
 async def judge(labeler: Labeler, rng: random.Random, samples: list[Sample]) -> None:
+    if labeler.token is not None:
+        return await judge_api(labeler, rng, samples)
     if labeler.assignment is None:
         # Nothing was shown last time: ask again (an empty queue would answer at once).
         started = time.perf_counter()
@@ -643,11 +710,13 @@ def summarise(kind: str, samples: list[Sample], measured_from: float, args) -> d
     }
 
 
-async def drive(args, ports: list[int], server: Server, cookies: dict) -> tuple[list[dict], list[Labeler]]:
+async def drive(args, ports: list[int], server: Server, cookies: dict,
+                tokens: dict | None = None) -> tuple[list[dict], list[Labeler]]:
     rng = random.Random(args.seed)
     labelers = [Labeler(f"bench-{i + 1:04d}", ports[i % len(ports)]) for i in range(args.labelers)]
     for labeler in labelers:
         labeler.cookies.update(cookies.get(labeler.username, {}))
+        labeler.token = (tokens or {}).get(labeler.username)
     t = time.perf_counter()
     gate = asyncio.Semaphore(max(2, args.workers * 2))  # logins hash a password: do not flood the workers
 
@@ -656,7 +725,8 @@ async def drive(args, ports: list[int], server: Server, cookies: dict) -> tuple[
             await labeler.log_in()
 
     await asyncio.gather(*(log_in(labeler) for labeler in labelers))
-    print(f"logged in {len(labelers)} labelers ({args.login}) in {time.perf_counter() - t:.1f}s", flush=True)
+    how = "API tokens" if tokens else args.login
+    print(f"logged in {len(labelers)} labelers ({how}) in {time.perf_counter() - t:.1f}s", flush=True)
 
     results = []
     for kind in [k.strip() for k in args.loads.split(",") if k.strip()]:
@@ -803,7 +873,8 @@ def main(argv=None) -> int:
     args.pairs = args.pairs[0]
     data_dir = Path(tempfile.mkdtemp(prefix="pairloop-bench-"))
     load_before = os.getloadavg()
-    print(f"pairloop labeling load: {args.pairs:,} pairs, k={args.overlap}, {args.labelers} labelers, "
+    print(f"pairloop labeling load ({args.path}): {args.pairs:,} pairs, k={args.overlap}, "
+          f"{args.labelers} labelers, "
           f"server {args.server} x{args.workers}, {os.cpu_count()} CPUs, load average {load_before[0]:.1f}",
           flush=True)
     database_url = recreate_database(args)
@@ -816,7 +887,8 @@ def main(argv=None) -> int:
     timings = seed(args)
     print(f"seeded {args.pairs:,} pairs: migrate {timings['migrate_s']:.1f}s, bulk SQL {timings['seed_s']:.1f}s, "
           f"VACUUM ANALYZE {timings['vacuum_analyze_s']:.1f}s", flush=True)
-    result = {"pairs": args.pairs, "overlap": args.overlap, "labelers": args.labelers, "server": args.server,
+    result = {"path": args.path, "pairs": args.pairs, "overlap": args.overlap, "labelers": args.labelers,
+              "server": args.server,
               "workers": args.workers, "cpus": os.cpu_count(), "load_average_before": round(load_before[0], 2),
               "seed": timings}
     server = None
@@ -831,11 +903,14 @@ def main(argv=None) -> int:
             if found["profile"]:
                 print(found["profile"])
         if not args.probe_only:
-            cookies = {}
-            if args.login == "session":
-                cookies = signed_session_cookies([f"bench-{i + 1:04d}" for i in range(args.labelers)])
+            cookies, tokens = {}, None
+            usernames = [f"bench-{i + 1:04d}" for i in range(args.labelers)]
+            if args.path == "api":
+                tokens = api_tokens(usernames)
+            elif args.login == "session":
+                cookies = signed_session_cookies(usernames)
             server = start_server(args, env, data_dir)
-            loads, labelers = asyncio.run(drive(args, server.ports, server, cookies))
+            loads, labelers = asyncio.run(drive(args, server.ports, server, cookies, tokens))
             result["loads"] = loads
             server.stop()
             server = None
