@@ -19,6 +19,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Sum
 from django.db.models.functions import Coalesce
+from django.dispatch import Signal
 from django.utils import timezone
 
 from annotate import live
@@ -392,6 +393,8 @@ def submit_judgment(
                 # The judgments split: one more, up to the campaign's limit (the UPDATE locked the pair).
                 cursor.execute(f"""UPDATE {Pair._meta.db_table} SET extra_judgments = extra_judgments + 1,
                                    is_open = true WHERE id = %s""", [pair_id])
+            if not still_open and not tie_break and not gold_choice and queue_emptied.has_listeners(Campaign):
+                _tell_if_emptied(campaign, judgment)
     except IntegrityError:
         return Judgment.objects.get(pair_id=row[0], labeler=labeler), False
     if not gold_choice and not tie_break:
@@ -405,6 +408,18 @@ def _split(cursor, pair_id: int) -> bool:
                        GROUP BY choice ORDER BY n DESC LIMIT 2""", [pair_id])
     counts = [row[0] for row in cursor.fetchall()]
     return len(counts) == 2 and counts[0] == counts[1]
+
+
+# Sent (campaign=, judgment=) on commit when a judgment closed the campaign's last open pair.
+queue_emptied = Signal()
+
+
+def _tell_if_emptied(campaign: Campaign, judgment: Judgment) -> None:
+    """This judgment closed its pair: if no open pair is left (on the queue's partial index), say so."""
+    if not Pair.objects.filter(campaign_id=campaign.pk, is_open=True, gold_choice="").exists():
+        # Robust: the judgment is committed already, whatever a listener does.
+        transaction.on_commit(lambda: queue_emptied.send_robust(sender=Campaign, campaign=campaign,
+                                                                judgment=judgment))
 
 
 def skip_assignment(*, assignment_id: int, labeler, campaign: Campaign | None = None) -> Assignment:
