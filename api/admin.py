@@ -1,11 +1,12 @@
-"""The admin lists API tokens (never their secret, which is not stored) and revokes them."""
+"""The admin lists API tokens (never their secret, which is not stored) and revokes them, and lists
+webhooks (never their secret) and their deliveries."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 
 from api import actions
-from api.models import ApiToken
+from api.models import ApiToken, Webhook, WebhookDelivery
 
 
 @admin.register(ApiToken)
@@ -25,3 +26,25 @@ class ApiTokenAdmin(admin.ModelAdmin):
         for token in queryset:
             actions.revoke_token(token)
         self.message_user(request, f"Revoked {queryset.count()} token(s).")
+
+
+@admin.register(Webhook)
+class WebhookAdmin(admin.ModelAdmin):
+    list_display = ["url", "campaign", "events", "is_active", "created_at"]
+    list_filter = ["is_active", "campaign"]
+    readonly_fields = ["campaign", "url", "events", "is_active", "created_at"]
+    exclude = ["secret"]
+
+    def has_add_permission(self, request):
+        return False  # made through the API, which shows the secret once
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    list_display = ["event", "webhook", "status", "attempts", "response_status", "created_at", "delivered_at"]
+    list_filter = ["status", "event"]
+    readonly_fields = ["webhook", "event", "key", "payload", "status", "attempts", "response_status", "error",
+                       "created_at", "delivered_at"]
+
+    def has_add_permission(self, request):
+        return False

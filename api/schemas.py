@@ -82,8 +82,34 @@ class CampaignCreate(CampaignSettings):
     name: Text = Field(min_length=1, max_length=200)
 
 
-class ResponseShown(Schema):
-    text: str
+class WebhookIn(Schema):
+    url: str = Field(pattern=r"^https?://\S+$", max_length=500, description="Where the signed POSTs go.")
+    events: list[Literal["round.succeeded", "round.failed", "campaign.queue_empty"]] = Field(
+        [], description="Which events; all of them when empty.")
+
+
+class DeliveryOut(Schema):
+    id: int
+    event: str
+    status: str = Field(description="pending (being tried), delivered or failed.")
+    attempts: int
+    response_status: int | None
+    error: str
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class WebhookOut(Schema):
+    id: int
+    url: str
+    events: list[str]
+    is_active: bool
+    created_at: datetime
+    deliveries: list[DeliveryOut] = Field(description="The latest deliveries, newest first.")
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="Checks the X-Pairloop-Signature header; shown only now.")
 
 
 class AssignmentOut(Schema):
@@ -123,8 +149,8 @@ class JudgmentOut(Schema):
     strength: int | None
     source: str
     created: bool = Field(description="False when this assignment was judged already (nothing changed).")
-    next: ClaimOut | None = Field(None, description="With ?next=true: the next pair, leased as claim does, so "
-                                                    "labeling is one round trip per judgment.")
+    next: ClaimOut | None = Field(None, description="With ?next=true: the next pair, leased as claim does, "
+                                                    "so labeling is one round trip per judgment.")
 
 
 class SkipOut(Schema):

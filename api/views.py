@@ -22,9 +22,9 @@ from annotate.access import (
     is_reviewer,
 )
 from annotate.models import Assignment, Campaign, Judgment, Pair
-from api import schemas
+from api import schemas, webhooks
 from api.auth import require_scope
-from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW
+from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
 from training import actions as training_actions
 from training.access import job_for_admin, round_for_reviewer
 from training.models import Job, Round
@@ -167,6 +167,56 @@ def campaign_export(request, slug: str, query: Query[ExportQuery]):
         handle.close()
         raise
     return TempFileDownload(handle, as_attachment=True, filename=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Webhooks
+# ---------------------------------------------------------------------------------------------
+
+def _webhook_out(webhook: Webhook) -> dict:
+    fields = ("id", "url", "events", "is_active", "created_at")
+    deliveries = webhook.deliveries.all()[:RECENT_DELIVERIES]
+    return {**{name: getattr(webhook, name) for name in fields},
+            "deliveries": [{name: getattr(d, name) for name in ("id", "event", "status", "attempts",
+                                                                "response_status", "error", "created_at",
+                                                                "delivered_at")} for d in deliveries]}
+
+
+RECENT_DELIVERIES = 10
+
+
+@campaigns.get("/campaigns/{slug:slug}/webhooks", response={200: list[schemas.WebhookOut], **REFUSED})
+def webhook_list(request, slug: str):
+    """The campaign's webhooks with their latest deliveries (never their secret). Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    return [_webhook_out(webhook) for webhook in Webhook.objects.filter(campaign=campaign, is_active=True)]
+
+
+@campaigns.post("/campaigns/{slug:slug}/webhooks",
+                response={201: schemas.WebhookCreated, 400: schemas.Error, **REFUSED})
+def webhook_add(request, slug: str, body: schemas.WebhookIn):
+    """Send a signed POST to this URL on these events of the campaign; the answer shows the signing secret,
+    once. Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    try:
+        webhook, secret = webhooks.add_webhook(campaign, body.url, body.events)
+    except webhooks.WebhookRefused as exc:
+        return Status(400, {"detail": str(exc)})
+    return Status(201, {**_webhook_out(webhook), "secret": secret})
+
+
+@campaigns.delete("/campaigns/{slug:slug}/webhooks/{int:webhook_id}", response={204: None, **REFUSED})
+def webhook_remove(request, slug: str, webhook_id: int):
+    """Stop sending to a webhook. Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    webhook = Webhook.objects.filter(campaign=campaign, pk=webhook_id, is_active=True).first()
+    if webhook is None:
+        raise HttpError(404, "no such webhook")
+    webhooks.remove_webhook(webhook)
+    return Status(204, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ class Api:
         return self.client.post(API + path, json.dumps(body or {}), content_type="application/json",
                                 headers=self.headers)
 
+    def delete(self, path, body=None):
+        return self.client.delete(API + path, headers=self.headers)
+
     def patch(self, path, body):
         return self.client.patch(API + path, json.dumps(body), content_type="application/json",
                                  headers=self.headers)
@@ -336,6 +339,9 @@ ENDPOINTS = {
     "campaign_list": ("GET", "/campaigns", None),
     "campaign_create": ("POST", "/campaigns", {"slug": "fresh", "name": "Fresh"}),
     "campaign_update": ("PATCH", "/campaigns/{slug}", {"lease_seconds": 300}),
+    "webhook_list": ("GET", "/campaigns/{slug}/webhooks", None),
+    "webhook_add": ("POST", "/campaigns/{slug}/webhooks", {"url": "http://127.0.0.1:9/hook"}),
+    "webhook_remove": ("DELETE", "/campaigns/{slug}/webhooks/{webhook}", None),
     "campaign_read": ("GET", "/campaigns/{slug}", None),
     "campaign_queue": ("GET", "/campaigns/{slug}/queue", None),
     "pairs_import": ("POST", "/campaigns/{slug}/pairs", {"rows": ROWS}),
@@ -361,6 +367,9 @@ STATUS = {
     "campaign_list":     (200,   200,       200,      200,   200),
     "campaign_create":   (403,   403,       403,      201,   403),
     "campaign_update":   (403,   403,       403,      200,   403),
+    "webhook_list":      (403,   403,       403,      200,   403),
+    "webhook_add":       (403,   403,       403,      201,   403),
+    "webhook_remove":    (403,   403,       403,      204,   403),
     "campaign_read":     (200,   404,       200,      200,   200),
     "campaign_queue":    (403,   403,       200,      200,   403),
     "pairs_import":      (403,   403,       403,      201,   403),
@@ -390,8 +399,11 @@ def test_every_roles_token_gets_the_expected_status_from_every_endpoint(labeler,
     from training.config import build_config
 
     round_ = launch_round(campaign, admin_user, build_config("tiny", {}))
+    from api.webhooks import add_webhook
+
     values = {"slug": "shop", "assignment": assignment.pk, "round": round_.pk,
-              "job": round_.jobs.order_by("order").first().pk}
+              "job": round_.jobs.order_by("order").first().pk,
+              "webhook": add_webhook(campaign, "http://127.0.0.1:9/hook")[0].pk}
     tokens = {"member": api_for(labeler), "non_member": api_for(outsider), "reviewer": api_for(reviewer),
               "admin": api_for(admin_user), "label_only_admin": api_for(admin_user, ["label"])}
     assert set(STATUS) == set(ENDPOINTS)
