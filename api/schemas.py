@@ -182,6 +182,19 @@ class ImportOut(Schema):
     rows: int
 
 
+class ImportJobOut(Schema):
+    id: int
+    file_name: str
+    status: str = Field(description="queued, checking, importing, succeeded or failed.")
+    rows_done: int
+    rows_total: int | None
+    pairs_created: int
+    pairs_skipped: int
+    errors: list[str] = Field(description="Why it failed, naming the line (row) and field.")
+    created_at: datetime
+    finished_at: datetime | None
+
+
 class QueueOut(Schema):
     pairs: int
     open_pairs: int

@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.utils import timezone
@@ -21,7 +22,7 @@ from annotate.access import (
     campaigns_for_user,
     is_reviewer,
 )
-from annotate.models import Assignment, Campaign, Judgment, Pair
+from annotate.models import Assignment, Campaign, ImportJob, Judgment, Pair
 from api import schemas, webhooks
 from api.auth import require_scope
 from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
@@ -138,6 +139,62 @@ def pairs_import(request, slug: str, body: schemas.ImportIn):
             return Status(400, {"detail": f"nothing was imported: {exc}", "errors": exc.lines(),
                                 "total": exc.total})
     return Status(201, {"created": result.created, "skipped": result.skipped, "rows": result.rows})
+
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "JSONL, CSV, Parquet (optionally .gz), as import_pairs reads them."},
+        "pairs_per_prompt": {"type": "integer", "minimum": 1},
+        "priority": {"type": "integer"},
+    }}}}}}
+
+
+def _import_job_out(job: ImportJob) -> dict:
+    fields = ("id", "file_name", "status", "rows_done", "rows_total", "pairs_created", "pairs_skipped",
+              "errors", "created_at", "finished_at")
+    return {name: getattr(job, name) for name in fields}
+
+
+@campaigns.post("/campaigns/{slug:slug}/imports", openapi_extra=UPLOAD_BODY,
+                response={202: schemas.ImportJobOut, 400: schemas.Error, 413: schemas.Error, **REFUSED})
+def import_upload(request, slug: str):
+    """Upload a file of pairs to import in the background, as the Import page does (up to
+    PAIRLOOP_MAX_UPLOAD_BYTES); follow it at imports/<id>. Scope: import."""
+    require_scope(request, IMPORT)
+    campaign = campaign_for_admin(request, slug)
+    from annotate.importing import start_import_job
+    from annotate.views import CappedUpload, _size, _whole_number
+
+    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
+    request.upload_handlers.insert(0, capped)  # the body is not read yet: the cap applies before storing
+    upload = request.FILES.get("file")
+    if capped.refused:
+        return Status(413, {"detail": f"The file is larger than the upload limit of {_size(capped.cap)} "
+                                      "(PAIRLOOP_MAX_UPLOAD_BYTES): nothing was stored."})
+    if upload is None:
+        return Status(400, {"detail": "send the file as the multipart/form-data field 'file'"})
+    try:
+        pairs_per_prompt = _whole_number(request.POST.get("pairs_per_prompt"), "Pairs per prompt", 1)
+        priority = _whole_number(request.POST.get("priority"), "Priority") or 0
+    except ValueError as exc:
+        return Status(400, {"detail": str(exc)})
+    job = start_import_job(campaign, request.user, upload, pairs_per_prompt=pairs_per_prompt,
+                           priority=priority)
+    return Status(202, _import_job_out(job))
+
+
+@campaigns.get("/campaigns/{slug:slug}/imports/{int:import_id}",
+               response={200: schemas.ImportJobOut, **REFUSED})
+def import_read(request, slug: str, import_id: int):
+    """An uploaded import's progress, then its pairs added or its errors. Scope: import."""
+    require_scope(request, IMPORT)
+    campaign = campaign_for_admin(request, slug)
+    job = ImportJob.objects.filter(campaign=campaign, pk=import_id).first()
+    if job is None:
+        raise HttpError(404, "no such import")
+    return _import_job_out(job)
 
 
 class ExportQuery(Schema):

@@ -197,7 +197,8 @@ def test_a_judgment_can_bring_the_next_pair_in_the_same_round_trip(labeler, camp
         shown = answer["next"]["assignment"]
         assert shown["pair_id"] not in judged_pairs and answer["next"]["judged_today"] == len(judged_pairs)
     assert Judgment.objects.filter(labeler=labeler, source=Judgment.API).count() == 3
-    assert api.post(f"/campaigns/shop/assignments/{shown['id']}/judgment", {"choice": "tie"}).json()["next"] is None
+    without = api.post(f"/campaigns/shop/assignments/{shown['id']}/judgment", {"choice": "tie"}).json()
+    assert without["next"] is None
 
 
 def test_api_labelers_share_the_queue_and_its_overlap_with_the_page(labeler, outsider):
@@ -257,6 +258,33 @@ def test_a_bad_row_imports_nothing_and_names_its_line_and_field_as_the_command_d
     assert response.json()["errors"][0].startswith("line 4, field 'response_a'")
     nul = api_for(admin_user).post("/campaigns/imp/pairs", {"rows": [{**ROWS[0], "prompt": "a\x00b"}]})
     assert nul.status_code == 400 and "line 1, field 'prompt': holds a NUL" in nul.json()["detail"]
+
+
+def test_an_uploaded_file_is_imported_in_the_background_as_the_page_does(admin_user, settings,
+                                                                      django_capture_on_commit_callbacks):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from annotate.importing import run_import_job
+
+    make_campaign(slug="imp")
+    api = api_for(admin_user)
+    rows = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
+    with django_capture_on_commit_callbacks() as enqueued:
+        response = api.client.post(f"{API}/campaigns/imp/imports", headers=api.headers, data={
+            "file": SimpleUploadedFile("pairs.jsonl", rows), "priority": "4"})
+    assert response.status_code == 202 and response.json()["status"] == "queued" and len(enqueued) == 1
+    job_id = response.json()["id"]
+    run_import_job(job_id)  # what the worker runs
+    done = api.get(f"/campaigns/imp/imports/{job_id}").json()
+    assert (done["status"], done["pairs_created"], done["rows_total"]) == ("succeeded", 3, 3)
+    assert set(Pair.objects.values_list("priority", flat=True)) == {4}
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MAX_UPLOAD_BYTES": 10}
+    too_big = api.client.post(f"{API}/campaigns/imp/imports", headers=api.headers,
+                              data={"file": SimpleUploadedFile("pairs.jsonl", rows)})
+    assert too_big.status_code == 413 and "PAIRLOOP_MAX_UPLOAD_BYTES" in too_big.json()["detail"]
+    assert api.client.post(f"{API}/campaigns/imp/imports", headers=api.headers).status_code == 400
+    assert api_for(admin_user, ["label"]).get(f"/campaigns/imp/imports/{job_id}").status_code == 403
 
 
 def test_it_streams_the_same_export_as_export_pairs(reviewer, labeler, campaign, tmp_path):
@@ -339,6 +367,8 @@ ENDPOINTS = {
     "campaign_list": ("GET", "/campaigns", None),
     "campaign_create": ("POST", "/campaigns", {"slug": "fresh", "name": "Fresh"}),
     "campaign_update": ("PATCH", "/campaigns/{slug}", {"lease_seconds": 300}),
+    "import_upload": ("POST", "/campaigns/{slug}/imports", None),
+    "import_read": ("GET", "/campaigns/{slug}/imports/{import}", None),
     "webhook_list": ("GET", "/campaigns/{slug}/webhooks", None),
     "webhook_add": ("POST", "/campaigns/{slug}/webhooks", {"url": "http://127.0.0.1:9/hook"}),
     "webhook_remove": ("DELETE", "/campaigns/{slug}/webhooks/{webhook}", None),
@@ -367,6 +397,8 @@ STATUS = {
     "campaign_list":     (200,   200,       200,      200,   200),
     "campaign_create":   (403,   403,       403,      201,   403),
     "campaign_update":   (403,   403,       403,      200,   403),
+    "import_upload":     (403,   403,       403,      400,   403),  # 400: the admin sent no file
+    "import_read":       (403,   403,       403,      200,   403),
     "webhook_list":      (403,   403,       403,      200,   403),
     "webhook_add":       (403,   403,       403,      201,   403),
     "webhook_remove":    (403,   403,       403,      204,   403),
@@ -399,9 +431,14 @@ def test_every_roles_token_gets_the_expected_status_from_every_endpoint(labeler,
     from training.config import build_config
 
     round_ = launch_round(campaign, admin_user, build_config("tiny", {}))
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from annotate.importing import start_import_job
     from api.webhooks import add_webhook
 
-    values = {"slug": "shop", "assignment": assignment.pk, "round": round_.pk,
+    upload = SimpleUploadedFile("p.jsonl", json.dumps(ROWS[0]).encode())
+    imported = start_import_job(campaign, admin_user, upload)
+    values = {"import": imported.pk, "slug": "shop", "assignment": assignment.pk, "round": round_.pk,
               "job": round_.jobs.order_by("order").first().pk,
               "webhook": add_webhook(campaign, "http://127.0.0.1:9/hook")[0].pk}
     tokens = {"member": api_for(labeler), "non_member": api_for(outsider), "reviewer": api_for(reviewer),
