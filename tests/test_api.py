@@ -467,3 +467,7 @@ def test_it_publishes_its_schema_and_a_docs_page_that_loads_nothing_from_elsewhe
     page = client.get(f"{API}/docs").content.decode()
     assert "swagger-ui-bundle.js" in page and "/static/ninja/" in page
     assert "//cdn" not in page and "https://" not in page and "http://" not in page
+    from django.contrib.staticfiles import finders
+
+    for name in ("swagger-ui-bundle.js", "swagger-ui-init.js", "swagger-ui.css"):
+        assert finders.find(f"ninja/{name}"), name  # collectstatic serves them with ours
