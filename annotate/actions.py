@@ -731,7 +731,8 @@ def _strength_from_margin(margin: float | None) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 CAMPAIGN_SETTINGS = ("name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
-                     "overlap", "lease_seconds", "daily_cap", "gold_rate", "is_active")
+                     "overlap", "tie_break_limit", "lease_seconds", "daily_cap", "gold_rate", "content_warning",
+                     "is_active")
 
 
 def _check_settings(values: dict) -> None:
@@ -771,8 +772,9 @@ def change_campaign_settings(campaign: Campaign, **changes) -> Campaign:
         if new_overlap:
             # Gold items and imported preferences (judged when they arrived) keep their state.
             pairs = Pair.objects.filter(campaign=campaign, gold_choice="")
-            pairs.filter(is_open=True, judgments_count__gte=campaign.overlap).update(is_open=False)
-            (pairs.filter(is_open=False, judgments_count__lt=campaign.overlap)
+            wanted = campaign.overlap + F("extra_judgments")  # tie-breaks want one more each
+            pairs.filter(is_open=True, judgments_count__gte=wanted).update(is_open=False)
+            (pairs.filter(is_open=False, judgments_count__lt=wanted)
              .exclude(Exists(Judgment.objects.filter(pair=OuterRef("pk"), source=Judgment.IMPORTED)))
              .update(is_open=True))
     if new_overlap:

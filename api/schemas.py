@@ -50,9 +50,11 @@ class CampaignOut(Schema):
     ask_strength: bool
     ask_rationale: bool
     overlap: int = Field(description="Judgments wanted per pair.")
+    tie_break_limit: int = Field(description="Extra judgments a pair whose judgments split may get.")
     lease_seconds: int
     daily_cap: int | None
     gold_rate: float
+    content_warning: str = Field(description="Markdown shown before a labeler's first pair; empty: none.")
     is_active: bool
     created_at: datetime
     choices: list[str] = Field(description="The choices a judgment may make here: a, b, tie, both_bad.")
@@ -69,11 +71,14 @@ class CampaignSettings(Schema):
     ask_strength: bool = Field(None, description="Ask how much better, 1 to 4.")
     ask_rationale: bool = Field(None, description="Offer an optional rationale.")
     overlap: int = Field(None, ge=1, le=100, description="Judgments wanted per pair.")
+    tie_break_limit: int = Field(None, ge=0, le=100, description="Extra judgments a pair whose judgments "
+                                                                 "split may get, one at a time; 0: none.")
     lease_seconds: int = Field(None, ge=10, le=7 * 24 * 3600,
                                description="A claimed pair returns to the queue after this.")
     daily_cap: int | None = Field(None, ge=1, le=INT32,
                                   description="Judgments per labeler per day; null: no cap.")
     gold_rate: float = Field(None, ge=0.0, le=1.0, description="Share of gold items mixed in.")
+    content_warning: Text = Field(None, description="Markdown shown before a labeler's first pair.")
     is_active: bool = Field(None)
 
 
@@ -119,6 +124,15 @@ class AssignmentOut(Schema):
     left: str = Field(description="The response shown as 'a'.")
     right: str = Field(description="The response shown as 'b'.")
     expires_at: datetime = Field(description="The lease ends then and the pair returns to the queue.")
+
+
+class WarningPending(Schema):
+    detail: str
+    content_warning: str = Field(description="The campaign's warning (Markdown), to show before any pair.")
+
+
+class Acknowledged(Schema):
+    acknowledged_at: datetime
 
 
 class ClaimOut(Schema):

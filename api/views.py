@@ -41,7 +41,8 @@ REFUSED = {401: schemas.Error, 403: schemas.Error, 404: schemas.Error, 422: sche
 
 def _campaign_out(campaign: Campaign) -> dict:
     fields = ("slug", "name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
-              "overlap", "lease_seconds", "daily_cap", "gold_rate", "is_active", "created_at")
+              "overlap", "tie_break_limit", "lease_seconds", "daily_cap", "gold_rate", "content_warning",
+              "is_active", "created_at")
     return {**{name: getattr(campaign, name) for name in fields}, "choices": campaign.choices_offered()}
 
 
@@ -280,11 +281,25 @@ def webhook_remove(request, slug: str, webhook_id: int):
 # Labeling: the same leases, overlap and fairness as the labeling page
 # ---------------------------------------------------------------------------------------------
 
-@labeling.post("/campaigns/{slug:slug}/claim", response={200: schemas.ClaimOut, **REFUSED})
+@labeling.post("/campaigns/{slug:slug}/claim",
+               response={200: schemas.ClaimOut, 409: schemas.WarningPending, **REFUSED})
 def label_claim(request, slug: str):
-    """Lease the next pair to the token's user (or get back the one they hold). Scope: label."""
+    """Lease the next pair to the token's user (or get back the one they hold); 409 with the campaign's
+    content warning until the user acknowledged it, as the page shows it first. Scope: label."""
     require_scope(request, LABEL)
-    return _claim(request, campaign_for_labeler(request, slug))
+    campaign = campaign_for_labeler(request, slug)
+    if campaign.warning_pending_for(request.user):
+        return Status(409, {"detail": "acknowledge the campaign's content warning first (POST .../warning)",
+                            "content_warning": campaign.content_warning})
+    return _claim(request, campaign)
+
+
+@labeling.post("/campaigns/{slug:slug}/warning", response={200: schemas.Acknowledged, **REFUSED})
+def label_acknowledge_warning(request, slug: str):
+    """Acknowledge the campaign's content warning (once per user), as the labeling page asks. Scope: label."""
+    require_scope(request, LABEL)
+    campaign = campaign_for_labeler(request, slug)
+    return {"acknowledged_at": actions.acknowledge_content_warning(campaign, request.user).acknowledged_at}
 
 
 def _claim(request, campaign: Campaign) -> dict:

@@ -186,6 +186,15 @@ def test_a_labeler_labels_through_the_api_with_the_pages_rules(labeler, campaign
     assert api.post("/campaigns/shop/claim").json()["assignment"]["pair_id"] != shown["pair_id"]
 
 
+def test_a_labeler_acknowledges_a_content_warning_before_the_first_pair(labeler):
+    make_campaign(slug="red", n_pairs=2, members=[labeler], content_warning="Offensive text ahead.")
+    api = api_for(labeler)
+    pending = api.post("/campaigns/red/claim")
+    assert pending.status_code == 409 and pending.json()["content_warning"] == "Offensive text ahead."
+    assert api.post("/campaigns/red/warning").status_code == 200
+    assert api.post("/campaigns/red/claim").json()["assignment"] is not None
+
+
 def test_a_judgment_can_bring_the_next_pair_in_the_same_round_trip(labeler, campaign):
     api = api_for(labeler)
     shown = api.post("/campaigns/shop/claim").json()["assignment"]
@@ -377,6 +386,7 @@ ENDPOINTS = {
     "pairs_import": ("POST", "/campaigns/{slug}/pairs", {"rows": ROWS}),
     "campaign_export": ("GET", "/campaigns/{slug}/export", None),
     "label_claim": ("POST", "/campaigns/{slug}/claim", None),
+    "label_acknowledge_warning": ("POST", "/campaigns/{slug}/warning", None),
     "label_judge": ("POST", "/campaigns/{slug}/assignments/{assignment}/judgment",
                     {"choice": "a", "strength": 2}),
     "label_skip": ("POST", "/campaigns/{slug}/assignments/{assignment}/skip", None),
@@ -407,6 +417,7 @@ STATUS = {
     "pairs_import":      (403,   403,       403,      201,   403),
     "campaign_export":   (403,   403,       200,      200,   403),
     "label_claim":       (200,   404,       404,      200,   200),
+    "label_acknowledge_warning": (200, 404,   404,      200,   200),
     "label_judge":       (201,   404,       404,      404,   404),
     "label_skip":        (200,   404,       404,      404,   404),
     "label_undo":        (409,   404,       404,      409,   409),

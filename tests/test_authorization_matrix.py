@@ -86,6 +86,7 @@ EXPECTED = {
     "api:pairs_import":       (405,   401) * 5,
     "api:campaign_export":    (401,   405) * 5,
     "api:label_claim":        (405,   401) * 5,
+    "api:label_acknowledge_warning": (405, 401) * 5,
     "api:label_judge":        (405,   401) * 5,
     "api:label_skip":         (405,   401) * 5,
     "api:label_undo":         (405,   401) * 5,
