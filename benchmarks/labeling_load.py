@@ -178,9 +178,9 @@ def seed(args) -> dict:
         cur.execute(
             """INSERT INTO annotate_campaign (slug, name, instructions, allow_tie, allow_both_bad, ask_strength,
                                               ask_rationale, overlap, lease_seconds, daily_cap, gold_rate,
-                                              is_active, created_at)
+                                              is_active, created_at, content_warning, tie_break_limit)
                VALUES (%s, 'Load benchmark', 'Pick the **better** answer.', true, true, true, false, %s, 600,
-                       NULL, 0, true, now()) RETURNING id""",
+                       NULL, 0, true, now(), '', 0) RETURNING id""",
             [SLUG, args.overlap],
         )
         campaign_id = cur.fetchone()[0]
@@ -207,10 +207,11 @@ def seed(args) -> dict:
         )
         cur.execute(
             f"""INSERT INTO annotate_pair (id, campaign_id, prompt_id, response_a_id, response_b_id, key, priority,
-                                           round_id, gold_choice, judgments_count, is_open, created_at)
+                                           round_id, gold_choice, judgments_count, is_open, created_at,
+                                           extra_judgments)
                SELECT (p - 1) * {len(COMBOS)} + c.k, %s, p,
                       (p - 1) * {RESPONSES_PER_PROMPT} + c.i, (p - 1) * {RESPONSES_PER_PROMPT} + c.j,
-                      'bench-' || lpad(((p - 1) * {len(COMBOS)} + c.k)::text, 12, '0'), 0, NULL, '', 0, true, now()
+                      'bench-' || lpad(((p - 1) * {len(COMBOS)} + c.k)::text, 12, '0'), 0, NULL, '', 0, true, now(), 0
                FROM generate_series(1, %s) p CROSS JOIN (VALUES {combos}) AS c(k, i, j)
                WHERE (p - 1) * {len(COMBOS)} + c.k <= %s""",
             [campaign_id, n_prompts, n_pairs],
