@@ -89,11 +89,6 @@ def embedded_redis():
             server._cleanup()  # stops the server only when no other client is connected
 
 
-def running() -> bool:
-    """True when the embedded Redis of this data directory answers on its socket."""
-    return _answers(data_dir() / "redis.sock")
-
-
 def _child_env() -> dict[str, str]:
     """The children's environment: REDIS_URL only when the user set one, so that settings know they run
     on the embedded default (whose URL they derive from PAIRLOOP_DATA_DIR the same way)."""
