@@ -9,7 +9,6 @@ Debian's chromium is driven through Playwright (never `playwright install`: noth
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+from tests.services import free_port
 
 # Playwright's sync API keeps an asyncio loop running in this thread between calls; Django would
 # then refuse every ORM call as "async unsafe". The tests are plain synchronous code, so allow it.
@@ -53,12 +54,6 @@ def database_url(settings_dict: dict) -> str:
     host = settings_dict.get("HOST") or "127.0.0.1"
     port = settings_dict.get("PORT") or 5432
     return f"postgres://{auth}{host}:{port}/{quote(settings_dict['NAME'], safe='')}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:

@@ -5,6 +5,7 @@ stored; pages keep answering or say to retry, never a traceback; live updates co
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from django.db import connection
 
 from annotate.models import Judgment
-from tests.browser.conftest import CHROMIUM_ARGS, REPO, database_url, serve_app  # noqa: F401
+from tests.browser.conftest import REPO, database_url, serve_app
 from tests.browser.test_labeling_browser import current_assignment_id, log_in, open_label_page, wait_for_another_pair
 from tests.conftest import make_campaign
 from tests.services import PrivateRedis, pg_ctl, postgres_cluster
@@ -101,8 +102,6 @@ def test_it_keeps_labeling_while_redis_is_down_and_live_updates_resume(browser, 
 
 
 def _env() -> dict[str, str]:
-    import os
-
     env = dict(os.environ)
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
     return env
