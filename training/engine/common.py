@@ -1,5 +1,6 @@
 """What every training stage shares: device and dtype choice, model loading with clear
-errors, prompt formatting, seeding, atomic self-describing checkpoints, progress events.
+errors, prompt rendering (the model's chat template, else the seed's instruction template),
+seeding, atomic self-describing checkpoints, progress events.
 
 Plain Python over torch and transformers; this package never imports Django.
 """
@@ -35,6 +36,9 @@ from training.engine.stop import StopWithoutSaving  # noqa: F401 - part of this 
 # StopWithoutSaving (the run was taken away: another attempt owns its checkpoints now).
 ProgressFn = Callable[[dict[str, Any]], None]
 
+# A prompt is text, or chat turns [{"role": "system" | "user" | "assistant", "content": str}].
+Prompt = str | list[dict[str, str]]
+
 CHECKPOINT_META = "pairloop.json"
 TRAINER_STATE = "trainer_state.pt"
 
@@ -66,7 +70,7 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
-def prompt_text(prompt: str | list[dict[str, str]]) -> str:
+def prompt_text(prompt: Prompt) -> str:
     """Flatten a prompt given as plain text or chat turns ([{"role", "content"}]) to text."""
     if isinstance(prompt, str):
         return prompt
@@ -75,6 +79,88 @@ def prompt_text(prompt: str | list[dict[str, str]]) -> str:
             return str(prompt[0]["content"])
         return "\n\n".join(f"{t.get('role', 'user')}: {t['content']}" for t in prompt)
     raise EngineError(f"a prompt must be text or a list of chat turns, got {type(prompt).__name__}")
+
+
+def has_chat_template(tokenizer) -> bool:
+    """True when the tokenizer carries a chat template (an instruct model's), so prompts are rendered with it."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_turns(prompt: Prompt, input: str = "", system_prompt: str = "") -> list[dict[str, str]]:
+    """A prompt as chat turns: text becomes one user turn (with its input below it); `system_prompt`
+    goes first unless the conversation brings its own system turn."""
+    if isinstance(prompt, str):
+        turns = [{"role": "user", "content": f"{prompt}\n\n{input}" if input else prompt}]
+    else:
+        prompt_text(prompt)  # refuses what is not a list of turns
+        turns = [{"role": str(t.get("role", "user")), "content": str(t["content"])} for t in prompt]
+    if system_prompt and not any(t["role"] == "system" for t in turns):
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    return turns
+
+
+def apply_chat_template(tokenizer, turns: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+    """The tokenizer's own chat template over `turns`, as text. A template without a system role (Gemma 2's)
+    gets the system turn at the top of the first user turn, as Gemma 3's template does it; a template that
+    still refuses the conversation is an EngineError."""
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja2's TemplateError, or the template's raise_exception(...)
+        error = exc
+    if turns and turns[0]["role"] == "system" and len(turns) > 1 and turns[1]["role"] == "user":
+        folded = [{"role": "user", "content": f"{turns[0]['content']}\n\n{turns[1]['content']}"}, *turns[2:]]
+        try:
+            return tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception:
+            pass
+    raise EngineError(f"the model's chat template refused this conversation "
+                      f"({', '.join(t['role'] for t in turns)}): {error}") from error
+
+
+def render_prompt(tokenizer, prompt: Prompt, input: str = "", system_prompt: str = "") -> str:
+    """A prompt as the policy sees it: the tokenizer's chat template with the generation prompt when it
+    has one; else (base models, the demo policy) the seed's instruction template, after `system_prompt`."""
+    if has_chat_template(tokenizer):
+        return apply_chat_template(tokenizer, chat_turns(prompt, input, system_prompt), add_generation_prompt=True)
+    rendered = format_prompt(prompt_text(prompt), input)
+    return f"{system_prompt}\n\n{rendered}" if system_prompt else rendered
+
+
+def encode_prompts(tokenizer, rendered: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts; a chat template writes its own special tokens (BOS), so none are added."""
+    return tokenizer(list(rendered), add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+
+
+def chat_segments(tokenizer, turns: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """A conversation rendered by the chat template, cut into (text, is_assistant_reply) pieces: each
+    assistant turn is what its rendering adds after the generation prompt (end-of-turn marker included),
+    so SFT can train on the replies alone. A template that rewrites earlier turns is refused."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for k, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        before = apply_chat_template(tokenizer, turns[:k], add_generation_prompt=True) if k else ""
+        through = apply_chat_template(tokenizer, turns[:k + 1], add_generation_prompt=False)
+        if not before.startswith(done) or not through.startswith(before):
+            raise EngineError(f"the chat template renders assistant turn {k + 1} in a way that changes the text "
+                              "before it, so its reply tokens cannot be told apart for training")
+        pieces += [(before[len(done):], False), (through[len(before):], True)]
+        done = through
+    if not pieces:
+        raise EngineError("the conversation has no assistant turn to learn from")
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token id that ends a response: the model's generation_config eos ids (an instruct model lists
+    its end-of-turn tokens there, e.g. <|im_end|> and <|endoftext|>) and the tokenizer's eos token."""
+    found: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]) + [tokenizer.eos_token_id]:
+        if isinstance(value, int) and value not in found:
+            found.append(value)
+    return found
 
 
 def pick_device(preference: str = "auto") -> torch.device:

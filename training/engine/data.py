@@ -1,7 +1,8 @@
 """Preference pairs from the labeling app's export, checked and ready for reward training.
 
 The export uses TRL's columns (https://huggingface.co/docs/trl/dataset_formats, "preference"):
-`prompt` (text, or chat turns [{"role", "content"}]), `chosen`, `rejected` (text), plus
+`prompt` (text, or chat turns [{"role", "content"}]), `chosen`, `rejected` (text, or TRL's
+conversational form: a list of assistant turns), plus
 `margin` (float, from the labelers' strength; may be absent), `pair_id`, `labeler`. It comes as
 JSONL, Parquet, or a directory written by `datasets.Dataset.save_to_disk`; the same file feeds TRL.
 
@@ -26,9 +27,11 @@ TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def load_pairs(path: str | Path) -> Dataset:
-    """Read exported pairs into a Dataset with columns prompt, chosen, rejected (text) and margin (float).
+    """Read exported pairs into a Dataset with columns prompt, chosen, rejected (text), prompt_turns (the
+    prompt as chat turns: a text prompt is one user turn) and margin (float).
 
-    Chat-turn prompts are flattened with `common.prompt_text`; a missing `margin` column or value is 0.0.
+    `prompt` holds chat turns flattened with `common.prompt_text` (for backbones without a chat template);
+    responses given as assistant turns become their text; a missing `margin` column or value is 0.0.
     Other columns (pair_id, labeler, ...) are kept. Pairs with an empty response are left out (see
     `read_pairs`). Every problem is an EngineError that names the file, and for a bad value the row
     (1-based) and the field.
@@ -126,9 +129,18 @@ def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any] |
         value = row.get(field)
         if isinstance(value, list):  # chat turns (a prompt, or TRL's conversational chosen/rejected)
             try:
-                value = prompt_text(value)
+                text = prompt_text(value)
             except EngineError as exc:
                 raise EngineError(f"{where}: field {field!r}: {exc}") from exc
+            if field == "prompt":
+                clean["prompt_turns"] = [{"role": str(t.get("role", "user")), "content": str(t["content"])}
+                                         for t in value]
+            else:
+                if any(t.get("role", "assistant") != "assistant" for t in value):
+                    raise EngineError(f"{where}: field {field!r}: as chat turns a response holds only "
+                                      "assistant turns")
+                text = "\n\n".join(str(t["content"]) for t in value)
+            value = text
         if not isinstance(value, str):
             raise EngineError(f"{where}: field {field!r} must be text, got {type(value).__name__}")
         if not value.strip():
@@ -136,6 +148,8 @@ def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any] |
                 raise EngineError(f"{where}: field {field!r} is empty")
             empty_response = True
         clean[field] = value
+    if "prompt_turns" not in clean or not isinstance(row.get("prompt"), list):
+        clean["prompt_turns"] = [{"role": "user", "content": clean["prompt"]}]
     margin = row.get("margin")
     if margin is None:
         margin = 0.0

@@ -58,7 +58,8 @@ from training.engine.common import (
     ProgressFn,
     StopWithoutSaving,
     find_checkpoint,
-    format_prompt,
+    Prompt,
+    encode_prompts,
     load_causal_lm,
     load_trainer_state,
     no_progress,
@@ -66,11 +67,13 @@ from training.engine.common import (
     pick_dtype,
     prompt_text,
     read_checkpoint_meta,
+    render_prompt,
     run_cli,
     rng_state,
     save_checkpoint,
     set_rng_state,
     set_seed,
+    stop_token_ids,
     to_jsonable,
 )
 
@@ -79,7 +82,7 @@ RULE_PREFIX = "rule:"
 VALUE_HEAD_DIR = "value_head"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, responses) -> scores
 
 
 @dataclass
@@ -94,8 +97,12 @@ class PPOArgs:
     """Reward sources: reward-model checkpoint paths, or "rule:NAME" for a rule judge of demo_tasks."""
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward source (empty: all 1.0), e.g. quality + safety as in the seed material."""
-    prompts: str | list[str] = ""
-    """JSONL with a "prompt" (or "instruction"/"input") per line, a text file of lines, or a list."""
+    prompts: str | list[Prompt] = ""
+    """JSONL with a "prompt" (text or chat turns; or "instruction"/"input") per line, a text file of lines, or a list."""
+    system_prompt: str = ""
+    """System turn before each prompt that has none (chat models; before the instruction template otherwise)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Texts that end a response besides the model's end-of-turn tokens; none by default."""
     out: str = "var/models/ppo-policy"
     """Directory of the final policy; the resumable checkpoint goes to `<out>.resume/`."""
     steps: int = 30
@@ -329,8 +336,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 # Inputs: prompts and reward sources
 
 
-def read_prompts(source: str | Sequence[str]) -> list[tuple[str, str]]:
-    """(instruction, input) pairs from a list of strings, a JSONL file or a text file of lines."""
+def read_prompts(source: str | Sequence[Prompt]) -> list[tuple[Prompt, str]]:
+    """(prompt, input) pairs from a list of prompts (text or chat turns), a JSONL file or a text file of lines."""
     if isinstance(source, (list, tuple)):
         items: list[Any] = list(source)
     else:
@@ -355,14 +362,17 @@ def read_prompts(source: str | Sequence[str]) -> list[tuple[str, str]]:
     for number, item in enumerate(items, 1):
         if isinstance(item, dict):
             if "prompt" in item:
-                prompts.append((prompt_text(item["prompt"]), str(item.get("input") or "")))
+                prompt = item["prompt"]
+                prompt_text(prompt)  # refuses what is neither text nor chat turns
+                prompts.append((prompt, str(item.get("input") or "")))
             elif "instruction" in item:
                 prompts.append((str(item["instruction"]), str(item.get("input") or "")))
             else:
                 raise EngineError(f"prompt {number} has neither a 'prompt' nor an 'instruction' field")
         else:
-            prompts.append((prompt_text(item), ""))
-    prompts = [(ins, inp) for ins, inp in prompts if ins.strip()]
+            prompt_text(item)
+            prompts.append((item, ""))
+    prompts = [(ins, inp) for ins, inp in prompts if prompt_text(ins).strip()]
     if not prompts:
         raise EngineError("no prompts: the prompt source is empty")
     return prompts
@@ -404,7 +414,8 @@ def check_reward_sources(
 
 
 class CombinedReward:
-    """Weighted sum of reward sources, each scoring decoded (instruction, response) text."""
+    """Weighted sum of reward sources, each scoring decoded (prompt, response) text: a reward model sees
+    the prompt's chat turns in its own template, rule judges and reward_fn the prompt as text."""
 
     def __init__(
         self,
@@ -412,6 +423,7 @@ class CombinedReward:
         weights: Sequence[float],
         device: torch.device,
         reward_fn: RewardFn | None = None,
+        system_prompt: str = "",
     ):
         self.parts: list[tuple[str, float, Callable[[list[str], list[str]], torch.Tensor]]] = []
         for source, weight in zip(reward_models, weights, strict=True):
@@ -421,7 +433,7 @@ class CombinedReward:
             else:
                 from training.engine.reward import RewardScorer
 
-                scorer = RewardScorer(source, device=str(device))
+                scorer = RewardScorer(source, device=str(device), system_prompt=system_prompt)
                 self.parts.append((source, weight, self._scorer(scorer)))
         if reward_fn is not None:
             self.parts.append(("reward_fn", 1.0, self._callable(reward_fn)))
@@ -429,7 +441,7 @@ class CombinedReward:
     @staticmethod
     def _rule(judge):
         def score(instructions, responses):
-            return torch.tensor([float(judge(i, r)) for i, r in zip(instructions, responses, strict=True)])
+            return torch.tensor([float(judge(prompt_text(i), r)) for i, r in zip(instructions, responses, strict=True)])
 
         return score
 
@@ -443,7 +455,7 @@ class CombinedReward:
     @staticmethod
     def _callable(fn):
         def score(instructions, responses):
-            values = list(fn(instructions, responses))
+            values = list(fn([prompt_text(i) for i in instructions], responses))
             if len(values) != len(responses):
                 raise EngineError(f"reward_fn returned {len(values)} scores for {len(responses)} responses")
             return torch.tensor([float(v) for v in values])
@@ -765,16 +777,19 @@ def main(
             )
     else:
         ref_policy = copy.deepcopy(policy).to(compute_dtype)
-    if tokenizer.eos_token_id is None:
+    if not stop_token_ids(tokenizer, policy):
         raise EngineError(
-            f"the policy's tokenizer ({args.policy!r}) has no eos token: responses could never end"
+            f"the policy ({args.policy!r}) names no eos token, in its tokenizer or its generation config: "
+            "responses could never end"
         )
 
-    formatted = [format_prompt(ins, inp) for ins, inp in prompts]
+    formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
+    on_progress({"stage": STAGE, "step": 0, "total": args.steps, "metrics": {},
+                 "log": f"The first prompt as the policy sees it:\n{formatted[0]}"})
     context = _context_length(policy)
     if context is not None:
-        for number, text in enumerate(formatted, 1):
-            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        for number, ids in enumerate(encode_prompts(tokenizer, formatted), 1):
+            length = len(ids)
             if length + args.max_new_tokens > context:
                 raise EngineError(
                     f"prompt {number} is {length} tokens; with max_new_tokens={args.max_new_tokens} "
@@ -782,7 +797,7 @@ def main(
                     f"policy's context of {context} tokens: shorten it or lower max_new_tokens"
                 )
 
-    reward = CombinedReward(args.reward_models, weights, device, reward_fn)
+    reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt)
 
     # Dropout off in every model ([N+ §"disable dropout"]; Ziegler et al. 2019): eval() everywhere,
     # gradients still flow. Otherwise the logprobs of the rollout and of the update disagree at ratio 1.
@@ -884,6 +899,7 @@ def main(
                 top_p=args.top_p,
                 batch_size=args.generation_batch_size,
                 generator=_step_generator(args.seed, step, 1, device),
+                stop_strings=args.stop_strings,
             )
         query_ids, query_mask, response_ids, response_mask = trim_padding(
             rollout.query_ids.to(device),
@@ -899,7 +915,7 @@ def main(
         raw_scores, score_parts = reward(instructions, list(rollout.texts))  # (B,)
         raw_scores = raw_scores.to(device)
         # Missing-EOS penalty (TRL PPOv2 missing_eos_penalty; [N+ §"EOS trick"]): a response cut off
-        # at max_new_tokens is worse than any finished one.
+        # at max_new_tokens (no end-of-turn token, no stop string: sample.generate's rule) is worse than any finished one.
         scores = raw_scores - args.missing_eos_penalty * (~ended).float()  # (B,)
         baselined = leave_one_out(scores, group) if group > 1 else scores  # (B,)
         # Reward normalisation: Ziegler et al. 2019 scale the reward to mean 0, std 1; we keep running
@@ -1087,7 +1103,7 @@ def main(
         pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
     )
     shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
-    return metrics
+    return {**metrics, "ppo/rendered_prompt": formatted[0]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1096,7 +1112,8 @@ def main(
 
 def cli(argv: list[str] | None = None) -> int:
     return run_cli(PPOArgs, main, argv, stage="ppo", required=("policy", "prompts", "out"),
-                   flag_names={"reward_models": "reward-model", "reward_weights": "reward-weight"},
+                   flag_names={"reward_models": "reward-model", "reward_weights": "reward-weight",
+                               "stop_strings": "stop-string"},
                    description="PPO of a causal LM against reward models (paths or rule:NAME) with a KL penalty.")
 
 

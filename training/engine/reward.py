@@ -11,8 +11,10 @@ Touvron et al. 2023, sec. 3.2.2) and plus a centering term that keeps rewards ne
 
 Inputs: an encoder (BERT-like: the default all-MiniLM-L6-v2, which has no eos token) sees
 (prompt, response) as a text pair: [CLS] prompt [SEP] response [SEP], scored at [CLS]. A decoder
-sees prompt + response (+ eos when the tokenizer has one), scored at the last token. Long pairs are
-truncated, never dropped: the prompt loses tokens from its start first, then the response from its end.
+with a chat template sees the whole conversation in it (the prompt's turns, then the response as the
+assistant's turn); one without sees prompt + response (+ eos when the tokenizer has one); both are
+scored at the last token. Long pairs are truncated, never dropped: the prompt loses tokens from its
+start first, then the response from its end.
 
 Speed, measured against TRL's RewardTrainer in benchmarks/reward_vs_trl.py: chosen and rejected go
 through the model as one (2B, T) batch padded only to the longest in the batch; batches are built
@@ -40,14 +42,19 @@ import torch.nn.functional as F
 from .common import (
     EngineError,
     ProgressFn,
+    Prompt,
+    apply_chat_template,
+    chat_turns,
     StopWithoutSaving,
     default_reward_backbone,
     find_checkpoint,
+    has_chat_template,
     load_reward_model,
     load_trainer_state,
     no_progress,
     pick_device,
     pick_dtype,
+    prompt_text,
     read_checkpoint_meta,
     run_cli,
     rng_state,
@@ -82,6 +89,8 @@ class RewardArgs:
     """Pairs per forward pass during evaluation (no gradients, so larger is fine)."""
     max_length: int = 512
     """Longest tokenized sequence (prompt + response + special tokens); the MiniLM's position limit."""
+    system_prompt: str = ""
+    """System turn before each prompt that has none, for a backbone with a chat template (as the policy saw it)."""
     weight_decay: float = 0.0
     """AdamW weight decay; transformers' TrainingArguments default."""
     warmup_ratio: float = 0.0
@@ -119,7 +128,7 @@ class RewardArgs:
 # Settings that must match for a resumed run to continue the same training.
 RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup_ratio",
                "max_grad_norm", "use_margin", "center_rewards_coef", "group_by_length", "shuffle",
-               "disable_dropout", "seed", "eval_fraction")
+               "disable_dropout", "seed", "eval_fraction", "system_prompt")
 
 
 def resume_dir(out: str | Path) -> Path:
@@ -151,11 +160,13 @@ class PairEncoder:
     response alone still does not fit, it is cut at its end, keeping max_length // 8 prompt tokens.
     """
 
-    def __init__(self, tokenizer, config, max_length: int):
+    def __init__(self, tokenizer, config, max_length: int, system_prompt: str = ""):
         from tokenizers import Tokenizer
 
         self.tokenizer = tokenizer
         self.encoder = is_encoder(config)
+        self.chat = not self.encoder and has_chat_template(tokenizer)  # the template writes the special tokens
+        self.system_prompt = system_prompt
         self.max_length = max_length
         self.with_types = self.encoder and "token_type_ids" in tokenizer.model_input_names
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -165,8 +176,11 @@ class PairEncoder:
             self._backend = Tokenizer.from_str(backend.to_str())
             self._backend.no_padding()
             self._backend.no_truncation()
-        self.eos_id = None if self.encoder else tokenizer.eos_token_id
-        self.n_special = len(self.encode([""], [""])[0][0][0]) if self._backend else (3 if self.encoder else 1)
+        self.eos_id = None if self.encoder or self.chat else tokenizer.eos_token_id
+        if self.chat:
+            self.n_special = 0
+        else:
+            self.n_special = len(self.encode([""], [""])[0][0][0]) if self._backend else (3 if self.encoder else 1)
         self.budget = max_length - self.n_special
         if self.budget < 2:
             raise EngineError(f"max_length {max_length} leaves no room for text beside {self.n_special} special tokens")
@@ -180,10 +194,26 @@ class PairEncoder:
         response_keep = min(n_response, budget - min_prompt)
         return budget - response_keep, response_keep
 
-    def encode(self, prompts: list[str], responses: list[str]
+    def _chat_texts(self, prompt: Prompt, response: str) -> tuple[str, str]:
+        """(the prompt's turns with the generation prompt, what the response's assistant turn adds to them)."""
+        turns = chat_turns(prompt, system_prompt=self.system_prompt)
+        before = apply_chat_template(self.tokenizer, turns, add_generation_prompt=True)
+        through = apply_chat_template(self.tokenizer, turns + [{"role": "assistant", "content": response}],
+                                      add_generation_prompt=False)
+        if not through.startswith(before):
+            raise EngineError("the reward model's chat template renders the reply in a way that changes the "
+                              "prompt before it, so the two cannot be truncated apart")
+        return before, through[len(before):]
+
+    def encode(self, prompts: list[Prompt], responses: list[str]
                ) -> tuple[list[tuple[list[int], list[int] | None]], list[bool]]:
         """[(input_ids, token_type_ids or None)] per pair, and whether each one was truncated."""
         out, truncated = [], []
+        if self.chat:
+            rendered = [self._chat_texts(p, r) for p, r in zip(prompts, responses)]
+            prompts, responses = [p for p, _ in rendered], [r for _, r in rendered]
+        else:
+            prompts = [p if isinstance(p, str) else prompt_text(p) for p in prompts]
         if self._backend is not None:
             prompt_encs = self._backend.encode_batch(list(prompts), add_special_tokens=False)
             response_encs = self._backend.encode_batch(list(responses), add_special_tokens=False)
@@ -194,6 +224,9 @@ class PairEncoder:
                 if truncated[-1]:
                     p.truncate(keep_p, direction="left")
                     r.truncate(keep_r, direction="right")
+                if self.chat:
+                    out.append((p.ids + r.ids, None))
+                    continue
                 if self.encoder:
                     enc = self._backend.post_process(p, r)
                 else:
@@ -209,7 +242,9 @@ class PairEncoder:
             keep_p, keep_r = self._keep(len(p), len(r))
             truncated.append((keep_p, keep_r) != (len(p), len(r)))
             p, r = p[len(p) - keep_p:], r[:keep_r]
-            if self.encoder:
+            if self.chat:
+                out.append((p + r, None))
+            elif self.encoder:
                 cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
                 types = [0] * (len(p) + 2) + [1] * (len(r) + 1)
                 out.append(([cls, *p, sep, *r, sep], types if self.with_types else None))
@@ -369,8 +404,9 @@ def _disable_dropout(model) -> None:
 
 def encode_pairs(encoder: PairEncoder, ds) -> tuple[list[dict[str, Any]], int]:
     """Encoded pairs: {"chosen": (ids, types), "rejected": (ids, types), "margin", "length"}."""
-    chosen, cut_c = encoder.encode(ds["prompt"], ds["chosen"])
-    rejected, cut_r = encoder.encode(ds["prompt"], ds["rejected"])
+    prompts = ds["prompt_turns"] if encoder.chat and "prompt_turns" in ds.column_names else ds["prompt"]
+    chosen, cut_c = encoder.encode(prompts, ds["chosen"])
+    rejected, cut_r = encoder.encode(prompts, ds["rejected"])
     pairs = [{"chosen": c, "rejected": r, "margin": float(m), "length": max(len(c[0]), len(r[0]))}
              for c, r, m in zip(chosen, rejected, ds["margin"])]
     return pairs, sum(a or b for a, b in zip(cut_c, cut_r))
@@ -462,7 +498,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                           f"pass --max-length {limit} or less")
     if args.disable_dropout:
         _disable_dropout(model)
-    encoder = PairEncoder(tokenizer, model.config, args.max_length)
+    encoder = PairEncoder(tokenizer, model.config, args.max_length, args.system_prompt)
     train_pairs, truncated = encode_pairs(encoder, train_ds)
     eval_pairs, eval_truncated = encode_pairs(encoder, eval_ds) if len(eval_ds) else ([], 0)
     pad_id = tokenizer.pad_token_id
@@ -605,7 +641,7 @@ class RewardScorer:
     """
 
     def __init__(self, path_or_model, device: str = "auto", batch_size: int = 32, max_length: int = 512,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", system_prompt: str = ""):
         if isinstance(path_or_model, (tuple, list)):
             self.model, self.tokenizer = path_or_model
             self.device = next(self.model.parameters()).device
@@ -616,11 +652,11 @@ class RewardScorer:
         limit = model_length_limit(self.model, self.tokenizer)
         self.max_length = min(max_length, limit) if limit else max_length
         self.batch_size = batch_size
-        self.encoder = PairEncoder(self.tokenizer, self.model.config, self.max_length)
+        self.encoder = PairEncoder(self.tokenizer, self.model.config, self.max_length, system_prompt)
         self.model.eval()
 
     @torch.inference_mode()
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         """Rewards, (B,) float32 on the CPU, in the order given."""
         if len(prompts) != len(responses):
             raise EngineError(f"{len(prompts)} prompts but {len(responses)} responses")

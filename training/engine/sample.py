@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,17 @@ import torch
 from training.engine.common import (
     EngineError,
     ProgressFn,
+    Prompt,
+    encode_prompts,
     ensure_pad_token,
-    format_prompt,
     load_causal_lm,
     no_progress,
     pick_device,
     pick_dtype,
+    prompt_text,
+    render_prompt,
     run_cli,
+    stop_token_ids,
 )
 
 
@@ -38,11 +42,11 @@ from training.engine.common import (
 class Rollout:
     query_ids: torch.Tensor  # (B, Tq) long, left-padded prompts
     query_mask: torch.Tensor  # (B, Tq) long, 1 for real prompt tokens
-    response_ids: torch.Tensor  # (B, Tr) long, right-padded with pad after EOS (EOS itself kept)
-    response_mask: torch.Tensor  # (B, Tr) long, 1 for real response tokens, EOS included
+    response_ids: torch.Tensor  # (B, Tr) long, right-padded with pad after the stop (the stop token kept)
+    response_mask: torch.Tensor  # (B, Tr) long, 1 for real response tokens, the stop token included
     logprobs: torch.Tensor  # (B, Tr) float, log p(token) under logits / temperature; 0 where masked
-    ended: torch.Tensor  # (B,) bool, True where the response emitted EOS
-    texts: list[str]  # decoded responses, special tokens skipped, stripped
+    ended: torch.Tensor  # (B,) bool, True where the response stopped itself; False: cut by max_new_tokens
+    texts: list[str]  # decoded responses, special tokens skipped, cut before a stop string, stripped
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -53,7 +57,7 @@ class SampleArgs:
     model: str = ""
     """Causal LM to sample from: a Hugging Face name or a save_pretrained directory."""
     prompts: str = ""
-    """File of instructions: JSONL with a "prompt" (or "instruction") field, or plain text, one per line."""
+    """File of prompts: JSONL with a "prompt" (text or chat turns) or "instruction" field, or text lines."""
     out: str = "var/samples.jsonl"
     """Output JSONL: one {"prompt", "responses"} object per prompt."""
     num_per_prompt: int = 2
@@ -64,6 +68,10 @@ class SampleArgs:
     """Softmax temperature; 0 means greedy. 0.7 is a common middle ground (our choice): lower makes pairs alike."""
     top_p: float = 1.0
     """Nucleus sampling mass (Holtzman et al. 2020); 1.0 samples the full distribution, as PPO rollouts should."""
+    system_prompt: str = ""
+    """System turn put before each prompt (chat models; before the instruction template otherwise); none by default."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Texts that end a response besides the model's end-of-turn tokens (cut from the text); none by default."""
     batch_size: int = 16
     """Sequences generated together."""
     seed: int = 0
@@ -116,11 +124,35 @@ def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> t
     return ids, mask
 
 
+class StopStrings:
+    """Finds rows whose newest tokens complete a stop string (decoding only a short tail per row)."""
+
+    def __init__(self, tokenizer, strings: list[str]):
+        self.tokenizer, self.strings = tokenizer, [s for s in strings if s]
+        self.window = max((len(s) for s in self.strings), default=0) + 2  # tokens: at least a character each
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+    def hits(self, response_ids: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """(len(rows),) bool: the row's text ending at `step` holds a stop string."""
+        start = max(0, step + 1 - self.window)
+        tails = self.tokenizer.batch_decode(response_ids[rows, start:step + 1].tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in tail for s in self.strings) for tail in tails], device=rows.device)
+
+    def cut(self, text: str) -> str:
+        """The text before the first stop string in it."""
+        cuts = [text.find(s) for s in self.strings if s in text]
+        return text[:min(cuts)] if cuts else text
+
+
 @torch.no_grad()
-def _generate_batch(model, query_ids, query_mask, *, eos_id, pad_id, max_new_tokens, temperature, top_p, generator):
+def _generate_batch(model, query_ids, query_mask, *, stop_ids, pad_id, max_new_tokens, temperature, top_p, generator,
+                    stop_strings: StopStrings | None = None):
     """Sample one batch with a KV cache. Returns response ids, mask, logprobs (B, Tr) and ended (B,).
 
-    Rows that emitted EOS leave the batch (their cache rows are dropped), so the remaining steps
+    A row ends at any of `stop_ids` (kept as its last token) or once its text holds a stop string.
+    Rows that ended leave the batch (their cache rows are dropped), so the remaining steps
     cost only what the unfinished rows need.
     """
     batch = query_ids.size(0)
@@ -140,6 +172,7 @@ def _generate_batch(model, query_ids, query_mask, *, eos_id, pad_id, max_new_tok
     response_mask = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)  # (S,)
     steps = 0
     for step in range(max_new_tokens):
         steps = step + 1
@@ -154,7 +187,9 @@ def _generate_batch(model, query_ids, query_mask, *, eos_id, pad_id, max_new_tok
         response_ids[live_rows, step] = token[alive]
         response_mask[live_rows, step] = 1
         logprobs[live_rows, step] = token_logp[alive]
-        finished = alive & (token == eos_id)
+        finished = alive & torch.isin(token, stops)
+        if stop_strings:
+            finished[alive] |= stop_strings.hits(response_ids, live_rows, step)
         ended[rows[finished]] = True
         alive = alive & ~finished
         if not bool(alive.any()):
@@ -176,8 +211,9 @@ def _generate_batch(model, query_ids, query_mask, *, eos_id, pad_id, max_new_tok
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.7,
              top_p: float = 1.0, batch_size: int = 16, generator: torch.Generator | None = None,
-             on_progress: ProgressFn = no_progress) -> Rollout:
-    """Sample one response per (already formatted) prompt. Tensors come back on the model's device.
+             stop_strings: list[str] = (), on_progress: ProgressFn = no_progress) -> Rollout:
+    """Sample one response per prompt, already rendered (common.render_prompt). Tensors come back on the
+    model's device. A response stops at any of common.stop_token_ids or a stop string.
 
     Prompts are processed longest first in batches of `batch_size` (less padding), and the rows
     are returned in the order given.
@@ -189,12 +225,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     if not 0.0 < top_p <= 1.0:
         raise EngineError(f"top_p must be in (0, 1], got {top_p}")
     ensure_pad_token(tokenizer, model)
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise EngineError("the tokenizer has no eos token, so a response could never end")
+    stop_ids = stop_token_ids(tokenizer, model)
+    if not stop_ids:
+        raise EngineError("neither the tokenizer nor the model's generation config names an eos token, "
+                          "so a response could never end")
+    stop_texts = StopStrings(tokenizer, list(stop_strings))
     pad_id = tokenizer.pad_token_id
     device = _model_device(model)
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    encoded = encode_prompts(tokenizer, prompts)
     for i, ids in enumerate(encoded):
         if not ids:
             raise EngineError(f"prompt {i} is empty")
@@ -212,9 +250,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             query_ids, query_mask = _left_pad([encoded[i] for i in rows], pad_id)
-            result = _generate_batch(model, query_ids.to(device), query_mask.to(device), eos_id=eos_id, pad_id=pad_id,
-                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     generator=generator)
+            result = _generate_batch(model, query_ids.to(device), query_mask.to(device), stop_ids=stop_ids,
+                                     pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p, generator=generator, stop_strings=stop_texts)
             parts.append((rows, *result))
             on_progress({"stage": "sample", "step": min(start + batch_size, len(order)), "total": len(order),
                          "metrics": {}})
@@ -236,7 +274,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
         response_mask[index, : ids.size(1)] = mask
         logprobs[index, : ids.size(1)] = logp
         ended[index] = done
-    texts = [tokenizer.decode(response_ids[i][response_mask[i].bool()].tolist(), skip_special_tokens=True).strip()
+    texts = [stop_texts.cut(tokenizer.decode(response_ids[i][response_mask[i].bool()].tolist(),
+                                             skip_special_tokens=True)).strip()
              for i in range(n)]
     return Rollout(query_ids.to(device), query_mask.to(device), response_ids, response_mask, logprobs, ended, texts)
 
@@ -258,47 +297,58 @@ def sequence_logprobs(model, rollout: Rollout, temperature: float = 0.7) -> torc
     return logp * rollout.response_mask
 
 
-def sample_responses(model_path: str, instructions: list[str], *, num_per_prompt: int = 2, max_new_tokens: int = 64,
+def sample_responses(model_path: str, prompts: list[Prompt], *, num_per_prompt: int = 2, max_new_tokens: int = 64,
                      temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-                     device: str = "auto", dtype: str = "auto",
-                     on_progress: ProgressFn = no_progress) -> list[list[str]]:
-    """`num_per_prompt` responses for each instruction from the model at `model_path` (Alpaca template)."""
-    responses, _ = _sample_with_stats(model_path, instructions, num_per_prompt=num_per_prompt,
-                                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                      batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                                      on_progress=on_progress)
-    return responses
+                     system_prompt: str = "", stop_strings: list[str] = (), device: str = "auto",
+                     dtype: str = "auto", on_progress: ProgressFn = no_progress) -> list[list[str]]:
+    """`num_per_prompt` responses for each prompt (text or chat turns) from the model at `model_path`."""
+    return sample_with_stats(model_path, prompts, num_per_prompt=num_per_prompt, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
+                             system_prompt=system_prompt, stop_strings=stop_strings, device=device, dtype=dtype,
+                             on_progress=on_progress)[0]
 
 
-def _sample_with_stats(model_path, instructions, *, num_per_prompt, max_new_tokens, temperature, top_p, batch_size,
-                       seed, device, dtype, on_progress):
-    if not instructions:
+def sample_with_stats(model_path: str, prompts: list[Prompt], *, num_per_prompt: int = 2, max_new_tokens: int = 64,
+                      temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
+                      system_prompt: str = "", stop_strings: list[str] = (), device: str = "auto",
+                      dtype: str = "auto", on_progress: ProgressFn = no_progress
+                      ) -> tuple[list[list[str]], dict[str, Any], list[list[bool]]]:
+    """`sample_responses`, with the metrics (the first prompt as the model saw it among them) and, per
+    response, whether the length limit cut it (it never stopped by itself)."""
+    if not prompts:
         raise EngineError("no prompts to sample from")
     if num_per_prompt < 1:
         raise EngineError(f"num_per_prompt must be at least 1, got {num_per_prompt}")
     torch_device = pick_device(device)
     model, tokenizer = load_causal_lm(model_path, torch_device, pick_dtype(torch_device, dtype))
-    formatted = [format_prompt(text) for text in instructions for _ in range(num_per_prompt)]
+    rendered = [render_prompt(tokenizer, prompt, system_prompt=system_prompt) for prompt in prompts]
+    on_progress({"stage": "sample", "step": 0, "total": len(prompts) * num_per_prompt, "metrics": {},
+                 "log": f"The first prompt as the model sees it:\n{rendered[0]}"})
+    formatted = [text for text in rendered for _ in range(num_per_prompt)]
     generator = torch.Generator(device=torch_device).manual_seed(seed)
     started = time.perf_counter()
     rollout = generate(model, tokenizer, formatted, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, batch_size=batch_size, generator=generator, on_progress=on_progress)
+                       top_p=top_p, batch_size=batch_size, generator=generator, stop_strings=stop_strings,
+                       on_progress=on_progress)
     seconds = time.perf_counter() - started
     n_tokens = int(rollout.response_mask.sum())
-    grouped = [rollout.texts[i * num_per_prompt:(i + 1) * num_per_prompt] for i in range(len(instructions))]
+    grouped = [rollout.texts[i * num_per_prompt:(i + 1) * num_per_prompt] for i in range(len(prompts))]
+    cut = (~rollout.ended).tolist()
+    truncated = [cut[i * num_per_prompt:(i + 1) * num_per_prompt] for i in range(len(prompts))]
     stats = {"sample/responses": len(rollout), "sample/tokens": n_tokens, "sample/seconds": seconds,
              "sample/tokens_per_s": n_tokens / max(seconds, 1e-9),
              "sample/mean_length": n_tokens / len(rollout),
-             "sample/ended_fraction": float(rollout.ended.float().mean())}
-    return grouped, stats
+             "sample/ended_fraction": float(rollout.ended.float().mean()),
+             "sample/rendered_prompt": rendered[0]}
+    return grouped, stats, truncated
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry point and CLI
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Instructions from JSONL ({"prompt"} or {"instruction"}) or plain text, one per line."""
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from JSONL ({"prompt": text or chat turns} or {"instruction"}) or plain text, one per line."""
     path = Path(path)
     if not str(path) or not path.exists():
         raise EngineError(f"prompts file {str(path)!r} does not exist")
@@ -312,8 +362,16 @@ def read_prompts(path: str | Path) -> list[str]:
             except json.JSONDecodeError as exc:
                 raise EngineError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
             text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
+            if isinstance(text, list) and text:  # chat turns
+                try:
+                    prompt_text(text)
+                except EngineError as exc:
+                    raise EngineError(f"{path}:{lineno}: \"prompt\": {exc}") from None
+                prompts.append(text)
+                continue
             if not isinstance(text, str) or not text.strip():
-                raise EngineError(f"{path}:{lineno}: needs a non-empty \"prompt\" (or \"instruction\") text field")
+                raise EngineError(f"{path}:{lineno}: needs a non-empty \"prompt\" (text or chat turns) "
+                                  "or \"instruction\" field")
             prompts.append(text)
         else:
             prompts.append(line.strip())
@@ -327,16 +385,17 @@ def main(args: SampleArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     if not args.model:
         raise EngineError("no model given (--model NAME_OR_PATH)")
     instructions = read_prompts(args.prompts)
-    responses, metrics = _sample_with_stats(
+    responses, metrics, truncated = sample_with_stats(
         args.model, instructions, num_per_prompt=args.num_per_prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-        device=args.device, dtype=args.dtype, on_progress=on_progress)
+        system_prompt=args.system_prompt, stop_strings=args.stop_strings, device=args.device, dtype=args.dtype,
+        on_progress=on_progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
-        for prompt, texts in zip(instructions, responses):
-            handle.write(json.dumps({"prompt": prompt, "responses": texts}) + "\n")
+        for prompt, texts, cut in zip(instructions, responses, truncated):
+            handle.write(json.dumps({"prompt": prompt, "responses": texts, "truncated": cut}) + "\n")
     tmp.replace(out)
     metrics["sample/out"] = str(out)
     return metrics
@@ -344,6 +403,7 @@ def main(args: SampleArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
 
 def cli(argv: list[str] | None = None) -> int:
     return run_cli(SampleArgs, main, argv, stage="sample", required=("model", "prompts"),
+                   flag_names={"stop_strings": "stop-string"},
                    description="Sample responses from a causal LM for a file of instructions.")
 
 

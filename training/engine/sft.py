@@ -1,10 +1,11 @@
 """Supervised fine-tuning: teach a causal LM to answer instructions from demonstrations.
 
 The first stage of RLHF (Ouyang et al. 2022, step 1). Each example is (instruction, input,
-output); the prompt is the Alpaca template (common.format_prompt) and the loss is the token-level
-cross-entropy of the response only: prompt positions get label -100 (as in Alpaca's train.py,
-Taori et al. 2023), and the tokenizer's EOS token is appended to the response so the model learns
-to stop.
+output), or a conversation (`messages`, TRL's conversational format). The loss is the token-level
+cross-entropy of the replies only: every other position gets label -100 (as in Alpaca's train.py,
+Taori et al. 2023). A model with a chat template sees the example through it, and learns each
+assistant turn with its end-of-turn marker; a base model sees the seed's instruction template
+(common.render_prompt), with the tokenizer's EOS token appended so it learns to stop.
 
     python -m training.engine.sft --model PATH --train data.jsonl [--eval held.jsonl] --out DIR
 
@@ -28,14 +29,17 @@ from training.engine.common import (
     EngineError,
     ProgressFn,
     StopWithoutSaving,
+    chat_segments,
+    chat_turns,
     ensure_pad_token,
-    format_prompt,
+    has_chat_template,
     load_causal_lm,
     load_trainer_state,
     no_progress,
     pick_device,
     pick_dtype,
     read_checkpoint_meta,
+    render_prompt,
     run_cli,
     rng_state,
     save_checkpoint,
@@ -51,7 +55,7 @@ class SFTArgs:
     model: str = ""
     """Causal LM to fine-tune: a Hugging Face name or a save_pretrained directory."""
     train: str = ""
-    """JSONL file, one {"instruction", "input" (optional), "output"} object per line."""
+    """JSONL file, one {"instruction", "input" (optional), "output"} or {"messages": [chat turns]} per line."""
     eval: str | None = None
     """Optional JSONL file of the same shape: its response-token loss is reported as sft/eval_loss."""
     out: str = "var/checkpoints/sft"
@@ -68,6 +72,8 @@ class SFTArgs:
     """Longest prompt+response in tokens (Alpaca's model_max_length: 512); longer is an error unless truncate."""
     truncate: bool = False
     """Cut examples longer than max_length (or the model's positions) instead of refusing them."""
+    system_prompt: str = ""
+    """System turn put before each example that has none (as at sampling time); none by default."""
     warmup_ratio: float = 0.03
     """Fraction of steps with linear warmup before the cosine decay (Alpaca: 0.03, cosine)."""
     weight_decay: float = 0.0
@@ -109,8 +115,9 @@ class ModelAndTokenizer:
 # Data
 
 
-def read_examples(path: str | Path, what: str = "training data") -> list[dict[str, str]]:
-    """JSONL rows {"instruction", "input"?, "output"}; any problem names the file and line."""
+def read_examples(path: str | Path, what: str = "training data") -> list[dict[str, Any]]:
+    """JSONL rows {"instruction", "input"?, "output"} or {"messages": [{role, content}]}; any problem names
+    the file and line."""
     path = Path(path)
     if not str(path) or not path.exists():
         raise EngineError(f"{what} file {str(path)!r} does not exist")
@@ -127,6 +134,9 @@ def read_examples(path: str | Path, what: str = "training data") -> list[dict[st
                 raise EngineError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
                 raise EngineError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if "messages" in row:
+                rows.append({"messages": _checked_turns(row["messages"], f"{path}:{lineno}"), "line": lineno})
+                continue
             for key in ("instruction", "output"):
                 if key not in row:
                     raise EngineError(f"{path}:{lineno}: missing {key!r} (each line needs instruction and output)")
@@ -142,6 +152,20 @@ def read_examples(path: str | Path, what: str = "training data") -> list[dict[st
     return rows
 
 
+def _checked_turns(turns: Any, where: str) -> list[dict[str, str]]:
+    """A conversation's turns, each {"role": system | user | assistant, "content": text}, one assistant at least."""
+    if not isinstance(turns, list) or not turns:
+        raise EngineError(f"{where}: 'messages' must be a non-empty list of chat turns")
+    for number, turn in enumerate(turns, start=1):
+        if (not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant")
+                or not isinstance(turn.get("content"), str)):
+            raise EngineError(f"{where}: 'messages' turn {number} must be {{\"role\": system, user or assistant, "
+                              f"\"content\": text}}")
+    if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
+        raise EngineError(f"{where}: 'messages' has no non-empty assistant turn to learn from")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
 def model_max_positions(model) -> int | None:
     config = model.config
     for name in ("n_positions", "max_position_embeddings", "n_ctx"):
@@ -151,16 +175,64 @@ def model_max_positions(model) -> int | None:
     return None
 
 
-def encode_examples(tokenizer, examples: list[dict[str, Any]], *, max_length: int, model_positions: int | None,
-                    truncate: bool, source: str = "example") -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example: prompt tokens labelled -100, response tokens + EOS kept.
+def example_turns(example: dict[str, Any], system_prompt: str = "") -> list[dict[str, str]]:
+    """An example as a conversation: its messages, or its instruction (and input) as a user turn and its
+    output as the assistant's; `system_prompt` first when it has no system turn."""
+    if "messages" in example:
+        turns = [dict(t) for t in example["messages"]]
+        if system_prompt and not any(t["role"] == "system" for t in turns):
+            turns.insert(0, {"role": "system", "content": system_prompt})
+        return turns
+    return chat_turns(example["instruction"], example.get("input", ""), system_prompt) + [
+        {"role": "assistant", "content": example["output"]}]
 
-    Prompt and response are tokenized separately, as sample.py sees them at generation time.
+
+def encode_chat(tokenizer, turns: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation in the tokenizer's chat template: the assistant replies (their
+    end-of-turn marker included) keep their ids as labels, every other token is -100. Each piece is
+    tokenized on its own, as sampling sees a rendered prompt and then the tokens it generates."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in chat_segments(tokenizer, turns):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+def encode_examples(tokenizer, examples: list[dict[str, Any]], *, max_length: int, model_positions: int | None,
+                    truncate: bool, source: str = "example", system_prompt: str = ""
+                    ) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per example: only reply tokens carry labels, every other position -100.
+
+    With a chat template: common.chat_segments' pieces (encode_chat). Without: the instruction template
+    (common.render_prompt) and the response + EOS, tokenized separately, as sample.py sees them.
     """
+    limit = min(max_length, model_positions) if model_positions else max_length
+    if has_chat_template(tokenizer):
+        encoded = []
+        for i, example in enumerate(examples):
+            try:
+                ids, labels = encode_chat(tokenizer, example_turns(example, system_prompt))
+            except EngineError as exc:
+                where = f"{source} line {example['line']}" if "line" in example else f"{source} {i}"
+                raise EngineError(f"{where}: {exc}") from None
+            if len(ids) > limit:
+                if not truncate:
+                    where = f"{source} line {example['line']}" if "line" in example else f"{source} {i}"
+                    raise EngineError(f"{where} is {len(ids)} tokens long, but the limit is {limit}; "
+                                      "shorten it or ask for truncation (--truncate)")
+                ids, labels = ids[:limit], labels[:limit]  # a conversation keeps its start
+                if all(label == IGNORE_INDEX for label in labels):
+                    raise EngineError(f"{source} {i + 1}: its first reply starts after {limit} tokens, so "
+                                      "truncation leaves nothing to learn; raise max_length or shorten it")
+            encoded.append((ids, labels))
+        return encoded
     if tokenizer.eos_token_id is None:
         raise EngineError("the tokenizer has no eos token: the response needs one appended so the model learns to stop")
-    limit = min(max_length, model_positions) if model_positions else max_length
-    prompts = [format_prompt(e["instruction"], e.get("input", "")) for e in examples]
+    if any("messages" in e for e in examples):
+        raise EngineError("conversations (messages) need a model with a chat template; this tokenizer has none")
+    prompts = [render_prompt(tokenizer, e["instruction"], e.get("input", ""), system_prompt) for e in examples]
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer([e["output"] for e in examples], add_special_tokens=False)["input_ids"]
     encoded = []
@@ -306,9 +378,10 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
     ensure_pad_token(tokenizer, model)
     positions = model_max_positions(model)
     encoded = encode_examples(tokenizer, examples, max_length=args.max_length, model_positions=positions,
-                              truncate=args.truncate, source=args.train or "example")
+                              truncate=args.truncate, source=args.train or "example", system_prompt=args.system_prompt)
     encoded_eval = (encode_examples(tokenizer, eval_examples, max_length=args.max_length, model_positions=positions,
-                                    truncate=args.truncate, source=args.eval or "eval example")
+                                    truncate=args.truncate, source=args.eval or "eval example",
+                                    system_prompt=args.system_prompt)
                     if eval_examples else None)
     pad_id = tokenizer.pad_token_id
     lengths = [len(ids) for ids, _ in encoded]
