@@ -599,6 +599,7 @@ class PairInput:
     preferred: str | None = None
     margin: float | None = None
     meta: dict = field(default_factory=dict)
+    truncated: tuple[bool, bool] = (False, False)  # a policy's response the length limit cut (it never ended)
 
 
 def _prompt_text(prompt) -> tuple[str, list | None]:
@@ -672,15 +673,16 @@ def _add_batch(campaign, batch, result, round, priority, source, checkpoints, ge
     wanted = {}
     for item in batch:
         pid = prompt_ids[content_hash(_prompt_text(item.prompt)[0])]
-        for text, checkpoint in ((item.response_a, checkpoints[0]), (item.response_b, checkpoints[1])):
-            wanted.setdefault((pid, content_hash(text)), (text, checkpoint))
+        for text, checkpoint, cut in ((item.response_a, checkpoints[0], item.truncated[0]),
+                                      (item.response_b, checkpoints[1], item.truncated[1])):
+            wanted.setdefault((pid, content_hash(text)), (text, checkpoint, cut))
     hashes = {h for (_, h) in wanted}
     have = {(p, h): i for p, h, i in Response.objects.filter(prompt_id__in=set(prompt_ids.values()), hash__in=hashes)
             .values_list("prompt_id", "hash", "id")}
     Response.objects.bulk_create(
         [Response(prompt_id=p, text=text, hash=h, source=source, round=round, checkpoint=ckpt,
-                  generation=generation, created_at=now)
-         for (p, h), (text, ckpt) in wanted.items() if (p, h) not in have],
+                  generation={**generation, "truncated": True} if cut else generation, created_at=now)
+         for (p, h), (text, ckpt, cut) in wanted.items() if (p, h) not in have],
         ignore_conflicts=True,
     )
     response_ids = {(p, h): i for p, h, i in Response.objects.filter(prompt_id__in=set(prompt_ids.values()), hash__in=hashes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
@@ -42,6 +43,28 @@ class Campaign(models.Model):
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="campaigns")
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # The models its rounds train, and how the policy is prompted and sampled (training/config.py reads them).
+    policy_model = models.CharField(
+        max_length=500, blank=True, help_text="Policy the rounds start from: a Hugging Face name or a local "
+                                              "path; empty: PAIRLOOP_POLICY_MODEL, else the demo policy.")
+    reference_model = models.CharField(
+        max_length=500, blank=True, help_text="Reference of PPO's KL penalty; empty: the starting policy.")
+    reward_model = models.CharField(
+        max_length=500, blank=True, help_text="Reward backbone: a name or path, or 'sft' (the starting policy "
+                                              "with a score head); empty: the round preset's ('sft').")
+    system_prompt = models.TextField(
+        blank=True, help_text="System turn the policy sees before every prompt (in its chat template); empty: none.")
+    max_new_tokens = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(32_768)],
+        help_text="Longest response in PPO and sampling; empty: the round preset's.")
+    temperature = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.01), MaxValueValidator(100.0)],
+        help_text="Sampling temperature of new pairs' responses; empty: the round preset's.")
+    top_p = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.01), MaxValueValidator(1.0)],
+        help_text="Nucleus sampling of new pairs' responses; empty: 1 (the whole distribution).")
+    stop_strings = models.TextField(
+        blank=True, help_text="Texts that end a response besides the model's end-of-turn tokens, one per line.")
 
     class Meta:
         ordering = ["name"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -68,9 +69,21 @@ def attempt_dir(job: Job, attempt: int | None = None) -> Path:
     return round_dir(job.round) / f"{job.kind}-{attempt or job.attempts}"
 
 
+def campaign_settings(campaign: Campaign) -> dict[str, Any]:
+    """The round settings a campaign names (its models, system prompt and generation settings), to go
+    over the preset's: only those it fills in."""
+    named = {"reference": campaign.reference_model, "reward_model": campaign.reward_model,
+             "system_prompt": campaign.system_prompt, "stop_strings": campaign.stop_strings,
+             "ppo_max_new_tokens": campaign.max_new_tokens, "sample_temperature": campaign.temperature,
+             "top_p": campaign.top_p}
+    return {name: value for name, value in named.items() if value not in ("", None)}
+
+
 def base_policy(campaign: Campaign, preset: str) -> str:
-    """The campaign's SFT policy: the first round's, else PAIRLOOP_POLICY_MODEL, else the demo policy's path
-    (built by the first training job that needs it, never by the web process)."""
+    """The campaign's SFT policy: the one it names, else its first round's, else PAIRLOOP_POLICY_MODEL, else the
+    demo policy's path (built by the first training job that needs it, never by the web process)."""
+    if campaign.policy_model:
+        return campaign.policy_model
     first = Round.objects.filter(campaign=campaign).order_by("number").first()
     if first is not None and first.config.get("base_policy"):
         return first.config["base_policy"]
@@ -82,9 +95,12 @@ def base_policy(campaign: Campaign, preset: str) -> str:
 
 
 def parent_policy(campaign: Campaign, preset: str) -> str:
-    """Round N+1 starts from the newest round's trained policy; the first round from the SFT policy."""
-    latest = Round.objects.filter(campaign=campaign).exclude(policy_checkpoint="").order_by("-number").first()
-    return latest.policy_checkpoint if latest is not None else base_policy(campaign, preset)
+    """Round N+1 starts from the newest trained policy that grew from the campaign's SFT policy; the first
+    round (and the first after the campaign names another policy) from the SFT policy itself."""
+    base = base_policy(campaign, preset)
+    latest = (Round.objects.filter(campaign=campaign, config__base_policy=base).exclude(policy_checkpoint="")
+              .order_by("-number").first())
+    return latest.policy_checkpoint if latest is not None else base
 
 
 def launch_round(campaign: Campaign, user, config: RoundConfig) -> Round:

@@ -41,6 +41,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "sample_prompts": (1, 100_000, False),
     "sample_per_prompt": (1, 64, False),
     "sample_temperature": (0.0, 100.0, True),
+    "top_p": (0.0, 1.0, True),
     "priority": (-INT32_MAX - 1, INT32_MAX, False),
 }
 
@@ -67,6 +68,12 @@ class RoundConfig:
     """Reward backbone: "sft" (the campaign's SFT policy with a score head, as InstructGPT initialises its
     reward model from the supervised model, Ouyang et al. 2022), a name or path, or empty:
     PAIRLOOP_REWARD_MODEL, else the packaged MiniLM."""
+    reference: str = ""
+    """Reference policy of PPO's KL penalty: a name or path; empty: the campaign's starting (SFT) policy."""
+    system_prompt: str = ""
+    """System turn the policy (and a chat reward model) sees before every prompt; empty: none."""
+    stop_strings: str = ""
+    """Texts that end a response besides the model's end-of-turn tokens, one per line; empty: none."""
     reward_epochs: int = 1
     """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
     reward_lr: float = 1e-4
@@ -101,6 +108,8 @@ class RoundConfig:
     """Responses per prompt from each policy (the number of new pairs per prompt)."""
     sample_temperature: float = 0.7
     """Sampling temperature of the new pairs' responses."""
+    top_p: float = 1.0
+    """Nucleus sampling of the new pairs' responses; 1 samples the whole distribution (PPO always does)."""
     pairing: str = PAIRING_PREVIOUS
     """What the new policy's responses are compared with: previous, sft or self."""
     priority: int = 10
@@ -131,6 +140,10 @@ class RoundConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def stop_list(self) -> list[str]:
+        """The stop strings, one per line of `stop_strings` (blank lines left out)."""
+        return [line for line in self.stop_strings.splitlines() if line.strip()]
 
 
 PRESETS: dict[str, RoundConfig] = {
@@ -173,7 +186,8 @@ def _convert(name: str, raw: Any) -> Any:
 
 
 def build_config(preset: str = "demo", overrides: dict[str, Any] | None = None) -> RoundConfig:
-    """A validated RoundConfig: the preset's values with `overrides` (text or typed) on top.
+    """A validated RoundConfig: the preset's values with `overrides` (text or typed) on top (a campaign's own
+    settings, training.actions.campaign_settings, come first among them).
 
     Raises ValueError naming unknown keys and bad values.
     """

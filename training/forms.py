@@ -16,27 +16,32 @@ from training.config import (
 )
 
 SECTIONS = [
+    ("Models and prompting", ["reward_model", "reference", "system_prompt", "stop_strings"]),
     ("Reward model", ["reward_epochs", "reward_lr", "reward_batch_size", "reward_max_length"]),
     ("PPO", ["ppo_steps", "ppo_batch_size", "ppo_samples_per_prompt", "ppo_mini_batch_size", "ppo_kl_coef", "ppo_lr",
              "ppo_max_new_tokens"]),
-    ("Sampling", ["sample_prompts", "sample_per_prompt", "sample_temperature"]),
+    ("Sampling", ["sample_prompts", "sample_per_prompt", "sample_temperature", "top_p"]),
     ("New pairs", ["pairing", "priority"]),
 ]
 
 LABELS = {"lr": "Learning rate", "kl_coef": "KL coefficient", "per_prompt": "Responses per prompt",
-          "prompts": "Prompts", "model": "Backbone"}
+          "prompts": "Prompts", "model": "Backbone", "prompt": "System prompt", "strings": "Stop strings",
+          "p": "Top-p", "reference": "Reference policy"}
+TEXTAREAS = ("system_prompt", "stop_strings")
 
 
 class LaunchRoundForm(forms.Form):
     preset = forms.ChoiceField(choices=[(name, name) for name in PRESETS], help_text=field_help("preset"))
 
-    def __init__(self, *args, preset: str = "demo", **kwargs):
+    def __init__(self, *args, preset: str = "demo", campaign_settings: dict | None = None, **kwargs):
+        """`campaign_settings` (training.actions.campaign_settings) go over the preset's initial values."""
         super().__init__(*args, **kwargs)
         defaults = PRESETS.get(preset, PRESETS["demo"])
         self.fields["preset"].initial = defaults.preset
+        initial = {**defaults.as_dict(), **(campaign_settings or {})}
         for _, names in SECTIONS:
             for name in names:
-                self.fields[name] = self._field(name, getattr(defaults, name))
+                self.fields[name] = self._field(name, initial[name])
 
     @staticmethod
     def _field(name: str, initial):
@@ -51,6 +56,8 @@ class LaunchRoundForm(forms.Form):
             return forms.IntegerField(min_value=low, max_value=high, **common)
         if kind == "float":
             return forms.FloatField(min_value=low, max_value=high, **common)
+        if name in TEXTAREAS:
+            return forms.CharField(required=False, strip=False, widget=forms.Textarea(attrs={"rows": 2}), **common)
         return forms.CharField(required=False, **common)
 
     def sections(self):

@@ -331,22 +331,24 @@ def _is_held_out(text: str) -> bool:
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % 10 == 0
 
 
-def ppo_prompts(campaign: Campaign) -> list[str]:
-    texts = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("text", flat=True))
-    if not texts:
+def ppo_prompts(campaign: Campaign) -> list[str | list[dict]]:
+    """The campaign's prompts PPO trains on (a chat prompt as its turns), less one in ten held out."""
+    rows = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("text", "turns"))
+    if not rows:
         raise RunnerError(f"campaign {campaign.slug!r} has no prompts to train the policy on")
-    train = [t for t in texts if not _is_held_out(t)]
-    return train or texts
+    train = [turns or text for text, turns in rows if not _is_held_out(text)]
+    return train or [turns or text for text, turns in rows]
 
 
-def sample_prompts(campaign: Campaign, config: RoundConfig) -> list[tuple[int, str]]:
-    """The prompts whose responses become new pairs: drawn with the round's seed from the campaign's
-    prompts, so successive rounds sample the same prompts (the review compares them side by side)."""
-    rows = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("id", "text"))
+def sample_prompts(campaign: Campaign, config: RoundConfig) -> list[tuple[int, str, list | None]]:
+    """The prompts whose responses become new pairs, as (id, text, chat turns or None): drawn with the
+    round's seed from the campaign's prompts, so successive rounds sample the same prompts (the review
+    compares them side by side)."""
+    rows = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("id", "text", "turns"))
     if not rows:
         raise RunnerError(f"campaign {campaign.slug!r} has no prompts to sample")
     rng = random.Random(config.seed)
-    return sorted(rng.sample(rows, min(config.sample_prompts, len(rows))))
+    return sorted(rng.sample(rows, min(config.sample_prompts, len(rows))), key=lambda row: row[0])
 
 
 def opponent(round_: Round, config: RoundConfig) -> tuple[str, str]:
@@ -409,6 +411,7 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     args = reward.RewardArgs(
         train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
         batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
+        system_prompt=config.system_prompt,
         log_every=2, eval_every=max(10, steps // 10), save_every=max(20, steps // 10), resume=True,
         resume_from=_earlier_checkpoint(job, "reward", reward.resume_dir),
         device=device(), **({"model": backbone} if backbone else {}),
@@ -431,11 +434,11 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     out = _fresh_start(job) / "policy"
     progress.line(f"Loading the starting policy {round_.parent_policy}")
     policy = ensure_policy(round_.parent_policy, config.preset)
-    reference = ensure_policy(round_.config["base_policy"], config.preset)
+    reference = ensure_policy(config.reference or round_.config["base_policy"], config.preset)
     prompts = ppo_prompts(round_.campaign)
     args = ppo.PPOArgs(
         policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts,
-        out=str(out),
+        out=str(out), system_prompt=config.system_prompt, stop_strings=config.stop_list(),
         steps=config.ppo_steps, batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
         samples_per_prompt=config.ppo_samples_per_prompt,
         init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
@@ -444,6 +447,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     )
     progress.line(f"PPO on {len(prompts)} prompts for {args.steps} steps of {args.batch_size} rollouts")
     metrics = ppo.main(args, progress)
+    metrics["rendered_prompt"] = metrics.pop("ppo/rendered_prompt", "")
     return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
 
 
@@ -451,26 +455,31 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
     """Sample the new policy (and the one it is paired against) on the round's prompts, score every
     response shown in the review with the round's reward model, and keep it all on the job."""
     from training.engine.reward import RewardScorer
-    from training.engine.sample import sample_responses
+    from training.engine.sample import sample_with_stats
 
     round_ = job.round
     config = round_config(round_)
     if not round_.policy_checkpoint:
         raise RunnerError("this round has no trained policy yet: its PPO job has not succeeded")
-    rows = sample_prompts(round_.campaign, config)
+    prompt_rows = sample_prompts(round_.campaign, config)
+    rows = [(pid, text) for pid, text, _ in prompt_rows]
+    prompts = [turns or text for _, text, turns in prompt_rows]
     texts = [text for _, text in rows]
     label, other_checkpoint = opponent(round_, config)
     per_policy = len(texts) * config.sample_per_prompt
     total = per_policy * (2 if other_checkpoint else 1)
     generation = {"max_new_tokens": config.ppo_max_new_tokens, "temperature": config.sample_temperature,
-                  "top_p": 1.0, "num_per_prompt": config.sample_per_prompt,
-                  "seed": config.seed + round_.number}
+                  "top_p": config.top_p, "num_per_prompt": config.sample_per_prompt,
+                  "seed": config.seed + round_.number, "system_prompt": config.system_prompt,
+                  "stop_strings": config.stop_list()}
     kwargs = dict(num_per_prompt=config.sample_per_prompt, max_new_tokens=config.ppo_max_new_tokens,
-                  temperature=config.sample_temperature, seed=config.seed + round_.number, device=device())
+                  temperature=config.sample_temperature, top_p=config.top_p, system_prompt=config.system_prompt,
+                  stop_strings=config.stop_list(), seed=config.seed + round_.number, device=device())
     progress.section(0, total)
     progress.line(f"Sampling {per_policy} responses from the new policy")
-    new = sample_responses(round_.policy_checkpoint, texts, on_progress=progress, **kwargs)
+    new, stats, new_cut = sample_with_stats(round_.policy_checkpoint, prompts, on_progress=progress, **kwargs)
     other: list[list[str]] = [[] for _ in texts]
+    other_cut: list[list[bool]] = [[] for _ in texts]
     if other_checkpoint:
         progress.section(per_policy, total)
         progress.line(f"Sampling {per_policy} responses from the {label} ({other_checkpoint})")
@@ -478,16 +487,17 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
         # Its own seed: with the new policy's seed, a policy that barely moved would repeat the new
         # policy's answers word for word, and those pairs would be skipped as identical.
         other_kwargs = {**kwargs, "seed": kwargs["seed"] + 10_000}
-        other = sample_responses(other_policy, texts, on_progress=progress, **other_kwargs)
+        other, _, other_cut = sample_with_stats(other_policy, prompts, on_progress=progress, **other_kwargs)
 
     progress.line("Scoring the responses with this round's reward model")
     shown = _review_texts(round_, rows, new, other)
-    scorer = RewardScorer(round_.reward_checkpoint, device=device())
+    scorer = RewardScorer(round_.reward_checkpoint, device=device(), system_prompt=config.system_prompt)
     pairs = sorted(shown)
-    values = scorer.score([p for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
+    turns_of = {text: prompt for (_, text), prompt in zip(rows, prompts)}  # a chat prompt's reward sees its turns
+    values = scorer.score([turns_of.get(p, p) for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
     scores = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
-    samples = [{"prompt_id": pid, "prompt": text, "new": n, "other": o}
-               for (pid, text), n, o in zip(rows, new, other)]
+    samples = [{"prompt_id": pid, "prompt": text, "new": n, "other": o, "new_cut": nc, "other_cut": oc}
+               for (pid, text), n, o, nc, oc in zip(rows, new, other, new_cut, other_cut)]
     out = _fresh_start(job) / "samples.jsonl"
     out.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
 
@@ -497,7 +507,8 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
 
     result = {"samples": samples, "scores": scores, "opponent": label,
               "opponent_checkpoint": other_checkpoint, "new_checkpoint": round_.policy_checkpoint,
-              "generation": generation,
+              "generation": generation, "rendered_prompt": stats["sample/rendered_prompt"],
+              "sample/cut_new": sum(map(sum, new_cut)), "sample/cut_opponent": sum(map(sum, other_cut)),
               "sample/reward_new": mean_score("new"), "sample/reward_opponent": mean_score("other")}
     result.update(_rule_judge_summary(samples))
     progress.set(total, total)
@@ -549,12 +560,15 @@ def run_enqueue(job: Job, progress: Progress) -> Outcome:
     progress.set(0, 1)
     items = []
     for sample in result["samples"]:
+        cut = dict(zip(sample["new"], sample.get("new_cut") or [])) | dict(zip(sample["other"],
+                                                                              sample.get("other_cut") or []))
         if config.pairing == PAIRING_SELF:
             distinct = list(dict.fromkeys(r for r in sample["new"] if r.strip()))
-            items += [PairInput(sample["prompt"], a, b) for a, b in itertools.combinations(distinct, 2)]
+            items += [PairInput(sample["prompt"], a, b, truncated=(cut.get(a, False), cut.get(b, False)))
+                      for a, b in itertools.combinations(distinct, 2)]
         else:
-            items += [PairInput(sample["prompt"], a, b) for a, b in zip(sample["new"], sample["other"])
-                      if a.strip() and b.strip() and a != b]
+            items += [PairInput(sample["prompt"], a, b, truncated=(cut.get(a, False), cut.get(b, False)))
+                      for a, b in zip(sample["new"], sample["other"]) if a.strip() and b.strip() and a != b]
     other = result.get("opponent_checkpoint") or result["new_checkpoint"]
     added = add_pairs(round_.campaign, items, round=round_, priority=config.priority, source=Response.POLICY,
                       checkpoints=(result["new_checkpoint"], other), generation=result.get("generation", {}))

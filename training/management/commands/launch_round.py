@@ -41,7 +41,8 @@ class Command(BaseCommand):
             if user is None:
                 raise CommandError(f"no user {options['user']!r}")
         try:
-            config = build_config(options["preset"], parse_assignments(options["set"]))
+            config = build_config(options["preset"], {**actions.campaign_settings(campaign),
+                                                      **parse_assignments(options["set"])})
             round_ = actions.launch_round(campaign, user, config)
         except (ValueError, actions.RoundRefused) as exc:
             raise CommandError(str(exc)) from None

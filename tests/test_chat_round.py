@@ -1,0 +1,92 @@
+"""A round on a team's own chat model, end to end with a real Celery worker: a campaign names a tiny
+Qwen2-shaped chat model (random weights, a local tokenizer, Qwen2.5's real ChatML template), its
+prompts are conversations, and the round trains the reward model, PPO and sampling in that template."""
+
+from __future__ import annotations
+
+import pytest
+
+from annotate.actions import PairInput, add_pairs
+from annotate.models import Campaign, Prompt, Response
+from tests.conftest import make_user
+from tests.test_round_worker import round_over, tiny_world, wait_for  # noqa: F401 - tiny_world is a fixture
+from tests.worker import Worker
+from training import actions
+from training.config import build_config
+from training.engine.common import load_tokenizer
+from training.engine.sample import sample_responses
+from training.engine.tiny_models import build_policy, build_reward
+from training.runner import ppo_prompts
+from training.simulate import make_judge, simulate_labelers
+
+pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+SYSTEM = "Answer in one short sentence."
+
+
+def conversations(n: int) -> list[list[dict[str, str]]]:
+    """Chat prompts: one user turn, or a user turn, a reply and a follow-up."""
+    prompts = []
+    for i in range(n):
+        question = {"role": "user", "content": f"What is {i} plus {i + 1}?"}
+        if i % 3:
+            prompts.append([question])
+        else:
+            prompts.append([question, {"role": "assistant", "content": f"{2 * i + 1}."},
+                            {"role": "user", "content": "Say it as a sentence."}])
+    return prompts
+
+
+def test_a_round_trains_and_samples_a_chat_model_in_its_own_template(tiny_world, tmp_path_factory, client):
+    folder = tmp_path_factory.mktemp("chat-models")
+    policy = build_policy("qwen2", folder / "policy")
+    campaign = Campaign.objects.create(slug="chat", name="chat", overlap=1, policy_model=str(policy),
+                                       system_prompt=SYSTEM, max_new_tokens=12, stop_strings="###")
+    prompts = conversations(12)
+    samples = sample_responses(str(policy), prompts, num_per_prompt=3, max_new_tokens=12, temperature=1.0, seed=0,
+                               system_prompt=SYSTEM, device="cpu")
+    items = []
+    for prompt, responses in zip(prompts, samples):
+        distinct = list(dict.fromkeys(r for r in responses if r.strip()))
+        items += [PairInput(prompt, a, b) for a, b in zip(distinct, distinct[1:])]
+    add_pairs(campaign, items, source=Response.SEED, checkpoints=(str(policy), str(policy)), notify=False)
+    judge = make_judge(f"rm:{build_reward('qwen2', folder / 'judge')}", device="cpu")
+    simulate_labelers(campaign, judge, noise=0.0, count=1000)
+    assert actions.usable_judgments(campaign) >= 10
+
+    # The launch form offers what the campaign names; the round runs on the tiny preset with them.
+    config = build_config("tiny", actions.campaign_settings(campaign))
+    assert (config.system_prompt, config.ppo_max_new_tokens, config.stop_list()) == (SYSTEM, 12, ["###"])
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 600, worker, "the chat round to finish")
+    round_.refresh_from_db()
+    assert round_.parent_policy == str(policy) and round_.config["base_policy"] == str(policy)
+
+    tokenizer = load_tokenizer(str(policy))
+    first = ppo_prompts(campaign)[0]
+    expected = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, *first], tokenize=False,
+                                             add_generation_prompt=True)
+    ppo_job, sample_job, enqueue_job = jobs[2], jobs[3], jobs[4]
+    assert ppo_job.result["rendered_prompt"] == expected
+    assert "The first prompt as the policy sees it:" in ppo_job.log  # each line of it is in the log too
+    assert all(f"] {line}\n" in ppo_job.log for line in expected.splitlines())
+    assert sample_job.result["rendered_prompt"].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n")
+    assert sample_job.result["generation"]["stop_strings"] == ["###"]
+    # The trained policy keeps the chat template it was given.
+    assert load_tokenizer(round_.policy_checkpoint).chat_template == tokenizer.chat_template
+
+    # Its new pairs keep the conversations: the prompts they belong to hold the turns.
+    new_pairs = campaign.pairs.filter(round=round_).select_related("prompt", "response_a")
+    assert enqueue_job.result["created"] == new_pairs.count() > 0
+    multi_turn = [p for p in new_pairs if p.prompt.turns and len(p.prompt.turns) == 3]
+    assert multi_turn and Prompt.objects.filter(campaign=campaign).count() == len(prompts)
+    # A response the 12-token limit cut is marked so.
+    cut = sum(sample_job.result["samples"][i]["new_cut"].count(True) for i in range(len(sample_job.result["samples"])))
+    assert sum(bool(p.response_a.generation.get("truncated")) for p in new_pairs) <= cut
+
+    # The round page shows that prompt as the model saw it, as text.
+    client.force_login(make_user("admin", is_staff=True, is_superuser=True))
+    page = client.get(round_.get_absolute_url()).content.decode()
+    assert "The first prompt exactly as the model saw it" in page
+    assert "&lt;|im_start|&gt;system\nAnswer in one short sentence.&lt;|im_end|&gt;" in page
