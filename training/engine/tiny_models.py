@@ -13,8 +13,9 @@ Reward models: bert (a WordPiece encoder, like the default MiniLM backbone) and 
 with a score head, whose pad token is a token of its own so the head finds the last real token.
 
 Tokenizers are byte-level BPE for every decoder (GPT-2, Pythia, Llama 3, Qwen2 and Mistral
-Tekken use it; Gemma's SentencePiece with byte fallback is closest to it) and WordPiece for BERT,
-trained once per process on the demo tasks (about 0.3 s each).
+Tekken use it; Gemma's SentencePiece with byte fallback is closest to it), split into words by the
+family's own regex, and WordPiece for BERT, trained once per process on the demo tasks (about
+0.5 s each).
 
     python -m training.engine.tiny_models --family qwen2 --out var/models/tiny-qwen2 [--reward] [--size 100m]
 """
@@ -70,6 +71,8 @@ class Family:
     """Whether tokenizing plain text puts bos first, as Llama's, Mistral's and Gemma's tokenizers do."""
     reward_pad: str | None = None
     """Pad token for the family's reward model, distinct from every token a scored text ends with."""
+    split: str = "gpt2"
+    """Pre-tokenizer regex, as the family's tokenizer.json has it (a key of SPLIT_PATTERNS)."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Config values the family's real checkpoints set and its config class does not default to."""
 
@@ -85,12 +88,12 @@ FAMILIES: dict[str, Family] = {
                            "<|python_tag|>", "<|finetune_right_pad_id|>"),
                     stop=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
                     template="meta-llama-Llama-3.2-3B-Instruct.jinja", adds_bos=True,
-                    reward_pad="<|finetune_right_pad_id|>"),
+                    reward_pad="<|finetune_right_pad_id|>", split="llama3"),
     # Qwen2.5 Instruct: eos <|im_end|>, pad <|endoftext|>, no bos; generation_config [im_end, endoftext].
     "qwen2": Family(bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
                     extra=("<|endoftext|>", "<|im_start|>"),
                     stop=("<|im_end|>", "<|endoftext|>"),
-                    template="Qwen-Qwen2.5-7B-Instruct.jinja", reward_pad="<|endoftext|>",
+                    template="Qwen-Qwen2.5-7B-Instruct.jinja", reward_pad="<|endoftext|>", split="qwen2",
                     config_overrides={"tie_word_embeddings": True}),
     "mistral": Family(bos="<s>", eos="</s>", pad=None, unk="<unk>",
                       extra=("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
@@ -104,6 +107,18 @@ FAMILIES: dict[str, Family] = {
 }
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# How byte-level BPE families cut text into words before merging. "gpt2": GPT-2's regex inside the
+# ByteLevel pre-tokenizer (GPT-2, Pythia; the closest to Mistral's and Gemma's). "llama3" and "qwen2":
+# the Split regexes of Llama 3's and Qwen2's tokenizer.json (numbers in runs of up to 3 digits, or
+# one by one); transformers rebuilds Qwen2's from its own class on load, so it must match exactly.
+SPLIT_PATTERNS: dict[str, str | None] = {
+    "gpt2": None,
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 
 def size_dims(size: Size) -> dict[str, int]:
@@ -127,11 +142,20 @@ def corpus() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _trained_tokenizer_json(kind: str) -> str:
     """A tokenizer trained on the demo corpus, serialised (trained once per process and kind)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    if kind == "bpe":
+    if kind in SPLIT_PATTERNS:
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        pattern = SPLIT_PATTERNS[kind]
+        if pattern is None:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+        if kind == "qwen2":
+            tok.normalizer = normalizers.NFC()
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -163,7 +187,7 @@ def build_tokenizer(family: str, max_positions: int = 512, *, reward: bool = Fal
                                        pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
                                        model_max_length=max_positions)
     spec = _family(family)
-    tok = Tokenizer.from_str(_trained_tokenizer_json("bpe"))
+    tok = Tokenizer.from_str(_trained_tokenizer_json(spec.split))
     specials = list(dict.fromkeys(t for t in (spec.bos, spec.eos, spec.pad, spec.unk, *spec.extra) if t))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     if spec.adds_bos:
