@@ -50,7 +50,8 @@ class Env:
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.environ.get(name, default)
         if value not in choices:
-            raise ImproperlyConfigured(f"{name}={value!r} is not one of: {', '.join(choices)}")
+            shown = ", ".join(c or "(empty)" for c in choices)
+            raise ImproperlyConfigured(f"{name}={value!r} is not one of: {shown}")
         return value
 
 
