@@ -33,7 +33,7 @@ from django.db import connections
 from django.utils import timezone
 
 from annotate.models import Campaign, Prompt, Response, content_hash
-from training import actions, live
+from training import actions, live, tracking
 from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, REWARD_FROM_SFT, RoundConfig, build_config
 from training.models import Job, Round
 
@@ -83,6 +83,7 @@ class Progress:
         self._written_at = 0.0
         self._logged_at = 0.0
         self.min_interval, self.log_every = min_interval, log_every
+        self.tracker: tracking.Tracker | None = None  # PAIRLOOP_REPORT_TO's run, set by execute
 
     # -- the callback -----------------------------------------------------------------------
     def __call__(self, event: dict[str, Any]) -> None:
@@ -98,6 +99,8 @@ class Progress:
         metrics = event.get("metrics") or {}
         if metrics and "step" in event:
             self._add_point(self.step, metrics)
+            if self.tracker:
+                self.tracker.log(metrics, self.step)
             if time.monotonic() - self._logged_at >= self.log_every or force:
                 self.line(self._summary(event.get("stage", ""), metrics))
         if event.get("log"):
@@ -215,6 +218,7 @@ def execute(job_id: int, task_id: str) -> bool:
     beat = Heartbeat(job.pk, task_id, heartbeat_interval(), lost)
     beat.start()
     try:
+        progress.tracker = tracking.start(job)  # a tracker whose package is missing fails the job here
         outcome = RUNNERS[job.kind](job, progress)
     except JobCancelled:
         progress.line(f"Cancelled at step {progress.step}.")
@@ -243,6 +247,8 @@ def execute(job_id: int, task_id: str) -> bool:
         return False
     finally:
         beat.stop()
+        if progress.tracker:
+            progress.tracker.close()
     progress.line("Done.")
     try:
         actions.finish_job(job_id, task_id, result=_jsonable(outcome.result),
