@@ -3,12 +3,19 @@
 Pairs (`bt_rows`): one row per judgment that prefers A or B (ties and both-bad are left out; every
 labeler's judgment on a pair is its own row, imported preferences included with labeler ""), in
 TRL's preference columns (https://huggingface.co/docs/trl/dataset_formats, "preference"):
-  prompt   the prompt as plain text (chat turns flattened as labelers saw them: TRL reads a
-           conversational prompt only when chosen/rejected are conversational too, so text is the
-           form every tool reads)
-  chosen, rejected   the responses' text
+  prompt, chosen, rejected   in one of TRL's two formats (`trl_format`, below)
   margin   from the labeler's strength (Judgment.margin(): Llama 2's 0, 1/3, 2/3, 1), 0.0 without one
   pair_id, labeler
+TRL's formats:
+  standard        prompt as plain text (chat turns flattened as labelers saw them); chosen, rejected
+                  the responses' text
+  conversational  prompt as messages [{"role", "content"}] (a text prompt is one user message);
+                  chosen, rejected each one assistant message [{"role": "assistant", "content"}]
+  auto (default)  conversational when the campaign holds any chat prompt, else standard: chat stays
+                  chat, and a text campaign's files stay what they were. One file has one format,
+                  since Arrow and Parquet need one type per column.
+The raw export's `prompt` follows the same choice (responses stay text there: it is a record of
+judgments, not TRL input).
 
 Judgments an admin excluded (annotate.models.Exclusion) are left out of both; `left_out` says how many
 and why, and the export command, the campaign page and a round's export job say it too. The files
@@ -19,8 +26,8 @@ name beside the target and renamed, streaming rows from the database in chunks (
 Rows come in judgment order, so the same judgments give byte-identical files.
 
 An existing target is replaced only when it is an earlier export of ours (a JSONL or Parquet file, or a
-datasets directory, whose columns are BT_SCHEMA's or RAW_SCHEMA's) of the same kind, file or directory;
-anything else (a backups folder given as OUT) is refused unless `force`.
+datasets directory, with the columns of one of the schemas below, either format) of the same kind, file
+or directory; anything else (a backups folder given as OUT) is refused unless `force`.
 """
 
 from __future__ import annotations
@@ -37,15 +44,27 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
-from annotate.models import Exclusion, Judgment
+from annotate.models import Exclusion, Judgment, Prompt
 
 FORMATS = ("jsonl", "parquet", "hf")
+TRL_FORMATS = ("auto", "conversational", "standard")
 CHUNK = 2000  # rows fetched from the database and written at a time
 
 BT_SCHEMA = pa.schema([
     ("prompt", pa.string()),
     ("chosen", pa.string()),
     ("rejected", pa.string()),
+    ("margin", pa.float64()),
+    ("pair_id", pa.int64()),
+    ("labeler", pa.string()),
+])
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+BT_CHAT_SCHEMA = pa.schema([
+    ("prompt", MESSAGES),
+    ("chosen", MESSAGES),              # one assistant message
+    ("rejected", MESSAGES),
     ("margin", pa.float64()),
     ("pair_id", pa.int64()),
     ("labeler", pa.string()),
@@ -69,6 +88,10 @@ RAW_SCHEMA = pa.schema([
     ("gold_choice", pa.string()),      # the known answer when the pair is a gold item, else ""
     ("created_at", pa.string()),       # ISO 8601
 ])
+
+RAW_CHAT_SCHEMA = RAW_SCHEMA.set(RAW_SCHEMA.get_field_index("prompt"), pa.field("prompt", MESSAGES))
+
+OUR_COLUMNS = [BT_SCHEMA.names, BT_CHAT_SCHEMA.names, RAW_SCHEMA.names, RAW_CHAT_SCHEMA.names]
 
 
 class ExportError(ValueError):
@@ -95,6 +118,7 @@ class ExportResult:
     rows: int
     path: str
     left_out: LeftOut | None = None
+    conversational: bool = False
 
 
 def _exportable(campaign, *, raw: bool, include_simulated: bool):
@@ -128,6 +152,27 @@ def left_out(campaign, *, raw: bool = False, include_simulated: bool = True) -> 
     return LeftOut(count, reasons)
 
 
+def has_chat_prompts(campaign) -> bool:
+    """Whether any of the campaign's prompts came as chat turns."""
+    return Prompt.objects.filter(campaign=campaign, turns__isnull=False).exists()
+
+
+def is_conversational(campaign, trl_format: str = "auto") -> bool:
+    """Whether an export in `trl_format` (auto, conversational or standard) is TRL's conversational format."""
+    if trl_format not in TRL_FORMATS:
+        raise ExportError(f"unknown TRL format {trl_format!r}: use one of {', '.join(TRL_FORMATS)}")
+    if trl_format == "auto":
+        return has_chat_prompts(campaign)
+    return trl_format == "conversational"
+
+
+def messages(prompt) -> list[dict]:
+    """The prompt as TRL's messages: its chat turns, or a text prompt as one user message."""
+    if prompt.turns:
+        return [{"role": turn["role"], "content": turn["content"]} for turn in prompt.turns]
+    return [{"role": "user", "content": prompt.text}]
+
+
 def _judgments(campaign):
     return (
         Judgment.objects.filter(pair__campaign=campaign)
@@ -137,24 +182,30 @@ def _judgments(campaign):
     )
 
 
-def bt_rows(campaign, *, include_simulated: bool = True) -> Iterator[dict]:
+def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = False) -> Iterator[dict]:
     """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler}, one per A/B judgment."""
     judgments = _judgments(campaign).filter(choice__in=[Judgment.A, Judgment.B])
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
     for judgment in judgments.iterator(chunk_size=CHUNK):
         chosen, rejected = judgment.chosen_rejected()
+        if conversational:
+            prompt = messages(judgment.pair.prompt)
+            chosen = [{"role": "assistant", "content": chosen.text}]
+            rejected = [{"role": "assistant", "content": rejected.text}]
+        else:
+            prompt, chosen, rejected = judgment.pair.prompt.text, chosen.text, rejected.text
         yield {
-            "prompt": judgment.pair.prompt.text,
-            "chosen": chosen.text,
-            "rejected": rejected.text,
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
             "margin": judgment.margin(),
             "pair_id": judgment.pair_id,
             "labeler": judgment.labeler.username if judgment.labeler else "",
         }
 
 
-def raw_rows(campaign, *, include_simulated: bool = True) -> Iterator[dict]:
+def raw_rows(campaign, *, include_simulated: bool = True, conversational: bool = False) -> Iterator[dict]:
     """Every judgment of the campaign (ties, both-bad and imported included; simulated unless told not to)."""
     judgments = _judgments(campaign)
     if not include_simulated:
@@ -164,7 +215,7 @@ def raw_rows(campaign, *, include_simulated: bool = True) -> Iterator[dict]:
         yield {
             "judgment_id": judgment.pk,
             "pair_id": pair.pk,
-            "prompt": pair.prompt.text,
+            "prompt": messages(pair.prompt) if conversational else pair.prompt.text,
             "response_a": pair.response_a.text,
             "response_b": pair.response_b.text,
             "choice": judgment.choice,
@@ -182,7 +233,8 @@ def raw_rows(campaign, *, include_simulated: bool = True) -> Iterator[dict]:
 
 
 def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False,
-                 include_simulated: bool = True, force: bool = False) -> ExportResult:
+                 include_simulated: bool = True, force: bool = False,
+                 trl_format: str = "auto") -> ExportResult:
     """Write the campaign's pairs (or, with raw, every judgment) to out_path; returns rows written.
 
     jsonl and parquet write one file, hf a save_to_disk directory; the target appears whole or not at all.
@@ -192,14 +244,13 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    conversational = is_conversational(campaign, trl_format)
     out = Path(out_path)
     refusal = "" if force else _refusal(out, format)
     if refusal:
         raise ExportError(refusal)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = (raw_rows(campaign, include_simulated=include_simulated) if raw
-            else bt_rows(campaign, include_simulated=include_simulated))
-    schema = RAW_SCHEMA if raw else BT_SCHEMA
+    rows, schema = _rows_and_schema(campaign, raw, include_simulated, conversational)
     temp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         if format == "jsonl":
@@ -215,7 +266,16 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
         elif temp.exists():
             temp.unlink()
     return ExportResult(rows=count, path=str(out),
-                        left_out=left_out(campaign, raw=raw, include_simulated=include_simulated))
+                        left_out=left_out(campaign, raw=raw, include_simulated=include_simulated),
+                        conversational=conversational)
+
+
+def _rows_and_schema(campaign, raw: bool, include_simulated: bool, conversational: bool):
+    if raw:
+        return (raw_rows(campaign, include_simulated=include_simulated, conversational=conversational),
+                RAW_CHAT_SCHEMA if conversational else RAW_SCHEMA)
+    return (bt_rows(campaign, include_simulated=include_simulated, conversational=conversational),
+            BT_CHAT_SCHEMA if conversational else BT_SCHEMA)
 
 
 def _refusal(out: Path, format: str) -> str:
@@ -228,7 +288,7 @@ def _refusal(out: Path, format: str) -> str:
     if format != "hf" and out.is_dir():
         return (f"refusing to replace the directory {out} with a {format} file: choose a file path, "
                 "or pass --force to delete the directory and everything in it")
-    if _columns(out) in (BT_SCHEMA.names, RAW_SCHEMA.names, []):
+    if _columns(out) in (*OUR_COLUMNS, []):
         return ""
     kind = "directory" if out.is_dir() else "file"
     ours = "datasets directory" if out.is_dir() else "JSONL or Parquet file"
@@ -258,15 +318,14 @@ def _columns(path: Path) -> list[str] | None:
 
 
 def export_to_file(campaign, handle: BinaryIO, *, format: str = "jsonl", raw: bool = False,
-                   include_simulated: bool = True) -> int:
+                   include_simulated: bool = True, trl_format: str = "auto") -> int:
     """Write the export as one JSONL or Parquet stream into an open binary file (a download); returns rows."""
     if format not in ("jsonl", "parquet"):
         raise ExportError(f"a {format!r} export is not one file: use jsonl or parquet")
-    rows = (raw_rows(campaign, include_simulated=include_simulated) if raw
-            else bt_rows(campaign, include_simulated=include_simulated))
+    rows, schema = _rows_and_schema(campaign, raw, include_simulated, is_conversational(campaign, trl_format))
     if format == "jsonl":
         return _jsonl_into(rows, handle)
-    return _parquet_into(rows, RAW_SCHEMA if raw else BT_SCHEMA, handle)
+    return _parquet_into(rows, schema, handle)
 
 
 def _jsonl_into(rows: Iterator[dict], handle: BinaryIO) -> int:

@@ -17,9 +17,18 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
-from annotate.exporting import BT_SCHEMA, RAW_SCHEMA, bt_rows, export_pairs, raw_rows
+from annotate.exporting import (
+    BT_CHAT_SCHEMA,
+    BT_SCHEMA,
+    RAW_CHAT_SCHEMA,
+    RAW_SCHEMA,
+    ExportError,
+    bt_rows,
+    export_pairs,
+    raw_rows,
+)
 from annotate.importing import import_file
-from annotate.models import Judgment
+from annotate.models import Judgment, Prompt
 from tests.conftest import make_campaign, make_user
 
 pytestmark = pytest.mark.django_db
@@ -238,6 +247,152 @@ def test_the_command_writes_each_format_and_says_how_many_rows(judged, tmp_path,
         call_command("export_pairs", campaign.slug, str(tmp_path / "x.csv"), "--format", "csv")
 
 
+# --- chat prompts: TRL's conversational format ---------------------------------------------------
+
+SYSTEM_AND_USER = [{"role": "system", "content": "Answer in one word."},
+                   {"role": "user", "content": "Capital of France?"}]
+ONE_USER_TURN = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def message(role, content):
+    return [{"role": role, "content": content}]
+
+
+# What TRL's conversational preference rows hold for each pair once response_a is preferred.
+CHAT_EXPECTED = [
+    (SYSTEM_AND_USER, message("assistant", "Paris"), message("assistant", "Lyon")),
+    (ONE_USER_TURN, message("assistant", "4"), message("assistant", "5")),
+    (message("user", "Largest planet?"), message("assistant", "Jupiter"), message("assistant", "Mars")),
+]
+
+
+@pytest.fixture
+def chat_judged(labeler):
+    """A campaign with a system + user chat prompt, a one-turn chat prompt and a text prompt, each judged
+    once for response_a (and once a tie, which no pairs export holds)."""
+    campaign = make_campaign("chat", members=[labeler, make_user("second")], ask_strength=False,
+                             overlap=2)
+    add_pairs(campaign, [PairInput(SYSTEM_AND_USER, "Paris", "Lyon"), PairInput(ONE_USER_TURN, "4", "5"),
+                         PairInput("Largest planet?", "Jupiter", "Mars")], notify=False)
+    for _ in range(3):
+        assignment = claim_next_pair(campaign, labeler).assignment
+        left, _ = assignment.shown()
+        choice = "a" if left.pk == assignment.pair.response_a_id else "b"
+        submit_judgment(assignment_id=assignment.pk, labeler=labeler, choice=choice, milliseconds=900)
+    assignment = claim_next_pair(campaign, campaign.members.get(username="second")).assignment
+    submit_judgment(assignment_id=assignment.pk, labeler=assignment.labeler, choice="tie", milliseconds=900)
+    return campaign
+
+
+def conversations(rows):
+    return sorted(((r["prompt"], r["chosen"], r["rejected"]) for r in rows), key=json.dumps)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_a_campaign_with_chat_prompts_exports_trls_conversational_format(chat_judged, tmp_path, fmt):
+    from trl.data_utils import is_conversational
+
+    out = tmp_path / f"pairs.{fmt}"
+
+    result = export_pairs(chat_judged, out, format=fmt)
+
+    assert (result.rows, result.conversational) == (3, True)
+    dataset = load(out, fmt, tmp_path / "cache")
+    assert dataset.column_names == BT_CHAT_SCHEMA.names
+    rows = dataset.to_list()
+    # The chat prompts keep their turns (the system turn too); the text prompt is one user message, so
+    # the file has one type per column; the responses are one assistant message each.
+    assert conversations(rows) == sorted(CHAT_EXPECTED, key=json.dumps)
+    assert all(is_conversational(row) for row in rows)
+    assert [row["margin"] for row in rows] == [0.0] * 3
+    assert {row["labeler"] for row in rows} == {"lena-labeler"}
+    if fmt == "jsonl":
+        first = json.loads(out.read_text().splitlines()[0])
+        assert all(list(m) == ["role", "content"] for m in first["prompt"] + first["chosen"])
+
+
+def test_the_text_form_can_be_asked_for_and_flattens_turns_as_labelers_saw_them(chat_judged, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "text.jsonl"
+    call_command("export_pairs", chat_judged.slug, str(out), "--trl-format", "standard")
+    assert "Wrote 3 pairs to" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in rows) == sorted([
+        ("**system:** Answer in one word.\n\n**user:** Capital of France?", "Paris", "Lyon"),
+        ("What is 2+2?", "4", "5"),
+        ("Largest planet?", "Jupiter", "Mars"),
+    ])
+    assert sorted(r["prompt"] for r in rows) == sorted(Prompt.objects.filter(campaign=chat_judged)
+                                                       .values_list("text", flat=True))
+
+    call_command("export_pairs", chat_judged.slug, str(out))  # the default, auto: conversational here
+    assert "Wrote 3 pairs (conversational: prompts as messages) to" in capsys.readouterr().out
+    assert conversations(json.loads(line) for line in out.read_text().splitlines()) == sorted(
+        CHAT_EXPECTED, key=json.dumps)
+    with pytest.raises(CommandError):
+        call_command("export_pairs", chat_judged.slug, str(out), "--trl-format", "sharegpt")
+    with pytest.raises(ExportError, match="unknown TRL format 'sharegpt'"):
+        export_pairs(chat_judged, tmp_path / "never.jsonl", trl_format="sharegpt")
+    assert not (tmp_path / "never.jsonl").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_text_campaign_exports_the_same_bytes_as_before_unless_asked(judged, tmp_path, fmt):
+    campaign, expected = judged
+    auto = export_pairs(campaign, tmp_path / f"auto.{fmt}", format=fmt)
+    export_pairs(campaign, tmp_path / f"text.{fmt}", format=fmt, trl_format="standard")
+    assert not auto.conversational
+    assert (tmp_path / f"auto.{fmt}").read_bytes() == (tmp_path / f"text.{fmt}").read_bytes()
+
+    result = export_pairs(campaign, tmp_path / f"chat.{fmt}", format=fmt, trl_format="conversational")
+
+    assert result.conversational
+    rows = load(tmp_path / f"chat.{fmt}", fmt, tmp_path / "cache").to_list()
+    assert conversations(rows) == sorted(
+        ((message("user", p), message("assistant", c), message("assistant", r))
+         for p, c, r, _, _ in expected), key=json.dumps)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_a_raw_export_keeps_the_turns_of_chat_prompts(chat_judged, tmp_path, fmt):
+    out = tmp_path / f"raw.{fmt}"
+    assert export_pairs(chat_judged, out, format=fmt, raw=True).rows == 4
+    dataset = load(out, fmt, tmp_path / "cache")
+    assert dataset.column_names == RAW_CHAT_SCHEMA.names
+    by_response = {row["response_a"]: row for row in dataset.to_list()}
+    assert by_response["Paris"]["prompt"] == SYSTEM_AND_USER and by_response["Paris"]["response_b"] == "Lyon"
+    assert by_response["Jupiter"]["prompt"] == message("user", "Largest planet?")
+    assert sorted(row["choice"] for row in dataset.to_list()) == ["a", "a", "a", "tie"]
+
+    export_pairs(chat_judged, out, format=fmt, raw=True, trl_format="standard")
+    assert load(out, fmt, tmp_path / "cache2")["prompt"][0] in set(
+        Prompt.objects.filter(campaign=chat_judged).values_list("text", flat=True))
+
+
+def test_conversational_and_text_exports_replace_each_other(chat_judged, judged, tmp_path):
+    text_campaign, _ = judged
+    for fmt, name in (("jsonl", "p.jsonl"), ("parquet", "p.parquet"), ("hf", "p_hf")):
+        for raw in (False, True):
+            export_pairs(chat_judged, tmp_path / name, format=fmt, raw=raw)  # an earlier chat export
+            export_pairs(text_campaign, tmp_path / name, format=fmt, raw=raw)
+            export_pairs(chat_judged, tmp_path / name, format=fmt, raw=raw)
+    last = pq.read_table(tmp_path / "p.parquet")
+    assert last.schema.field("prompt").type == RAW_CHAT_SCHEMA.field("prompt").type
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "p.parquet", "p_hf"]
+
+
+def test_a_conversational_export_imports_back_with_its_turns(chat_judged, tmp_path):
+    export_pairs(chat_judged, tmp_path / "pairs.parquet", format="parquet")
+    copy = make_campaign("copy")
+
+    result = import_file(copy, tmp_path / "pairs.parquet")
+
+    assert (result.created, result.skipped) == (3, 0)
+    assert Prompt.objects.get(campaign=copy, text__contains="Capital").turns == SYSTEM_AND_USER
+    assert conversations(bt_rows(copy, conversational=True)) == conversations(
+        bt_rows(chat_judged, conversational=True))
+
+
 # --- the download button -------------------------------------------------------------------------
 
 def files_held_open_under(folder: Path) -> list[str]:
@@ -339,3 +494,4 @@ def test_trl_reward_trainer_takes_a_step_on_the_export(labeler, tmp_path):
     expected = sum(math.log1p(math.exp(m)) for m in margins) / len(margins)
     assert sorted(margins) == [1 / 3] * 2 + [1.0] * 6
     assert abs(output.training_loss - expected) < 0.02 and abs(expected - math.log(2)) > 0.2
+

@@ -167,6 +167,25 @@ def test_it_starts_round_two_from_round_one_s_policy(chains):
 
 
 @pytest.mark.django_db
+def test_a_rounds_export_of_a_chat_campaign_is_the_text_its_reward_model_reads(chains, settings, tmp_path):
+    from training.engine.data import load_pairs
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "EXPORTS_DIR": str(tmp_path)}
+    campaign = make_campaign("chat")
+    add_pairs(campaign, [PairInput([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": f"Question {i}?"}], f"good {i}", f"bad {i}",
+                                   preferred="a") for i in range(MIN)], notify=False)
+    export = launch(campaign).jobs.get(kind=Job.EXPORT)
+
+    assert runner.execute(export.pk, "task-1")
+
+    export.refresh_from_db()
+    pairs = load_pairs(export.result["path"])
+    assert sorted(pairs["prompt"]) == sorted(f"**system:** Be brief.\n\n**user:** Question {i}?" for i in range(MIN))
+    assert sorted(pairs["chosen"]) == [f"good {i}" for i in range(MIN)]
+
+
+@pytest.mark.django_db
 def test_it_cancels_a_queued_job_at_once(chains):
     round_ = launch(judged_campaign())
     job = round_.jobs.get(kind=Job.EXPORT)

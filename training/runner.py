@@ -381,7 +381,9 @@ def run_export(job: Job, progress: Progress) -> Outcome:
     out_dir = Path(settings.PAIRLOOP["EXPORTS_DIR"]) / campaign.slug
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".round-{round_.number}-job-{job.pk}.jsonl"
-    exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True)
+    # standard: prompts as the text labelers saw (the engine's reader would flatten chat turns differently).
+    exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True,
+                            trl_format="standard")
     if not exported.rows:
         tmp.unlink(missing_ok=True)
         raise RunnerError("the export holds no Bradley-Terry pairs (judgments with A or B preferred): "

@@ -1,10 +1,11 @@
-"""manage.py export_pairs CAMPAIGN OUT --format jsonl|parquet|hf [--raw] [--no-simulated] [--force]."""
+"""manage.py export_pairs CAMPAIGN OUT --format jsonl|parquet|hf [--trl-format auto|conversational|standard]
+[--raw] [--no-simulated] [--force]."""
 
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from annotate.exporting import FORMATS, ExportError, export_pairs
+from annotate.exporting import FORMATS, TRL_FORMATS, ExportError, export_pairs
 from annotate.models import Campaign
 
 
@@ -17,6 +18,10 @@ class Command(BaseCommand):
         parser.add_argument("out", help="output file (jsonl, parquet) or directory (hf)")
         parser.add_argument("--format", choices=FORMATS, default="jsonl",
                             help="jsonl, parquet, or hf (a datasets save_to_disk directory)")
+        parser.add_argument("--trl-format", choices=TRL_FORMATS, default="auto",
+                            help="TRL's dataset format: conversational (prompt as messages, chosen/rejected "
+                                 "as assistant messages) or standard (text); default auto: conversational "
+                                 "when the campaign has chat prompts")
         parser.add_argument("--raw", action="store_true",
                             help="every judgment: choice, strength, shown order, milliseconds, rationale, "
                                  "labeler")
@@ -33,10 +38,12 @@ class Command(BaseCommand):
             raise CommandError(f"no campaign with slug {options['campaign']!r}") from None
         try:
             result = export_pairs(campaign, options["out"], format=options["format"], raw=options["raw"],
-                                  include_simulated=not options["no_simulated"], force=options["force"])
+                                  include_simulated=not options["no_simulated"], force=options["force"],
+                                  trl_format=options["trl_format"])
         except ExportError as exc:
             raise CommandError(f"nothing was exported: {exc}") from None
         kind = "judgments" if options["raw"] else "pairs"
-        self.stdout.write(f"Wrote {result.rows} {kind} to {result.path}")
+        form = " (conversational: prompts as messages)" if result.conversational else ""
+        self.stdout.write(f"Wrote {result.rows} {kind}{form} to {result.path}")
         if result.left_out and result.left_out.count:
             self.stdout.write(f"Left out {result.left_out.sentence()}")
