@@ -168,7 +168,7 @@ def instructions(request, slug):
 @login_required
 @require_GET
 def campaign_detail(request, slug):
-    from annotate.exporting import left_out  # pyarrow: loaded by the first export page, not every worker
+    from annotate.exporting import has_chat_prompts, left_out  # pyarrow: loaded by the first export page
 
     campaign = campaign_for_reviewer(request, slug)
     pairs = Pair.objects.filter(campaign=campaign)
@@ -197,6 +197,7 @@ def campaign_detail(request, slug):
         "is_admin": is_admin(request.user),
         "rounds": campaign.rounds.all()[:20],
         "left_out": left_out(campaign),
+        "chat": has_chat_prompts(campaign),
     }
     return render(request, "annotate/campaign_detail.html", context)
 
@@ -286,16 +287,19 @@ class TempFileDownload(FileResponse):
 @require_GET
 def export(request, slug):
     campaign = campaign_for_reviewer(request, slug)
-    from annotate.exporting import export_to_file  # pyarrow: loaded by the first export, not every worker
+    from annotate.exporting import TRL_FORMATS, export_to_file  # pyarrow: loaded by the first export
 
     fmt = request.GET.get("format", "jsonl")
     if fmt not in EXPORT_FORMATS:
         return HttpResponseBadRequest("format must be jsonl or parquet")
+    trl_format = request.GET.get("trl_format", "auto")
+    if trl_format not in TRL_FORMATS:
+        return HttpResponseBadRequest("trl_format must be auto, conversational or standard")
     raw = request.GET.get("raw") == "1"
     name = f"{campaign.slug}-{'judgments' if raw else 'pairs'}{EXPORT_FORMATS[fmt]}"
     handle = tempfile.TemporaryFile(prefix="pairloop-export-")  # unnamed: its space returns when it closes
     try:
-        export_to_file(campaign, handle, format=fmt, raw=raw)
+        export_to_file(campaign, handle, format=fmt, raw=raw, trl_format=trl_format)
         handle.seek(0)
     except BaseException:
         handle.close()

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.utils import timezone
-from ninja import Query, Router, Schema, Status
+from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
 
 from annotate import actions
@@ -201,6 +201,9 @@ def import_read(request, slug: str, import_id: int):
 class ExportQuery(Schema):
     format: str = "jsonl"
     raw: bool = False
+    trl_format: str = Field("auto", description="TRL's dataset format: conversational (prompt as messages, "
+                            "chosen/rejected as assistant messages), standard (text), or auto (default): "
+                            "conversational when the campaign has chat prompts.")
 
 
 @campaigns.get("/campaigns/{slug:slug}/export", response={200: None, 400: schemas.Error, **REFUSED},
@@ -208,18 +211,21 @@ class ExportQuery(Schema):
                                                   "content": {"application/octet-stream": {}}}}})
 def campaign_export(request, slug: str, query: Query[ExportQuery]):
     """Preference pairs in TRL's prompt/chosen/rejected columns (or, with raw, every judgment), as
-    `manage.py export_pairs` writes them: format jsonl or parquet. Scope: export."""
+    `manage.py export_pairs` writes them: format jsonl or parquet; trl_format auto, conversational or
+    standard. Scope: export."""
     require_scope(request, EXPORT)
     campaign = campaign_for_reviewer(request, slug)
-    from annotate.exporting import export_to_file
+    from annotate.exporting import TRL_FORMATS, export_to_file
     from annotate.views import EXPORT_FORMATS, TempFileDownload
 
     if query.format not in EXPORT_FORMATS:
         return Status(400, {"detail": "format must be jsonl or parquet"})
+    if query.trl_format not in TRL_FORMATS:
+        return Status(400, {"detail": "trl_format must be auto, conversational or standard"})
     name = f"{campaign.slug}-{'judgments' if query.raw else 'pairs'}{EXPORT_FORMATS[query.format]}"
     handle = tempfile.TemporaryFile(prefix="pairloop-export-")
     try:
-        export_to_file(campaign, handle, format=query.format, raw=query.raw)
+        export_to_file(campaign, handle, format=query.format, raw=query.raw, trl_format=query.trl_format)
         handle.seek(0)
     except BaseException:
         handle.close()

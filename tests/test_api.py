@@ -307,6 +307,12 @@ def test_it_streams_the_same_export_as_export_pairs(reviewer, labeler, campaign,
         call_command("export_pairs", "shop", str(out), *(["--raw"] if raw else []), stdout=io.StringIO())
         assert b"".join(response.streaming_content) == out.read_bytes()
     assert api.get("/campaigns/shop/export", format="csv").status_code == 400
+    assert api.get("/campaigns/shop/export", trl_format="sharegpt").status_code == 400
+    response = api.get("/campaigns/shop/export", format="jsonl", trl_format="conversational")
+    out = tmp_path / "conversational.jsonl"
+    call_command("export_pairs", "shop", str(out), "--trl-format", "conversational", stdout=io.StringIO())
+    body = b"".join(response.streaming_content)
+    assert body == out.read_bytes() and json.loads(body)["chosen"][0]["role"] == "assistant"
 
 
 def test_it_shows_the_queue_state(reviewer, labeler, campaign):

@@ -454,6 +454,25 @@ def test_a_web_export_streams_block_by_block_under_asgi(judged, reviewer):
     assert len(chunks) == -(-len(whole) // 256) and b"".join(chunks) == whole
 
 
+def test_a_chat_campaigns_page_and_downloads_offer_both_formats(chat_judged, judged, reviewer, tmp_path):
+    client = Client()
+    client.force_login(reviewer)
+    page = client.get(f"/campaigns/{chat_judged.slug}/").content.decode()
+    assert 'id="export-conversational"' in page and "trl_format=standard" in page
+    assert 'id="export-conversational"' not in client.get(f"/campaigns/{judged[0].slug}/").content.decode()
+
+    for trl_format in ("auto", "standard", "conversational"):
+        _, body = download(client, chat_judged, format="parquet", trl_format=trl_format)
+        out = tmp_path / f"{trl_format}.parquet"
+        export_pairs(chat_judged, out, format="parquet", trl_format=trl_format)
+        assert body == out.read_bytes()
+    _, body = download(client, chat_judged, format="jsonl")
+    assert conversations(json.loads(line) for line in body.decode().splitlines()) == sorted(
+        CHAT_EXPECTED, key=json.dumps)
+    refused = client.get(f"/campaigns/{chat_judged.slug}/export/", {"trl_format": "sharegpt"})
+    assert refused.status_code == 400 and b"trl_format" in refused.content
+
+
 @pytest.mark.slow
 def test_trl_reward_trainer_takes_a_step_on_the_export(labeler, tmp_path):
     """TRL 1.16's RewardTrainer reads the exported file as is, margin included, and updates the model."""
