@@ -108,6 +108,10 @@ class Prompt(models.Model):
     def __str__(self):
         return self.text[:80]
 
+    def shows_as_conversation(self) -> bool:
+        """Whether labelers see the prompt as turns with their roles: any chat prompt but one user turn."""
+        return bool(self.turns) and not (len(self.turns) == 1 and self.turns[0]["role"] == "user")
+
 
 class Response(models.Model):
     IMPORT, POLICY, SEED = "import", "policy", "seed"

@@ -172,6 +172,30 @@ def test_it_escapes_model_outputs(labeler):
     assert "&lt;img src=x onerror=&quot;alert(3)&quot;&gt;" in body
 
 
+SYSTEM = {"role": "system", "content": "Answer <b>tersely</b> <script>alert(1)</script>"}
+USER = {"role": "user", "content": "Capital of France? <img src=x onerror=alert(2)>"}
+
+
+@pytest.mark.parametrize("turns, roles", [
+    ([SYSTEM, USER], ["system", "user"]),
+    ([SYSTEM], ["system"]),                                  # one turn, but not the user's: its role shows
+    ([{"role": '"><script>alert(3)</script>', "content": "odd role"}], ['"><script>alert(3)</script>']),
+    ([USER], []),                                            # one user turn reads as plain text
+])
+def test_it_shows_chat_prompts_with_their_roles_escaped(labeler, turns, roles):
+    campaign = make_campaign("chat", members=[labeler])
+    add_pairs(campaign, [PairInput(turns, "Paris", "Lyon")], notify=False)
+    body = client_for(labeler).get(campaign.label_url()).content.decode()
+    shown = re.findall(r'<div class="turn" data-role="([^"]*)"><span class="role">([^<]*)</span>', body)
+    escape = {'"': "&quot;", "<": "&lt;", ">": "&gt;"}
+    escaped = ["".join(escape.get(c, c) for c in role) for role in roles]
+    assert shown == [(role, role) for role in escaped]
+    assert ('class="prompt conversation"' in body) == bool(roles)
+    assert "Capital of France?" in body or USER not in turns
+    for unsafe in ("<script>alert", "<img src=x", "onerror=alert(2)>"):
+        assert unsafe not in body
+
+
 def test_it_refuses_an_outsider_everything(outsider, campaign):
     client = client_for(outsider)
     assert campaign.label_url().encode() not in client.get("/").content
