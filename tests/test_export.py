@@ -515,72 +515,49 @@ def test_trl_reward_trainer_takes_a_step_on_the_export(labeler, tmp_path):
     assert abs(output.training_loss - expected) < 0.02 and abs(expected - math.log(2)) > 0.2
 
 
-CHATML = ("{% for message in messages %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
 @pytest.fixture
-def tiny_chat_model(tmp_path, monkeypatch):
-    """(directory of a tiny random Qwen2 causal LM, its tokenizer): a BPE tokenizer trained here on a few
-    sentences with Qwen's ChatML turn markers and template; nothing is downloaded."""
+def tiny_qwen2(tmp_path, monkeypatch):
+    """Directories of a tiny random Qwen2 policy and reward model, with Qwen2.5's chat template; offline."""
     import huggingface_hub.constants
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from training.engine.tiny_models import build_policy, build_reward
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        ["Answer in one word.", "Capital of France? Paris, not Lyon.", "What is 2+2? 4, not 5.",
-         "Largest planet? Jupiter, not Mars.", "system user assistant"],
-        trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", chat_template=CHATML)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    path = tmp_path / "tiny-qwen2"
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path, tokenizer
+    return build_policy("qwen2", tmp_path / "policy"), build_reward("qwen2", tmp_path / "reward")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_trl_reward_and_dpo_trainers_take_a_step_on_the_conversational_export(chat_judged, tiny_chat_model,
+def test_trl_reward_and_dpo_trainers_take_a_step_on_the_conversational_export(chat_judged, tiny_qwen2,
                                                                               tmp_path, fmt):
     """TRL 1.16's RewardTrainer and DPOTrainer read the conversational export as is, render it with the
     model's chat template (the system turn included) and update the model."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
-    model_dir, tokenizer = tiny_chat_model
+    policy_dir, reward_dir = tiny_qwen2
     export_pairs(chat_judged, tmp_path / f"pairs.{fmt}", format=fmt)
     dataset = load(tmp_path / f"pairs.{fmt}", fmt, tmp_path / "cache")
     system = dataset["prompt"].index(SYSTEM_AND_USER)
     one_step = dict(max_steps=1, per_device_train_batch_size=len(dataset), learning_rate=1e-2, max_length=64,
                     use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True)
 
-    reward_model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
     before = [p.detach().clone() for p in reward_model.parameters()]
-    rewards = RewardTrainer(model=reward_model, args=RewardConfig(output_dir=str(tmp_path / "rm"),
-                                                                  **one_step),
-                            train_dataset=dataset, processing_class=tokenizer)
+    config = RewardConfig(output_dir=str(tmp_path / "rm"), **one_step)
+    rewards = RewardTrainer(model=reward_model, args=config, train_dataset=dataset, processing_class=tokenizer)
     assert tokenizer.decode(rewards.train_dataset[system]["chosen_ids"]) == (
         "<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
         "<|im_start|>assistant\nParis<|im_end|>\n")
     assert rewards.train().global_step == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, reward_model.parameters()))
 
-    dpo = DPOTrainer(model=str(model_dir), args=DPOConfig(output_dir=str(tmp_path / "dpo"), **one_step),
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    dpo = DPOTrainer(model=str(policy_dir), args=DPOConfig(output_dir=str(tmp_path / "dpo"), **one_step),
                      train_dataset=dataset, processing_class=tokenizer)
     before = [p.detach().clone() for p in dpo.model.parameters()]
     prepared = dpo.train_dataset[system]
