@@ -167,7 +167,8 @@ def test_it_starts_round_two_from_round_one_s_policy(chains):
 
 
 @pytest.mark.django_db
-def test_a_rounds_export_of_a_chat_campaign_is_the_text_its_reward_model_reads(chains, settings, tmp_path):
+def test_a_rounds_export_of_a_chat_campaign_keeps_the_turns_its_reward_model_reads(chains, settings, tmp_path):
+    from training.engine.common import prompt_text
     from training.engine.data import load_pairs
 
     settings.PAIRLOOP = {**settings.PAIRLOOP, "EXPORTS_DIR": str(tmp_path)}
@@ -181,7 +182,11 @@ def test_a_rounds_export_of_a_chat_campaign_is_the_text_its_reward_model_reads(c
 
     export.refresh_from_db()
     pairs = load_pairs(export.result["path"])
-    assert sorted(pairs["prompt"]) == sorted(f"**system:** Be brief.\n\n**user:** Question {i}?" for i in range(MIN))
+    turns = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}?"}]
+             for i in range(MIN)]
+    assert sorted(pairs["prompt_turns"], key=str) == sorted(turns, key=str)
+    # Flattened for a backbone without a chat template exactly as PPO flattens the same prompt to score it.
+    assert sorted(pairs["prompt"]) == sorted(prompt_text(t) for t in turns)
     assert sorted(pairs["chosen"]) == [f"good {i}" for i in range(MIN)]
 
 

@@ -381,9 +381,9 @@ def run_export(job: Job, progress: Progress) -> Outcome:
     out_dir = Path(settings.PAIRLOOP["EXPORTS_DIR"]) / campaign.slug
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".round-{round_.number}-job-{job.pk}.jsonl"
-    # standard: prompts as the text labelers saw (the engine's reader would flatten chat turns differently).
-    exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True,
-                            trl_format="standard")
+    # A chat campaign's pairs keep their turns (TRL's conversational form): the reward model then reads each
+    # prompt as PPO and the sample job score it, in its chat template, or flattened by common.prompt_text.
+    exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True, trl_format="auto")
     if not exported.rows:
         tmp.unlink(missing_ok=True)
         raise RunnerError("the export holds no Bradley-Terry pairs (judgments with A or B preferred): "
