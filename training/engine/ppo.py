@@ -784,8 +784,6 @@ def main(
         )
 
     formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
-    on_progress({"stage": STAGE, "step": 0, "total": args.steps, "metrics": {},
-                 "log": f"The first prompt as the policy sees it:\n{formatted[0]}"})
     context = _context_length(policy)
     if context is not None:
         for number, ids in enumerate(encode_prompts(tokenizer, formatted), 1):
@@ -1082,8 +1080,9 @@ def main(
         done = step + 1
         saving = bool(args.save_every and done % args.save_every == 0 and done < args.steps)
         try:
+            shown = {"log": f"The first prompt as the policy sees it:\n{formatted[0]}"} if step == start_step else {}
             on_progress({"stage": STAGE, "step": done, "total": args.steps, "metrics": metrics,
-                         **({"checkpoint": True} if saving else {})})
+                         **({"checkpoint": True} if saving else {}), **shown})
         except StopWithoutSaving:
             raise  # the run was taken away: its checkpoints belong to another attempt now
         except BaseException:
