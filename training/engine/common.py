@@ -18,7 +18,8 @@ import tempfile
 import time
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, fields, is_dataclass
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +293,130 @@ def load_reward_model(name_or_path: str, device: torch.device, dtype: torch.dtyp
         raise EngineError(f"cannot load a reward model from {name_or_path!r}: {exc}") from exc
     ensure_pad_token(tokenizer, model)
     return model.to(device), tokenizer
+
+
+@dataclass
+class MemoryArgs:
+    """LoRA and memory switches every training stage shares (SFT, reward model, PPO)."""
+
+    lora_r: int = 0
+    """LoRA rank (Hu et al. 2021); 0 trains every weight, as the demo does. 8-16 is common (peft's default 8)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is alpha / r * B A (Hu et al. 2021; 2 x peft's default rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (peft's LoraConfig default 0; PPO runs with dropout off anyway)."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Modules given adapters; empty: peft's default for the family (q_proj, v_proj for Llama; c_attn for GPT-2)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (Chen et al. 2016): less memory, more compute."""
+    adam_8bit: bool = False
+    """Adam with 8-bit states from bitsandbytes (Dettmers et al. 2022); needs CUDA and bitsandbytes."""
+
+
+ADAPTER_DIR = "adapter"  # where a LoRA run saves its adapter, beside (or instead of) the merged weights
+
+
+def lora_targets(model, chosen: list[str]) -> list[str]:
+    """The modules to adapt: `chosen`, else peft's per-architecture default for the model's family."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(model.config, "model_type", "")
+    targets = list(chosen) or DEFAULTS.get(model_type)
+    if not targets:
+        raise EngineError(f"no default LoRA target modules for model type {model_type!r}: "
+                          "name them with --lora-target-modules")
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise EngineError(f"the model has no modules named {', '.join(missing)} to put LoRA adapters on")
+    return targets
+
+
+def apply_lora(model, args: MemoryArgs, task: str, adapter: str | Path | None = None):
+    """`model` with LoRA adapters (peft; task CAUSAL_LM or SEQ_CLS, whose score head is trained in full),
+    or as it is when args.lora_r is 0. `adapter`: a saved adapter to continue training (a resume)."""
+    if not args.lora_r:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if args.lora_r < 0:
+        raise EngineError(f"lora_r must be 0 (off) or positive, got {args.lora_r}")
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    else:
+        targets = lora_targets(model, args.lora_target_modules)
+        conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=targets, task_type=task, fan_in_fan_out=conv1d)  # GPT-2's (in, out) Conv1D
+        model = get_peft_model(model, config)
+    for param in model.parameters():  # what trains is held in fp32 (a bf16 base's score head too)
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def adapters_off(model):
+    """A context in which a LoRA model is its base model (PPO's reference); a nullcontext for any other."""
+    return model.disable_adapter() if is_lora(model) else nullcontext()
+
+
+def base_dtype(args: MemoryArgs, device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to load a trained model's weights in: under LoRA on CUDA the frozen base is held in the compute
+    dtype (bf16), the adapters in fp32 (peft's default); otherwise fp32 weights for Adam's updates."""
+    return compute_dtype if args.lora_r and device.type == "cuda" else torch.float32
+
+
+def enable_memory_switches(model, args: MemoryArgs):
+    """Gradient checkpointing when asked (non-reentrant: works with frozen inputs under LoRA). Returns `model`."""
+    if args.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            raise EngineError(f"{type(model).__name__} does not support gradient checkpointing")
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def adam_class(args: MemoryArgs, device: torch.device, decoupled: bool = True):
+    """torch's Adam / AdamW, or with adam_8bit bitsandbytes' 8-bit one: refused without CUDA or bitsandbytes."""
+    if not args.adam_8bit:
+        return torch.optim.AdamW if decoupled else torch.optim.Adam
+    if device.type != "cuda":
+        raise EngineError("adam_8bit needs a CUDA device (bitsandbytes' 8-bit optimizers run on GPUs only)")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise EngineError("adam_8bit needs the bitsandbytes package: pip install bitsandbytes") from exc
+    return bnb.optim.AdamW8bit if decoupled else bnb.optim.Adam8bit
+
+
+class TrainedModel:
+    """save_pretrained of a trained model and its tokenizer into one directory. A LoRA model saves its adapter
+    in `adapter/`, and with `merged` (the final save) the merged weights beside it, which the Auto classes load;
+    merging folds the adapters in, so it comes last."""
+
+    def __init__(self, model, tokenizer, merged: bool = True):
+        self.model, self.tokenizer, self.merged = model, tokenizer, merged
+
+    def save_pretrained(self, path) -> None:
+        if not is_lora(self.model):
+            self.model.save_pretrained(path)
+        else:
+            self.model.save_pretrained(Path(path) / ADAPTER_DIR)
+            if self.merged:
+                self.model.merge_and_unload().save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -54,7 +54,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.engine.common import (
+    ADAPTER_DIR,
     EngineError,
+    MemoryArgs,
+    TrainedModel,
+    adam_class,
+    adapters_off,
+    apply_lora,
+    base_dtype,
+    enable_memory_switches,
     ProgressFn,
     StopWithoutSaving,
     find_checkpoint,
@@ -86,13 +94,13 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, r
 
 
 @dataclass
-class PPOArgs:
+class PPOArgs(MemoryArgs):
     """Settings of one PPO run. Defaults fit the demo policy on a 2-core CPU (about two minutes)."""
 
     policy: str = ""
     """Causal LM to train (save_pretrained directory or hub name in the local cache)."""
     ref_policy: str | None = None
-    """Frozen reference for the KL penalty; None means the starting policy (Ziegler et al. 2019)."""
+    """Frozen reference for the KL penalty; None: the starting policy (Ziegler et al. 2019), LoRA's adapters off."""
     reward_models: list[str] = field(default_factory=list)
     """Reward sources: reward-model checkpoint paths, or "rule:NAME" for a rule judge of demo_tasks."""
     reward_weights: list[float] = field(default_factory=list)
@@ -634,17 +642,6 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 # Checkpoints
 
 
-class _SavesTogether:
-    """save_pretrained of several objects into one directory (policy weights + its tokenizer)."""
-
-    def __init__(self, *objs):
-        self.objs = objs
-
-    def save_pretrained(self, path) -> None:
-        for obj in self.objs:
-            obj.save_pretrained(path)
-
-
 def resume_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".resume")
@@ -731,6 +728,7 @@ def main(
     device = pick_device(args.device)
     compute_dtype = pick_dtype(device, args.dtype)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
     if autocast_dtype is not None and device.type == "cpu":
         autocast_dtype = None  # fp32 on CPU
 
@@ -754,7 +752,8 @@ def main(
         changed = [
             k
             for k in (
-                "policy", "ref_policy", "seed", "batch_size", "samples_per_prompt", "mini_batch_size", "prompts"
+                "policy", "ref_policy", "seed", "batch_size", "samples_per_prompt", "mini_batch_size", "prompts",
+                "lora_r", "lora_target_modules",
             )
             if k in saved_args and saved_args[k] != now[k]
         ]
@@ -765,10 +764,16 @@ def main(
             )
 
     set_seed(args.seed)
-    # Trained weights stay fp32 (autocast on CUDA); the reference may live in the compute dtype.
-    policy, tokenizer = load_causal_lm(str(source) if resuming else args.policy, device, torch.float32)
+    # Trained weights stay fp32 (autocast on CUDA); the reference, and a LoRA policy's frozen base on CUDA, may live
+    # in the compute dtype. A LoRA run resumes its adapter on the base it started from.
+    policy, tokenizer = load_causal_lm(str(source) if resuming and not args.lora_r else args.policy, device,
+                                       base_dtype(args, device, compute_dtype))
+    policy = apply_lora(enable_memory_switches(policy, args), args, "CAUSAL_LM",
+                        source / ADAPTER_DIR if resuming and args.lora_r else None)
     ref_source = args.ref_policy or args.policy
-    if resuming or args.ref_policy:
+    if args.lora_r and not args.ref_policy:
+        ref_policy = policy  # the same base with its adapters switched off (adapters_off): no second copy
+    elif resuming or args.ref_policy:
         ref_policy, ref_tokenizer = load_causal_lm(ref_source, device, compute_dtype)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise EngineError(
@@ -801,7 +806,12 @@ def main(
     # gradients still flow. Otherwise the logprobs of the rollout and of the update disagree at ratio 1.
     policy.eval()
     ref_policy.eval()
-    ref_policy.requires_grad_(False)
+    if ref_policy is not policy:
+        ref_policy.requires_grad_(False)
+    if args.gradient_checkpointing:  # transformers checkpoints in train mode only: dropout goes off another way
+        for module in policy.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
     critic_on_ref = args.critic == "reference"
     hidden_size = (ref_policy if critic_on_ref else policy).get_output_embeddings().in_features
     value_head = (
@@ -815,11 +825,12 @@ def main(
     # compute logprobs"] advises.
     reuse_rollout_logprobs = autocast_dtype is None
 
-    params = list(policy.parameters()) + list(value_head.parameters())
+    trained = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
+    params = trained + list(value_head.parameters())
     # Adam eps 1e-5 ([N+ §"Adam epsilon"], from Ziegler et al.'s lm-human-preferences).
-    optimizer = torch.optim.Adam(
+    optimizer = adam_class(args, device, decoupled=False)(
         [
-            {"params": list(policy.parameters())},
+            {"params": trained},
             {"params": list(value_head.parameters()), "lr": args.value_lr or args.lr},
         ],
         lr=args.lr,
@@ -859,7 +870,7 @@ def main(
             step=step,
             metrics=metrics,
             data_version=data_version,
-            pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
+            pretrained={"": TrainedModel(policy, tokenizer, merged=False), VALUE_HEAD_DIR: value_head},
             trainer_state={
                 "optimizer": optimizer.state_dict(),
                 "kl_ctl": kl_ctl.state_dict(),
@@ -941,9 +952,10 @@ def main(
                     old_logprobs.append(lp)
                     if not critic_on_ref:
                         old_values.append(value_head(hidden))  # (b, Tr)
-                rlp, _, hidden = forward_response(
-                    ref_policy, *chunk, args.temperature, autocast_dtype, want_hidden=critic_on_ref
-                )
+                with adapters_off(ref_policy):
+                    rlp, _, hidden = forward_response(
+                        ref_policy, *chunk, args.temperature, autocast_dtype, want_hidden=critic_on_ref
+                    )
                 ref_logprobs.append(rlp)
                 if critic_on_ref:
                     ref_hidden.append(hidden)
@@ -982,6 +994,7 @@ def main(
         order_gen = _step_generator(args.seed, step, 2, torch.device("cpu"))
         batch = len(batch_idx)
         minibatch = args.mini_batch_size or batch
+        policy.train(args.gradient_checkpointing)
         for epoch in range(args.ppo_epochs):
             order = torch.randperm(batch, generator=order_gen).to(device)
             for start in range(0, batch, minibatch):
@@ -1003,6 +1016,7 @@ def main(
                     args.temperature,
                     autocast_dtype,
                     want_hidden=not critic_on_ref,
+                    share_prefix=not args.gradient_checkpointing,  # checkpointed blocks drop the shared cache
                 )
                 new_values = value_head(ref_hidden[mb, :tr] if critic_on_ref else hidden)  # (b, tr)
                 if epoch == 0:  # the policy's entropy on its own samples, read off the first pass
@@ -1038,6 +1052,8 @@ def main(
                     )
                     # Schulman's k2 estimate of KL(old || new) over the update (TRL PPOv2 approxkl).
                     stats["approx_kl"].append((0.5 * masked_mean(log_ratio**2, mb_mask)).item())
+
+        policy.eval()
 
         # 6. Adaptive KL: measured KL per response against the target (Ziegler et al. 2019).
         mean_kl = kl_per_token.sum(1).mean().item()
@@ -1099,7 +1115,7 @@ def main(
         step=args.steps,
         metrics=metrics,
         data_version=data_version,
-        pretrained={"": _SavesTogether(policy, tokenizer), VALUE_HEAD_DIR: value_head},
+        pretrained={"": TrainedModel(policy, tokenizer), VALUE_HEAD_DIR: value_head},
     )
     shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
     return {**metrics, "ppo/rendered_prompt": formatted[0]}

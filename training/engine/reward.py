@@ -40,7 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
+    ADAPTER_DIR,
     EngineError,
+    MemoryArgs,
+    TrainedModel,
+    adam_class,
+    apply_lora,
+    base_dtype,
+    enable_memory_switches,
     ProgressFn,
     Prompt,
     apply_chat_template,
@@ -68,7 +75,7 @@ STAGE = "reward"
 
 
 @dataclass
-class RewardArgs:
+class RewardArgs(MemoryArgs):
     train: str = ""
     """Exported pairs to train on: JSONL, Parquet or a save_to_disk directory (prompt, chosen, rejected[, margin])."""
     eval: str | None = None
@@ -128,7 +135,7 @@ class RewardArgs:
 # Settings that must match for a resumed run to continue the same training.
 RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup_ratio",
                "max_grad_norm", "use_margin", "center_rewards_coef", "group_by_length", "shuffle",
-               "disable_dropout", "seed", "eval_fraction", "system_prompt")
+               "disable_dropout", "seed", "eval_fraction", "system_prompt", "lora_r", "lora_target_modules")
 
 
 def resume_dir(out: str | Path) -> Path:
@@ -412,17 +419,6 @@ def encode_pairs(encoder: PairEncoder, ds) -> tuple[list[dict[str, Any]], int]:
     return pairs, sum(a or b for a, b in zip(cut_c, cut_r))
 
 
-class _ModelAndTokenizer:
-    """Saves a model and its tokenizer into one save_pretrained directory."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def save_pretrained(self, path) -> None:
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-
-
 def _prepare_data(args: RewardArgs):
     """Load and check the pairs before anything heavy happens; also how many pairs with an empty response
     were left out of the training and eval files."""
@@ -467,6 +463,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                 else nullcontext())
     # fp16 needs loss scaling against underflowing gradients (Micikevicius et al. 2018); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+    adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
 
     # Resume from <out>.resume/ when it belongs to this run, else from resume_from when given; a crash in the
     # middle of a checkpoint swap left it beside its place (common.find_checkpoint).
@@ -490,8 +487,11 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         trainer_state = load_trainer_state(source)
 
     set_seed(args.seed)
-    model_source = str(source) if trainer_state else args.model
-    model, tokenizer = load_reward_model(model_source, device, torch.float32)
+    # A LoRA run resumes its adapter (and trained score head) on the base it started from.
+    model_source = str(source) if trainer_state and not args.lora_r else args.model
+    model, tokenizer = load_reward_model(model_source, device, base_dtype(args, device, compute_dtype))
+    model = apply_lora(enable_memory_switches(model, args), args, "SEQ_CLS",
+                       source / ADAPTER_DIR if trainer_state and args.lora_r else None)
     limit = model_length_limit(model, tokenizer)
     if limit is not None and args.max_length > limit:
         raise EngineError(f"max_length {args.max_length} is longer than the model allows ({limit} tokens); "
@@ -507,7 +507,8 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, args.lr, args.weight_decay, device)
+    optimizer = (adam_class(args, device)(params, lr=args.lr, weight_decay=args.weight_decay) if args.adam_8bit
+                 else make_adamw(params, args.lr, args.weight_decay, device))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
     step, train_seconds, pairs_seen, tokens_seen, padded_seen = 0, 0.0, 0, 0, 0
@@ -530,7 +531,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
 
     def save_resume() -> None:
         save_checkpoint(state_dir, stage=STAGE, args=args, step=step, metrics=metrics, data_version=version,
-                        pretrained={"": _ModelAndTokenizer(model, tokenizer)},
+                        pretrained={"": TrainedModel(model, tokenizer, merged=False)},
                         trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                        "scaler": scaler.state_dict(),
                                        "rng": rng_state(), "step": step, "train_seconds": train_seconds,
@@ -625,7 +626,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         "rm/padded_tokens": padded_seen,
     })
     save_checkpoint(args.out, stage=STAGE, args=args, step=step, metrics=final, data_version=version,
-                    pretrained={"": _ModelAndTokenizer(model, tokenizer)})
+                    pretrained={"": TrainedModel(model, tokenizer)})
     shutil.rmtree(state_dir, ignore_errors=True)
     return final
 

@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from training.engine.common import (
+    ADAPTER_DIR,
     EngineError,
+    MemoryArgs,
+    TrainedModel,
+    adam_class,
+    apply_lora,
+    enable_memory_switches,
     ProgressFn,
     StopWithoutSaving,
     chat_segments,
@@ -51,7 +57,7 @@ IGNORE_INDEX = -100  # labels with this value add nothing to the loss (PyTorch c
 
 
 @dataclass
-class SFTArgs:
+class SFTArgs(MemoryArgs):
     model: str = ""
     """Causal LM to fine-tune: a Hugging Face name or a save_pretrained directory."""
     train: str = ""
@@ -293,12 +299,18 @@ def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor, labels: to
     return max(0, min(common, first_label - 1))
 
 
+def checkpointing(model) -> bool:
+    """Whether the model recomputes its activations in the backward pass (common.enable_memory_switches)."""
+    new_name = hasattr(model, "activation_checkpointing_enable")  # transformers 5.x renamed it
+    return bool(getattr(model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing", False))
+
+
 def can_share_prefix(model) -> bool:
     """Prefix sharing is exact only without dropout, and needs a model that takes and returns a cache."""
     import inspect
 
-    if "cache" not in inspect.signature(model.forward).parameters:
-        return False
+    if "cache" not in inspect.signature(model.forward).parameters or checkpointing(model):
+        return False  # (checkpointed blocks drop the cache)
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         return False
     config = model.config
@@ -392,8 +404,9 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
     # AdamW without decay on biases and LayerNorm weights (as in nanoGPT and HF Trainer).
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, args.adam_beta2))
+    optimizer = adam_class(args, device)([{"params": decay, "weight_decay": args.weight_decay},
+                                          {"params": no_decay, "weight_decay": 0.0}],
+                                         lr=args.lr, betas=(0.9, args.adam_beta2))
     step = 0
     metrics: dict[str, Any] = {}
     if resume_state is not None:
@@ -465,20 +478,23 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
     eval_examples = read_examples(args.eval, "eval data") if args.eval else None
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
+    adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
 
-    resume_state, source = None, args.model
+    resume_state, source, adapter = None, args.model, None
     if args.resume:
         meta = read_checkpoint_meta(args.out)
         state = load_trainer_state(args.out) if meta and meta.get("stage") == "sft" else None
-        if state is not None:
-            resume_state, source = state, args.out
+        if state is not None:  # a LoRA run's checkpoint holds the adapter: the base comes from args.model
+            resume_state, source, adapter = state, args.model if args.lora_r else args.out, Path(args.out) / ADAPTER_DIR
     set_seed(args.seed)
     model, tokenizer = load_causal_lm(source, device, dtype)
+    model = apply_lora(enable_memory_switches(model, args), args, "CAUSAL_LM", adapter if args.lora_r else None)
     tokenizer.padding_side = "right"
 
     def save(step, metrics, trainer_state=None):
         save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics,
-                        pretrained={"": ModelAndTokenizer(model, tokenizer)}, data_version=args.data_version,
+                        pretrained={"": TrainedModel(model, tokenizer, merged=trainer_state is None)},
+                        data_version=args.data_version,
                         trainer_state=trainer_state)
 
     metrics = train_sft(model, tokenizer, examples, args, on_progress, eval_examples=eval_examples, save=save,
