@@ -220,6 +220,41 @@ def test_it_truncates_long_pairs_instead_of_dropping_them(bert_path, tmp_path):
     assert metrics["rm/truncated_pairs"] == 12
 
 
+def test_it_weighs_truncated_pairs_down_and_reports_their_accuracy_apart(bert_path, tmp_path):
+    # The loss is a weighted mean over pairs: a pair of weight 0 adds nothing and gets no gradient.
+    r_chosen = torch.tensor([1.0, -2.0], requires_grad=True)
+    r_rejected = torch.tensor([0.0, 0.0])
+    weighted, _ = bradley_terry_loss(r_chosen, r_rejected, weight=torch.tensor([1.0, 0.0]))
+    alone, _ = bradley_terry_loss(r_chosen[:1], r_rejected[:1])
+    assert weighted.item() == pytest.approx(alone.item())
+    weighted.backward()
+    assert r_chosen.grad[1].item() == 0.0 and r_chosen.grad[0].item() < 0
+    half, _ = bradley_terry_loss(r_chosen.detach(), r_rejected, weight=torch.tensor([1.0, 0.5]))
+    nll = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(2.0))]
+    assert half.item() == pytest.approx((nll[0] + 0.5 * nll[1]) / 1.5, rel=1e-6)
+
+    # truncated_weight 0 trains only on the pairs that fit (as TRL does); evaluation reports both kinds apart.
+    short = rule_pairs(n_prompts=30, per_prompt=2, seed=3)
+    long_prompt = " ".join(random.Random(4).choice(WORDS) for _ in range(80))
+    long = [{"prompt": f"{long_prompt} {i}", "chosen": "marker " + " ".join(WORDS[:5]), "rejected": " ".join(WORDS[:6])}
+            for i in range(20)]
+    train = write_jsonl(tmp_path / "train.jsonl", short[:48] + long[:14])
+    held = write_jsonl(tmp_path / "held.jsonl", short[48:] + long[14:])
+    dropped = main(tiny_args(train, bert_path, tmp_path / "dropped", eval=held, truncated_weight=0.0))
+    assert dropped["rm/train_pairs"] == 48
+    assert dropped["rm/truncated_pairs"] == 14 + 6
+    assert 0 <= dropped["rm/accuracy_fit"] <= 1 and 0 <= dropped["rm/accuracy_truncated"] <= 1
+    assert dropped["rm/accuracy"] == pytest.approx((12 * dropped["rm/accuracy_fit"]
+                                                    + 6 * dropped["rm/accuracy_truncated"]) / 18)
+    kept = main(tiny_args(train, bert_path, tmp_path / "kept", eval=held, truncated_weight=0.5))
+    assert kept["rm/train_pairs"] == 62
+    with pytest.raises(EngineError, match="truncated_weight 0 leaves them all out"):
+        main(tiny_args(write_jsonl(tmp_path / "all_long.jsonl", long), bert_path, tmp_path / "none",
+                       truncated_weight=0.0))
+    with pytest.raises(EngineError, match="truncated_weight must be between 0 and 1"):
+        main(tiny_args(train, bert_path, tmp_path / "bad", truncated_weight=2.0))
+
+
 def test_it_appends_eos_for_decoder_models_and_scores_them(tmp_path):
     path = tiny_gpt2(tmp_path / "gpt2", {"eos_token": "<eos>", "unk_token": "<unk>"})
     scorer = RewardScorer(path, device="cpu")

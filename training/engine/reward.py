@@ -13,8 +13,9 @@ Inputs: an encoder (BERT-like: the default all-MiniLM-L6-v2, which has no eos to
 (prompt, response) as a text pair: [CLS] prompt [SEP] response [SEP], scored at [CLS]. A decoder
 with a chat template sees the whole conversation in it (the prompt's turns, then the response as the
 assistant's turn); one without sees prompt + response (+ eos when the tokenizer has one); both are
-scored at the last token. Long pairs are truncated, never dropped: the prompt loses tokens from its
-start first, then the response from its end.
+scored at the last token. Long pairs are truncated, not dropped: the prompt loses tokens from its
+start first, then the response from its end; truncated_weight weighs such pairs down in the loss
+(0 leaves them out, as TRL's RewardTrainer does with pairs over its max_length).
 
 Speed, measured against TRL's RewardTrainer in benchmarks/reward_vs_trl.py: chosen and rejected go
 through the model as one (2B, T) batch padded only to the longest in the batch; batches are built
@@ -106,6 +107,8 @@ class RewardArgs(MemoryArgs):
     """Gradient clipping by global norm; transformers' TrainingArguments default."""
     use_margin: bool = True
     """Subtract each pair's margin inside the sigmoid (Llama 2, Touvron et al. 2023, sec. 3.2.2)."""
+    truncated_weight: float = 1.0
+    """Loss weight of a training pair that had to be truncated to max_length; 0 leaves them out, as TRL does."""
     center_rewards_coef: float | None = None
     """Weight of the reward-centering term (r_c + r_r)^2; Eisenstein et al. 2023 / TRL suggest 0.01; None: off."""
     group_by_length: bool = True
@@ -134,8 +137,9 @@ class RewardArgs(MemoryArgs):
 
 # Settings that must match for a resumed run to continue the same training.
 RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup_ratio",
-               "max_grad_norm", "use_margin", "center_rewards_coef", "group_by_length", "shuffle",
-               "disable_dropout", "seed", "eval_fraction", "system_prompt", "lora_r", "lora_target_modules")
+               "max_grad_norm", "use_margin", "truncated_weight", "center_rewards_coef", "group_by_length",
+               "shuffle", "disable_dropout", "seed", "eval_fraction", "system_prompt", "lora_r",
+               "lora_target_modules")
 
 
 def resume_dir(out: str | Path) -> Path:
@@ -330,15 +334,20 @@ def collate(sequences: list[tuple[list[int], list[int] | None]], pad_id: int,
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                       center_coef: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-log sigmoid(r_c - r_r - margin), averaged over pairs, plus coef * mean((r_c + r_r)^2).
+                       center_coef: float | None = None, weight: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-log sigmoid(r_c - r_r - margin), averaged over pairs (weighted when given), plus coef * mean((r_c + r_r)^2).
 
-    r_chosen, r_rejected, margin: (B,). Returns the loss and its terms (detached), one per name.
+    r_chosen, r_rejected, margin, weight: (B,). Returns the loss and its terms (detached), one per name.
     """
     reward_gap = r_chosen - r_rejected  # (B,)
     if margin is None:
         margin = torch.zeros_like(reward_gap)
-    bt_loss = -F.logsigmoid(reward_gap - margin).mean()  # Ouyang et al. 2022, eq. 1; Touvron et al. 2023
+    nll = -F.logsigmoid(reward_gap - margin)  # (B,) Ouyang et al. 2022, eq. 1; Touvron et al. 2023
+    if weight is None:
+        bt_loss = nll.mean()
+    else:
+        bt_loss = (weight * nll).sum() / weight.sum().clamp_min(1e-8)  # a weighted mean over pairs
     if center_coef:
         center_loss = center_coef * ((r_chosen + r_rejected) ** 2).mean()  # Eisenstein et al. 2023, eq. 2
     else:
@@ -377,8 +386,16 @@ def evaluate(model, pairs: list[dict[str, Any]], batch_size: int, pad_id: int, d
     model.train(was_training)
     r_chosen, r_rejected, margin = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)  # (N,)
     loss, _ = bradley_terry_loss(r_chosen, r_rejected, margin if use_margin else None)
+    correct = (r_chosen > r_rejected).float()  # (N,)
+    cut = torch.tensor([pairs[i].get("truncated", False) for i in order], device=correct.device)  # (N,)
+    apart = {}  # accuracy on the pairs that fit max_length and on those that had to be cut, when there are any
+    if (~cut).any():
+        apart["rm/accuracy_fit"] = correct[~cut].mean().item()
+    if cut.any():
+        apart["rm/accuracy_truncated"] = correct[cut].mean().item()
     return {
-        "rm/accuracy": (r_chosen > r_rejected).float().mean().item(),
+        **apart,
+        "rm/accuracy": correct.mean().item(),
         "rm/chosen_reward": r_chosen.mean().item(),
         "rm/rejected_reward": r_rejected.mean().item(),
         "rm/margin": (r_chosen - r_rejected).mean().item(),
@@ -410,13 +427,14 @@ def _disable_dropout(model) -> None:
 
 
 def encode_pairs(encoder: PairEncoder, ds) -> tuple[list[dict[str, Any]], int]:
-    """Encoded pairs: {"chosen": (ids, types), "rejected": (ids, types), "margin", "length"}."""
+    """Encoded pairs: {"chosen": (ids, types), "rejected": (ids, types), "margin", "length", "truncated"}."""
     prompts = ds["prompt_turns"] if encoder.chat and "prompt_turns" in ds.column_names else ds["prompt"]
     chosen, cut_c = encoder.encode(prompts, ds["chosen"])
     rejected, cut_r = encoder.encode(prompts, ds["rejected"])
-    pairs = [{"chosen": c, "rejected": r, "margin": float(m), "length": max(len(c[0]), len(r[0]))}
-             for c, r, m in zip(chosen, rejected, ds["margin"])]
-    return pairs, sum(a or b for a, b in zip(cut_c, cut_r))
+    pairs = [{"chosen": c, "rejected": r, "margin": float(m), "length": max(len(c[0]), len(r[0])),
+              "truncated": a or b}
+             for c, r, m, a, b in zip(chosen, rejected, ds["margin"], cut_c, cut_r)]
+    return pairs, sum(p["truncated"] for p in pairs)
 
 
 def _prepare_data(args: RewardArgs):
@@ -443,6 +461,8 @@ def _check_args(args: RewardArgs) -> None:
             raise EngineError(f"{name} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise EngineError(f"lr must be positive, got {args.lr}")
+    if not 0 <= args.truncated_weight <= 1:
+        raise EngineError(f"truncated_weight must be between 0 and 1, got {args.truncated_weight}")
     for name in ("eval_every", "log_every", "save_every"):
         if getattr(args, name) < 0:
             raise EngineError(f"{name} must be 0 or more, got {getattr(args, name)}")
@@ -500,6 +520,11 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         _disable_dropout(model)
     encoder = PairEncoder(tokenizer, model.config, args.max_length, args.system_prompt)
     train_pairs, truncated = encode_pairs(encoder, train_ds)
+    if args.truncated_weight == 0:
+        train_pairs = [p for p in train_pairs if not p["truncated"]]
+        if not train_pairs:
+            raise EngineError(f"every training pair is longer than max_length {args.max_length} and "
+                              "truncated_weight 0 leaves them all out")
     eval_pairs, eval_truncated = encode_pairs(encoder, eval_ds) if len(eval_ds) else ([], 0)
     pad_id = tokenizer.pad_token_id
     lengths = [p["length"] for p in train_pairs]
@@ -554,7 +579,11 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
             pairs = [train_pairs[i] for i in indices]
             r_chosen, r_rejected = pair_rewards(model, pairs, pad_id, device, autocast)  # (B,), (B,)
             margin = torch.tensor([p["margin"] for p in pairs], device=device) if args.use_margin else None
-            loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef)
+            weight = None
+            if args.truncated_weight != 1:
+                weight = torch.tensor([args.truncated_weight if p["truncated"] else 1.0 for p in pairs],
+                                      device=device)  # (B,)
+            loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef, weight)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
