@@ -255,6 +255,26 @@ def test_it_weighs_truncated_pairs_down_and_reports_their_accuracy_apart(bert_pa
         main(tiny_args(train, bert_path, tmp_path / "bad", truncated_weight=2.0))
 
 
+def test_it_reads_an_encoder_pair_as_one_text_without_token_types_and_scores_it_so(bert_path, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bert_path)
+    config = AutoConfig.from_pretrained(bert_path)
+    typed, _ = PairEncoder(tokenizer, config, 64).encode(["the question"], ["the answer"])
+    plain, _ = PairEncoder(tokenizer, config, 64, token_types=False).encode(["the question"], ["the answer"])
+    assert typed[0][0] == plain[0][0]  # the same [CLS] prompt [SEP] response [SEP]
+    assert typed[0][1] == [0, 0, 0, 0, 1, 1, 1] and plain[0][1] is None  # no token_type_ids: all type 0
+
+    train = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(n_prompts=20, per_prompt=2, seed=5))
+    main(tiny_args(train, bert_path, tmp_path / "rm", token_types=False))
+    scorer = RewardScorer(str(tmp_path / "rm"), device="cpu")
+    assert scorer.encoder.with_types is False  # scored in the format it was trained in
+    prompts, responses = ["the question"] * 2, ["the answer marker", "the answer"]
+    by_hand = scorer.model(**{k: v for k, v in scorer.tokenizer(prompts, responses, padding=True, return_tensors="pt").items()
+                              if k != "token_type_ids"}).logits[:, 0]
+    assert torch.allclose(scorer.score(prompts, responses), by_hand.detach(), atol=1e-5)
+
+
 def test_it_appends_eos_for_decoder_models_and_scores_them(tmp_path):
     path = tiny_gpt2(tmp_path / "gpt2", {"eos_token": "<eos>", "unk_token": "<unk>"})
     scorer = RewardScorer(path, device="cpu")

@@ -97,6 +97,8 @@ class RewardArgs(MemoryArgs):
     """Pairs per forward pass during evaluation (no gradients, so larger is fine)."""
     max_length: int = 512
     """Longest tokenized sequence (prompt + response + special tokens); the MiniLM's position limit."""
+    token_types: bool = True
+    """Encoders: mark the response with token type 1 (BERT's text pair); False: all type 0, one text with [SEP]s."""
     system_prompt: str = ""
     """System turn before each prompt that has none, for a backbone with a chat template (as the policy saw it)."""
     weight_decay: float = 0.0
@@ -138,7 +140,7 @@ class RewardArgs(MemoryArgs):
 # Settings that must match for a resumed run to continue the same training.
 RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup_ratio",
                "max_grad_norm", "use_margin", "truncated_weight", "center_rewards_coef", "group_by_length",
-               "shuffle", "disable_dropout", "seed", "eval_fraction", "system_prompt", "lora_r",
+               "shuffle", "disable_dropout", "seed", "eval_fraction", "system_prompt", "token_types", "lora_r",
                "lora_target_modules")
 
 
@@ -171,7 +173,7 @@ class PairEncoder:
     response alone still does not fit, it is cut at its end, keeping max_length // 8 prompt tokens.
     """
 
-    def __init__(self, tokenizer, config, max_length: int, system_prompt: str = ""):
+    def __init__(self, tokenizer, config, max_length: int, system_prompt: str = "", token_types: bool = True):
         from tokenizers import Tokenizer
 
         self.tokenizer = tokenizer
@@ -179,7 +181,7 @@ class PairEncoder:
         self.chat = not self.encoder and has_chat_template(tokenizer)  # the template writes the special tokens
         self.system_prompt = system_prompt
         self.max_length = max_length
-        self.with_types = self.encoder and "token_type_ids" in tokenizer.model_input_names
+        self.with_types = self.encoder and token_types and "token_type_ids" in tokenizer.model_input_names
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None
         if backend is not None:
@@ -518,7 +520,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                           f"pass --max-length {limit} or less")
     if args.disable_dropout:
         _disable_dropout(model)
-    encoder = PairEncoder(tokenizer, model.config, args.max_length, args.system_prompt)
+    encoder = PairEncoder(tokenizer, model.config, args.max_length, args.system_prompt, args.token_types)
     train_pairs, truncated = encode_pairs(encoder, train_ds)
     if args.truncated_weight == 0:
         train_pairs = [p for p in train_pairs if not p["truncated"]]
@@ -682,7 +684,10 @@ class RewardScorer:
         limit = model_length_limit(self.model, self.tokenizer)
         self.max_length = min(max_length, limit) if limit else max_length
         self.batch_size = batch_size
-        self.encoder = PairEncoder(self.tokenizer, self.model.config, self.max_length, system_prompt)
+        # Score in the format the model was trained in (checkpoints from before token_types had them on).
+        meta = {} if isinstance(path_or_model, (tuple, list)) else (read_checkpoint_meta(path_or_model) or {})
+        token_types = meta.get("args", {}).get("token_types", True)
+        self.encoder = PairEncoder(self.tokenizer, self.model.config, self.max_length, system_prompt, token_types)
         self.model.eval()
 
     @torch.inference_mode()
