@@ -584,16 +584,85 @@ def print_final_metrics(metrics: dict[str, Any]) -> None:
     print(json.dumps(to_jsonable(metrics), sort_keys=True), flush=True)
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for people: '45 s', '6 min 20 s', '1 h 05 min'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class LineProgress:
+    """A progress callback that prints plain lines, for a log or a pipe where a bar is one endless line:
+    a line at least every `every_seconds` and at every `every_fraction` of a stage's steps, with the time
+    left estimated from the pace since the stage's first event."""
+
+    def __init__(self, desc: str, file=None, every_seconds: float = 15.0, every_fraction: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic):
+        self.desc = desc
+        self.file = file if file is not None else sys.stderr
+        self.every_seconds = every_seconds
+        self.every_fraction = every_fraction
+        self.clock = clock
+        self._stage: tuple | None = None  # (stage, total) the pace is measured for
+        self._start = (0.0, 0)  # (time, step) of the stage's first event
+        self._printed = (0.0, 0)  # (time, step) of the last line
+
+    def _write(self, text: str) -> None:
+        self.file.write(f"{self.desc}: {text}\n")
+        if hasattr(self.file, "flush"):
+            self.file.flush()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log"):
+            self._write(str(event["log"]))
+        total, step = int(event.get("total") or 0), int(event.get("step") or 0)
+        if total <= 1:
+            return  # a stage's preamble: nothing to count yet
+        now = self.clock()
+        if self._stage != (event.get("stage"), total):
+            self._stage = (event.get("stage"), total)
+            self._start = self._printed = (now, step)
+            return
+        mark = max(1, int(total * self.every_fraction))
+        due = (now - self._printed[0] >= self.every_seconds or step // mark > self._printed[1] // mark
+               or step >= total)
+        if not due or step <= self._printed[1]:
+            return
+        self._printed = (now, step)
+        elapsed, done = now - self._start[0], step - self._start[1]
+        line = (f"{event.get('stage') or 'step'} {step:,} / {total:,} ({step / total:.0%}), "
+                f"{format_duration(elapsed)} so far")
+        if 0 < done and step < total:
+            line += f", about {format_duration(elapsed / done * (total - step))} left"
+        metrics = event.get("metrics") or {}
+        if metrics:
+            shown = [f"{k.split('/')[-1]} {v:.4g}" if isinstance(v, float) else f"{k.split('/')[-1]} {v}"
+                     for k, v in list(metrics.items())[:5]]
+            line += "; " + ", ".join(shown)
+        self._write(line)
+
+    def close(self) -> None:
+        pass
+
+
 class TqdmProgress:
-    """A progress callback for the CLIs: a tqdm bar with the latest metrics as postfix."""
+    """A progress callback for the CLIs: a tqdm bar with the latest metrics as postfix on a terminal;
+    plain lines (LineProgress) when stderr is a pipe or a file."""
 
     def __init__(self, desc: str):
         from tqdm import tqdm
 
-        self._bar = tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True)
+        self._lines = None if sys.stderr.isatty() else LineProgress(desc, sys.stderr)
+        self._bar = None if self._lines else tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True)
         self._last = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if self._lines is not None:
+            self._lines(event)
+            return
         if event.get("total") and self._bar.total != event["total"]:
             self._bar.total = event["total"]
         step = int(event.get("step", self._last))
@@ -607,7 +676,8 @@ class TqdmProgress:
             self._bar.write(str(event["log"]))
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def value_type(hint):

@@ -186,6 +186,10 @@ def _build(out_dir: Path, preset: str, settings: DemoPreset, seed: int, on_progr
     return Path(out_dir)
 
 
+# How long a build takes on a 2-core CPU box (measured: the module docstring; slower while other work runs).
+BUILD_TIME = {"demo": "about 7 minutes on 2 CPU cores", "tiny": "about 15 seconds"}
+
+
 def is_built(out_dir: str | Path, preset: str = "demo", seed: int | None = None) -> bool:
     """Whether `out_dir` holds a finished demo policy of this preset (and seed, when given)."""
     meta = read_checkpoint_meta(out_dir)
@@ -210,6 +214,10 @@ def ensure_demo_policy(out_dir: str | Path = DEFAULT_DIR, preset: str = "demo", 
         fcntl.flock(lock, fcntl.LOCK_EX)  # the second caller waits here, then finds it built
         try:
             if force or not is_built(out_dir, preset):
+                on_progress({"stage": "demo_policy", "step": 0, "total": 1, "metrics": {},
+                             "log": f"building the demo policy once (preset {preset}, "
+                                    f"{BUILD_TIME.get(preset, 'minutes')}): a first round needs a policy "
+                                    f"and no model hub is reached; cached in {out_dir}, later runs reuse it"})
                 build_demo_policy(out_dir, preset, seed, on_progress)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
