@@ -96,6 +96,20 @@ from training.engine.reward import (  # noqa: E402
 OASST = REPO.parent / "shared" / "data" / "oasst" / "en_100_tree.jsonl"
 
 
+def loop_timer():
+    """A TrainerCallback that keeps the wall and CPU seconds of a Trainer's training loop."""
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.started
+            self.cpu_seconds = time.process_time() - self.cpu_started
+
+    return LoopTimer()
+
 def oasst_pairs(path: Path) -> list[dict]:
     """All pairs within each human ranking of sibling assistant replies; lower rank is chosen.
 
@@ -175,16 +189,8 @@ def run_trl(model_path: str, tokenizer, ordered_pairs: list[dict], opts, gradien
 
     Returns the model and the training loop's wall and CPU seconds."""
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
-
-    class LoopTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started, self.cpu_started = time.perf_counter(), time.process_time()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.started
-            self.cpu_seconds = time.process_time() - self.cpu_started
 
     set_seed(opts.seed)  # the same head initialisation as ours (load_reward_model after set_seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
@@ -198,7 +204,7 @@ def run_trl(model_path: str, tokenizer, ordered_pairs: list[dict], opts, gradien
         logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    timer = LoopTimer()
+    timer = loop_timer()
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                             callbacks=[timer])
     trainer.train()
@@ -250,16 +256,8 @@ def run_trl_shipped(model_path: str, tokenizer, train_pairs: list[dict], opts, s
 
     Returns the model, the pairs and real tokens it trained on, and the training loop's wall and CPU seconds."""
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
-
-    class LoopTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started, self.cpu_started = time.perf_counter(), time.process_time()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.started
-            self.cpu_seconds = time.process_time() - self.cpu_started
 
     set_seed(seed)  # the same head initialisation as ours (load_reward_model after set_seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
@@ -270,7 +268,7 @@ def run_trl_shipped(model_path: str, tokenizer, train_pairs: list[dict], opts, s
         data_seed=seed, logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0,
     )
-    timer = LoopTimer()
+    timer = loop_timer()
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_dict(trl_texts(train_pairs)),
                             processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[timer])
     kept = trainer.train_dataset
