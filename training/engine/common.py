@@ -725,16 +725,20 @@ def run_cli(cls, main: Callable[..., dict[str, Any]], argv: list[str] | None, *,
     parser = parser_for(cls, description, prog=f"python -m training.engine.{stage}", required=required,
                         flag_names=flag_names)
     args = cls(**vars(parser.parse_args(argv)))
-    progress = TqdmProgress(stage)
+    first = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, rank 0 alone reports
+    progress = TqdmProgress(stage) if first else no_progress
+    close = progress.close if first else (lambda: None)
     try:
         metrics = main(args, progress)
     except EngineError as exc:
-        progress.close()
+        close()
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        print_final_metrics({"error": str(exc)})
+        if first:
+            print_final_metrics({"error": str(exc)})
         return 2
-    progress.close()
-    print_final_metrics(metrics)
+    close()
+    if first:
+        print_final_metrics(metrics)
     return 0
 
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.engine.ranks import Ranks
 from training.engine.common import (
     ADAPTER_DIR,
     EngineError,
@@ -719,13 +720,18 @@ def main(
 ) -> dict[str, Any]:
     """Run PPO; return the final metrics. Saves the policy at args.out and, while running, a resumable
     checkpoint at `<out>.resume/` (every save_every steps, and before an exception from on_progress)."""
-    from training.engine.sample import generate
+    from training.engine.sample import Rollout, generate
 
     # ---- check everything before the first step ------------------------------------------------
     _validate_args(args)
     prompts = read_prompts(args.prompts)
     weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None)
-    device = pick_device(args.device)
+    ranks = Ranks(pick_device(args.device))
+    ranks.check_divides("batch_size", args.batch_size)
+    if (args.batch_size // ranks.world) % args.samples_per_prompt:
+        raise EngineError(f"with {ranks.world} processes, batch_size / {ranks.world} must be a multiple of "
+                          f"samples_per_prompt ({args.samples_per_prompt})")
+    device = ranks.device
     compute_dtype = pick_dtype(device, args.dtype)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
     adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
@@ -852,7 +858,8 @@ def main(
         set_rng_state(state["rng"])
         start_step = int(state["step"])
         metrics = dict(state.get("metrics") or {})
-        on_progress(
+        ranks.report(
+            on_progress,
             {
                 "stage": STAGE,
                 "step": start_step,
@@ -862,7 +869,12 @@ def main(
             }
         )
 
+    # Accelerate's wrappers (DDP, FSDP, DeepSpeed) for the update; sampling and scoring use the models themselves.
+    trained_policy, trained_head, optimizer = ranks.prepare(policy, value_head, optimizer)
+
     def save_resume(step: int) -> None:
+        if not ranks.main:
+            return ranks.wait()
         save_checkpoint(
             checkpoint,
             stage=STAGE,
@@ -880,6 +892,7 @@ def main(
                 "metrics": metrics,
             },
         )
+        ranks.wait()
 
     # ---- the PPO loop -----------------------------------------------------------------------------
     group = args.samples_per_prompt
@@ -888,9 +901,11 @@ def main(
         batch_idx = [
             i for i in _prompt_indices(len(prompts), args.batch_size // group, step, args.seed) for _ in range(group)
         ]
-        instructions = [prompts[i][0] for i in batch_idx]
+        rows = ranks.shard(range(len(batch_idx)))  # this process's rows of the global batch
+        instructions = [prompts[batch_idx[i]][0] for i in rows]
 
-        # 1. Rollouts: samples_per_prompt responses per prompt (adjacent), sampled with the KV cache.
+        # 1. Rollouts: samples_per_prompt responses per prompt (adjacent), sampled with the KV cache, in
+        # chunks seeded by their place in the global batch: the same samples under any number of processes.
         with (
             torch.no_grad(),
             torch.autocast(
@@ -899,17 +914,21 @@ def main(
                 enabled=autocast_dtype is not None,
             ),
         ):
-            rollout = generate(
-                policy,
-                tokenizer,
-                [formatted[i] for i in batch_idx],
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                batch_size=args.generation_batch_size,
-                generator=_step_generator(args.seed, step, 1, device),
-                stop_strings=args.stop_strings,
-            )
+            chunks = [rows[c : c + args.generation_batch_size] for c in range(0, len(rows), args.generation_batch_size)]
+            rollout = Rollout.concat([
+                generate(
+                    policy,
+                    tokenizer,
+                    [formatted[batch_idx[i]] for i in chunk],
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    batch_size=args.generation_batch_size,
+                    generator=_step_generator(args.seed, step, 1 + 1009 * chunk[0], device),
+                    stop_strings=args.stop_strings,
+                )
+                for chunk in chunks
+            ], tokenizer.pad_token_id)
         query_ids, query_mask, response_ids, response_mask = trim_padding(
             rollout.query_ids.to(device),
             rollout.query_mask.to(device),
@@ -930,10 +949,11 @@ def main(
         # Reward normalisation: Ziegler et al. 2019 scale the reward to mean 0, std 1; we keep running
         # moments over all scores seen (or per batch), so the KL coefficient means the same through training.
         if args.reward_norm == "running":
-            score_stats.update(baselined.cpu())
+            score_stats.update(ranks.gather(baselined).cpu())
             norm_scores = (baselined - score_stats.mean) / (score_stats.std + 1e-8)
         elif args.reward_norm == "batch":
-            norm_scores = (baselined - baselined.mean()) / (baselined.std(unbiased=False) + 1e-8)
+            every = ranks.gather(baselined)
+            norm_scores = (baselined - every.mean()) / (every.std(unbiased=False) + 1e-8)
         else:
             norm_scores = baselined
 
@@ -942,7 +962,7 @@ def main(
         # 3. Log-probs of the rollout under the rollout policy and the reference; values V(s_t) of the critic.
         with torch.no_grad():
             old_logprobs, old_values, ref_logprobs, ref_hidden = [], [], [], []
-            for start in range(0, len(batch_idx), args.generation_batch_size):
+            for start in range(0, len(rows), args.generation_batch_size):
                 sl = slice(start, start + args.generation_batch_size)
                 chunk = (query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
                 if not critic_on_ref or not reuse_rollout_logprobs:
@@ -977,12 +997,13 @@ def main(
             last = (response_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
             rewards[torch.arange(rewards.shape[0], device=device), last] += norm_scores
             if args.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
+                rewards = (masked_whiten(rewards, mask, shift_mean=False) if ranks.world == 1
+                           else ranks.whiten(rewards, mask, shift_mean=False))
 
             advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, Tr)
             # Advantage whitening over the batch ([N+ §"advantage whitening"]; TRL PPOv2).
             if args.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+                advantages = masked_whiten(advantages, mask) if ranks.world == 1 else ranks.whiten(advantages, mask)
 
         forwarded_at = time.perf_counter()
 
@@ -992,23 +1013,27 @@ def main(
         }
         entropy_sum, entropy_tokens = 0.0, 0.0
         order_gen = _step_generator(args.seed, step, 2, torch.device("cpu"))
-        batch = len(batch_idx)
+        batch = args.batch_size
         minibatch = args.mini_batch_size or batch
         policy.train(args.gradient_checkpointing)
         for epoch in range(args.ppo_epochs):
-            order = torch.randperm(batch, generator=order_gen).to(device)
+            order = torch.randperm(batch, generator=order_gen).to(device)  # global rows, as with one process
             for start in range(0, batch, minibatch):
+                # This process's rows of the global minibatch; with none, one row that adds nothing (DDP needs a backward).
                 mb = order[start : start + minibatch]
+                mb = mb[(mb >= rows[0]) & (mb <= rows[-1])] - rows[0]
+                empty = mb.numel() == 0
+                mb = mb if not empty else torch.zeros(1, dtype=torch.long, device=device)
                 q_ids, q_mask, r_ids, r_mask = trim_padding(
                     query_ids[mb], query_mask[mb], response_ids[mb], response_mask[mb]
                 )
                 tr = r_ids.shape[1]
-                mb_mask = r_mask.float()  # (b, tr)
+                mb_mask = r_mask.float() * (not empty)  # (b, tr)
                 mb_old_logprobs, mb_old_values = old_logprobs[mb, :tr], old_values[mb, :tr]
                 mb_adv, mb_returns = advantages[mb, :tr], returns[mb, :tr]
 
                 new_logprobs, logits, hidden = forward_response(
-                    policy,
+                    trained_policy,
                     q_ids,
                     q_mask,
                     r_ids,
@@ -1016,9 +1041,10 @@ def main(
                     args.temperature,
                     autocast_dtype,
                     want_hidden=not critic_on_ref,
-                    share_prefix=not args.gradient_checkpointing,  # checkpointed blocks drop the shared cache
+                    # checkpointed blocks drop the shared cache; DDP allows one forward per backward
+                    share_prefix=not args.gradient_checkpointing and ranks.world == 1,
                 )
-                new_values = value_head(ref_hidden[mb, :tr] if critic_on_ref else hidden)  # (b, tr)
+                new_values = trained_head(ref_hidden[mb, :tr] if critic_on_ref else hidden)  # (b, tr)
                 if epoch == 0:  # the policy's entropy on its own samples, read off the first pass
                     with torch.no_grad():
                         entropy_sum += (entropy_from_logits(logits) * mb_mask).sum().item()
@@ -1037,30 +1063,33 @@ def main(
                 pg_losses2 = -mb_adv * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
                 pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mb_mask)
                 loss = pg_loss + args.vf_coef * vf_loss
+                # Several processes: token means over the global minibatch once DDP averages the gradients.
+                share = mb_mask.sum() * ranks.world / ranks.sum(mb_mask.sum()) if ranks.world > 1 else 1.0
 
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                ranks.backward(loss * share)
+                ranks.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
 
                 with torch.no_grad():
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["vf_loss"].append(vf_loss.item())
-                    stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses1).float(), mb_mask).item())
-                    stats["vf_clipfrac"].append(
-                        masked_mean((vf_losses2 > vf_losses1).float(), mb_mask).item()
-                    )
-                    # Schulman's k2 estimate of KL(old || new) over the update (TRL PPOv2 approxkl).
-                    stats["approx_kl"].append((0.5 * masked_mean(log_ratio**2, mb_mask)).item())
+                    for name, value in (
+                        ("pg_loss", pg_loss),
+                        ("vf_loss", vf_loss),
+                        ("clipfrac", masked_mean((pg_losses2 > pg_losses1).float(), mb_mask)),
+                        ("vf_clipfrac", masked_mean((vf_losses2 > vf_losses1).float(), mb_mask)),
+                        # Schulman's k2 estimate of KL(old || new) over the update (TRL PPOv2 approxkl).
+                        ("approx_kl", 0.5 * masked_mean(log_ratio**2, mb_mask)),
+                    ):
+                        stats[name].append(value.item() if ranks.world == 1 else ranks.mean(value * share))
 
         policy.eval()
 
         # 6. Adaptive KL: measured KL per response against the target (Ziegler et al. 2019).
-        mean_kl = kl_per_token.sum(1).mean().item()
+        mean_kl = ranks.gather(kl_per_token.sum(1)).mean().item()
         kl_ctl.update(mean_kl, args.batch_size)
 
         with torch.no_grad():
-            flat_returns, flat_values = returns[mask.bool()], old_values[mask.bool()]
+            flat_returns, flat_values = ranks.gather(returns[mask.bool()]), ranks.gather(old_values[mask.bool()])
             var_returns = flat_returns.var(unbiased=False)
             explained_variance = (
                 (1 - (flat_returns - flat_values).var(unbiased=False) / var_returns).item()
@@ -1069,21 +1098,21 @@ def main(
             )
         elapsed = time.perf_counter() - started
         metrics = {
-            "ppo/reward": raw_scores.mean().item(),
-            "ppo/score": scores.mean().item(),
-            "ppo/rlhf_reward": (scores - beta * kl_per_token.sum(1)).mean().item(),
+            "ppo/reward": ranks.gather(raw_scores).mean().item(),
+            "ppo/score": ranks.gather(scores).mean().item(),
+            "ppo/rlhf_reward": ranks.gather(scores - beta * kl_per_token.sum(1)).mean().item(),
             "ppo/kl": mean_kl,
             "ppo/kl_coef": beta,
-            "ppo/entropy": entropy_sum / max(entropy_tokens, 1.0),
+            "ppo/entropy": float(ranks.sum(entropy_sum)) / max(float(ranks.sum(entropy_tokens)), 1.0),
             "ppo/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
             "ppo/value_clipfrac": sum(stats["vf_clipfrac"]) / len(stats["vf_clipfrac"]),
             "ppo/approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
             "ppo/value_loss": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
             "ppo/policy_loss": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
             "ppo/explained_variance": explained_variance,
-            "ppo/response_length": mask.sum(1).mean().item(),
-            "ppo/eos_rate": ended.float().mean().item(),
-            "ppo/samples_per_second": batch / elapsed,
+            "ppo/response_length": ranks.gather(mask.sum(1)).mean().item(),
+            "ppo/eos_rate": ranks.gather(ended.float()).mean().item(),
+            "ppo/samples_per_second": args.batch_size / elapsed,
             "ppo/generate_seconds": generated_at - started,
             "ppo/reward_seconds": scored_at - generated_at,
             "ppo/forward_seconds": forwarded_at - scored_at,
@@ -1091,14 +1120,14 @@ def main(
             "ppo/step_seconds": elapsed,
         }
         if len(score_parts) > 1:
-            metrics.update({f"ppo/reward/{name}": value for name, value in score_parts.items()})
+            metrics.update({f"ppo/reward/{name}": ranks.mean(value) for name, value in score_parts.items()})
 
         done = step + 1
         saving = bool(args.save_every and done % args.save_every == 0 and done < args.steps)
         try:
             shown = {"log": f"The first prompt as the policy sees it:\n{formatted[0]}"} if step == start_step else {}
-            on_progress({"stage": STAGE, "step": done, "total": args.steps, "metrics": metrics,
-                         **({"checkpoint": True} if saving else {}), **shown})
+            ranks.report(on_progress, {"stage": STAGE, "step": done, "total": args.steps, "metrics": metrics,
+                                       **({"checkpoint": True} if saving else {}), **shown})
         except StopWithoutSaving:
             raise  # the run was taken away: its checkpoints belong to another attempt now
         except BaseException:
@@ -1108,6 +1137,9 @@ def main(
             save_resume(done)
 
     # ---- the final policy -------------------------------------------------------------------------
+    if not ranks.main:
+        ranks.wait()
+        return {**metrics, "ppo/rendered_prompt": formatted[0]}
     save_checkpoint(
         args.out,
         stage=STAGE,
@@ -1118,6 +1150,7 @@ def main(
         pretrained={"": TrainedModel(policy, tokenizer), VALUE_HEAD_DIR: value_head},
     )
     shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
+    ranks.wait()
     return {**metrics, "ppo/rendered_prompt": formatted[0]}
 
 

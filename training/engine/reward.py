@@ -71,6 +71,7 @@ from .common import (
     set_seed,
 )
 from .data import data_version, read_pairs, split_pairs
+from .ranks import Ranks
 
 STAGE = "reward"
 
@@ -372,24 +373,27 @@ def pair_rewards(model, pairs: list[dict[str, Any]], pad_id: int, device: torch.
 
 @torch.inference_mode()
 def evaluate(model, pairs: list[dict[str, Any]], batch_size: int, pad_id: int, device: torch.device,
-             autocast=None, use_margin: bool = True) -> dict[str, float]:
-    """Held-out accuracy (r_c > r_r), mean rewards, mean reward gap and loss, over all pairs."""
+             autocast=None, use_margin: bool = True, ranks: Ranks | None = None) -> dict[str, float]:
+    """Held-out accuracy (r_c > r_r), mean rewards, mean reward gap and loss, over all pairs (each process
+    scores its share)."""
     autocast = autocast or nullcontext()
+    ranks = ranks or Ranks(device)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i]["length"])  # less padding; order-free metrics
-    chosen, rejected, margins = [], [], []
+    everything = sorted(range(len(pairs)), key=lambda i: -pairs[i]["length"])  # less padding; order-free metrics
+    order = ranks.shard(everything)
+    chosen, rejected = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)]
     for start in range(0, len(order), batch_size):
         batch = [pairs[i] for i in order[start:start + batch_size]]
         r_c, r_r = pair_rewards(model, batch, pad_id, device, autocast)
         chosen.append(r_c)
         rejected.append(r_r)
-        margins.append(torch.tensor([p["margin"] for p in batch], device=device))
     model.train(was_training)
-    r_chosen, r_rejected, margin = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)  # (N,)
+    r_chosen, r_rejected = ranks.gather(torch.cat(chosen)), ranks.gather(torch.cat(rejected))  # (N,)
+    margin = torch.tensor([pairs[i]["margin"] for i in everything], device=r_chosen.device)  # (N,)
     loss, _ = bradley_terry_loss(r_chosen, r_rejected, margin if use_margin else None)
     correct = (r_chosen > r_rejected).float()  # (N,)
-    cut = torch.tensor([pairs[i].get("truncated", False) for i in order], device=correct.device)  # (N,)
+    cut = torch.tensor([pairs[i].get("truncated", False) for i in everything], device=correct.device)  # (N,)
     apart = {}  # accuracy on the pairs that fit max_length and on those that had to be cut, when there are any
     if (~cut).any():
         apart["rm/accuracy_fit"] = correct[~cut].mean().item()
@@ -476,10 +480,11 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
 
     _check_args(args)
     train_ds, eval_ds, version, skipped_empty = _prepare_data(args)
-    if skipped_empty:
+    ranks = Ranks(pick_device(args.device))
+    if skipped_empty and ranks.main:
         on_progress({"stage": STAGE, "log": f"left out {skipped_empty} pairs with an empty chosen or "
                                             "rejected response (rm/skipped_empty_pairs)"})
-    device = pick_device(args.device)
+    device = ranks.device
     compute_dtype = pick_dtype(device, args.dtype)
     autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32
                 else nullcontext())
@@ -553,10 +558,14 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         loop_seconds, loop_cpu_seconds = trainer_state["loop_seconds"], trainer_state["loop_cpu_seconds"]
         window, metrics = trainer_state["window"], trainer_state["metrics"]
         set_rng_state(trainer_state["rng"])
-        on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": metrics,
-                     "log": f"resumed from {source} at step {step}"})
+        ranks.report(on_progress, {"stage": STAGE, "step": step, "total": total_steps, "metrics": metrics,
+                                   "log": f"resumed from {source} at step {step}"})
+    ranks.check_divides("batch_size", args.batch_size)
+    trainer, optimizer = ranks.prepare(model, optimizer)  # the model itself with one process
 
     def save_resume() -> None:
+        if not ranks.main:
+            return ranks.wait()
         save_checkpoint(state_dir, stage=STAGE, args=args, step=step, metrics=metrics, data_version=version,
                         pretrained={"": TrainedModel(model, tokenizer, merged=False)},
                         trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -570,6 +579,7 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
                                        "data_order": batch_order(lengths, args.batch_size, args.seed,
                                                                  step // steps_per_epoch, args.shuffle,
                                                                  args.group_by_length)})
+        ranks.wait()
 
     model.train()
     loop_started, loop_cpu_started = time.perf_counter(), time.process_time()
@@ -578,31 +588,34 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         batches = batch_order(lengths, args.batch_size, args.seed, epoch, args.shuffle, args.group_by_length)
         for indices in batches[start_batch if epoch == start_epoch else 0:]:
             started = time.perf_counter()
-            pairs = [train_pairs[i] for i in indices]
-            r_chosen, r_rejected = pair_rewards(model, pairs, pad_id, device, autocast)  # (B,), (B,)
+            mine = ranks.shard(indices)  # a process with no pair of a short last batch adds 0 (scaled below)
+            pairs = [train_pairs[i] for i in mine or indices[:1]]
+            r_chosen, r_rejected = pair_rewards(trainer, pairs, pad_id, device, autocast)  # (B,), (B,)
             margin = torch.tensor([p["margin"] for p in pairs], device=device) if args.use_margin else None
             weight = None
             if args.truncated_weight != 1:
                 weight = torch.tensor([args.truncated_weight if p["truncated"] else 1.0 for p in pairs],
                                       device=device)  # (B,)
             loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef, weight)
-            scaler.scale(loss).backward()
+            if ranks.world > 1:  # the mean over the global batch once DDP averages the gradients
+                loss = loss * (len(mine) * ranks.world / len(indices))
+            ranks.backward(scaler.scale(loss))
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = ranks.clip_grad_norm_(params, args.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             # Metrics stay on the device until a log step (no per-step host sync on CUDA).
-            window["loss"] += loss.detach()
-            window["correct"] += (terms["reward_gap"] > 0).sum()
+            window["loss"] += ranks.sum(loss.detach()) / ranks.world
+            window["correct"] += ranks.sum((terms["reward_gap"] > 0).sum() if mine else 0)
             window["grad_norm"] += grad_norm.detach()
-            window["pairs"] += len(pairs)
+            window["pairs"] += len(indices)
             window["steps"] += 1
-            pairs_seen += len(pairs)
-            tokens_seen += sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in pairs)
-            padded_seen += 2 * len(pairs) * max(p["length"] for p in pairs)
+            pairs_seen += len(indices)
+            tokens_seen += sum(len(train_pairs[i]["chosen"][0]) + len(train_pairs[i]["rejected"][0]) for i in indices)
+            padded_seen += int(ranks.sum(2 * len(mine) * max((train_pairs[i]["length"] for i in mine), default=0)))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
@@ -622,13 +635,13 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
             if eval_pairs and (last or (args.eval_every and step % args.eval_every == 0)):
                 eval_started, eval_cpu_started = time.perf_counter(), time.process_time()
                 metrics.update(evaluate(model, eval_pairs, args.eval_batch_size, pad_id, device, autocast,
-                                        args.use_margin))
+                                        args.use_margin, ranks))
                 paused += time.perf_counter() - eval_started
                 paused_cpu += time.process_time() - eval_cpu_started
             saving = bool(args.save_every and step % args.save_every == 0 and not last)
             try:
-                on_progress({"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics),
-                             **({"checkpoint": True} if saving else {})})
+                ranks.report(on_progress, {"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics),
+                                           **({"checkpoint": True} if saving else {})})
             except StopWithoutSaving:
                 raise  # the run was taken away: its checkpoints belong to another attempt now
             except BaseException:
@@ -656,9 +669,11 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
         "rm/train_tokens": tokens_seen,
         "rm/padded_tokens": padded_seen,
     })
-    save_checkpoint(args.out, stage=STAGE, args=args, step=step, metrics=final, data_version=version,
-                    pretrained={"": TrainedModel(model, tokenizer)})
-    shutil.rmtree(state_dir, ignore_errors=True)
+    if ranks.main:
+        save_checkpoint(args.out, stage=STAGE, args=args, step=step, metrics=final, data_version=version,
+                        pretrained={"": TrainedModel(model, tokenizer)})
+        shutil.rmtree(state_dir, ignore_errors=True)
+    ranks.wait()
     return final
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from training.engine.common import (
     EngineError,
@@ -50,6 +51,25 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    @classmethod
+    def concat(cls, parts: list[Rollout], pad_id: int) -> Rollout:
+        """The rows of several rollouts in order: queries left-padded, responses right-padded to one width."""
+        if len(parts) == 1:
+            return parts[0]
+        width_q = max(p.query_ids.size(1) for p in parts)
+        width_r = max(p.response_ids.size(1) for p in parts)
+
+        def pad(t: torch.Tensor, width: int, value, left: bool = False) -> torch.Tensor:
+            extra = width - t.size(1)
+            return F.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+        return cls(torch.cat([pad(p.query_ids, width_q, pad_id, True) for p in parts]),
+                   torch.cat([pad(p.query_mask, width_q, 0, True) for p in parts]),
+                   torch.cat([pad(p.response_ids, width_r, pad_id) for p in parts]),
+                   torch.cat([pad(p.response_mask, width_r, 0) for p in parts]),
+                   torch.cat([pad(p.logprobs, width_r, 0.0) for p in parts]),
+                   torch.cat([p.ended for p in parts]), [t for p in parts for t in p.texts])
 
 
 @dataclass

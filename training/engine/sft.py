@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.engine.ranks import Ranks
 from training.engine.common import (
     ADAPTER_DIR,
     EngineError,
@@ -100,8 +101,10 @@ class SFTArgs(MemoryArgs):
     """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."""
     log_every: int = 10
     """Emit a progress event with the mean loss every this many steps (every step still reports progress)."""
+    save_every: int = 0
+    """Write the resumable trainer state to `out` every N steps; 0: only when stopped (HF Trainer: save_steps)."""
     resume: bool = False
-    """Continue from the trainer state saved in `out` (after a cancel) instead of starting over."""
+    """Continue from the trainer state saved in `out` (after a cancel or a kill) instead of starting over."""
     data_version: str | None = None
     """Label of the training data recorded in the checkpoint (e.g. an export's version)."""
 
@@ -348,16 +351,20 @@ def response_loss(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: to
 
 
 @torch.no_grad()
-def eval_loss(model, encoded, pad_id: int, batch_size: int, device) -> float:
-    """Token-weighted mean response loss over `encoded`."""
+def eval_loss(model, encoded, pad_id: int, batch_size: int, device, ranks: Ranks | None = None) -> float:
+    """Token-weighted mean response loss over `encoded` (each process scores its share)."""
+    ranks = ranks or Ranks(device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for s in range(0, len(encoded), batch_size):
-        loss, n = response_loss(model, *collate(encoded[s:s + batch_size], pad_id, device))
+    mine = ranks.shard(encoded)
+    for s in range(0, len(mine), batch_size):
+        loss, n = response_loss(model, *collate(mine[s:s + batch_size], pad_id, device))
         total += float(loss) * n
         count += n
     model.train(was_training)
+    if ranks.world > 1:
+        total, count = float(ranks.sum(total)), int(ranks.sum(count))
     return total / max(count, 1)
 
 
@@ -375,7 +382,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, on_progress: ProgressFn = no_progress,
               *, eval_examples: list[dict[str, Any]] | None = None, save: typing.Callable | None = None,
-              resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
+              resume_state: dict[str, Any] | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
     """Fine-tune `model` in place on `examples`; returns the final metrics.
 
     All data is tokenized and checked before the first step. `save(step, metrics, trainer_state)`,
@@ -387,6 +394,7 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
     if args.batch_size < 1:
         raise EngineError(f"batch_size must be at least 1, got {args.batch_size}")
     device = next(model.parameters()).device
+    ranks = ranks or Ranks(device)
     ensure_pad_token(tokenizer, model)
     positions = model_max_positions(model)
     encoded = encode_examples(tokenizer, examples, max_length=args.max_length, model_positions=positions,
@@ -416,8 +424,10 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
         set_rng_state(resume_state["rng"])
 
     if encoded_eval is not None and "sft/eval_loss_start" not in metrics:
-        metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device)
-    share_prefix = args.share_prefix and can_share_prefix(model)
+        metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device, ranks)
+    # The prefix forward runs the model twice before one backward, which DDP's wrapper does not allow.
+    share_prefix = args.share_prefix and can_share_prefix(model) and ranks.world == 1
+    trainer, optimizer = ranks.prepare(model, optimizer)  # the model itself with one process
     model.train()
     recent: list[float] = []
     n_tokens_seen, train_seconds = 0, 0.0
@@ -428,18 +438,23 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
             if step >= total:
                 break
             started = time.perf_counter()
-            input_ids, mask, labels = collate([encoded[i] for i in batch], pad_id, device)  # (B, T) each
+            mine = ranks.shard(batch)
+            input_ids, mask, labels = collate([encoded[i] for i in mine or batch[:1]], pad_id, device)  # (B, T)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, args.lr)
-            loss, _ = response_loss(model, input_ids, mask, labels, share_prefix)
+            loss, n_local = response_loss(trainer, input_ids, mask, labels, share_prefix)
+            n_seen = int(mask.sum())
+            if ranks.world > 1:  # the mean over the global batch's tokens once DDP averages the gradients;
+                n_local, n_seen = n_local * bool(mine), n_seen * bool(mine)  # a process with no row adds 0
+                loss = loss * (n_local * ranks.world / max(float(ranks.sum(n_local)), 1.0))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            ranks.backward(loss)
+            grad_norm = ranks.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             step += 1
             train_seconds += time.perf_counter() - started
-            n_tokens_seen += int(mask.sum())
-            loss_value = float(loss.detach())
+            n_tokens_seen += int(ranks.sum(n_seen))
+            loss_value = float(ranks.sum(loss.detach())) / ranks.world
             if not math.isfinite(loss_value):
                 raise EngineError(f"the loss became {loss_value} at step {step}; lower the learning rate")
             metrics.setdefault("sft/first_loss", loss_value)
@@ -451,7 +466,7 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
             if step % max(1, args.log_every) and step != total:
                 event["metrics"] = {"sft/loss": loss_value}
             try:
-                on_progress(event)
+                ranks.report(on_progress, event)
             except StopWithoutSaving:
                 raise  # the run was taken away: write nothing more
             except BaseException:
@@ -459,10 +474,13 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
                     save(step, metrics, {"optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
                                          "rng": rng_state()})
                 raise
+            if save is not None and args.save_every and step % args.save_every == 0 and step < total:
+                save(step, metrics, {"optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
+                                     "rng": rng_state()})
         epoch += 1
 
     if encoded_eval is not None:
-        metrics["sft/eval_loss"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device)
+        metrics["sft/eval_loss"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device, ranks)
     metrics.update({"sft/steps": step, "sft/examples": len(encoded), "sft/train_seconds": train_seconds})
     model.eval()
     return metrics
@@ -476,7 +494,8 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
         raise EngineError("no training data given (--train FILE.jsonl)")
     examples = read_examples(args.train, "training data")
     eval_examples = read_examples(args.eval, "eval data") if args.eval else None
-    device = pick_device(args.device)
+    ranks = Ranks(pick_device(args.device))
+    device = ranks.device
     dtype = pick_dtype(device, args.dtype)
     adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
 
@@ -492,13 +511,15 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
     tokenizer.padding_side = "right"
 
     def save(step, metrics, trainer_state=None):
-        save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics,
-                        pretrained={"": TrainedModel(model, tokenizer, merged=trainer_state is None)},
-                        data_version=args.data_version,
-                        trainer_state=trainer_state)
+        if ranks.main:
+            save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics,
+                            pretrained={"": TrainedModel(model, tokenizer, merged=trainer_state is None)},
+                            data_version=args.data_version,
+                            trainer_state=trainer_state)
+        ranks.wait()
 
     metrics = train_sft(model, tokenizer, examples, args, on_progress, eval_examples=eval_examples, save=save,
-                        resume_state=resume_state)
+                        resume_state=resume_state, ranks=ranks)
     save(metrics["sft/steps"], metrics)
     metrics["sft/checkpoint"] = str(args.out)
     return metrics

@@ -1,0 +1,139 @@
+"""Every training stage under `accelerate launch` with two processes (gloo on CPU): the same result as one
+process with the same global batch, and a killed run that resumes under two processes and under one.
+
+Tolerance: 1e-4 relative (and 1e-6 absolute) on the final metrics. The two runs see the same rows in the
+same order and seeds; what differs is the order of floating-point sums (gradients averaged across
+processes, padding widths of each process's share), about 1e-7 relative per step in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training.engine.common import read_checkpoint_meta
+from training.engine.tiny_models import build_policy, build_reward
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+RELATIVE, ABSOLUTE = 1e-4, 1e-6
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def launch(stage: str, flags: list[str], processes: int, **popen) -> subprocess.Popen:
+    """`python -m training.engine.<stage>` alone, or under `accelerate launch` with `processes` processes."""
+    module = ["-m", f"training.engine.{stage}", *flags]
+    if processes == 1:
+        command = [PYTHON, *module]
+    else:  # --multi_gpu picks torchrun's launcher, which runs gloo on a machine without GPUs
+        command = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0", *module]
+    return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
+
+
+def run(stage: str, flags: list[str], processes: int = 1) -> dict:
+    """The final metrics line of a finished run."""
+    process = launch(stage, flags, processes)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-4000:]
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, f"rank 0 alone prints the final metrics, got {len(lines)} lines"
+    return json.loads(lines[0])
+
+
+def assert_close(one: dict, two: dict, names: list[str]) -> None:
+    for name in names:
+        assert two[name] == pytest.approx(one[name], rel=RELATIVE, abs=ABSOLUTE), name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("distributed")
+    sums = [(a, b) for a in range(8) for b in range(8)]
+    (root / "sft.jsonl").write_text("\n".join(
+        json.dumps({"instruction": f"Add {a} and {b}.", "output": f"The answer is {a + b}."}) for a, b in sums))
+    (root / "pairs.jsonl").write_text("\n".join(
+        json.dumps({"prompt": f"Add {a} and {b}.", "chosen": f"The answer is {a + b}.",
+                    "rejected": "I do not know, sorry." if (a + b) % 2 else "No."}) for a, b in sums))
+    (root / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": f"Add {a} and {b}."}) for a, b in sums[:16]))
+    return {"root": str(root), "policy": str(build_policy("llama", root / "llama")),
+            "reward": str(build_reward("bert", root / "bert")), **{n: str(root / f"{n}.jsonl")
+                                                                  for n in ("sft", "pairs", "prompts")}}
+
+
+def test_sft_on_two_processes_matches_one(data):
+    flags = ["--model", data["policy"], "--train", data["sft"], "--eval", data["sft"], "--batch-size", "8",
+             "--max-steps", "10", "--lr", "1e-3", "--device", "cpu"]
+    one = run("sft", [*flags, "--out", f"{data['root']}/sft-1"])
+    two = run("sft", [*flags, "--out", f"{data['root']}/sft-2"], processes=2)
+    assert one["sft/loss"] < one["sft/first_loss"] - 0.5  # it learned something to compare
+    assert_close(one, two, ["sft/loss", "sft/first_loss", "sft/eval_loss", "sft/grad_norm"])
+    assert two["sft/steps"] == 10 and read_checkpoint_meta(f"{data['root']}/sft-2")["step"] == 10
+
+
+def test_reward_model_on_two_processes_matches_one(data):
+    flags = ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "3",
+             "--lr", "1e-3", "--device", "cpu", "--no-resume", "--eval-every", "5"]
+    one = run("reward", [*flags, "--out", f"{data['root']}/rm-1"])
+    two = run("reward", [*flags, "--out", f"{data['root']}/rm-2"], processes=2)
+    assert one["rm/loss"] < 0.6  # it learned something to compare
+    assert_close(one, two, ["rm/loss", "rm/eval_loss", "rm/accuracy", "rm/margin", "rm/train_accuracy"])
+    assert (two["rm/train_tokens"], two["rm/steps"]) == (one["rm/train_tokens"], one["rm/steps"])
+
+
+def test_lora_ppo_on_two_processes_matches_one(data):
+    """Rollouts sharded across the processes, two minibatches of rows from both, two epochs."""
+    run("reward", ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "2",
+                   "--lr", "1e-3", "--device", "cpu", "--no-resume", "--out", f"{data['root']}/ppo-rm"])
+    flags = ["--policy", data["policy"], "--prompts", data["prompts"], "--reward-model", f"{data['root']}/ppo-rm",
+             "--steps", "3", "--batch-size", "8", "--samples-per-prompt", "2", "--generation-batch-size", "4",
+             "--mini-batch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "8", "--lr", "1e-3",
+             "--lora-r", "4", "--device", "cpu", "--no-resume"]
+    one = run("ppo", [*flags, "--out", f"{data['root']}/ppo-1"])
+    two = run("ppo", [*flags, "--out", f"{data['root']}/ppo-2"], processes=2)
+    assert one["ppo/kl"] > 0  # the policy moved away from its reference
+    assert_close(one, two, ["ppo/reward", "ppo/kl", "ppo/entropy", "ppo/policy_loss", "ppo/value_loss",
+                            "ppo/approx_kl", "ppo/rlhf_reward"])
+    assert (Path(data["root"]) / "ppo-2" / "adapter").is_dir()
+
+
+def _kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
+    """SIGKILL the whole run (launcher and every rank) once it wrote a resumable checkpoint; its step."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        meta = read_checkpoint_meta(checkpoint)
+        if meta is not None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            return int(meta["step"])
+        assert process.poll() is None, process.stderr.read()[-4000:]
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint within 240 s")
+
+
+@pytest.mark.parametrize("after", [2, 1], ids=["resumed-on-2", "resumed-on-1"])
+def test_reward_run_killed_on_two_processes_resumes(data, after):
+    flags = ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "30",
+             "--lr", "1e-3", "--device", "cpu", "--save-every", "20", "--eval-every", "0"]
+    out = Path(data["root"]) / f"rm-killed-{after}"
+    uninterrupted = run("reward", [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
+    step = _kill_at_checkpoint(launch("reward", [*flags, "--out", str(out)], 2), out.with_name(out.name + ".resume"))
+    assert 0 < step < uninterrupted["rm/steps"]
+    resumed = run("reward", [*flags, "--resume", "--out", str(out)], processes=after)
+    assert resumed["rm/steps"] == uninterrupted["rm/steps"]
+    assert_close(uninterrupted, resumed, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_loss"])
+

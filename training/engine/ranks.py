@@ -1,0 +1,132 @@
+"""The processes of one training run: which one this is, and the few collectives a stage needs, through accelerate.
+
+A plain `python -m training.engine.<stage>` is one process, and every method here is then the identity
+(no accelerate object is made, the stage runs exactly as it always did). Under
+`accelerate launch --num_processes N` (DDP by default; FSDP or DeepSpeed ZeRO from a config file in
+configs/accelerate/) each process trains on its share of every global batch, accelerate's wrapper
+averages the gradients, and rank 0 alone reports progress and writes checkpoints. The global batch, the
+order of the data and the seeds are those of a one-process run, so a checkpoint resumes under any number
+of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from training.engine.common import EngineError, ProgressFn
+from training.engine.stop import StopWithoutSaving
+
+_RUN, _STOP, _STOP_WITHOUT_SAVING = 0, 1, 2
+
+
+class RankStopped(EngineError):
+    """Raised on every other process when rank 0's progress callback stopped the run (a cancel)."""
+
+
+def launched_processes() -> int:
+    """How many processes `accelerate launch` (or torchrun) started for this run; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Ranks:
+    """This process's place among the run's processes (accelerate's Accelerator when there are several)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.world = launched_processes()
+        self.rank = 0
+        self.device = device or torch.device("cpu")
+        self.accelerator = None
+        if self.world > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=self.device.type == "cpu")
+            self.rank = self.accelerator.process_index
+            self.device = self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def check_divides(self, name: str, value: int) -> None:
+        """Refuse a global batch setting that does not split evenly over the processes."""
+        if value % self.world:
+            raise EngineError(f"{name} {value} does not split over {self.world} processes: use a multiple "
+                              f"of {self.world}")
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This process's contiguous share of a global batch (all of it with one process)."""
+        if self.world == 1:
+            return list(items)
+        size = -(-len(items) // self.world)
+        return list(items[self.rank * size:(self.rank + 1) * size])
+
+    def prepare(self, *objects):
+        """Models and their optimizer wrapped for the backend (DDP, FSDP, DeepSpeed); unchanged with one process."""
+        if self.accelerator is None:
+            return objects if len(objects) > 1 else objects[0]
+        return self.accelerator.prepare(*objects)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+        if self.accelerator is None:
+            return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    def sum(self, value: torch.Tensor | float) -> torch.Tensor:
+        """The sum over all processes of a tensor (or number) every process holds."""
+        if self.world == 1:
+            return torch.as_tensor(value)
+        value = torch.as_tensor(value, device=self.device).to(torch.float64)
+        return self.accelerator.reduce(value, reduction="sum")
+
+    def mean(self, value: torch.Tensor | float) -> float:
+        """The mean over processes of a number each holds (a per-process metric)."""
+        return float(self.sum(float(value))) / self.world
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Rows of every process concatenated in rank order (the rows of a one-process batch)."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import gather_object
+
+        rows = gather_object([value.detach().cpu()])
+        return torch.cat(rows).to(value.device)
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """ppo.masked_whiten over the real tokens of every process's rows (the global batch's mean and variance)."""
+        n = self.sum(mask.sum())
+        mean = self.sum((x * mask).sum()) / n.clamp(min=1)
+        var = self.sum((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)  # unbiased, as TRL
+        whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+        return (whitened if shift_mean else whitened + mean).to(x.dtype) * mask
+
+    def report(self, on_progress: ProgressFn, event: dict[str, Any]) -> None:
+        """on_progress(event) on rank 0; when it raises there (a cancel), every process raises at this step."""
+        error: BaseException | None = None
+        if self.main:
+            try:
+                on_progress(event)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below on every process
+                error = exc
+        if self.world > 1:
+            code = _RUN if error is None else _STOP_WITHOUT_SAVING if isinstance(error, StopWithoutSaving) else _STOP
+            code = int(self.accelerator.reduce(torch.tensor(code, device=self.device), reduction="sum"))
+            if code and error is None:
+                error = (StopWithoutSaving if code >= _STOP_WITHOUT_SAVING else RankStopped)(
+                    "rank 0 stopped the run")
+        if error is not None:
+            raise error
+
+    def wait(self) -> None:
+        """Every process reaches this line before any goes on (after rank 0 wrote a checkpoint)."""
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
