@@ -137,3 +137,83 @@ def test_reward_run_killed_on_two_processes_resumes(data, after):
     assert resumed["rm/steps"] == uninterrupted["rm/steps"]
     assert_close(uninterrupted, resumed, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_loss"])
 
+
+def _parent(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _rank_pid(rank: int) -> int | None:
+    """The process of `rank` among this test's descendants (its environment names its rank)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"training.engine.launch" not in (entry / "cmdline").read_bytes():
+                continue
+            if f"RANK={rank}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            pid = int(entry.name)
+            while pid > 1 and pid != os.getpid():
+                pid = _parent(pid)
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid():
+            return int(entry.name)
+    return None
+
+
+def test_worker_launch_relays_progress_stops_every_rank_and_resumes(data, monkeypatch):
+    """engine.launch (PAIRLOOP_TRAINING_PROCESSES): events reach the caller, a cancel stops both ranks with
+    a checkpoint, and the next attempt resumes from it to the uninterrupted run's result."""
+    from training.engine import launch, reward
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    args = reward.RewardArgs(model=data["reward"], train=data["pairs"], batch_size=8, epochs=6, lr=1e-3,
+                             device="cpu", save_every=5, eval_every=0, out=f"{data['root']}/rm-launched")
+    whole = run("reward", ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "6",
+                           "--lr", "1e-3", "--device", "cpu", "--eval-every", "0", "--no-resume",
+                           "--out", f"{data['root']}/rm-launched-whole"])
+    seen = []
+
+    def cancel_at_7(event):
+        seen.append(event)
+        if event.get("step") == 7:
+            raise KeyboardInterrupt("cancel")
+
+    with pytest.raises(KeyboardInterrupt):
+        launch.run("reward", args, cancel_at_7, processes=2)
+    assert [e["step"] for e in seen if "step" in e][:7] == list(range(1, 8))
+    stopped_at = read_checkpoint_meta(reward.resume_dir(args.out))["step"]  # both ranks at this step
+    assert 7 <= stopped_at < whole["rm/steps"]  # the child runs ahead of the parent by a step or so
+
+    resumed = []
+    final = launch.run("reward", args, resumed.append, processes=2)
+    assert "resumed from" in resumed[0]["log"] and resumed[0]["step"] == stopped_at
+    assert final["rm/steps"] == whole["rm/steps"]
+    assert_close(whole, final, ["rm/loss", "rm/accuracy", "rm/eval_loss"])
+
+
+def test_worker_launch_fails_within_a_minute_when_a_rank_dies(data, monkeypatch):
+    from training.engine import launch, reward
+    from training.engine.common import EngineError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    args = reward.RewardArgs(model=data["reward"], train=data["pairs"], batch_size=8, epochs=500, lr=1e-3,
+                             device="cpu", eval_every=0, resume=False, out=f"{data['root']}/rm-rank-dies")
+    killed = {}
+
+    def kill_rank_1(event):
+        if event.get("step") == 3 and not killed:
+            pid = _rank_pid(1)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            killed["at"] = time.monotonic()
+
+    with pytest.raises(EngineError, match="training processes failed"):
+        launch.run("reward", args, kill_rank_1, processes=2)
+    assert killed and time.monotonic() - killed["at"] < 60
+

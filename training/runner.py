@@ -291,6 +291,19 @@ def device() -> str:
     return settings.PAIRLOOP["DEVICE"]
 
 
+def train(stage: str, args: Any, progress: Progress) -> dict[str, Any]:
+    """Run an engine stage in this worker, or over PAIRLOOP_TRAINING_PROCESSES processes (engine.launch)."""
+    from importlib import import_module
+
+    from training.engine import launch
+
+    processes = settings.PAIRLOOP["TRAINING_PROCESSES"]
+    if processes == 1:
+        return import_module(f"training.engine.{stage}").main(args, progress)
+    progress.line(f"{stage} on {processes} processes (accelerate launch)")
+    return launch.run(stage, args, progress, processes, settings.PAIRLOOP["ACCELERATE_CONFIG"])
+
+
 def _fresh_start(job: Job) -> Path:
     """This attempt's own directory, empty: anything there was left by an earlier database whose ids
     were the same, and must not be taken for this attempt's checkpoint."""
@@ -425,7 +438,7 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
         device=device(), **({"model": backbone} if backbone else {}),
     )
     progress.line(f"Reward model from {args.model} on {round_.dataset_path}")
-    metrics = reward.main(args, progress)
+    metrics = train("reward", args, progress)
     return Outcome(metrics, str(out), {"reward_checkpoint": str(out)})
 
 
@@ -454,7 +467,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
         resume_from=_earlier_checkpoint(job, "policy", ppo.resume_dir),
     )
     progress.line(f"PPO on {len(prompts)} prompts for {args.steps} steps of {args.batch_size} rollouts")
-    metrics = ppo.main(args, progress)
+    metrics = train("ppo", args, progress)
     metrics["rendered_prompt"] = metrics.pop("ppo/rendered_prompt", "")
     return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
 
