@@ -4,6 +4,8 @@ prompts are conversations, and the round trains the reward model, PPO and sampli
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from annotate.actions import PairInput, add_pairs
@@ -37,10 +39,10 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
     return prompts
 
 
-def test_a_round_trains_and_samples_a_chat_model_in_its_own_template(tiny_world, tmp_path_factory, client):
-    folder = tmp_path_factory.mktemp("chat-models")
+def chat_campaign(folder, slug: str = "chat") -> tuple[Campaign, str, list]:
+    """A campaign on a tiny Qwen2 chat policy, with seed pairs judged by a simulated labeler."""
     policy = build_policy("qwen2", folder / "policy")
-    campaign = Campaign.objects.create(slug="chat", name="chat", overlap=1, policy_model=str(policy),
+    campaign = Campaign.objects.create(slug=slug, name=slug, overlap=1, policy_model=str(policy),
                                        system_prompt=SYSTEM, max_new_tokens=12, stop_strings="###")
     prompts = conversations(12)
     samples = sample_responses(str(policy), prompts, num_per_prompt=3, max_new_tokens=12, temperature=1.0, seed=0,
@@ -53,6 +55,11 @@ def test_a_round_trains_and_samples_a_chat_model_in_its_own_template(tiny_world,
     judge = make_judge(f"rm:{build_reward('qwen2', folder / 'judge')}", device="cpu")
     simulate_labelers(campaign, judge, noise=0.0, count=1000)
     assert actions.usable_judgments(campaign) >= 10
+    return campaign, policy, prompts
+
+
+def test_a_round_trains_and_samples_a_chat_model_in_its_own_template(tiny_world, tmp_path_factory, client):
+    campaign, policy, prompts = chat_campaign(tmp_path_factory.mktemp("chat-models"))
 
     # The launch form offers what the campaign names; the round runs on the tiny preset with them.
     config = build_config("tiny", actions.campaign_settings(campaign))
@@ -90,3 +97,22 @@ def test_a_round_trains_and_samples_a_chat_model_in_its_own_template(tiny_world,
     page = client.get(round_.get_absolute_url()).content.decode()
     assert "The first prompt exactly as the model saw it" in page
     assert "&lt;|im_start|&gt;system\nAnswer in one short sentence.&lt;|im_end|&gt;" in page
+
+
+def test_a_lora_round_on_two_training_processes(tiny_world, tmp_path_factory):
+    """PAIRLOOP_TRAINING_PROCESSES=2: the reward and PPO jobs run under accelerate launch (gloo on CPU), with LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    campaign, policy, _ = chat_campaign(tmp_path_factory.mktemp("chat-lora"), slug="chat-lora")
+    config = build_config("tiny", {**actions.campaign_settings(campaign), "lora_r": "4"})
+    with Worker(env={**tiny_world["env"], "PAIRLOOP_TRAINING_PROCESSES": "2"}, purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 600, worker, "the LoRA round on two processes to finish")
+    round_.refresh_from_db()
+    reward_job, ppo_job = jobs[1], jobs[2]
+    assert "reward on 2 processes" in reward_job.log and "ppo on 2 processes" in ppo_job.log
+    assert ppo_job.result["ppo/kl"] != 0 and ppo_job.step == config.ppo_steps  # the policy moved off its reference
+    # The saved policy: merged weights any transformers user loads, and the adapter beside them.
+    assert (Path(round_.policy_checkpoint) / "adapter" / "adapter_config.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(round_.policy_checkpoint).config.model_type == "qwen2"
+    assert campaign.pairs.filter(round=round_).exists()

@@ -43,6 +43,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "sample_temperature": (0.0, 100.0, True),
     "top_p": (0.0, 1.0, True),
     "priority": (-INT32_MAX - 1, INT32_MAX, False),
+    "lora_r": (0, 4096, False),
 }
 
 
@@ -114,6 +115,10 @@ class RoundConfig:
     """What the new policy's responses are compared with: previous, sft or self."""
     priority: int = 10
     """Queue priority of the new pairs (higher is served first)."""
+    lora_r: int = 0
+    """LoRA rank of the reward model and PPO (common.MemoryArgs); 0 trains every weight, as the demo does."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of the reward model and PPO (common.MemoryArgs)."""
 
     def validate(self) -> None:
         """Raise ConfigError naming every bad value and its setting."""
@@ -174,6 +179,11 @@ def _convert(name: str, raw: Any) -> Any:
             return int(str(raw).strip()) if not isinstance(raw, int) else raw
         except ValueError:
             raise ConfigError({name: f"{name}={raw!r} is not an integer"}) from None
+    if kind == "bool":
+        text = str(raw).strip().lower()
+        if isinstance(raw, bool) or text in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return raw if isinstance(raw, bool) else text in ("true", "1", "yes", "on")
+        raise ConfigError({name: f"{name}={raw!r} is not true or false"})
     if kind == "float":
         try:
             value = float(raw)

@@ -22,11 +22,13 @@ SECTIONS = [
              "ppo_max_new_tokens"]),
     ("Sampling", ["sample_prompts", "sample_per_prompt", "sample_temperature", "top_p"]),
     ("New pairs", ["pairing", "priority"]),
+    ("Memory", ["lora_r", "gradient_checkpointing"]),
 ]
 
 LABELS = {"lr": "Learning rate", "kl_coef": "KL coefficient", "per_prompt": "Responses per prompt",
           "prompts": "Prompts", "model": "Backbone", "prompt": "System prompt", "strings": "Stop strings",
-          "p": "Top-p", "reference": "Reference policy"}
+          "p": "Top-p", "reference": "Reference policy", "r": "LoRA rank",
+          "checkpointing": "Gradient checkpointing"}
 TEXTAREAS = ("system_prompt", "stop_strings")
 
 
@@ -56,6 +58,8 @@ class LaunchRoundForm(forms.Form):
             return forms.IntegerField(min_value=low, max_value=high, **common)
         if kind == "float":
             return forms.FloatField(min_value=low, max_value=high, **common)
+        if kind == "bool":
+            return forms.BooleanField(required=False, **common)
         if name in TEXTAREAS:
             return forms.CharField(required=False, strip=False, widget=forms.Textarea(attrs={"rows": 2}), **common)
         return forms.CharField(required=False, **common)

@@ -432,7 +432,7 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     args = reward.RewardArgs(
         train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
         batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
-        system_prompt=config.system_prompt,
+        system_prompt=config.system_prompt, lora_r=config.lora_r, gradient_checkpointing=config.gradient_checkpointing,
         log_every=2, eval_every=max(10, steps // 10), save_every=max(20, steps // 10), resume=True,
         resume_from=_earlier_checkpoint(job, "reward", reward.resume_dir),
         device=device(), **({"model": backbone} if backbone else {}),
@@ -464,6 +464,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
         samples_per_prompt=config.ppo_samples_per_prompt,
         init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
         save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),
+        lora_r=config.lora_r, gradient_checkpointing=config.gradient_checkpointing,
         resume_from=_earlier_checkpoint(job, "policy", ppo.resume_dir),
     )
     progress.line(f"PPO on {len(prompts)} prompts for {args.steps} steps of {args.batch_size} rollouts")
