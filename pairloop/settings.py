@@ -279,8 +279,6 @@ PAIRLOOP = {
     "DEVICE": env.str("PAIRLOOP_DEVICE", "auto"),
     # Processes (GPUs) a training job spans through `accelerate launch`; 1 runs it inside the worker.
     "TRAINING_PROCESSES": env.int("PAIRLOOP_TRAINING_PROCESSES", 1, minimum=1),
-    # accelerate config file for those processes (FSDP, DeepSpeed: configs/accelerate/); empty: DDP.
-    "ACCELERATE_CONFIG": env.str("PAIRLOOP_ACCELERATE_CONFIG", ""),
     "MAX_IMPORT_BYTES": env.int("PAIRLOOP_MAX_IMPORT_BYTES", 4 * 1024**3, minimum=1),
     "MAX_UPLOAD_BYTES": env.int("PAIRLOOP_MAX_UPLOAD_BYTES", 256 * 1024**2, minimum=1),
     # Experiment tracker that also gets every training job's metrics (training/tracking.py); empty: none.

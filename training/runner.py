@@ -301,7 +301,7 @@ def train(stage: str, args: Any, progress: Progress) -> dict[str, Any]:
     if processes == 1:
         return import_module(f"training.engine.{stage}").main(args, progress)
     progress.line(f"{stage} on {processes} processes (accelerate launch)")
-    return launch.run(stage, args, progress, processes, settings.PAIRLOOP["ACCELERATE_CONFIG"])
+    return launch.run(stage, args, progress, processes)
 
 
 def _fresh_start(job: Job) -> Path:

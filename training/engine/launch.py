@@ -1,6 +1,6 @@
 """One engine stage on several processes: `accelerate launch --num_processes N` as a child of the caller.
 
-The training worker's way to spread a job over the GPUs of its box (PAIRLOOP_TRAINING_PROCESSES). The
+The training worker's way to spread a job over the GPUs of its box (PAIRLOOP_TRAINING_PROCESSES), with DDP. The
 caller's Args go to the child as JSON; rank 0 writes each progress event, and at the end the final
 metrics or the error, as JSON lines on stdout, which `run` hands to the caller's on_progress. When
 on_progress raises (a cancel), `run` creates the stop file: rank 0 sees it at its next step, every rank
@@ -35,16 +35,14 @@ class Stopped(Exception):
     """Raised in rank 0's progress callback when the parent asked the run to stop."""
 
 
-def command(stage: str, args_file: Path, stop_file: Path, processes: int, config_file: str = "") -> list[str]:
-    """The `accelerate launch` command line; without a config file, DDP through torchrun (gloo on CPU)."""
-    backend = ["--config_file", config_file] if config_file else ["--multi_gpu", "--mixed_precision", "no",
-                                                                  "--dynamo_backend", "no"]
-    return [sys.executable, "-m", "accelerate.commands.launch", *backend, "--num_processes", str(processes),
-            "--num_machines", "1", "--main_process_port", "0",
-            "-m", "training.engine.launch", stage, str(args_file), str(stop_file)]
+def command(stage: str, args_file: Path, stop_file: Path, processes: int) -> list[str]:
+    """The `accelerate launch` command line: DDP through torchrun's launcher (NCCL on GPUs, gloo on CPU)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--num_processes", str(processes), "--num_machines", "1",
+            "--main_process_port", "0", "-m", "training.engine.launch", stage, str(args_file), str(stop_file)]
 
 
-def run(stage: str, args: Any, on_progress: ProgressFn, processes: int, config_file: str = "") -> dict[str, Any]:
+def run(stage: str, args: Any, on_progress: ProgressFn, processes: int) -> dict[str, Any]:
     """Run `training.engine.<stage>.main(args)` on `processes` processes; its final metrics."""
     if stage not in STAGES:
         raise EngineError(f"no multi-process stage {stage!r}: one of {', '.join(STAGES)}")
@@ -52,7 +50,7 @@ def run(stage: str, args: Any, on_progress: ProgressFn, processes: int, config_f
         args_file, stop_file, errors = Path(tmp) / "args.json", Path(tmp) / "stop", Path(tmp) / "stderr"
         args_file.write_text(json.dumps(to_jsonable(args)))
         with errors.open("w+") as stderr:
-            child = subprocess.Popen(command(stage, args_file, stop_file, processes, config_file),
+            child = subprocess.Popen(command(stage, args_file, stop_file, processes),
                                      stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
             final, error, stopped = None, None, None
             try:

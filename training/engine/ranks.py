@@ -2,9 +2,9 @@
 
 A plain `python -m training.engine.<stage>` is one process, and every method here is then the identity
 (no accelerate object is made, the stage runs exactly as it always did). Under
-`accelerate launch --num_processes N` (DDP by default; FSDP or DeepSpeed ZeRO from a config file in
-configs/accelerate/) each process trains on its share of every global batch, accelerate's wrapper
-averages the gradients, and rank 0 alone reports progress and writes checkpoints. The global batch, the
+`accelerate launch --multi_gpu --num_processes N` each process trains on its share of every global
+batch, accelerate's DDP wrapper averages the gradients, and rank 0 alone reports progress and writes
+checkpoints. FSDP and DeepSpeed shard the weights, which rank 0's save does not gather yet: refused. The global batch, the
 order of the data and the seeds are those of a one-process run, so a checkpoint resumes under any number
 of processes.
 """
@@ -44,6 +44,10 @@ class Ranks:
             from accelerate import Accelerator
 
             self.accelerator = Accelerator(cpu=self.device.type == "cpu")
+            kind = self.accelerator.distributed_type.value
+            if kind not in ("MULTI_GPU", "MULTI_CPU"):
+                raise EngineError(f"pairloop trains on several processes with DDP only, not {kind}: launch with "
+                                  "`accelerate launch --multi_gpu --num_processes N`")
             self.rank = self.accelerator.process_index
             self.device = self.accelerator.device
 
