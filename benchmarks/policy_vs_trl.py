@@ -130,7 +130,7 @@ def run_ours(
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        init_kl_coef=args.beta,
+        kl_coef=args.beta,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=1.0,
@@ -340,7 +340,7 @@ def main() -> None:
     )
     parser.add_argument("--num-generations", type=int, default=4, help="TRL RLOO: samples per prompt (k)")
     parser.add_argument("--lr", type=float, default=PPOArgs.lr, help="learning rate, both")
-    parser.add_argument("--beta", type=float, default=PPOArgs.init_kl_coef, help="KL coefficient, both")
+    parser.add_argument("--beta", type=float, default=PPOArgs.kl_coef, help="KL coefficient, both")
     parser.add_argument("--max-new-tokens", type=int, default=PPOArgs.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=PPOArgs.temperature)
     parser.add_argument(

@@ -96,7 +96,7 @@ def test_it_refuses_target_modules_the_model_lacks_and_8_bit_adam_without_cuda(t
 def test_it_raises_a_rule_reward_with_lora_against_the_base_as_reference(tiny_policy, instructions, tmp_path):
     history = []
     out = tmp_path / "out"
-    ppo.main(ppo_args(tiny_policy, instructions, out, steps=24, batch_size=32, init_kl_coef=0.05),
+    ppo.main(ppo_args(tiny_policy, instructions, out, steps=24, batch_size=32, kl_coef=0.05),
              lambda e: history.append(e["metrics"]), reward_fn=starts_with_the)
 
     first = sum(m["ppo/reward"] for m in history[:3]) / 3

@@ -462,7 +462,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
         out=str(out), system_prompt=config.system_prompt, stop_strings=config.stop_list(),
         steps=config.ppo_steps, batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
         samples_per_prompt=config.ppo_samples_per_prompt,
-        init_kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
+        kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
         save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),
         lora_r=config.lora_r, gradient_checkpointing=config.gradient_checkpointing,
         resume_from=_earlier_checkpoint(job, "policy", ppo.resume_dir),

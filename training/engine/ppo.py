@@ -17,10 +17,9 @@ where we follow its conventions. One step:
   4. advantages by GAE (gamma 1, lambda 1 by default: the return minus the critic's value),
      whitened over the batch (whiten_advantages);
   5. ppo_epochs passes over shuffled minibatches (by default one pass, the whole batch at once) of
-     the clipped surrogate + clipped value loss, gradient norm clipped;
-  6. the adaptive KL controller moves beta toward the target KL.
+     the clipped surrogate + clipped value loss, gradient norm clipped.
 
-Critic (the brief's choice; `critic` switches it): by default a linear value head on the frozen
+Critic: a linear value head on the frozen
 reference model's last hidden state, i.e. a separate critic whose trunk is the starting policy,
 kept frozen, with only the head trained. Stiennon et al. 2020 and [N+] use a separate critic
 initialised from the reward model, and [N+] argue for separating it from the policy so the value
@@ -30,8 +29,7 @@ reference's features come for free from the forward pass the KL penalty needs an
 the rollout's log-probs come from the sampler, so a step costs one sampling pass, one reference
 forward and the policy's forward/backward per epoch. Measured on the demo policy (64 rollouts a
 step, one CPU thread): 2.35 s a step against 2.79 s with the shared-trunk head, and the same
-held-out judge score after 30 steps (0.400 vs 0.401, from 0.306 for the SFT policy). `critic="policy"`
-gives TRL's shared-trunk head (AutoModelForCausalLMWithValueHead) with vf_coef weighting.
+held-out judge score after 30 steps (0.400 vs 0.401, from 0.306 for the SFT policy).
 
 This module never imports Django.
 """
@@ -141,14 +139,8 @@ class PPOArgs(MemoryArgs):
     lr: float = 1e-4
     """Adam learning rate (Stiennon et al. 2020: 1.5e-5 for 1.3B). The demo's 3.6M GPT-2 learned best at
     5e-5-1e-4; 3e-4 lost correctness, 1e-3 collapsed to one-word answers."""
-    init_kl_coef: float = 0.05
-    """beta of the per-token KL penalty (TRL PPOv2 kl_coef 0.05; Ziegler et al. 2019 start at 0.1)."""
-    adaptive_kl: bool = False
-    """Adapt beta toward kl_target with the proportional controller of Ziegler et al. 2019 (sec 2.2)."""
-    kl_target: float = 6.0
-    """Target KL (nats per response) of the adaptive controller (Ziegler et al. 2019; TRL legacy: 6)."""
-    kl_horizon: int = 10000
-    """Horizon (episodes) of the adaptive controller (Ziegler et al. 2019; TRL legacy default 10000)."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty, fixed as in Stiennon et al. 2020 (TRL PPOv2 kl_coef 0.05)."""
     gamma: float = 1.0
     """Discount; 1 for episodic text generation (Ziegler et al. 2019; [N+ §-PPO])."""
     lam: float = 1.0
@@ -158,11 +150,6 @@ class PPOArgs(MemoryArgs):
     policy (benchmarks/policy_vs_trl.py, 60 x 64 episodes, 1000 held-out prompts, judge / KL per
     response): 0.95 gave 0.666 / 0.22, 0.706 / 0.51, 0.722 / 0.67; 1.0 gave 0.680 / 0.22, 0.711 / 0.55,
     0.742 / 0.70."""
-    critic: str = "reference"
-    """Where the value head reads its features: "reference" (the frozen reference's last hidden state,
-    a separate critic whose trunk is the starting policy; no extra forward pass, no value gradient in
-    the policy) or
-    "policy" (a head on the policy's trunk, trained jointly, as TRL's AutoModelForCausalLMWithValueHead)."""
     cliprange: float = 0.2
     """PPO ratio clip epsilon (Schulman et al. 2017; TRL 0.2)."""
     cliprange_value: float = 0.2
@@ -170,8 +157,6 @@ class PPOArgs(MemoryArgs):
     value_lr: float | None = 1e-3
     """Learning rate of the value head (None: lr). On frozen reference features the critic is a small
     regression that can move fast: 1e-3 raised its explained variance on the demo from about 0 to 0.4-0.6."""
-    value_inner: int = 0
-    """Width of the value head's hidden layer (0: a linear head)."""
     vf_coef: float = 0.1
     """Weight of the value loss on the shared trunk (TRL PPOv2 vf_coef 0.1)."""
     max_grad_norm: float = 1.0
@@ -186,12 +171,10 @@ class PPOArgs(MemoryArgs):
     """Subtracted from the score of responses with no EOS (TRL PPOv2; [N+] replaces such scores by -1)."""
     reward_norm: str = "running"
     """Score normalisation: running (mean/std of all scores so far, Ziegler et al. 2019 normalise the
-    reward to mean 0 / std 1), batch (per rollout batch), or none."""
+    reward to mean 0 / std 1) or none."""
     whiten_advantages: bool = True
     """Whiten the advantages of each batch to mean 0 / std 1 ([N+ §"advantage whitening"]; TRL PPOv2). Off,
     a batch whose responses score alike makes a small update, as RLOO's unnormalised advantages do."""
-    whiten_rewards: bool = False
-    """Whiten the per-token rewards of each batch before GAE (TRL PPOv2 whiten_rewards, default off)."""
     seed: int = 0
     """Seed of prompts order, sampling and minibatch order (each step reseeded from it: resumable)."""
     save_every: int = 10
@@ -211,20 +194,17 @@ class PPOArgs(MemoryArgs):
 
 
 class ValueHead(nn.Module):
-    """V(s_t) from a last hidden state: a linear layer (TRL's ValueHead, without dropout), or with
-    `inner` > 0 a one-hidden-layer MLP, for a critic that reads frozen features."""
+    """V(s_t) from the frozen reference's last hidden state: a linear layer (TRL's ValueHead, without dropout)."""
 
-    def __init__(self, hidden_size: int, inner: int = 0):
+    def __init__(self, hidden_size: int):
         super().__init__()
-        self.inner = inner
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, inner), nn.GELU()) if inner else nn.Identity()
-        self.summary = nn.Linear(inner or hidden_size, 1)
+        self.summary = nn.Linear(hidden_size, 1)
         # Zero init of the output: the first advantages are the plain returns, no random critic noise.
         nn.init.zeros_(self.summary.weight)
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
-        return self.summary(self.mlp(hidden.float())).squeeze(-1)
+        return self.summary(hidden.float()).squeeze(-1)
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -235,11 +215,7 @@ class ValueHead(nn.Module):
             {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
             str(path / VALUE_HEAD_FILE),
         )
-        config = {
-            "hidden_size": self.mlp[0].in_features if self.inner else self.summary.in_features,
-            "inner": self.inner,
-        }
-        (path / "config.json").write_text(json.dumps(config))
+        (path / "config.json").write_text(json.dumps({"hidden_size": self.summary.in_features}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ValueHead:
@@ -247,45 +223,9 @@ class ValueHead(nn.Module):
 
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
-        head = cls(int(config["hidden_size"]), int(config.get("inner", 0)))
+        head = cls(int(config["hidden_size"]))
         head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
         return head
-
-
-class AdaptiveKLController:
-    """Ziegler et al. 2019, eq. (2): beta <- beta * (1 + K_beta * e_t), e_t = clip(KL/target - 1, -0.2, 0.2),
-    with K_beta = n_steps / horizon (n_steps = episodes in the batch)."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value = init_kl_coef
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-class FixedKLController:
-    """A constant beta (Stiennon et al. 2020 and Ouyang et al. 2022 use a fixed coefficient)."""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
 
 
 class RunningMoments:
@@ -698,12 +638,8 @@ def _validate_args(args: PPOArgs) -> None:
         raise EngineError(f"temperature must be positive, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise EngineError(f"top_p must be in (0, 1], got {args.top_p}")
-    if args.critic not in ("reference", "policy"):
-        raise EngineError(f"critic must be reference or policy, got {args.critic!r}")
-    if args.reward_norm not in ("running", "batch", "none"):
-        raise EngineError(f"reward_norm must be running, batch or none, got {args.reward_norm!r}")
-    if args.adaptive_kl and (args.kl_target <= 0 or args.kl_horizon <= 0):
-        raise EngineError("adaptive_kl needs a positive kl_target and kl_horizon")
+    if args.reward_norm not in ("running", "none"):
+        raise EngineError(f"reward_norm must be running or none, got {args.reward_norm!r}")
 
 
 def _context_length(model) -> int | None:
@@ -818,13 +754,8 @@ def main(
         for module in policy.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-    critic_on_ref = args.critic == "reference"
-    hidden_size = (ref_policy if critic_on_ref else policy).get_output_embeddings().in_features
-    value_head = (
-        ValueHead.from_pretrained(source / VALUE_HEAD_DIR)
-        if resuming
-        else ValueHead(hidden_size, args.value_inner)
-    ).to(device)
+    hidden_size = ref_policy.get_output_embeddings().in_features
+    value_head = (ValueHead.from_pretrained(source / VALUE_HEAD_DIR) if resuming else ValueHead(hidden_size)).to(device)
     # The sampler's log-probs are those of the rollout policy (same arithmetic, 1e-6 apart in fp32),
     # so in fp32 we take them as the "old" log-probs instead of a second forward pass; under bf16/fp16
     # autocast the sampler's and the trainer's kernels differ more, and we recompute them, as [N+ §"re-
@@ -842,18 +773,12 @@ def main(
         lr=args.lr,
         eps=1e-5,
     )
-    kl_ctl: AdaptiveKLController | FixedKLController = (
-        AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
-        if args.adaptive_kl
-        else FixedKLController(args.init_kl_coef)
-    )
     score_stats = RunningMoments()
     start_step = 0
     metrics: dict[str, Any] = {}
     if resuming:
         state = load_trainer_state(source)
         optimizer.load_state_dict(state["optimizer"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
         score_stats.load_state_dict(state["score_stats"])
         set_rng_state(state["rng"])
         start_step = int(state["step"])
@@ -885,7 +810,6 @@ def main(
             pretrained={"": TrainedModel(policy, tokenizer, merged=False), VALUE_HEAD_DIR: value_head},
             trainer_state={
                 "optimizer": optimizer.state_dict(),
-                "kl_ctl": kl_ctl.state_dict(),
                 "score_stats": score_stats.state_dict(),
                 "rng": rng_state(),
                 "step": step,
@@ -951,9 +875,6 @@ def main(
         if args.reward_norm == "running":
             score_stats.update(ranks.gather(baselined).cpu())
             norm_scores = (baselined - score_stats.mean) / (score_stats.std + 1e-8)
-        elif args.reward_norm == "batch":
-            every = ranks.gather(baselined)
-            norm_scores = (baselined - every.mean()) / (every.std(unbiased=False) + 1e-8)
         else:
             norm_scores = baselined
 
@@ -965,40 +886,31 @@ def main(
             for start in range(0, len(rows), args.generation_batch_size):
                 sl = slice(start, start + args.generation_batch_size)
                 chunk = (query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
-                if not critic_on_ref or not reuse_rollout_logprobs:
-                    lp, _, hidden = forward_response(
-                        policy, *chunk, args.temperature, autocast_dtype, want_hidden=not critic_on_ref
-                    )
-                    old_logprobs.append(lp)
-                    if not critic_on_ref:
-                        old_values.append(value_head(hidden))  # (b, Tr)
+                if not reuse_rollout_logprobs:
+                    old_logprobs.append(forward_response(policy, *chunk, args.temperature, autocast_dtype)[0])
                 with adapters_off(ref_policy):
                     rlp, _, hidden = forward_response(
-                        ref_policy, *chunk, args.temperature, autocast_dtype, want_hidden=critic_on_ref
+                        ref_policy, *chunk, args.temperature, autocast_dtype, want_hidden=True
                     )
                 ref_logprobs.append(rlp)
-                if critic_on_ref:
-                    ref_hidden.append(hidden)
-                    old_values.append(value_head(hidden))  # (b, Tr)
+                ref_hidden.append(hidden)
+                old_values.append(value_head(hidden))  # (b, Tr)
             if old_logprobs:
                 old_logprobs = torch.cat(old_logprobs) * mask  # (B, Tr)
             else:
                 old_logprobs = rollout.logprobs[:, : mask.shape[1]].to(device).float() * mask  # (B, Tr)
             old_values = torch.cat(old_values) * mask  # (B, Tr)
             ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, Tr)
-            ref_hidden = torch.cat(ref_hidden) if critic_on_ref else None  # (B, Tr, H): the critic's input
+            ref_hidden = torch.cat(ref_hidden)  # (B, Tr, H): the critic's input
 
             # 4. Per-token rewards: -beta * KL at each token (Ziegler et al. 2019 eq. 1; Stiennon 2020),
             # plus the score at the last real token ([N+ §"reward at EOS"]).
-            beta = kl_ctl.value
+            beta = args.kl_coef
             kl_per_token = (old_logprobs - ref_logprobs) * mask  # (B, Tr) k1 estimate of KL(pi || ref)
             non_score_reward = -beta * kl_per_token  # (B, Tr)
             rewards = non_score_reward.clone()
             last = (response_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
             rewards[torch.arange(rewards.shape[0], device=device), last] += norm_scores
-            if args.whiten_rewards:
-                rewards = (masked_whiten(rewards, mask, shift_mean=False) if ranks.world == 1
-                           else ranks.whiten(rewards, mask, shift_mean=False))
 
             advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, Tr)
             # Advantage whitening over the batch ([N+ §"advantage whitening"]; TRL PPOv2).
@@ -1032,7 +944,7 @@ def main(
                 mb_old_logprobs, mb_old_values = old_logprobs[mb, :tr], old_values[mb, :tr]
                 mb_adv, mb_returns = advantages[mb, :tr], returns[mb, :tr]
 
-                new_logprobs, logits, hidden = forward_response(
+                new_logprobs, logits, _ = forward_response(
                     trained_policy,
                     q_ids,
                     q_mask,
@@ -1040,11 +952,10 @@ def main(
                     r_mask,
                     args.temperature,
                     autocast_dtype,
-                    want_hidden=not critic_on_ref,
                     # checkpointed blocks drop the shared cache; DDP allows one forward per backward
                     share_prefix=not args.gradient_checkpointing and ranks.world == 1,
                 )
-                new_values = trained_head(ref_hidden[mb, :tr] if critic_on_ref else hidden)  # (b, tr)
+                new_values = trained_head(ref_hidden[mb, :tr])  # (b, tr)
                 if epoch == 0:  # the policy's entropy on its own samples, read off the first pass
                     with torch.no_grad():
                         entropy_sum += (entropy_from_logits(logits) * mb_mask).sum().item()
@@ -1084,9 +995,7 @@ def main(
 
         policy.eval()
 
-        # 6. Adaptive KL: measured KL per response against the target (Ziegler et al. 2019).
-        mean_kl = ranks.gather(kl_per_token.sum(1)).mean().item()
-        kl_ctl.update(mean_kl, args.batch_size)
+        mean_kl = ranks.gather(kl_per_token.sum(1)).mean().item()  # nats per response
 
         with torch.no_grad():
             flat_returns, flat_values = ranks.gather(returns[mask.bool()]), ranks.gather(old_values[mask.bool()])

@@ -105,13 +105,13 @@ class Ranks:
         rows = gather_object([value.detach().cpu()])
         return torch.cat(rows).to(value.device)
 
-    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ppo.masked_whiten over the real tokens of every process's rows (the global batch's mean and variance)."""
         n = self.sum(mask.sum())
         mean = self.sum((x * mask).sum()) / n.clamp(min=1)
         var = self.sum((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)  # unbiased, as TRL
         whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-        return (whitened if shift_mean else whitened + mean).to(x.dtype) * mask
+        return whitened.to(x.dtype) * mask
 
     def report(self, on_progress: ProgressFn, event: dict[str, Any]) -> None:
         """on_progress(event) on rank 0; when it raises there (a cancel), every process raises at this step."""
