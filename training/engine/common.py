@@ -8,6 +8,7 @@ Plain Python over torch and transformers; this package never imports Django.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pickle
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from training.engine.fields import field_docs
 from training.engine.stop import StopWithoutSaving  # noqa: F401 - part of this module's API
@@ -417,6 +419,119 @@ def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes that run the prompt template's shared header once (SFT, PPO)
+
+
+def checkpointing(model) -> bool:
+    """Whether the model recomputes its activations in the backward pass (enable_memory_switches)."""
+    new_name = hasattr(model, "activation_checkpointing_enable")  # transformers 5.x renamed it
+    return bool(getattr(model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing", False))
+
+
+def can_share_prefix(model) -> bool:
+    """Prefix sharing is exact only without dropout, and needs a model that takes and returns a cache."""
+    if "cache" not in inspect.signature(model.forward).parameters or checkpointing(model):
+        return False  # (checkpointed blocks drop the cache)
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return False
+    config = model.config
+    return not any(float(getattr(config, name, 0) or 0) > 0
+                   for name in ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"))
+
+
+def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor, stop: int | None = None) -> int:
+    """How many leading real tokens every row of a left- or right-padded batch has in common (the prompt
+    template's header). The prefix ends before the logit that predicts real token `stop` of a row: SFT's
+    first label; by default the shortest row's end, whose logit predicts PPO's first response token."""
+    lengths = mask.sum(1)  # (B,)
+    shortest = int(lengths.min())
+    limit = shortest if stop is None else min(stop, shortest)
+    if limit < 2:
+        return 0
+    starts = mask.long().argmax(1)  # (B,) first real column of each row
+    columns = starts[:, None] + torch.arange(shortest, device=input_ids.device)[None]  # (B, shortest)
+    heads = input_ids.gather(1, columns)  # (B, shortest)
+    same = (heads == heads[:1]).all(0)  # (shortest,)
+    common = shortest if bool(same.all()) else int((~same).long().argmax())
+    return min(common, limit - 1)
+
+
+def prefix_forward(model, input_ids: torch.Tensor, mask: torch.Tensor, shared: int,
+                   position_ids: torch.Tensor | None = None, **kwargs):
+    """model(input_ids, attention_mask=mask, position_ids, **kwargs) for the columns after the first `shared`,
+    which every row has in common: those run once with batch 1 and their keys and values are repeated for the
+    batch in the same autograd graph, so outputs and gradients are the full forward's (exact, with dropout off).
+    `mask` and `position_ids` cover every column; shared=0 is the plain forward over all of them."""
+    if not shared:
+        positions = {} if position_ids is None else {"position_ids": position_ids}
+        return model(input_ids=input_ids, attention_mask=mask, **positions, **kwargs)
+    from transformers import DynamicCache
+
+    batch, length = input_ids.shape
+    cache = DynamicCache(config=model.config)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(input_ids=input_ids[:1, :shared], position_ids=torch.arange(shared, device=input_ids.device)[None],
+          cache=cache, use_cache=True, **keep)
+    cache.batch_repeat_interleave(batch)  # (1, heads, P, d) -> (B, heads, P, d), differentiable: gradients sum back
+    if position_ids is None:
+        position_ids = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    return model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=position_ids[:, shared:],
+                 **{**kwargs, "cache": cache, "use_cache": True})
+
+
+MIN_SHARED_PREFIX = 8  # below this many tokens, sharing PPO's prompt header is not worth a second call
+
+
+def forward_response(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
+                     autocast_dtype: torch.dtype | None = None, want_hidden: bool = False, share_prefix: bool = True):
+    """Log-probs (B, Tr) of the response tokens under logits / temperature, those logits (B, Tr, V) and, with
+    want_hidden, the last hidden state before each response token (B, Tr, H), a value head's input (else None).
+    query_ids (B, Tq) left-padded, response_ids (B, Tr) right-padded; the header every query starts with goes
+    through the model once (prefix_forward)."""
+    batch, tq = query_ids.shape
+    tr = response_ids.shape[1]
+    k = shared_prefix_length(query_ids, query_mask) if share_prefix else 0
+    if k >= MIN_SHARED_PREFIX:
+        start = int(tq - query_mask[0].sum())
+        # Move the header's k columns to the front, each row keeping its left padding: [header | padding |
+        # instruction]. Positions count real tokens only, so every token sees what it saw before.
+        cols = torch.arange(tq - k, device=query_ids.device)[None]  # (1, Tq - k)
+        row_starts = (tq - query_mask.sum(1))[:, None]  # (B, 1)
+        source = torch.where(cols < row_starts, cols, cols + k)  # (B, Tq - k)
+        query_ids = torch.cat([query_ids[:1, start : start + k].expand(batch, -1), query_ids.gather(1, source)], 1)
+        query_mask = torch.cat([torch.ones_like(query_mask[:, :k]), query_mask.gather(1, source)], 1)
+    else:
+        k = 0
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Tq + Tr)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, Tq + Tr)
+    # Left padding: positions count real tokens only, as generation does ([N+ §"padding"]).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq + Tr)
+    with torch.autocast(device_type=input_ids.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        out = prefix_forward(model, input_ids, attention_mask, k, position_ids, output_hidden_states=want_hidden,
+                             use_cache=False, logits_to_keep=tr + 1)  # only the logits that predict the response
+    # The logit at the last query position predicts response token 0, and so on.
+    logits = out.logits[:, -(tr + 1) : -1].float() / temperature  # (B, Tr, V)  [N+ §"temperature"]
+    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, response_ids.unsqueeze(-1)).squeeze(-1)  # (B, Tr)
+    hidden = out.hidden_states[-1][:, tq - k - 1 : tq - k - 1 + tr] if want_hidden else None  # (B, Tr, H)
+    return logprobs, logits, hidden
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:  # (B, T, V) -> (B, T)
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def trim_padding(query_ids, query_mask, response_ids, response_mask):
+    """Drop query columns that are padding in every row (left) and response columns past every end."""
+    keep_q = query_mask.bool().any(0)  # (Tq,)
+    first = int(keep_q.float().argmax()) if keep_q.any() else query_ids.shape[1] - 1
+    lengths = response_mask.sum(1)
+    last = max(int(lengths.max()), 1)
+    return query_ids[:, first:], query_mask[:, first:], response_ids[:, :last], response_mask[:, :last]
 
 
 def to_jsonable(value: Any) -> Any:

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.engine.ranks import Ranks
@@ -62,6 +61,8 @@ from training.engine.common import (
     apply_lora,
     base_dtype,
     enable_memory_switches,
+    entropy_from_logits,
+    forward_response,
     ProgressFn,
     StopWithoutSaving,
     find_checkpoint,
@@ -82,6 +83,7 @@ from training.engine.common import (
     set_seed,
     stop_token_ids,
     to_jsonable,
+    trim_padding,
 )
 
 STAGE = "ppo"
@@ -421,128 +423,6 @@ class CombinedReward:
             parts[name] = values.mean().item()
             total += weight * values
         return total, parts
-
-
-# --------------------------------------------------------------------------------------------
-# Forward pass over (query, response)
-
-
-MIN_SHARED_PREFIX = 8  # below this many tokens, sharing the prompt prefix is not worth a second call
-
-
-def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor) -> int:
-    """How many leading real tokens every (left-padded) query has in common, leaving at least one
-    token of each query to the per-row part. With the Alpaca template that is the fixed header
-    ("Below is an instruction ... ### Instruction:"), a third of the tokens of a demo episode."""
-    lengths = query_mask.sum(1)  # (B,)
-    shortest = int(lengths.min())
-    if shortest < 2:
-        return 0
-    starts = query_ids.shape[1] - lengths  # (B,) first real column of each row
-    columns = starts[:, None] + torch.arange(shortest, device=query_ids.device)[None]  # (B, shortest)
-    heads = query_ids.gather(1, columns)  # (B, shortest)
-    same = (heads == heads[:1]).all(0)  # (shortest,)
-    common = shortest if bool(same.all()) else int((~same).long().argmax())
-    return min(common, shortest - 1)
-
-
-def forward_response(
-    model,
-    query_ids,
-    query_mask,
-    response_ids,
-    response_mask,
-    temperature: float,
-    autocast_dtype: torch.dtype | None = None,
-    want_hidden: bool = False,
-    share_prefix: bool = True,
-):
-    """Log-probs of the response tokens (under logits / temperature), their logits and hidden states.
-
-    query_ids (B, Tq) left-padded, response_ids (B, Tr) right-padded.
-    Returns logprobs (B, Tr), logits (B, Tr, V) and, with want_hidden, the last hidden state before
-    each response token (B, Tr, H), the input of a value head (else None).
-
-    When every query starts with the same k tokens (the prompt template's header), those are run
-    once with batch 1 and their keys/values repeated for the batch, in the same autograd graph, so
-    the result and its gradient are those of the full forward (an exact saving, not an approximation).
-    """
-    batch, tq = query_ids.shape
-    tr = response_ids.shape[1]
-    k = shared_prefix_length(query_ids, query_mask) if share_prefix else 0
-    cache = None
-    if k >= MIN_SHARED_PREFIX:
-        start = int(tq - query_mask[0].sum())
-        header = query_ids[:1, start : start + k]  # (1, k)
-        # Drop the header's k columns from each row, keeping its left padding: (B, Tq - k).
-        cols = torch.arange(tq - k, device=query_ids.device)[None]  # (1, Tq - k)
-        row_starts = (tq - query_mask.sum(1))[:, None]  # (B, 1)
-        source = torch.where(cols < row_starts, cols, cols + k)  # (B, Tq - k)
-        rest_ids, rest_mask = query_ids.gather(1, source), query_mask.gather(1, source)
-        input_ids = torch.cat([rest_ids, response_ids], dim=1)  # (B, Tq - k + Tr)
-        # [header | padding | instruction | response]: padding in the middle is masked out, and positions
-        # count real tokens only, so every token sees what it saw in the left-padded layout.
-        attention_mask = torch.cat(
-            [torch.ones_like(query_mask[:, :k]), rest_mask, response_mask], dim=1
-        ).long()
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, k:]  # (B, Tq - k + Tr)
-    else:
-        k = 0
-        input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Tq + Tr)
-        attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, Tq + Tr)
-        # Left padding: positions count real tokens only, as generation does ([N+ §"padding"]).
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq + Tr)
-    with torch.autocast(
-        device_type=input_ids.device.type,
-        dtype=autocast_dtype or torch.float32,
-        enabled=autocast_dtype is not None,
-    ):
-        if k:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
-            model(
-                input_ids=header,
-                position_ids=torch.arange(k, device=header.device)[None],
-                cache=cache,
-                use_cache=True,
-            )
-            cache.batch_repeat_interleave(batch)  # (1, heads, k, d) -> (B, heads, k, d), differentiable
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            output_hidden_states=want_hidden,
-            use_cache=cache is not None,
-            logits_to_keep=tr + 1,  # only the logits that predict response tokens
-        )
-    # The logit at the last query position predicts response token 0, and so on.
-    logits = out.logits[:, -(tr + 1) : -1].float() / temperature  # (B, Tr, V)  [N+ §"temperature"]
-    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, response_ids.unsqueeze(-1)).squeeze(
-        -1
-    )  # (B, Tr)
-    hidden = None
-    if want_hidden:
-        tq_here = tq - k
-        hidden = out.hidden_states[-1][
-            :, tq_here - 1 : tq_here - 1 + tr
-        ]  # (B, Tr, H): state before each token
-    return logprobs, logits, hidden
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:  # (B, T, V) -> (B, T)
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def trim_padding(query_ids, query_mask, response_ids, response_mask):
-    """Drop query columns that are padding in every row (left) and response columns past every end."""
-    keep_q = query_mask.bool().any(0)  # (Tq,)
-    first = int(keep_q.float().argmax()) if keep_q.any() else query_ids.shape[1] - 1
-    lengths = response_mask.sum(1)
-    last = max(int(lengths.max()), 1)
-    return query_ids[:, first:], query_mask[:, first:], response_ids[:, :last], response_mask[:, :last]
 
 
 # --------------------------------------------------------------------------------------------

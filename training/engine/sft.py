@@ -33,6 +33,7 @@ from training.engine.common import (
     TrainedModel,
     adam_class,
     apply_lora,
+    can_share_prefix,
     enable_memory_switches,
     ProgressFn,
     StopWithoutSaving,
@@ -45,6 +46,7 @@ from training.engine.common import (
     no_progress,
     pick_device,
     pick_dtype,
+    prefix_forward,
     read_checkpoint_meta,
     render_prompt,
     run_cli,
@@ -52,6 +54,7 @@ from training.engine.common import (
     save_checkpoint,
     set_rng_state,
     set_seed,
+    shared_prefix_length,
 )
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (PyTorch cross_entropy default)
@@ -294,31 +297,7 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     return batches
 
 
-def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> int:
-    """How many leading tokens every row shares (the prompt template), stopping before any label."""
-    same = (input_ids == input_ids[:1]).all(0) & mask.bool().all(0)  # (T,)
-    common = int(same.long().cumprod(0).sum())
-    first_label = int((labels != IGNORE_INDEX).long().argmax(1).min())  # earliest response position
-    return max(0, min(common, first_label - 1))
-
-
-def checkpointing(model) -> bool:
-    """Whether the model recomputes its activations in the backward pass (common.enable_memory_switches)."""
-    new_name = hasattr(model, "activation_checkpointing_enable")  # transformers 5.x renamed it
-    return bool(getattr(model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing", False))
-
-
-def can_share_prefix(model) -> bool:
-    """Prefix sharing is exact only without dropout, and needs a model that takes and returns a cache."""
-    import inspect
-
-    if "cache" not in inspect.signature(model.forward).parameters or checkpointing(model):
-        return False  # (checkpointed blocks drop the cache)
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        return False
-    config = model.config
-    return not any(float(getattr(config, name, 0) or 0) > 0
-                   for name in ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"))
+MIN_SHARED_PREFIX = 4  # below this many shared tokens, the plain forward
 
 
 def response_loss(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
@@ -326,23 +305,15 @@ def response_loss(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: to
     """Mean cross-entropy over response tokens of the batch, and how many there were.
 
     With `share_prefix`, the tokens every row starts with (the Alpaca template's preamble, about
-    40% of a demo example) go through the model once, and their keys and values are repeated for
-    the batch: the same logits and gradients as the full forward, for less compute.
+    40% of a demo example) go through the model once (common.prefix_forward): the same logits and
+    gradients as the full forward, for less compute.
     """
-    batch, length = input_ids.shape
-    shared = shared_prefix_length(input_ids, mask, labels) if share_prefix and batch > 1 else 0
-    if shared >= 4:
-        import inspect
-
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        prefix = model(input_ids=input_ids[:1, :shared], use_cache=True, **keep)
-        cache = prefix.cache
-        cache.batch_repeat_interleave(batch)  # (1, H, P, D) -> (B, H, P, D); gradients sum back
-        positions = torch.arange(shared, length, device=input_ids.device).expand(batch, -1)
-        logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=positions,
-                       cache=cache).logits  # (B, T-P, V) for positions P..T-1
-    else:
-        logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
+    shared = 0
+    if share_prefix and input_ids.shape[0] > 1:
+        first_label = int((labels != IGNORE_INDEX).long().argmax(1).min())  # earliest response position
+        shared = shared_prefix_length(input_ids, mask, stop=first_label)
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    logits = prefix_forward(model, input_ids, mask, shared).logits  # (B, T - P, V) for positions P..T-1
     pred = logits[:, :-1, :].float()  # position t predicts token t+1
     target = labels[:, shared + 1:]  # (B, T-P-1)
     n_tokens = int((target != IGNORE_INDEX).sum())
