@@ -100,7 +100,9 @@ def child(stage: str, config: str, inputs_json: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import peft  # noqa: F401 - imported in every child, so the floor is the same for all
+    # Imported in every child, so the floor is the same for all (data.py imports datasets only to read pairs).
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
 
     from training.engine import ppo, reward, sft  # noqa: F401 - the floor imports the same modules
 

@@ -1,4 +1,4 @@
-"""Preference pairs from the labeling app's export, checked and ready for reward training.
+"""Preference pairs from the labeling app's export, checked and ready for reward training; PPO's prompts.
 
 The export uses TRL's columns (https://huggingface.co/docs/trl/dataset_formats, "preference"):
 `prompt` (text, or chat turns [{"role", "content"}]), `chosen`, `rejected` (text, or TRL's
@@ -6,7 +6,8 @@ conversational form: a list of assistant turns), plus
 `margin` (float, from the labelers' strength; may be absent), `pair_id`, `labeler`. It comes as
 JSONL, Parquet, or a directory written by `datasets.Dataset.save_to_disk`; the same file feeds TRL.
 
-Plain Python over `datasets`; never imports Django.
+Plain Python over `datasets` (imported when pairs are read, so PPO's import stays light); never imports
+Django.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, DatasetDict, load_from_disk
+from .common import EngineError, Prompt, prompt_text
 
-from .common import EngineError, prompt_text
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
@@ -43,6 +46,8 @@ def read_pairs(path: str | Path) -> tuple[Dataset, list[int]]:
     """`load_pairs`, and the rows (1-based) left out because their chosen or rejected response is empty:
     public sets have a few (Anthropic HH has pairs whose preferred reply is empty), and they must not
     cost the whole file; a pair can only be learned from when both of its responses say something."""
+    from datasets import Dataset
+
     path = Path(path).expanduser()
     if not path.exists():
         raise EngineError(f"pairs file {str(path)!r} does not exist")
@@ -72,6 +77,8 @@ def read_pairs(path: str | Path) -> tuple[Dataset, list[int]]:
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows as plain dicts, whatever the file format."""
     if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
         try:
             loaded = load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as exc:
@@ -204,3 +211,45 @@ def data_version(path: str | Path) -> str:
                 digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+def read_prompts(source: str | Sequence[Prompt]) -> list[tuple[Prompt, str]]:
+    """PPO's (prompt, input) pairs from a list of prompts (text or chat turns), a JSONL file or a text file of lines."""
+    if isinstance(source, (list, tuple)):
+        items: list[Any] = list(source)
+    else:
+        path = Path(str(source))
+        if not str(source):
+            raise EngineError(
+                "no prompts given: pass --prompts FILE (JSONL with a 'prompt' field, or text lines)"
+            )
+        if not path.exists():
+            raise EngineError(f"prompts file {str(source)!r} does not exist")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items = []
+        for number, line in enumerate(lines, 1):
+            if path.suffix in (".jsonl", ".json") or line.lstrip().startswith("{"):
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise EngineError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            else:
+                items.append(line)
+    prompts = []
+    for number, item in enumerate(items, 1):
+        if isinstance(item, dict):
+            if "prompt" in item:
+                prompt = item["prompt"]
+                prompt_text(prompt)  # refuses what is neither text nor chat turns
+                prompts.append((prompt, str(item.get("input") or "")))
+            elif "instruction" in item:
+                prompts.append((str(item["instruction"]), str(item.get("input") or "")))
+            else:
+                raise EngineError(f"prompt {number} has neither a 'prompt' nor an 'instruction' field")
+        else:
+            prompt_text(item)
+            prompts.append((item, ""))
+    prompts = [(ins, inp) for ins, inp in prompts if prompt_text(ins).strip()]
+    if not prompts:
+        raise EngineError("no prompts: the prompt source is empty")
+    return prompts

@@ -42,7 +42,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,6 @@ from training.engine.common import (
     no_progress,
     pick_device,
     pick_dtype,
-    prompt_text,
     read_checkpoint_meta,
     render_prompt,
     run_cli,
@@ -85,14 +83,12 @@ from training.engine.common import (
     to_jsonable,
     trim_padding,
 )
+from training.engine.data import read_prompts
+from training.engine.reward import CombinedReward, RewardFn, check_reward_sources
 
 STAGE = "ppo"
-RULE_PREFIX = "rule:"
 VALUE_HEAD_DIR = "value_head"
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, responses) -> scores
-
 
 @dataclass
 class PPOArgs(MemoryArgs):
@@ -281,148 +277,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs: prompts and reward sources
-
-
-def read_prompts(source: str | Sequence[Prompt]) -> list[tuple[Prompt, str]]:
-    """(prompt, input) pairs from a list of prompts (text or chat turns), a JSONL file or a text file of lines."""
-    if isinstance(source, (list, tuple)):
-        items: list[Any] = list(source)
-    else:
-        path = Path(str(source))
-        if not str(source):
-            raise EngineError(
-                "no prompts given: pass --prompts FILE (JSONL with a 'prompt' field, or text lines)"
-            )
-        if not path.exists():
-            raise EngineError(f"prompts file {str(source)!r} does not exist")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        items = []
-        for number, line in enumerate(lines, 1):
-            if path.suffix in (".jsonl", ".json") or line.lstrip().startswith("{"):
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise EngineError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            else:
-                items.append(line)
-    prompts = []
-    for number, item in enumerate(items, 1):
-        if isinstance(item, dict):
-            if "prompt" in item:
-                prompt = item["prompt"]
-                prompt_text(prompt)  # refuses what is neither text nor chat turns
-                prompts.append((prompt, str(item.get("input") or "")))
-            elif "instruction" in item:
-                prompts.append((str(item["instruction"]), str(item.get("input") or "")))
-            else:
-                raise EngineError(f"prompt {number} has neither a 'prompt' nor an 'instruction' field")
-        else:
-            prompt_text(item)
-            prompts.append((item, ""))
-    prompts = [(ins, inp) for ins, inp in prompts if prompt_text(ins).strip()]
-    if not prompts:
-        raise EngineError("no prompts: the prompt source is empty")
-    return prompts
-
-
-def _rule_judges() -> dict[str, Callable[[str, str], float]]:
-    from training.engine.demo_tasks import RULE_JUDGES
-
-    return RULE_JUDGES
-
-
-def check_reward_sources(
-    reward_models: Sequence[str], reward_weights: Sequence[float], has_fn: bool
-) -> list[float]:
-    """Refuse unknown rule names, missing checkpoints and mismatched weights, before any step."""
-    if not reward_models and not has_fn:
-        raise EngineError("no reward: pass at least one --reward-model PATH or rule:NAME")
-    weights = list(reward_weights) if reward_weights else [1.0] * len(reward_models)
-    if len(weights) != len(reward_models):
-        raise EngineError(
-            f"{len(reward_weights)} reward weights for {len(reward_models)} reward models: "
-            "give one weight per model"
-        )
-    for source in reward_models:
-        if source.startswith(RULE_PREFIX):
-            name = source[len(RULE_PREFIX) :]
-            judges = _rule_judges()
-            if name not in judges:
-                raise EngineError(f"unknown rule judge {name!r}: known rules are {', '.join(sorted(judges))}")
-        else:
-            path = Path(source).expanduser()
-            if not path.exists():
-                raise EngineError(f"reward model path {source!r} does not exist")
-            if not (path / "config.json").exists():
-                raise EngineError(
-                    f"reward model path {source!r} has no config.json: not a save_pretrained directory"
-                )
-    return [float(w) for w in weights]
-
-
-class CombinedReward:
-    """Weighted sum of reward sources, each scoring decoded (prompt, response) text: a reward model sees
-    the prompt's chat turns in its own template, rule judges and reward_fn the prompt as text."""
-
-    def __init__(
-        self,
-        reward_models: Sequence[str],
-        weights: Sequence[float],
-        device: torch.device,
-        reward_fn: RewardFn | None = None,
-        system_prompt: str = "",
-    ):
-        self.parts: list[tuple[str, float, Callable[[list[str], list[str]], torch.Tensor]]] = []
-        for source, weight in zip(reward_models, weights, strict=True):
-            if source.startswith(RULE_PREFIX):
-                judge = _rule_judges()[source[len(RULE_PREFIX) :]]
-                self.parts.append((source, weight, self._rule(judge)))
-            else:
-                from training.engine.reward import RewardScorer
-
-                scorer = RewardScorer(source, device=str(device), system_prompt=system_prompt)
-                self.parts.append((source, weight, self._scorer(scorer)))
-        if reward_fn is not None:
-            self.parts.append(("reward_fn", 1.0, self._callable(reward_fn)))
-
-    @staticmethod
-    def _rule(judge):
-        def score(instructions, responses):
-            return torch.tensor([float(judge(prompt_text(i), r)) for i, r in zip(instructions, responses, strict=True)])
-
-        return score
-
-    @staticmethod
-    def _scorer(scorer):
-        def score(instructions, responses):
-            return scorer.score(instructions, responses).detach().float().cpu()
-
-        return score
-
-    @staticmethod
-    def _callable(fn):
-        def score(instructions, responses):
-            values = list(fn([prompt_text(i) for i in instructions], responses))
-            if len(values) != len(responses):
-                raise EngineError(f"reward_fn returned {len(values)} scores for {len(responses)} responses")
-            return torch.tensor([float(v) for v in values])
-
-        return score
-
-    def __call__(
-        self, instructions: list[str], responses: list[str]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        total = torch.zeros(len(responses))  # (B,)
-        parts = {}
-        for name, weight, score in self.parts:
-            values = score(instructions, responses)  # (B,)
-            parts[name] = values.mean().item()
-            total += weight * values
-        return total, parts
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ through the model as one (2B, T) batch padded only to the longest in the batch; 
 from pairs of similar length (as transformers' LengthGroupedSampler does, with batch order shuffled);
 no gradient checkpointing; evaluation under torch.inference_mode, sorted by length.
 
+PPO's reward sources live here too: reward-model checkpoints (RewardScorer), rule judges ("rule:NAME") and
+a callable, weighted and summed by CombinedReward.
+
     python -m training.engine.reward --train pairs.jsonl --out runs/rm [--eval held.jsonl] [--epochs 1]
 """
 
@@ -32,6 +35,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -723,6 +727,108 @@ class RewardScorer:
         return scores
 
     __call__ = score
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward sources of PPO: reward-model checkpoints, rule judges ("rule:NAME"), a callable
+
+RULE_PREFIX = "rule:"
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, responses) -> scores
+
+
+def _rule_judges() -> dict[str, Callable[[str, str], float]]:
+    from training.engine.demo_tasks import RULE_JUDGES
+
+    return RULE_JUDGES
+
+
+def check_reward_sources(
+    reward_models: Sequence[str], reward_weights: Sequence[float], has_fn: bool
+) -> list[float]:
+    """Refuse unknown rule names, missing checkpoints and mismatched weights, before any step."""
+    if not reward_models and not has_fn:
+        raise EngineError("no reward: pass at least one --reward-model PATH or rule:NAME")
+    weights = list(reward_weights) if reward_weights else [1.0] * len(reward_models)
+    if len(weights) != len(reward_models):
+        raise EngineError(
+            f"{len(reward_weights)} reward weights for {len(reward_models)} reward models: "
+            "give one weight per model"
+        )
+    for source in reward_models:
+        if source.startswith(RULE_PREFIX):
+            name = source[len(RULE_PREFIX) :]
+            judges = _rule_judges()
+            if name not in judges:
+                raise EngineError(f"unknown rule judge {name!r}: known rules are {', '.join(sorted(judges))}")
+        else:
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise EngineError(f"reward model path {source!r} does not exist")
+            if not (path / "config.json").exists():
+                raise EngineError(
+                    f"reward model path {source!r} has no config.json: not a save_pretrained directory"
+                )
+    return [float(w) for w in weights]
+
+
+class CombinedReward:
+    """Weighted sum of reward sources, each scoring decoded (prompt, response) text: a reward model sees
+    the prompt's chat turns in its own template, rule judges and reward_fn the prompt as text."""
+
+    def __init__(
+        self,
+        reward_models: Sequence[str],
+        weights: Sequence[float],
+        device: torch.device,
+        reward_fn: RewardFn | None = None,
+        system_prompt: str = "",
+    ):
+        self.parts: list[tuple[str, float, Callable[[list[str], list[str]], torch.Tensor]]] = []
+        for source, weight in zip(reward_models, weights, strict=True):
+            if source.startswith(RULE_PREFIX):
+                judge = _rule_judges()[source[len(RULE_PREFIX) :]]
+                self.parts.append((source, weight, self._rule(judge)))
+            else:
+                scorer = RewardScorer(source, device=str(device), system_prompt=system_prompt)
+                self.parts.append((source, weight, self._scorer(scorer)))
+        if reward_fn is not None:
+            self.parts.append(("reward_fn", 1.0, self._callable(reward_fn)))
+
+    @staticmethod
+    def _rule(judge):
+        def score(instructions, responses):
+            return torch.tensor([float(judge(prompt_text(i), r)) for i, r in zip(instructions, responses, strict=True)])
+
+        return score
+
+    @staticmethod
+    def _scorer(scorer):
+        def score(instructions, responses):
+            return scorer.score(instructions, responses).detach().float().cpu()
+
+        return score
+
+    @staticmethod
+    def _callable(fn):
+        def score(instructions, responses):
+            values = list(fn([prompt_text(i) for i in instructions], responses))
+            if len(values) != len(responses):
+                raise EngineError(f"reward_fn returned {len(values)} scores for {len(responses)} responses")
+            return torch.tensor([float(v) for v in values])
+
+        return score
+
+    def __call__(
+        self, instructions: list[str], responses: list[str]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros(len(responses))  # (B,)
+        parts = {}
+        for name, weight, score in self.parts:
+            values = score(instructions, responses)  # (B,)
+            parts[name] = values.mean().item()
+            total += weight * values
+        return total, parts
 
 
 # ---------------------------------------------------------------------------------------------
