@@ -200,6 +200,14 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def step_generator(seed: int, step: int, salt: int, device: torch.device) -> torch.Generator:
+    """A generator seeded from (seed, step): each step's randomness is independent of history, so a
+    resumed run draws exactly what the uninterrupted run drew."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1))
+    return generator
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG's state in types torch.load(weights_only=True) reads (numpy's key array as a tensor)."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
@@ -282,6 +290,16 @@ def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype =
         raise EngineError(f"cannot load a causal LM from {name_or_path!r}: {exc}") from exc
     ensure_pad_token(tokenizer, model)
     return model.to(device), tokenizer
+
+
+def context_length(model) -> int | None:
+    """The model's number of positions, from whichever config name its family uses; None when it names none."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_reward_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -520,6 +538,26 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     return logprobs, logits, hidden
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1).clamp(min=1)  # unbiased, as TRL
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Whiten over the real tokens only ([N+ §"advantage whitening"]; TRL masked_whiten)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:  # (B, T, V) -> (B, T)
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
@@ -654,6 +692,12 @@ def _complete_meta(path: Path) -> dict[str, Any] | None:
         return json.loads((path / CHECKPOINT_META).read_text())
     except (OSError, ValueError):
         return None
+
+
+def resume_dir(out: str | Path) -> Path:
+    """The resumable checkpoint of a run writing to `out` (reward model, PPO): `<out>.resume/`."""
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
 
 
 def find_checkpoint(path: str | Path) -> Path | None:

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import EngineError, Prompt, prompt_text
+import torch
+
+from .common import EngineError, Prompt, prompt_text, step_generator
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -253,3 +255,13 @@ def read_prompts(source: str | Sequence[Prompt]) -> list[tuple[Prompt, str]]:
     if not prompts:
         raise EngineError("no prompts: the prompt source is empty")
     return prompts
+
+
+def prompt_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """The prompts of PPO's `step`: consecutive slices of a fresh shuffle per pass over the n prompts."""
+    indices = []
+    for k in range(step * batch, (step + 1) * batch):
+        epoch = k // n
+        perm = torch.randperm(n, generator=step_generator(seed, epoch, 101, torch.device("cpu")))
+        indices.append(int(perm[k % n]))
+    return indices

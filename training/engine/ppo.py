@@ -69,11 +69,14 @@ from training.engine.common import (
     encode_prompts,
     load_causal_lm,
     load_trainer_state,
+    masked_mean,
+    masked_whiten,
     no_progress,
     pick_device,
     pick_dtype,
     read_checkpoint_meta,
     render_prompt,
+    resume_dir,
     run_cli,
     rng_state,
     save_checkpoint,
@@ -83,6 +86,9 @@ from training.engine.common import (
     to_jsonable,
     trim_padding,
 )
+from training.engine.common import context_length as _context_length
+from training.engine.common import step_generator as _step_generator
+from training.engine.data import prompt_indices as _prompt_indices
 from training.engine.data import read_prompts
 from training.engine.reward import CombinedReward, RewardFn, check_reward_sources
 
@@ -256,30 +262,6 @@ class RunningMoments:
 
 
 # --------------------------------------------------------------------------------------------
-# Masked statistics
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
-    return var * n / (n - 1).clamp(min=1)  # unbiased, as TRL
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Whiten over the real tokens only ([N+ §"advantage whitening"]; TRL masked_whiten)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-# --------------------------------------------------------------------------------------------
 # GAE and losses
 
 
@@ -311,33 +293,6 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, T)
     returns = advantages + values
     return advantages * mask, returns * mask
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def resume_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + ".resume")
-
-
-def _step_generator(seed: int, step: int, salt: int, device: torch.device) -> torch.Generator:
-    """A generator seeded from (seed, step): each step's randomness is independent of history, so a
-    resumed run draws exactly what the uninterrupted run drew."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1))
-    return generator
-
-
-def _prompt_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """Prompts of `step`: consecutive slices of a fresh shuffle per pass over the prompts."""
-    indices = []
-    for k in range(step * batch, (step + 1) * batch):
-        epoch = k // n
-        perm = torch.randperm(n, generator=_step_generator(seed, epoch, 101, torch.device("cpu")))
-        indices.append(int(perm[k % n]))
-    return indices
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,15 +329,6 @@ def _validate_args(args: PPOArgs) -> None:
         raise EngineError(f"top_p must be in (0, 1], got {args.top_p}")
     if args.reward_norm not in ("running", "none"):
         raise EngineError(f"reward_norm must be running or none, got {args.reward_norm!r}")
-
-
-def _context_length(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def main(

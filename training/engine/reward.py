@@ -68,6 +68,7 @@ from .common import (
     pick_dtype,
     prompt_text,
     read_checkpoint_meta,
+    resume_dir,
     run_cli,
     rng_state,
     save_checkpoint,
@@ -147,12 +148,6 @@ RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_deca
                "max_grad_norm", "use_margin", "truncated_weight", "center_rewards_coef", "group_by_length",
                "shuffle", "disable_dropout", "seed", "eval_fraction", "system_prompt", "token_types", "lora_r",
                "lora_target_modules")
-
-
-def resume_dir(out: str | Path) -> Path:
-    """The resumable checkpoint of a run writing to `out`."""
-    out = Path(out)
-    return out.with_name(out.name + ".resume")
 
 
 # ---------------------------------------------------------------------------------------------
