@@ -2,7 +2,7 @@
 
 The launch form, `manage.py launch_round --set KEY=VALUE` and the runner all read this one
 definition. Defaults come from the engine (training/engine/*.py, where each is cited); the demo
-preset fits the demo campaign on 2 CPU cores in a few minutes, the tiny preset fits a test.
+preset fits the demo campaign on 2 CPU cores (benchmarks/README.md, "Closed loop"), the tiny preset a test.
 """
 
 from __future__ import annotations
@@ -84,18 +84,17 @@ class RoundConfig:
     reward_max_length: int = 256
     """Longest (prompt, response) in tokens for the reward model; the demo's are well under it."""
     ppo_steps: int = 30
-    """PPO iterations (each: a rollout batch and its optimisation); 30 x 64 take about 25 s on 2 cores."""
+    """PPO iterations (each: a rollout batch and its optimisation); 30, the engine's default."""
     ppo_batch_size: int = 64
-    """Rollouts per PPO step (the engine's default, measured on the demo policy in training/engine/ppo.py)."""
+    """Rollouts per PPO step (the engine's default, measured on the demo policy: benchmarks/README.md)."""
     ppo_samples_per_prompt: int = 1
     """Responses per prompt in a PPO batch; 2 or more baseline each score by the others' mean (RLOO's
     leave-one-out baseline, training/engine/ppo.py)."""
     ppo_mini_batch_size: int = 32
-    """Rollouts per gradient step inside a PPO step (16 reached the same reward with more KL)."""
+    """Rollouts per gradient step inside a PPO step (measured against 16 and 64: benchmarks/README.md)."""
     ppo_kl_coef: float = 0.15
-    """beta of the per-token KL penalty to the SFT policy, in every round. TRL PPOv2 uses 0.05; on the demo
-    (benchmarks/closed_loop.py) 0.15 kept more of the SFT policy's correctness (0.625 vs 0.600 by round 3)
-    for a higher judge score (+0.067 vs +0.054 over SFT) at the same win rate."""
+    """beta of the per-token KL penalty to the SFT policy, in every round (TRL PPOv2: 0.05); 0.15 measured by
+    benchmarks/closed_loop.py (benchmarks/README.md)."""
     ppo_lr: float = 1e-4
     """PPO Adam learning rate (the engine's default for the demo policy)."""
     ppo_max_new_tokens: int = 48
@@ -103,8 +102,8 @@ class RoundConfig:
     ppo_save_every: int = 10
     """Resumable PPO checkpoint every N steps (a killed worker resumes from the last one)."""
     sample_prompts: int = 128
-    """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them); sampling them
-    takes seconds, and each round's pairs are what teach the next reward model the new policy's faults."""
+    """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them); each round's pairs
+    are what teach the next reward model the new policy's faults."""
     sample_per_prompt: int = 2
     """Responses per prompt from each policy (the number of new pairs per prompt)."""
     sample_temperature: float = 0.7

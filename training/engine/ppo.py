@@ -1,37 +1,13 @@
 """PPO against one or more reward models, with a per-token KL penalty to a frozen reference.
 
-The algorithm of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"),
-Stiennon et al. 2020 ("Learning to summarize from human feedback") and Ouyang et al. 2022
-(InstructGPT), with the implementation details catalogued by Huang et al. 2024 ("The N+
-Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization"), cited below as
-[N+ §n] by the number of the detail in that paper, and TRL's PPOv2 trainer (von Werra et al.)
-where we follow its conventions. One step:
-
-  1. rollouts: sample samples_per_prompt responses per prompt from the policy (sample.generate, KV cache);
-  2. scores: decode the responses to text and score (instruction, response) with each reward
-     source (reward-model checkpoints with their own tokenizers, rule judges, or a callable),
-     weighted sum; subtract a penalty from responses that never emitted EOS; subtract from each
-     score the mean score of its prompt's other samples (RLOO's leave-one-out baseline);
-  3. per-token rewards: -beta * (logp - logp_ref) at every response token, plus the
-     (normalised) score at the last token;
-  4. advantages by GAE (gamma 1, lambda 1 by default: the return minus the critic's value),
-     whitened over the batch (whiten_advantages);
-  5. ppo_epochs passes over shuffled minibatches (by default one pass, the whole batch at once) of
-     the clipped surrogate + clipped value loss, gradient norm clipped.
-
-Critic: a linear value head on the frozen
-reference model's last hidden state, i.e. a separate critic whose trunk is the starting policy,
-kept frozen, with only the head trained. Stiennon et al. 2020 and [N+] use a separate critic
-initialised from the reward model, and [N+] argue for separating it from the policy so the value
-loss does not pull on the policy's weights. We cannot initialise it from the reward model: ours may
-use another tokenizer (MiniLM) or be a rule, so there are no per-token reward-model features. The
-reference's features come for free from the forward pass the KL penalty needs anyway, and in fp32
-the rollout's log-probs come from the sampler, so a step costs one sampling pass, one reference
-forward and the policy's forward/backward per epoch. Measured on the demo policy (64 rollouts a
-step, one CPU thread): 2.35 s a step against 2.79 s with the shared-trunk head, and the same
-held-out judge score after 30 steps (0.400 vs 0.401, from 0.306 for the SFT policy).
-
-This module never imports Django.
+Ziegler et al. 2019, Stiennon et al. 2020 and Ouyang et al. 2022 (InstructGPT), with the details catalogued
+by Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"), cited as [N+ §n], and TRL's PPOv2
+conventions. Each step of main() samples samples_per_prompt responses per prompt (sample.generate), scores
+them (reward.CombinedReward, less RLOO's leave-one-out baseline), adds a per-token KL penalty to the
+reference, takes GAE advantages and makes ppo_epochs passes of the clipped losses; its numbered comments
+cite each detail. The critic is a value head on the frozen reference's last hidden state, a
+critic separate from the policy as in Stiennon et al. 2020 and [N+] (why, measured:
+benchmarks/README.md). This module never imports Django.
 """
 
 from __future__ import annotations
@@ -96,71 +72,53 @@ STAGE = "ppo"
 VALUE_HEAD_DIR = "value_head"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
+
 @dataclass
 class PPOArgs(MemoryArgs):
-    """Settings of one PPO run. Defaults fit the demo policy on a 2-core CPU (about two minutes)."""
+    """Settings of one PPO run; the defaults fit the demo policy on a CPU (benchmarks/README.md says why)."""
 
     policy: str = ""
     """Causal LM to train (save_pretrained directory or hub name in the local cache)."""
     ref_policy: str | None = None
-    """Frozen reference for the KL penalty; None: the starting policy (Ziegler et al. 2019), LoRA's adapters off."""
+    """Frozen KL reference; None: the starting policy (Ziegler et al. 2019), under LoRA with adapters off."""
     reward_models: list[str] = field(default_factory=list)
     """Reward sources: reward-model checkpoint paths, or "rule:NAME" for a rule judge of demo_tasks."""
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward source (empty: all 1.0), e.g. quality + safety as in the seed material."""
     prompts: str | list[Prompt] = ""
-    """JSONL with a "prompt" (text or chat turns; or "instruction"/"input") per line, a text file of lines, or a list."""
+    """JSONL with a "prompt" (text or chat turns; or "instruction"/"input") per line, text lines or a list."""
     system_prompt: str = ""
-    """System turn before each prompt that has none (chat models; before the instruction template otherwise)."""
+    """System turn before each prompt without one (chat models; else before the instruction template)."""
     stop_strings: list[str] = field(default_factory=list)
     """Texts that end a response besides the model's end-of-turn tokens; none by default."""
     out: str = "var/models/ppo-policy"
     """Directory of the final policy; the resumable checkpoint goes to `<out>.resume/`."""
     steps: int = 30
-    """PPO iterations (rollout batch + optimisation); 30 x 64 demo episodes take 1.5-3 minutes on 2 cores."""
+    """PPO iterations (rollout batch + optimisation); 30, the demo runs of benchmarks/README.md."""
     batch_size: int = 64
     """Rollouts per step (TRL PPOv2 uses 64 per device x accumulation; Stiennon et al. 512)."""
     samples_per_prompt: int = 4
-    """Responses sampled for each prompt of a step (batch_size must be a multiple). With k >= 2 each
-    response's score is baselined by the mean score of the other k - 1 responses to its prompt before
-    normalisation and GAE: the leave-one-out baseline of RLOO (Kool et al. 2019; Ahmadian et al. 2024),
-    as OpenRLHF's reinforce_baseline subtracts the group mean. How hard a prompt is then no longer
-    reaches the advantages, which an untrained critic cannot remove. Measured on the demo policy
-    (benchmarks/policy_vs_trl.py, 1000 held-out prompts): k=4 scored 0.660 / 0.681 at KL 0.14 / 0.26,
-    k=1 0.644 / 0.669 at KL 0.15 / 0.27, at the same speed."""
+    """Responses per prompt, each baselined by the others' mean (RLOO); 4 measured in benchmarks/README.md."""
     mini_batch_size: int | None = None
-    """Rollouts per gradient step; None (the default) takes the whole rollout batch, one step per batch
-    and epoch, as RLOO does.
-    Measured on the demo policy (30 x 64 episodes): 16 reached the same judge score as 32 and 64 with
-    more KL (1.09 vs 0.97 vs 0.70 nats): smaller minibatches add noise that costs KL. With lam=1
-    (benchmarks/policy_vs_trl.py, 60 x 64, 1000 held-out prompts), the whole batch of 64 scored 0.729
-    at KL 0.56 where 32 scored 0.711 at 0.55, and the same as 32 at KL 0.25 and 0.70."""
+    """Rollouts per gradient step; None: the whole batch, one update as RLOO (benchmarks/README.md)."""
     generation_batch_size: int = 64
-    """Sequences sampled (and scored without gradients) together; larger amortises per-token overhead."""
+    """Sequences sampled (and scored without gradients) together; 64, the default batch, in one pass."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch (OpenRLHF's default 1; TRL PPOv2 4). Measured on the demo policy:
-    2 epochs gave the same judge score per episode as 1, at 1.3x the time."""
+    """Passes over each rollout batch; 1 as OpenRLHF (TRL PPOv2: 4), measured in benchmarks/README.md."""
     lr: float = 1e-4
-    """Adam learning rate (Stiennon et al. 2020: 1.5e-5 for 1.3B). The demo's 3.6M GPT-2 learned best at
-    5e-5-1e-4; 3e-4 lost correctness, 1e-3 collapsed to one-word answers."""
+    """Adam learning rate (Stiennon et al. 2020: 1.5e-5 for 1.3B); 1e-4 measured in benchmarks/README.md."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty, fixed as in Stiennon et al. 2020 (TRL PPOv2 kl_coef 0.05)."""
     gamma: float = 1.0
     """Discount; 1 for episodic text generation (Ziegler et al. 2019; [N+ §-PPO])."""
     lam: float = 1.0
-    """GAE lambda (Schulman et al. 2016). Ziegler et al. 2019 and TRL PPOv2 use 0.95; Ahmadian et al.
-    2024 ("Back to Basics") report their PPO did best with lambda = 1: the return minus the critic's
-    value, no bootstrap bias, where the score comes only at the last token. Measured on the demo
-    policy (benchmarks/policy_vs_trl.py, 60 x 64 episodes, 1000 held-out prompts, judge / KL per
-    response): 0.95 gave 0.666 / 0.22, 0.706 / 0.51, 0.722 / 0.67; 1.0 gave 0.680 / 0.22, 0.711 / 0.55,
-    0.742 / 0.70."""
+    """GAE lambda; 1 as Ahmadian et al. 2024 (Back to Basics), measured in benchmarks/README.md."""
     cliprange: float = 0.2
     """PPO ratio clip epsilon (Schulman et al. 2017; TRL 0.2)."""
     cliprange_value: float = 0.2
     """Value clip around the rollout's values (OpenAI baselines ppo2; TRL 0.2)."""
     value_lr: float | None = 1e-3
-    """Learning rate of the value head (None: lr). On frozen reference features the critic is a small
-    regression that can move fast: 1e-3 raised its explained variance on the demo from about 0 to 0.4-0.6."""
+    """Value head learning rate (None: lr); 1e-3 for a critic on frozen features (benchmarks/README.md)."""
     vf_coef: float = 0.1
     """Weight of the value loss on the shared trunk (TRL PPOv2 vf_coef 0.1)."""
     max_grad_norm: float = 1.0
@@ -174,11 +132,9 @@ class PPOArgs(MemoryArgs):
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of responses with no EOS (TRL PPOv2; [N+] replaces such scores by -1)."""
     reward_norm: str = "running"
-    """Score normalisation: running (mean/std of all scores so far, Ziegler et al. 2019 normalise the
-    reward to mean 0 / std 1) or none."""
+    """Score normalisation: running (mean / std of all scores so far, Ziegler et al. 2019) or none."""
     whiten_advantages: bool = True
-    """Whiten the advantages of each batch to mean 0 / std 1 ([N+ §"advantage whitening"]; TRL PPOv2). Off,
-    a batch whose responses score alike makes a small update, as RLOO's unnormalised advantages do."""
+    """Whiten the advantages of each batch to mean 0 / std 1 ([N+ §"advantage whitening"]; TRL PPOv2)."""
     seed: int = 0
     """Seed of prompts order, sampling and minibatch order (each step reseeded from it: resumable)."""
     save_every: int = 10
