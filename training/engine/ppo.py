@@ -23,44 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.engine.ranks import Ranks
 from training.engine.common import (
-    ADAPTER_DIR,
-    EngineError,
-    MemoryArgs,
-    TrainedModel,
-    adam_class,
-    adapters_off,
-    apply_lora,
-    base_dtype,
-    enable_memory_switches,
-    entropy_from_logits,
-    forward_response,
-    ProgressFn,
-    StopWithoutSaving,
-    find_checkpoint,
-    Prompt,
-    encode_prompts,
-    load_causal_lm,
-    load_trainer_state,
-    masked_mean,
-    masked_whiten,
-    no_progress,
-    pick_device,
-    pick_dtype,
-    read_checkpoint_meta,
-    render_prompt,
-    resume_dir,
-    run_cli,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    set_seed,
-    stop_token_ids,
-    to_jsonable,
-    trim_padding,
+    ADAPTER_DIR, EngineError, MemoryArgs, ProgressFn, Prompt, StopWithoutSaving, TrainedModel, adam_class,
+    adapters_off, apply_lora, base_dtype, enable_memory_switches, encode_prompts, entropy_from_logits,
+    find_checkpoint, forward_response, load_causal_lm, load_trainer_state, masked_mean, masked_whiten,
+    no_progress, pick_device, pick_dtype, read_checkpoint_meta, render_prompt, resume_dir, rng_state, run_cli,
+    save_checkpoint, set_rng_state, set_seed, stop_token_ids, to_jsonable, trim_padding
 )
 from training.engine.common import context_length as _context_length
 from training.engine.common import step_generator as _step_generator
@@ -149,10 +121,6 @@ class PPOArgs(MemoryArgs):
     """Compute dtype: auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16. Trained weights: fp32."""
 
 
-# --------------------------------------------------------------------------------------------
-# Value head, KL controller, running statistics
-
-
 class ValueHead(nn.Module):
     """V(s_t) from the frozen reference's last hidden state: a linear layer (TRL's ValueHead, without dropout)."""
 
@@ -167,20 +135,14 @@ class ValueHead(nn.Module):
         return self.summary(hidden.float()).squeeze(-1)
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-            str(path / VALUE_HEAD_FILE),
-        )
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(path / VALUE_HEAD_FILE))
         (path / "config.json").write_text(json.dumps({"hidden_size": self.summary.in_features}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ValueHead:
-        from safetensors.torch import load_file
-
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         head = cls(int(config["hidden_size"]))
@@ -217,10 +179,6 @@ class RunningMoments:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
 
 
-# --------------------------------------------------------------------------------------------
-# GAE and losses
-
-
 def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
     """Each score minus the mean of the other scores of its group (adjacent runs of `group`): RLOO's
     baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"). (B,) -> (B,)."""
@@ -230,12 +188,9 @@ def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
-
-    rewards, values, mask: (B, T). Positions past the end have mask 0: their value and reward are 0,
-    so the last real token bootstraps from 0 (the episode ends there). Returns advantages and
-    returns (B, T) (returns = advantages + values, the critic's target, as in TRL / [N+]).
-    """
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens, all (B, T). Past the end
+    mask, value and reward are 0, so the last real token bootstraps from 0 (the episode ends there).
+    Returns advantages and returns = advantages + values (the critic's target, as in TRL / [N+])."""
     values = values * mask
     rewards = rewards * mask
     t_len = rewards.shape[1]
@@ -251,34 +206,21 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages * mask, returns * mask
 
 
-# --------------------------------------------------------------------------------------------
-# The run
-
-
 def _validate_args(args: PPOArgs) -> None:
     if not args.policy:
         raise EngineError("no policy given: pass --policy PATH")
-    positive = (
-        "steps",
-        "batch_size",
-        "samples_per_prompt",
-        "mini_batch_size",
-        "generation_batch_size",
-        "ppo_epochs",
-        "max_new_tokens",
-    )
+    positive = ("steps", "batch_size", "samples_per_prompt", "mini_batch_size", "generation_batch_size",
+                "ppo_epochs", "max_new_tokens")
     for name in positive:
         value = getattr(args, name)
         if value is not None and int(value) < 1:  # None: the field's own meaning (mini_batch_size: all)
             raise EngineError(f"{name} must be at least 1, got {value}")
     if args.batch_size % args.samples_per_prompt:
-        raise EngineError(
-            f"batch_size ({args.batch_size}) is not a multiple of samples_per_prompt ({args.samples_per_prompt})"
-        )
+        raise EngineError(f"batch_size ({args.batch_size}) is not a multiple of samples_per_prompt "
+                          f"({args.samples_per_prompt})")
     if args.mini_batch_size is not None and args.mini_batch_size > args.batch_size:
-        raise EngineError(
-            f"mini_batch_size ({args.mini_batch_size}) is larger than batch_size ({args.batch_size})"
-        )
+        raise EngineError(f"mini_batch_size ({args.mini_batch_size}) is larger than batch_size "
+                          f"({args.batch_size})")
     if args.temperature <= 0:
         raise EngineError(f"temperature must be positive, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -697,10 +639,6 @@ def main(
     shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
     ranks.wait()
     return {**metrics, "ppo/rendered_prompt": formatted[0]}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
 
 
 def cli(argv: list[str] | None = None) -> int:
