@@ -755,3 +755,22 @@ def test_it_pushes_a_job_s_fragment_and_metric_points_to_reviewers_only(chains, 
     assert 'id="round-status"' in html
     assert points == {"type": "points", "job": job.pk, "attempt": 0,
                       "points": [{"step": 1, "rm/loss": 0.69}, {"step": 2, "rm/loss": 0.6}]}
+
+
+def test_round_defaults_are_the_engines_or_say_why_not():
+    """A round's default equals the engine Args field it feeds, or OVERRIDES says why it differs (and it does)."""
+    import importlib
+    from dataclasses import MISSING, fields
+
+    from training.config import ENGINE_DEFAULTS, OVERRIDES, PRESETS
+
+    round_defaults = PRESETS["demo"]
+    for name, (module, cls, field_name) in ENGINE_DEFAULTS.items():
+        args = getattr(importlib.import_module(f"training.engine.{module}"), cls)
+        spec = next(f for f in fields(args) if f.name == field_name)
+        engine = spec.default if spec.default is not MISSING else spec.default_factory()
+        ours = getattr(round_defaults, name)
+        if name in OVERRIDES:
+            assert ours != engine, f"{name} now equals the engine's {field_name}: drop its override"
+        else:
+            assert ours == engine, f"{name} is {ours!r}, the engine's {cls}.{field_name} is {engine!r}"

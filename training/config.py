@@ -47,6 +47,35 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
 }
 
 
+# Where a round's defaults come from: the engine's Args field each equals (tests/test_rounds.py checks it)...
+ENGINE_DEFAULTS: dict[str, tuple[str, str, str]] = {
+    "reward_epochs": ("reward", "RewardArgs", "epochs"),
+    "reward_lr": ("reward", "RewardArgs", "lr"),
+    "reward_batch_size": ("reward", "RewardArgs", "batch_size"),
+    "reward_max_length": ("reward", "RewardArgs", "max_length"),
+    "ppo_steps": ("ppo", "PPOArgs", "steps"),
+    "ppo_batch_size": ("ppo", "PPOArgs", "batch_size"),
+    "ppo_samples_per_prompt": ("ppo", "PPOArgs", "samples_per_prompt"),
+    "ppo_mini_batch_size": ("ppo", "PPOArgs", "mini_batch_size"),
+    "ppo_kl_coef": ("ppo", "PPOArgs", "kl_coef"),
+    "ppo_lr": ("ppo", "PPOArgs", "lr"),
+    "ppo_max_new_tokens": ("ppo", "PPOArgs", "max_new_tokens"),
+    "ppo_save_every": ("ppo", "PPOArgs", "save_every"),
+    "sample_per_prompt": ("sample", "SampleArgs", "num_per_prompt"),
+    "sample_temperature": ("sample", "SampleArgs", "temperature"),
+    "top_p": ("sample", "SampleArgs", "top_p"),
+    "lora_r": ("common", "MemoryArgs", "lora_r"),
+    "gradient_checkpointing": ("common", "MemoryArgs", "gradient_checkpointing"),
+}
+# ...except these, where a round differs from the engine, and why (figures in benchmarks/README.md).
+OVERRIDES: dict[str, str] = {
+    "reward_max_length": "256, the length the reward benchmarks measure at; the engine's 512 is BERT's limit",
+    "ppo_samples_per_prompt": "1: over three closed-loop rounds 4 ended lower (closed_loop.py, row J)",
+    "ppo_mini_batch_size": "32: over three closed-loop rounds one update per batch ended lower (row L)",
+    "ppo_kl_coef": "0.15: over three closed-loop rounds it kept more of the SFT policy's correctness",
+}
+
+
 def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
