@@ -28,6 +28,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "seed": (0, INT32_MAX - 100_000, False),  # the runner adds the round number and 10,000 to it
     "reward_epochs": (1, 1000, False),
     "reward_lr": (0.0, 1.0, True),
+    "reward_warmup_ratio": (0.0, 1.0, False),
     "reward_batch_size": (1, 65_536, False),
     "reward_max_length": (16, 131_072, False),
     "ppo_steps": (1, 1_000_000, False),
@@ -51,6 +52,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
 ENGINE_DEFAULTS: dict[str, tuple[str, str, str]] = {
     "reward_epochs": ("reward", "RewardArgs", "epochs"),
     "reward_lr": ("reward", "RewardArgs", "lr"),
+    "reward_warmup_ratio": ("reward", "RewardArgs", "warmup_ratio"),
     "reward_batch_size": ("reward", "RewardArgs", "batch_size"),
     "reward_max_length": ("reward", "RewardArgs", "max_length"),
     "ppo_steps": ("ppo", "PPOArgs", "steps"),
@@ -108,6 +110,8 @@ class RoundConfig:
     """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
     reward_lr: float = 1e-4
     """Reward model AdamW learning rate (TRL RewardConfig)."""
+    reward_warmup_ratio: float = 0.0
+    """Share of reward steps with linear warm-up before the linear decay; the engine's default."""
     reward_batch_size: int = 8
     """Preference pairs per reward step."""
     reward_max_length: int = 256

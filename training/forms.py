@@ -17,7 +17,8 @@ from training.config import (
 
 SECTIONS = [
     ("Models and prompting", ["reward_model", "reference", "system_prompt", "stop_strings"]),
-    ("Reward model", ["reward_epochs", "reward_lr", "reward_batch_size", "reward_max_length"]),
+    ("Reward model", ["reward_epochs", "reward_lr", "reward_warmup_ratio", "reward_batch_size",
+                      "reward_max_length"]),
     ("PPO", ["ppo_steps", "ppo_batch_size", "ppo_samples_per_prompt", "ppo_mini_batch_size", "ppo_kl_coef", "ppo_lr",
              "ppo_max_new_tokens"]),
     ("Sampling", ["sample_prompts", "sample_per_prompt", "sample_temperature", "top_p"]),
@@ -25,8 +26,8 @@ SECTIONS = [
     ("Memory", ["lora_r", "gradient_checkpointing"]),
 ]
 
-LABELS = {"lr": "Learning rate", "kl_coef": "KL coefficient", "per_prompt": "Responses per prompt",
-          "prompts": "Prompts", "model": "Backbone", "prompt": "System prompt", "strings": "Stop strings",
+LABELS = {"lr": "Learning rate", "warmup_ratio": "Warm-up share", "kl_coef": "KL coefficient",
+          "per_prompt": "Responses per prompt", "prompts": "Prompts", "model": "Backbone", "prompt": "System prompt", "strings": "Stop strings",
           "p": "Top-p", "reference": "Reference policy", "r": "LoRA rank",
           "checkpointing": "Gradient checkpointing"}
 TEXTAREAS = ("system_prompt", "stop_strings")

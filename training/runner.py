@@ -431,7 +431,8 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     steps = math.ceil(trained_on / config.reward_batch_size) * config.reward_epochs
     args = reward.RewardArgs(
         train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
-        batch_size=config.reward_batch_size, max_length=config.reward_max_length, seed=config.seed,
+        warmup_ratio=config.reward_warmup_ratio, batch_size=config.reward_batch_size,
+        max_length=config.reward_max_length, seed=config.seed,
         system_prompt=config.system_prompt, lora_r=config.lora_r, gradient_checkpointing=config.gradient_checkpointing,
         log_every=2, eval_every=max(10, steps // 10), save_every=max(20, steps // 10), resume=True,
         resume_from=_earlier_checkpoint(job, "reward", reward.resume_dir),
