@@ -8,7 +8,7 @@ Same for every trainer: the packaged all-MiniLM-L6-v2 backbone with the same fre
 (seeded), the same token ids (our PairEncoder: [CLS] prompt [SEP] response [SEP], long pairs truncated
 so none is dropped; TRL is given them pre-tokenized as chosen_ids/rejected_ids, which its
 RewardTrainer accepts), fp32 on the CPU, the same thread count, epochs, batch size, learning rate, linear
-decay, AdamW, clipping at 1.0, dropout off. The rows:
+decay without warm-up, AdamW, clipping at 1.0, dropout off. The rows:
 
   ours              training.engine.reward.main: length-grouped batches, no gradient checkpointing.
   trl               RewardTrainer as shipped (gradient checkpointing on, its default), fed the pairs in
@@ -46,7 +46,8 @@ prefix of one, on both sides; long conversations included), per fold the rows as
 one JSON line per run appended to --out (runs already there are skipped, so partial runs resume and
 combine), and a table of mean ± spread per fold and over folds, with accuracy on held-out pairs that
 fit max_length and on those that do not reported apart (the same pairs for every row: those our
-encoder has to cut). Rows: `ours` (RewardArgs defaults; `ours:truncated_weight=0+lr=5e-5` overrides
+encoder has to cut). Each trainer runs at its own defaults unless --lr is given (ours: 5e-5 with 10%
+warm-up, TRL: 1e-4, none). Rows: `ours` (RewardArgs defaults; `ours:truncated_weight=0+lr=1e-4` overrides
 fields), `trl` = RewardTrainer as shipped: text pairs (the conversation flattened to text, a blank
 line, the response; eos "[SEP]" since the MiniLM has none), its own tokenization, its filter that
 drops pairs over max_length, gradient checkpointing and a seeded random sampler. TRL's model is
@@ -250,7 +251,8 @@ def trl_eval_pairs(tokenizer, texts: dict[str, list[str]], max_length: int, trun
     return out
 
 
-def run_trl_shipped(model_path: str, tokenizer, train_pairs: list[dict], opts, seed: int, out_dir: Path):
+def run_trl_shipped(model_path: str, tokenizer, train_pairs: list[dict], opts, seed: int, lr: float,
+                    out_dir: Path):
     """TRL's RewardTrainer as shipped: text pairs, its own tokenization (prompt + response + eos), its filter that
     drops pairs over max_length, gradient checkpointing and a seeded random sampler (its defaults).
 
@@ -263,7 +265,7 @@ def run_trl_shipped(model_path: str, tokenizer, train_pairs: list[dict], opts, s
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
     config = RewardConfig(
         output_dir=str(out_dir), num_train_epochs=opts.epochs, per_device_train_batch_size=opts.batch_size,
-        learning_rate=opts.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         max_length=opts.max_length, eos_token=TRL_EOS, bf16=False, fp16=False, use_cpu=True, seed=seed,
         data_seed=seed, logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0,
@@ -300,7 +302,9 @@ def done_keys(path: Path) -> set[tuple]:
 def cv_main(opts) -> None:
     """Train and evaluate every row on the folds and seeds asked for; append one JSON line per run to --out."""
     from transformers import AutoConfig
+    from trl import RewardConfig
 
+    trl_lr = RewardConfig.__dataclass_fields__["learning_rate"].default
     out = Path(opts.out)
     done = done_keys(out)
     pairs = oasst_pairs(OASST)
@@ -326,15 +330,15 @@ def cv_main(opts) -> None:
               flush=True)
         for seed in [int(s) for s in opts.seeds.split(",")]:
             for spec in rows:
-                key = (fold, seed, spec, opts.max_length, opts.lr)
-                if key in done:
+                name, overrides = parse_row(spec)
+                lr = (overrides.get("lr", opts.lr) or RewardArgs.lr) if name == "ours" else (opts.lr or trl_lr)
+                if (fold, seed, spec, opts.max_length, lr) in done:
                     print(f"  {spec} seed {seed}: already in {out}", flush=True)
                     continue
-                name, overrides = parse_row(spec)
                 load_before = os.getloadavg()[0]
                 if name == "ours":
                     args = RewardArgs(train=train_file, eval=held_file, model=model_path, out=str(work / "ours"),
-                                      epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size,
+                                      epochs=opts.epochs, lr=lr, batch_size=opts.batch_size,
                                       max_length=opts.max_length, seed=seed, eval_every=0, save_every=0,
                                       device="cpu", dtype="fp32", resume=False)
                     for k, v in overrides.items():
@@ -346,13 +350,13 @@ def cv_main(opts) -> None:
                               "cpu_seconds": m["rm/loop_cpu_seconds"]}
                 else:
                     model, kept, tokens, seconds, cpu_seconds = run_trl_shipped(model_path, tokenizer, train_ds.to_list(),
-                                                                               opts, seed, work / "trl")
+                                                                               opts, seed, lr, work / "trl")
                     m = evaluate(model, held_trl, 32, tokenizer.pad_token_id, torch.device("cpu"), use_margin=False)
                     result = {"accuracy": m["rm/accuracy"], "accuracy_fit": m.get("rm/accuracy_fit"),
                               "accuracy_long": m.get("rm/accuracy_truncated"), "trained_pairs": kept,
                               "tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds}
                     del model
-                result.update({"fold": fold, "seed": seed, "row": spec, "max_length": opts.max_length, "lr": opts.lr,
+                result.update({"fold": fold, "seed": seed, "row": spec, "max_length": opts.max_length, "lr": lr,
                                "train_pairs": len(train_ds), "held_pairs": len(held_ds),
                                "held_long": sum(p["truncated"] for p in held_ours), "threads": opts.threads,
                                "load": [load_before, os.getloadavg()[0]]})
@@ -425,7 +429,8 @@ def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of every row; default: 1e-4, and with --cv each trainer's own default")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
@@ -451,6 +456,7 @@ def main_cli() -> None:
             opts.rows = "ours,trl"
         cv_main(opts)
         return
+    opts.lr = opts.lr or 1e-4
     if opts.epochs != 1 and opts.rows != "ours":
         parser.error("the TRL rows replay one epoch's order: use --epochs 1")
     torch.set_num_threads(opts.threads)
@@ -501,7 +507,7 @@ def main_cli() -> None:
         load_before = os.getloadavg()[0]
         if row == "ours":
             metrics = main(RewardArgs(train=train_file, eval=held_file, model=model_path, out=str(work / name),
-                                      epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size,
+                                      epochs=opts.epochs, lr=opts.lr, warmup_ratio=0.0, batch_size=opts.batch_size,
                                       max_length=opts.max_length, seed=opts.seed, eval_every=0, save_every=0,
                                       device="cpu", dtype="fp32", resume=False))
             results[name] = {"seconds": metrics["rm/loop_seconds"], "cpu_seconds": metrics["rm/loop_cpu_seconds"],
