@@ -71,6 +71,9 @@ ENGINE_DEFAULTS: dict[str, tuple[str, str, str]] = {
 }
 # ...except these, where a round differs from the engine, and why (figures in benchmarks/README.md).
 OVERRIDES: dict[str, str] = {
+    "reward_lr": "1e-4 and no warm-up: the demo's reward model is its GPT-2 policy, measured so by closed_loop.py; "
+                 "the engine's 5e-5 with 10% warm-up is measured on the MiniLM (reward_vs_trl.py --cv)",
+    "reward_warmup_ratio": "0, with reward_lr: what closed_loop.py measured the demo's rounds with",
     "reward_max_length": "256, the length the reward benchmarks measure at; the engine's 512 is BERT's limit",
     "ppo_samples_per_prompt": "1: over three closed-loop rounds 4 ended lower (closed_loop.py, row J)",
     "ppo_mini_batch_size": "32: over three closed-loop rounds one update per batch ended lower (row L)",
@@ -109,9 +112,9 @@ class RoundConfig:
     reward_epochs: int = 1
     """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
     reward_lr: float = 1e-4
-    """Reward model AdamW learning rate (TRL RewardConfig)."""
+    """Reward model AdamW peak learning rate (TRL RewardConfig's; the demo's rounds were measured with it)."""
     reward_warmup_ratio: float = 0.0
-    """Share of reward steps with linear warm-up before the linear decay; the engine's default."""
+    """Share of reward steps with linear warm-up before the linear decay (transformers' default: none)."""
     reward_batch_size: int = 8
     """Preference pairs per reward step."""
     reward_max_length: int = 256
