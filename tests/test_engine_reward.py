@@ -154,6 +154,20 @@ def test_it_learns_a_rule_based_preference_to_95_percent_held_out(bert_path, tmp
     assert not resume_dir(tmp_path / "rm").exists()
 
 
+def test_it_warms_the_learning_rate_up_over_a_tenth_of_the_steps_then_decays_it_to_zero(bert_path, tmp_path):
+    train = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(n_prompts=50, per_prompt=2, seed=4))
+    events = []
+    metrics = main(tiny_args(train, bert_path, tmp_path / "rm", log_every=1, eval_fraction=0.2), events.append)
+    lrs = [e["metrics"]["rm/lr"] for e in events if "rm/lr" in e["metrics"]]
+    assert len(lrs) == metrics["rm/steps"] == 10  # 80 training pairs, 8 a step: one of them warms up
+    assert lrs[0] == pytest.approx(1e-3)  # the peak once its one warm-up step is done
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == 0.0
+    cold = []
+    main(tiny_args(train, bert_path, tmp_path / "cold", log_every=1, eval_fraction=0.2, warmup_ratio=0.5), cold.append)
+    ramp = [e["metrics"]["rm/lr"] for e in cold if "rm/lr" in e["metrics"]]
+    assert ramp[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3]) and ramp[-1] == 0.0
+
+
 def test_it_resumes_to_the_same_weights_and_metrics_as_an_uninterrupted_run(bert_path, tmp_path):
     train = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(n_prompts=30, per_prompt=2, seed=3))
     whole = main(tiny_args(train, bert_path, tmp_path / "whole", epochs=2, eval_every=3))
