@@ -448,8 +448,12 @@ def main_cli() -> None:
     parser.add_argument("--report", default="", help="print the table of a --cv results file and exit")
     opts = parser.parse_args()
     if opts.report:
+        if not Path(opts.report).is_file():
+            sys.exit(f"no results file {opts.report} (write one with --cv --out {opts.report})")
         cv_report(Path(opts.report))
         return
+    if not OASST.exists():
+        sys.exit(f"no OASST data at {OASST} (this benchmark reads ../shared/data/oasst beside the repo)")
     if opts.cv:
         torch.set_num_threads(opts.threads)
         if opts.rows == "ours,trl,trl-same-batches":
@@ -460,8 +464,6 @@ def main_cli() -> None:
     if opts.epochs != 1 and opts.rows != "ours":
         parser.error("the TRL rows replay one epoch's order: use --epochs 1")
     torch.set_num_threads(opts.threads)
-    if not OASST.exists():
-        sys.exit(f"no OASST data at {OASST} (this benchmark reads ../shared/data/oasst beside the repo)")
     rows = [r.strip() for r in opts.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - {"ours", "trl", "trl-same-batches"})
     if unknown:
