@@ -349,6 +349,20 @@ def test_it_refuses_bad_input_with_a_clear_error_before_any_step(case, bert_path
     assert events == [] and not (tmp_path / "rm").exists() and not resume_dir(tmp_path / "rm").exists()
 
 
+@pytest.mark.parametrize("stage", ["reward", "ppo", "sft", "sample"])
+def test_every_stage_prints_its_help_with_each_default(stage, capsys):
+    import importlib
+
+    module = importlib.import_module(f"training.engine.{stage}")
+    with pytest.raises(SystemExit) as exited:
+        module.cli(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--seed" in out and "(default:" in out
+    if stage == "reward":  # a docstring's "10%" is printed as written, not taken for a format
+        assert "BERT's 10% (Devlin" in " ".join(out.split())
+
+
 def test_it_runs_from_the_command_line_and_prints_final_metrics_last(bert_path, tmp_path):
     train = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(n_prompts=20, per_prompt=2, seed=4))
     held_out = write_jsonl(tmp_path / "held.jsonl", rule_pairs(n_prompts=5, per_prompt=2, seed=5))

@@ -860,7 +860,7 @@ def parser_for(cls, description: str, *, prog: str | None = None, required: tupl
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         hint = hints[f.name]
         kind = value_type(hint)
-        doc = docs.get(f.name, "")
+        doc = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %; a "10%" must stay text
         if hint is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc)
         elif typing.get_origin(hint) is list:
