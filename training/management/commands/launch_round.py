@@ -21,7 +21,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("campaign", help="campaign slug")
+        # argparse formats help with %, so a "%" in a setting's docstring must stay text (as in parser_for).
         keys = ", ".join(f"{name} ({field_help(name).rstrip('.')})" for name in FIELDS if name != "preset")
+        keys = keys.replace("%", "%%")
         parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                             help="starting values: demo (minutes on 2 CPU cores) or tiny (for tests)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
