@@ -1,39 +1,26 @@
-"""Template filters. Model outputs are never rendered as HTML; prompts and instructions are
-Markdown rendered and then sanitised (nh3 allow-list: no scripts, no event handlers, no
-javascript: links)."""
+"""Template filters. Model and imported text is Markdown with raw HTML shown as text, instructions keep a small
+HTML allow-list; both sanitised by nh3 (annotate.rendering)."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-import markdown as markdown_lib
-import nh3
 from django import template
 from django.utils.safestring import mark_safe
 
+from annotate.rendering import render_instructions, render_model_text
+
 register = template.Library()
-
-ALLOWED_TAGS = {
-    "p", "br", "hr", "strong", "em", "b", "i", "code", "pre", "blockquote", "ul", "ol", "li",
-    "h1", "h2", "h3", "h4", "h5", "h6", "a", "table", "thead", "tbody", "tr", "th", "td", "del",
-}
-
-
-@lru_cache(maxsize=4096)
-def render_markdown(text: str) -> str:
-    html = markdown_lib.markdown(text or "", extensions=["fenced_code", "tables", "sane_lists"])
-    return nh3.clean(
-        html,
-        tags=ALLOWED_TAGS,
-        attributes={"a": {"href", "title"}},
-        url_schemes={"http", "https", "mailto"},
-        link_rel="noopener noreferrer nofollow",
-    )
 
 
 @register.filter(name="markdown")
 def markdown_filter(text: str) -> str:
-    return mark_safe(render_markdown(text))  # noqa: S308 - sanitised by nh3 above
+    """A prompt, response or chat turn: what the model wrote, formatted, every character shown."""
+    return mark_safe(render_model_text(text))  # noqa: S308 - escaped, then sanitised by nh3
+
+
+@register.filter(name="instructions_markdown")
+def instructions_filter(text: str) -> str:
+    """Text an admin wrote (instructions, content warning): Markdown with an HTML allow-list."""
+    return mark_safe(render_instructions(text))  # noqa: S308 - sanitised by nh3
 
 
 @register.filter
