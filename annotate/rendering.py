@@ -23,7 +23,9 @@ from pairloop import redis_guard
 log = logging.getLogger(__name__)
 
 MAX_MARKDOWN_CHARS = 20_000  # longer texts show as escaped text: the worst input renders in ~0.2 s at this size
-MAX_NESTING = 50  # lists and quotes deeper than this show as escaped text (the renderer would drop the rest)
+# Block and inline nesting levels followed (CommonMark's preset's own): a text with lists or quotes nested deeper
+# shows as escaped text (the renderer would drop the rest). Scanning "[[[…" costs this many steps a character.
+MAX_NESTING = 20
 CACHE_SECONDS = 7 * 24 * 3600
 _FORMAT = "1"  # bump when the output for the same text changes, so cached HTML is not reused
 
@@ -59,7 +61,8 @@ def plain(text: str) -> str:
 
 
 def _too_deep(tokens) -> bool:
-    return any(token.level >= MAX_NESTING - 1 for token in tokens)
+    """Whether a block opens at the last level followed: what it holds would be dropped."""
+    return any(token.nesting == 1 and token.level >= MAX_NESTING - 1 for token in tokens)
 
 
 def _markdown_html(text: str, parser: MarkdownIt) -> str:
