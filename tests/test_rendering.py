@@ -41,12 +41,13 @@ class Region(HTMLParser):
 
     def __init__(self, name: str):
         super().__init__(convert_charrefs=True)
-        self.name, self.depth, self.texts, self.tags = name, 0, [], set()
+        self.name, self.depth, self.texts, self.tags, self.attributes = name, 0, [], set(), []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if self.depth:
             self.tags.add(tag)
+            self.attributes += [(tag, key, value) for key, value in attrs.items()]
             self.depth += tag not in ("br", "hr", "img", "input")
         elif self.name in (attrs.get("class") or "").split() or attrs.get("id") == self.name:
             self.depth = 1
@@ -191,6 +192,36 @@ def test_each_text_is_rendered_once_not_on_every_view(labeler, monkeypatch):
     again = label_page(labeler, campaign)  # the same pair again: the kept HTML, no second rendering
     assert "<em>to</em>" in again and "<pre><code>for i in range(3):" in again
     assert len(parsed) == 3
+
+
+def test_the_round_page_and_the_admin_show_model_html_as_written(admin_user):
+    from annotate.models import Prompt, Response
+    from training.models import Job, Round
+
+    campaign = make_campaign()
+    prompt_text = "Payloads: " + " ".join(PAYLOADS)
+    add_pairs(campaign, [PairInput(prompt_text, PAYLOADS[0], PAYLOADS[1])], notify=False)
+    prompt = Prompt.objects.get(campaign=campaign)
+    round_ = Round.objects.create(campaign=campaign, number=1, parent_policy="sft")
+    Job.objects.create(round=round_, kind=Job.SAMPLE, order=5, status=Job.SUCCEEDED, result={
+        "samples": [{"prompt": prompt_text, "prompt_id": prompt.pk, "new": PAYLOADS[2:], "other": []}]})
+    client = client_for(admin_user)
+    pages = {
+        "review-responses": f"/rounds/{round_.pk}/",
+        "result_list": "/admin/annotate/prompt/",
+        "content-main": f"/admin/annotate/response/{Response.objects.get(text=PAYLOADS[0]).pk}/change/",
+    }
+    for name, url in pages.items():
+        answer = client.get(url)
+        assert answer.status_code == 200, url
+        body = answer.content.decode()
+        shown = region(body, name)
+        assert not [payload for payload in PAYLOADS if payload in body], url  # never as markup
+        assert not [(tag, key, value) for tag, key, value in shown.attributes
+                    if key.startswith("on") or value == "x" or (value or "").startswith("javascript:")], url
+        text = "".join(shown.texts)
+        wanted = PAYLOADS if name == "review-responses" else [prompt_text] if name == "result_list" else PAYLOADS[:1]
+        assert all(payload in text for payload in wanted), url
 
 
 def test_it_shows_a_chat_prompt_as_a_conversation(labeler):
