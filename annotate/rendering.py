@@ -1,9 +1,10 @@
-"""Markdown to safe HTML for the pages: model and imported text with raw HTML shown as text, and admins'
-instructions with a small HTML allow-list. CommonMark (markdown-it-py, linear time), then nh3 as a second wall.
+"""Markdown to safe HTML for the pages: model and imported text with raw HTML shown as text, and
+admins' instructions with a small HTML allow-list. CommonMark (markdown-it-py, linear time), then nh3
+as a second wall.
 
-Cost is bounded: text over MAX_MARKDOWN_CHARS, nested deeper than MAX_NESTING, or that makes the renderer fail
-is shown as escaped text (every character, nothing formatted); each text is rendered once and the HTML kept in
-the cache under its content hash.
+Cost is bounded: text over MAX_MARKDOWN_CHARS, nested deeper than MAX_NESTING, or that makes the
+renderer fail is shown as escaped text (every character, nothing formatted); each text is rendered
+once and the HTML kept in the cache under its content hash.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pairloop import redis_guard
 
 log = logging.getLogger(__name__)
 
-MAX_MARKDOWN_CHARS = 20_000  # longer texts show as escaped text: the worst input renders in ~0.2 s at this size
-# Block and inline nesting levels followed (CommonMark's preset's own): a text with lists or quotes nested deeper
-# shows as escaped text (the renderer would drop the rest). Scanning "[[[…" costs this many steps a character.
+MAX_MARKDOWN_CHARS = 20_000  # longer texts show as escaped text; the worst input takes ~0.2 s at this size
+# Block and inline nesting levels followed (CommonMark's preset's own): a text with lists or quotes nested
+# deeper shows as escaped text (the renderer would drop the rest). Scanning "[[[…" costs this many steps a
+# character.
 MAX_NESTING = 20
 CACHE_SECONDS = 7 * 24 * 3600
 _FORMAT = "1"  # bump when the output for the same text changes, so cached HTML is not reused

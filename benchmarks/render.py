@@ -80,7 +80,7 @@ def time_page(client, url: str, requests: int, cold: bool) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=5, help="requests per case, cold and warm (default 5)")
+    parser.add_argument("--requests", type=int, default=5, help="requests per case, cold and warm, default 5")
     opts = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="pairloop-render-bench-"))
@@ -110,8 +110,10 @@ def main() -> None:
             page_bytes = len(client.get(url).content)
             rows.append({"case": name, "chars": len(text), "page_bytes": page_bytes,
                          "formatted": len(text) <= rendering.MAX_MARKDOWN_CHARS,
-                         "cold_ms_median": round(statistics.median(cold), 1), "cold_ms_max": round(cold[-1], 1),
-                         "warm_ms_median": round(statistics.median(warm), 1), "warm_ms_max": round(warm[-1], 1)})
+                         "cold_ms_median": round(statistics.median(cold), 1),
+                         "cold_ms_max": round(cold[-1], 1),
+                         "warm_ms_median": round(statistics.median(warm), 1),
+                         "warm_ms_max": round(warm[-1], 1)})
     finally:
         connection.creation.destroy_test_db(test_name, verbosity=0)
 
@@ -121,8 +123,9 @@ def main() -> None:
     print(f"{'case':34} {'chars':>9} {'shown as':>9} {'cold median/max ms':>20} {'warm median/max ms':>20}")
     for row in rows:
         shown = "Markdown" if row["formatted"] else "escaped"
-        print(f"{row['case']:34} {row['chars']:>9} {shown:>9} {row['cold_ms_median']:>10} / {row['cold_ms_max']:<8}"
-              f" {row['warm_ms_median']:>10} / {row['warm_ms_max']:<8}")
+        print(f"{row['case']:34} {row['chars']:>9} {shown:>9} "
+              f"{row['cold_ms_median']:>10} / {row['cold_ms_max']:<8} "
+              f"{row['warm_ms_median']:>10} / {row['warm_ms_max']:<8}")
     worst_1mb = max(row["cold_ms_max"] for row in rows if row["chars"] >= 1_000_000)
     print(f"1 MB pathological response, worst first view: {worst_1mb} ms (target under {TARGET_MS} ms): "
           f"{'met' if worst_1mb < TARGET_MS else 'NOT met'}")

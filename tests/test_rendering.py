@@ -37,7 +37,7 @@ def fresh_render_cache(monkeypatch):
 
 
 class Region(HTMLParser):
-    """The text and the tags inside each element of a page whose class or id is `name`, as a browser reads it."""
+    """The text and the tags inside each element whose class or id is `name`, as a browser reads them."""
 
     def __init__(self, name: str):
         super().__init__(convert_charrefs=True)
@@ -129,7 +129,8 @@ def test_html_in_a_prompt_a_response_or_a_chat_turn_shows_as_written(labeler, pa
 def test_links_keep_safe_targets_and_write_out_unsafe_ones():
     html = rendering.render_model_text(
         "[docs](https://example.com/a) [mail](mailto:a@example.com) [up](../x) "
-        "[click me](javascript:alert(1)) [file](file:///etc/passwd) [ftp](ftp://example.com/f) ![pic](https://example.com/p.png)")
+        "[click me](javascript:alert(1)) [file](file:///etc/passwd) [ftp](ftp://example.com/f) "
+        "![pic](https://example.com/p.png)")
     assert '<a href="https://example.com/a" rel="noopener noreferrer nofollow">docs</a>' in html
     assert '<a href="mailto:a@example.com"' in html and '<a href="../x"' in html
     assert "[click me](javascript:alert(1))" in html and "javascript:alert(1)\"" not in html
@@ -184,7 +185,8 @@ def test_a_renderer_failure_shows_the_text_as_written(labeler, monkeypatch, capl
 def test_each_text_is_rendered_once_not_on_every_view(labeler, monkeypatch):
     parse = rendering._MODEL_TEXT.parse
     parsed = []
-    monkeypatch.setattr(rendering._MODEL_TEXT, "parse", lambda text, env=None: parsed.append(text) or parse(text, env))
+    monkeypatch.setattr(rendering._MODEL_TEXT, "parse",
+                        lambda text, env=None: parsed.append(text) or parse(text, env))
     campaign = make_campaign(members=[labeler])
     add_pairs(campaign, [PairInput("Count *to* three", CODE_ANSWER, "One, two, three.")], notify=False)
     assert "<em>to</em>" in label_page(labeler, campaign)
@@ -220,7 +222,8 @@ def test_the_round_page_and_the_admin_show_model_html_as_written(admin_user):
         assert not [(tag, key, value) for tag, key, value in shown.attributes
                     if key.startswith("on") or value == "x" or (value or "").startswith("javascript:")], url
         text = "".join(shown.texts)
-        wanted = PAYLOADS if name == "review-responses" else [prompt_text] if name == "result_list" else PAYLOADS[:1]
+        wanted = {"review-responses": PAYLOADS, "result_list": [prompt_text],
+                  "content-main": PAYLOADS[:1]}[name]
         assert all(payload in text for payload in wanted), url
 
 

@@ -1,5 +1,5 @@
-"""Template filters. Model and imported text is Markdown with raw HTML shown as text, instructions keep a small
-HTML allow-list; both sanitised by nh3 (annotate.rendering)."""
+"""Template filters. Model and imported text is Markdown with raw HTML shown as text, instructions keep
+a small HTML allow-list; both sanitised by nh3 (annotate.rendering)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ PAYLOADS = [
     '<a href="javascript:window.x = 4; alert(4)">click me</a>',
     '<iframe srcdoc="<script>parent.x = 5; parent.alert(5)</script>"></iframe>',
 ]
-# What Markdown itself makes (annotate.rendering.ALLOWED_TAGS, as the browser names them) and the plain-text block.
+# What Markdown itself makes (annotate.rendering.ALLOWED_TAGS) and the block of text shown unformatted.
 MARKDOWN_TAGS = set(rendering.ALLOWED_TAGS) | {"div"}
 SHOWN = """() => {
   const views = [...document.querySelectorAll(
@@ -77,7 +77,8 @@ def test_html_in_prompts_responses_and_chat_turns_shows_as_written_and_nothing_r
     campaign = make_campaign("html", members=[labeler], ask_strength=False)
     pairs = [PairInput(f"Payload {i} ({run}): {payload}", payload, f"*Fine* ({run}): {payload}")
              for i, payload in enumerate(PAYLOADS)]
-    turns = [{"role": "system", "content": f"Turn {i} ({run}): {payload}"} for i, payload in enumerate(PAYLOADS)]
+    turns = [{"role": "system", "content": f"Turn {i} ({run}): {payload}"}
+             for i, payload in enumerate(PAYLOADS)]
     pairs.append(PairInput([*turns, {"role": "user", "content": f"Go on ({run})."}], "Yes.", "No."))
     add_pairs(campaign, pairs, notify=False)
     requests, dialogs = [], []
