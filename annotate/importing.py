@@ -17,8 +17,9 @@ A pair already in the campaign (in either order), repeated in the file, or whose
 same text is skipped and counted, not an error.
 
 Sizes are capped so that a hostile file is refused by its size, not by running out of memory: one line
-(or CSV record, or a whole JSON array file) at most MAX_LINE_BYTES; a JSONL or CSV file at most
-settings.PAIRLOOP["MAX_IMPORT_BYTES"] bytes once decompressed (a gzip bomb stops there); a `responses`
+(or CSV record, or a whole JSON array file, or Parquet or datasets row) at most MAX_LINE_BYTES; a file at
+most settings.PAIRLOOP["MAX_IMPORT_BYTES"] bytes once decompressed (a gzip bomb stops there; Parquet is
+checked against its metadata before any row is read, then row by row as decoded); a `responses`
 list at most MAX_PAIRS_PER_ROW pairs unless `pairs_per_prompt` samples fewer.
 
 The whole file is read twice, streaming, so memory stays bounded however long it is: the first pass
@@ -373,7 +374,7 @@ def _reader_for(path: Path, max_bytes: int) -> _Reader:
     if not path.exists():
         raise ImportFailed([RowError(0, "", f"{str(path)!r} does not exist")])
     if path.is_dir():
-        return _DatasetDirReader(path)
+        return _DatasetDirReader(path, max_bytes)
     name = path.name.lower()
     compressed = name.endswith(".gz")
     suffix = Path(name[:-3]).suffix if compressed else path.suffix.lower()
@@ -382,7 +383,7 @@ def _reader_for(path: Path, max_bytes: int) -> _Reader:
     if suffix == ".csv":
         return _CsvReader(path, compressed, max_bytes)
     if suffix in (".parquet", ".pq"):
-        return _ParquetReader(path)
+        return _ParquetReader(path, max_bytes)
     return _sniff(path, compressed, max_bytes)
 
 
@@ -395,7 +396,7 @@ def _sniff(path: Path, compressed: bool, max_bytes: int) -> _Reader:
     except (OSError, EOFError, zlib.error) as exc:
         raise ImportFailed([RowError(0, "", f"cannot read the file: {exc}")]) from None
     if head.startswith(b"PAR1"):
-        return _ParquetReader(path)
+        return _ParquetReader(path, max_bytes)
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith((b"{", b"[")):
         return _JsonlReader(path, compressed, max_bytes)
@@ -542,15 +543,25 @@ def _header_problem(columns: list[str]) -> str:
 
 
 class _ParquetReader(_Reader):
-    """Parquet, read a batch of rows at a time (pyarrow's iter_batches); rows numbered from 1."""
+    """Parquet, read a batch of rows at a time (pyarrow's iter_batches); rows numbered from 1.
+
+    Its columns' decompressed size (from the file's metadata) is checked against the byte cap before any
+    row is read; text is read as dictionary arrays, so a value repeated a million times is held once while
+    _arrow_rows counts what it decodes to."""
 
     unit = "row"
+
+    def __init__(self, path: Path, max_bytes: int):
+        super().__init__(path)
+        self.max_bytes = max_bytes
 
     def rows(self):
         import pyarrow.parquet as pq
 
         try:
-            parquet = pq.ParquetFile(self.path)
+            schema = pq.ParquetFile(self.path).schema
+            texts = [column.path for column in schema if column.physical_type == "BYTE_ARRAY"]
+            parquet = pq.ParquetFile(self.path, read_dictionary=texts)
         except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
             yield 0, RowError(0, "", f"cannot read the Parquet file: {exc}")
             return
@@ -558,20 +569,27 @@ class _ParquetReader(_Reader):
         if problem:
             yield 0, RowError(0, "", problem)
             return
-        number = 0
+        meta = parquet.metadata
+        stored = sum(meta.row_group(g).column(c).total_uncompressed_size
+                     for g in range(meta.num_row_groups) for c in range(meta.num_columns))
+        if stored > self.max_bytes:
+            yield 0, RowError(0, "", f"its columns hold {_size(stored)} once decompressed, more than "
+                                     f"{_size(self.max_bytes)} (PAIRLOOP_MAX_IMPORT_BYTES): no row was read")
+            return
         with parquet:
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
-                for row in batch.to_pylist():
-                    number += 1
-                    yield number, row
+            yield from _arrow_rows(parquet.iter_batches(batch_size=BATCH_ROWS), self.max_bytes)
 
 
 class _DatasetDirReader(_Reader):
     """A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict's 'train' split).
 
-    The Arrow files are memory-mapped and read a batch at a time."""
+    The Arrow files are memory-mapped and read a batch at a time, through the same caps as Parquet."""
 
     unit = "row"
+
+    def __init__(self, path: Path, max_bytes: int):
+        super().__init__(path)
+        self.max_bytes = max_bytes
 
     def rows(self):
         from datasets import DatasetDict, load_from_disk
@@ -593,11 +611,75 @@ class _DatasetDirReader(_Reader):
         if problem:
             yield 0, RowError(0, "", problem)
             return
-        number = 0
-        for batch in loaded.with_format("arrow").iter(batch_size=BATCH_ROWS):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
+        if loaded.data.nbytes > self.max_bytes:  # memory-mapped: the size on disk, nothing read yet
+            yield 0, RowError(0, "", f"it holds {_size(loaded.data.nbytes)}, more than "
+                                     f"{_size(self.max_bytes)} (PAIRLOOP_MAX_IMPORT_BYTES): no row was read")
+            return
+        tables = loaded.with_format("arrow").iter(batch_size=BATCH_ROWS)
+        yield from _arrow_rows((batch for table in tables for batch in table.to_batches()), self.max_bytes)
+
+
+def _arrow_rows(batches, max_bytes: int) -> Iterator[tuple[int, dict | RowError]]:
+    """Rows of Arrow record batches, numbered from 1, counted before they become Python objects: a row over
+    MAX_LINE_BYTES is refused naming its largest field, and reading stops once the rows so far decode to more
+    than max_bytes. Python objects are made at most MAX_LINE_BYTES' worth at a time."""
+    import numpy as np
+
+    number = total = 0
+    for batch in batches:
+        cells = np.stack([_cell_sizes(column) for column in batch.columns]) if batch.num_columns else None
+        if cells is None or not batch.num_rows:
+            continue
+        row_sizes = cells.sum(axis=0)
+        before = np.concatenate(([0], np.cumsum(row_sizes)))  # before[i]: the batch's bytes ahead of row i
+        crossed = int(np.searchsorted(total + before[1:], max_bytes, side="right"))
+        start = 0
+        while start < min(crossed, batch.num_rows):
+            if row_sizes[start] > MAX_LINE_BYTES:
+                field = batch.column_names[int(cells[:, start].argmax())]
+                reason = (f"{_size(int(cells[:, start].max()))} (the row {_size(int(row_sizes[start]))}), "
+                          f"more than the {_size(MAX_LINE_BYTES)} one row may hold")
+                yield number + start + 1, RowError(number + start + 1, field, reason)
+                start += 1
+                continue
+            end = start + 1  # a run of rows that are each within the row cap, MAX_LINE_BYTES in all at most
+            while (end < crossed and row_sizes[end] <= MAX_LINE_BYTES
+                   and before[end + 1] - before[start] <= MAX_LINE_BYTES):
+                end += 1
+            for offset, row in enumerate(batch.slice(start, end - start).to_pylist(), start=start + 1):
+                yield number + offset, row
+            start = end
+        if crossed < batch.num_rows:
+            reason = (f"the file holds more than {_size(max_bytes)} once decoded (PAIRLOOP_MAX_IMPORT_BYTES): "
+                      "nothing past here was read")
+            yield number + crossed + 1, RowError(number + crossed + 1, "", reason)
+            return
+        number += batch.num_rows
+        total += int(before[-1])
+
+
+def _cell_sizes(array):
+    """Bytes each value of an Arrow array decodes to (text's UTF-8 length, 8 for a number, a list's items
+    plus one each), worked out on the array itself: a dictionary's values are measured once."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        lengths = np.append(_cell_sizes(array.dictionary), 0)  # the extra 0: a null's size
+        return lengths[array.indices.fill_null(len(array.dictionary)).to_numpy(zero_copy_only=False)]
+    if pa.types.is_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_string(kind) \
+            or pa.types.is_large_binary(kind):
+        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        items = pc.list_flatten(array)
+        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+        return np.bincount(parents, weights=_cell_sizes(items) + 1, minlength=len(array)).astype(np.int64)
+    if pa.types.is_struct(kind):
+        return sum((_cell_sizes(field) for field in array.flatten()), np.zeros(len(array), dtype=np.int64))
+    width = kind.bit_width // 8 if hasattr(kind, "bit_width") and kind.bit_width >= 8 else 8
+    return np.full(len(array), width, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------

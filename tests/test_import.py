@@ -486,3 +486,88 @@ def test_the_command_fails_with_line_and_field_and_for_an_unknown_campaign(tmp_p
     with pytest.raises(CommandError, match=r"field 'priority': must be from -2147483648 to 2147483647"):
         call_command("import_pairs", campaign.slug, str(good), "--priority", str(2**31))
     assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+# --- Parquet and datasets: the same caps, checked before rows become Python objects ---------------------
+
+def repeated(text: str, n: int) -> pa.DictionaryArray:
+    """n copies of text, stored once: how a Parquet file holds 400 MiB of text in a few KiB."""
+    return pa.DictionaryArray.from_arrays(pa.array([0] * n, type=pa.int32()), pa.array([text]))
+
+
+def test_it_stops_a_parquet_bomb_at_the_byte_cap_without_holding_it(tmp_path, settings):
+    import tracemalloc
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MAX_IMPORT_BYTES": 10 * 1024 * 1024}
+    campaign = make_campaign("pqbomb")
+    rows = 140_000  # 3 columns x 1000 bytes x 140,000 rows: 400 MiB of text
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"prompt": repeated("p" * 1000, rows), "response_a": repeated("a" * 1000, rows),
+                             "response_b": repeated("b" * 1000, rows)}), path, compression="zstd")
+    assert path.stat().st_size < 64 * 1024
+
+    arrow_pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(arrow_pool)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImportFailed) as failed:
+            import_file(campaign, path)
+        _, python_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)
+
+    [error] = failed.value.errors
+    assert error.line == 10 * 1024 * 1024 // 3000 + 1  # the first row past the cap
+    assert "holds more than 10 MiB once decoded (PAIRLOOP_MAX_IMPORT_BYTES)" in str(failed.value)
+    assert arrow_pool.max_memory() < 16 * 1024 * 1024, arrow_pool.max_memory()
+    assert python_peak < 40 * 1024 * 1024, python_peak
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+def test_it_refuses_a_parquet_whose_columns_decompress_past_the_cap_before_reading_a_row(tmp_path, settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MAX_IMPORT_BYTES": 1024 * 1024}
+    campaign = make_campaign("pqzstd")
+    path = tmp_path / "zstd.parquet"
+    pq.write_table(pa.table({"prompt": ["Q"] * 3, "response_a": ["x" * (2 * 1024 * 1024)] * 3,
+                             "response_b": ["y"] * 3}), path, compression="zstd", use_dictionary=False)
+    assert path.stat().st_size < 64 * 1024
+
+    with pytest.raises(ImportFailed) as failed:
+        import_file(campaign, path)
+
+    [error] = failed.value.errors
+    assert error.line == 0
+    assert "once decompressed, more than 1 MiB (PAIRLOOP_MAX_IMPORT_BYTES): no row was read" in error.reason
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+def test_it_refuses_a_dataset_directory_over_the_byte_cap(tmp_path, settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MAX_IMPORT_BYTES": 64 * 1024}
+    campaign = make_campaign("hfbig")
+    rows = [{"prompt": f"Q{i}", "response_a": "x" * 1000, "response_b": "y"} for i in range(100)]
+    with pytest.raises(ImportFailed, match=r"file: it holds 9\d\.\d+ KiB, more than 64 KiB"):
+        import_file(campaign, write_hf(tmp_path / "big", rows))
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+
+@pytest.mark.parametrize("name", ["pairs.parquet", "pairs_dataset"])
+def test_it_refuses_a_parquet_or_dataset_row_over_the_row_cap_by_row_and_field(tmp_path, monkeypatch, name):
+    monkeypatch.setattr("annotate.importing.MAX_LINE_BYTES", 4096)
+    campaign = make_campaign("pqcell")
+    rows = [{**row, "prompt": [{"role": "user", "content": row["prompt"]}]} for row in AB_ROWS]
+    rows[2]["response_b"] = "y" * 5000
+    rows[3]["prompt"] = [{"role": "user", "content": "c" * 5000}]  # a nested column: list of structs
+    path = WRITERS[name](tmp_path / name, rows)
+
+    with pytest.raises(ImportFailed) as failed:
+        import_file(campaign, path)
+
+    assert [(e.line, e.field) for e in failed.value.errors] == [(3, "response_b"), (4, "prompt")]
+    assert "row 3, field 'response_b': 4.883 KiB (the row 4.909 KiB), more than the 4 KiB one row may hold" \
+        in str(failed.value)
+    assert not Pair.objects.filter(campaign=campaign).exists()
+
+    monkeypatch.setattr("annotate.importing.MAX_LINE_BYTES", 64 * 1024)
+    assert import_file(campaign, path).created == 5  # the same file, under a larger cap
