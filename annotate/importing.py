@@ -39,15 +39,20 @@ import json
 import logging
 import math
 import random
+import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
+from django.db.models import DateTimeField, ExpressionWrapper, Q, Value
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from annotate.actions import PairInput, add_pairs
@@ -241,28 +246,38 @@ def _send(task, job: ImportJob) -> None:
             Path(job.file_path).unlink(missing_ok=True)
 
 
+class _JobTaken(Exception):
+    """The job is no longer running on this worker: the stale-job sweep failed it meanwhile."""
+
+
 def run_import_job(job_id: int) -> ImportJob | None:
     """The task's body: import a queued job's file, writing progress and the result or the errors to its row.
 
-    Only a queued job is taken (a conditional update), so a message delivered twice imports once. The upload
-    is deleted when the job ends."""
-    now = timezone.now()
-    if not ImportJob.objects.filter(pk=job_id, status=ImportJob.QUEUED).update(status=ImportJob.CHECKING,
-                                                                                started_at=now):
+    Only a queued job is taken (a conditional update), so a message delivered twice imports once. A thread
+    keeps its heartbeat fresh while it runs; a job the sweep failed meanwhile (recover_stale_jobs) stops at
+    its next progress report and is never written again. The upload is deleted when the job ends."""
+    if not ImportJob.objects.filter(pk=job_id, status=ImportJob.QUEUED).update(
+            status=ImportJob.CHECKING, started_at=timezone.now(), heartbeat_at=Now()):
         return ImportJob.objects.filter(pk=job_id).first()  # gone, finished, or taken by another worker
     job = ImportJob.objects.select_related("campaign").get(pk=job_id)
+    running = ImportJob.objects.filter(pk=job.pk, status__in=ImportJob.RUNNING)
 
     def progress(phase: str, done: int, total: int | None) -> None:
         job.status = ImportJob.CHECKING if phase == "checking" else ImportJob.IMPORTING
         job.rows_done, job.rows_total = done, total
-        job.save(update_fields=["status", "rows_done", "rows_total"])
+        if not running.update(status=job.status, rows_done=done, rows_total=total, heartbeat_at=Now()):
+            raise _JobTaken()
 
     options = job.options
-    fields = ["status", "rows_done", "rows_total", "pairs_created", "pairs_skipped", "errors", "finished_at"]
+    heartbeat = _Heartbeat(job.pk, settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"] / 3)
+    heartbeat.start()
     try:
         result = import_file(job.campaign, job.file_path, pairs_per_prompt=options.get("pairs_per_prompt"),
                              seed=options.get("seed") or 0, priority=options.get("priority") or 0,
                              progress=progress)
+    except _JobTaken:
+        log.warning("import job %s was failed by the stale-job sweep while it ran; stopped", job.pk)
+        return ImportJob.objects.get(pk=job.pk)
     except ImportFailed as failed:
         job.status, job.errors = ImportJob.FAILED, failed.lines()
     except Exception as exc:  # noqa: BLE001 - the row is the record: the page shows why it stopped
@@ -271,10 +286,107 @@ def run_import_job(job_id: int) -> ImportJob | None:
     else:
         job.status, job.rows_done, job.rows_total = ImportJob.SUCCEEDED, result.rows, result.rows
         job.pairs_created, job.pairs_skipped = result.created, result.skipped
+    finally:
+        heartbeat.stop()
     Path(job.file_path).unlink(missing_ok=True)
     job.finished_at = timezone.now()
-    job.save(update_fields=fields)
+    fields = ["status", "rows_done", "rows_total", "pairs_created", "pairs_skipped", "errors", "finished_at"]
+    running.update(**{name: getattr(job, name) for name in fields})
+    job.refresh_from_db()
     return job
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes a running import job's heartbeat every `interval` seconds until stopped."""
+
+    def __init__(self, job_id: int, interval: float):
+        super().__init__(name=f"heartbeat-import-{job_id}", daemon=True)
+        self.job_id, self.interval, self.stopped = job_id, interval, threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.wait(self.interval):
+                try:
+                    ImportJob.objects.filter(pk=self.job_id, status__in=ImportJob.RUNNING).update(
+                        heartbeat_at=Now())
+                except Exception:  # noqa: BLE001 - a missed beat is retried; staleness is the alarm
+                    log.warning("heartbeat of import job %s failed", self.job_id, exc_info=True)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=10)
+
+
+def recover_stale_jobs() -> list[ImportJob]:
+    """Import jobs left behind, found by Celery beat every minute: a checking or importing job whose heartbeat
+    is older than PAIRLOOP_HEARTBEAT_STALE_SECONDS (its worker died) fails; a job queued longer than
+    PAIRLOOP_IMPORT_QUEUED_SECONDS is sent to the workers once more (a lost message), and fails when still
+    queued that long after. A failed job's upload is deleted, and so is an upload no unfinished job holds.
+    Returns the jobs failed."""
+    from annotate.tasks import import_job
+
+    stale_after = settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"]
+    queued_after = settings.PAIRLOOP["IMPORT_QUEUED_SECONDS"]
+    db_cutoff = ExpressionWrapper(Now() - Value(timedelta(seconds=stale_after)), output_field=DateTimeField())
+    cutoff = timezone.now() - timedelta(seconds=queued_after)
+    failed = []
+    silent = Q(heartbeat_at__lt=db_cutoff) | Q(
+        heartbeat_at__isnull=True, started_at__lt=timezone.now() - timedelta(seconds=stale_after))
+    for job in ImportJob.objects.filter(silent, status__in=ImportJob.RUNNING):
+        after = ("Nothing was imported; upload the file again." if job.status == ImportJob.CHECKING else
+                 "The pairs it had added stay; upload the file again to add the rest (those are skipped).")
+        reason = (f"The worker stopped while {job.get_status_display()}: no heartbeat for over "
+                  f"{stale_after} s (PAIRLOOP_HEARTBEAT_STALE_SECONDS); it was probably killed. {after}")
+        if _fail_job(job, reason, silent, status__in=ImportJob.RUNNING):  # still silent as it is failed
+            failed.append(job)
+    waiting = ImportJob.objects.filter(status=ImportJob.QUEUED, resent_at__isnull=True, created_at__lt=cutoff)
+    for job in waiting:
+        if ImportJob.objects.filter(pk=job.pk, status=ImportJob.QUEUED, resent_at__isnull=True).update(
+                resent_at=timezone.now()):
+            log.warning("import job %s was queued for over %s s: sending it again", job.pk, queued_after)
+            try:
+                import_job.delay(job.pk)  # a copy still in the queue finds the job taken and does nothing
+            except Exception:  # noqa: BLE001 - the job then fails on a later sweep
+                log.exception("could not queue import job %s again", job.pk)
+    for job in ImportJob.objects.filter(status=ImportJob.QUEUED, resent_at__lt=cutoff):
+        minutes = int((timezone.now() - job.created_at).total_seconds() // 60)
+        reason = (f"No worker took this import in {minutes} min, though it was sent twice "
+                  "(PAIRLOOP_IMPORT_QUEUED_SECONDS): is a worker consuming the default queue (celery -A "
+                  "pairloop worker -Q default) and is Redis reachable from it? Nothing was imported; upload "
+                  "the file again.")
+        if _fail_job(job, reason, Q(resent_at__lt=cutoff), status=ImportJob.QUEUED):
+            failed.append(job)
+    _delete_orphan_uploads(time.time() - queued_after)
+    return failed
+
+
+def _fail_job(job: ImportJob, reason: str, still: Q, **unchanged) -> bool:
+    """Fail the job with the reason and delete its upload, if it is still as it was found (`still` and
+    `unchanged`: a condition, not an equality, since SQLite spells the times it writes unlike Python's)."""
+    if not ImportJob.objects.filter(still, pk=job.pk, **unchanged).update(
+            status=ImportJob.FAILED, errors=[reason], finished_at=timezone.now()):
+        return False
+    Path(job.file_path).unlink(missing_ok=True)
+    log.warning("%s failed: %s", job, reason)
+    return True
+
+
+def _delete_orphan_uploads(older_than: float) -> None:
+    """Uploads no unfinished job holds (the web process died before committing the job), by file name."""
+    folder = uploads_dir()
+    if not folder.is_dir():
+        return
+    held = {Path(path).name for path in
+            ImportJob.objects.exclude(status__in=ImportJob.FINISHED).values_list("file_path", flat=True)}
+    for path in folder.iterdir():
+        try:
+            if path.is_file() and path.name not in held and path.stat().st_mtime < older_than:
+                path.unlink(missing_ok=True)
+                log.warning("deleted the upload %s, which no import job holds", path.name)
+        except OSError:
+            log.warning("could not check the upload %s", path, exc_info=True)
 
 
 def uploads_dir() -> Path:
@@ -650,8 +762,8 @@ def _arrow_rows(batches, max_bytes: int) -> Iterator[tuple[int, dict | RowError]
                 yield number + offset, row
             start = end
         if crossed < batch.num_rows:
-            reason = (f"the file holds more than {_size(max_bytes)} once decoded (PAIRLOOP_MAX_IMPORT_BYTES): "
-                      "nothing past here was read")
+            reason = (f"the file holds more than {_size(max_bytes)} once decoded "
+                      "(PAIRLOOP_MAX_IMPORT_BYTES): nothing past here was read")
             yield number + crossed + 1, RowError(number + crossed + 1, "", reason)
             return
         number += batch.num_rows
@@ -899,4 +1011,4 @@ def _kind(value: Any) -> str:
 
 
 __all__ = ["ImportFailed", "ImportResult", "RowError", "import_file", "start_import_job", "run_import_job",
-           "MAX_ERRORS"]
+           "recover_stale_jobs", "MAX_ERRORS"]

@@ -283,7 +283,13 @@ class ImportJob(models.Model):
                               help_text="Why it failed, one line each, naming the line and field.")
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Refreshed by the worker while it runs; a stale one fails the job.")
+    resent_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a job left queued was sent to the workers a second time.")
     finished_at = models.DateTimeField(null=True, blank=True)
+
+    RUNNING = (CHECKING, IMPORTING)
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -13,4 +13,5 @@ app.autodiscover_tasks()
 # Jobs whose worker died (SIGKILL, lost machine) stop sending heartbeats: mark them failed soon after.
 app.conf.beat_schedule = {
     "fail-stale-training-jobs": {"task": "training.fail_stale_jobs", "schedule": 15.0},
+    "recover-stale-import-jobs": {"task": "annotate.recover_stale_import_jobs", "schedule": 60.0},
 }

@@ -281,6 +281,8 @@ PAIRLOOP = {
     "TRAINING_PROCESSES": env.int("PAIRLOOP_TRAINING_PROCESSES", 1, minimum=1),
     "MAX_IMPORT_BYTES": env.int("PAIRLOOP_MAX_IMPORT_BYTES", 4 * 1024**3, minimum=1),
     "MAX_UPLOAD_BYTES": env.int("PAIRLOOP_MAX_UPLOAD_BYTES", 256 * 1024**2, minimum=1),
+    # An import job no worker took for this long is sent again once, then failed (beat checks).
+    "IMPORT_QUEUED_SECONDS": env.int("PAIRLOOP_IMPORT_QUEUED_SECONDS", 1800, minimum=10),
     # Experiment tracker that also gets every training job's metrics (training/tracking.py); empty: none.
     "REPORT_TO": env.choice("PAIRLOOP_REPORT_TO", "", ("", "tensorboard", "trackio", "wandb")),
     "RUNS_DIR": DATA_DIR / "runs",  # TensorBoard's event files and W&B's local files, one folder per job

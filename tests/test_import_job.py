@@ -211,3 +211,203 @@ def test_an_upload_the_job_queue_cannot_take_fails_with_the_reason(admin_user, m
     assert "upload the file again once the queue is back" in job.errors[0]
     assert not Path(job.file_path).exists() and not Pair.objects.filter(campaign=campaign).exists()
     assert b"Could not reach the job queue" in client.get(job.get_absolute_url()).content
+
+
+# --- jobs left behind: beat's sweep fails them (or sends a lost one again) and deletes their uploads -----
+
+def sweep() -> int:
+    """What Celery beat runs every minute."""
+    from annotate.tasks import recover_stale_import_jobs
+
+    return recover_stale_import_jobs()
+
+
+def test_beat_runs_the_import_job_sweep():
+    from pairloop.celery import app
+
+    entries = [entry for entry in app.conf.beat_schedule.values()
+               if entry["task"] == "annotate.recover_stale_import_jobs"]
+    assert entries and entries[0]["schedule"] <= 60
+    app.loader.import_default_modules()  # what a worker does at start: autodiscover the apps' tasks
+    assert "annotate.recover_stale_import_jobs" in app.tasks
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again_once_then_failed(
+        admin_user, settings, monkeypatch, django_capture_on_commit_callbacks):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from annotate.tasks import import_job
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "IMPORT_QUEUED_SECONDS": 600}
+    campaign = make_campaign("lost")
+    with django_capture_on_commit_callbacks():  # not run: the message never reaches a worker
+        upload(client_for(admin_user), campaign, "pairs.jsonl", jsonl(ROWS))
+        upload(client_for(admin_user), campaign, "fresh.jsonl", jsonl(ROWS))
+    lost, fresh = ImportJob.objects.filter(campaign=campaign).order_by("pk")
+    ImportJob.objects.filter(pk=lost.pk).update(created_at=timezone.now() - timedelta(seconds=601))
+    sent = []
+    monkeypatch.setattr(import_job, "delay", sent.append)
+
+    assert sweep() == 0
+    assert sent == [lost.pk]  # sent once more; the fresh job is left to wait
+    lost.refresh_from_db()
+    assert lost.status == "queued" and lost.resent_at is not None and Path(lost.file_path).exists()
+    assert sweep() == 0 and sent == [lost.pk]  # not sent a third time
+
+    ImportJob.objects.filter(pk=lost.pk).update(resent_at=timezone.now() - timedelta(seconds=601))
+    assert sweep() == 1
+
+    lost.refresh_from_db()
+    assert lost.status == "failed" and lost.finished_at is not None
+    assert lost.errors[0].startswith("No worker took this import in 10 min, though it was sent twice")
+    assert "celery -A pairloop worker -Q default" in lost.errors[0]
+    assert not Path(lost.file_path).exists() and not Pair.objects.filter(campaign=campaign).exists()
+    fresh.refresh_from_db()
+    assert fresh.status == "queued" and Path(fresh.file_path).exists()
+    run_import_job(lost.pk)  # the resent message arriving late finds the job failed and does nothing
+    assert ImportJob.objects.get(pk=lost.pk).status == "failed"
+
+
+def test_a_resent_job_is_imported_by_the_worker_that_gets_it(admin_user, settings, monkeypatch,
+                                                              django_capture_on_commit_callbacks):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from annotate.tasks import import_job
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "IMPORT_QUEUED_SECONDS": 600}
+    campaign = make_campaign("resent")
+    with django_capture_on_commit_callbacks():
+        upload(client_for(admin_user), campaign, "pairs.jsonl", jsonl(ROWS))
+    job = ImportJob.objects.get(campaign=campaign)
+    ImportJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(seconds=601))
+    monkeypatch.setattr(import_job, "delay", run_import_job)  # the worker takes the message at once
+
+    sweep()
+
+    job.refresh_from_db()
+    assert (job.status, job.pairs_created) == ("succeeded", 5) and not Path(job.file_path).exists()
+
+
+def test_a_job_whose_worker_died_while_checking_is_failed_and_its_upload_deleted(admin_user, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 45}
+    campaign = make_campaign("died")
+    client = client_for(admin_user)
+    for name in ("dead.jsonl", "alive.jsonl", "importing.jsonl"):
+        upload(client, campaign, name, jsonl(ROWS))
+    dead, alive, importing = ImportJob.objects.filter(campaign=campaign).order_by("pk")
+    # What a killed worker leaves: the job taken, its heartbeat a minute old; the live one beat just now.
+    minute_ago = timezone.now() - timedelta(seconds=60)
+    ImportJob.objects.filter(pk=dead.pk).update(status="checking", started_at=minute_ago,
+                                                heartbeat_at=minute_ago)
+    ImportJob.objects.filter(pk=alive.pk).update(status="checking", started_at=minute_ago,
+                                                 heartbeat_at=timezone.now())
+    ImportJob.objects.filter(pk=importing.pk).update(status="importing", started_at=minute_ago,
+                                                     heartbeat_at=minute_ago)
+
+    assert sweep() == 2
+
+    dead.refresh_from_db(), alive.refresh_from_db(), importing.refresh_from_db()
+    assert dead.status == "failed" and dead.finished_at is not None
+    assert dead.errors == ["The worker stopped while checking the file: no heartbeat for over 45 s "
+                           "(PAIRLOOP_HEARTBEAT_STALE_SECONDS); it was probably killed. Nothing was "
+                           "imported; upload the file again."]
+    assert importing.status == "failed" and "The pairs it had added stay" in importing.errors[0]
+    assert not Path(dead.file_path).exists() and not Path(importing.file_path).exists()
+    assert alive.status == "checking" and Path(alive.file_path).exists()
+    page = client.get(dead.get_absolute_url()).content.decode()
+    assert "The worker stopped while checking the file" in page and 'hx-trigger="every 1s"' not in page
+
+
+def test_the_sweep_deletes_an_old_upload_no_job_holds(admin_user, settings):
+    import os
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "IMPORT_QUEUED_SECONDS": 600}
+    campaign = make_campaign("orphan")
+    upload(client_for(admin_user), campaign, "pairs.jsonl", jsonl(ROWS))
+    held = Path(ImportJob.objects.get(campaign=campaign).file_path)
+    orphan, recent = uploads_dir() / "0123abcd.jsonl", uploads_dir() / "4567abcd.jsonl"
+    for path in (orphan, recent, held):
+        path.write_bytes(b"{}\n")
+    old = time.time() - 601
+    os.utime(orphan, (old, old))
+    os.utime(held, (old, old))
+
+    sweep()
+
+    assert not orphan.exists() and recent.exists() and held.exists()
+    recent.unlink()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_import_keeps_its_heartbeat_fresh_and_a_failed_one_stops(admin_user, settings, monkeypatch):
+    from annotate import importing
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 1}
+    monkeypatch.setattr(importing, "COMMIT_PAIRS", 2)
+    campaign = make_campaign("beat")
+    upload(client_for(admin_user), campaign, "pairs.jsonl", jsonl(ROWS))
+    job = ImportJob.objects.get(campaign=campaign)
+    real_add_pairs, swept = importing.add_pairs, []
+
+    def slow_add_pairs(*args, **kwargs):  # each batch takes longer than the heartbeat may stay silent
+        time.sleep(1.6)
+        swept.append(sweep())  # beat's sweep, mid-import: only the heartbeat thread keeps the job alive
+        return real_add_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(importing, "add_pairs", slow_add_pairs)
+    finished = run_import_job(job.pk)
+    assert (finished.status, finished.pairs_created) == ("succeeded", 5) and swept == [0, 0, 0]
+
+    # A job the sweep failed while it ran (its worker lost the database for a while) stops at its next
+    # report and is never written again: it stays failed.
+    upload(client_for(admin_user), campaign, "again.jsonl", jsonl([{**row, "prompt": row["prompt"] + "!"}
+                                                                   for row in ROWS]))
+    again = ImportJob.objects.filter(campaign=campaign).latest("pk")
+    stopped = []
+
+    def failed_meanwhile(*args, **kwargs):
+        added = real_add_pairs(*args, **kwargs)
+        ImportJob.objects.filter(pk=again.pk).update(status="failed", errors=["failed by the sweep"])
+        stopped.append(True)
+        return added
+
+    monkeypatch.setattr(importing, "add_pairs", failed_meanwhile)
+    run_import_job(again.pk)
+    again.refresh_from_db()
+    assert stopped == [True] and (again.status, again.errors, again.pairs_created) == (
+        "failed", ["failed by the sweep"], 0)
+    assert Pair.objects.filter(campaign=campaign).count() == 7  # the batch it had committed stays
+
+
+@pytest.mark.worker
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_job_whose_real_worker_was_killed_mid_check_is_failed_by_the_sweep(admin_user, settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 1}
+    campaign = make_campaign("killed")
+    rows = [{"prompt": f"Q{i}", "response_a": "a" * 40, "response_b": "b" * 40} for i in range(400_000)]
+    with Worker(queues="default", purge=True) as worker:
+        upload(client_for(admin_user), campaign, "many.jsonl", jsonl(rows))
+        job = ImportJob.objects.get(campaign=campaign)
+        deadline = time.monotonic() + 60
+        while not ImportJob.objects.filter(pk=job.pk, status="checking", rows_done__gt=0).exists():
+            assert time.monotonic() < deadline, worker.log()[-4000:]
+            time.sleep(0.05)
+        worker.kill()  # SIGKILL mid-check: no clean-up, no final write
+    job.refresh_from_db()
+    assert job.status == "checking" and Path(job.file_path).exists()
+
+    time.sleep(1.5)
+    assert sweep() == 1
+
+    job.refresh_from_db()
+    assert job.status == "failed" and job.errors[0].startswith("The worker stopped while checking the file")
+    assert not Path(job.file_path).exists() and not Pair.objects.filter(campaign=campaign).exists()
