@@ -66,7 +66,7 @@ WSGI_APPLICATION = "pairloop.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [Path(__file__).resolve().parent / "templates"],  # inside the package: wheels carry it
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -258,7 +258,7 @@ def _plotly_bundle_dir() -> str:
     return str(Path(plotly.__file__).parent / "package_data")
 
 
-STATICFILES_DIRS = [BASE_DIR / "static", ("plotly", _plotly_bundle_dir())]
+STATICFILES_DIRS = [Path(__file__).resolve().parent / "static", ("plotly", _plotly_bundle_dir())]
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
