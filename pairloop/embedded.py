@@ -118,7 +118,8 @@ def serve(host: str, port: int, worker: bool, concurrency: int) -> int:
     with embedded_redis():
         env = _child_env()
         # The README's demo passwords never reach a server others can connect to.
-        secured = subprocess.call([python, "manage.py", "secure_demo_logins", "--host", host], cwd=BASE_DIR, env=env)
+        secured = subprocess.call([python, "-m", "pairloop.manage", "secure_demo_logins", "--host", host],
+                                  cwd=BASE_DIR, env=env)
         if secured != 0:
             return secured
         processes = [subprocess.Popen([python, "-m", "daphne", "-b", host, "-p", str(port), "pairloop.asgi:application"],
