@@ -734,7 +734,7 @@ def _strength_from_margin(margin: float | None) -> int | None:
 
 CAMPAIGN_SETTINGS = ("name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
                      "overlap", "tie_break_limit", "lease_seconds", "daily_cap", "gold_rate", "content_warning",
-                     "is_active")
+                     "min_new_share", "is_active")
 
 
 def _check_settings(values: dict) -> None:

@@ -40,6 +40,10 @@ class Campaign(models.Model):
     content_warning = models.TextField(
         blank=True, help_text="Markdown shown before a labeler's first pair (e.g. red-team data), acknowledged "
                               "once per labeler; empty = none.")
+    min_new_share = models.FloatField(
+        default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share of usable judgments that must be new since the last successful round for a launch "
+                  "without confirming (0-1); 0: only a launch with none new is stopped.")
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="campaigns")
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)

@@ -55,6 +55,8 @@ class CampaignOut(Schema):
     daily_cap: int | None
     gold_rate: float
     content_warning: str = Field(description="Markdown shown before a labeler's first pair; empty: none.")
+    min_new_share: float = Field(description="Share of usable judgments that must be new since the last "
+                                             "successful round for a launch without force.")
     is_active: bool
     created_at: datetime
     choices: list[str] = Field(description="The choices a judgment may make here: a, b, tie, both_bad.")
@@ -79,6 +81,8 @@ class CampaignSettings(Schema):
                                   description="Judgments per labeler per day; null: no cap.")
     gold_rate: float = Field(None, ge=0.0, le=1.0, description="Share of gold items mixed in.")
     content_warning: Text = Field(None, description="Markdown shown before a labeler's first pair.")
+    min_new_share: float = Field(None, ge=0.0, le=1.0, description="Share of usable judgments that must be "
+                                 "new since the last successful round for a launch without force (0.1).")
     is_active: bool = Field(None)
 
 
@@ -235,6 +239,21 @@ class JobOut(Schema):
     finished_at: datetime | None
 
 
+class LaunchReport(Schema):
+    """What a launch learns that the last round that succeeded did not."""
+
+    usable: int = Field(description="Usable judgments now (A or B preferred).")
+    new: int = Field(description="Usable judgments that arrived since the last successful round's export.")
+    new_people: int = Field(description="Of them, made by people (the labeling page and the API).")
+    new_simulated: int = Field(description="Of them, made by simulated labelers.")
+    new_imported: int = Field(description="Of them, imported preferences.")
+    since_round: int | None = Field(description="The last round that succeeded; null: none has.")
+    unjudged_new_pairs: int = Field(description="That round's new pairs still without a judgment.")
+    min_new_share: float = Field(description="The campaign's share of new judgments a launch needs unforced.")
+    stale: bool = Field(description="True: a launch is refused unless forced.")
+    forced: bool = Field(False, description="On a round: launched with force while stale.")
+
+
 class RoundOut(Schema):
     id: int
     campaign: str
@@ -246,6 +265,8 @@ class RoundOut(Schema):
     reward_checkpoint: str
     created_at: datetime
     finished_at: datetime | None
+    launch: LaunchReport | None = Field(description="What the round was launched with; null for rounds "
+                                                    "launched before this was recorded.")
     jobs: list[JobOut]
 
 
@@ -254,6 +275,8 @@ class RoundIn(Schema):
                                             "PRESET on the page.")
     settings: dict[str, Any] = Field(default_factory=dict, description="Round settings over the preset's, "
                                                                        "as launch_round --set takes them.")
+    force: bool = Field(False, description="Launch even when too little is new since the last successful "
+                                           "round (see the launch report).")
 
 
 class SampleOut(Schema):

@@ -42,7 +42,7 @@ REFUSED = {401: schemas.Error, 403: schemas.Error, 404: schemas.Error, 422: sche
 def _campaign_out(campaign: Campaign) -> dict:
     fields = ("slug", "name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
               "overlap", "tie_break_limit", "lease_seconds", "daily_cap", "gold_rate", "content_warning",
-              "is_active", "created_at")
+              "min_new_share", "is_active", "created_at")
     return {**{name: getattr(campaign, name) for name in fields}, "choices": campaign.choices_offered()}
 
 
@@ -384,6 +384,7 @@ def _round_out(round_: Round) -> dict:
         "config": round_.config, "parent_policy": round_.parent_policy,
         "policy_checkpoint": round_.policy_checkpoint, "reward_checkpoint": round_.reward_checkpoint,
         "created_at": round_.created_at, "finished_at": round_.finished_at,
+        "launch": round_.config.get("launch"),
         "jobs": [{"id": job.pk, "kind": job.kind, "order": job.order, "status": job.status, "step": job.step,
                   "total_steps": job.total_steps, "progress": job.progress_fraction(), "result": job.result,
                   "last_metrics": job.metrics[-1] if job.metrics else None, "error": job.error,
@@ -405,7 +406,8 @@ def round_list(request, slug: str):
              response={201: schemas.RoundOut, 400: schemas.SettingsError, 409: schemas.Error, **REFUSED})
 def round_launch(request, slug: str, body: schemas.RoundIn):
     """Launch the campaign's next round with these settings (checked as the launch form checks them);
-    409 below PAIRLOOP_MIN_JUDGMENTS or while another round runs. Scope: admin."""
+    409 below PAIRLOOP_MIN_JUDGMENTS, while another round runs, or when too little is new since the last
+    successful round and `force` is not set. Scope: admin."""
     require_scope(request, ADMIN)
     campaign = campaign_for_admin(request, slug)
     from training.config import ConfigError, build_config
@@ -417,10 +419,18 @@ def round_launch(request, slug: str, body: schemas.RoundIn):
     except ValueError as exc:
         return Status(400, {"detail": str(exc), "errors": {}})
     try:
-        round_ = training_actions.launch_round(campaign, request.user, config)
+        round_ = training_actions.launch_round(campaign, request.user, config, force=body.force)
     except training_actions.RoundRefused as exc:
         return Status(409, {"detail": str(exc)})
     return Status(201, _round_out(round_))
+
+
+@rounds.get("/campaigns/{slug:slug}/launch-report", response={200: schemas.LaunchReport, **REFUSED})
+def round_launch_report(request, slug: str):
+    """What the campaign's next round would learn that its last successful round did not. Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    return training_actions.launch_freshness(campaign).as_dict()
 
 
 @rounds.get("/rounds/{int:round_id}", response={200: schemas.RoundOut, **REFUSED})

@@ -130,10 +130,11 @@ def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_wo
         assert Pair.objects.get(pk=claim.assignment.pair_id).round_id == first.pk
 
         # Round two from the command line, followed to its end with --wait; its reward model starts from
-        # the SFT policy (reward_model=sft, the demo preset's default).
+        # the SFT policy (reward_model=sft, the demo preset's default). Nothing was labeled since round one,
+        # so it is forced.
         out = io.StringIO()
         call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "reward_model=sft",
-                     "--wait", "--poll", "0.5", stdout=out)
+                     "--force", "--wait", "--poll", "0.5", stdout=out)
         assert "Round 2 done" in out.getvalue(), worker.log()[-4000:]
     second = Round.objects.get(campaign=campaign, number=2)
     assert second.parent_policy == first.policy_checkpoint

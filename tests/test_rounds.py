@@ -57,8 +57,8 @@ def client_for(user) -> Client:
     return client
 
 
-def launch(campaign, user=None, **overrides):
-    return actions.launch_round(campaign, user, build_config("tiny", overrides))
+def launch(campaign, user=None, force=False, **overrides):
+    return actions.launch_round(campaign, user, build_config("tiny", overrides), force=force)
 
 
 def claim(job: Job, task_id="task-1") -> Job:
@@ -160,7 +160,7 @@ def test_it_starts_round_two_from_round_one_s_policy(chains):
         succeed(job, **({"policy_checkpoint": "/ckpt/round-1/policy"} if job.kind == Job.PPO else {}))
     first.refresh_from_db()
     assert first.status() == Job.SUCCEEDED and first.finished_at is not None
-    second = launch(campaign)
+    second = launch(campaign, force=True)
     assert second.number == 2
     assert second.parent_policy == "/ckpt/round-1/policy"
     assert second.config["base_policy"] == first.config["base_policy"]
@@ -188,6 +188,93 @@ def test_a_rounds_export_of_a_chat_campaign_keeps_the_turns_its_reward_model_rea
     # Flattened for a backbone without a chat template exactly as PPO flattens the same prompt to score it.
     assert sorted(pairs["prompt"]) == sorted(prompt_text(t) for t in turns)
     assert sorted(pairs["chosen"]) == [f"good {i}" for i in range(MIN)]
+
+
+def succeeded_round_with_unjudged_pairs(campaign, unjudged=3) -> Round:
+    """Round 1 of the campaign, every job succeeded, whose enqueue job left `unjudged` new pairs."""
+    first = launch(campaign)
+    for job in first.jobs.order_by("order"):
+        succeed(job)
+    added = add_pairs(campaign, [PairInput(f"New {i}?", f"new a{i}", f"new b{i}") for i in range(unjudged)],
+                      round=first, notify=False)
+    assert added.created == unjudged
+    return first
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_launch_with_nothing_new_on_every_door_unless_forced(chains, admin_user, monkeypatch):
+    from tests.test_api import api_for
+
+    campaign = judged_campaign()
+    succeeded_round_with_unjudged_pairs(campaign)
+    client = client_for(admin_user)
+
+    page = client.get(f"/campaigns/{campaign.slug}/rounds/")
+    assert b'id="launch-stale"' in page.content and b'id="launch-force"' in page.content
+    assert (f"{MIN} usable judgments, 0 of them new since round 1 (0 by people, 0 simulated); 3 new pairs from round 1 "
+            "are still unjudged.").encode() in page.content
+    form = {k: v for k, v in build_config("tiny").as_dict().items() if k != "reward_model"}
+    refused = client.post(f"/campaigns/{campaign.slug}/rounds/", form, follow=True)
+    assert b"Nothing new to learn from" in refused.content and Round.objects.count() == 1
+    with pytest.raises(CommandError, match=r"Nothing new to learn from.*--force"):
+        call_command("launch_round", campaign.slug, "--preset", "tiny", stdout=io.StringIO())
+    api = api_for(admin_user)
+    report = api.get(f"/campaigns/{campaign.slug}/launch-report")
+    assert report.status_code == 200
+    assert {k: report.json()[k] for k in ("usable", "new", "since_round", "unjudged_new_pairs", "stale")} == {
+        "usable": MIN, "new": 0, "since_round": 1, "unjudged_new_pairs": 3, "stale": True}
+    refused = api.post(f"/campaigns/{campaign.slug}/rounds", {"preset": "tiny"})
+    assert refused.status_code == 409 and "Nothing new to learn from" in refused.json()["detail"]
+    assert Round.objects.count() == 1
+
+    forced = api.post(f"/campaigns/{campaign.slug}/rounds", {"preset": "tiny", "force": True})
+    assert forced.status_code == 201, forced.content
+    assert forced.json()["launch"]["forced"] is True and forced.json()["launch"]["new"] == 0
+    second = Round.objects.get(number=2)
+    assert b"<strong>forced</strong>: too little was new" in client.get(f"/rounds/{second.pk}/").content
+
+
+@pytest.mark.django_db
+def test_it_confirms_a_stale_launch_on_the_page_and_the_command_with_force(chains, admin_user):
+    campaign = judged_campaign()
+    succeeded_round_with_unjudged_pairs(campaign)
+    form = {k: v for k, v in build_config("tiny").as_dict().items() if k != "reward_model"}
+    response = client_for(admin_user).post(f"/campaigns/{campaign.slug}/rounds/", {**form, "force": "1"})
+    assert response.status_code == 302 and Round.objects.get(number=2).config["launch"]["forced"] is True
+    other = judged_campaign("other")
+    succeeded_round_with_unjudged_pairs(other)
+    call_command("launch_round", other.slug, "--preset", "tiny", "--force", stdout=io.StringIO())
+    assert Round.objects.get(campaign=other, number=2).config["launch"]["forced"] is True
+
+
+@pytest.mark.django_db
+def test_it_launches_unforced_after_new_judgments_and_records_who_made_them(chains, admin_user, labeler):
+    campaign = judged_campaign(members=[labeler])
+    campaign.min_new_share = 0.3
+    campaign.save(update_fields=["min_new_share"])
+    first = succeeded_round_with_unjudged_pairs(campaign, unjudged=3)
+    for _ in range(2):  # 2 new of 7 usable: under the campaign's share of 30%
+        claim = claim_next_pair(campaign, labeler)
+        assert Pair.objects.get(pk=claim.assignment.pair_id).round_id == first.pk
+        submit_judgment(assignment_id=claim.assignment.pk, labeler=labeler, choice="a", strength=2)
+    freshness = actions.launch_freshness(campaign)
+    assert (freshness.usable, freshness.new_people, freshness.unjudged_new_pairs, freshness.stale) == (7, 2, 1, True)
+    claim = claim_next_pair(campaign, labeler)
+    submit_judgment(assignment_id=claim.assignment.pk, labeler=labeler, choice="b", strength=2)
+    client = client_for(admin_user)
+    page = client.get(f"/campaigns/{campaign.slug}/rounds/")
+    assert b'id="launch-stale"' not in page.content
+    assert b"8 usable judgments, 3 of them new since round 1 (3 by people, 0 simulated)" in page.content
+
+    out = io.StringIO()
+    call_command("launch_round", campaign.slug, "--preset", "tiny", stdout=out)
+    assert "3 of them new since round 1" in out.getvalue()
+    second = Round.objects.get(number=2)
+    assert second.config["launch"] == {**second.config["launch"], "new": 3, "new_people": 3, "new_simulated": 0,
+                                       "since_round": 1, "unjudged_new_pairs": 0, "forced": False}
+    facts = client.get(f"/rounds/{second.pk}/").content
+    assert b"Launched with 3 usable judgments new since round 1 (3 by people, 0 simulated)" in facts
+    assert b'<td class="round-new-labels">3</td>' in client.get(f"/campaigns/{campaign.slug}/rounds/").content
 
 
 @pytest.mark.django_db
@@ -676,7 +763,7 @@ def test_it_rates_every_policy_on_one_scale_from_the_judgments_between_them(chai
     first = launch(campaign)
     for job in first.jobs.order_by("order"):
         succeed(job, policy_checkpoint="/models/round-1")
-    second = launch(campaign)
+    second = launch(campaign, force=True)
     for job in second.jobs.order_by("order"):
         succeed(job, policy_checkpoint="/models/round-2")
     first.refresh_from_db()

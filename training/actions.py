@@ -11,13 +11,14 @@ clock (Now()), so hosts whose clocks disagree never make a live job look dead.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import DateTimeField, ExpressionWrapper, F, Value
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Value
 from django.db.models.functions import Coalesce, Least, Now
 from django.utils import timezone
 
@@ -36,6 +37,10 @@ class RoundRefused(ValueError):
     """A launch or resume that must not happen; the message says why, for the admin."""
 
 
+class StaleLaunch(RoundRefused):
+    """A launch with too few judgments new since the last round that succeeded; forcing it launches it."""
+
+
 class JobLost(StopWithoutSaving):
     """The worker no longer owns this job (it was marked failed or cancelled meanwhile): the engine stops
     without writing its resumable checkpoint, which is the next attempt's to write."""
@@ -44,6 +49,86 @@ class JobLost(StopWithoutSaving):
 def usable_judgments(campaign: Campaign) -> int:
     """Judgments that make a Bradley-Terry pair (A or B preferred), humans and simulated alike."""
     return Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B]).count()
+
+
+PEOPLE = (Judgment.HUMAN, Judgment.API)
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """What a launch would learn that the last round that succeeded did not: usable judgments new since
+    its export, by who made them, and how many of the pairs it sent back are still unjudged."""
+
+    usable: int
+    new_people: int = 0
+    new_simulated: int = 0
+    new_imported: int = 0
+    since_round: int | None = None
+    unjudged_new_pairs: int = 0
+    min_new_share: float = 0.0
+
+    @property
+    def new(self) -> int:
+        return self.new_people + self.new_simulated + self.new_imported
+
+    @property
+    def stale(self) -> bool:
+        """True when a round succeeded before and fewer than the campaign's share of usable judgments
+        (none at all when the share is 0) arrived since."""
+        if self.since_round is None:
+            return False
+        return self.new == 0 or self.new < self.min_new_share * self.usable
+
+    def sentence(self) -> str:
+        if self.since_round is None:
+            return f"{self.usable} usable judgments; no round of this campaign has succeeded yet."
+        parts = [f"{self.new_people} by people", f"{self.new_simulated} simulated"]
+        if self.new_imported:
+            parts.append(f"{self.new_imported} imported")
+        return (f"{self.usable} usable judgments, {self.new} of them new since round {self.since_round} "
+                f"({', '.join(parts)}); {self.unjudged_new_pairs} new pairs from round {self.since_round} "
+                "are still unjudged.")
+
+    def refusal(self) -> str:
+        share = f"{self.min_new_share:.0%}"
+        return (f"Nothing new to learn from: {self.sentence()} A round on the same labels re-trains its reward "
+                f"model on them and pushes the policy further against it (the campaign asks for at least "
+                f"{share} new). Label round {self.since_round}'s pairs first, or force the launch.")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "new": self.new, "stale": self.stale}
+
+
+def last_succeeded_round(campaign: Campaign) -> Round | None:
+    """The campaign's newest round whose every job succeeded."""
+    for round_ in Round.objects.filter(campaign=campaign).prefetch_related("jobs").order_by("-number"):
+        if round_.status() == Job.SUCCEEDED:
+            return round_
+    return None
+
+
+def launch_freshness(campaign: Campaign) -> Freshness:
+    """The campaign's usable judgments now, and those that arrived after the last successful round's export
+    read them (its export job's start; the round's launch when that is unknown)."""
+    usable = usable_judgments(campaign)
+    last = last_succeeded_round(campaign)
+    if last is None:
+        return Freshness(usable=usable, min_new_share=campaign.min_new_share)
+    export = next((job for job in last.jobs.all() if job.kind == Job.EXPORT), None)
+    since = (export.started_at if export is not None and export.started_at else None) or last.created_at
+    new = (Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B],
+                                   created_at__gt=since)
+           .values("source").annotate(n=Count("id")))
+    by_source = {row["source"]: row["n"] for row in new}
+    return Freshness(
+        usable=usable,
+        new_people=sum(by_source.get(source, 0) for source in PEOPLE),
+        new_simulated=by_source.get(Judgment.SIMULATED, 0),
+        new_imported=by_source.get(Judgment.IMPORTED, 0),
+        since_round=last.number,
+        unjudged_new_pairs=last.pairs.filter(judgments_count=0).count(),
+        min_new_share=campaign.min_new_share,
+    )
 
 
 def active_round(campaign: Campaign) -> Round | None:
@@ -103,12 +188,13 @@ def parent_policy(campaign: Campaign, preset: str) -> str:
     return latest.policy_checkpoint if latest is not None else base
 
 
-def launch_round(campaign: Campaign, user, config: RoundConfig) -> Round:
+def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool = False) -> Round:
     """Create round N+1 of the campaign with its chain of jobs and enqueue the chain on commit.
 
     Refuses (RoundRefused) below PAIRLOOP["MIN_JUDGMENTS"] usable judgments, or while another round
-    of the campaign is queued or running: the campaign row is locked, so two launches at once
-    cannot both pass the check.
+    of the campaign is queued or running; and (StaleLaunch) when too little is new since the last
+    round that succeeded, unless forced. The campaign row is locked, so two launches at once
+    cannot both pass the checks.
     """
     config.validate()
     minimum = settings.PAIRLOOP["MIN_JUDGMENTS"]
@@ -124,11 +210,15 @@ def launch_round(campaign: Campaign, user, config: RoundConfig) -> Round:
         if running is not None:
             raise RoundRefused(f"Round {running.number} of this campaign is still {running.status()}: "
                                "two rounds of one campaign never run at once. Wait for it or cancel it.")
+        freshness = launch_freshness(campaign)
+        if freshness.stale and not force:
+            raise StaleLaunch(freshness.refusal())
         numbers = Round.objects.filter(campaign=campaign).order_by("-number").values_list("number", flat=True)
         number = (numbers.first() or 0) + 1
         stored = config.as_dict()
         stored["base_policy"] = base_policy(campaign, config.preset)
         stored["usable_judgments"] = usable
+        stored["launch"] = {**freshness.as_dict(), "forced": bool(force and freshness.stale)}
         round_ = Round.objects.create(
             campaign=campaign, number=number, config=stored,
             parent_policy=parent_policy(campaign, config.preset),

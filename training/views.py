@@ -42,7 +42,8 @@ def campaign_rounds(request, slug):
                                    campaign_settings=actions.campaign_settings(campaign))
             if form.is_valid():
                 try:
-                    round_ = actions.launch_round(campaign, request.user, form.config)
+                    round_ = actions.launch_round(campaign, request.user, form.config,
+                                                  force=request.POST.get("force") == "1")
                 except actions.RoundRefused as exc:
                     messages.error(request, str(exc))
                 else:
@@ -63,6 +64,7 @@ def campaign_rounds(request, slug):
         "minimum": minimum,
         "needed": max(0, minimum - usable),
         "active": actions.active_round(campaign),
+        "freshness": actions.launch_freshness(campaign) if admin else None,
         "starts_from": actions.parent_policy(campaign, settings.PAIRLOOP["DEMO_POLICY_PRESET"]) if admin else "",
     })
 

@@ -1,4 +1,4 @@
-"""manage.py launch_round CAMPAIGN_SLUG [--preset demo|tiny] [--set KEY=VALUE ...] [--wait]"""
+"""manage.py launch_round CAMPAIGN_SLUG [--preset demo|tiny] [--set KEY=VALUE ...] [--force] [--wait]"""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class Command(BaseCommand):
                             help="starting values: demo (minutes on 2 CPU cores) or tiny (for tests)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help=f"override one setting; keys: {keys}")
+        parser.add_argument("--force", action="store_true",
+                            help="launch even when too little is new since the last successful round")
         parser.add_argument("--user", default="", help="username recorded as the launcher")
         parser.add_argument("--wait", action="store_true",
                             help="follow the jobs with a progress bar until the round ends")
@@ -45,9 +47,13 @@ class Command(BaseCommand):
         try:
             config = build_config(options["preset"], {**actions.campaign_settings(campaign),
                                                       **parse_assignments(options["set"])})
-            round_ = actions.launch_round(campaign, user, config)
+            freshness = actions.launch_freshness(campaign)
+            round_ = actions.launch_round(campaign, user, config, force=options["force"])
+        except actions.StaleLaunch as exc:
+            raise CommandError(f"{exc} (--force)") from None
         except (ValueError, actions.RoundRefused) as exc:
             raise CommandError(str(exc)) from None
+        self.stdout.write(freshness.sentence())
         self.stdout.write(self.style.SUCCESS(f"Launched round {round_.number} of {campaign.slug} "
                                              f"(id {round_.pk}) from {round_.parent_policy}"))
         if options["wait"]:
