@@ -258,7 +258,7 @@ def webhook_list(request, slug: str):
 
 
 @campaigns.post("/campaigns/{slug:slug}/webhooks",
-                response={201: schemas.WebhookCreated, 400: schemas.Error, **REFUSED})
+                response={201: schemas.WebhookCreated, 400: schemas.SettingsError, **REFUSED})
 def webhook_add(request, slug: str, body: schemas.WebhookIn):
     """Send a signed POST to this URL on these events of the campaign; the answer shows the signing secret,
     once. Scope: admin."""
@@ -267,7 +267,7 @@ def webhook_add(request, slug: str, body: schemas.WebhookIn):
     try:
         webhook, secret = webhooks.add_webhook(campaign, body.url, body.events)
     except webhooks.WebhookRefused as exc:
-        return Status(400, {"detail": str(exc)})
+        return Status(400, {"detail": f"{exc.field}: {exc}", "errors": {exc.field: str(exc)}})
     return Status(201, {**_webhook_out(webhook), "secret": secret})
 
 

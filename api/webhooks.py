@@ -7,19 +7,27 @@ Each POST carries the JSON event and the headers
   X-Pairloop-Delivery   the delivery's id: the same on every retry, so a receiver can skip repeats
   X-Pairloop-Timestamp  Unix seconds when this attempt was signed
   X-Pairloop-Signature  sha256=HMAC-SHA256(secret, "<timestamp>.<body>") in hex
+
+A webhook reaches only public addresses (PAIRLOOP["WEBHOOK_ALLOW_PRIVATE"] lifts that for receivers on
+the premises): its host is checked when it is added and again at each attempt, which connects to the
+very addresses it checked (no second lookup) and never follows a redirect.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
+import ipaddress
 import json
 import logging
 import secrets
+import socket
+import ssl
 import time
-import urllib.error
-import urllib.request
+from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -34,17 +42,24 @@ BACKOFF_SECONDS = 30  # before retry n (1, 2, ...): 30 s x 2^(n-1), so the last 
 
 
 class WebhookRefused(ValueError):
-    """A webhook that cannot be added as asked (not an http(s) URL, an unknown event)."""
+    """A webhook that cannot be added or sent to as asked (not an http(s) URL, a host that is not public,
+    an unknown event); `field` names the input at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def add_webhook(campaign, url: str, events: list[str] | None = None) -> tuple[Webhook, str]:
     """A new webhook of the campaign; returns (row, secret). Without `events`, every event."""
-    if not url.startswith(("http://", "https://")):
-        raise WebhookRefused("the URL must start with http:// or https://")
+    try:
+        target(url)
+    except OSError as exc:
+        raise WebhookRefused("url", str(exc)) from None
     wanted = sorted(set(events)) if events else list(EVENT_NAMES)
     unknown = [event for event in wanted if event not in EVENT_NAMES]
     if unknown:
-        raise WebhookRefused(f"unknown event {', '.join(unknown)}: use {', '.join(EVENT_NAMES)}")
+        raise WebhookRefused("events", f"unknown event {', '.join(unknown)}: use {', '.join(EVENT_NAMES)}")
     secret = secrets.token_hex(32)
     return Webhook.objects.create(campaign=campaign, url=url, events=wanted, secret=secret), secret
 
@@ -52,6 +67,46 @@ def add_webhook(campaign, url: str, events: list[str] | None = None) -> tuple[We
 def remove_webhook(webhook: Webhook) -> None:
     """Stop sending to it (kept with its deliveries as a record)."""
     Webhook.objects.filter(pk=webhook.pk).update(is_active=False)
+
+
+def _public(address: str) -> bool:
+    """Whether an IP address is on the public internet (ipaddress's is_global), the IPv4 one an IPv6
+    address carries (mapped, 6to4, Teredo) included; multicast never is."""
+    ip = ipaddress.ip_address(address)
+    carried = [ip.ipv4_mapped, ip.sixtofour, (ip.teredo or (None, None))[1]] if ip.version == 6 else []
+    return all(one.is_global and not one.is_multicast for one in [ip, *carried] if one is not None)
+
+
+def _own_hosts() -> set[str]:
+    """This server's own names (ALLOWED_HOSTS without its patterns): a webhook never posts to the app."""
+    return {host.lower() for host in settings.ALLOWED_HOSTS if host and host != "*" and not host.startswith(".")}
+
+
+def target(url: str) -> tuple[str, int, list[str]]:
+    """(host, port, addresses) of a webhook URL: every address its host resolves to, each public unless
+    PAIRLOOP["WEBHOOK_ALLOW_PRIVATE"]. WebhookRefused when not; OSError when the host does not resolve."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise WebhookRefused("url", "the URL's port is not a number from 0 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused("url", "the URL must start with http:// or https:// and name a host")
+    host, port = parts.hostname, port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise OSError(f"the host {host} does not resolve: {exc}") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if settings.PAIRLOOP["WEBHOOK_ALLOW_PRIVATE"]:
+        return host, port, addresses
+    private = [address for address in addresses if not _public(address)]
+    if private:
+        raise WebhookRefused("url", f"{host} resolves to {', '.join(private)}, not a public address "
+                                    f"(PAIRLOOP_WEBHOOK_ALLOW_PRIVATE=1 allows private ones)")
+    if host.lower() in _own_hosts():
+        raise WebhookRefused("url", f"{host} is this server (PAIRLOOP_WEBHOOK_ALLOW_PRIVATE=1 allows it)")
+    return host, port, addresses
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -92,27 +147,58 @@ def attempt(delivery_id: int) -> str:
         return WebhookDelivery.FAILED
     body = json.dumps({**delivery.payload, "delivery": delivery.pk}, cls=DjangoJSONEncoder).encode()
     timestamp = int(time.time())
-    request = urllib.request.Request(webhook.url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "User-Agent": "pairloop-webhook",
-        "X-Pairloop-Event": delivery.event, "X-Pairloop-Delivery": str(delivery.pk),
-        "X-Pairloop-Timestamp": str(timestamp),
-        "X-Pairloop-Signature": signature(webhook.secret, timestamp, body)})
+    headers = {"Content-Type": "application/json", "User-Agent": "pairloop-webhook",
+               "X-Pairloop-Event": delivery.event, "X-Pairloop-Delivery": str(delivery.pk),
+               "X-Pairloop-Timestamp": str(timestamp),
+               "X-Pairloop-Signature": signature(webhook.secret, timestamp, body)}
     WebhookDelivery.objects.filter(pk=delivery.pk).update(attempts=delivery.attempts + 1)
     delivery.attempts += 1
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as answer:  # noqa: S310 - http(s) only
-            status = answer.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (urllib.error.URLError, OSError) as exc:  # refused, unreachable, timed out
-        return _retry_or_fail(delivery, None, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}")
+        status = _post(webhook.url, headers, body)
+    except WebhookRefused as exc:
+        _finish(delivery, WebhookDelivery.FAILED, error=f"refused: {exc}")
+        return WebhookDelivery.FAILED
+    except (OSError, http.client.HTTPException) as exc:  # unresolved, refused, unreachable, timed out
+        return _retry_or_fail(delivery, None, f"{type(exc).__name__}: {exc}")
     if 200 <= status < 300:
         _finish(delivery, WebhookDelivery.DELIVERED, status=status)
         return WebhookDelivery.DELIVERED
     if status == 429 or status >= 500:
         return _retry_or_fail(delivery, status, f"the receiver answered {status}")
-    _finish(delivery, WebhookDelivery.FAILED, status=status, error=f"the receiver answered {status}")
+    reason = " (redirects are not followed)" if 300 <= status < 400 else ""
+    _finish(delivery, WebhookDelivery.FAILED, status=status, error=f"the receiver answered {status}{reason}")
     return WebhookDelivery.FAILED
+
+
+def _post(url: str, headers: dict[str, str], body: bytes) -> int:
+    """POST the body once and return the answer's status: to the addresses `target` checked (the first
+    that connects), with the URL's host in the Host header and, over https, in TLS's SNI and certificate
+    check. A redirect is an answer like any other, never followed."""
+    host, port, addresses = target(url)
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(host, port, timeout=TIMEOUT_SECONDS,
+                                                 context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=TIMEOUT_SECONDS)
+
+    def connect_checked(_address, timeout, source_address=None):
+        error = OSError(f"no address of {host} to connect to")
+        for address in addresses:
+            try:
+                return socket.create_connection((address, port), timeout, source_address)
+            except OSError as exc:
+                error = exc
+        raise error
+
+    connection._create_connection = connect_checked  # http.client's hook for opening the socket
+    try:
+        path = parts.path or "/"
+        connection.request("POST", f"{path}?{parts.query}" if parts.query else path, body=body, headers=headers)
+        with connection.getresponse() as answer:
+            return answer.status
+    finally:
+        connection.close()
 
 
 def _retry_or_fail(delivery: WebhookDelivery, status: int | None, error: str) -> str:

@@ -286,6 +286,8 @@ PAIRLOOP = {
     # Experiment tracker that also gets every training job's metrics (training/tracking.py); empty: none.
     "REPORT_TO": env.choice("PAIRLOOP_REPORT_TO", "", ("", "tensorboard", "trackio", "wandb")),
     "RUNS_DIR": DATA_DIR / "runs",  # TensorBoard's event files and W&B's local files, one folder per job
+    # Webhooks may post to private, loopback and link-local addresses (receivers on the premises).
+    "WEBHOOK_ALLOW_PRIVATE": env.bool("PAIRLOOP_WEBHOOK_ALLOW_PRIVATE", False),
 }
 
 LOGGING = {

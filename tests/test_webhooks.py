@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,7 +14,7 @@ import pytest
 
 from annotate.actions import claim_next_pair, submit_judgment
 from api import tasks, webhooks
-from api.models import WebhookDelivery
+from api.models import Webhook, WebhookDelivery
 from tests.conftest import make_campaign
 from tests.test_api import api_for
 from training import actions as training_actions
@@ -24,9 +25,10 @@ pytestmark = pytest.mark.django_db(transaction=True)  # real commits: events are
 
 
 class Receiver:
-    """An HTTP server on loopback that records each POST and answers with the next status of `answers`."""
+    """An HTTP server on loopback that records each POST and answers with the next status of `answers`
+    (with a Location header when `location` is given)."""
 
-    def __init__(self, answers=(200,)):
+    def __init__(self, answers=(200,), location=None):
         self.answers, self.received = list(answers), []
         receiver = self
 
@@ -36,6 +38,8 @@ class Receiver:
                 receiver.received.append((dict(self.headers), body))
                 status = receiver.answers.pop(0) if len(receiver.answers) > 1 else receiver.answers[0]
                 self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -54,8 +58,8 @@ class Receiver:
 def receiver():
     made = []
 
-    def make(answers=(200,)):
-        made.append(Receiver(answers))
+    def make(answers=(200,), location=None):
+        made.append(Receiver(answers, location))
         return made[-1]
 
     yield make
@@ -65,8 +69,9 @@ def receiver():
 
 @pytest.fixture
 def sent_at_once(monkeypatch, settings):
-    """Deliveries run in this process as the commit happens (retries at once, their countdown skipped)."""
-    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1}
+    """Deliveries run in this process as the commit happens (retries at once, their countdown skipped), to
+    receivers on loopback (PAIRLOOP_WEBHOOK_ALLOW_PRIVATE)."""
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1, "WEBHOOK_ALLOW_PRIVATE": True}
     monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)
     monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda pk: tasks.deliver_webhook.apply(args=[pk]))
 
@@ -162,3 +167,123 @@ def test_it_refuses_a_url_that_is_not_http_and_an_unknown_event(admin_user):
     unknown = api.post("/campaigns/shop/webhooks", {"url": "http://x", "events": ["round.done"]})
     assert unknown.status_code == 422
     assert not WebhookDelivery.objects.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing internal is reached
+# ---------------------------------------------------------------------------------------------
+
+PUBLIC = "93.184.215.14"  # a public address: nothing connects to it here (no network in tests)
+
+
+def resolving(monkeypatch, answers):
+    """socket.getaddrinfo with these host names resolved to `answers[name]` (a list of addresses, or a
+    function of the call's number giving one); returns the calls per name."""
+    real, calls = socket.getaddrinfo, {}
+
+    def fake(host, port, *args, **kwargs):
+        if host not in answers:
+            return real(host, port, *args, **kwargs)
+        calls[host] = calls.get(host, 0) + 1
+        found = answers[host](calls[host]) if callable(answers[host]) else answers[host]
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                for a in found]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    return calls
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8000/api/v1/campaigns", "http://169.254.169.254/latest/meta-data/", "http://[::1]:6379/",
+    "http://[::ffff:127.0.0.1]/", "http://[::ffff:7f00:1]:8000/", "http://2130706433/", "http://127.1/",
+    "http://0x7f.0.0.1/", "http://0.0.0.0:8000/", "http://localhost:8000/", "http://10.0.0.5/hook",
+    "https://192.168.1.1/", "http://[fe80::1]/", "http://[fd00::1]/", "http://100.64.0.1/",
+])
+def test_a_webhook_to_an_address_that_is_not_public_is_refused_when_added(admin_user, url):
+    make_campaign()
+    answer = api_for(admin_user).post("/campaigns/shop/webhooks", {"url": url})
+    assert answer.status_code == 400, answer.content
+    assert "not a public address" in answer.json()["errors"]["url"]
+    assert answer.json()["detail"].startswith("url: ")
+    assert not Webhook.objects.exists()
+
+
+def test_the_app_itself_and_a_name_resolving_to_a_private_address_are_refused_when_added(admin_user, settings,
+                                                                                         monkeypatch):
+    settings.ALLOWED_HOSTS = ["pairloop.example.org", ".example.org", "testserver"]
+    resolving(monkeypatch, {"pairloop.example.org": [PUBLIC], "hooks.example.com": [PUBLIC, "10.1.2.3"],
+                            "ci.example.org": [PUBLIC]})
+    make_campaign()
+    api = api_for(admin_user)
+    itself = api.post("/campaigns/shop/webhooks", {"url": "https://pairloop.example.org/api/v1/campaigns"})
+    assert itself.status_code == 400 and "is this server" in itself.json()["errors"]["url"]
+    split = api.post("/campaigns/shop/webhooks", {"url": "https://hooks.example.com/in"})
+    assert split.status_code == 400 and "10.1.2.3" in split.json()["errors"]["url"]
+    assert not Webhook.objects.exists()
+    assert api.post("/campaigns/shop/webhooks", {"url": "https://ci.example.org/in"}).status_code == 201
+    assert api.post("/campaigns/shop/webhooks", {"url": f"http://{PUBLIC}/in"}).status_code == 201
+
+
+def test_a_host_that_resolves_to_a_private_address_at_send_is_refused_without_a_connection(
+        admin_user, labeler, monkeypatch, sent_at_once, settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "WEBHOOK_ALLOW_PRIVATE": False}
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    resolving(monkeypatch, {"hooks.example.com": lambda call: [PUBLIC] if call == 1 else [PUBLIC, "127.0.0.1"]})
+    webhooks.add_webhook(campaign, "http://hooks.example.com/in")  # public when added
+    connected = []
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: connected.append(args))
+    submit_judgment(assignment_id=claim_next_pair(campaign, labeler).assignment.pk, labeler=labeler,
+                    choice="a", strength=1)
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts) == ("failed", 1)  # refused for good: not retried
+    assert "127.0.0.1" in delivery.error and "not a public address" in delivery.error
+    assert connected == []
+
+
+def test_a_delivery_connects_to_the_address_it_checked_with_the_host_name_in_the_host_header(
+        admin_user, labeler, monkeypatch, receiver, sent_at_once):
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    hook = receiver()
+    port = hook.server.server_port
+    # A second lookup would get another address, where nothing listens (a rebinding DNS server).
+    calls = resolving(monkeypatch, {"hooks.internal.test": lambda call: ["127.0.0.1"] if call <= 2 else ["127.0.0.2"]})
+    webhooks.add_webhook(campaign, f"http://hooks.internal.test:{port}/in?via=pairloop")
+    submit_judgment(assignment_id=claim_next_pair(campaign, labeler).assignment.pk, labeler=labeler,
+                    choice="a", strength=1)
+    assert WebhookDelivery.objects.get().status == "delivered"
+    assert calls == {"hooks.internal.test": 2}  # once when added, once at the try
+    [(headers, _)] = hook.received
+    assert headers["Host"] == f"hooks.internal.test:{port}"
+
+
+def test_a_redirect_is_not_followed_and_fails_the_delivery(admin_user, labeler, receiver, sent_at_once):
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    elsewhere = receiver()
+    redirecting = receiver([302], location=elsewhere.url)
+    webhooks.add_webhook(campaign, redirecting.url)
+    submit_judgment(assignment_id=claim_next_pair(campaign, labeler).assignment.pk, labeler=labeler,
+                    choice="a", strength=1)
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts, delivery.response_status) == ("failed", 1, 302)
+    assert "redirects are not followed" in delivery.error
+    assert len(redirecting.received) == 1 and elsewhere.received == []
+
+
+def test_allow_private_lets_a_receiver_on_the_premises_get_its_deliveries(admin_user, labeler, receiver,
+                                                                          sent_at_once, settings):
+    campaign = make_campaign(n_pairs=2, members=[labeler])
+    hook = receiver()
+    api = api_for(admin_user)
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "WEBHOOK_ALLOW_PRIVATE": False}
+    assert api.post("/campaigns/shop/webhooks", {"url": hook.url}).status_code == 400
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "WEBHOOK_ALLOW_PRIVATE": True}
+    assert api.post("/campaigns/shop/webhooks", {"url": hook.url}).status_code == 201
+    for _ in range(2):
+        submit_judgment(assignment_id=claim_next_pair(campaign, labeler).assignment.pk, labeler=labeler,
+                        choice="a", strength=1)
+    assert hook.events() == ["campaign.queue_empty"]
+    # Allowed no longer: the next event's delivery is refused at send.
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "WEBHOOK_ALLOW_PRIVATE": False}
+    webhooks.record_event(campaign.pk, "campaign.queue_empty", "again", {})
+    assert WebhookDelivery.objects.get(key="again").status == "failed"
+    assert len(hook.received) == 1
