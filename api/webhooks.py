@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -36,9 +37,14 @@ from api.models import EVENT_NAMES, QUEUE_EMPTY, ROUND_FAILED, ROUND_SUCCEEDED, 
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_SECONDS = 10  # one attempt waits this long for the receiver's answer
 MAX_ATTEMPTS = 8  # then the delivery is marked failed
 BACKOFF_SECONDS = 30  # before retry n (1, 2, ...): 30 s x 2^(n-1), so the last comes about 2 hours on
+
+
+def time_limit() -> int:
+    """Seconds a delivery task may run before Celery kills it: the attempt's deadline
+    (PAIRLOOP["WEBHOOK_TIMEOUT"]) plus a minute for the host's lookup and the database."""
+    return settings.PAIRLOOP["WEBHOOK_TIMEOUT"] + 60
 
 
 class WebhookRefused(ValueError):
@@ -173,32 +179,69 @@ def attempt(delivery_id: int) -> str:
 def _post(url: str, headers: dict[str, str], body: bytes) -> int:
     """POST the body once and return the answer's status: to the addresses `target` checked (the first
     that connects), with the URL's host in the Host header and, over https, in TLS's SNI and certificate
-    check. A redirect is an answer like any other, never followed."""
+    check. A redirect is an answer like any other, never followed. Connecting, sending and reading the
+    answer's head share one deadline, PAIRLOOP["WEBHOOK_TIMEOUT"] s: TimeoutError past it."""
     host, port, addresses = target(url)
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        connection = http.client.HTTPSConnection(host, port, timeout=TIMEOUT_SECONDS,
-                                                 context=ssl.create_default_context())
-    else:
-        connection = http.client.HTTPConnection(host, port, timeout=TIMEOUT_SECONDS)
+    seconds = settings.PAIRLOOP["WEBHOOK_TIMEOUT"]
+    deadline = time.monotonic() + seconds
 
-    def connect_checked(_address, timeout, source_address=None):
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError()
+        return remaining
+
+    def connect_checked(_address, _timeout, source_address=None):
         error = OSError(f"no address of {host} to connect to")
         for address in addresses:
-            try:
-                return socket.create_connection((address, port), timeout, source_address)
+            try:  # the TLS handshake that follows is bounded in all by the timeout it finds on the socket
+                return socket.create_connection((address, port), left(), source_address)
             except OSError as exc:
                 error = exc
         raise error
 
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(host, port, context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(host, port)
     connection._create_connection = connect_checked  # http.client's hook for opening the socket
+    connection.response_class = lambda sock, *args, **kwargs: http.client.HTTPResponse(
+        _DeadlineSocket(sock, left), *args, **kwargs)
     try:
+        connection.connect()
+        connection.sock.settimeout(left())  # sendall: the whole body within the time left
         path = parts.path or "/"
         connection.request("POST", f"{path}?{parts.query}" if parts.query else path, body=body, headers=headers)
         with connection.getresponse() as answer:
             return answer.status
+    except TimeoutError:
+        raise TimeoutError(f"no whole answer within {seconds} s (PAIRLOOP_WEBHOOK_TIMEOUT)") from None
     finally:
         connection.close()
+
+
+class _DeadlineSocket:
+    """A socket seen by http.client's answer: each read gets only the time left before the deadline, so a
+    receiver that trickles its answer a byte at a time still ends at the deadline."""
+
+    def __init__(self, sock, left):
+        self.sock, self.left = sock, left
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self.sock, self.left))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock, left):
+        self.sock, self.left = sock, left
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.sock.settimeout(self.left())
+        return self.sock.recv_into(buffer)
 
 
 def _retry_or_fail(delivery: WebhookDelivery, status: int | None, error: str) -> str:

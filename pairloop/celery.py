@@ -1,4 +1,4 @@
-"""The Celery app: `celery -A pairloop worker -Q default,training`."""
+"""The Celery app: `celery -A pairloop worker -Q default,training,webhooks`."""
 
 import os
 

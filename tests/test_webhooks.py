@@ -8,12 +8,15 @@ import hmac
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from annotate.actions import claim_next_pair, submit_judgment
 from api import tasks, webhooks
+from pairloop import embedded
+from pairloop.celery import app
 from api.models import Webhook, WebhookDelivery
 from tests.conftest import make_campaign
 from tests.test_api import api_for
@@ -287,3 +290,59 @@ def test_allow_private_lets_a_receiver_on_the_premises_get_its_deliveries(admin_
     webhooks.record_event(campaign.pk, "campaign.queue_empty", "again", {})
     assert WebhookDelivery.objects.get(key="again").status == "failed"
     assert len(hook.received) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A slow receiver holds nothing for long
+# ---------------------------------------------------------------------------------------------
+
+class Trickler:
+    """A server on loopback that answers one byte every `interval` s: a 200 whose head takes seconds."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 40 + b"\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self, interval=0.05):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.interval, self.sent = interval, 0
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(65536)
+            for byte in self.ANSWER:
+                time.sleep(self.interval)
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return  # the client gave up
+                self.sent += 1
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_deadline(admin_user, labeler, monkeypatch,
+                                                                        sent_at_once, settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "WEBHOOK_TIMEOUT": 1}
+    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)  # tried below, by hand
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    slow = Trickler()  # its whole answer takes about 3.5 s, a byte every 50 ms
+    webhooks.add_webhook(campaign, slow.url)
+    [delivery] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "slow", {})
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(attempts=webhooks.MAX_ATTEMPTS - 1)  # its last try
+    started = time.monotonic()
+    outcome = webhooks.attempt(delivery.pk)
+    took = time.monotonic() - started
+    delivery.refresh_from_db()
+    assert outcome == "failed" and delivery.status == "failed"
+    assert 1 <= took < 2, took
+    assert "no whole answer within 1 s" in delivery.error
+    assert 0 < slow.sent < len(Trickler.ANSWER)
+
+
+def test_webhook_deliveries_run_on_their_own_queue_with_a_time_limit_and_the_embedded_worker_takes_it(settings):
+    route = app.amqp.router.route({}, tasks.deliver_webhook.name)
+    assert route["queue"].name == "webhooks"
+    assert app.amqp.router.route({}, "training.export")["queue"].name == "default"
+    routed = {one["queue"] for one in settings.CELERY_TASK_ROUTES.values()}
+    assert routed | {"default", "training"} <= set(embedded.WORKER_QUEUES.split(","))
+    assert tasks.deliver_webhook.time_limit == settings.PAIRLOOP["WEBHOOK_TIMEOUT"] + 60
