@@ -44,7 +44,7 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
     list_display = ["event", "webhook", "status", "attempts", "response_status", "created_at", "delivered_at"]
     list_filter = ["status", "event"]
     readonly_fields = ["webhook", "event", "key", "payload", "status", "attempts", "response_status", "error",
-                       "created_at", "delivered_at"]
+                       "next_try_at", "created_at", "delivered_at"]
 
     def has_add_permission(self, request):
         return False

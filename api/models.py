@@ -85,6 +85,10 @@ class WebhookDelivery(models.Model):
     response_status = models.PositiveSmallIntegerField(null=True, blank=True,
                                                        help_text="The last attempt's HTTP status.")
     error = models.TextField(blank=True, help_text="Why the last attempt failed.")
+    next_try_at = models.DateTimeField(
+        default=timezone.now, db_index=True,
+        help_text="When its next try is due (during a try: when that try is given up as lost); the beat "
+                  "sweep sends again a pending delivery long overdue.")
     created_at = models.DateTimeField(default=timezone.now)
     delivered_at = models.DateTimeField(null=True, blank=True)
 

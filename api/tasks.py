@@ -8,10 +8,18 @@ from celery import shared_task
 from api import webhooks
 
 
-@shared_task(bind=True, name="api.deliver_webhook", max_retries=webhooks.MAX_ATTEMPTS, acks_late=True,
+@shared_task(bind=True, name="api.deliver_webhook", max_retries=None, acks_late=True,
              time_limit=webhooks.time_limit())
-def deliver_webhook(self, delivery_id: int) -> str:
-    outcome = webhooks.attempt(delivery_id)
-    if outcome == "retry":
-        raise self.retry(countdown=webhooks.backoff(self.request.retries + 1))
+def deliver_webhook(self, delivery_id: int, tries: int | None = None) -> str:
+    """One try of a delivery, as its try number `tries` + 1 (webhooks.attempt bounds the tries)."""
+    outcome, tries = webhooks.attempt(delivery_id, tries)
+    if outcome == webhooks.RETRY:
+        raise self.retry(args=[delivery_id, tries], countdown=webhooks.backoff(tries))
     return outcome
+
+
+@shared_task(name="api.resend_stale_webhook_deliveries", ignore_result=True)
+def resend_stale_webhook_deliveries() -> int:
+    """Beat's check: deliveries whose message or worker was lost are sent again, or failed."""
+    resent, failed = webhooks.resend_stale_deliveries()
+    return len(resent) + len(failed)

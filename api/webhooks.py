@@ -1,6 +1,7 @@
 """Webhooks: a campaign's subscribers get a signed POST when one of its rounds succeeds or fails and when
 its queue empties. One door per state change: add and remove webhooks, record an event's deliveries,
-and make one delivery attempt (api/tasks.py retries it with backoff).
+make one delivery attempt (api/tasks.py retries it with backoff), and send again the deliveries whose
+message or worker was lost (Celery beat).
 
 Each POST carries the JSON event and the headers
   X-Pairloop-Event      the event's name (round.succeeded, round.failed, campaign.queue_empty)
@@ -26,11 +27,14 @@ import secrets
 import socket
 import ssl
 import time
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
+from django.db.models import DateTimeField, ExpressionWrapper, F, Value
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from api.models import EVENT_NAMES, QUEUE_EMPTY, ROUND_FAILED, ROUND_SUCCEEDED, Webhook, WebhookDelivery
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8  # then the delivery is marked failed
 BACKOFF_SECONDS = 30  # before retry n (1, 2, ...): 30 s x 2^(n-1), so the last comes about 2 hours on
+STALE_SECONDS = 600  # a pending delivery this long past its due try lost its message or worker: sent again
+GIVE_UP_SECONDS = 24 * 3600  # a delivery still pending this long after it was made is failed
+RETRY, SKIPPED = "retry", "skipped"  # attempt's outcomes besides a delivery's final statuses
 
 
 def time_limit() -> int:
@@ -85,7 +92,8 @@ def _public(address: str) -> bool:
 
 def _own_hosts() -> set[str]:
     """This server's own names (ALLOWED_HOSTS without its patterns): a webhook never posts to the app."""
-    return {host.lower() for host in settings.ALLOWED_HOSTS if host and host != "*" and not host.startswith(".")}
+    return {host.lower() for host in settings.ALLOWED_HOSTS
+            if host and host != "*" and not host.startswith(".")}
 
 
 def target(url: str) -> tuple[str, int, list[str]]:
@@ -136,44 +144,54 @@ def record_event(campaign_id: int, event: str, key: str, payload: dict) -> list[
                     payload={"event": event, "campaign": webhook.campaign.slug, **payload})
         except IntegrityError:
             continue  # told already
-        transaction.on_commit(lambda pk=delivery.pk: tasks.deliver_webhook.delay(pk))
+        transaction.on_commit(lambda pk=delivery.pk: tasks.deliver_webhook.delay(pk, 0))
         made.append(delivery)
     return made
 
 
-def attempt(delivery_id: int) -> str:
-    """POST the delivery once: "delivered", "retry" (the receiver was down, slow, or answered 429 or 5xx:
-    worth another try) or "failed" (any other answer; or the webhook is gone or off)."""
+def attempt(delivery_id: int, tries: int | None = None) -> tuple[str, int]:
+    """POST the delivery once, as its try number `tries` + 1; returns (outcome, tries made). The outcome:
+    "delivered", "retry" (the receiver was down, slow, or answered 429 or 5xx: worth another try),
+    "failed" (any other answer; or the webhook is gone or off), or "skipped": that try was made already,
+    by another message for the same delivery (one the sweep sent again)."""
     delivery = WebhookDelivery.objects.select_related("webhook").filter(pk=delivery_id).first()
-    if delivery is None or delivery.status != WebhookDelivery.PENDING:
-        return delivery.status if delivery is not None else WebhookDelivery.FAILED
+    if delivery is None:
+        return WebhookDelivery.FAILED, 0
+    if delivery.status != WebhookDelivery.PENDING:
+        return delivery.status, delivery.attempts
+    if tries is not None and delivery.attempts != tries:
+        return SKIPPED, delivery.attempts
     webhook = delivery.webhook
     if not webhook.is_active:
         _finish(delivery, WebhookDelivery.FAILED, error="the webhook was removed")
-        return WebhookDelivery.FAILED
+        return WebhookDelivery.FAILED, delivery.attempts
+    # Claim the try: no other message makes it too, and the sweep leaves it be until the task's time limit.
+    if not WebhookDelivery.objects.filter(pk=delivery.pk, status=WebhookDelivery.PENDING,
+                                          attempts=delivery.attempts).update(
+            attempts=F("attempts") + 1, next_try_at=_from_now(time_limit())):
+        return SKIPPED, delivery.attempts
+    delivery.attempts += 1
     body = json.dumps({**delivery.payload, "delivery": delivery.pk}, cls=DjangoJSONEncoder).encode()
     timestamp = int(time.time())
     headers = {"Content-Type": "application/json", "User-Agent": "pairloop-webhook",
                "X-Pairloop-Event": delivery.event, "X-Pairloop-Delivery": str(delivery.pk),
                "X-Pairloop-Timestamp": str(timestamp),
                "X-Pairloop-Signature": signature(webhook.secret, timestamp, body)}
-    WebhookDelivery.objects.filter(pk=delivery.pk).update(attempts=delivery.attempts + 1)
-    delivery.attempts += 1
     try:
         status = _post(webhook.url, headers, body)
     except WebhookRefused as exc:
         _finish(delivery, WebhookDelivery.FAILED, error=f"refused: {exc}")
-        return WebhookDelivery.FAILED
+        return WebhookDelivery.FAILED, delivery.attempts
     except (OSError, http.client.HTTPException) as exc:  # unresolved, refused, unreachable, timed out
-        return _retry_or_fail(delivery, None, f"{type(exc).__name__}: {exc}")
+        return _retry_or_fail(delivery, None, f"{type(exc).__name__}: {exc}"), delivery.attempts
     if 200 <= status < 300:
         _finish(delivery, WebhookDelivery.DELIVERED, status=status)
-        return WebhookDelivery.DELIVERED
+        return WebhookDelivery.DELIVERED, delivery.attempts
     if status == 429 or status >= 500:
-        return _retry_or_fail(delivery, status, f"the receiver answered {status}")
+        return _retry_or_fail(delivery, status, f"the receiver answered {status}"), delivery.attempts
     reason = " (redirects are not followed)" if 300 <= status < 400 else ""
     _finish(delivery, WebhookDelivery.FAILED, status=status, error=f"the receiver answered {status}{reason}")
-    return WebhookDelivery.FAILED
+    return WebhookDelivery.FAILED, delivery.attempts
 
 
 def _post(url: str, headers: dict[str, str], body: bytes) -> int:
@@ -211,8 +229,8 @@ def _post(url: str, headers: dict[str, str], body: bytes) -> int:
     try:
         connection.connect()
         connection.sock.settimeout(left())  # sendall: the whole body within the time left
-        path = parts.path or "/"
-        connection.request("POST", f"{path}?{parts.query}" if parts.query else path, body=body, headers=headers)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", path, body=body, headers=headers)
         with connection.getresponse() as answer:
             return answer.status
     except TimeoutError:
@@ -249,8 +267,9 @@ def _retry_or_fail(delivery: WebhookDelivery, status: int | None, error: str) ->
         _finish(delivery, WebhookDelivery.FAILED, status=status,
                 error=f"{error} (after {delivery.attempts} tries)")
         return WebhookDelivery.FAILED
-    WebhookDelivery.objects.filter(pk=delivery.pk).update(response_status=status, error=error)
-    return "retry"
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(response_status=status, error=error,
+                                                          next_try_at=_from_now(backoff(delivery.attempts)))
+    return RETRY
 
 
 def _finish(delivery: WebhookDelivery, outcome: str, *, status: int | None = None, error: str = "") -> None:
@@ -262,6 +281,44 @@ def _finish(delivery: WebhookDelivery, outcome: str, *, status: int | None = Non
 def backoff(attempts: int) -> int:
     """Seconds before the next try, after `attempts` tries."""
     return BACKOFF_SECONDS * 2 ** max(0, attempts - 1)
+
+
+def _from_now(seconds: int) -> ExpressionWrapper:
+    """The database's now plus `seconds`: due times are written and compared on the database's clock, so
+    the clocks of the hosts that run workers and beat never enter the comparison."""
+    return ExpressionWrapper(Now() + Value(timedelta(seconds=seconds)), output_field=DateTimeField())
+
+
+def resend_stale_deliveries() -> tuple[list[int], list[int]]:
+    """Pending deliveries whose next try is more than STALE_SECONDS overdue (their message was lost, or
+    their worker died during a try) are sent again; those whose last allowed try was the one lost, or that
+    were made more than GIVE_UP_SECONDS ago, are failed. Returns (ids sent again, ids failed). Called by
+    Celery beat."""
+    from api import tasks
+
+    resent, failed = [], []
+    overdue = WebhookDelivery.objects.filter(status=WebhookDelivery.PENDING,
+                                             next_try_at__lt=_from_now(-STALE_SECONDS))
+    for delivery in overdue.annotate(db_now=Now()).order_by("next_try_at")[:1000]:
+        still = overdue.filter(pk=delivery.pk, attempts=delivery.attempts)  # no try began since it was read
+        if delivery.attempts >= MAX_ATTEMPTS:
+            error = (f"its last try ({delivery.attempts} of {MAX_ATTEMPTS}) never finished: its worker died "
+                     f"or its message was lost")
+        elif delivery.created_at < delivery.db_now - timedelta(seconds=GIVE_UP_SECONDS):
+            error = (f"still pending {GIVE_UP_SECONDS // 3600} h after it was made, after {delivery.attempts} "
+                     f"tries: is a worker consuming the webhooks queue (celery -A pairloop worker -Q "
+                     f"webhooks)?")
+        else:
+            if still.update(next_try_at=_from_now(STALE_SECONDS)):
+                transaction.on_commit(
+                    lambda pk=delivery.pk, n=delivery.attempts: tasks.deliver_webhook.delay(pk, n))
+                resent.append(delivery.pk)
+            continue
+        if still.update(status=WebhookDelivery.FAILED, error=error):
+            failed.append(delivery.pk)
+    if resent or failed:
+        log.warning("webhook deliveries overdue: %s sent again, %s failed", resent, failed)
+    return resent, failed
 
 
 # ---------------------------------------------------------------------------------------------

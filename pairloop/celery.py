@@ -14,4 +14,7 @@ app.autodiscover_tasks()
 app.conf.beat_schedule = {
     "fail-stale-training-jobs": {"task": "training.fail_stale_jobs", "schedule": 15.0},
     "recover-stale-import-jobs": {"task": "annotate.recover_stale_import_jobs", "schedule": 60.0},
+    # Webhook deliveries whose message or worker was lost are sent again (on the default queue, so that
+    # with no webhooks worker at all they still end, failed with the reason).
+    "resend-stale-webhook-deliveries": {"task": "api.resend_stale_webhook_deliveries", "schedule": 60.0},
 }

@@ -16,6 +16,10 @@ import pytest
 from annotate.actions import claim_next_pair, submit_judgment
 from api import tasks, webhooks
 from pairloop import embedded
+from datetime import timedelta
+
+from django.utils import timezone
+
 from pairloop.celery import app
 from api.models import Webhook, WebhookDelivery
 from tests.conftest import make_campaign
@@ -76,7 +80,8 @@ def sent_at_once(monkeypatch, settings):
     receivers on loopback (PAIRLOOP_WEBHOOK_ALLOW_PRIVATE)."""
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1, "WEBHOOK_ALLOW_PRIVATE": True}
     monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)
-    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda pk: tasks.deliver_webhook.apply(args=[pk]))
+    monkeypatch.setattr(tasks.deliver_webhook, "delay",
+                        lambda *args: tasks.deliver_webhook.apply(args=list(args)))
 
 
 def run_round(campaign, admin_user, fail_kind=None):
@@ -330,10 +335,10 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_deadline(admin_us
     [delivery] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "slow", {})
     WebhookDelivery.objects.filter(pk=delivery.pk).update(attempts=webhooks.MAX_ATTEMPTS - 1)  # its last try
     started = time.monotonic()
-    outcome = webhooks.attempt(delivery.pk)
+    outcome, tries = webhooks.attempt(delivery.pk)
     took = time.monotonic() - started
     delivery.refresh_from_db()
-    assert outcome == "failed" and delivery.status == "failed"
+    assert (outcome, tries) == ("failed", webhooks.MAX_ATTEMPTS) and delivery.status == "failed"
     assert 1 <= took < 2, took
     assert "no whole answer within 1 s" in delivery.error
     assert 0 < slow.sent < len(Trickler.ANSWER)
@@ -346,3 +351,77 @@ def test_webhook_deliveries_run_on_their_own_queue_with_a_time_limit_and_the_emb
     routed = {one["queue"] for one in settings.CELERY_TASK_ROUTES.values()}
     assert routed | {"default", "training"} <= set(embedded.WORKER_QUEUES.split(","))
     assert tasks.deliver_webhook.time_limit == settings.PAIRLOOP["WEBHOOK_TIMEOUT"] + 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing stays pending for ever
+# ---------------------------------------------------------------------------------------------
+
+def overdue(delivery, **fields):
+    """As if the delivery's next try had been due STALE_SECONDS and a minute ago (and `fields`)."""
+    due = timezone.now() - timedelta(seconds=webhooks.STALE_SECONDS + 60)
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(next_try_at=due, **fields)
+
+
+def test_a_delivery_whose_message_was_lost_is_sent_again_by_the_sweep(admin_user, labeler, monkeypatch,
+                                                                      receiver, sent_at_once):
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    hook = receiver()
+    webhooks.add_webhook(campaign, hook.url)
+    eager = tasks.deliver_webhook.delay
+    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)  # the broker loses the message
+    [delivery] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "lost", {})
+    assert webhooks.resend_stale_deliveries() == ([], [])  # not overdue yet: its message may still come
+    overdue(delivery)
+    monkeypatch.setattr(tasks.deliver_webhook, "delay", eager)
+    assert webhooks.resend_stale_deliveries() == ([delivery.pk], [])
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == ("delivered", 1)
+    assert len(hook.received) == 1
+    assert "resend-stale-webhook-deliveries" in app.conf.beat_schedule
+    assert app.conf.beat_schedule["resend-stale-webhook-deliveries"]["task"] == \
+        tasks.resend_stale_webhook_deliveries.name
+
+
+def test_a_try_whose_worker_died_is_made_again_once_and_a_late_duplicate_is_skipped(admin_user, labeler,
+                                                                                     monkeypatch, receiver,
+                                                                                     sent_at_once):
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    hook = receiver()
+    webhooks.add_webhook(campaign, hook.url)
+    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)
+    [delivery] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "killed", {})
+    overdue(delivery, attempts=3)  # its 3rd try began long ago; its worker was killed during it
+    sent = []
+    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: sent.append(args))
+    assert webhooks.resend_stale_deliveries() == ([delivery.pk], [])
+    assert webhooks.resend_stale_deliveries() == ([], [])  # sent again once, not at every sweep
+    assert sent == [(delivery.pk, 3)]
+    assert tasks.deliver_webhook.apply(args=[delivery.pk, 2]).get() == "skipped"  # a message of a try made
+    assert hook.received == []
+    assert tasks.deliver_webhook.apply(args=[delivery.pk, 3]).get() == "delivered"
+    assert tasks.deliver_webhook.apply(args=[delivery.pk, 3]).get() == "delivered"  # a duplicate: not sent
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == ("delivered", 4)
+    assert len(hook.received) == 1
+
+
+def test_a_pending_delivery_past_its_last_try_or_its_age_is_failed_by_the_sweep(admin_user, labeler,
+                                                                                monkeypatch, receiver,
+                                                                                sent_at_once):
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    hook = receiver()
+    webhooks.add_webhook(campaign, hook.url)
+    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)
+    [last] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "last", {})
+    [old] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "old", {})
+    [fresh] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "fresh", {})
+    overdue(last, attempts=webhooks.MAX_ATTEMPTS)
+    overdue(old, attempts=1, created_at=timezone.now() - timedelta(seconds=webhooks.GIVE_UP_SECONDS + 60))
+    resent, failed = webhooks.resend_stale_deliveries()
+    assert (resent, sorted(failed)) == ([], sorted([last.pk, old.pk]))
+    by_key = {d.key: d for d in WebhookDelivery.objects.all()}
+    assert by_key["last"].status == "failed" and "never finished" in by_key["last"].error
+    assert by_key["old"].status == "failed" and "-Q webhooks" in by_key["old"].error
+    assert by_key["fresh"].status == "pending"
+    assert hook.received == []
