@@ -108,13 +108,22 @@ class DeliveryOut(Schema):
     delivered_at: datetime | None
 
 
+RECENT_DELIVERIES = 10  # deliveries shown with each webhook
+MAX_PAGE = 100  # the most items one page of a paginated list holds
+
+
 class WebhookOut(Schema):
     id: int
     url: str
     events: list[str]
     is_active: bool
     created_at: datetime
-    deliveries: list[DeliveryOut] = Field(description="The latest deliveries, newest first.")
+    deliveries: list[DeliveryOut] = Field(
+        description=f"The latest {RECENT_DELIVERIES} deliveries, newest first.")
+
+    @staticmethod
+    def resolve_deliveries(webhook) -> list:
+        return list(webhook.deliveries.all()[:RECENT_DELIVERIES])
 
 
 class WebhookCreated(WebhookOut):

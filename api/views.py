@@ -13,6 +13,7 @@ from django.db.models import Count
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
+from ninja.pagination import LimitOffsetPagination, paginate
 
 from annotate import actions
 from annotate.access import (
@@ -237,24 +238,14 @@ def campaign_export(request, slug: str, query: Query[ExportQuery]):
 # Webhooks
 # ---------------------------------------------------------------------------------------------
 
-def _webhook_out(webhook: Webhook) -> dict:
-    fields = ("id", "url", "events", "is_active", "created_at")
-    deliveries = webhook.deliveries.all()[:RECENT_DELIVERIES]
-    return {**{name: getattr(webhook, name) for name in fields},
-            "deliveries": [{name: getattr(d, name) for name in ("id", "event", "status", "attempts",
-                                                                "response_status", "error", "created_at",
-                                                                "delivered_at")} for d in deliveries]}
-
-
-RECENT_DELIVERIES = 10
-
-
 @campaigns.get("/campaigns/{slug:slug}/webhooks", response={200: list[schemas.WebhookOut], **REFUSED})
+@paginate(LimitOffsetPagination, max_limit=schemas.MAX_PAGE)
 def webhook_list(request, slug: str):
-    """The campaign's webhooks with their latest deliveries (never their secret). Scope: admin."""
+    """The campaign's webhooks with their latest deliveries (never their secret), oldest first, a page at a
+    time: ?limit= (at most 100) and ?offset=, answered as {"items": [...], "count": N}. Scope: admin."""
     require_scope(request, ADMIN)
     campaign = campaign_for_admin(request, slug)
-    return [_webhook_out(webhook) for webhook in Webhook.objects.filter(campaign=campaign, is_active=True)]
+    return Webhook.objects.filter(campaign=campaign, is_active=True)
 
 
 @campaigns.post("/campaigns/{slug:slug}/webhooks",
@@ -265,10 +256,10 @@ def webhook_add(request, slug: str, body: schemas.WebhookIn):
     require_scope(request, ADMIN)
     campaign = campaign_for_admin(request, slug)
     try:
-        webhook, secret = webhooks.add_webhook(campaign, body.url, body.events)
+        webhook, _ = webhooks.add_webhook(campaign, body.url, body.events)
     except webhooks.WebhookRefused as exc:
         return Status(400, {"detail": f"{exc.field}: {exc}", "errors": {exc.field: str(exc)}})
-    return Status(201, {**_webhook_out(webhook), "secret": secret})
+    return Status(201, webhook)  # the only answer that shows its secret
 
 
 @campaigns.delete("/campaigns/{slug:slug}/webhooks/{int:webhook_id}", response={204: None, **REFUSED})

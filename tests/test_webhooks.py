@@ -117,7 +117,7 @@ def test_an_admin_adds_a_webhook_and_gets_a_signed_post_when_a_round_succeeds(ad
     expected = "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(headers["X-Pairloop-Signature"], expected)
     assert headers["X-Pairloop-Event"] == "round.succeeded"
-    assert api.get("/campaigns/shop/webhooks").json()[0]["deliveries"][0]["status"] == "delivered"
+    assert api.get("/campaigns/shop/webhooks").json()["items"][0]["deliveries"][0]["status"] == "delivered"
 
 
 def test_a_failed_round_and_an_emptied_queue_are_told(admin_user, labeler, receiver, sent_at_once):
@@ -163,7 +163,7 @@ def test_an_event_is_sent_once_and_a_removed_webhook_gets_nothing(admin_user, la
     assert hook.events() == ["round.succeeded"]
     assert api.client.delete(f"/api/v1/campaigns/shop/webhooks/{webhook_id}",
                              headers=api.headers).status_code == 204
-    assert api.get("/campaigns/shop/webhooks").json() == []
+    assert api.get("/campaigns/shop/webhooks").json() == {"items": [], "count": 0}
     run_round(campaign, admin_user, fail_kind=Job.EXPORT)
     assert hook.events() == ["round.succeeded"]
 
@@ -425,3 +425,21 @@ def test_a_pending_delivery_past_its_last_try_or_its_age_is_failed_by_the_sweep(
     assert by_key["old"].status == "failed" and "-Q webhooks" in by_key["old"].error
     assert by_key["fresh"].status == "pending"
     assert hook.received == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The list, a page at a time
+# ---------------------------------------------------------------------------------------------
+
+def test_the_webhook_list_comes_a_page_at_a_time(admin_user):
+    campaign = make_campaign()
+    Webhook.objects.bulk_create([Webhook(campaign=campaign, url=f"https://{PUBLIC}/hook/{n}", events=["x"],
+                                         secret="s") for n in range(105)])
+    api = api_for(admin_user)
+    first = api.get("/campaigns/shop/webhooks?limit=2").json()
+    assert first["count"] == 105 and [hook["url"][-2:] for hook in first["items"]] == ["/0", "/1"]
+    last = api.get("/campaigns/shop/webhooks?limit=10&offset=100").json()
+    assert [hook["url"].rsplit("/", 1)[1] for hook in last["items"]] == ["100", "101", "102", "103", "104"]
+    assert len(api.get("/campaigns/shop/webhooks").json()["items"]) == 100  # the default page
+    assert len(api.get("/campaigns/shop/webhooks?limit=1000").json()["items"]) == 100  # the largest
+
