@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from annotate.actions import claim_next_pair, submit_judgment
 from api import tasks, webhooks
 from pairloop import embedded
 from datetime import timedelta
+from pathlib import Path
 
 from django.utils import timezone
 
@@ -443,3 +445,38 @@ def test_the_webhook_list_comes_a_page_at_a_time(admin_user):
     assert len(api.get("/campaigns/shop/webhooks").json()["items"]) == 100  # the default page
     assert len(api.get("/campaigns/shop/webhooks?limit=1000").json()["items"]) == 100  # the largest
 
+
+# ---------------------------------------------------------------------------------------------
+# The README's receiver
+# ---------------------------------------------------------------------------------------------
+
+def readme_receiver() -> dict:
+    """The README's receiver code, run as a reader would copy it: its names."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "def check(" in block]
+    names = {}
+    exec(code, names)  # noqa: S102 - our own README's example
+    return names
+
+
+def test_the_readme_receiver_acts_once_per_delivery_and_refuses_old_or_forged_ones(admin_user, labeler, receiver,
+                                                                                  sent_at_once):
+    check = readme_receiver()["check"]
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    hook = receiver([503, 200])  # the delivery's first try fails: the second carries the same id
+    _, secret = webhooks.add_webhook(campaign, hook.url)
+    submit_judgment(assignment_id=claim_next_pair(campaign, labeler).assignment.pk, labeler=labeler,
+                    choice="a", strength=1)
+    [(first_headers, first_body), (headers, body)] = hook.received
+    assert first_headers["X-Pairloop-Delivery"] == headers["X-Pairloop-Delivery"]
+    assert check(secret, first_headers, first_body) == "new"
+    assert check(secret, headers, body) == "repeat"  # the retry: not acted on twice
+    assert check(secret, headers, body.replace(b"queue_empty", b"queue_full")) == "refused"
+    assert check("another secret", headers, body) == "refused"
+    fresh = check.__globals__  # a new delivery id, signed now and signed six minutes ago
+    fresh["seen"].clear()
+    stamp = int(time.time())
+    for signed_at, verdict in ((stamp - 360, "refused"), (stamp - 10, "new"), (stamp, "repeat")):
+        resigned = {**headers, "X-Pairloop-Timestamp": str(signed_at),
+                    "X-Pairloop-Signature": webhooks.signature(secret, signed_at, body)}
+        assert check(secret, resigned, body) == verdict
