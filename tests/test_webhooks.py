@@ -37,7 +37,7 @@ class Receiver:
     """An HTTP server on loopback that records each POST and answers with the next status of `answers`
     (with a Location header when `location` is given)."""
 
-    def __init__(self, answers=(200,), location=None):
+    def __init__(self, answers=(200,), location=None, tls=None):
         self.answers, self.received = list(answers), []
         receiver = self
 
@@ -56,7 +56,9 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        if tls is not None:  # an ssl.SSLContext for the server side
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"http{'s' if tls else ''}://127.0.0.1:{self.server.server_port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def events(self):
@@ -67,8 +69,8 @@ class Receiver:
 def receiver():
     made = []
 
-    def make(answers=(200,), location=None):
-        made.append(Receiver(answers, location))
+    def make(answers=(200,), location=None, tls=None):
+        made.append(Receiver(answers, location, tls))
         return made[-1]
 
     yield make
@@ -262,6 +264,54 @@ def test_a_delivery_connects_to_the_address_it_checked_with_the_host_name_in_the
                     choice="a", strength=1)
     assert WebhookDelivery.objects.get().status == "delivered"
     assert calls == {"hooks.internal.test": 2}  # once when added, once at the try
+    [(headers, _)] = hook.received
+    assert headers["Host"] == f"hooks.internal.test:{port}"
+
+
+def certificate_for(host: str, directory) -> tuple[str, str]:
+    """A self-signed certificate for `host` (and no address), as (PEM certificate, path of cert+key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = timezone.now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    path = directory / "server.pem"
+    path.write_text(pem + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()).decode())
+    return pem, str(path)
+
+
+def test_over_https_the_pinned_address_is_verified_against_the_host_name(admin_user, labeler, monkeypatch,
+                                                                         receiver, sent_at_once, tmp_path):
+    import ssl
+
+    pem, pair = certificate_for("hooks.internal.test", tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(pair)
+    hook = receiver(tls=server_side)
+    trusting = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *args, **kwargs: trusting(cadata=pem))
+    resolving(monkeypatch, {"hooks.internal.test": ["127.0.0.1"], "other.internal.test": ["127.0.0.1"]})
+    campaign = make_campaign(n_pairs=1, members=[labeler])
+    port = hook.server.server_port
+    webhooks.add_webhook(campaign, f"https://hooks.internal.test:{port}/in")
+    webhooks.add_webhook(campaign, f"https://other.internal.test:{port}/in")  # not the certificate's name
+    submit_judgment(assignment_id=claim_next_pair(campaign, labeler).assignment.pk, labeler=labeler,
+                    choice="a", strength=1)
+    by_host = {d.webhook.url.split("/")[2].split(":")[0]: d for d in WebhookDelivery.objects.all()}
+    assert by_host["hooks.internal.test"].status == "delivered"
+    assert by_host["other.internal.test"].status == "failed"
+    assert "certificate" in by_host["other.internal.test"].error
     [(headers, _)] = hook.received
     assert headers["Host"] == f"hooks.internal.test:{port}"
 
