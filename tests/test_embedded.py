@@ -118,6 +118,12 @@ def test_it_serves_the_seeded_demo_for_labeling_with_no_outside_services(tmp_pat
                 break
             time.sleep(2)
         assert "pong" in ping.stdout, ping.stdout + ping.stderr
+        queues = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "pairloop", "inspect", "active_queues", "--timeout", "10"],
+            cwd=ROOT, env={**env, "REDIS_URL": f"unix://{data_dir / 'redis.sock'}"},
+            capture_output=True, text=True, timeout=120).stdout
+        for queue in ("default", "training", "webhooks"):  # webhook deliveries too
+            assert f"'name': '{queue}'" in queues, queues
 
         # Commands beside the running server join its Redis: the demo keeps serving and its worker answers.
         for name, how in (("exec", False), ("plain", True)):
