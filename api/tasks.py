@@ -1,5 +1,6 @@
-"""Celery task of the API: a webhook delivery, by its id, retried with backoff (api/webhooks.py). It runs on
-the `webhooks` queue (settings.CELERY_TASK_ROUTES), so a slow receiver never holds up jobs or imports."""
+"""Celery tasks of the API: a webhook delivery, by its id, retried with backoff (api/webhooks.py), on the
+`webhooks` queue (settings.CELERY_TASK_ROUTES) so a slow receiver never holds up jobs or imports; and
+beat's check for lost deliveries, on the default queue."""
 
 from __future__ import annotations
 
