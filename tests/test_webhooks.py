@@ -231,6 +231,8 @@ def test_the_app_itself_and_a_name_resolving_to_a_private_address_are_refused_wh
     assert itself.status_code == 400 and "is this server" in itself.json()["errors"]["url"]
     split = api.post("/campaigns/shop/webhooks", {"url": "https://hooks.example.com/in"})
     assert split.status_code == 400 and "10.1.2.3" in split.json()["errors"]["url"]
+    nowhere = api.post("/campaigns/shop/webhooks", {"url": "https://nowhere.invalid/in"})
+    assert nowhere.status_code == 400 and "does not resolve" in nowhere.json()["errors"]["url"]
     assert not Webhook.objects.exists()
     assert api.post("/campaigns/shop/webhooks", {"url": "https://ci.example.org/in"}).status_code == 201
     assert api.post("/campaigns/shop/webhooks", {"url": f"http://{PUBLIC}/in"}).status_code == 201
