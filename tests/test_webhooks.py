@@ -89,7 +89,8 @@ def sent_at_once(monkeypatch, settings):
 
 
 def run_round(campaign, admin_user, fail_kind=None):
-    round_ = training_actions.launch_round(campaign, admin_user, build_config("tiny", {}))
+    # Rounds here follow each other with no labels between them: each launch is forced.
+    round_ = training_actions.launch_round(campaign, admin_user, build_config("tiny", {}), force=True)
     for job in round_.jobs.order_by("order"):
         training_actions.claim_job(job.pk, f"task-{job.pk}")
         if job.kind == fail_kind:
