@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels (daphne or uvicorn serve it)."""
+"""ASGI entry point: HTTP through Django, WebSockets through Channels (daphne or uvicorn serve it); a request
+body over its cap is refused with 413 before it is read (pairloop/middleware.py), daphne's included."""
 
 import os
 
@@ -11,11 +12,14 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from pairloop.middleware import BodyLimitASGI, install_daphne_body_limit  # noqa: E402
 from pairloop.routing import websocket_urlpatterns  # noqa: E402
+
+install_daphne_body_limit()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimitASGI(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

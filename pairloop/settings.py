@@ -266,7 +266,9 @@ WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
-DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+# The largest request body outside import uploads, refused before it is read (pairloop/middleware.py).
+MAX_REQUEST_BYTES = env.int("PAIRLOOP_MAX_REQUEST_BYTES", 5 * 1024 * 1024, minimum=64 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 
 # pairloop itself.
 PAIRLOOP = {
@@ -286,6 +288,7 @@ PAIRLOOP = {
     "MAX_UPLOAD_BYTES": env.int("PAIRLOOP_MAX_UPLOAD_BYTES", 256 * 1024**2, minimum=1),
     # An import job no worker took for this long is sent again once, then failed (beat checks).
     "IMPORT_QUEUED_SECONDS": env.int("PAIRLOOP_IMPORT_QUEUED_SECONDS", 1800, minimum=10),
+    "MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,
     # Experiment tracker that also gets every training job's metrics (training/tracking.py); empty: none.
     "REPORT_TO": env.choice("PAIRLOOP_REPORT_TO", "", ("", "tensorboard", "trackio", "wandb")),
     "RUNS_DIR": DATA_DIR / "runs",  # TensorBoard's event files and W&B's local files, one folder per job
