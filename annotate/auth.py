@@ -1,17 +1,47 @@
 """Authentication backends: django-axes' login throttling, then Django's ModelBackend with a lighter
-get_user."""
+get_user that refuses the README's public demo passwords from anywhere but this machine."""
 
 from __future__ import annotations
 
 from axes.backends import AxesStandaloneBackend
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
 
 
+FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP", "HTTP_FORWARDED")
+
+
+def from_this_machine(request) -> bool:
+    """Whether a request came from a loopback address straight, with no proxy's forwarding header."""
+    from annotate.demo import is_loopback
+
+    return (is_loopback(request.META.get("REMOTE_ADDR") or "")
+            and not any(request.META.get(header) for header in FORWARDING_HEADERS))
+
+
+def public_demo_password(password: str | None) -> bool:
+    """Whether `password` is one of the README's published demo passwords (annotate/demo.py DEMO_USERS)."""
+    from annotate.demo import DEMO_USERS
+
+    return password is not None and any(password == known for _, known, _ in DEMO_USERS)
+
+
 class PairloopModelBackend(ModelBackend):
     """ModelBackend whose get_user, run on every request (labeling is one request per judgment), is one
-    plain query instead of an ORM query built each time. Same rules: an inactive user is no user."""
+    plain query instead of an ORM query built each time. Same rules: an inactive user is no user. A login
+    with a README demo password through the network (not loopback, or through a proxy) is refused."""
+
+    def authenticate(self, request, username=None, password=None, **kwargs):
+        user = super().authenticate(request, username=username, password=password, **kwargs)
+        if user is None or request is None or not public_demo_password(password) or from_this_machine(request):
+            return user
+        if hasattr(request, "_messages"):
+            messages.error(request, f"{user.get_username()} still has a public demo password from the README, "
+                                    "accepted only from this machine itself. Change it on the server: "
+                                    f"manage.py changepassword {user.get_username()}")
+        return None
 
     def get_user(self, user_id):
         model = get_user_model()

@@ -310,3 +310,45 @@ def test_serving_the_embedded_demo_to_the_network_replaces_the_public_passwords(
         assert not can_log_in(username, known) and can_log_in(username, printed[username])
     call_command("secure_demo_logins", "--host", "0.0.0.0")
     assert capsys.readouterr().out == ""  # nothing public is left to replace
+
+
+def demo_admin() -> User:
+    from annotate.demo import ensure_users
+
+    ensure_users(known_passwords=True)
+    return User.objects.get(username="admin")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", LOGIN_URLS)
+def test_it_takes_the_readme_demo_password_from_this_machine_only(url):
+    demo_admin()
+    local = Client(REMOTE_ADDR="127.0.0.1")
+    assert login(local, url, "admin", "pairloop-admin").status_code == 302
+    assert local.get("/admin/").status_code == 200
+    remote = Client(REMOTE_ADDR="203.0.113.9")
+    refused = login(remote, url, "admin", "pairloop-admin")
+    assert refused.status_code == 200  # the form again, with the reason
+    assert "manage.py changepassword admin" in refused.content.decode()
+    assert remote.get("/admin/").status_code == 302
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("header", ["HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP", "HTTP_FORWARDED"])
+def test_it_refuses_the_readme_demo_password_through_a_proxy_on_loopback(header):
+    demo_admin()
+    proxied = Client(REMOTE_ADDR="127.0.0.1", **{header: "for=198.51.100.4" if header == "HTTP_FORWARDED"
+                                                 else "198.51.100.4"})
+    refused = login(proxied, "/accounts/login/", "admin", "pairloop-admin")
+    assert refused.status_code == 200 and "manage.py changepassword admin" in refused.content.decode()
+    assert proxied.get("/campaigns/demo/rounds/").status_code == 302
+
+
+@pytest.mark.django_db
+def test_a_changed_demo_password_works_from_anywhere():
+    admin = demo_admin()
+    admin.set_password("a-new-long-passphrase")
+    admin.save()
+    remote = Client(REMOTE_ADDR="203.0.113.9", HTTP_X_FORWARDED_FOR="203.0.113.9")
+    assert login(remote, "/accounts/login/", "admin", "a-new-long-passphrase").status_code == 302
+    assert remote.get("/admin/").status_code == 200
