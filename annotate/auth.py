@@ -65,6 +65,21 @@ class PairloopAxesBackend(AxesStandaloneBackend):
         return super().authenticate(request, username=username, password=password, **kwargs)
 
 
+def failure_limit(request, credentials) -> int:
+    """django-axes' failure limit: axes counts a username's failures from every address, which lock it at
+    PAIRLOOP_LOGIN_USERNAME_FAILURE_LIMIT; those from this request's address alone lock that pair sooner,
+    at PAIRLOOP_LOGIN_FAILURE_LIMIT."""
+    from axes.helpers import get_client_ip_address, get_client_username
+    from axes.models import AccessAttempt
+    from django.db.models import Sum
+
+    username = get_client_username(request, credentials)
+    here = AccessAttempt.objects.filter(username=username, ip_address=get_client_ip_address(request))
+    failures_here = here.aggregate(total=Sum("failures_since_start"))["total"] or 0
+    return settings.LOGIN_FAILURE_LIMIT if failures_here >= settings.LOGIN_FAILURE_LIMIT \
+        else settings.LOGIN_USERNAME_FAILURE_LIMIT
+
+
 def client_ip(request) -> str | None:
     """The client's address for login throttling: REMOTE_ADDR, or behind a proxy
     (PAIRLOOP_BEHIND_PROXY) the last X-Forwarded-For entry, the one the proxy itself appended."""

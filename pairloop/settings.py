@@ -208,10 +208,13 @@ LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 # Login throttling (django-axes) on /accounts/login/ and /admin/login/: one username from one address
 # is locked out for a while after too many failures, so guessing is slow and a labeler's mistyping
-# never locks out the colleagues behind the same office address.
-AXES_FAILURE_LIMIT = env.int("PAIRLOOP_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+# never locks out the colleagues behind the same office address; one username from all addresses
+# together is locked after more, so guessing from many addresses is slow too (annotate.auth.failure_limit).
+LOGIN_FAILURE_LIMIT = env.int("PAIRLOOP_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_USERNAME_FAILURE_LIMIT = env.int("PAIRLOOP_LOGIN_USERNAME_FAILURE_LIMIT", 20, minimum=1)
+AXES_FAILURE_LIMIT = "annotate.auth.failure_limit"
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("PAIRLOOP_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_LOCKOUT_PARAMETERS = ["username"]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_CLIENT_IP_CALLABLE = "annotate.auth.client_ip"

@@ -88,7 +88,7 @@ def login(client: Client, url: str, username: str, password: str):
 @pytest.mark.django_db
 @pytest.mark.parametrize("url", LOGIN_URLS)
 def test_it_throttles_password_guessing_on_both_login_pages(url, settings, admin_user):
-    settings.AXES_FAILURE_LIMIT = 3
+    settings.LOGIN_FAILURE_LIMIT = 3
     other = make_user("olga-other-admin", is_staff=True, is_superuser=True)
     guesser = Client()
     for _ in range(2):
@@ -110,7 +110,7 @@ def test_it_throttles_password_guessing_on_both_login_pages(url, settings, admin
 
 @pytest.mark.django_db
 def test_it_forgets_failures_after_a_successful_login(settings, labeler):
-    settings.AXES_FAILURE_LIMIT = 3
+    settings.LOGIN_FAILURE_LIMIT = 3
     client = Client()
     for _ in range(2):
         login(client, "/accounts/login/", labeler.username, "typo")
@@ -123,7 +123,7 @@ def test_it_forgets_failures_after_a_successful_login(settings, labeler):
 
 @pytest.mark.django_db
 def test_it_throttles_each_client_behind_a_proxy_by_its_forwarded_address(settings, admin_user):
-    settings.AXES_FAILURE_LIMIT = 2
+    settings.LOGIN_FAILURE_LIMIT = 2
     settings.BEHIND_PROXY = True
     attacker = Client(HTTP_X_FORWARDED_FOR="203.0.113.7")  # every request comes from the proxy's address
     for _ in range(2):
@@ -352,3 +352,16 @@ def test_a_changed_demo_password_works_from_anywhere():
     remote = Client(REMOTE_ADDR="203.0.113.9", HTTP_X_FORWARDED_FOR="203.0.113.9")
     assert login(remote, "/accounts/login/", "admin", "a-new-long-passphrase").status_code == 302
     assert remote.get("/admin/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_it_locks_a_username_guessed_from_many_addresses(settings, admin_user, labeler):
+    settings.LOGIN_FAILURE_LIMIT, settings.LOGIN_USERNAME_FAILURE_LIMIT = 3, 4
+    for n in range(4):  # one guess from each of four addresses: none reaches the per-address limit
+        guess = login(Client(REMOTE_ADDR=f"203.0.113.{n + 1}"), "/admin/login/", admin_user.username, "wrong")
+    assert guess.status_code == 429
+    owner = Client(REMOTE_ADDR="198.51.100.2")  # a fifth address, with the right password: still locked
+    assert login(owner, "/admin/login/", admin_user.username, PASSWORD).status_code == 429
+    assert owner.get("/admin/").status_code == 302
+    # Another username from one of those addresses is not locked.
+    assert login(Client(REMOTE_ADDR="203.0.113.1"), "/accounts/login/", labeler.username, PASSWORD).status_code == 302
