@@ -196,8 +196,10 @@ if _longest_job >= CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]:
 # A job ready for a worker that none has claimed for this long gets a warning on its card (beat checks).
 JOB_UNCLAIMED_WARN_SECONDS = env.int("PAIRLOOP_UNCLAIMED_WARN_SECONDS", 600, minimum=10)
 
-# Sessions in signed cookies: the labeling path loads no session row (DESIGN.md: lean request path).
-SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+# Sessions in the database: logging out deletes the session, so its cookie is void from then on (a signed
+# cookie would stay valid until it expired). One primary-key read per request; `manage.py clearsessions`
+# removes expired ones.
+SESSION_ENGINE = "django.contrib.sessions.backends.db"
 # Axes first: it refuses a locked-out login before any password is hashed. Requests that are not
 # logins only meet PairloopModelBackend.get_user.
 AUTHENTICATION_BACKENDS = ["annotate.auth.PairloopAxesBackend", "annotate.auth.PairloopModelBackend"]

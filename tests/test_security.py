@@ -365,3 +365,16 @@ def test_it_locks_a_username_guessed_from_many_addresses(settings, admin_user, l
     assert owner.get("/admin/").status_code == 302
     # Another username from one of those addresses is not locked.
     assert login(Client(REMOTE_ADDR="203.0.113.1"), "/accounts/login/", labeler.username, PASSWORD).status_code == 302
+
+
+@pytest.mark.django_db
+def test_logging_out_ends_the_session_for_a_replayed_cookie(labeler, campaign):
+    client = Client()
+    assert login(client, "/accounts/login/", labeler.username, PASSWORD).status_code == 302
+    stolen = client.cookies["sessionid"].value
+    assert client.get(campaign.label_url()).status_code == 200
+    assert client.post("/accounts/logout/").status_code == 302
+    replay = Client()
+    replay.cookies["sessionid"] = stolen
+    response = replay.get(campaign.label_url())
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
