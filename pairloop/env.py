@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -65,3 +66,14 @@ def redis_url_parts(url: str) -> tuple[str, str]:
     if url.startswith(("redis://", "rediss://")):
         return url, url
     raise ImproperlyConfigured(f"REDIS_URL={url!r} must start with redis://, rediss:// or unix://")
+
+
+def make_private(directory: Path) -> Path:
+    """Make `directory` private to this user (mode 0700, created if missing) and every file and folder this
+    process creates from now on too (umask 077): the data directory holds the database, uploads,
+    checkpoints and the Redis socket."""
+    os.umask(0o077)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_uid == os.getuid():
+        directory.chmod(0o700)
+    return directory

@@ -14,12 +14,13 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from pairloop.env import Env, redis_url_parts
+from pairloop.env import Env, make_private, redis_url_parts
 
 env = Env()
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DATA_DIR = Path(env.str("PAIRLOOP_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+# Private to the service user: the directory (0700) and every file the app creates (umask 077).
+DATA_DIR = make_private(Path(env.str("PAIRLOOP_DATA_DIR", str(BASE_DIR / "var"))).resolve())
 DEBUG = env.bool("DEBUG", False)
 LOCAL_HOSTS = ["localhost", "127.0.0.1", "[::1]", "testserver"]
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", LOCAL_HOSTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import os
 import re
 import secrets
@@ -378,3 +379,41 @@ def test_logging_out_ends_the_session_for_a_replayed_cookie(labeler, campaign):
     replay.cookies["sessionid"] = stolen
     response = replay.get(campaign.label_url())
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+PRIVATE_MODES_SCRIPT = """
+import json, os, stat
+from pathlib import Path
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.files.uploadedfile import SimpleUploadedFile
+from annotate.importing import start_import_job
+from annotate.models import Campaign
+admin = User.objects.create_superuser("root-admin", password="a-long-passphrase")
+campaign = Campaign.objects.create(slug="modes", name="Modes")
+start_import_job(campaign, admin, SimpleUploadedFile("p.jsonl", b'{"prompt": "a", "response_a": "b", "response_b": "c"}'))
+print(json.dumps({str(p.relative_to(settings.DATA_DIR)): stat.S_IMODE(p.lstat().st_mode)
+                  for p in [settings.DATA_DIR, *settings.DATA_DIR.rglob("*")]}))
+"""
+
+
+def test_it_keeps_the_data_directory_and_its_files_private_to_the_service_user(tmp_path):
+    data = tmp_path / "var"
+    data.mkdir()
+    data.chmod(0o755)  # as an earlier version, or a careless mkdir, left it
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY",
+                                                            "DJANGO_ALLOW_ASYNC_UNSAFE"}}
+    env["PAIRLOOP_DATA_DIR"] = str(data)
+    embedded = [sys.executable, "-m", "pairloop.embedded", "exec", "--", sys.executable, "manage.py"]
+    migrated = subprocess.run([*embedded, "migrate", "--noinput"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    listed = subprocess.run([*embedded, "shell", "-c", PRIVATE_MODES_SCRIPT], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    modes = json.loads(listed.stdout.strip().splitlines()[-1])
+    assert {"pairloop.sqlite3", "redis.sock", "secret_key"} <= set(modes)
+    assert [name for name in modes if name.startswith("uploads/")], modes  # the upload is there
+    assert modes["."] == 0o700
+    exposed = {name: oct(mode) for name, mode in modes.items() if mode & 0o077}
+    assert not exposed, f"readable by others: {exposed}"
