@@ -8,7 +8,7 @@ from __future__ import annotations
 from django.http import Http404
 from ninja import NinjaAPI, Swagger
 
-from api.auth import TokenAuth
+from api.auth import RateLimitedTokenAuth, Throttled, TokenAuth
 from api.views import campaigns, labeling, rounds
 
 api = NinjaAPI(
@@ -30,6 +30,14 @@ def not_found(request, exc):
     return api.create_response(request, {"detail": str(exc) or "not found"}, status=404)
 
 
+@api.exception_handler(Throttled)
+def throttled(request, exc):
+    """A token over its labeling rate limit: 429, and when to try again."""
+    response = api.create_response(request, {"detail": str(exc)}, status=429)
+    response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 api.add_router("/", campaigns)
-api.add_router("/", labeling)
+api.add_router("/", labeling, auth=RateLimitedTokenAuth())
 api.add_router("/", rounds)

@@ -38,6 +38,7 @@ rounds = Router(tags=["rounds"])
 # What any endpoint may answer besides its own: no token (401), a scope missing (403), not found or not
 # the user's (404), input the schema refuses (422, django-ninja's validation).
 REFUSED = {401: schemas.Error, 403: schemas.Error, 404: schemas.Error, 422: schemas.Invalid}
+LABELING_REFUSED = {**REFUSED, 429: schemas.Error}  # a token over PAIRLOOP_API_RATE_LIMIT (api/auth.py)
 
 
 def _campaign_out(campaign: Campaign) -> dict:
@@ -279,7 +280,7 @@ def webhook_remove(request, slug: str, webhook_id: int):
 # ---------------------------------------------------------------------------------------------
 
 @labeling.post("/campaigns/{slug:slug}/claim",
-               response={200: schemas.ClaimOut, 409: schemas.WarningPending, **REFUSED})
+               response={200: schemas.ClaimOut, 409: schemas.WarningPending, **LABELING_REFUSED})
 def label_claim(request, slug: str):
     """Lease the next pair to the token's user (or get back the one they hold); 409 with the campaign's
     content warning until the user acknowledged it, as the page shows it first. Scope: label."""
@@ -291,7 +292,7 @@ def label_claim(request, slug: str):
     return _claim(request, campaign)
 
 
-@labeling.post("/campaigns/{slug:slug}/warning", response={200: schemas.Acknowledged, **REFUSED})
+@labeling.post("/campaigns/{slug:slug}/warning", response={200: schemas.Acknowledged, **LABELING_REFUSED})
 def label_acknowledge_warning(request, slug: str):
     """Acknowledge the campaign's content warning (once per user), as the labeling page asks. Scope: label."""
     require_scope(request, LABEL)
@@ -314,7 +315,7 @@ def _claim(request, campaign: Campaign) -> dict:
 
 
 @labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/judgment",
-               response={200: schemas.JudgmentOut, 201: schemas.JudgmentOut, 400: schemas.Error, **REFUSED})
+               response={200: schemas.JudgmentOut, 201: schemas.JudgmentOut, 400: schemas.Error, **LABELING_REFUSED})
 def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn, next: bool = False):
     """Judge a leased pair (201; 200 when it was judged already); with ?next=true the answer holds the next
     pair too. Scope: label."""
@@ -335,7 +336,7 @@ def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn
 
 
 @labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/skip",
-               response={200: schemas.SkipOut, **REFUSED})
+               response={200: schemas.SkipOut, **LABELING_REFUSED})
 def label_skip(request, slug: str, assignment_id: int):
     """Give a leased pair back unjudged; it is not offered to this user again. Scope: label."""
     require_scope(request, LABEL)
@@ -349,7 +350,7 @@ def label_skip(request, slug: str, assignment_id: int):
 
 
 @labeling.post("/campaigns/{slug:slug}/undo",
-               response={200: schemas.UndoOut, 400: schemas.Error, 409: schemas.Error, **REFUSED})
+               response={200: schemas.UndoOut, 400: schemas.Error, 409: schemas.Error, **LABELING_REFUSED})
 def label_undo(request, slug: str, body: schemas.UndoIn):
     """Take back your last judgment while it is recent (PAIRLOOP_UNDO_SECONDS); its pair is leased to you
     again. 409 when it is not your last or too old. Scope: label."""

@@ -295,6 +295,8 @@ PAIRLOOP = {
     # An import job no worker took for this long is sent again once, then failed (beat checks).
     "IMPORT_QUEUED_SECONDS": env.int("PAIRLOOP_IMPORT_QUEUED_SECONDS", 1800, minimum=10),
     "MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,
+    # Labeling requests (claim, judge, skip, undo) a minute per API token; 0: no limit (api/auth.py).
+    "API_RATE_LIMIT": env.int("PAIRLOOP_API_RATE_LIMIT", 600, minimum=0),
     # Experiment tracker that also gets every training job's metrics (training/tracking.py); empty: none.
     "REPORT_TO": env.choice("PAIRLOOP_REPORT_TO", "", ("", "tensorboard", "trackio", "wandb")),
     "RUNS_DIR": DATA_DIR / "runs",  # TensorBoard's event files and W&B's local files, one folder per job

@@ -1,0 +1,67 @@
+"""The API's bounds: a per-token rate limit on the labeling endpoints, shared by every web process through
+Redis; a cap on the pairs one JSON import request may make; and paginated round lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.cache import cache
+from django.test import Client
+
+from api.actions import create_token
+
+pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parent.parent
+API = "/api/v1"
+
+
+def post(token: str, path: str, body: dict | None = None):
+    return Client().post(API + path, json.dumps(body or {}), content_type="application/json",
+                         headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def limit_of_three(settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "API_RATE_LIMIT": 3}
+    return 3
+
+
+def fresh_token(user) -> tuple[int, str]:
+    token, secret = create_token(user, "rate", ["label"])
+    cache.delete_many([f"pairloop:api-rate:{token.pk}:count", f"pairloop:api-rate:{token.pk}:start"])
+    return token.pk, secret
+
+
+def test_it_answers_429_with_retry_after_past_a_tokens_rate_limit(limit_of_three, labeler, campaign):
+    _, token = fresh_token(labeler)
+    claims = [post(token, f"/campaigns/{campaign.slug}/claim") for _ in range(2)]
+    assert [c.status_code for c in claims] == [200, 200]
+    assignment = claims[-1].json()["assignment"]["id"]
+    judged = post(token, f"/campaigns/{campaign.slug}/assignments/{assignment}/judgment?next=true",
+                  {"choice": "tie", "milliseconds": 5200})
+    assert judged.status_code == 201
+    refused = post(token, f"/campaigns/{campaign.slug}/claim")
+    assert refused.status_code == 429
+    assert 1 <= int(refused["Retry-After"]) <= 60
+    assert "PAIRLOOP_API_RATE_LIMIT" in refused.json()["detail"]
+    assert post(token, f"/campaigns/{campaign.slug}/assignments/{assignment}/skip").status_code == 429
+    # Per token: the same labeler's other token is not slowed.
+    _, other = fresh_token(labeler)
+    assert post(other, f"/campaigns/{campaign.slug}/claim").status_code == 200
+
+
+def test_the_rate_limit_is_counted_across_processes(limit_of_three, labeler, campaign):
+    token_id, token = fresh_token(labeler)
+    env = {**os.environ, "PAIRLOOP_API_RATE_LIMIT": "3", "DJANGO_SETTINGS_MODULE": "pairloop.settings"}
+    script = (f"import django; django.setup(); from api.auth import count_request; "
+              f"[count_request({token_id}) for _ in range(3)]")
+    other_process = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                                   text=True, timeout=120)
+    assert other_process.returncode == 0, other_process.stderr
+    assert post(token, f"/campaigns/{campaign.slug}/claim").status_code == 429
