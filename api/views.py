@@ -121,13 +121,30 @@ def campaign_queue(request, slug: str):
     }
 
 
+MAX_JSON_IMPORT_PAIRS = 10_000  # pairs one JSON import request may make; more go through an upload
+
+
+def _pairs_asked(rows: list, pairs_per_prompt: int | None) -> int:
+    """How many pairs `rows` would make (a `responses` list makes every pair, or pairs_per_prompt)."""
+    from annotate.importing import _ResponseList
+
+    return sum(_ResponseList("", row["responses"]).pair_count(pairs_per_prompt)
+               if isinstance(row, dict) and isinstance(row.get("responses"), list) else 1 for row in rows)
+
+
 @campaigns.post("/campaigns/{slug:slug}/pairs",
-                response={201: schemas.ImportOut, 400: schemas.ImportError_, **REFUSED})
+                response={201: schemas.ImportOut, 400: schemas.ImportError_, 413: schemas.Error, **REFUSED})
 def pairs_import(request, slug: str, body: schemas.ImportIn):
     """Add pairs, checked as `manage.py import_pairs` checks a JSONL file (row N is line N): any bad row
-    and nothing is added, with the same messages. Scope: import."""
+    and nothing is added, with the same messages; at most MAX_JSON_IMPORT_PAIRS pairs. Scope: import."""
     require_scope(request, IMPORT)
     campaign = campaign_for_admin(request, slug)
+    asked = _pairs_asked(body.rows, body.pairs_per_prompt)
+    if asked > MAX_JSON_IMPORT_PAIRS:
+        return Status(413, {"detail": f"these rows make {asked} pairs, more than the {MAX_JSON_IMPORT_PAIRS} one "
+                                      "request may add: nothing was imported. Upload them as a file to "
+                                      f"POST /api/v1/campaigns/{campaign.slug}/imports, imported in the "
+                                      "background, or sample fewer with pairs_per_prompt."})
     from annotate.importing import ImportFailed, import_file
 
     with tempfile.TemporaryDirectory(prefix="pairloop-api-import-") as folder:

@@ -65,3 +65,22 @@ def test_the_rate_limit_is_counted_across_processes(limit_of_three, labeler, cam
                                    text=True, timeout=120)
     assert other_process.returncode == 0, other_process.stderr
     assert post(token, f"/campaigns/{campaign.slug}/claim").status_code == 429
+
+
+def test_a_json_import_making_too_many_pairs_is_refused_and_points_to_uploads(admin_user):
+    from annotate.models import Pair
+    from api.views import MAX_JSON_IMPORT_PAIRS
+    from tests.conftest import make_campaign
+
+    make_campaign("bulk")
+    token = create_token(admin_user, "import", ["import"])[1]
+    answers = [f"answer {i}" for i in range(45)]  # 990 pairs a row, under the 1,000 one row may make
+    rows = [{"prompt": f"Pick one, {n}?", "responses": answers} for n in range(11)]  # 10,890 pairs
+    assert 11 * 990 > MAX_JSON_IMPORT_PAIRS
+    refused = post(token, "/campaigns/bulk/pairs", {"rows": rows})
+    assert refused.status_code == 413
+    detail = refused.json()["detail"]
+    assert "10890 pairs" in detail and "/api/v1/campaigns/bulk/imports" in detail
+    assert not Pair.objects.exists()
+    sampled = post(token, "/campaigns/bulk/pairs", {"rows": rows, "pairs_per_prompt": 50})
+    assert sampled.status_code == 201 and sampled.json()["created"] == 550
