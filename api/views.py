@@ -26,6 +26,7 @@ from annotate.access import (
 from annotate.models import Assignment, Campaign, ImportJob, Judgment, Pair
 from api import schemas, webhooks
 from api.auth import require_scope
+from api.pagination import Pages
 from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
 from training import actions as training_actions
 from training.access import job_for_admin, round_for_reviewer
@@ -141,8 +142,9 @@ def pairs_import(request, slug: str, body: schemas.ImportIn):
     campaign = campaign_for_admin(request, slug)
     asked = _pairs_asked(body.rows, body.pairs_per_prompt)
     if asked > MAX_JSON_IMPORT_PAIRS:
-        return Status(413, {"detail": f"these rows make {asked} pairs, more than the {MAX_JSON_IMPORT_PAIRS} one "
-                                      "request may add: nothing was imported. Upload them as a file to "
+        return Status(413, {"detail": f"these rows make {asked} pairs, more than the "
+                                      f"{MAX_JSON_IMPORT_PAIRS} one request may add: nothing was imported. "
+                                      "Upload them as a file to "
                                       f"POST /api/v1/campaigns/{campaign.slug}/imports, imported in the "
                                       "background, or sample fewer with pairs_per_prompt."})
     from annotate.importing import ImportFailed, import_file
@@ -332,7 +334,8 @@ def _claim(request, campaign: Campaign) -> dict:
 
 
 @labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/judgment",
-               response={200: schemas.JudgmentOut, 201: schemas.JudgmentOut, 400: schemas.Error, **LABELING_REFUSED})
+               response={200: schemas.JudgmentOut, 201: schemas.JudgmentOut, 400: schemas.Error,
+                         **LABELING_REFUSED})
 def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn, next: bool = False):
     """Judge a leased pair (201; 200 when it was judged already); with ?next=true the answer holds the next
     pair too. Scope: label."""
@@ -403,12 +406,14 @@ def _round_out(round_: Round) -> dict:
 
 
 @rounds.get("/campaigns/{slug:slug}/rounds", response={200: list[schemas.RoundOut], **REFUSED})
+@paginate(Pages, out=_round_out)
 def round_list(request, slug: str):
-    """The campaign's rounds, newest first, with their jobs. Scope: review."""
+    """The campaign's rounds, newest first, with their jobs, a page at a time (?limit=, ?offset=).
+    Scope: review."""
     require_scope(request, REVIEW)
     campaign = campaign_for_reviewer(request, slug)
     found = Round.objects.filter(campaign=campaign).select_related("campaign").prefetch_related("jobs")
-    return [_round_out(round_) for round_ in found.order_by("-number")]
+    return found.order_by("-number")
 
 
 @rounds.post("/campaigns/{slug:slug}/rounds",

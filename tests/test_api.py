@@ -356,7 +356,7 @@ def test_an_admin_launches_reads_cancels_and_resumes_a_round(admin_user, labeler
     resumed = api.post(f"/rounds/{round_['id']}/jobs/{first}/resume")
     assert resumed.status_code == 200 and Job.objects.get(pk=first).status == Job.QUEUED
     assert api.post(f"/rounds/{round_['id']}/jobs/{first}/resume").status_code == 409
-    assert api.get("/campaigns/shop/rounds").json()[0]["id"] == round_["id"]
+    assert api.get("/campaigns/shop/rounds").json()["items"][0]["id"] == round_["id"]
     assert api.get(f"/rounds/{round_['id']}/samples").json() == []
     assert api.get(f"/rounds/{round_['id']}/ratings").json() is None
 

@@ -84,3 +84,22 @@ def test_a_json_import_making_too_many_pairs_is_refused_and_points_to_uploads(ad
     assert not Pair.objects.exists()
     sampled = post(token, "/campaigns/bulk/pairs", {"rows": rows, "pairs_per_prompt": 50})
     assert sampled.status_code == 201 and sampled.json()["created"] == 550
+
+
+def test_the_rounds_list_comes_a_page_at_a_time(reviewer, campaign):
+    from training.models import Round
+
+    for number in range(1, 26):
+        Round.objects.create(campaign=campaign, number=number, parent_policy="sft")
+    token = create_token(reviewer, "read", ["review"])[1]
+
+    def get(**params):
+        return Client().get(f"{API}/campaigns/{campaign.slug}/rounds", params,
+                            headers={"Authorization": f"Bearer {token}"})
+
+    first = get().json()
+    assert first["count"] == 25
+    assert [r["number"] for r in first["items"]] == list(range(25, 5, -1))  # newest first, 20 a page
+    last = get(limit=10, offset=20).json()
+    assert [r["number"] for r in last["items"]] == [5, 4, 3, 2, 1]
+    assert get(limit=101).status_code == 422  # at most 100 a page
