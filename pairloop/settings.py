@@ -217,7 +217,7 @@ LOGIN_FAILURE_LIMIT = env.int("PAIRLOOP_LOGIN_FAILURE_LIMIT", 5, minimum=1)
 LOGIN_USERNAME_FAILURE_LIMIT = env.int("PAIRLOOP_LOGIN_USERNAME_FAILURE_LIMIT", 20, minimum=1)
 AXES_FAILURE_LIMIT = "annotate.auth.failure_limit"
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("PAIRLOOP_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
-AXES_LOCKOUT_PARAMETERS = ["username"]
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "username"]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_CLIENT_IP_CALLABLE = "annotate.auth.client_ip"
