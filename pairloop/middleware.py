@@ -66,8 +66,10 @@ def body_cap(path: str) -> tuple[int, str]:
 
 def too_large(path: str) -> tuple[str, bytes]:
     """The 413 answer's content type and body for `path`: JSON under the API, plain text elsewhere."""
+    from annotate.views import _size
+
     cap, setting = body_cap(path)
-    detail = f"The request body is larger than the limit of {cap} bytes here ({setting}): nothing was read."
+    detail = f"The request body is larger than the limit of {_size(cap)} here ({setting}): nothing was read."
     if path.startswith("/api/"):
         return "application/json", json.dumps({"detail": detail}).encode()
     return "text/plain; charset=utf-8", detail.encode()
