@@ -109,7 +109,6 @@ class DeliveryOut(Schema):
 
 
 RECENT_DELIVERIES = 10  # deliveries shown with each webhook
-MAX_PAGE = 100  # the most items one page of a paginated list holds
 
 
 class WebhookOut(Schema):

@@ -13,7 +13,7 @@ from django.db.models import Count
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
-from ninja.pagination import LimitOffsetPagination, paginate
+from ninja.pagination import paginate
 
 from annotate import actions
 from annotate.access import (
@@ -259,10 +259,10 @@ def campaign_export(request, slug: str, query: Query[ExportQuery]):
 # ---------------------------------------------------------------------------------------------
 
 @campaigns.get("/campaigns/{slug:slug}/webhooks", response={200: list[schemas.WebhookOut], **REFUSED})
-@paginate(LimitOffsetPagination, max_limit=schemas.MAX_PAGE)
+@paginate(Pages)
 def webhook_list(request, slug: str):
     """The campaign's webhooks with their latest deliveries (never their secret), oldest first, a page at a
-    time: ?limit= (at most 100) and ?offset=, answered as {"items": [...], "count": N}. Scope: admin."""
+    time: ?limit= (20 by default, at most 100) and ?offset=, answered as {"items": [...], "count": N}. Scope: admin."""
     require_scope(request, ADMIN)
     campaign = campaign_for_admin(request, slug)
     return Webhook.objects.filter(campaign=campaign, is_active=True)

@@ -495,8 +495,9 @@ def test_the_webhook_list_comes_a_page_at_a_time(admin_user):
     assert first["count"] == 105 and [hook["url"][-2:] for hook in first["items"]] == ["/0", "/1"]
     last = api.get("/campaigns/shop/webhooks?limit=10&offset=100").json()
     assert [hook["url"].rsplit("/", 1)[1] for hook in last["items"]] == ["100", "101", "102", "103", "104"]
-    assert len(api.get("/campaigns/shop/webhooks").json()["items"]) == 100  # the default page
-    assert len(api.get("/campaigns/shop/webhooks?limit=1000").json()["items"]) == 100  # the largest
+    assert len(api.get("/campaigns/shop/webhooks").json()["items"]) == 20  # the default page
+    assert len(api.get("/campaigns/shop/webhooks?limit=100").json()["items"]) == 100  # the largest
+    assert api.get("/campaigns/shop/webhooks?limit=101").status_code == 422
 
 
 # ---------------------------------------------------------------------------------------------
