@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
-from django.contrib.auth.models import Group, User
+import os
 
-from annotate.access import REVIEWERS_GROUP
-from annotate.actions import PairInput, add_pairs
-from annotate.models import Campaign
+# Models and tokenizers come from local files only: a missing one fails at once instead of reaching for a hub.
+# Set before anything imports huggingface_hub, which reads these once, at import.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+
+import pytest  # noqa: E402
+from django.contrib.auth.models import Group, User  # noqa: E402
+
+from annotate.access import REVIEWERS_GROUP  # noqa: E402
+from annotate.actions import PairInput, add_pairs  # noqa: E402
+from annotate.models import Campaign  # noqa: E402
 
 PASSWORD = "correct-horse-battery"
 

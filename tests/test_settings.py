@@ -58,3 +58,18 @@ def test_it_stops_start_up_on_a_bad_value_and_names_it(tmp_path, name, value, me
     result = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_the_suite_runs_offline_so_a_missing_model_fails_at_once():
+    """tests/conftest.py (and scripts/test) set the hub's offline switches before anything imports it."""
+    import time
+
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        AutoTokenizer.from_pretrained("pairloop-tests/no-such-model")
+    assert time.monotonic() - started < 5
