@@ -127,3 +127,14 @@ def test_it_flags_a_labeler_who_always_picks_the_left_side_and_not_a_careful_one
     assert "too fast" in reasons and "low agreement with the majority" in reasons
     assert stats["carol"].flags == [] and stats["cora"].flags == []
     assert stats["carol"].gold_accuracy == 1.0 and stats["carol"].gold_n == 12
+
+
+@pytest.mark.parametrize("gold_n,right,flagged", [(10, 6, True), (12, 5, True), (10, 7, False), (9, 0, False)])
+def test_it_flags_low_gold_accuracy_from_enough_gold_items(gold_n, right, flagged):
+    """Under 70% right on gold items, once a labeler has judged at least MIN_FLAG_GOLD (10) of them."""
+    votes = [Vote(pair, "gil", "a" if pair <= right else "b", gold_choice="a") for pair in range(1, gold_n + 1)]
+    votes += [Vote(pair, "gil", "a") for pair in range(100, 105)]  # judgments off gold do not count
+    (stats,) = agreement.labeler_stats(votes, {})
+    assert (stats.gold_n, stats.gold_accuracy) == (gold_n, pytest.approx(right / gold_n))
+    wanted = f"low gold accuracy: {right / gold_n:.0%} of {gold_n} gold items (under 70%)"
+    assert (wanted in stats.flags) == flagged, stats.flags

@@ -12,6 +12,7 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 
+from annotate import agreement
 from annotate.actions import PairInput, add_pairs, claim_next_pair, submit_judgment
 from annotate.models import Exclusion, Judgment, Pair
 from tests.conftest import PASSWORD, make_campaign, make_user
@@ -95,6 +96,11 @@ def test_it_flags_the_left_picker_and_the_random_labeler_and_neither_careful_one
     assert lefty["left_rate"] == 1.0 and lefty["left_p_value"] < 1e-9
     assert any(flag.startswith("position bias") for flag in lefty["flags"])
     assert any(flag.startswith("low agreement with the majority") for flag in rando["flags"])
+    # Both answer gold items at about chance (50%), under the 70% bar, from 12 gold items each.
+    for row in (lefty, rando):
+        assert row["gold_n"] == GOLD and row["gold_accuracy"] < agreement.GOLD_ACCURACY_MIN
+        assert f"low gold accuracy: {row['gold_accuracy']:.0%} of {GOLD} gold items (under 70%)" in row["flags"]
+    assert labelers["goldie"]["gold_accuracy"] >= agreement.GOLD_ACCURACY_MIN and labelers["goldie"]["flags"] == []
     assert labelers["carol"]["flags"] == [] and labelers["cora"]["flags"] == []
     assert labelers["carol"]["gold_n"] >= 10 and labelers["carol"]["gold_accuracy"] == 1.0
     assert labelers["carol"]["median_seconds"] == 20.0 and labelers["carol"]["excluded"] == 0
@@ -122,6 +128,7 @@ def test_the_quality_page_shows_reviewers_the_flags_and_lets_admins_exclude(judg
     assert page.status_code == 200
     html = page.content.decode()
     assert "position bias: the left side won 100%" in html and "low agreement with the majority" in html
+    assert "low gold accuracy" in html
     rows = {row["username"]: row for row in report_json(campaign)["labelers"]}
     lefty_p = rows["lefty"]["left_p_value"]
     assert f"(p = {lefty_p:.2g})" in html  # a tiny p-value in two significant digits, not a rounded 0
