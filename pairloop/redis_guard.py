@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5.0
 _down_until = 0.0
+_clock = time.monotonic  # the back-off's clock (tests replace it with one they move by hand)
 
 
 class RedisDown(RedisError):
@@ -23,14 +24,14 @@ class RedisDown(RedisError):
 
 
 def usable() -> bool:
-    return time.monotonic() >= _down_until
+    return _clock() >= _down_until
 
 
 def failed(what: str, exc: BaseException) -> None:
     global _down_until
     if usable():  # log once per outage window, not once per request
         log.warning("Redis unavailable (%s): %s; falling back for %.0f s", what, exc, RETRY_SECONDS)
-    _down_until = time.monotonic() + RETRY_SECONDS
+    _down_until = _clock() + RETRY_SECONDS
 
 
 def reset() -> None:

@@ -7,6 +7,7 @@ import re
 import time
 
 import pytest
+import redis.exceptions
 from django.core.cache import caches
 from django.test import override_settings
 
@@ -38,6 +39,60 @@ def redis_unreachable(settings):
         channel_layers.backends.clear()
         redis_guard.reset()
     caches["default"].clear()
+
+
+class ManualClock:
+    """redis_guard's clock, moved by hand."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = ManualClock()
+    monkeypatch.setattr(redis_guard, "_clock", clock)
+    redis_guard.reset()
+    yield clock
+    redis_guard.reset()
+
+
+@pytest.mark.django_db(False)
+def test_after_a_redis_failure_it_leaves_redis_alone_until_the_back_off_elapses(clock, caplog):
+    tries: list[float] = []
+    redis_up = False
+
+    def use_redis():
+        with redis_guard.guard("test operation"):
+            tries.append(clock.now)
+            if not redis_up:
+                raise redis.exceptions.ConnectionError("Connection refused")
+
+    with pytest.raises(redis_guard.RedisDown, match="Connection refused"):
+        use_redis()
+    assert tries == [1000.0]
+    for later in (0.0, 1.0, redis_guard.RETRY_SECONDS - 0.001):  # inside the back-off: Redis is not tried
+        clock.now = 1000.0 + later
+        with pytest.raises(redis_guard.RedisDown, match="unavailable less than"):
+            use_redis()
+    assert tries == [1000.0]
+    clock.now = 1000.0 + redis_guard.RETRY_SECONDS  # the back-off elapsed: one try, which fails again...
+    with pytest.raises(redis_guard.RedisDown, match="Connection refused"):
+        use_redis()
+    assert tries == [1000.0, 1005.0]
+    clock.now = 1005.0 + redis_guard.RETRY_SECONDS - 0.001  # ...and starts a new back-off from then
+    with pytest.raises(redis_guard.RedisDown, match="unavailable less than"):
+        use_redis()
+    assert tries == [1000.0, 1005.0]
+    redis_up, clock.now = True, 1010.0
+    use_redis()
+    use_redis()
+    assert tries == [1000.0, 1005.0, 1010.0, 1010.0]  # back: every call goes to Redis again
+    warnings = [r for r in caplog.records if r.name == "pairloop.redis_guard"]
+    assert len(warnings) == 2  # one line per outage window, not one per refused call
 
 
 def left_shown(response) -> int:
