@@ -21,6 +21,7 @@ from training.engine.ppo import (
     compute_gae,
     leave_one_out,
     main,
+    per_token_rewards,
     resume_dir,
 )
 
@@ -196,6 +197,47 @@ def test_its_default_lambda_gives_the_return_to_go_minus_the_value():
     to_go = torch.tensor([[0.7, 0.8, 1.0, 0.0]])
     assert torch.allclose(advantages, (to_go - values) * mask)
     assert torch.allclose(returns, to_go)
+
+
+def test_its_rewards_are_the_kl_penalty_at_every_token_plus_the_score_at_the_last():
+    # rewards = -kl_coef * kl; rewards[last] += score (Ziegler et al. 2019 eq. 1), worked by hand.
+    kl = torch.tensor([[0.5, -0.2, 0.1, 0.0], [0.3, 0.4, 0.0, 0.0], [0.7, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    scores = torch.tensor([2.0, -1.0, 0.5])
+    before = kl.clone()
+    rewards = per_token_rewards(kl, scores, mask, kl_coef=0.1)
+    expected = torch.tensor([[-0.05, 0.02, -0.01 + 2.0, 0.0],
+                             [-0.03, -0.04 - 1.0, 0.0, 0.0],
+                             [-0.07 + 0.5, 0.0, 0.0, 0.0]])
+    assert torch.allclose(rewards, expected)
+    assert torch.equal(kl, before)  # the KL it was given is left as it was (the metrics read it after)
+    assert torch.allclose(per_token_rewards(kl, scores, mask, kl_coef=0.0).sum(1), scores)
+
+
+def test_every_step_trains_on_the_kl_penalised_rewards(tiny_policy, instructions, tmp_path, monkeypatch):
+    """main hands per_token_rewards the step's real per-token KL and args.kl_coef, and GAE gets its result."""
+    from training.engine import ppo
+
+    assembled, trained_on, history = [], [], []
+
+    def assemble(kl, scores, mask, kl_coef):
+        rewards = per_token_rewards(kl, scores, mask, kl_coef)
+        assembled.append((kl.clone(), kl_coef, rewards))
+        return rewards
+
+    def gae(rewards, *rest, **options):
+        trained_on.append(rewards)
+        return compute_gae(rewards, *rest, **options)
+
+    monkeypatch.setattr(ppo, "per_token_rewards", assemble)
+    monkeypatch.setattr(ppo, "compute_gae", gae)
+    main(tiny_args(tiny_policy, instructions, tmp_path / "out", steps=2, kl_coef=0.3, lr=1e-3),
+         lambda event: history.append(event["metrics"]), reward_fn=starts_with_the)
+    assert len(assembled) == len(trained_on) == len(history) == 2
+    for (kl, kl_coef, rewards), gae_rewards, metrics in zip(assembled, trained_on, history):
+        assert kl_coef == 0.3 and gae_rewards is rewards
+        assert kl.sum(1).mean().item() == pytest.approx(metrics["ppo/kl"], rel=1e-5, abs=1e-7)
+    assert assembled[1][0].abs().max() > 1e-3  # after an update the policy's tokens carry a KL penalty
 
 
 def test_its_leave_one_out_baseline_cancels_what_a_prompt_gives_every_sample():

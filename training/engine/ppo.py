@@ -187,6 +187,17 @@ def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
     return (grouped - baseline).view(-1)
 
 
+def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, response_mask: torch.Tensor,
+                      kl_coef: float) -> torch.Tensor:
+    """PPO's reward at each response token: -kl_coef times the token's KL to the reference (Ziegler et al.
+    2019 eq. 1; Stiennon et al. 2020), plus the sequence's score at its last real token ([N+ §"reward at
+    EOS"]). kl and response_mask (B, T), scores (B,) -> (B, T)."""
+    rewards = -kl_coef * kl
+    last = (response_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
+    return rewards
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation (Schulman et al. 2016) over response tokens, all (B, T). Past the end
     mask, value and reward are 0, so the last real token bootstraps from 0 (the episode ends there).
@@ -481,14 +492,10 @@ def main(
             ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, Tr)
             ref_hidden = torch.cat(ref_hidden)  # (B, Tr, H): the critic's input
 
-            # 4. Per-token rewards: -beta * KL at each token (Ziegler et al. 2019 eq. 1; Stiennon 2020),
-            # plus the score at the last real token ([N+ §"reward at EOS"]).
+            # 4. Per-token rewards: the KL penalty at each token plus the score at the last one.
             beta = args.kl_coef
             kl_per_token = (old_logprobs - ref_logprobs) * mask  # (B, Tr) k1 estimate of KL(pi || ref)
-            non_score_reward = -beta * kl_per_token  # (B, Tr)
-            rewards = non_score_reward.clone()
-            last = (response_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
-            rewards[torch.arange(rewards.shape[0], device=device), last] += norm_scores
+            rewards = per_token_rewards(kl_per_token, norm_scores, response_mask, beta)  # (B, Tr)
 
             advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, Tr)
             # Advantage whitening over the batch ([N+ §"advantage whitening"]; TRL PPOv2).
