@@ -5,6 +5,7 @@ worker runs in tests/test_round_worker.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -861,3 +862,97 @@ def test_round_defaults_are_the_engines_or_say_why_not():
             assert ours != engine, f"{name} now equals the engine's {field_name}: drop its override"
         else:
             assert ours == engine, f"{name} is {ours!r}, the engine's {cls}.{field_name} is {engine!r}"
+
+
+class _Handed(Exception):
+    """Raised by the stand-in for an engine stage, holding what the runner handed it."""
+
+    def __init__(self, handed):
+        super().__init__("handed to the engine")
+        self.handed = handed
+
+
+class _Quiet:
+    def line(self, text):
+        pass
+
+    def section(self, offset, total):
+        pass
+
+    def set(self, step, total):
+        pass
+
+
+# The jobs each engine module's settings feed (common.MemoryArgs: every training stage of a round).
+_JOBS_OF_MODULE = {"reward": (Job.REWARD,), "ppo": (Job.PPO,), "sample": (Job.SAMPLE,),
+                   "common": (Job.REWARD, Job.PPO)}
+
+
+def _another_value(avoid: tuple):
+    """A round setting's value other than each of `avoid` (its preset's, then the engine's default)."""
+    value = avoid[0]
+    if isinstance(value, bool):
+        candidates = [not value]
+    elif isinstance(value, int):
+        candidates = [value * 2 or 1, value * 3 or 2, value + 1]
+    elif isinstance(value, float):
+        candidates = [value / 2 or 0.25, value / 3 or 0.3, value * 0.7 or 0.35]
+    else:
+        raise AssertionError(f"no rule for a {type(value).__name__} setting: add one here")
+    return next(c for c in candidates if c not in avoid)
+
+
+def _engine_default(module: str, cls: str, field_name: str):
+    import importlib
+
+    spec = next(f for f in dataclasses.fields(getattr(importlib.import_module(f"training.engine.{module}"), cls))
+                if f.name == field_name)
+    return spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+
+
+@pytest.mark.django_db
+def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
+    """Each round setting that config.ENGINE_DEFAULTS ties to an engine Args field arrives, with the round's
+    value, in what the runner hands the reward, PPO and sample stages (a new one is covered by itself)."""
+    import importlib
+
+    from training.config import ENGINE_DEFAULTS, PRESETS
+
+    unknown = {module for module, _, _ in ENGINE_DEFAULTS.values()} - set(_JOBS_OF_MODULE)
+    assert not unknown, f"say which jobs the settings of {unknown} feed"
+    values = {name: _another_value((getattr(PRESETS["tiny"], name), _engine_default(*where)))
+              for name, where in ENGINE_DEFAULTS.items()}
+    round_ = launch(judged_campaign(), **values)
+    Round.objects.filter(pk=round_.pk).update(dataset_path="/data/round-1.jsonl", reward_checkpoint="/ckpt/rm",
+                                              policy_checkpoint="/ckpt/policy")
+    round_.refresh_from_db()
+
+    def stage(name, args, progress):
+        raise _Handed(args)
+
+    def sample_with_stats(model_path, prompts, **kwargs):
+        raise _Handed(kwargs)
+
+    monkeypatch.setattr(runner, "train", stage)
+    monkeypatch.setattr(runner, "ensure_policy", lambda path, preset: path)
+    monkeypatch.setattr("training.engine.sample.sample_with_stats", sample_with_stats)
+    handed = {}
+    for kind in (Job.REWARD, Job.PPO, Job.SAMPLE):
+        job = round_.jobs.get(kind=kind)
+        with pytest.raises(_Handed) as raised:
+            runner.RUNNERS[kind](job, _Quiet())
+        handed[kind] = raised.value.handed
+
+    for name, (module, cls, field_name) in ENGINE_DEFAULTS.items():
+        args_class = getattr(importlib.import_module(f"training.engine.{module}"), cls)
+        assert field_name in {f.name for f in dataclasses.fields(args_class)}
+        for kind in _JOBS_OF_MODULE[module]:
+            got = handed[kind]
+            if isinstance(got, dict):  # the sample job calls sample_with_stats with SampleArgs' names
+                assert field_name in got, f"the {kind} job does not pass {field_name} (round setting {name})"
+                value = got[field_name]
+            else:
+                assert isinstance(got, args_class), f"the {kind} job hands {type(got).__name__}, not {cls}"
+                value = getattr(got, field_name)
+            assert value == values[name], (f"round setting {name}={values[name]!r} reached the {kind} job's "
+                                           f"{field_name} as {value!r}")
