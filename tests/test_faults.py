@@ -119,3 +119,31 @@ def test_it_keeps_labeling_and_importing_while_redis_is_unreachable(labeler, cam
                        HTTP_HX_REQUEST="true")
     assert undo.status_code == 200 and not Judgment.objects.exists()
     assert time.monotonic() - started < 10, "requests waited on the unreachable Redis"
+
+
+def test_it_answers_503_with_a_retry_message_while_the_database_refuses_queries(labeler, campaign):
+    """The database-unavailable page, without restarting anything: every query fails as a lost connection does."""
+    from django.db import OperationalError, connection
+
+    client = client_for(labeler)
+    shown = current_assignment(client.get(campaign.label_url()))
+    judge_url = f"{campaign.label_url()}{shown.pk}/judge/"
+    choice = {"choice": "a", "strength": "2", "ms": "900"}
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    with connection.execute_wrapper(refuse):
+        page = client.get(campaign.label_url())
+        judged = client.post(judge_url, choice, HTTP_HX_REQUEST="true")
+    for response in (page, judged):
+        body = response.content.decode()
+        assert response.status_code == 503 and response["Retry-After"] == "5"
+        assert "The database is unavailable for a moment" in body and "Nothing you confirmed is lost" in body
+        assert "Traceback" not in body and "OperationalError" not in body
+    assert page.content.startswith(b"<!doctype html>")  # a whole page for a page load...
+    assert judged.content.decode().startswith('<p class="error" role="alert" id="unavailable">')  # ...htmx: in place
+    assert not Judgment.objects.exists()
+    again = client.post(judge_url, choice, HTTP_HX_REQUEST="true")  # the same choice, once the database is back
+    assert again.status_code == 200 and Judgment.objects.get().assignment_id == shown.pk
+
