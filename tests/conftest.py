@@ -15,6 +15,7 @@ from django.contrib.auth.models import Group, User  # noqa: E402
 from annotate.access import REVIEWERS_GROUP  # noqa: E402
 from annotate.actions import PairInput, add_pairs  # noqa: E402
 from annotate.models import Campaign  # noqa: E402
+from tests.must_run import pytest_runtest_makereport  # noqa: E402,F401  (a hook: pytest finds it here)
 
 PASSWORD = "correct-horse-battery"
 
@@ -61,3 +62,4 @@ def make_campaign(slug="shop", n_pairs=0, members=(), **options) -> Campaign:
 @pytest.fixture
 def campaign(labeler):
     return make_campaign(n_pairs=10, members=[labeler])
+

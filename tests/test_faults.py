@@ -4,7 +4,10 @@ on a port nobody listens on) and a database connection that fails mid-request.""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis.exceptions
@@ -147,3 +150,24 @@ def test_it_answers_503_with_a_retry_message_while_the_database_refuses_queries(
     again = client.post(judge_url, choice, HTTP_HX_REQUEST="true")  # the same choice, once the database is back
     assert again.status_code == 200 and Judgment.objects.get().assignment_id == shown.pk
 
+
+@pytest.mark.django_db(False)
+def test_a_postgres_restart_session_whose_test_skipped_fails(tmp_path):
+    """scripts/test runs the PostgreSQL restart in a session of its own: a skip there must fail it (tests/must_run.py).
+    Shown on a stand-in marked test that skips, never on the real one (it stops the shared PostgreSQL)."""
+    (tmp_path / "test_stand_in.py").write_text(
+        "import pytest\n\n\n@pytest.mark.restarts_postgres\ndef test_restart():\n"
+        "    pytest.skip(\"needs this machine's PostgreSQL cluster\")\n\n\ndef test_other():\n"
+        "    pytest.skip(\"an ordinary skip\")\n")
+    repo = Path(__file__).resolve().parents[1]
+
+    def session(marks: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-c", "pyproject.toml", "-p", "tests.must_run",
+                               "-p", "no:cacheprovider", "-q", "-m", marks, str(tmp_path / "test_stand_in.py")],
+                              cwd=repo, capture_output=True, text=True, timeout=120)
+
+    restart = session("restarts_postgres")
+    assert restart.returncode == 1, restart.stdout + restart.stderr
+    assert "restarts_postgres test must run, not skip (Skipped: needs this machine's PostgreSQL" in restart.stdout
+    other = session("not restarts_postgres")  # any other test may still skip
+    assert other.returncode == 0 and "1 skipped" in other.stdout, other.stdout + other.stderr
