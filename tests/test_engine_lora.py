@@ -47,6 +47,24 @@ def instructions() -> list[str]:
     return demo_tasks.make_prompts(64, seed=0, split="train")
 
 
+@pytest.fixture
+def recomputed(monkeypatch) -> list[str]:
+    """The layers a stage ran under activation checkpointing, one entry a call: transformers hands
+    torch.utils.checkpoint.checkpoint (bound in transformers.modeling_utils) to every layer when it is switched
+    on, and a layer calls it only in a training forward pass."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls: list[str] = []
+    real = modeling_utils.checkpoint
+
+    def counting(function, *args, **kwargs):
+        calls.append(type(getattr(function, "args", [function])[0]).__name__)
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting)
+    return calls
+
+
 def starts_with_the(instructions: list[str], responses: list[str]) -> list[float]:
     """A rule reward the tiny policy can climb: answer in a sentence that starts with 'The'."""
     return [1.0 if r.strip().startswith("The") else 0.0 for r in responses]
@@ -163,14 +181,17 @@ def test_it_resumes_a_lora_run_to_the_same_result_as_an_uninterrupted_one(tiny_p
         assert uninterrupted[key] == resumed[key]
 
 
-def test_sft_with_lora_and_checkpointing_trains_saves_and_reloads(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_sft_with_lora_and_checkpointing_trains_saves_and_reloads(tiny_llama, tmp_path, recomputed):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "train.jsonl", demo_tasks.make_sft_examples(64, seed=3))
     settings = dict(model=tiny_llama, train=data, max_steps=6, batch_size=8, lr=1e-2, device="cpu", seed=0,
                     log_every=1, lora_r=8)
     plain = sft.main(sft.SFTArgs(out=str(tmp_path / "plain"), **settings))
+    assert recomputed == []
     checkpointed = sft.main(sft.SFTArgs(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **settings))
+    layers = AutoConfig.from_pretrained(tiny_llama).num_hidden_layers
+    assert recomputed == ["LlamaDecoderLayer"] * 6 * layers  # every layer of every step's forward pass
 
     assert plain["sft/loss"] < plain["sft/first_loss"]
     # Recomputing activations in the backward pass changes memory, not arithmetic.
@@ -221,11 +242,27 @@ def test_the_reward_model_with_lora_trains_its_score_head_and_reloads(tiny_llama
     assert scores[0] > scores[1]
 
 
-def test_ppo_with_gradient_checkpointing_takes_the_same_steps(tiny_policy, instructions, tmp_path):
+def test_ppo_with_gradient_checkpointing_takes_the_same_steps(tiny_policy, instructions, tmp_path, recomputed):
     plain = ppo.main(ppo_args(tiny_policy, instructions, tmp_path / "a", steps=3), reward_fn=starts_with_the)
+    assert recomputed == []
     checkpointed = ppo.main(ppo_args(tiny_policy, instructions, tmp_path / "b", steps=3, gradient_checkpointing=True),
                             reward_fn=starts_with_the)
+    assert recomputed and set(recomputed) == {"GPT2Block"}  # the policy's update, never the rollouts' sampling
     for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss"):
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-5), key
     a, b = state(tmp_path / "a"), state(tmp_path / "b")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_the_reward_model_with_gradient_checkpointing_takes_the_same_steps(tiny_llama_reward, tmp_path, recomputed):
+    rows = [{"prompt": prompt, "chosen": f"The answer is {k}.", "rejected": "no"}
+            for k, prompt in enumerate(demo_tasks.make_prompts(32, seed=5))]
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    settings = dict(train=train, model=tiny_llama_reward, epochs=1, lr=1e-2, batch_size=8, max_length=128,
+                    eval_every=0, save_every=0, device="cpu", seed=0, eval_fraction=0.0)
+    plain = reward.main(reward.RewardArgs(out=str(tmp_path / "plain"), **settings))
+    assert recomputed == []
+    checkpointed = reward.main(reward.RewardArgs(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **settings))
+    assert recomputed and set(recomputed) == {"LlamaDecoderLayer"}
+    for key in ("rm/loss", "rm/train_accuracy"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
