@@ -32,9 +32,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def launch(stage: str, flags: list[str], processes: int, **popen) -> subprocess.Popen:
-    """`python -m training.engine.<stage>` alone, or under `accelerate launch` with `processes` processes."""
-    module = ["-m", f"training.engine.{stage}", *flags]
+def launch(stage: str, flags: list[str], processes: int, module: str = "", **popen) -> subprocess.Popen:
+    """`python -m training.engine.<stage>` (or `module`) alone, or under `accelerate launch` with `processes`
+    processes."""
+    module = ["-m", module or f"training.engine.{stage}", *flags]
     if processes == 1:
         command = [PYTHON, *module]
     else:  # --multi_gpu picks torchrun's launcher, which runs gloo on a machine without GPUs
@@ -45,9 +46,9 @@ def launch(stage: str, flags: list[str], processes: int, **popen) -> subprocess.
                             start_new_session=True, **popen)
 
 
-def run(stage: str, flags: list[str], processes: int = 1) -> dict:
+def run(stage: str, flags: list[str], processes: int = 1, module: str = "") -> dict:
     """The final metrics line of a finished run."""
-    process = launch(stage, flags, processes)
+    process = launch(stage, flags, processes, module)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-4000:]
     lines = [line for line in out.splitlines() if line.startswith("{")]
@@ -79,10 +80,19 @@ def test_sft_on_two_processes_matches_one(data):
     flags = ["--model", data["policy"], "--train", data["sft"], "--eval", data["sft"], "--batch-size", "8",
              "--max-steps", "10", "--lr", "1e-3", "--device", "cpu"]
     one = run("sft", [*flags, "--out", f"{data['root']}/sft-1"])
-    two = run("sft", [*flags, "--out", f"{data['root']}/sft-2"], processes=2)
+    shares = Path(data["root"]) / "sft-2-shares"
+    two = run("sft", [str(shares), *flags, "--out", f"{data['root']}/sft-2"], processes=2,
+              module="tests.record_sft_shares")
     assert one["sft/loss"] < one["sft/first_loss"] - 0.5  # it learned something to compare
     assert_close(one, two, ["sft/loss", "sft/first_loss", "sft/eval_loss", "sft/grad_norm"])
     assert two["sft/steps"] == 10 and read_checkpoint_meta(f"{data['root']}/sft-2")["step"] == 10
+    # Each process trained on its own half of every global batch, and the two halves make the batch
+    # (the same results would come from both processes training on the whole batch: DDP averages them).
+    first, second = (json.loads((shares / f"rank-{rank}.json").read_text()) for rank in (0, 1))
+    assert first["batches"] == second["batches"] and len(first["steps"]) == len(second["steps"]) == 10
+    for batch, mine, theirs in zip(first["batches"], first["steps"], second["steps"]):
+        assert len(batch) == 8 and len(mine) == len(theirs) == 4, (batch, mine, theirs)
+        assert set(mine).isdisjoint(theirs) and sorted(mine + theirs) == sorted(batch), (batch, mine, theirs)
 
 
 def test_reward_model_on_two_processes_matches_one(data):
