@@ -19,6 +19,7 @@ from training.engine.sample import (
     generate,
     main,
     sample_responses,
+    sample_with_stats,
     sequence_logprobs,
 )
 
@@ -132,6 +133,23 @@ def test_it_samples_several_responses_per_instruction(tiny_policy):
     assert sum(len(set(r)) > 1 for r in responses) >= 3  # samples differ within a prompt
     assert responses == sample_responses(tiny_policy, instructions, num_per_prompt=3, max_new_tokens=32, seed=0,
                                          device="cpu")
+
+
+def test_it_marks_the_responses_the_length_limit_cut_and_only_those(tiny_policy):
+    instructions = make_prompts(6, seed=4, split="heldout")
+    settings = dict(num_per_prompt=2, seed=0, device="cpu")
+    # Two tokens: the policy answers in a sentence, so no response can end by itself.
+    cut_texts, cut_stats, cut = sample_with_stats(tiny_policy, instructions, max_new_tokens=2, **settings)
+    assert cut == [[True, True]] * 6 and cut_stats["sample/ended_fraction"] == 0.0
+    # Room to finish: a response that ended is not marked; one still marked used every token it had.
+    texts, stats, truncated = sample_with_stats(tiny_policy, instructions, max_new_tokens=48, **settings)
+    flags = [flag for row in truncated for flag in row]
+    assert [len(row) for row in truncated] == [2] * 6 and not all(flags)
+    assert sum(flags) == round((1 - stats["sample/ended_fraction"]) * len(flags))
+    _, tokenizer = load_causal_lm(tiny_policy, torch.device("cpu"))
+    for text, flag in zip((t for row in texts for t in row), flags):
+        if flag:
+            assert len(tokenizer(text)["input_ids"]) >= 48 - 2, text  # (re-encoding may merge a token or two)
 
 
 def test_it_runs_from_the_command_line_and_ends_with_json(tiny_policy, tmp_path):

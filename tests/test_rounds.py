@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
@@ -30,6 +31,7 @@ from training.engine.common import EngineError, StopWithoutSaving
 from training.models import Job, Round
 
 MIN = 5
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -956,3 +958,38 @@ def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
                 value = getattr(got, field_name)
             assert value == values[name], (f"round setting {name}={values[name]!r} reached the {kind} job's "
                                            f"{field_name} as {value!r}")
+
+
+@pytest.mark.django_db
+def test_responses_the_length_limit_cut_are_stored_as_truncated(chains, monkeypatch):
+    """The sample job on a real policy with room for two tokens (it answers in sentences, so every response is
+    cut), then the enqueue job: each stored policy response says whether the limit cut it."""
+    import torch
+
+    from training.engine.demo_policy import DEFAULT_TINY_DIR, ensure_demo_policy
+
+    class ZeroScores:  # the round's reward model: only its scores' presence matters here
+        def __init__(self, checkpoint, **options):
+            pass
+
+        def score(self, prompts, responses):
+            return torch.zeros(len(responses))
+
+    monkeypatch.setattr("training.engine.reward.RewardScorer", ZeroScores)
+    policy = str(ensure_demo_policy(REPO / DEFAULT_TINY_DIR, preset="tiny"))
+    round_ = launch(judged_campaign(), ppo_max_new_tokens=2, sample_prompts=3)
+    Round.objects.filter(pk=round_.pk).update(parent_policy=policy)
+    jobs = {job.kind: job for job in round_.jobs.all()}
+    for kind, fields in ((Job.EXPORT, {}), (Job.REWARD, {"reward_checkpoint": "/ckpt/rm"}),
+                         (Job.PPO, {"policy_checkpoint": policy})):
+        succeed(jobs[kind], **fields)
+
+    assert runner.execute(jobs[Job.SAMPLE].pk, "task-sample")
+    samples = Job.objects.get(pk=jobs[Job.SAMPLE].pk).result["samples"]
+    assert all(s["new_cut"] == [True, True] and s["other_cut"] == [True, True] for s in samples), samples
+    assert runner.execute(jobs[Job.ENQUEUE].pk, "task-enqueue")
+    stored = Response.objects.filter(round=round_)
+    assert stored.count() >= 2
+    assert all(response.generation.get("truncated") is True for response in stored), [
+        (r.text, r.generation) for r in stored]
+
