@@ -41,6 +41,21 @@ def watched(page):
     return page
 
 
+# What the page's sockets do, kept on window.__ws: how many opened and closed, which element's socket is open,
+# and the text of every message pushed to the page (htmx's ws extension fires these events on the element).
+WATCH_SOCKETS = """
+window.__ws = {opens: 0, closes: 0, open: new WeakSet(), pushes: []};
+document.addEventListener("htmx:wsOpen", (event) => { window.__ws.opens += 1; window.__ws.open.add(event.target); });
+document.addEventListener("htmx:wsClose", (event) => { window.__ws.closes += 1; window.__ws.open.delete(event.target); });
+document.addEventListener("htmx:wsAfterMessage", (event) => { window.__ws.pushes.push(String(event.detail.message)); });
+"""
+# The waiting page's socket is open on the element now in the page (not one a refresh swapped out)...
+SOCKET_OPEN = "() => { const el = document.querySelector('[ws-connect]'); return !!el && window.__ws.open.has(el); }"
+# ...and that element came after the fault (it is not the one marked data-before-fault).
+NEW_SOCKET_OPEN = ("() => { const el = document.querySelector('[ws-connect]'); "
+                   "return !!el && !el.dataset.beforeFault && window.__ws.open.has(el); }")
+
+
 def judge_tie(page) -> int:
     """Press 3 (tie: submitted at once) and wait for the next pair; returns the judged assignment's id."""
     judged = current_assignment_id(page)
@@ -64,14 +79,17 @@ def test_it_keeps_labeling_while_redis_is_down_and_live_updates_resume(browser, 
         log_in(page, labeler)
         # A second tab waits on the empty campaign for pushed pairs.
         watcher = watched(page.context.new_page())
+        watcher.add_init_script(WATCH_SOCKETS)
         watcher.goto(waiting.label_url())
         watcher.wait_for_selector("#queue-empty")
-        watcher.wait_for_function("() => document.querySelector('[ws-connect]') !== null")
+        watcher.wait_for_function(SOCKET_OPEN)
+        watcher.evaluate("document.querySelector('[ws-connect]').dataset.beforeFault = '1'")
         page.goto("/")
         open_label_page(page, campaign)
         confirmed = {judge_tie(page), judge_tie(page)}
 
         private_redis.stop()
+        watcher.wait_for_function("() => window.__ws.closes >= 1")  # the waiting tab's socket lost its Redis
         for _ in range(3):
             confirmed.add(judge_tie(page))
         page.reload()  # a full page load works too, with the count of what is left from the database
@@ -88,15 +106,19 @@ def test_it_keeps_labeling_while_redis_is_down_and_live_updates_resume(browser, 
         rows = tmp_path / "pairs.jsonl"
         rows.write_text("".join(json.dumps({"prompt": f"Later question {i}?", "response_a": f"x{i}",
                                             "response_b": f"y{i}"}) + "\n" for i in range(3)))
-        # The tab's socket joins its group again within GROUP_REFRESH_SECONDS (or reconnects, with jitter).
-        watcher.wait_for_timeout(12_000)
+        # The tab's socket reconnects (htmx retries with a jittered back-off of up to a minute); reopened, it
+        # asks for pairs once, and the page that answers opens a socket of its own: wait for that one.
+        watcher.wait_for_function(NEW_SOCKET_OPEN, timeout=90_000)
+        assert watcher.evaluate("window.__ws.pushes") == []
         imported = subprocess.run(
             [sys.executable, "manage.py", "import_pairs", waiting.slug, str(rows)], cwd=REPO,
             env={**_env(), "DATABASE_URL": url_of_db, "REDIS_URL": private_redis.url,
                  "PAIRLOOP_CHANNEL_PREFIX": "fault"},
             capture_output=True, text=True, timeout=120)
         assert imported.returncode == 0, imported.stdout + imported.stderr
-        watcher.wait_for_selector("#pair[data-assignment]:not([data-assignment=''])", timeout=70_000)
+        # Pushed, not polled: the fragment comes through the socket, and it fetches the pair.
+        watcher.wait_for_function("() => window.__ws.pushes.some((m) => m.includes('3 new pairs arrived'))")
+        watcher.wait_for_selector("#pair[data-assignment]:not([data-assignment=''])")
         assert "Later question" in watcher.inner_text("#prompt")
         assert page.js_errors == [] and watcher.js_errors == []
 
