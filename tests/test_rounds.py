@@ -961,7 +961,7 @@ def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
 
 
 @pytest.mark.django_db
-def test_responses_the_length_limit_cut_are_stored_as_truncated(chains, monkeypatch):
+def test_responses_the_length_limit_cut_are_stored_as_truncated(chains, monkeypatch, settings):
     """The sample job on a real policy with room for two tokens (it answers in sentences, so every response is
     cut), then the enqueue job: each stored policy response says whether the limit cut it."""
     import torch
@@ -976,6 +976,8 @@ def test_responses_the_length_limit_cut_are_stored_as_truncated(chains, monkeypa
             return torch.zeros(len(responses))
 
     monkeypatch.setattr("training.engine.reward.RewardScorer", ZeroScores)
+    # No heartbeat during the jobs: its thread's own connection cannot see this test's uncommitted rows.
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 3600}
     policy = str(ensure_demo_policy(REPO / DEFAULT_TINY_DIR, preset="tiny"))
     round_ = launch(judged_campaign(), ppo_max_new_tokens=2, sample_prompts=3)
     Round.objects.filter(pk=round_.pk).update(parent_policy=policy)
