@@ -1,6 +1,7 @@
-"""`python -m tests.record_sft_shares DIR <sft flags>`: the SFT stage as `python -m training.engine.sft` runs it,
-also writing DIR/rank-<RANK>.json: the global batches in order and, per step, the training examples (by
-index) this process computed its loss on. tests/test_distributed.py launches it under `accelerate launch`."""
+"""`python -m tests.record_sft_shares DIR <sft flags>`: the SFT stage as `python -m training.engine.sft`
+runs it, also writing DIR/rank-<RANK>.json: the global batches in order and, per step, the training
+examples (by index) this process computed its loss on. tests/test_distributed.py launches it under
+`accelerate launch`."""
 
 from __future__ import annotations
 

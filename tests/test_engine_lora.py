@@ -254,7 +254,8 @@ def test_ppo_with_gradient_checkpointing_takes_the_same_steps(tiny_policy, instr
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_the_reward_model_with_gradient_checkpointing_takes_the_same_steps(tiny_llama_reward, tmp_path, recomputed):
+def test_the_reward_model_with_gradient_checkpointing_takes_the_same_steps(tiny_llama_reward, tmp_path,
+                                                                           recomputed):
     rows = [{"prompt": prompt, "chosen": f"The answer is {k}.", "rejected": "no"}
             for k, prompt in enumerate(demo_tasks.make_prompts(32, seed=5))]
     train = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -262,7 +263,8 @@ def test_the_reward_model_with_gradient_checkpointing_takes_the_same_steps(tiny_
                     eval_every=0, save_every=0, device="cpu", seed=0, eval_fraction=0.0)
     plain = reward.main(reward.RewardArgs(out=str(tmp_path / "plain"), **settings))
     assert recomputed == []
-    checkpointed = reward.main(reward.RewardArgs(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **settings))
+    checkpointed = reward.main(reward.RewardArgs(out=str(tmp_path / "ckpt"), gradient_checkpointing=True,
+                                                 **settings))
     assert recomputed and set(recomputed) == {"LlamaDecoderLayer"}
     for key in ("rm/loss", "rm/train_accuracy"):
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key

@@ -125,7 +125,7 @@ def test_it_keeps_labeling_and_importing_while_redis_is_unreachable(labeler, cam
 
 
 def test_it_answers_503_with_a_retry_message_while_the_database_refuses_queries(labeler, campaign):
-    """The database-unavailable page, without restarting anything: every query fails as a lost connection does."""
+    """The database-unavailable page without restarting anything: every query fails as on a lost connection."""
     from django.db import OperationalError, connection
 
     client = client_for(labeler)
@@ -145,7 +145,8 @@ def test_it_answers_503_with_a_retry_message_while_the_database_refuses_queries(
         assert "The database is unavailable for a moment" in body and "Nothing you confirmed is lost" in body
         assert "Traceback" not in body and "OperationalError" not in body
     assert page.content.startswith(b"<!doctype html>")  # a whole page for a page load...
-    assert judged.content.decode().startswith('<p class="error" role="alert" id="unavailable">')  # ...htmx: in place
+    # ...and the message in place for an htmx request.
+    assert judged.content.decode().startswith('<p class="error" role="alert" id="unavailable">')
     assert not Judgment.objects.exists()
     again = client.post(judge_url, choice, HTTP_HX_REQUEST="true")  # the same choice, once the database is back
     assert again.status_code == 200 and Judgment.objects.get().assignment_id == shown.pk
@@ -153,8 +154,9 @@ def test_it_answers_503_with_a_retry_message_while_the_database_refuses_queries(
 
 @pytest.mark.django_db(False)
 def test_a_postgres_restart_session_whose_test_skipped_fails(tmp_path):
-    """scripts/test runs the PostgreSQL restart in a session of its own: a skip there must fail it (tests/must_run.py).
-    Shown on a stand-in marked test that skips, never on the real one (it stops the shared PostgreSQL)."""
+    """scripts/test runs the PostgreSQL restart in a session of its own: a skip there must fail it
+    (tests/must_run.py). Shown on a stand-in marked test that skips, never on the real one (it stops the
+    shared PostgreSQL)."""
     (tmp_path / "test_stand_in.py").write_text(
         "import pytest\n\n\n@pytest.mark.restarts_postgres\ndef test_restart():\n"
         "    pytest.skip(\"needs this machine's PostgreSQL cluster\")\n\n\ndef test_other():\n"

@@ -100,7 +100,8 @@ def test_it_flags_the_left_picker_and_the_random_labeler_and_neither_careful_one
     for row in (lefty, rando):
         assert row["gold_n"] == GOLD and row["gold_accuracy"] < agreement.GOLD_ACCURACY_MIN
         assert f"low gold accuracy: {row['gold_accuracy']:.0%} of {GOLD} gold items (under 70%)" in row["flags"]
-    assert labelers["goldie"]["gold_accuracy"] >= agreement.GOLD_ACCURACY_MIN and labelers["goldie"]["flags"] == []
+    goldie = labelers["goldie"]
+    assert goldie["gold_accuracy"] >= agreement.GOLD_ACCURACY_MIN and goldie["flags"] == []
     assert labelers["carol"]["flags"] == [] and labelers["cora"]["flags"] == []
     assert labelers["carol"]["gold_n"] >= 10 and labelers["carol"]["gold_accuracy"] == 1.0
     assert labelers["carol"]["median_seconds"] == 20.0 and labelers["carol"]["excluded"] == 0

@@ -45,12 +45,21 @@ def watched(page):
 # and the text of every message pushed to the page (htmx's ws extension fires these events on the element).
 WATCH_SOCKETS = """
 window.__ws = {opens: 0, closes: 0, open: new WeakSet(), pushes: []};
-document.addEventListener("htmx:wsOpen", (event) => { window.__ws.opens += 1; window.__ws.open.add(event.target); });
-document.addEventListener("htmx:wsClose", (event) => { window.__ws.closes += 1; window.__ws.open.delete(event.target); });
-document.addEventListener("htmx:wsAfterMessage", (event) => { window.__ws.pushes.push(String(event.detail.message)); });
+document.addEventListener("htmx:wsOpen", (event) => {
+  window.__ws.opens += 1;
+  window.__ws.open.add(event.target);
+});
+document.addEventListener("htmx:wsClose", (event) => {
+  window.__ws.closes += 1;
+  window.__ws.open.delete(event.target);
+});
+document.addEventListener("htmx:wsAfterMessage", (event) => {
+  window.__ws.pushes.push(String(event.detail.message));
+});
 """
 # The waiting page's socket is open on the element now in the page (not one a refresh swapped out)...
-SOCKET_OPEN = "() => { const el = document.querySelector('[ws-connect]'); return !!el && window.__ws.open.has(el); }"
+SOCKET_OPEN = ("() => { const el = document.querySelector('[ws-connect]'); "
+               "return !!el && window.__ws.open.has(el); }")
 # ...and that element came after the fault (it is not the one marked data-before-fault).
 NEW_SOCKET_OPEN = ("() => { const el = document.querySelector('[ws-connect]'); "
                    "return !!el && !el.dataset.beforeFault && window.__ws.open.has(el); }")
