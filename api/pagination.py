@@ -1,5 +1,5 @@
 """Pages of every list endpoint: django-ninja's limit/offset pagination, each item built from the rows of its
-page only (by the endpoint's own output function, or its response schema)."""
+page only (by the endpoint's own output function of the row and the request, or its response schema)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ class Pages(LimitOffsetPagination):
         limit: int = Field(PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="Items on this page.")
         offset: int = Field(0, ge=0, description="Items skipped before this page.")
 
-    def __init__(self, *, out: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, out: Callable[[Any, Any], Any] | None = None, **kwargs: Any) -> None:
         super().__init__(max_limit=MAX_PAGE_SIZE, **kwargs)
         self.out = out
 
     def paginate_queryset(self, queryset, pagination: Input, request, **params: Any) -> dict:
         page = queryset[pagination.offset:pagination.offset + pagination.limit]
-        items = [self.out(row) for row in page] if self.out else list(page)
+        items = [self.out(row, request) for row in page] if self.out else list(page)
         return {"items": items, "count": queryset.count()}

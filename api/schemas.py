@@ -240,7 +240,8 @@ class JobOut(Schema):
     progress: float
     result: dict[str, Any] = Field(description="Final metrics and outputs, once it succeeded.")
     last_metrics: dict[str, Any] | None = Field(description="The latest metric point.")
-    error: str
+    error: str = Field(description="Why it failed: with its traceback for an admin's token, the summary (first "
+                                   "paragraph) for a reviewer's, as the round page shows it.")
     warning: str
     attempts: int
     started_at: datetime | None

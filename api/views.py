@@ -29,7 +29,7 @@ from api.auth import require_scope
 from api.pagination import Pages
 from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
 from training import actions as training_actions
-from training.access import job_for_admin, round_for_reviewer
+from training.access import job_error_for, job_for_admin, round_for_reviewer
 from training.models import Job, Round
 
 campaigns = Router(tags=["campaigns"])
@@ -389,7 +389,7 @@ def label_undo(request, slug: str, body: schemas.UndoIn):
 # Rounds
 # ---------------------------------------------------------------------------------------------
 
-def _round_out(round_: Round) -> dict:
+def _round_out(round_: Round, user) -> dict:
     jobs = list(round_.jobs.all())
     return {
         "id": round_.pk, "campaign": round_.campaign.slug, "number": round_.number, "status": round_.status(),
@@ -399,14 +399,14 @@ def _round_out(round_: Round) -> dict:
         "launch": round_.config.get("launch"),
         "jobs": [{"id": job.pk, "kind": job.kind, "order": job.order, "status": job.status, "step": job.step,
                   "total_steps": job.total_steps, "progress": job.progress_fraction(), "result": job.result,
-                  "last_metrics": job.metrics[-1] if job.metrics else None, "error": job.error,
+                  "last_metrics": job.metrics[-1] if job.metrics else None, "error": job_error_for(user, job),
                   "warning": job.warning, "attempts": job.attempts, "started_at": job.started_at,
                   "finished_at": job.finished_at} for job in jobs],
     }
 
 
 @rounds.get("/campaigns/{slug:slug}/rounds", response={200: list[schemas.RoundOut], **REFUSED})
-@paginate(Pages, out=_round_out)
+@paginate(Pages, out=lambda round_, request: _round_out(round_, request.user))
 def round_list(request, slug: str):
     """The campaign's rounds, newest first, with their jobs, a page at a time (?limit=, ?offset=).
     Scope: review."""
@@ -436,7 +436,7 @@ def round_launch(request, slug: str, body: schemas.RoundIn):
         round_ = training_actions.launch_round(campaign, request.user, config, force=body.force)
     except training_actions.RoundRefused as exc:
         return Status(409, {"detail": str(exc)})
-    return Status(201, _round_out(round_))
+    return Status(201, _round_out(round_, request.user))
 
 
 @rounds.get("/campaigns/{slug:slug}/launch-report", response={200: schemas.LaunchReport, **REFUSED})
@@ -451,7 +451,7 @@ def round_launch_report(request, slug: str):
 def round_read(request, round_id: int):
     """A round's status and each job's progress, latest metrics and final result. Scope: review."""
     require_scope(request, REVIEW)
-    return _round_out(round_for_reviewer(request, round_id))
+    return _round_out(round_for_reviewer(request, round_id), request.user)
 
 
 def _job_action(request, round_id: int, job_id: int, action):
@@ -461,7 +461,7 @@ def _job_action(request, round_id: int, job_id: int, action):
         action(job)
     except training_actions.RoundRefused as exc:
         return Status(409, {"detail": str(exc)})
-    return Status(200, _round_out(Round.objects.select_related("campaign").get(pk=job.round_id)))
+    return Status(200, _round_out(Round.objects.select_related("campaign").get(pk=job.round_id), request.user))
 
 
 @rounds.post("/rounds/{int:round_id}/jobs/{int:job_id}/cancel",

@@ -375,6 +375,30 @@ def test_it_reports_a_finished_rounds_samples_and_job_results(admin_user, review
     assert next(job for job in jobs if job["kind"] == "sample")["result"]["reward/mean"] == 0.5
 
 
+def test_a_failed_jobs_traceback_goes_to_admins_and_its_summary_to_reviewers(admin_user, reviewer, labeler,
+                                                                             campaign, no_broker, client):
+    judged(campaign, labeler)
+    round_id = api_for(admin_user).post("/campaigns/shop/rounds", {"preset": "tiny"}).json()["id"]
+    error = ("RuntimeError: out of memory\n\nTraceback (most recent call last):\n"
+             '  File "/srv/pairloop/training/runner.py", line 9, in run_ppo\nRuntimeError: out of memory')
+    Job.objects.filter(round_id=round_id, kind=Job.EXPORT).update(status=Job.FAILED, error=error)
+
+    def errors(api) -> list[str]:
+        one = [job["error"] for job in api.get(f"/rounds/{round_id}").json()["jobs"] if job["error"]]
+        listed = [job["error"] for job in api.get("/campaigns/shop/rounds").json()[0]["jobs"] if job["error"]]
+        assert one == listed
+        return one
+
+    assert errors(api_for(reviewer)) == ["RuntimeError: out of memory"]
+    assert errors(api_for(admin_user)) == [error]
+    # The round page follows the same rule.
+    client.force_login(reviewer)
+    page = client.get(f"/rounds/{round_id}/").content.decode()
+    assert "RuntimeError: out of memory" in page and "Traceback (most recent" not in page
+    client.force_login(admin_user)
+    assert "Traceback (most recent" in client.get(f"/rounds/{round_id}/").content.decode()
+
+
 # --- every role's token on every endpoint -------------------------------------------------------
 
 # (method, path, body); {slug}, {other}, {assignment}, {round}, {job} filled from the fixture.

@@ -1,6 +1,7 @@
 """Who may see rounds: one function per object type, used by every view and the consumer.
 
 Reviewers (and admins) read rounds; only admins launch, cancel and resume. Anyone else gets 404.
+A failed job's traceback is an admin's to read; reviewers see its summary, on the pages and in the API.
 """
 
 from __future__ import annotations
@@ -35,3 +36,13 @@ def job_for_admin(request, round_id: int, job_id: int) -> Job:
     if job is None:
         raise Http404("no such job")
     return job
+
+
+def sees_tracebacks(user) -> bool:
+    """Whether a user is shown a failed job's whole error with its traceback (admins) or only its summary."""
+    return is_admin(user)
+
+
+def job_error_for(user, job: Job) -> str:
+    """A job's error as this user may read it: whole for admins, its first paragraph for reviewers."""
+    return job.error if sees_tracebacks(user) else job.error_summary()

@@ -17,7 +17,7 @@ from django.template.loader import render_to_string
 
 from annotate.access import is_admin
 from annotate.consumers import AccessCheckedConsumer
-from training.access import round_for_reviewer
+from training.access import round_for_reviewer, sees_tracebacks
 from training.models import Job
 
 POINTS_PER_MESSAGE = 50
@@ -27,6 +27,7 @@ class RoundConsumer(AccessCheckedConsumer):
     def grant(self, request) -> str:
         self.round = round_for_reviewer(request, self.scope["url_route"]["kwargs"]["round_id"])
         self.is_admin = is_admin(request.user)  # rechecked too: a demoted admin's fragments lose the buttons
+        self.show_traceback = sees_tracebacks(request.user)
         return self.round.group_name()
 
     async def connect(self):
@@ -57,7 +58,8 @@ class RoundConsumer(AccessCheckedConsumer):
             return None
         round_ = job.round
         html = render_to_string("training/round_detail.html#job-live",
-                                {"job": job, "round": round_, "is_admin": self.is_admin, "oob": True})
+                                {"job": job, "round": round_, "is_admin": self.is_admin,
+                                 "show_traceback": self.show_traceback, "oob": True})
         html += render_to_string("training/round_detail.html#round-status", {"round": round_, "oob": True})
         points = {"type": "points", "job": job.pk, "attempt": job.attempts,
                   "points": job.chart_points(last=POINTS_PER_MESSAGE)}

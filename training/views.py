@@ -19,7 +19,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from annotate.access import campaign_for_admin, campaign_for_reviewer, is_admin
 from annotate.models import Judgment, Response, content_hash
 from training import actions
-from training.access import job_for_admin, round_for_reviewer
+from training.access import job_for_admin, round_for_reviewer, sees_tracebacks
 from training.forms import LaunchRoundForm
 from training.models import Job, Round
 from training.ratings import bradley_terry
@@ -78,6 +78,7 @@ def round_detail(request, round_id):
         "campaign": round_.campaign,
         "jobs": jobs,
         "is_admin": is_admin(request.user),
+        "show_traceback": sees_tracebacks(request.user),
         "review": review(round_),
     })
 
@@ -86,7 +87,8 @@ def _job_response(request, job: Job):
     if request.htmx:
         job = Job.objects.select_related("round__campaign").get(pk=job.pk)
         return render(request, "training/round_detail.html#job-live",
-                      {"job": job, "round": job.round, "is_admin": True})
+                      {"job": job, "round": job.round, "is_admin": True,
+                       "show_traceback": sees_tracebacks(request.user)})
     return redirect(job.round)
 
 
