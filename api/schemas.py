@@ -282,8 +282,9 @@ class RoundOut(Schema):
 class RoundIn(Schema):
     preset: str = Field("demo", description="The settings to start from (demo or tiny); PAIRLOOP_DEMO_POLICY_"
                                             "PRESET on the page.")
-    settings: dict[str, Any] = Field(default_factory=dict, description="Round settings over the preset's, "
-                                                                       "as launch_round --set takes them.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Round settings over the campaign's "
+                                     "own (models, system prompt, generation) and the preset's, as launch_round "
+                                     "--set takes them.")
     force: bool = Field(False, description="Launch even when too little is new since the last successful "
                                            "round (see the launch report).")
 

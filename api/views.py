@@ -419,15 +419,16 @@ def round_list(request, slug: str):
 @rounds.post("/campaigns/{slug:slug}/rounds",
              response={201: schemas.RoundOut, 400: schemas.SettingsError, 409: schemas.Error, **REFUSED})
 def round_launch(request, slug: str, body: schemas.RoundIn):
-    """Launch the campaign's next round with these settings (checked as the launch form checks them);
-    409 below PAIRLOOP_MIN_JUDGMENTS, while another round runs, or when too little is new since the last
-    successful round and `force` is not set. Scope: admin."""
+    """Launch the campaign's next round with these settings over the campaign's own model settings and the
+    preset's (as the launch form and launch_round build them); 409 below PAIRLOOP_MIN_JUDGMENTS, while
+    another round runs, or when too little is new since the last successful round and `force` is not set.
+    Scope: admin."""
     require_scope(request, ADMIN)
     campaign = campaign_for_admin(request, slug)
-    from training.config import ConfigError, build_config
+    from training.config import ConfigError
 
     try:
-        config = build_config(body.preset, body.settings)
+        config = training_actions.launch_config(campaign, body.preset, body.settings)
     except ConfigError as exc:
         return Status(400, {"detail": str(exc), "errors": exc.problems})
     except ValueError as exc:

@@ -692,6 +692,46 @@ def test_it_launches_a_round_from_the_form(chains, admin_user, django_capture_on
 
 
 @pytest.mark.django_db
+def test_the_page_the_command_and_the_api_launch_the_same_round_from_the_same_settings(chains, admin_user):
+    from api.actions import create_token
+
+    campaign = judged_campaign()
+    named = {"reference_model": "/models/sft-reference", "reward_model": "/models/reward-backbone",
+             "system_prompt": "Answer in one short sentence.", "stop_strings": "###\nUser:", "temperature": 0.9,
+             "top_p": 0.8, "max_new_tokens": 24}
+    Campaign.objects.filter(pk=campaign.pk).update(**named)
+    chosen = {"ppo_steps": "4", "pairing": "sft", "priority": "7"}
+    configs = []
+
+    def launched() -> dict:
+        round_ = Round.objects.filter(campaign=campaign).order_by("-number").first()
+        actions.cancel_job(round_.jobs.get(kind=Job.EXPORT))  # so the next door may launch
+        return {k: v for k, v in round_.config.items()}
+
+    # The page: what a browser posts is the form as shown (the campaign's values filled in), with the changes.
+    client = client_for(admin_user)
+    shown = client.get(f"/campaigns/{campaign.slug}/rounds/?preset=tiny").context["form"]
+    posted = {field.name: field.value() for field in shown if field.value() is not None and field.value() is not False}
+    assert client.post(f"/campaigns/{campaign.slug}/rounds/", {**posted, **chosen}).status_code == 302
+    configs.append(launched())
+    call_command("launch_round", campaign.slug, "--preset", "tiny", *[f"--set={k}={v}" for k, v in chosen.items()],
+                 stdout=io.StringIO())
+    configs.append(launched())
+    token = create_token(admin_user, "launcher", ["admin"])[1]
+    answer = Client().post(f"/api/v1/campaigns/{campaign.slug}/rounds", {"preset": "tiny", "settings": chosen},
+                           content_type="application/json", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 201, answer.content
+    configs.append(launched())
+
+    assert configs[0] == configs[1] == configs[2]
+    config = configs[0]
+    assert (config["reference"], config["reward_model"], config["system_prompt"], config["stop_strings"],
+            config["sample_temperature"], config["top_p"], config["ppo_max_new_tokens"]) == (
+        "/models/sft-reference", "/models/reward-backbone", "Answer in one short sentence.", "###\nUser:", 0.9, 0.8, 24)
+    assert (config["ppo_steps"], config["pairing"], config["priority"], config["preset"]) == (4, "sft", 7, "tiny")
+
+
+@pytest.mark.django_db
 def test_it_lets_an_admin_cancel_and_resume_from_the_round_page(chains, admin_user, django_capture_on_commit_callbacks):
     round_ = launch(judged_campaign())
     job = round_.jobs.get(kind=Job.EXPORT)

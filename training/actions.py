@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from annotate.models import Campaign, Judgment
 from training import live
-from training.config import RoundConfig
+from training.config import RoundConfig, build_config
 from training.engine.stop import StopWithoutSaving
 from training.models import Job, Round
 
@@ -162,6 +162,12 @@ def campaign_settings(campaign: Campaign) -> dict[str, Any]:
              "ppo_max_new_tokens": campaign.max_new_tokens, "sample_temperature": campaign.temperature,
              "top_p": campaign.top_p}
     return {name: value for name, value in named.items() if value not in ("", None)}
+
+
+def launch_config(campaign: Campaign, preset: str, values: dict[str, Any] | None = None) -> RoundConfig:
+    """A round's settings as every door launches it (the page, launch_round, the API): the preset's, then the
+    campaign's own (campaign_settings), then `values`. Raises ConfigError / ValueError naming bad settings."""
+    return build_config(preset, {**campaign_settings(campaign), **(values or {})})
 
 
 def base_policy(campaign: Campaign, preset: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
+from training import actions
 from training.config import (
     BOUNDS,
     FIELDS,
@@ -11,7 +12,6 @@ from training.config import (
     PRESETS,
     ConfigError,
     RoundConfig,
-    build_config,
     field_help,
 )
 
@@ -36,12 +36,13 @@ TEXTAREAS = ("system_prompt", "stop_strings")
 class LaunchRoundForm(forms.Form):
     preset = forms.ChoiceField(choices=[(name, name) for name in PRESETS], help_text=field_help("preset"))
 
-    def __init__(self, *args, preset: str = "demo", campaign_settings: dict | None = None, **kwargs):
-        """`campaign_settings` (training.actions.campaign_settings) go over the preset's initial values."""
+    def __init__(self, *args, campaign, preset: str = "demo", **kwargs):
+        """Initial values: the preset's, with the campaign's own settings over them (actions.campaign_settings)."""
         super().__init__(*args, **kwargs)
+        self.campaign = campaign
         defaults = PRESETS.get(preset, PRESETS["demo"])
         self.fields["preset"].initial = defaults.preset
-        initial = {**defaults.as_dict(), **(campaign_settings or {})}
+        initial = {**defaults.as_dict(), **actions.campaign_settings(campaign)}
         for _, names in SECTIONS:
             for name in names:
                 self.fields[name] = self._field(name, initial[name])
@@ -74,7 +75,7 @@ class LaunchRoundForm(forms.Form):
             return cleaned
         values = {k: v for k, v in cleaned.items() if k != "preset"}
         try:
-            self.config = build_config(cleaned.get("preset", "demo"), values)
+            self.config = actions.launch_config(self.campaign, cleaned.get("preset", "demo"), values)
         except ConfigError as exc:
             for name, problem in exc.problems.items():
                 self.add_error(name if name in self.fields else None, problem)

@@ -38,8 +38,7 @@ def campaign_rounds(request, slug):
         preset = request.GET.get("preset") or settings.PAIRLOOP["DEMO_POLICY_PRESET"]
         if request.method == "POST":
             campaign_for_admin(request, slug)
-            form = LaunchRoundForm(request.POST, preset=request.POST.get("preset", preset),
-                                   campaign_settings=actions.campaign_settings(campaign))
+            form = LaunchRoundForm(request.POST, preset=request.POST.get("preset", preset), campaign=campaign)
             if form.is_valid():
                 try:
                     round_ = actions.launch_round(campaign, request.user, form.config,
@@ -50,7 +49,7 @@ def campaign_rounds(request, slug):
                     messages.success(request, f"Round {round_.number} launched.")
                     return redirect(round_)
         else:
-            form = LaunchRoundForm(preset=preset, campaign_settings=actions.campaign_settings(campaign))
+            form = LaunchRoundForm(preset=preset, campaign=campaign)
     elif request.method == "POST":
         campaign_for_admin(request, slug)  # 404 for a reviewer
     rounds = Round.objects.filter(campaign=campaign).prefetch_related("jobs").order_by("-number")

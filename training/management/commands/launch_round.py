@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from annotate.models import Campaign
 from training import actions
-from training.config import FIELDS, PRESETS, build_config, field_help, parse_assignments
+from training.config import FIELDS, PRESETS, field_help, parse_assignments
 from training.models import Job, Round
 
 
@@ -45,8 +45,7 @@ class Command(BaseCommand):
             if user is None:
                 raise CommandError(f"no user {options['user']!r}")
         try:
-            config = build_config(options["preset"], {**actions.campaign_settings(campaign),
-                                                      **parse_assignments(options["set"])})
+            config = actions.launch_config(campaign, options["preset"], parse_assignments(options["set"]))
             freshness = actions.launch_freshness(campaign)
             round_ = actions.launch_round(campaign, user, config, force=options["force"])
         except actions.StaleLaunch as exc:
