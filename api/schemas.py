@@ -129,10 +129,19 @@ class WebhookCreated(WebhookOut):
     secret: str = Field(description="Checks the X-Pairloop-Signature header; shown only now.")
 
 
+class Turn(Schema):
+    role: str = Field(description="system, user or assistant.")
+    content: str
+
+
+PROMPT_TURNS = "A chat prompt's turns, as imported; null for a text prompt."
+
+
 class AssignmentOut(Schema):
     id: int = Field(description="Send judgments and skips to this assignment.")
     pair_id: int
-    prompt: str
+    prompt: str = Field(description="The prompt as text (a chat prompt's turns flattened, each after its role).")
+    prompt_turns: list[Turn] | None = Field(description=PROMPT_TURNS)
     left: str = Field(description="The response shown as 'a'.")
     right: str = Field(description="The response shown as 'b'.")
     expires_at: datetime = Field(description="The lease ends then and the pair returns to the queue.")
@@ -290,7 +299,8 @@ class RoundIn(Schema):
 
 
 class SampleOut(Schema):
-    prompt: str
+    prompt: str = Field(description="The prompt as text (a chat prompt's turns flattened, each after its role).")
+    prompt_turns: list[Turn] | None = Field(description=PROMPT_TURNS)
     responses: list[str] = Field(description="What this round's policy wrote for the prompt.")
 
 

@@ -23,7 +23,7 @@ from annotate.access import (
     campaigns_for_user,
     is_reviewer,
 )
-from annotate.models import Assignment, Campaign, ImportJob, Judgment, Pair
+from annotate.models import Assignment, Campaign, ImportJob, Judgment, Pair, Prompt
 from api import schemas, webhooks
 from api.auth import require_scope
 from api.pagination import Pages
@@ -324,8 +324,9 @@ def _claim(request, campaign: Campaign) -> dict:
     assignment = None
     if claim.assignment is not None:
         left, right = claim.assignment.shown()
-        assignment = {"id": claim.assignment.pk, "pair_id": claim.assignment.pair_id,
-                      "prompt": claim.assignment.pair.prompt.text, "left": left.text, "right": right.text,
+        prompt = claim.assignment.pair.prompt
+        assignment = {"id": claim.assignment.pk, "pair_id": claim.assignment.pair_id, "prompt": prompt.text,
+                      "prompt_turns": prompt.turns or None, "left": left.text, "right": right.text,
                       "expires_at": claim.assignment.expires_at}
     return {"assignment": assignment, "reason": claim.reason, "choices": campaign.choices_offered(),
             "ask_strength": campaign.ask_strength, "ask_rationale": campaign.ask_rationale,
@@ -488,7 +489,9 @@ def round_samples(request, round_id: int):
     round_ = round_for_reviewer(request, round_id)
     job = round_.jobs.filter(kind=Job.SAMPLE, status=Job.SUCCEEDED).first()
     samples = (job.result or {}).get("samples", []) if job else []
-    return [{"prompt": sample["prompt"], "responses": sample.get("new", [])} for sample in samples]
+    turns = dict(Prompt.objects.filter(pk__in=[s.get("prompt_id") for s in samples]).values_list("pk", "turns"))
+    return [{"prompt": sample["prompt"], "prompt_turns": turns.get(sample.get("prompt_id")) or None,
+             "responses": sample.get("new", [])} for sample in samples]
 
 
 @rounds.get("/rounds/{int:round_id}/ratings", response={200: schemas.RatingsOut | None, **REFUSED})

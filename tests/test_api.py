@@ -210,6 +210,31 @@ def test_a_judgment_can_bring_the_next_pair_in_the_same_round_trip(labeler, camp
     assert without["next"] is None
 
 
+def test_claims_next_pairs_and_samples_give_a_chat_prompts_turns(admin_user, reviewer, labeler, no_broker):
+    campaign = make_campaign(slug="chat", members=[labeler], overlap=1, ask_strength=False)
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 3?"},
+             {"role": "assistant", "content": "5."}, {"role": "user", "content": "As a sentence?"}]
+    add_pairs(campaign, [PairInput(turns, "Two plus three is five.", "Five it is."),
+                         PairInput("A plain question?", "yes", "no")], notify=False)
+    api = api_for(labeler)
+    seen = {}
+    shown = api.post("/campaigns/chat/claim").json()["assignment"]
+    while shown:
+        seen[shown["prompt"]] = shown["prompt_turns"]
+        answer = api.post(f"/campaigns/chat/assignments/{shown['id']}/judgment?next=true", {"choice": "a"}).json()
+        shown = answer["next"]["assignment"]  # the next pair's prompt comes the same way
+    chat_text = Pair.objects.get(prompt__turns__isnull=False).prompt.text
+    assert seen == {chat_text: turns, "A plain question?": None}
+    assert chat_text.startswith("**system:** Be brief.")  # the flattened text stays as it was
+
+    round_id = api_for(admin_user).post("/campaigns/chat/rounds", {"preset": "tiny"}).json()["id"]
+    prompt_ids = dict(Pair.objects.values_list("prompt__text", "prompt_id"))
+    Job.objects.filter(round_id=round_id, kind=Job.SAMPLE).update(status=Job.SUCCEEDED, result={"samples": [
+        {"prompt": text, "prompt_id": pk, "new": ["x"], "other": []} for text, pk in prompt_ids.items()]})
+    samples = api_for(reviewer).get(f"/rounds/{round_id}/samples").json()
+    assert {s["prompt"]: s["prompt_turns"] for s in samples} == seen
+
+
 def test_api_labelers_share_the_queue_and_its_overlap_with_the_page(labeler, outsider):
     campaign = make_campaign(slug="one", n_pairs=1, members=[labeler, outsider], overlap=1)
     held = claim_next_pair(campaign, labeler).assignment  # leased on the page
@@ -370,7 +395,7 @@ def test_it_reports_a_finished_rounds_samples_and_job_results(admin_user, review
         "samples": [{"prompt": "Question 1?", "prompt_id": 1, "new": ["one", "two"]}], "reward/mean": 0.5})
     api = api_for(reviewer)
     samples = api.get(f"/rounds/{round_id}/samples").json()
-    assert samples == [{"prompt": "Question 1?", "responses": ["one", "two"]}]
+    assert samples == [{"prompt": "Question 1?", "prompt_turns": None, "responses": ["one", "two"]}]
     jobs = api.get(f"/rounds/{round_id}").json()["jobs"]
     assert next(job for job in jobs if job["kind"] == "sample")["result"]["reward/mean"] == 0.5
 
