@@ -4,12 +4,15 @@ prompts are conversations, and the round trains the reward model, PPO and sampli
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from annotate.actions import PairInput, add_pairs
 from annotate.models import Campaign, Prompt, Response
+from training.models import Job
 from tests.conftest import make_user
 from tests.test_round_worker import round_over, tiny_world, wait_for  # noqa: F401 - tiny_world is a fixture
 from tests.worker import Worker
@@ -39,20 +42,45 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
     return prompts
 
 
-def chat_campaign(folder, slug: str = "chat") -> tuple[Campaign, str, list]:
-    """A campaign on a tiny Qwen2 chat policy, with seed pairs judged by a simulated labeler."""
-    policy = build_policy("qwen2", folder / "policy")
+def ends_at_once_often(policy: Path, share: float = 0.4, temperature: float = 0.7) -> Path:
+    """Make a tiny random Llama 3 policy end about `share` of its answers at once: its blocks write nothing to
+    the residual stream (each next token then depends on the last token alone, the same generation-prompt
+    token for every prompt) and its <|eot_id|> row of the LM head points at that token's hidden state, with
+    the logit that gives that share at `temperature` against the rest of the vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    from training.engine.common import render_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    tokenizer = load_tokenizer(str(policy))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        last = tokenizer(render_prompt(tokenizer, "Hi", system_prompt=SYSTEM), add_special_tokens=False)["input_ids"][-1]
+        hidden = model.model.norm(model.model.embed_tokens.weight[last])
+        logit = temperature * math.log(share / (1 - share) * (model.config.vocab_size - 1))
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("<|eot_id|>")] = logit * hidden / hidden.dot(hidden)
+    model.save_pretrained(policy)
+    return policy
+
+
+def chat_campaign(folder, slug: str = "chat", family: str = "qwen2", n_prompts: int = 12,
+                  reshape=lambda policy: policy) -> tuple[Campaign, str, list]:
+    """A campaign on a tiny chat policy (Qwen2's by default; `reshape` changes its weights first), with seed
+    pairs judged by a simulated labeler."""
+    policy = reshape(build_policy(family, folder / "policy"))
     campaign = Campaign.objects.create(slug=slug, name=slug, overlap=1, policy_model=str(policy),
                                        system_prompt=SYSTEM, max_new_tokens=12, stop_strings="###")
-    prompts = conversations(12)
+    prompts = conversations(n_prompts)
     samples = sample_responses(str(policy), prompts, num_per_prompt=3, max_new_tokens=12, temperature=1.0, seed=0,
-                               system_prompt=SYSTEM, device="cpu")
+                               system_prompt=SYSTEM, stop_strings=["###"], device="cpu")
     items = []
     for prompt, responses in zip(prompts, samples):
         distinct = list(dict.fromkeys(r for r in responses if r.strip()))
         items += [PairInput(prompt, a, b) for a, b in zip(distinct, distinct[1:])]
     add_pairs(campaign, items, source=Response.SEED, checkpoints=(str(policy), str(policy)), notify=False)
-    judge = make_judge(f"rm:{build_reward('qwen2', folder / 'judge')}", device="cpu")
+    judge = make_judge(f"rm:{build_reward(family, folder / 'judge')}", device="cpu")
     simulate_labelers(campaign, judge, noise=0.0, count=1000)
     assert actions.usable_judgments(campaign) >= 10
     return campaign, policy, prompts
@@ -116,3 +144,32 @@ def test_a_lora_round_on_two_training_processes(tiny_world, tmp_path_factory):
     assert (Path(round_.policy_checkpoint) / "adapter" / "adapter_config.json").exists()
     assert AutoModelForCausalLM.from_pretrained(round_.policy_checkpoint).config.model_type == "qwen2"
     assert campaign.pairs.filter(round=round_).exists()
+
+
+def test_a_round_whose_policy_ends_some_answers_at_once_enqueues_only_real_ones(tiny_world, tmp_path_factory,
+                                                                               client):
+    """Any model may end its turn at once: the empty answers are counted and shown, never scored or paired."""
+    campaign, policy, _ = chat_campaign(tmp_path_factory.mktemp("chat-empty"), slug="chat-empty", family="llama",
+                                        n_prompts=24, reshape=ends_at_once_often)
+    config = actions.launch_config(campaign, "tiny")
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 600, worker, "the round with empty answers to finish")
+    sample_job, enqueue_job = jobs[3], jobs[4]
+    samples = sample_job.result["samples"]
+    empty_new = sum(r == "" for s in samples for r in s["new"])
+    empty_other = sum(r == "" for s in samples for r in s["other"])
+    answers = sum(len(s["new"]) + len(s["other"]) for s in samples)
+    assert 0 < empty_new + empty_other < answers  # some answers really were empty, not all
+    assert (sample_job.result["sample/empty_new"], sample_job.result["sample/empty_opponent"]) == (empty_new,
+                                                                                                  empty_other)
+    assert enqueue_job.result["empty"] == empty_new + empty_other
+    assert sample_job.result["sample/reward_new"] is not None
+    new_pairs = campaign.pairs.filter(round=round_).select_related("response_a", "response_b")
+    assert enqueue_job.result["created"] == new_pairs.count() > 0
+    assert all(p.response_a.text.strip() and p.response_b.text.strip() for p in new_pairs)
+    assert Job.objects.get(pk=sample_job.pk).status == Job.SUCCEEDED
+
+    client.force_login(make_user("admin", is_staff=True, is_superuser=True))
+    page = client.get(round_.get_absolute_url()).content.decode()
+    assert f"<strong>{empty_new} / {empty_other}</strong>empty answers" in page and "(empty answer)" in page

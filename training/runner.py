@@ -33,7 +33,7 @@ from django.db import connections
 from django.utils import timezone
 
 from annotate.models import Campaign, Prompt, Response, content_hash
-from training import actions, live, tracking
+from training import actions, live, review, tracking
 from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, REWARD_FROM_SFT, RoundConfig, build_config
 from training.models import Job, Round
 
@@ -512,48 +512,42 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
         other_kwargs = {**kwargs, "seed": kwargs["seed"] + 10_000}
         other, _, other_cut = sample_with_stats(other_policy, prompts, on_progress=progress, **other_kwargs)
 
+    samples = [{"prompt_id": pid, "prompt": text, "new": _storable(n), "other": _storable(o), "new_cut": nc,
+                "other_cut": oc}
+               for (pid, text), n, o, nc, oc in zip(rows, new, other, new_cut, other_cut)]
+    empty = {side: review.count_empty(samples, side) for side in ("new", "other")}
+    if any(empty.values()):
+        progress.line(f"Empty answers (the policy ended its turn at once): {empty['new']} of the new policy's"
+                      + (f", {empty['other']} of the {label}'s" if other_checkpoint else "")
+                      + "; shown as empty, never scored or paired")
     progress.line("Scoring the responses with this round's reward model")
-    shown = _review_texts(round_, rows, new, other)
+    pairs = review.review_table(round_, samples, label).scored()
     scorer = RewardScorer(round_.reward_checkpoint, device=device(), system_prompt=config.system_prompt)
-    pairs = sorted(shown)
     turns_of = {text: prompt for (_, text), prompt in zip(rows, prompts)}  # a chat prompt's reward sees its turns
     values = scorer.score([turns_of.get(p, p) for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
     scores = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
-    samples = [{"prompt_id": pid, "prompt": text, "new": n, "other": o, "new_cut": nc, "other_cut": oc}
-               for (pid, text), n, o, nc, oc in zip(rows, new, other, new_cut, other_cut)]
     out = _fresh_start(job) / "samples.jsonl"
     out.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
 
     def mean_score(side: str) -> float | None:
-        got = [scores[content_hash(s["prompt"], r)] for s in samples for r in s[side]]
+        got = [scores[content_hash(s["prompt"], r)] for s in samples for r in s[side] if not review.is_empty(r)]
         return sum(got) / len(got) if got else None
 
     result = {"samples": samples, "scores": scores, "opponent": label,
               "opponent_checkpoint": other_checkpoint, "new_checkpoint": round_.policy_checkpoint,
               "generation": generation, "rendered_prompt": stats["sample/rendered_prompt"],
               "sample/cut_new": sum(map(sum, new_cut)), "sample/cut_opponent": sum(map(sum, other_cut)),
+              "sample/empty_new": empty["new"], "sample/empty_opponent": empty["other"],
               "sample/reward_new": mean_score("new"), "sample/reward_opponent": mean_score("other")}
     result.update(_rule_judge_summary(samples))
     progress.set(total, total)
     return Outcome(result, str(out))
 
 
-def _review_texts(round_: Round, rows, new, other) -> set[tuple[str, str]]:
-    """(prompt, response) texts the review shows for these prompts: this round's samples, earlier
-    rounds' samples and the responses the campaign started with."""
-    texts = {text for _, text in rows}
-    shown = {(text, r) for (_, text), rs in zip(rows, new) for r in rs}
-    shown |= {(text, r) for (_, text), rs in zip(rows, other) for r in rs}
-    earlier = Job.objects.filter(round__campaign=round_.campaign, round__number__lt=round_.number,
-                                 kind=Job.SAMPLE, status=Job.SUCCEEDED)
-    for result in earlier.values_list("result", flat=True):
-        for sample in (result or {}).get("samples", []):
-            if sample["prompt"] in texts:
-                shown |= {(sample["prompt"], r) for r in sample["new"]}
-    initial = Response.objects.filter(prompt_id__in=[pid for pid, _ in rows],
-                                      source__in=[Response.SEED, Response.IMPORT])
-    shown |= set(initial.values_list("prompt__text", "text"))
-    return {(p, r) for p, r in shown if r.strip()}
+def _storable(responses: list[str]) -> list[str]:
+    """A policy's responses as the database stores them: a NUL character, which PostgreSQL's text and JSON refuse,
+    shown as U+FFFD (a random or broken model writes one now and then)."""
+    return [r.replace("\x00", "\ufffd") for r in responses]
 
 
 def _rule_judge_summary(samples: list[dict]) -> dict[str, float]:
@@ -586,19 +580,22 @@ def run_enqueue(job: Job, progress: Progress) -> Outcome:
         cut = dict(zip(sample["new"], sample.get("new_cut") or [])) | dict(zip(sample["other"],
                                                                               sample.get("other_cut") or []))
         if config.pairing == PAIRING_SELF:
-            distinct = list(dict.fromkeys(r for r in sample["new"] if r.strip()))
+            distinct = list(dict.fromkeys(r for r in sample["new"] if not review.is_empty(r)))
             items += [PairInput(sample["prompt"], a, b, truncated=(cut.get(a, False), cut.get(b, False)))
                       for a, b in itertools.combinations(distinct, 2)]
         else:
             items += [PairInput(sample["prompt"], a, b, truncated=(cut.get(a, False), cut.get(b, False)))
-                      for a, b in zip(sample["new"], sample["other"]) if a.strip() and b.strip() and a != b]
+                      for a, b in zip(sample["new"], sample["other"])
+                      if not review.is_empty(a) and not review.is_empty(b) and a != b]
+    empty = review.count_empty(result["samples"], "new") + review.count_empty(result["samples"], "other")
     other = result.get("opponent_checkpoint") or result["new_checkpoint"]
     added = add_pairs(round_.campaign, items, round=round_, priority=config.priority, source=Response.POLICY,
                       checkpoints=(result["new_checkpoint"], other), generation=result.get("generation", {}))
     progress.line(f"Enqueued {added.created} new pairs at priority {config.priority} "
-                  f"({added.skipped} skipped: duplicates or identical responses)")
+                  f"({added.skipped} skipped: duplicates or identical responses; "
+                  f"{empty} empty answers paired with nothing)")
     progress.set(1, 1)
-    return Outcome({"created": added.created, "skipped": added.skipped, "pairing": config.pairing,
+    return Outcome({"created": added.created, "skipped": added.skipped, "empty": empty, "pairing": config.pairing,
                     "priority": config.priority})
 
 

@@ -17,14 +17,14 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from annotate.access import campaign_for_admin, campaign_for_reviewer, is_admin
-from annotate.models import Judgment, Response, content_hash
+from annotate.models import Judgment, content_hash
 from training import actions
 from training.access import job_for_admin, round_for_reviewer, sees_tracebacks
 from training.forms import LaunchRoundForm
 from training.models import Job, Round
 from training.ratings import bradley_terry
+from training.review import REVIEW_PROMPTS, SHOWN_PER_CELL, is_empty, review_table
 
-REVIEW_PROMPTS = 20
 RATING_BOOTSTRAP = 200  # resamples for the ratings' 95% intervals
 
 
@@ -133,39 +133,19 @@ def review(round_: Round) -> dict | None:
         return {"rows": [], "columns": [], "rates": rates, "ratings": ratings, "summary": None}
     result = sample_job.result or {}
     scores = result.get("scores", {})
-    samples = result.get("samples", [])[:REVIEW_PROMPTS]
-    texts = {s["prompt"] for s in samples}
-    earlier: dict[int, dict[str, list[str]]] = {}
-    for number, res in (Job.objects.filter(round__campaign=round_.campaign, round__number__lt=round_.number,
-                                           kind=Job.SAMPLE, status=Job.SUCCEEDED)
-                        .order_by("round__number").values_list("round__number", "result")):
-        samples_then = (res or {}).get("samples", [])
-        earlier[number] = {s["prompt"]: s["new"] for s in samples_then if s["prompt"] in texts}
-    initial: dict[str, list[str]] = {}
-    for prompt, text in (Response.objects.filter(prompt_id__in=[s["prompt_id"] for s in samples],
-                                                 source__in=[Response.SEED, Response.IMPORT])
-                         .order_by("id").values_list("prompt__text", "text")):
-        initial.setdefault(prompt, []).append(text)
     opponent = result.get("opponent") or ""
-    columns = ["Before any round"] + [f"Round {n}" for n in earlier] + [f"Round {round_.number} (this round)"]
-    if opponent:
-        columns.append(f"Paired against: {opponent}")
+    table = review_table(round_, result.get("samples", [])[:REVIEW_PROMPTS], opponent)
 
     def cell(prompt: str, responses: list[str]) -> list[dict]:
-        return [{"text": r, "score": scores.get(content_hash(prompt, r))} for r in responses[:3]]
+        return [{"text": r, "empty": is_empty(r), "score": scores.get(content_hash(prompt, r))}
+                for r in responses[:SHOWN_PER_CELL]]
 
-    rows = []
-    for sample in samples:
-        prompt = sample["prompt"]
-        cells = [cell(prompt, initial.get(prompt, []))]
-        cells += [cell(prompt, by_prompt.get(prompt, [])) for by_prompt in earlier.values()]
-        cells.append(cell(prompt, sample["new"]))
-        if opponent:
-            cells.append(cell(prompt, sample["other"]))
-        rows.append({"prompt": prompt, "cells": cells})
-    keys = ("sample/reward_new", "sample/reward_opponent", "sample/judge_new", "sample/judge_other")
+    rows = [{"prompt": prompt, "cells": [cell(prompt, responses) for responses in cells]}
+            for prompt, cells in table.rows]
+    keys = ("sample/reward_new", "sample/reward_opponent", "sample/judge_new", "sample/judge_other",
+            "sample/empty_new", "sample/empty_opponent")
     summary = {key.split("/", 1)[1]: result.get(key) for key in keys}
-    return {"rows": rows, "columns": columns, "rates": rates, "ratings": ratings, "summary": summary,
+    return {"rows": rows, "columns": table.columns, "rates": rates, "ratings": ratings, "summary": summary,
             "opponent": opponent}
 
 
