@@ -281,6 +281,50 @@ def test_it_launches_unforced_after_new_judgments_and_records_who_made_them(chai
 
 
 @pytest.mark.django_db
+def test_a_rounds_chat_prompts_render_and_sample_alike_on_a_later_day(chains, settings, monkeypatch, tmp_path):
+    """Llama 3's chat template writes today's date into every prompt: a round pins the day it was launched, so
+    its sample job renders, samples and scores the same text when run again on another day."""
+    import datetime as real
+    import transformers.utils.chat_template_utils as templating
+
+    from training.engine.common import load_tokenizer, render_prompt
+    from training.engine.tiny_models import build_policy, build_reward
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 3600}  # no heartbeat thread writes here
+    policy, reward = build_policy("llama", tmp_path / "policy"), build_reward("llama", tmp_path / "reward")
+    campaign = make_campaign(slug="llama", policy_model=str(policy), system_prompt="Be brief.", max_new_tokens=6)
+    add_pairs(campaign, [PairInput([{"role": "user", "content": f"What is {i} plus 3?"}], f"good {i}", f"bad {i}",
+                                   preferred="a") for i in range(MIN)], notify=False)
+    round_ = actions.launch_round(campaign, None, actions.launch_config(campaign, "tiny"))
+    jobs = list(round_.jobs.order_by("order"))
+    for job in jobs[:3]:
+        succeed(job, reward_checkpoint=str(reward), policy_checkpoint=str(policy))
+
+    def on(day: int):
+        class Clock(real.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return real.datetime(2031, 1, day, 12, 0, tzinfo=tz)
+        monkeypatch.setattr(templating, "datetime", Clock)
+
+    def sample_job_on(day: int) -> dict:
+        on(day)
+        Job.objects.filter(pk=jobs[3].pk).update(status=Job.QUEUED)
+        assert runner.execute(jobs[3].pk, f"task-day-{day}")
+        return Job.objects.get(pk=jobs[3].pk).result
+
+    first, later = sample_job_on(1), sample_job_on(2)
+    pinned = round_.config["chat_date"]
+    assert pinned == timezone.now().strftime("%d %b %Y")
+    assert f"Today Date: {pinned}\n" in first["rendered_prompt"]
+    assert first["rendered_prompt"] == later["rendered_prompt"]
+    assert (first["samples"], first["scores"]) == (later["samples"], later["scores"])
+    # The moved clock is what an unpinned rendering writes: the pin is what kept the round's text.
+    tokenizer = load_tokenizer(str(policy))
+    assert "Today Date: 02 Jan 2031\n" in render_prompt(tokenizer, "What is 1 plus 3?")
+
+
+@pytest.mark.django_db
 def test_it_cancels_a_queued_job_at_once(chains):
     round_ = launch(judged_campaign())
     job = round_.jobs.get(kind=Job.EXPORT)

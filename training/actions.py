@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from datetime import timezone as dt_timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from django.utils import timezone
 from annotate.models import Campaign, Judgment
 from training import live
 from training.config import RoundConfig, build_config
+from training.engine.chat_date import CHAT_DATE_FORMAT
 from training.engine.stop import StopWithoutSaving
 from training.models import Job, Round
 
@@ -164,6 +166,11 @@ def campaign_settings(campaign: Campaign) -> dict[str, Any]:
     return {name: value for name, value in named.items() if value not in ("", None)}
 
 
+def chat_date_on(moment) -> str:
+    """A moment's UTC date as chat templates write it: the date a round launched then pins for its prompts."""
+    return moment.astimezone(dt_timezone.utc).strftime(CHAT_DATE_FORMAT)
+
+
 def launch_config(campaign: Campaign, preset: str, values: dict[str, Any] | None = None) -> RoundConfig:
     """A round's settings as every door launches it (the page, launch_round, the API): the preset's, then the
     campaign's own (campaign_settings), then `values`. Raises ConfigError / ValueError naming bad settings."""
@@ -225,6 +232,7 @@ def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool =
         stored["base_policy"] = base_policy(campaign, config.preset)
         stored["usable_judgments"] = usable
         stored["launch"] = {**freshness.as_dict(), "forced": bool(force and freshness.stale)}
+        stored["chat_date"] = chat_date_on(timezone.now())  # what its chat templates write as today's date
         round_ = Round.objects.create(
             campaign=campaign, number=number, config=stored,
             parent_policy=parent_policy(campaign, config.preset),

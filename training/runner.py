@@ -35,6 +35,7 @@ from django.utils import timezone
 from annotate.models import Campaign, Prompt, Response, content_hash
 from training import actions, live, review, tracking
 from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, REWARD_FROM_SFT, RoundConfig, build_config
+from training.engine.chat_date import pinned_chat_date
 from training.models import Job, Round
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ def execute(job_id: int, task_id: str) -> bool:
     beat.start()
     try:
         progress.tracker = tracking.start(job)  # a tracker whose package is missing fails the job here
-        outcome = RUNNERS[job.kind](job, progress)
+        with pinned_chat_date(round_chat_date(job.round)):
+            outcome = RUNNERS[job.kind](job, progress)
     except JobCancelled:
         progress.line(f"Cancelled at step {progress.step}.")
         actions.fail_job(job_id, task_id, error="", status=Job.CANCELLED, log_text=progress.log,
@@ -285,6 +287,11 @@ def _jsonable(value: Any) -> Any:
 def round_config(round_: Round) -> RoundConfig:
     stored = {k: v for k, v in round_.config.items() if k in RoundConfig.__dataclass_fields__}
     return build_config(stored.get("preset", "demo"), stored)
+
+
+def round_chat_date(round_: Round) -> str:
+    """The date a round's chat templates write as today's: the one stored at launch, else its launch day (UTC)."""
+    return round_.config.get("chat_date") or actions.chat_date_on(round_.created_at)
 
 
 def device() -> str:

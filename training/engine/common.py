@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.engine.chat_date import chat_date
 from training.engine.fields import field_docs
 from training.engine.stop import StopWithoutSaving  # noqa: F401 - part of this module's API
 
@@ -103,17 +104,20 @@ def chat_turns(prompt: Prompt, input: str = "", system_prompt: str = "") -> list
 
 
 def apply_chat_template(tokenizer, turns: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-    """The tokenizer's own chat template over `turns`, as text. A template without a system role (Gemma 2's)
-    gets the system turn at the top of the first user turn, as Gemma 3's template does it; a template that
-    still refuses the conversation is an EngineError."""
+    """The tokenizer's own chat template over `turns`, as text (with the pinned date, pinned_chat_date). A
+    template without a system role (Gemma 2's) gets the system turn at the top of the first user turn, as
+    Gemma 3's template does it; a template that still refuses the conversation is an EngineError."""
+    pinned = {"date_string": chat_date()} if chat_date() else {}
     try:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **pinned)
     except Exception as exc:  # jinja2's TemplateError, or the template's raise_exception(...)
         error = exc
     if turns and turns[0]["role"] == "system" and len(turns) > 1 and turns[1]["role"] == "user":
         folded = [{"role": "user", "content": f"{turns[0]['content']}\n\n{turns[1]['content']}"}, *turns[2:]]
         try:
-            return tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **pinned)
         except Exception:
             pass
     raise EngineError(f"the model's chat template refused this conversation "

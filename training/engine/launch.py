@@ -1,8 +1,8 @@
 """One engine stage on several processes: `accelerate launch --num_processes N` as a child of the caller.
 
 The training worker's way to spread a job over the GPUs of its box (PAIRLOOP_TRAINING_PROCESSES), with DDP. The
-caller's Args go to the child as JSON; rank 0 writes each progress event, and at the end the final
-metrics or the error, as JSON lines on stdout, which `run` hands to the caller's on_progress. When
+caller's Args and pinned chat date go to the child as JSON; rank 0 writes each progress event, and at the end
+the final metrics or the error, as JSON lines on stdout, which `run` hands to the caller's on_progress. When
 on_progress raises (a cancel), `run` creates the stop file: rank 0 sees it at its next step, every rank
 stops there and the resumable checkpoint is written, as in one process. StopWithoutSaving (the job was
 taken away) kills every process at once. A rank that dies ends the launcher (torchrun stops the others),
@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from training.engine.chat_date import chat_date, pinned_chat_date
 from training.engine.common import EngineError, ProgressFn, args_from_dict, to_jsonable
 from training.engine.stop import StopWithoutSaving
 
@@ -48,7 +49,7 @@ def run(stage: str, args: Any, on_progress: ProgressFn, processes: int) -> dict[
         raise EngineError(f"no multi-process stage {stage!r}: one of {', '.join(STAGES)}")
     with tempfile.TemporaryDirectory(prefix=f"pairloop-{stage}-") as tmp:
         args_file, stop_file, errors = Path(tmp) / "args.json", Path(tmp) / "stop", Path(tmp) / "stderr"
-        args_file.write_text(json.dumps(to_jsonable(args)))
+        args_file.write_text(json.dumps({"args": to_jsonable(args), "chat_date": chat_date()}))
         with errors.open("w+") as stderr:
             child = subprocess.Popen(command(stage, args_file, stop_file, processes),
                                      stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
@@ -98,7 +99,8 @@ def child_main(argv: list[str]) -> int:
     """A rank's side: read the Args, run the stage, and (rank 0) write events and the outcome as JSON lines."""
     stage, args_file, stop_file = argv
     module = importlib.import_module(f"training.engine.{stage}")
-    args = args_from_dict(getattr(module, STAGES[stage]), json.loads(Path(args_file).read_text()))
+    given = json.loads(Path(args_file).read_text())
+    args = args_from_dict(getattr(module, STAGES[stage]), given["args"])
     first = int(os.environ.get("RANK", "0")) == 0
 
     def say(message: dict[str, Any]) -> None:
@@ -111,7 +113,8 @@ def child_main(argv: list[str]) -> int:
         say({"event": event})
 
     try:
-        metrics = module.main(args, progress)
+        with pinned_chat_date(given["chat_date"]):  # the caller's pinned date, so every rank renders alike
+            metrics = module.main(args, progress)
     except EngineError as exc:
         say({"error": str(exc)})
         return 2
