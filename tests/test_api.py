@@ -410,7 +410,8 @@ def test_a_failed_jobs_traceback_goes_to_admins_and_its_summary_to_reviewers(adm
 
     def errors(api) -> list[str]:
         one = [job["error"] for job in api.get(f"/rounds/{round_id}").json()["jobs"] if job["error"]]
-        listed = [job["error"] for job in api.get("/campaigns/shop/rounds").json()[0]["jobs"] if job["error"]]
+        listed = [job["error"] for job in api.get("/campaigns/shop/rounds").json()["items"][0]["jobs"]
+                  if job["error"]]
         assert one == listed
         return one
 
