@@ -92,6 +92,7 @@ EXPECTED = {
     "api:label_undo":         (405,   401) * 5,
     "api:round_list":         (401,   401) * 5,
     "api:round_launch":       (401,   401) * 5,
+    "api:round_launch_report": (401,  405) * 5,
     "api:round_read":         (401,   405) * 5,
     "api:job_cancel":         (405,   401) * 5,
     "api:job_resume":         (405,   401) * 5,
