@@ -331,7 +331,7 @@ def start_server(args, env: dict, data_dir: Path) -> Server:
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the processes
     processes, ports = [], []
     if args.server == "wsgi":
-        # Sync workers keep one connection each for the process's life, as the README advises.
+        # Sync workers keep one connection each for the process's life, as docs/environment.md advises.
         server_env["DATABASE_CONN_MAX_AGE"] = server_env.get("DATABASE_CONN_MAX_AGE", "600")
         port = free_port()
         ports.append(port)

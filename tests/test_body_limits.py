@@ -1,5 +1,5 @@
-"""Request bodies over their cap are refused with 413 before they are read, on the real servers the README
-runs (daphne for ASGI, gunicorn for WSGI): a declared Content-Length at once, a chunked body as soon as
+"""Request bodies over their cap are refused with 413 before they are read, on the real servers that
+docs/operations.md runs (daphne for ASGI, gunicorn for WSGI): a declared Content-Length at once, a chunked body as soon as
 it passes the cap, and the server's memory does not grow by the body."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 def production_env(tmp_path, **extra) -> dict[str, str]:
-    """The environment of README's 'Running on PostgreSQL and Redis' section."""
+    """The environment of docs/operations.md, section 'Running on PostgreSQL and Redis'."""
     env = {k: v for k, v in os.environ.items() if k != "SECRET_KEY"}
     env.update(DATABASE_URL=env.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/pairloop"),
                REDIS_URL=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"), PAIRLOOP_DATA_DIR=str(tmp_path),
