@@ -67,9 +67,9 @@ class SeedSize:
     pairs stay open for people."""
 
 
-# A first round beats SFT only from a few thousand noisy comparisons (benchmarks/README.md: closed loop,
-# reward_data_size): 1,500 prompts make about 3,900 pairs, 3,500 of them judged and about 350 left for
-# people. The tiny preset (tests) keeps the seed small and quick.
+# A first round beats SFT only from a few thousand noisy comparisons (benchmarks/README.md#reward-data-size,
+# benchmarks/README.md#reward-demo-first-round): 1,500 prompts make about 3,900 pairs, 3,500 of them judged
+# and about 350 left for people. The tiny preset (tests) keeps the seed small and quick.
 SEED_SIZES = {"demo": SeedSize(prompts=1500, judged=3500), "tiny": SeedSize(prompts=120, judged=None)}
 
 

@@ -18,7 +18,7 @@ What it does, top to bottom:
      judge score, correctness and preferred-style share of each; the KL to the round's reference (PPO
      job, final step) and to the SFT policy (measured on the held-out samples); the wall time of each
      job and "launch to new pairs in the queue".
-It ends with a table over rounds, the issue's targets (met or not), and one JSON line of the figures.
+It ends with a table over rounds, its targets (met or not), and one JSON line of the figures.
 
     .venv/bin/python benchmarks/closed_loop.py --preset tiny --rounds 1       # smoke run, minutes
     .venv/bin/python benchmarks/closed_loop.py --rounds 3                     # the real thing
@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="judgments per round before launching (0: every open pair)")
     p.add_argument("--seed-prompts", type=int, default=3000,
                    help="prompts of the seeded demo campaign (3000: about 7,800 pairs judged before round 1; the "
-                        "reward model needs thousands of noisy comparisons, see benchmarks/README.md)")
+                        "reward model needs thousands of noisy comparisons, see "
+                        "benchmarks/README.md#reward-data-size)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts of the comparison")
     p.add_argument("--eval-seed", type=int, default=1,
                    help="seed of the held-out prompts and of their sampling")
@@ -521,7 +522,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
         "judge_clearly_above_sft": bool(last["judge_gap"] >= CLEAR_GAP and last["judge_gap_ci"][0] > 0),
         "every_round_ready_within_300s": all(r["ready_s"] <= READY_TARGET_S for r in rounds),
     }
-    scope = "round 3" if args.rounds == 3 else f"round {args.rounds} (the issue says round three)"
+    scope = "round 3" if args.rounds == 3 else f"round {args.rounds} (the targets are for round three)"
     print(f"\ntargets at {scope}:")
     print(f"  win rate of non-tied >= {WIN_RATE_TARGET:.2f}: {fmt(last['win_rate'])} -> "
           f"{'met' if targets['win_rate_at_least_0.80'] else 'MISSED'}")

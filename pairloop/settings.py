@@ -167,7 +167,7 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # With acks_late on Redis, a job not acked within the visibility timeout is delivered again:
-# keep it above the longest job (STYLE.md, Celery side 9).
+# keep it above the longest job's hard time limit (PAIRLOOP_TIME_LIMIT_* plus PAIRLOOP_TIME_LIMIT_GRACE).
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env.int("PAIRLOOP_VISIBILITY_TIMEOUT", 12 * 3600, minimum=60),
     "socket_connect_timeout": 5,  # a publish to an unreachable Redis gives up instead of hanging

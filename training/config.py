@@ -2,7 +2,7 @@
 
 The launch form, `manage.py launch_round --set KEY=VALUE` and the runner all read this one
 definition. Defaults come from the engine (training/engine/*.py, where each is cited); the demo
-preset fits the demo campaign on 2 CPU cores (benchmarks/README.md, "Closed loop"), the tiny preset a test.
+preset fits the demo campaign on 2 CPU cores (benchmarks/README.md#closed-loop), the tiny preset a test.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ ENGINE_DEFAULTS: dict[str, tuple[str, str, str]] = {
     "lora_r": ("common", "MemoryArgs", "lora_r"),
     "gradient_checkpointing": ("common", "MemoryArgs", "gradient_checkpointing"),
 }
-# ...except these, where a round differs from the engine, and why (figures in benchmarks/README.md).
+# ...except these, where a round differs from the engine, and why (benchmarks/README.md#closed-loop-measured).
 OVERRIDES: dict[str, str] = {
     "reward_lr": "1e-4 and no warm-up: the demo's reward model is its GPT-2 policy, measured so by closed_loop.py; "
                  "the engine's 5e-5 with 10% warm-up is measured on the MiniLM (reward_vs_trl.py --cv)",
@@ -122,15 +122,15 @@ class RoundConfig:
     ppo_steps: int = 30
     """PPO iterations (each: a rollout batch and its optimisation); 30, the engine's default."""
     ppo_batch_size: int = 64
-    """Rollouts per PPO step (the engine's default, measured on the demo policy: benchmarks/README.md)."""
+    """Rollouts per PPO step (the engine's default, measured: benchmarks/README.md#policy-vs-trl)."""
     ppo_samples_per_prompt: int = 1
     """Responses per prompt in a PPO batch; 2 or more baseline each score by the others' mean (RLOO's
     leave-one-out baseline, training/engine/ppo.py)."""
     ppo_mini_batch_size: int = 32
-    """Rollouts per gradient step inside a PPO step (measured against 16 and 64: benchmarks/README.md)."""
+    """Rollouts per gradient step inside a PPO step (against 16 and 64: benchmarks/README.md#ppo-defaults)."""
     ppo_kl_coef: float = 0.15
     """beta of the per-token KL penalty to the SFT policy, in every round (TRL PPOv2: 0.05); 0.15 measured by
-    benchmarks/closed_loop.py (benchmarks/README.md)."""
+    benchmarks/closed_loop.py (benchmarks/README.md#closed-loop-measured)."""
     ppo_lr: float = 1e-4
     """PPO Adam learning rate (the engine's default for the demo policy)."""
     ppo_max_new_tokens: int = 48

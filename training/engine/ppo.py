@@ -7,7 +7,7 @@ them (reward.CombinedReward, less RLOO's leave-one-out baseline), adds a per-tok
 reference, takes GAE advantages and makes ppo_epochs passes of the clipped losses; its numbered comments
 cite each detail. The critic is a value head on the frozen reference's last hidden state, a
 critic separate from the policy as in Stiennon et al. 2020 and [N+] (why, measured:
-benchmarks/README.md). This module never imports Django.
+benchmarks/README.md#ppo-defaults). This module never imports Django.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 @dataclass
 class PPOArgs(MemoryArgs):
-    """Settings of one PPO run; the defaults fit the demo policy on a CPU (benchmarks/README.md says why)."""
+    """Settings of one PPO run; defaults fit the demo policy on a CPU (benchmarks/README.md#ppo-defaults)."""
 
     policy: str = ""
     """Causal LM to train (save_pretrained directory or hub name in the local cache)."""
@@ -66,31 +66,31 @@ class PPOArgs(MemoryArgs):
     out: str = "var/models/ppo-policy"
     """Directory of the final policy; the resumable checkpoint goes to `<out>.resume/`."""
     steps: int = 30
-    """PPO iterations (rollout batch + optimisation); 30, the demo runs of benchmarks/README.md."""
+    """PPO iterations (rollout batch + optimisation); 30 as in benchmarks/README.md#policy-vs-trl."""
     batch_size: int = 64
     """Rollouts per step (TRL PPOv2 uses 64 per device x accumulation; Stiennon et al. 512)."""
     samples_per_prompt: int = 4
-    """Responses per prompt, each baselined by the others' mean (RLOO); 4 measured in benchmarks/README.md."""
+    """Responses per prompt, each baselined by the others' mean (RLOO): benchmarks/README.md#ppo-defaults."""
     mini_batch_size: int | None = None
-    """Rollouts per gradient step; None: the whole batch, one update as RLOO (benchmarks/README.md)."""
+    """Rollouts per gradient step; None: the whole batch, as RLOO (benchmarks/README.md#ppo-gae-lambda)."""
     generation_batch_size: int = 64
     """Sequences sampled (and scored without gradients) together; 64, the default batch, in one pass."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch; 1 as OpenRLHF (TRL PPOv2: 4), measured in benchmarks/README.md."""
+    """Passes over each rollout batch; 1 as OpenRLHF (TRL PPOv2: 4); benchmarks/README.md#ppo-defaults."""
     lr: float = 1e-4
-    """Adam learning rate (Stiennon et al. 2020: 1.5e-5 for 1.3B); 1e-4 measured in benchmarks/README.md."""
+    """Adam learning rate (Stiennon et al. 2020: 1.5e-5 for 1.3B); 1e-4: benchmarks/README.md#ppo-defaults."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty, fixed as in Stiennon et al. 2020 (TRL PPOv2 kl_coef 0.05)."""
     gamma: float = 1.0
     """Discount; 1 for episodic text generation (Ziegler et al. 2019; [N+ §-PPO])."""
     lam: float = 1.0
-    """GAE lambda; 1 as Ahmadian et al. 2024 (Back to Basics), measured in benchmarks/README.md."""
+    """GAE lambda; 1 as Ahmadian et al. 2024 (Back to Basics); benchmarks/README.md#ppo-gae-lambda."""
     cliprange: float = 0.2
     """PPO ratio clip epsilon (Schulman et al. 2017; TRL 0.2)."""
     cliprange_value: float = 0.2
     """Value clip around the rollout's values (OpenAI baselines ppo2; TRL 0.2)."""
     value_lr: float | None = 1e-3
-    """Value head learning rate (None: lr); 1e-3 for a critic on frozen features (benchmarks/README.md)."""
+    """Value head learning rate (None: lr); 1e-3 on frozen features (benchmarks/README.md#ppo-defaults)."""
     vf_coef: float = 0.1
     """Weight of the value loss on the shared trunk (TRL PPOv2 vf_coef 0.1)."""
     max_grad_norm: float = 1.0
