@@ -15,6 +15,7 @@ CODE_FOLDERS = ["pairloop", "annotate", "training", "api", "tests", "benchmarks"
 CODE_SUFFIXES = {".py", ".html", ".js", ".css", ".toml", ".txt", ".sh", ".cfg", ".jinja", ""}
 BENCHMARKS_README = "benchmarks/README.md"
 CITATION = re.compile(re.escape(BENCHMARKS_README) + r"(#[\w-]*)?")
+DOCS_CITATION = re.compile(r"\bdocs/[\w-]+\.md(?:#[\w-]+)?")
 UNREADABLE = re.compile(r"\b(?:DESIGN|STYLE)\.md\b|\bissues? #?\d+|\bthe issue's\b|\bthis issue\b", re.I)
 EXPLICIT_ANCHOR = re.compile(r"""<a\s+(?:id|name)=["']([^"']+)["']""")
 
@@ -107,3 +108,13 @@ def test_no_comment_or_page_points_at_a_document_or_issue_a_reader_cannot_open()
             if match := UNREADABLE.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)}")
     assert not found, "; ".join(found)
+
+
+def test_every_code_comment_citing_a_page_of_docs_names_one_that_exists():
+    problems = []
+    for path in code_files():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for match in DOCS_CITATION.finditer(line):
+                if problem := broken(ROOT / "README.md", match.group(0)):
+                    problems.append(f"{path.relative_to(ROOT)}:{number}: {problem}")
+    assert not problems, "; ".join(problems)
