@@ -42,8 +42,8 @@ class Campaign(models.Model):
                               "once per labeler; empty = none.")
     min_new_share = models.FloatField(
         default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
-        help_text="Share of usable judgments that must be new since the last successful round for a launch "
-                  "without confirming (0-1); 0: only a launch with none new is stopped.")
+        help_text="New judgments a launch needs unconfirmed, as a share of the pairs the last successful round "
+                  "sent back (0-1); 0: one new judgment is enough.")
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="campaigns")
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)

@@ -55,8 +55,8 @@ class CampaignOut(Schema):
     daily_cap: int | None
     gold_rate: float
     content_warning: str = Field(description="Markdown shown before a labeler's first pair; empty: none.")
-    min_new_share: float = Field(description="Share of usable judgments that must be new since the last "
-                                             "successful round for a launch without force.")
+    min_new_share: float = Field(description="New judgments a launch needs without force, as a share of the "
+                                             "pairs the last successful round sent back.")
     is_active: bool
     created_at: datetime
     choices: list[str] = Field(description="The choices a judgment may make here: a, b, tie, both_bad.")
@@ -81,8 +81,8 @@ class CampaignSettings(Schema):
                                   description="Judgments per labeler per day; null: no cap.")
     gold_rate: float = Field(None, ge=0.0, le=1.0, description="Share of gold items mixed in.")
     content_warning: Text = Field(None, description="Markdown shown before a labeler's first pair.")
-    min_new_share: float = Field(None, ge=0.0, le=1.0, description="Share of usable judgments that must be "
-                                 "new since the last successful round for a launch without force (0.1).")
+    min_new_share: float = Field(None, ge=0.0, le=1.0, description="New judgments a launch needs without force, "
+                                 "as a share of the pairs the last successful round sent back (0.1).")
     is_active: bool = Field(None)
 
 
@@ -267,7 +267,10 @@ class LaunchReport(Schema):
     new_imported: int = Field(description="Of them, imported preferences.")
     since_round: int | None = Field(description="The last round that succeeded; null: none has.")
     unjudged_new_pairs: int = Field(description="That round's new pairs still without a judgment.")
-    min_new_share: float = Field(description="The campaign's share of new judgments a launch needs unforced.")
+    new_pairs: int = Field(description="The pairs that round sent back to the queue.")
+    min_new_share: float = Field(description="The campaign's share of those pairs' worth of new judgments a "
+                                             "launch needs unforced.")
+    needed: int = Field(description="New usable judgments a launch needs unforced (at least one).")
     stale: bool = Field(description="True: a launch is refused unless forced.")
     forced: bool = Field(False, description="On a round: launched with force while stale.")
 

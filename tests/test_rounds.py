@@ -252,29 +252,33 @@ def test_it_confirms_a_stale_launch_on_the_page_and_the_command_with_force(chain
 
 @pytest.mark.django_db
 def test_it_launches_unforced_after_new_judgments_and_records_who_made_them(chains, admin_user, labeler):
-    campaign = judged_campaign(members=[labeler])
+    # 40 judgments before round 1, which sends 10 pairs back: the share is of those 10 (3 needed), so 3 new
+    # judgments launch unforced though they are under a tenth of all 43.
+    campaign = judged_campaign(usable=40, members=[labeler])
     campaign.min_new_share = 0.3
     campaign.save(update_fields=["min_new_share"])
-    first = succeeded_round_with_unjudged_pairs(campaign, unjudged=3)
-    for _ in range(2):  # 2 new of 7 usable: under the campaign's share of 30%
+    first = succeeded_round_with_unjudged_pairs(campaign, unjudged=10)
+    for _ in range(2):
         claim = claim_next_pair(campaign, labeler)
         assert Pair.objects.get(pk=claim.assignment.pair_id).round_id == first.pk
         submit_judgment(assignment_id=claim.assignment.pk, labeler=labeler, choice="a", strength=2)
     freshness = actions.launch_freshness(campaign)
-    assert (freshness.usable, freshness.new_people, freshness.unjudged_new_pairs, freshness.stale) == (7, 2, 1, True)
+    assert (freshness.usable, freshness.new_people, freshness.new_pairs, freshness.unjudged_new_pairs,
+            freshness.needed, freshness.stale) == (42, 2, 10, 8, 3, True)
+    assert "at least 3 new: 30% of the 10 pairs round 1 sent back" in freshness.refusal()
     claim = claim_next_pair(campaign, labeler)
     submit_judgment(assignment_id=claim.assignment.pk, labeler=labeler, choice="b", strength=2)
     client = client_for(admin_user)
     page = client.get(f"/campaigns/{campaign.slug}/rounds/")
     assert b'id="launch-stale"' not in page.content
-    assert b"8 usable judgments, 3 of them new since round 1 (3 by people, 0 simulated)" in page.content
+    assert b"43 usable judgments, 3 of them new since round 1 (3 by people, 0 simulated)" in page.content
 
     out = io.StringIO()
     call_command("launch_round", campaign.slug, "--preset", "tiny", stdout=out)
     assert "3 of them new since round 1" in out.getvalue()
     second = Round.objects.get(number=2)
     assert second.config["launch"] == {**second.config["launch"], "new": 3, "new_people": 3, "new_simulated": 0,
-                                       "since_round": 1, "unjudged_new_pairs": 0, "forced": False}
+                                       "since_round": 1, "unjudged_new_pairs": 7, "forced": False}
     facts = client.get(f"/rounds/{second.pk}/").content
     assert b"Launched with 3 usable judgments new since round 1 (3 by people, 0 simulated)" in facts
     assert b'<td class="round-new-labels">3</td>' in client.get(f"/campaigns/{campaign.slug}/rounds/").content

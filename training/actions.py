@@ -11,6 +11,7 @@ clock (Now()), so hosts whose clocks disagree never make a live job look dead.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from datetime import timezone as dt_timezone
@@ -66,6 +67,7 @@ class Freshness:
     new_simulated: int = 0
     new_imported: int = 0
     since_round: int | None = None
+    new_pairs: int = 0
     unjudged_new_pairs: int = 0
     min_new_share: float = 0.0
 
@@ -74,12 +76,16 @@ class Freshness:
         return self.new_people + self.new_simulated + self.new_imported
 
     @property
+    def needed(self) -> int:
+        """New usable judgments a launch needs unforced: the campaign's share of the pairs the last successful
+        round sent back, and at least one. The share is of those pairs, not of all judgments, so a campaign
+        seeded with thousands of judgments still launches unforced once its new pairs are labeled."""
+        return max(1, math.ceil(self.min_new_share * self.new_pairs - 1e-9))
+
+    @property
     def stale(self) -> bool:
-        """True when a round succeeded before and fewer than the campaign's share of usable judgments
-        (none at all when the share is 0) arrived since."""
-        if self.since_round is None:
-            return False
-        return self.new == 0 or self.new < self.min_new_share * self.usable
+        """True when a round succeeded before and fewer than `needed` new usable judgments arrived since."""
+        return self.since_round is not None and self.new < self.needed
 
     def sentence(self) -> str:
         if self.since_round is None:
@@ -95,10 +101,11 @@ class Freshness:
         share = f"{self.min_new_share:.0%}"
         return (f"Nothing new to learn from: {self.sentence()} A round on the same labels re-trains its reward "
                 f"model on them and pushes the policy further against it (the campaign asks for at least "
-                f"{share} new). Label round {self.since_round}'s pairs first, or force the launch.")
+                f"{self.needed} new: {share} of the {self.new_pairs} pairs round {self.since_round} sent back, "
+                f"at least one). Label round {self.since_round}'s pairs first, or force the launch.")
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "new": self.new, "stale": self.stale}
+        return {**asdict(self), "new": self.new, "needed": self.needed, "stale": self.stale}
 
 
 def last_succeeded_round(campaign: Campaign) -> Round | None:
@@ -128,6 +135,7 @@ def launch_freshness(campaign: Campaign) -> Freshness:
         new_simulated=by_source.get(Judgment.SIMULATED, 0),
         new_imported=by_source.get(Judgment.IMPORTED, 0),
         since_round=last.number,
+        new_pairs=last.pairs.count(),
         unjudged_new_pairs=last.pairs.filter(judgments_count=0).count(),
         min_new_share=campaign.min_new_share,
     )

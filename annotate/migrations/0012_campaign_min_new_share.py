@@ -14,6 +14,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='campaign',
             name='min_new_share',
-            field=models.FloatField(default=0.1, help_text='Share of usable judgments that must be new since the last successful round for a launch without confirming (0-1); 0: only a launch with none new is stopped.', validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
+            field=models.FloatField(default=0.1, help_text='New judgments a launch needs unconfirmed, as a share of the pairs the last successful round sent back (0-1); 0: one new judgment is enough.', validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
         ),
     ]
