@@ -141,6 +141,8 @@ def seed(args) -> dict:
     from django.core.management import call_command
     from django.db import connection
 
+    from annotate.models import Campaign
+
     timings = {}
     t = time.perf_counter()
     call_command("migrate", verbosity=0)
@@ -175,15 +177,9 @@ def seed(args) -> dict:
                FROM generate_series(1, %s) g""",
             [password_hash, args.labelers + 1],  # +1: the in-process probe's labeler
         )
-        cur.execute(
-            """INSERT INTO annotate_campaign (slug, name, instructions, allow_tie, allow_both_bad, ask_strength,
-                                              ask_rationale, overlap, lease_seconds, daily_cap, gold_rate,
-                                              is_active, created_at, content_warning, tie_break_limit)
-               VALUES (%s, 'Load benchmark', 'Pick the **better** answer.', true, true, true, false, %s, 600,
-                       NULL, 0, true, now(), '', 0) RETURNING id""",
-            [SLUG, args.overlap],
-        )
-        campaign_id = cur.fetchone()[0]
+        # The campaign through the model, so every column a later migration adds gets the model's default.
+        campaign_id = Campaign.objects.create(slug=SLUG, name="Load benchmark", overlap=args.overlap,
+                                              instructions="Pick the **better** answer.").pk
         cur.execute(
             """INSERT INTO annotate_campaign_members (campaign_id, user_id)
                SELECT %s, id FROM auth_user WHERE username LIKE 'bench-%%'""",
@@ -536,7 +532,7 @@ class Labeler:
 
 
 def signed_session_cookies(usernames: list[str]) -> dict[str, dict]:
-    """Session and CSRF cookies made here, as Client.force_login does (sessions are signed cookies)."""
+    """Session and CSRF cookies made here, as Client.force_login does (the session stored by SESSION_ENGINE)."""
     from importlib import import_module
 
     from django.conf import settings
