@@ -3,6 +3,8 @@ get_user that refuses the README's public demo passwords from anywhere but this 
 
 from __future__ import annotations
 
+import ipaddress
+
 from axes.backends import AxesStandaloneBackend
 from django.conf import settings
 from django.contrib import messages
@@ -12,19 +14,35 @@ from django.contrib.auth.backends import ModelBackend
 
 FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP", "HTTP_FORWARDED")
 
+# The demo users (demo/seed.py creates them) with the README's published passwords, refused from afar here.
+DEMO_USERS = [
+    # username, password, role
+    ("admin", "pairloop-admin", "admin"),
+    ("reviewer", "pairloop-review", "reviewer"),
+    ("labeler1", "pairloop-label", "labeler"),
+    ("labeler2", "pairloop-label", "labeler"),
+    ("labeler3", "pairloop-label", "labeler"),
+]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 def from_this_machine(request) -> bool:
     """Whether a request came from a loopback address straight, with no proxy's forwarding header."""
-    from annotate.demo import is_loopback
-
     return (is_loopback(request.META.get("REMOTE_ADDR") or "")
             and not any(request.META.get(header) for header in FORWARDING_HEADERS))
 
 
 def public_demo_password(password: str | None) -> bool:
-    """Whether `password` is one of the README's published demo passwords (annotate/demo.py DEMO_USERS)."""
-    from annotate.demo import DEMO_USERS
-
+    """Whether `password` is one of the README's published demo passwords (DEMO_USERS)."""
     return password is not None and any(password == known for _, known, _ in DEMO_USERS)
 
 

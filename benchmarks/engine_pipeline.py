@@ -33,9 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.engine import demo_tasks, ppo, reward  # noqa: E402
+from demo import demo_tasks  # noqa: E402
+from demo.policy import DEFAULT_DIR, DEFAULT_TINY_DIR, ensure_demo_policy  # noqa: E402
+from training.engine import ppo, reward  # noqa: E402
 from training.engine.common import pick_device, pick_dtype  # noqa: E402
-from training.engine.demo_policy import DEFAULT_DIR, DEFAULT_TINY_DIR, ensure_demo_policy  # noqa: E402
 from training.engine.sample import sample_responses  # noqa: E402
 
 

@@ -51,7 +51,7 @@ GB = 1e9
 
 def prepare(folder: Path) -> dict[str, str]:
     """The 100M policy and reward model and the stage inputs, built once into `folder`."""
-    from training.engine import demo_tasks
+    from demo import demo_tasks
     from training.engine.tiny_models import build_policy, build_reward
 
     paths = {"policy": folder / "policy-100m", "reward_model": folder / "reward-100m"}

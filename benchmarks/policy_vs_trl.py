@@ -38,9 +38,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.engine import demo_tasks  # noqa: E402
+from demo import demo_tasks  # noqa: E402
+from demo.policy import ensure_demo_policy  # noqa: E402
 from training.engine.common import format_prompt, load_causal_lm, value_type  # noqa: E402
-from training.engine.demo_policy import ensure_demo_policy  # noqa: E402
 from training.engine.ppo import PPOArgs, resume_dir  # noqa: E402
 from training.engine.ppo import main as ppo_main  # noqa: E402
 from training.engine.sample import generate, sequence_logprobs  # noqa: E402

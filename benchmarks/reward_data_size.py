@@ -29,8 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.engine import demo_tasks, reward  # noqa: E402
-from training.engine.demo_policy import DEFAULT_DIR, ensure_demo_policy  # noqa: E402
+from demo import demo_tasks  # noqa: E402
+from demo.policy import DEFAULT_DIR, ensure_demo_policy  # noqa: E402
+from training.engine import reward  # noqa: E402
 from training.engine.sample import sample_responses  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 """Reward probe: what did a reward model learn about the demo tasks? Its mean score by task family,
 answer style and correctness.
 
-For --tasks held-out demo tasks (training.engine.demo_tasks), the generator writes the right answer in
+For --tasks held-out demo tasks (demo.demo_tasks), the generator writes the right answer in
 every style (terse, sentence, padded, curt), and for arithmetic also a wrong answer (off by a small
 number) in every style. The reward model scores each (prompt, answer) with its own tokenizer
 (reward.RewardScorer). A model that learned the demo rule scores right above wrong and the preferred
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
-    from training.engine import demo_tasks
+    from demo import demo_tasks
     from training.engine.reward import RewardScorer
 
     scorer = RewardScorer(args.reward_model, device=args.device)

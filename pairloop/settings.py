@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "axes",
     "annotate",
     "training",
+    "demo",
     "ninja",  # django-ninja: the API's docs page and its own Swagger UI files (no CDN)
     "api",
 ]

@@ -10,7 +10,7 @@ from itertools import combinations
 import pytest
 
 from training.engine.common import format_prompt
-from training.engine.demo_tasks import (
+from demo.demo_tasks import (
     FAMILIES,
     PREFERRED_STYLE,
     RULE_JUDGES,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine import demo_tasks, ppo, reward, sft
+from demo import demo_tasks
+from training.engine import ppo, reward, sft
 from training.engine.common import ADAPTER_DIR, EngineError, MemoryArgs, apply_lora, read_checkpoint_meta
 from training.engine.tiny_models import build_policy, build_reward
 
@@ -37,7 +38,7 @@ def tiny_llama_reward(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_policy() -> str:
     """The tiny demo policy (a GPT-2 that already answers the demo tasks), shared with test_engine_ppo."""
-    from training.engine.demo_policy import DEFAULT_TINY_DIR, ensure_demo_policy
+    from demo.policy import DEFAULT_TINY_DIR, ensure_demo_policy
 
     return str(ensure_demo_policy(REPO / DEFAULT_TINY_DIR, preset="tiny"))
 

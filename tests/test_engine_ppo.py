@@ -41,14 +41,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_policy() -> str:
     """The tiny demo policy, built once per checkout (about 30 s) and shared by the engine tests."""
-    from training.engine.demo_policy import DEFAULT_TINY_DIR, ensure_demo_policy
+    from demo.policy import DEFAULT_TINY_DIR, ensure_demo_policy
 
     return str(ensure_demo_policy(REPO / DEFAULT_TINY_DIR, preset="tiny"))
 
 
 @pytest.fixture(scope="module")
 def instructions() -> list[str]:
-    from training.engine.demo_tasks import make_prompts
+    from demo.demo_tasks import make_prompts
 
     prompts = make_prompts(64, seed=0, split="train")
     return [p if isinstance(p, str) else p.get("prompt", p.get("instruction")) for p in prompts]

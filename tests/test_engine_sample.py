@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from demo.demo_tasks import make_prompts
 from training.engine.common import EngineError, format_prompt, load_causal_lm
-from training.engine.demo_tasks import make_prompts
 from training.engine.sample import (
     SampleArgs,
     generate,
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_policy() -> str:
-    from training.engine.demo_policy import DEFAULT_TINY_DIR, ensure_demo_policy
+    from demo.policy import DEFAULT_TINY_DIR, ensure_demo_policy
 
     return str(ensure_demo_policy(REPO / DEFAULT_TINY_DIR, preset="tiny"))
 

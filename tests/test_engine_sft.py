@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine import demo_tasks
+from demo import demo_tasks
 from training.engine.common import (
     EngineError,
     can_share_prefix,
@@ -21,7 +21,7 @@ from training.engine.common import (
     read_checkpoint_meta,
     shared_prefix_length,
 )
-from training.engine.demo_policy import (
+from demo.policy import (
     PRESETS,
     build_demo_policy,
     build_model,
@@ -254,7 +254,7 @@ def test_it_runs_from_the_command_line_and_ends_with_json(tiny_model_dir, data, 
 def test_it_builds_the_tiny_demo_policy_once_even_when_two_processes_ask(tmp_path):
     out = tmp_path / "demo-policy-tiny"
     script = (
-        "import sys; from training.engine.demo_policy import ensure_demo_policy\n"
+        "import sys; from demo.policy import ensure_demo_policy\n"
         "events = []\n"
         f"ensure_demo_policy({str(out)!r}, preset='tiny', on_progress=events.append)\n"
         "print(events[0]['log'] if events else 'cached')\n"

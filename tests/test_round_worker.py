@@ -16,17 +16,17 @@ from safetensors.torch import load_file
 from django.core.management import call_command
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair
-from annotate.demo import default_policy
 from annotate.models import Campaign, Pair, Response
+from demo import demo_tasks
+from demo.seed import default_policy
+from demo.simulate import make_judge, simulate_labelers
 from tests.conftest import make_user
 from tests.worker import Worker
 from training import actions
 from training.config import build_config
-from training.engine import demo_tasks
 from training.engine.common import read_checkpoint_meta
 from training.engine.sample import sample_responses
 from training.models import Job, Round
-from training.simulate import make_judge, simulate_labelers
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

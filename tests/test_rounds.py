@@ -1054,7 +1054,7 @@ def test_responses_the_length_limit_cut_are_stored_as_truncated(chains, monkeypa
     cut), then the enqueue job: each stored policy response says whether the limit cut it."""
     import torch
 
-    from training.engine.demo_policy import DEFAULT_TINY_DIR, ensure_demo_policy
+    from demo.policy import DEFAULT_TINY_DIR, ensure_demo_policy
 
     class ZeroScores:  # the round's reward model: only its scores' presence matters here
         def __init__(self, checkpoint, **options):

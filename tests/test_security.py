@@ -24,7 +24,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import clear_url_caches
 
 from annotate.actions import PairInput, add_pairs
-from annotate.demo import DEMO_USERS
+from annotate.auth import DEMO_USERS
 from tests.conftest import PASSWORD, make_campaign, make_user
 from training import actions, runner
 from training.config import build_config
@@ -298,7 +298,7 @@ def test_serving_the_embedded_demo_to_the_network_replaces_the_public_passwords(
     """`python -m pairloop.embedded serve --host 0.0.0.0` runs secure_demo_logins before it serves."""
     from django.core.management import call_command
 
-    from annotate.demo import ensure_users
+    from demo.seed import ensure_users
 
     settings.EMBEDDED = True
     ensure_users(known_passwords=True)
@@ -314,7 +314,7 @@ def test_serving_the_embedded_demo_to_the_network_replaces_the_public_passwords(
 
 
 def demo_admin() -> User:
-    from annotate.demo import ensure_users
+    from demo.seed import ensure_users
 
     ensure_users(known_passwords=True)
     return User.objects.get(username="admin")

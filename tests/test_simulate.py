@@ -11,9 +11,9 @@ from django.core.management import CommandError, call_command
 
 from annotate.actions import PairInput, add_pairs
 from annotate.models import Assignment, Judgment
+from demo import demo_tasks
+from demo.simulate import make_judge, simulate_labelers
 from tests.conftest import make_campaign
-from training.engine import demo_tasks
-from training.simulate import make_judge, simulate_labelers
 
 pytestmark = pytest.mark.django_db
 

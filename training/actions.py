@@ -195,7 +195,7 @@ def base_policy(campaign: Campaign, preset: str) -> str:
         return first.config["base_policy"]
     if settings.PAIRLOOP["POLICY_MODEL"]:
         return settings.PAIRLOOP["POLICY_MODEL"]
-    from annotate.demo import demo_policy_dir
+    from demo.seed import demo_policy_dir
 
     return str(demo_policy_dir(preset))
 

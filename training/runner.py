@@ -343,8 +343,8 @@ def _remove_earlier_attempts(job: Job) -> None:
 def ensure_policy(path: str, preset: str) -> str:
     """Build the demo policy first when `path` is the demo policy's cached directory (the training
     worker builds it, never the web process); any other policy is used as given."""
-    from annotate.demo import demo_policy_dir
-    from training.engine.demo_policy import PRESETS, ensure_demo_policy
+    from demo.policy import PRESETS, ensure_demo_policy
+    from demo.seed import demo_policy_dir
 
     for name in PRESETS:
         if Path(path) == demo_policy_dir(name):
@@ -559,7 +559,7 @@ def _storable(responses: list[str]) -> list[str]:
 
 def _rule_judge_summary(samples: list[dict]) -> dict[str, float]:
     """For demo prompts: the demo rule judge's mean score of each side (what simulated labelers prefer)."""
-    from training.engine import demo_tasks
+    from demo import demo_tasks
 
     summary = {}
     for side in ("new", "other"):

@@ -733,7 +733,7 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, r
 
 
 def _rule_judges() -> dict[str, Callable[[str, str], float]]:
-    from training.engine.demo_tasks import RULE_JUDGES
+    from demo.demo_tasks import RULE_JUDGES
 
     return RULE_JUDGES
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.engine import demo_tasks
+from demo import demo_tasks
 from training.engine.common import EngineError, set_seed
 
 POLICY_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gemma", "gpt_neox")

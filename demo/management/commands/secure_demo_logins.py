@@ -2,7 +2,7 @@ import os
 
 from django.core.management.base import BaseCommand
 
-from annotate.demo import secure_demo_logins
+from demo.seed import secure_demo_logins
 
 
 class Command(BaseCommand):

@@ -3,11 +3,11 @@ import os
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from annotate.demo import DEMO_SLUG, SEED_SIZES, known_passwords_allowed, seed_demo, seed_size
 from annotate.models import Campaign, Pair
+from demo.seed import DEMO_SLUG, SEED_SIZES, known_passwords_allowed, seed_demo, seed_size
+from demo.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, make_judge, simulate_labelers
 from training.actions import usable_judgments
 from training.engine.common import LineProgress
-from training.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, make_judge, simulate_labelers
 
 SIZES = ", ".join(f"{name} {size.prompts}" for name, size in SEED_SIZES.items())
 JUDGED = ", ".join(f"{name} {size.judged if size.judged is not None else 'PAIRLOOP_MIN_JUDGMENTS'}"
@@ -19,7 +19,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--prompts", type=int, default=None,
-                            help=f"demo prompts to sample (default by preset, annotate.demo.SEED_SIZES: "
+                            help=f"demo prompts to sample (default by preset, demo.seed.SEED_SIZES: "
                                  f"{SIZES})")
         parser.add_argument("--per-prompt", type=int, default=3, help="responses sampled per prompt (default 3)")
         parser.add_argument("--seed", type=int, default=0)
@@ -27,7 +27,7 @@ class Command(BaseCommand):
                             help=f"usable judgments the campaign gets from a simulated labeler "
                                  f"({DEFAULT_JUDGE}, {DEFAULT_NOISE * 100:g}%% noise, marked simulated), so that "
                                  "a round can be launched at once and beat SFT (default by preset, "
-                                 f"annotate.demo.SEED_SIZES: {JUDGED}; 0: none)")
+                                 f"demo.seed.SEED_SIZES: {JUDGED}; 0: none)")
         parser.add_argument("--preset", choices=["demo", "tiny"], default=None,
                             help="demo policy preset (default PAIRLOOP_DEMO_POLICY_PRESET)")
         parser.add_argument("--host", default=os.environ.get("PAIRLOOP_HOST", "127.0.0.1"),

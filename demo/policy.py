@@ -18,7 +18,7 @@ Measured on this 2-core machine with light load: the demo preset builds in about
 (3,000 steps at about 10k tokens/s) and answers 64% of held-out prompts correctly at temperature
 0.7; the tiny preset (tests) builds in about 15 seconds.
 
-    python -m training.engine.demo_policy --out var/models/demo-policy [--preset demo|tiny] [--force]
+    python -m demo.policy --out var/models/demo-policy [--preset demo|tiny] [--force]
 
 Seeded and reproducible: the same preset and seed give the same weights on the same machine.
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from training.engine import demo_tasks
+from demo import demo_tasks
 from training.engine.common import (
     EngineError,
     ProgressFn,

@@ -17,7 +17,7 @@ from django.contrib.auth.models import User
 
 from annotate.actions import claim_next_pair, submit_judgment
 from annotate.models import Campaign, Judgment
-from training.engine.demo_tasks import DEFAULT_RULE_JUDGE
+from demo.demo_tasks import DEFAULT_RULE_JUDGE
 
 RULE, RM = "rule:", "rm:"
 TIE_EPSILON = 1e-6
@@ -44,7 +44,7 @@ class Judge:
 
 def make_judge(spec: str, device: str = "auto") -> Judge:
     if spec.startswith(RULE):
-        from training.engine import demo_tasks
+        from demo import demo_tasks
 
         name = spec[len(RULE):]
         if name not in demo_tasks.RULE_JUDGES:

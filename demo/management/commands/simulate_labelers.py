@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from annotate.models import Campaign
-from training.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, SimulationError, make_judge, simulate_labelers
+from demo.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, SimulationError, make_judge, simulate_labelers
 
 
 class Command(BaseCommand):

@@ -3,7 +3,6 @@ whose responses the demo SFT policy really wrote (so a first round trains on its
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import random
 import secrets
@@ -16,17 +15,10 @@ from django.db import transaction
 
 from annotate.access import REVIEWERS_GROUP
 from annotate.actions import AddResult, PairInput, add_pairs
+from annotate.auth import DEMO_USERS, is_loopback
 from annotate.models import Campaign, Response
 
 DEMO_SLUG = "demo"
-DEMO_USERS = [
-    # username, password, role
-    ("admin", "pairloop-admin", "admin"),
-    ("reviewer", "pairloop-review", "reviewer"),
-    ("labeler1", "pairloop-label", "labeler"),
-    ("labeler2", "pairloop-label", "labeler"),
-    ("labeler3", "pairloop-label", "labeler"),
-]
 
 INSTRUCTIONS = """\
 Each prompt is a small task with a checkable answer (arithmetic, reversing or sorting words,
@@ -51,7 +43,7 @@ def default_policy(preset: str | None = None, on_progress=None) -> str:
     """The policy a campaign's first round starts from: PAIRLOOP_POLICY_MODEL or the demo policy."""
     if settings.PAIRLOOP["POLICY_MODEL"]:
         return settings.PAIRLOOP["POLICY_MODEL"]
-    from training.engine.demo_policy import ensure_demo_policy
+    from demo.policy import ensure_demo_policy
 
     preset = preset or settings.PAIRLOOP["DEMO_POLICY_PRESET"]
     kwargs = {} if on_progress is None else {"on_progress": on_progress}
@@ -94,16 +86,6 @@ class SeedResult:
     logins: list[DemoLogin]
     pairs: AddResult
     policy: str
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a server bound to `host` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def known_passwords_allowed(host: str) -> bool:
@@ -161,7 +143,7 @@ def seed_demo(*, prompts: int | None = None, per_prompt: int = 3, seed: int = 0,
     """Create (or top up) the demo campaign from `prompts` demo prompts (default: seed_size(preset));
     safe to run twice (duplicates are skipped). The demo users get the README's passwords only with
     known_passwords (see known_passwords_allowed). on_progress sees the policy build and the sampling."""
-    from training.engine import demo_tasks
+    from demo import demo_tasks
     from training.engine.sample import sample_responses
 
     with transaction.atomic():
