@@ -371,7 +371,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     from demo import demo_tasks
     from demo.seed import seed_demo
     from demo.simulate import TIE_EPSILON, make_judge, simulate_labelers
-    from training import actions, tasks
+    from training import actions, starting_policy, tasks
     from training.config import build_config, parse_assignments
 
     started = time.perf_counter()
@@ -410,10 +410,8 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     sample_settings = dict(max_new_tokens=config.ppo_max_new_tokens, temperature=config.sample_temperature,
                            seed=args.eval_seed)
     started = time.perf_counter()
-    sft_path = actions.base_policy(campaign, config.preset)
-    from training.runner import ensure_policy
-
-    sft_model, sft_rollout = sample_heldout(ensure_policy(sft_path, config.preset), heldout,
+    sft_path = starting_policy.base_policy(campaign, config.preset)
+    sft_model, sft_rollout = sample_heldout(starting_policy.ensure_policy(sft_path, config.preset), heldout,
                                             **sample_settings)
     sft = describe(heldout, sft_rollout.texts, rule)
     print(f"SFT on {len(heldout)} held-out prompts ({time.perf_counter() - started:.1f} s): judge mean "

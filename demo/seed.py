@@ -7,7 +7,6 @@ import itertools
 import random
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth.models import Group, User
@@ -17,6 +16,7 @@ from annotate.access import REVIEWERS_GROUP
 from annotate.actions import AddResult, PairInput, add_pairs
 from annotate.auth import DEMO_USERS, is_loopback
 from annotate.models import Campaign, Response
+from training.starting_policy import default_policy
 
 DEMO_SLUG = "demo"
 
@@ -31,23 +31,6 @@ listing items, rewriting politely). Two answers from the model are shown as **A*
 
 Then say how much better the winner is, from 1 (negligibly) to 4 (far better).
 """
-
-
-def demo_policy_dir(preset: str | None = None) -> Path:
-    preset = preset or settings.PAIRLOOP["DEMO_POLICY_PRESET"]
-    name = "demo-policy" if preset == "demo" else f"demo-policy-{preset}"
-    return Path(settings.PAIRLOOP["MODELS_DIR"]) / name
-
-
-def default_policy(preset: str | None = None, on_progress=None) -> str:
-    """The policy a campaign's first round starts from: PAIRLOOP_POLICY_MODEL or the demo policy."""
-    if settings.PAIRLOOP["POLICY_MODEL"]:
-        return settings.PAIRLOOP["POLICY_MODEL"]
-    from demo.policy import ensure_demo_policy
-
-    preset = preset or settings.PAIRLOOP["DEMO_POLICY_PRESET"]
-    kwargs = {} if on_progress is None else {"on_progress": on_progress}
-    return str(ensure_demo_policy(demo_policy_dir(preset), preset=preset, **kwargs))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from django.core.management import call_command
 from annotate.actions import PairInput, add_pairs, claim_next_pair
 from annotate.models import Campaign, Pair, Response
 from demo import demo_tasks
-from demo.seed import default_policy
 from demo.simulate import make_judge, simulate_labelers
 from tests.conftest import make_user
 from tests.worker import Worker
@@ -27,6 +26,7 @@ from training.config import build_config
 from training.engine.common import read_checkpoint_meta
 from training.engine.sample import sample_responses
 from training.models import Job, Round
+from training.starting_policy import default_policy
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

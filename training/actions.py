@@ -25,7 +25,7 @@ from django.db.models.functions import Coalesce, Least, Now
 from django.utils import timezone
 
 from annotate.models import Campaign, Judgment
-from training import live
+from training import live, starting_policy
 from training.config import RoundConfig, build_config
 from training.engine.chat_date import CHAT_DATE_FORMAT
 from training.engine.stop import StopWithoutSaving
@@ -185,30 +185,6 @@ def launch_config(campaign: Campaign, preset: str, values: dict[str, Any] | None
     return build_config(preset, {**campaign_settings(campaign), **(values or {})})
 
 
-def base_policy(campaign: Campaign, preset: str) -> str:
-    """The campaign's SFT policy: the one it names, else its first round's, else PAIRLOOP_POLICY_MODEL, else the
-    demo policy's path (built by the first training job that needs it, never by the web process)."""
-    if campaign.policy_model:
-        return campaign.policy_model
-    first = Round.objects.filter(campaign=campaign).order_by("number").first()
-    if first is not None and first.config.get("base_policy"):
-        return first.config["base_policy"]
-    if settings.PAIRLOOP["POLICY_MODEL"]:
-        return settings.PAIRLOOP["POLICY_MODEL"]
-    from demo.seed import demo_policy_dir
-
-    return str(demo_policy_dir(preset))
-
-
-def parent_policy(campaign: Campaign, preset: str) -> str:
-    """Round N+1 starts from the newest trained policy that grew from the campaign's SFT policy; the first
-    round (and the first after the campaign names another policy) from the SFT policy itself."""
-    base = base_policy(campaign, preset)
-    latest = (Round.objects.filter(campaign=campaign, config__base_policy=base).exclude(policy_checkpoint="")
-              .order_by("-number").first())
-    return latest.policy_checkpoint if latest is not None else base
-
-
 def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool = False) -> Round:
     """Create round N+1 of the campaign with its chain of jobs and enqueue the chain on commit.
 
@@ -237,13 +213,13 @@ def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool =
         numbers = Round.objects.filter(campaign=campaign).order_by("-number").values_list("number", flat=True)
         number = (numbers.first() or 0) + 1
         stored = config.as_dict()
-        stored["base_policy"] = base_policy(campaign, config.preset)
+        stored["base_policy"] = starting_policy.base_policy(campaign, config.preset)
         stored["usable_judgments"] = usable
         stored["launch"] = {**freshness.as_dict(), "forced": bool(force and freshness.stale)}
         stored["chat_date"] = chat_date_on(timezone.now())  # what its chat templates write as today's date
         round_ = Round.objects.create(
             campaign=campaign, number=number, config=stored,
-            parent_policy=parent_policy(campaign, config.preset),
+            parent_policy=starting_policy.parent_policy(campaign, config.preset),
             launched_by=user if getattr(user, "is_authenticated", False) else None,
         )
         jobs = [Job.objects.create(round=round_, kind=kind, order=order,

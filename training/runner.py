@@ -37,6 +37,7 @@ from training import actions, live, review, tracking
 from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, REWARD_FROM_SFT, RoundConfig, build_config
 from training.engine.chat_date import pinned_chat_date
 from training.models import Job, Round
+from training.starting_policy import ensure_policy
 
 log = logging.getLogger(__name__)
 
@@ -338,18 +339,6 @@ def _remove_earlier_attempts(job: Job) -> None:
     """Once an attempt succeeded, the directories of the earlier ones are no longer needed."""
     for attempt in range(1, job.attempts):
         shutil.rmtree(actions.attempt_dir(job, attempt), ignore_errors=True)
-
-
-def ensure_policy(path: str, preset: str) -> str:
-    """Build the demo policy first when `path` is the demo policy's cached directory (the training
-    worker builds it, never the web process); any other policy is used as given."""
-    from demo.policy import PRESETS, ensure_demo_policy
-    from demo.seed import demo_policy_dir
-
-    for name in PRESETS:
-        if Path(path) == demo_policy_dir(name):
-            return str(ensure_demo_policy(path, preset=name))
-    return path
 
 
 def _is_held_out(text: str) -> bool:

@@ -18,7 +18,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from annotate.access import campaign_for_admin, campaign_for_reviewer, is_admin
 from annotate.models import Judgment, content_hash
-from training import actions
+from training import actions, starting_policy
 from training.access import job_for_admin, round_for_reviewer, sees_tracebacks
 from training.forms import LaunchRoundForm
 from training.models import Job, Round
@@ -64,7 +64,7 @@ def campaign_rounds(request, slug):
         "needed": max(0, minimum - usable),
         "active": actions.active_round(campaign),
         "freshness": actions.launch_freshness(campaign) if admin else None,
-        "starts_from": actions.parent_policy(campaign, settings.PAIRLOOP["DEMO_POLICY_PRESET"]) if admin else "",
+        "starts_from": starting_policy.parent_policy(campaign, settings.PAIRLOOP["DEMO_POLICY_PRESET"]) if admin else "",
     })
 
 
