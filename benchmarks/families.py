@@ -2,7 +2,7 @@
 """Every stage's speed on each model family, so a regression in one family shows.
 
 For each policy family (GPT-2, Llama, Qwen2, Mistral, Gemma, GPT-NeoX) a random-initialised model of
-the same small size (training/engine/tiny_models.py: a locally trained tokenizer and the family's real
+the same small size (demo/tiny_models.py: a locally trained tokenizer and the family's real
 chat template; nothing downloaded) runs, in one process:
   sft     --sft-steps optimizer steps on chat conversations (or instructions, for the two base families),
           tokens/s = real (unpadded) tokens through forward and backward per second (sft/tokens_per_s);
@@ -39,9 +39,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from demo.tiny_models import POLICY_FAMILIES, REWARD_FAMILIES, build_policy, build_reward  # noqa: E402
 from training.engine import ppo, reward, sft  # noqa: E402
 from training.engine.sample import sample_with_stats  # noqa: E402
-from training.engine.tiny_models import POLICY_FAMILIES, REWARD_FAMILIES, build_policy, build_reward  # noqa: E402
 
 BENCH_SIZE = {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 384, "max_positions": 512}
 QWEN2_05B = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864, "max_positions": 2048}

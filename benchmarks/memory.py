@@ -13,7 +13,7 @@ the models in a child too: Linux carries a process's high-water mark across exec
 big parent would report at least the parent's size. The floor (a child that imports the same modules and
 stops) is printed too: it is in every figure.
 
-The models come from training.engine.tiny_models (size "100m": 16 layers, 768 wide, a 1.2k-token BPE
+The models come from demo.tiny_models (size "100m": 16 layers, 768 wide, a 1.2k-token BPE
 vocabulary, so the logits are small here; at 128k tokens they are not, which the arithmetic counts).
 PPO scores with a 100M Llama reward model (no gradients, in the compute dtype), as a round does; ppo_rule
 scores with a rule judge instead, to show the trainer's own share.
@@ -52,7 +52,7 @@ GB = 1e9
 def prepare(folder: Path) -> dict[str, str]:
     """The 100M policy and reward model and the stage inputs, built once into `folder`."""
     from demo import demo_tasks
-    from training.engine.tiny_models import build_policy, build_reward
+    from demo.tiny_models import build_policy, build_reward
 
     paths = {"policy": folder / "policy-100m", "reward_model": folder / "reward-100m"}
     if not (paths["policy"] / "config.json").exists():

@@ -13,6 +13,7 @@ import torch
 from annotate.actions import PairInput, add_pairs
 from annotate.models import Campaign, Prompt, Response
 from demo.simulate import make_judge, simulate_labelers
+from demo.tiny_models import build_policy, build_reward
 from tests.conftest import make_user
 from tests.test_round_worker import round_over, tiny_world, wait_for  # noqa: F401 - tiny_world is a fixture
 from tests.worker import Worker
@@ -20,7 +21,6 @@ from training import actions
 from training.config import build_config
 from training.engine.common import load_tokenizer
 from training.engine.sample import sample_responses
-from training.engine.tiny_models import build_policy, build_reward
 from training.models import Job
 from training.runner import ppo_prompts
 

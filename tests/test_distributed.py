@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.tiny_models import build_policy, build_reward
 from training.engine.common import read_checkpoint_meta
-from training.engine.tiny_models import build_policy, build_reward
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -2,7 +2,7 @@
 generation stopping at its end-of-turn tokens, and each family trained one step, saved and reloaded.
 
 The models are tiny and random-initialised from each family's config, with a locally trained
-tokenizer and the family's real chat template (training/engine/tiny_models.py): nothing is downloaded.
+tokenizer and the family's real chat template (demo/tiny_models.py): nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from training.engine.common import (
     render_prompt,
     stop_token_ids,
 )
+from demo.tiny_models import POLICY_FAMILIES, REWARD_FAMILIES, build_policy, build_reward
 from training.engine.sample import generate, sample_with_stats
-from training.engine.tiny_models import POLICY_FAMILIES, REWARD_FAMILIES, build_policy, build_reward
 
 CHAT_FAMILIES = ("llama", "qwen2", "mistral", "gemma")
 BASE_FAMILIES = ("gpt2", "gpt_neox")

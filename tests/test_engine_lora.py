@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from demo import demo_tasks
+from demo.tiny_models import build_policy, build_reward
 from training.engine import ppo, reward, sft
 from training.engine.common import ADAPTER_DIR, EngineError, MemoryArgs, apply_lora, read_checkpoint_meta
-from training.engine.tiny_models import build_policy, build_reward
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -520,7 +520,7 @@ def tiny_qwen2(tmp_path, monkeypatch):
     """Directories of a tiny random Qwen2 policy and reward model, with Qwen2.5's chat template; offline."""
     import huggingface_hub.constants
 
-    from training.engine.tiny_models import build_policy, build_reward
+    from demo.tiny_models import build_policy, build_reward
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "1")

@@ -11,7 +11,7 @@ from jinja2.exceptions import TemplateError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from training.engine.common import EngineError
-from training.engine.tiny_models import (
+from demo.tiny_models import (
     FAMILIES,
     POLICY_FAMILIES,
     REWARD_FAMILIES,

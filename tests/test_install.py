@@ -59,11 +59,11 @@ django.setup()
 from django.contrib.staticfiles import finders
 from django.test import Client
 
-import annotate, api, pairloop, training
-from training.engine import tiny_models
+import annotate, api, demo, pairloop, training
+from demo import tiny_models
 
 print(json.dumps({
-    "files": [m.__file__ for m in (annotate, api, pairloop, training)],
+    "files": [m.__file__ for m in (annotate, api, demo, pairloop, training)],
     "login": Client().get("/accounts/login/").content.decode(),
     "schema": Client().get("/api/v1/openapi.json").json()["info"]["title"],
     "static": [bool(finders.find(name)) for name in ("pairloop/app.css", "pairloop/label.js",

@@ -17,7 +17,7 @@ Tekken use it; Gemma's SentencePiece with byte fallback is closest to it), split
 family's own regex, and WordPiece for BERT, trained once per process on the demo tasks (about
 0.5 s each).
 
-    python -m training.engine.tiny_models --family qwen2 --out var/models/tiny-qwen2 [--reward] [--size 100m]
+    python -m demo.tiny_models --family qwen2 --out var/models/tiny-qwen2 [--reward] [--size 100m]
 """
 
 from __future__ import annotations
