@@ -371,7 +371,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     from demo import demo_tasks
     from demo.seed import seed_demo
     from demo.simulate import TIE_EPSILON, make_judge, simulate_labelers
-    from training import actions, starting_policy, tasks
+    from training import actions, dispatch, starting_policy
     from training.config import build_config, parse_assignments
 
     started = time.perf_counter()
@@ -394,7 +394,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
 
     # Chains are run here, not sent to a broker.
     sent: list[list[int]] = []
-    tasks.start_chain = lambda job_ids: sent.append(list(job_ids))
+    dispatch.start_chain = lambda job_ids: sent.append(list(job_ids))
 
     started = time.perf_counter()
     seeded = seed_demo(prompts=args.seed_prompts, seed=args.seed, preset=args.preset)

@@ -54,7 +54,7 @@ def api_for(user, scopes=None) -> Api:
 @pytest.fixture
 def no_broker(monkeypatch, settings):
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1}
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)  # the rows are the record
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)  # the rows are the record
 
 
 # --- tokens -------------------------------------------------------------------------------------

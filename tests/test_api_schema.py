@@ -43,7 +43,7 @@ def world(db, connection_kept, admin_user, labeler, monkeypatch, settings, tmp_p
     """An admin's token with every scope, and the ids of a campaign, the admin's lease and a round."""
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 0}
     settings.DATA_DIR = tmp_path  # uploads the examples make are left here, not in the data directory
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)  # no broker: the rows suffice
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)  # no broker: the rows suffice
     campaign = make_campaign(n_pairs=3, members=[labeler, admin_user])
     assignment = claim_next_pair(campaign, admin_user).assignment
     round_ = launch_round(campaign, admin_user, build_config("tiny", {}))

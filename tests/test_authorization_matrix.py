@@ -197,7 +197,7 @@ def world(labeler, outsider, reviewer, admin_user, monkeypatch, settings):
     """A campaign the member labels (with an imported judgment), one the non-member labels, the
     member's live assignment, and a round with its jobs."""
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1}
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)  # no broker: the rows suffice
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)  # no broker: the rows suffice
     campaign = make_campaign(n_pairs=5, members=[labeler])
     add_pairs(campaign, [PairInput("Known?", "good", "bad", preferred="a")], notify=False)
     make_campaign(slug="other", n_pairs=2, members=[outsider])

@@ -58,7 +58,7 @@ def campaign(labeler):
 @pytest.fixture
 def round_(monkeypatch, settings, admin_user):
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1}
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)  # no worker: the rows suffice
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)  # no worker: the rows suffice
     campaign = make_campaign(slug="trained")
     add_pairs(campaign, [PairInput("Known?", "good", "bad", preferred="a")], notify=False)
     return training_actions.launch_round(campaign, admin_user, build_config("tiny", {}))

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.django_db
 def chains(monkeypatch):
     """The chains a launch would have sent to Celery (never sent to a broker here)."""
     sent: list[list[int]] = []
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: sent.append(list(job_ids)))
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: sent.append(list(job_ids)))
     return sent
 
 

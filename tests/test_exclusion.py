@@ -124,7 +124,7 @@ def test_it_refuses_an_exclusion_without_a_reason_or_of_another_campaign(judged,
 def run_round_export(campaign, monkeypatch) -> tuple[bytes, Job]:
     """Launch a round and run its export job for real; the rest of its chain is marked done. The rounds follow
     each other with no new labels, only exclusions, so each launch is forced."""
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)
     round_ = training_actions.launch_round(campaign, None, build_config("tiny", {}), force=True)
     job = round_.jobs.get(kind=Job.EXPORT)
     assert runner.execute(job.pk, "task-export") is True

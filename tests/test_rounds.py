@@ -43,7 +43,7 @@ def small_minimum(settings):
 def chains(monkeypatch):
     """The chains a test would have sent to Celery: lists of job ids, in order."""
     sent: list[list[int]] = []
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: sent.append(list(job_ids)))
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: sent.append(list(job_ids)))
     return sent
 
 
@@ -544,11 +544,11 @@ def test_it_gives_each_job_kind_its_time_limits_and_fails_a_job_past_its_soft_li
         chains, settings, monkeypatch):
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from training import tasks
+    from training import dispatch
 
     settings.JOB_SOFT_TIME_LIMITS = {**settings.JOB_SOFT_TIME_LIMITS, "ppo": 7200, "export": 60}
     settings.JOB_TIME_LIMIT_GRACE = 30
-    options = tasks.signature_for(Job(pk=1, kind=Job.PPO)).options
+    options = dispatch.signature_for(Job(pk=1, kind=Job.PPO)).options
     assert (options["soft_time_limit"], options["time_limit"]) == (7200, 7230)
     round_ = launch(judged_campaign())
     job = round_.jobs.get(kind=Job.EXPORT)
@@ -620,7 +620,7 @@ def test_it_exits_non_zero_when_a_job_of_a_followed_round_fails(monkeypatch):
 
     monkeypatch.setitem(runner.RUNNERS, Job.EXPORT, broken)
     # A stand-in for the broker and worker: run the chain right here, as a worker would.
-    monkeypatch.setattr("training.tasks.start_chain",
+    monkeypatch.setattr("training.dispatch.start_chain",
                         lambda ids: all(runner.execute(pk, f"task-{pk}") for pk in ids))
     with pytest.raises(CommandError, match="export pairs job failed: the reward backbone 'nope' does not exist"):
         call_command("launch_round", campaign.slug, "--preset", "tiny", "--wait", "--poll", "0.1",
@@ -630,11 +630,20 @@ def test_it_exits_non_zero_when_a_job_of_a_followed_round_fails(monkeypatch):
 
 
 def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default():
-    from training import tasks
+    from training import dispatch
 
-    queues = {kind: tasks.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in actions.CHAIN}
+    queues = {kind: dispatch.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in actions.CHAIN}
     assert queues == {"export": "default", "reward": "training", "ppo": "training", "sample": "training",
                       "enqueue": "default"}
+
+
+def test_each_job_is_sent_by_the_name_of_the_task_that_runs_its_kind():
+    from pairloop.celery import app
+    from training import dispatch, tasks
+
+    for kind in actions.CHAIN:
+        name = dispatch.signature_for(Job(pk=1, kind=kind)).task
+        assert name in app.tasks and name == tasks.TASKS[kind].name, (kind, name)
 
 
 def test_it_validates_round_settings_by_name():

@@ -183,7 +183,7 @@ def test_it_shows_tracebacks_with_debug_on_to_admins_only(settings, broken_home,
 def test_it_shows_a_failed_jobs_traceback_to_admins_and_its_message_to_reviewers(
         settings, monkeypatch, reviewer, admin_user):
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 2}
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)
     campaign = make_campaign(slug="sec")
     add_pairs(campaign, [PairInput(f"Q{i}?", f"good {i}", f"bad {i}", preferred="a") for i in range(2)],
               notify=False)

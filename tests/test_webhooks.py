@@ -83,7 +83,7 @@ def sent_at_once(monkeypatch, settings):
     """Deliveries run in this process as the commit happens (retries at once, their countdown skipped), to
     receivers on loopback (PAIRLOOP_WEBHOOK_ALLOW_PRIVATE)."""
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1, "WEBHOOK_ALLOW_PRIVATE": True}
-    monkeypatch.setattr("training.tasks.start_chain", lambda job_ids: None)
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)
     monkeypatch.setattr(tasks.deliver_webhook, "delay",
                         lambda *args: tasks.deliver_webhook.apply(args=list(args)))
 

@@ -25,7 +25,7 @@ from django.db.models.functions import Coalesce, Least, Now
 from django.utils import timezone
 
 from annotate.models import Campaign, Judgment
-from training import live, starting_policy
+from training import dispatch, live, starting_policy
 from training.config import RoundConfig, build_config
 from training.engine.chat_date import CHAT_DATE_FORMAT
 from training.engine.stop import StopWithoutSaving
@@ -234,10 +234,8 @@ def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool =
 def _start_chain(job_ids: list[int]) -> None:
     """Publish the chain (on commit); when the broker cannot take it, fail the chain's first job with
     the reason, so the round does not sit queued for ever and block the next launch."""
-    from training import tasks
-
     try:
-        tasks.start_chain(job_ids)
+        dispatch.start_chain(job_ids)
     except Exception as exc:  # noqa: BLE001 - kombu and redis-py raise several types for a lost broker
         log.exception("could not publish the chain of jobs %s", job_ids)
         fail_unpublished(job_ids[0], f"{type(exc).__name__}: {exc}")

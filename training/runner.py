@@ -35,6 +35,7 @@ from django.utils import timezone
 from annotate.models import Campaign, Prompt, Response, content_hash
 from training import actions, live, review, tracking
 from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, REWARD_FROM_SFT, RoundConfig, build_config
+from training.dispatch import time_limits
 from training.engine.chat_date import pinned_chat_date
 from training.models import Job, Round
 from training.starting_policy import ensure_policy
@@ -232,8 +233,6 @@ def execute(job_id: int, task_id: str) -> bool:
         log.warning("job %s was taken away from task %s: stopped without writing", job_id, task_id)
         return False
     except SoftTimeLimitExceeded:
-        from training.tasks import time_limits
-
         message = (f"The job ran past its time limit of {time_limits(job.kind)[0]} s "
                    f"(PAIRLOOP_TIME_LIMIT_{job.kind.upper()}) and was stopped at step {progress.step}. "
                    "Resume continues from its last checkpoint; raise the limit for longer jobs.")

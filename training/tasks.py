@@ -1,22 +1,17 @@
 """Celery tasks: one per job kind, each taking the Job's id; the work is in training/runner.py.
 
-Training tasks (reward, PPO, sampling) go to the `training` queue (QUEUES below), which a GPU box consumes
-with `celery -A pairloop worker -Q training --concurrency 1` (prefetch 1, acks late: settings.py);
-export and enqueue are light and go to `default`. Each kind has its own soft and hard time limits
-(settings.JOB_SOFT_TIME_LIMITS, PAIRLOOP_TIME_LIMIT_*). A task that did not finish its job (failed,
-cancelled, or found it run elsewhere) raises Ignore, so the rest of the chain is not sent.
+They are sent by name, on their kind's queue with its time limits, by training/dispatch.py. A task that
+did not finish its job (failed, cancelled, or found it run elsewhere) raises Ignore, so the rest of the
+chain is not sent.
 """
 
 from __future__ import annotations
 
-from celery import chain, shared_task
+from celery import shared_task
 from celery.exceptions import Ignore
-from django.conf import settings
 
 from training import actions, runner
 from training.models import Job
-
-DEFAULT_QUEUE, TRAINING_QUEUE = "default", "training"
 
 
 def _run(task, job_id: int) -> int:
@@ -60,24 +55,3 @@ def fail_stale_jobs() -> int:
 
 TASKS = {Job.EXPORT: export_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.SAMPLE: sample_job,
          Job.ENQUEUE: enqueue_job}
-# Where each kind runs. Set on every signature (Celery 5.7 deprecates the task's `queue` attribute).
-QUEUES = {kind: TRAINING_QUEUE if kind in Job.TRAINING_KINDS else DEFAULT_QUEUE for kind in TASKS}
-
-
-def time_limits(kind: str) -> tuple[int, int]:
-    """(soft, hard) time limits of a job kind in s: PAIRLOOP_TIME_LIMIT_<KIND>, plus ..._GRACE."""
-    soft = settings.JOB_SOFT_TIME_LIMITS[kind]
-    return soft, soft + settings.JOB_TIME_LIMIT_GRACE
-
-
-def signature_for(job: Job):
-    """An immutable signature (the job id is its only argument), routed to its kind's queue, with its
-    kind's time limits."""
-    soft, hard = time_limits(job.kind)
-    return TASKS[job.kind].si(job.pk).set(queue=QUEUES[job.kind], soft_time_limit=soft, time_limit=hard)
-
-
-def start_chain(job_ids: list[int]) -> None:
-    """Send the jobs as one Celery chain, in order. Called on commit by actions.launch_round / resume_job."""
-    jobs = {job.pk: job for job in Job.objects.filter(pk__in=job_ids)}
-    chain(*[signature_for(jobs[pk]) for pk in job_ids]).apply_async()
