@@ -49,6 +49,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.db import connections, transaction
 from django.db.models import DateTimeField, ExpressionWrapper, Q, Value
@@ -211,8 +212,6 @@ def start_import_job(campaign, user, upload, *, pairs_per_prompt: int | None = N
 
     The file keeps its suffix (.jsonl, .csv.gz, ...); without a known one its format is told from its content.
     """
-    from annotate.tasks import import_job
-
     folder = uploads_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}{_upload_suffix(upload.name or '')}"
@@ -225,18 +224,26 @@ def start_import_job(campaign, user, upload, *, pairs_per_prompt: int | None = N
                 campaign=campaign, uploaded_by=user, file_name=(upload.name or "")[:255], file_path=str(path),
                 file_size=path.stat().st_size,
                 options={"pairs_per_prompt": pairs_per_prompt, "seed": seed, "priority": priority})
-            transaction.on_commit(lambda: _send(import_job, job))
+            transaction.on_commit(lambda: _send(job))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return job
 
 
-def _send(task, job: ImportJob) -> None:
+IMPORT_TASK = "annotate.import_job"  # annotate/tasks.py, on the default queue
+
+
+def send_import(job_id: int) -> None:
+    """Send an import job to the workers, by its task's name."""
+    current_app.send_task(IMPORT_TASK, args=[job_id])
+
+
+def _send(job: ImportJob) -> None:
     """Hand the job to a worker (on commit); when the queue cannot take it, fail the job with the reason and
     drop the upload, so it never sits queued for ever."""
     try:
-        task.delay(job.pk)
+        send_import(job.pk)
     except Exception as exc:  # noqa: BLE001 - kombu and redis-py raise several types for a lost broker
         log.exception("could not queue import job %s", job.pk)
         error = (f"Could not reach the job queue (Redis): {type(exc).__name__}: {exc}. Nothing was imported; "
@@ -325,8 +332,6 @@ def recover_stale_jobs() -> list[ImportJob]:
     PAIRLOOP_IMPORT_QUEUED_SECONDS is sent to the workers once more (a lost message), and fails when still
     queued that long after. A failed job's upload is deleted, and so is an upload no unfinished job holds.
     Returns the jobs failed."""
-    from annotate.tasks import import_job
-
     stale_after = settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"]
     queued_after = settings.PAIRLOOP["IMPORT_QUEUED_SECONDS"]
     db_cutoff = ExpressionWrapper(Now() - Value(timedelta(seconds=stale_after)), output_field=DateTimeField())
@@ -347,7 +352,7 @@ def recover_stale_jobs() -> list[ImportJob]:
                 resent_at=timezone.now()):
             log.warning("import job %s was queued for over %s s: sending it again", job.pk, queued_after)
             try:
-                import_job.delay(job.pk)  # a copy still in the queue finds the job taken and does nothing
+                send_import(job.pk)  # a copy still in the queue finds the job taken and does nothing
             except Exception:  # noqa: BLE001 - the job then fails on a later sweep
                 log.exception("could not queue import job %s again", job.pk)
     for job in ImportJob.objects.filter(status=ImportJob.QUEUED, resent_at__lt=cutoff):

@@ -14,6 +14,7 @@ import logging
 from dataclasses import asdict
 from datetime import datetime
 
+from celery import current_app
 from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Count
@@ -111,6 +112,14 @@ def refresh(campaign: Campaign) -> dict:
     return statistics
 
 
+REFRESH_TASK = "annotate.refresh_quality_report"  # annotate/tasks.py, on the default queue
+
+
+def send_refresh(campaign_id: int) -> None:
+    """Ask a worker to refresh a campaign's cached statistics, by the task's name."""
+    current_app.send_task(REFRESH_TASK, args=[campaign_id])
+
+
 def _key(campaign: Campaign) -> str:
     # With its creation time: a campaign made later under a reused id (test databases) starts afresh.
     return f"quality-{campaign.pk}-{campaign.created_at.timestamp():.6f}-v{CACHE_VERSION}"
@@ -130,10 +139,8 @@ def _cached_statistics(campaign: Campaign) -> dict:
     if found is None:
         return refresh(campaign)
     if queue:
-        from annotate.tasks import refresh_quality_report
-
         try:
-            transaction.on_commit(lambda: refresh_quality_report.delay(campaign.pk))
+            transaction.on_commit(lambda: send_refresh(campaign.pk))
         except Exception as exc:  # the broker is down: show what we have; the lock lapses, then retry
             log.warning("could not queue a quality report refresh for %s: %s", campaign.slug, exc)
     return found

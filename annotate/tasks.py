@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from annotate import importing
+from annotate import importing, quality
+from annotate.models import Campaign
 
 
-@shared_task(name="annotate.import_job", ignore_result=True)
+@shared_task(name="annotate.import_job", ignore_result=True)  # importing.IMPORT_TASK
 def import_job(job_id: int) -> None:
     importing.run_import_job(job_id)
 
@@ -22,11 +23,8 @@ def recover_stale_import_jobs() -> int:
     return len(importing.recover_stale_jobs())
 
 
-@shared_task(name="annotate.refresh_quality_report", ignore_result=True)
+@shared_task(name="annotate.refresh_quality_report", ignore_result=True)  # quality.REFRESH_TASK
 def refresh_quality_report(campaign_id: int) -> None:
-    from annotate import quality
-    from annotate.models import Campaign
-
     campaign = Campaign.objects.filter(pk=campaign_id).first()
     if campaign is not None:
         quality.refresh(campaign)

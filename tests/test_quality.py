@@ -175,7 +175,8 @@ def test_the_page_shows_cached_statistics_and_queues_one_refresh_when_stale(
         claim = claim_next_pair(campaign, person)
         submit_judgment(assignment_id=claim.assignment.pk, labeler=person, choice="a")
     queued = []
-    monkeypatch.setattr(tasks.refresh_quality_report, "delay", lambda campaign_id: queued.append(campaign_id))
+    assert quality.REFRESH_TASK == tasks.refresh_quality_report.name  # what is sent is what refreshes
+    monkeypatch.setattr(quality, "send_refresh", lambda campaign_id: queued.append(campaign_id))
     with django_capture_on_commit_callbacks(execute=True):
         assert "No judgments by labelers yet" in client.get(url).content.decode()  # fresh enough: cached
     assert queued == []
