@@ -9,7 +9,7 @@ from celery import shared_task
 from api import webhooks
 
 
-@shared_task(bind=True, name="api.deliver_webhook", max_retries=None, acks_late=True,
+@shared_task(bind=True, name="api.deliver_webhook", max_retries=None, acks_late=True,  # webhooks.DELIVER_TASK
              time_limit=webhooks.time_limit())
 def deliver_webhook(self, delivery_id: int, tries: int | None = None) -> str:
     """One try of a delivery, as its try number `tries` + 1 (webhooks.attempt bounds the tries)."""

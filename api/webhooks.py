@@ -30,6 +30,7 @@ import time
 from datetime import timedelta
 from urllib.parse import urlsplit
 
+from celery import current_app
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
@@ -128,11 +129,17 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
     return f"sha256={digest}"
 
 
+DELIVER_TASK = "api.deliver_webhook"  # api/tasks.py, on the webhooks queue (settings.CELERY_TASK_ROUTES)
+
+
+def send_delivery(delivery_id: int, tries: int) -> None:
+    """Send a delivery's next try (after `tries` made) to the workers, by its task's name."""
+    current_app.send_task(DELIVER_TASK, args=[delivery_id, tries])
+
+
 def record_event(campaign_id: int, event: str, key: str, payload: dict) -> list[WebhookDelivery]:
     """A delivery per active webhook of the campaign that wants `event`, each sent on commit by a Celery
     task; an event already recorded (the same key) is not sent again."""
-    from api import tasks
-
     made = []
     for webhook in Webhook.objects.filter(campaign_id=campaign_id, is_active=True):
         if event not in webhook.events:
@@ -144,7 +151,7 @@ def record_event(campaign_id: int, event: str, key: str, payload: dict) -> list[
                     payload={"event": event, "campaign": webhook.campaign.slug, **payload})
         except IntegrityError:
             continue  # told already
-        transaction.on_commit(lambda pk=delivery.pk: tasks.deliver_webhook.delay(pk, 0))
+        transaction.on_commit(lambda pk=delivery.pk: send_delivery(pk, 0))
         made.append(delivery)
     return made
 
@@ -294,8 +301,6 @@ def resend_stale_deliveries() -> tuple[list[int], list[int]]:
     their worker died during a try) are sent again; those whose last allowed try was the one lost, or that
     were made more than GIVE_UP_SECONDS ago, are failed. Returns (ids sent again, ids failed). Called by
     Celery beat."""
-    from api import tasks
-
     resent, failed = [], []
     overdue = WebhookDelivery.objects.filter(status=WebhookDelivery.PENDING,
                                              next_try_at__lt=_from_now(-STALE_SECONDS))
@@ -311,7 +316,7 @@ def resend_stale_deliveries() -> tuple[list[int], list[int]]:
         else:
             if still.update(next_try_at=_from_now(STALE_SECONDS)):
                 transaction.on_commit(
-                    lambda pk=delivery.pk, n=delivery.attempts: tasks.deliver_webhook.delay(pk, n))
+                    lambda pk=delivery.pk, n=delivery.attempts: send_delivery(pk, n))
                 resent.append(delivery.pk)
             continue
         if still.update(status=WebhookDelivery.FAILED, error=error):

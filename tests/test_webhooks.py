@@ -84,8 +84,7 @@ def sent_at_once(monkeypatch, settings):
     receivers on loopback (PAIRLOOP_WEBHOOK_ALLOW_PRIVATE)."""
     settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1, "WEBHOOK_ALLOW_PRIVATE": True}
     monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)
-    monkeypatch.setattr(tasks.deliver_webhook, "delay",
-                        lambda *args: tasks.deliver_webhook.apply(args=list(args)))
+    monkeypatch.setattr(webhooks, "send_delivery", lambda *args: tasks.deliver_webhook.apply(args=list(args)))
 
 
 def run_round(campaign, admin_user, fail_kind=None):
@@ -383,7 +382,7 @@ class Trickler:
 def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_deadline(admin_user, labeler, monkeypatch,
                                                                         sent_at_once, settings):
     settings.PAIRLOOP = {**settings.PAIRLOOP, "WEBHOOK_TIMEOUT": 1}
-    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)  # tried below, by hand
+    monkeypatch.setattr(webhooks, "send_delivery", lambda *args: None)  # tried below, by hand
     campaign = make_campaign(n_pairs=1, members=[labeler])
     slow = Trickler()  # its whole answer takes about 3.5 s, a byte every 50 ms
     webhooks.add_webhook(campaign, slow.url)
@@ -400,7 +399,8 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_deadline(admin_us
 
 
 def test_webhook_deliveries_run_on_their_own_queue_with_a_time_limit_and_the_embedded_worker_takes_it(settings):
-    route = app.amqp.router.route({}, tasks.deliver_webhook.name)
+    assert webhooks.DELIVER_TASK == tasks.deliver_webhook.name  # what is sent is the task that delivers
+    route = app.amqp.router.route({}, webhooks.DELIVER_TASK)
     assert route["queue"].name == "webhooks"
     assert app.amqp.router.route({}, "training.export")["queue"].name == "default"
     routed = {one["queue"] for one in settings.CELERY_TASK_ROUTES.values()}
@@ -423,12 +423,12 @@ def test_a_delivery_whose_message_was_lost_is_sent_again_by_the_sweep(admin_user
     campaign = make_campaign(n_pairs=1, members=[labeler])
     hook = receiver()
     webhooks.add_webhook(campaign, hook.url)
-    eager = tasks.deliver_webhook.delay
-    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)  # the broker loses the message
+    eager = webhooks.send_delivery
+    monkeypatch.setattr(webhooks, "send_delivery", lambda *args: None)  # the broker loses the message
     [delivery] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "lost", {})
     assert webhooks.resend_stale_deliveries() == ([], [])  # not overdue yet: its message may still come
     overdue(delivery)
-    monkeypatch.setattr(tasks.deliver_webhook, "delay", eager)
+    monkeypatch.setattr(webhooks, "send_delivery", eager)
     assert webhooks.resend_stale_deliveries() == ([delivery.pk], [])
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == ("delivered", 1)
@@ -444,11 +444,11 @@ def test_a_try_whose_worker_died_is_made_again_once_and_a_late_duplicate_is_skip
     campaign = make_campaign(n_pairs=1, members=[labeler])
     hook = receiver()
     webhooks.add_webhook(campaign, hook.url)
-    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)
+    monkeypatch.setattr(webhooks, "send_delivery", lambda *args: None)
     [delivery] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "killed", {})
     overdue(delivery, attempts=3)  # its 3rd try began long ago; its worker was killed during it
     sent = []
-    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: sent.append(args))
+    monkeypatch.setattr(webhooks, "send_delivery", lambda *args: sent.append(args))
     assert webhooks.resend_stale_deliveries() == ([delivery.pk], [])
     assert webhooks.resend_stale_deliveries() == ([], [])  # sent again once, not at every sweep
     assert sent == [(delivery.pk, 3)]
@@ -467,7 +467,7 @@ def test_a_pending_delivery_past_its_last_try_or_its_age_is_failed_by_the_sweep(
     campaign = make_campaign(n_pairs=1, members=[labeler])
     hook = receiver()
     webhooks.add_webhook(campaign, hook.url)
-    monkeypatch.setattr(tasks.deliver_webhook, "delay", lambda *args: None)
+    monkeypatch.setattr(webhooks, "send_delivery", lambda *args: None)
     [last] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "last", {})
     [old] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "old", {})
     [fresh] = webhooks.record_event(campaign.pk, "campaign.queue_empty", "fresh", {})
