@@ -16,6 +16,7 @@ from annotate.access import REVIEWERS_GROUP
 from annotate.actions import AddResult, PairInput, add_pairs
 from annotate.auth import DEMO_USERS, is_loopback
 from annotate.models import Campaign, Response
+from demo import demo_tasks
 from training.starting_policy import default_policy
 
 DEMO_SLUG = "demo"
@@ -126,8 +127,7 @@ def seed_demo(*, prompts: int | None = None, per_prompt: int = 3, seed: int = 0,
     """Create (or top up) the demo campaign from `prompts` demo prompts (default: seed_size(preset));
     safe to run twice (duplicates are skipped). The demo users get the README's passwords only with
     known_passwords (see known_passwords_allowed). on_progress sees the policy build and the sampling."""
-    from demo import demo_tasks
-    from training.engine.sample import sample_responses
+    from training.engine.sample import sample_responses  # torch: only when seeding
 
     with transaction.atomic():
         created_users, logins = ensure_users(known_passwords)

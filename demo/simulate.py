@@ -17,6 +17,7 @@ from django.contrib.auth.models import User
 
 from annotate.actions import claim_next_pair, submit_judgment
 from annotate.models import Campaign, Judgment
+from demo import demo_tasks
 from demo.demo_tasks import DEFAULT_RULE_JUDGE
 
 RULE, RM = "rule:", "rm:"
@@ -44,8 +45,6 @@ class Judge:
 
 def make_judge(spec: str, device: str = "auto") -> Judge:
     if spec.startswith(RULE):
-        from demo import demo_tasks
-
         name = spec[len(RULE):]
         if name not in demo_tasks.RULE_JUDGES:
             known = ", ".join(sorted(demo_tasks.RULE_JUDGES))
