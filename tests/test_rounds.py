@@ -292,7 +292,7 @@ def test_a_rounds_chat_prompts_render_and_sample_alike_on_a_later_day(chains, se
     import transformers.utils.chat_template_utils as templating
 
     from training.engine.common import load_tokenizer, render_prompt
-    from training.engine.tiny_models import build_policy, build_reward
+    from demo.tiny_models import build_policy, build_reward
 
     settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 3600}  # no heartbeat thread writes here
     policy, reward = build_policy("llama", tmp_path / "policy"), build_reward("llama", tmp_path / "reward")
