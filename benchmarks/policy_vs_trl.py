@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from demo import demo_tasks  # noqa: E402
 from demo.policy import ensure_demo_policy  # noqa: E402
-from training.engine.common import format_prompt, load_causal_lm, value_type  # noqa: E402
+from training.engine.cli import value_type  # noqa: E402
+from training.engine.common import format_prompt, load_causal_lm  # noqa: E402
 from training.engine.ppo import PPOArgs, resume_dir  # noqa: E402
 from training.engine.ppo import main as ppo_main  # noqa: E402
 from training.engine.sample import generate, sequence_logprobs  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from demo.tiny_models import build_policy, build_reward
-from training.engine.common import read_checkpoint_meta
+from training.engine.checkpoints import read_checkpoint_meta
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -13,16 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.engine import common
-from training.engine.common import (
-    EngineError,
-    find_checkpoint,
-    load_trainer_state,
-    read_checkpoint_meta,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from training.engine import checkpoints
+from training.engine.checkpoints import find_checkpoint, load_trainer_state, read_checkpoint_meta, save_checkpoint
+from training.engine.common import EngineError, rng_state, set_rng_state
 
 
 class Weights:
@@ -109,9 +102,9 @@ def test_it_flushes_every_file_and_directory_to_disk_before_the_swap(tmp_path, m
     monkeypatch.setattr(os, "fsync", fsync)
     out = save(tmp_path / "reward", 1, b"weights")
     names = [Path(p).name for p in synced]
-    for name in ("model-1.bin", "model-2.bin", common.TRAINER_STATE, common.CHECKPOINT_META):
+    for name in ("model-1.bin", "model-2.bin", checkpoints.TRAINER_STATE, checkpoints.CHECKPOINT_META):
         assert name in names
-    assert names.index(common.CHECKPOINT_META) > max(names.index("model-1.bin"), names.index("model-2.bin"))
+    assert names.index(checkpoints.CHECKPOINT_META) > max(names.index("model-1.bin"), names.index("model-2.bin"))
     assert synced[-1] == str(out.parent)  # the rename itself is made durable
 
 
@@ -123,7 +116,7 @@ def test_it_loads_trainer_state_without_running_code_from_the_file(tmp_path):
             return (Path.touch, (marker,))
 
     (tmp_path / "ckpt").mkdir()
-    torch.save({"step": 3, "extra": Planted()}, tmp_path / "ckpt" / common.TRAINER_STATE)
+    torch.save({"step": 3, "extra": Planted()}, tmp_path / "ckpt" / checkpoints.TRAINER_STATE)
     with pytest.raises(EngineError, match="holds more than tensors and plain values"):
         load_trainer_state(tmp_path / "ckpt")
     assert not marker.exists()
@@ -132,7 +125,7 @@ def test_it_loads_trainer_state_without_running_code_from_the_file(tmp_path):
 def test_it_restores_every_rng_from_a_state_saved_as_plain_values(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     (tmp_path / "ckpt").mkdir()
-    torch.save({"rng": rng_state()}, tmp_path / "ckpt" / common.TRAINER_STATE)
+    torch.save({"rng": rng_state()}, tmp_path / "ckpt" / checkpoints.TRAINER_STATE)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     set_rng_state(load_trainer_state(tmp_path / "ckpt")["rng"])

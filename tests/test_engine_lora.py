@@ -11,7 +11,8 @@ import torch
 from demo import demo_tasks
 from demo.tiny_models import build_policy, build_reward
 from training.engine import ppo, reward, sft
-from training.engine.common import ADAPTER_DIR, EngineError, MemoryArgs, apply_lora, read_checkpoint_meta
+from training.engine.checkpoints import read_checkpoint_meta
+from training.engine.common import ADAPTER_DIR, EngineError, MemoryArgs, apply_lora
 
 REPO = Path(__file__).resolve().parents[1]
 

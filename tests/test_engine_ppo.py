@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine.common import EngineError, StopWithoutSaving, read_checkpoint_meta
+from training.engine.checkpoints import read_checkpoint_meta
+from training.engine.common import EngineError, StopWithoutSaving
 from training.engine.ppo import (
     VALUE_HEAD_DIR,
     PPOArgs,

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine.common import EngineError, default_reward_backbone, load_reward_model, read_checkpoint_meta
+from training.engine.checkpoints import read_checkpoint_meta
+from training.engine.common import EngineError, default_reward_backbone, load_reward_model
 from training.engine.reward import (
     PairEncoder,
     RewardArgs,

@@ -14,13 +14,6 @@ import pytest
 import torch
 
 from demo import demo_tasks
-from training.engine.common import (
-    EngineError,
-    can_share_prefix,
-    format_prompt,
-    read_checkpoint_meta,
-    shared_prefix_length,
-)
 from demo.policy import (
     PRESETS,
     build_demo_policy,
@@ -29,6 +22,8 @@ from demo.policy import (
     evaluate_policy,
     train_tokenizer,
 )
+from training.engine.checkpoints import read_checkpoint_meta
+from training.engine.common import EngineError, can_share_prefix, format_prompt, shared_prefix_length
 from training.engine.sft import (
     IGNORE_INDEX,
     SFTArgs,

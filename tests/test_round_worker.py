@@ -23,7 +23,7 @@ from tests.conftest import make_user
 from tests.worker import Worker
 from training import actions
 from training.config import build_config
-from training.engine.common import read_checkpoint_meta
+from training.engine.checkpoints import read_checkpoint_meta
 from training.engine.sample import sample_responses
 from training.models import Job, Round
 from training.starting_policy import default_policy

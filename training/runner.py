@@ -324,7 +324,7 @@ def _fresh_start(job: Job) -> Path:
 def _earlier_checkpoint(job: Job, name: str, resume_dir: Callable[[Path], Path]) -> str:
     """The resumable checkpoint with the highest step that an earlier attempt of this job left
     (`resume_dir(<attempt dir>/<name>)`), or "" for none: a resumed job continues from it."""
-    from training.engine.common import find_checkpoint, read_checkpoint_meta
+    from training.engine.checkpoints import find_checkpoint, read_checkpoint_meta
 
     found = []
     for attempt in range(job.attempts - 1, 0, -1):

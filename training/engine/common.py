@@ -1,26 +1,21 @@
 """What every training stage shares: device and dtype choice, model loading with clear
 errors, prompt rendering (the model's chat template, else the seed's instruction template),
-seeding, atomic self-describing checkpoints, progress events.
+seeding, progress events. Checkpoints live in checkpoints.py, the command lines in cli.py.
 
 Plain Python over torch and transformers; this package never imports Django.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
-import pickle
 import random
-import shutil
 import sys
-import tempfile
 import time
-import typing
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from training.engine.chat_date import chat_date
+from training.engine.checkpoints import read_checkpoint_meta, save_checkpoint  # noqa: F401 - the demo build imports them here
+from training.engine.checkpoints import to_jsonable
+from training.engine.errors import EngineError  # noqa: F401 - part of this module's API
 from training.engine.fields import field_docs
 from training.engine.stop import StopWithoutSaving  # noqa: F401 - part of this module's API
 
@@ -43,8 +41,6 @@ ProgressFn = Callable[[dict[str, Any]], None]
 # A prompt is text, or chat turns [{"role": "system" | "user" | "assistant", "content": str}].
 Prompt = str | list[dict[str, str]]
 
-CHECKPOINT_META = "pairloop.json"
-TRAINER_STATE = "trainer_state.pt"
 
 # The instruction template of the seed material (Alpaca, Taori et al. 2023).
 PROMPT_TEMPLATE = (
@@ -57,10 +53,6 @@ PROMPT_TEMPLATE_WITH_INPUT = (
     "context. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-
-
-class EngineError(ValueError):
-    """A problem with the user's input (data, model path, settings), found before training."""
 
 
 def no_progress(event: dict[str, Any]) -> None:
@@ -576,171 +568,6 @@ def trim_padding(query_ids, query_mask, response_ids, response_mask):
     return query_ids[:, first:], query_mask[:, first:], response_ids[:, :last], response_mask[:, :last]
 
 
-def to_jsonable(value: Any) -> Any:
-    if is_dataclass(value):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (torch.Tensor, np.generic)):
-        return value.item()
-    if callable(value):
-        return getattr(value, "__name__", repr(value))
-    return value
-
-
-def save_checkpoint(
-    out_dir: str | Path,
-    *,
-    stage: str,
-    args: Any,
-    step: int,
-    metrics: dict[str, Any],
-    pretrained: dict[str, Any],
-    data_version: str | None = None,
-    trainer_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write a self-describing checkpoint atomically: a temp dir beside `out_dir`, then rename.
-
-    `pretrained` maps a subdirectory name ("" for the top) to objects with `save_pretrained`
-    (models, tokenizers). `trainer_state` (optimizer, scheduler, RNG, anything torch can save)
-    goes to trainer_state.pt, so a resumed run continues exactly.
-
-    Every file is fsynced before pairloop.json is written (last), and the swap (old -> aside,
-    new -> `out_dir`) is fsynced too: a failure before the swap leaves the previous checkpoint
-    where it was, one between the two renames puts it back, and a crash there leaves both
-    complete beside `out_dir`, where `find_checkpoint` finds them.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = None
-    try:
-        for sub, obj in pretrained.items():
-            target = tmp / sub if sub else tmp
-            target.mkdir(parents=True, exist_ok=True)
-            obj.save_pretrained(target)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-        _fsync_tree(tmp)
-        meta = {
-            "stage": stage,
-            "step": step,
-            "args": to_jsonable(args),
-            "metrics": to_jsonable(metrics),
-            "data_version": data_version,
-            "saved_at": time.time(),
-            "torch": torch.__version__,
-        }
-        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _fsync(tmp / CHECKPOINT_META)
-        _fsync(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        _fsync(out_dir.parent)
-    except BaseException:
-        if old is not None and not out_dir.exists():
-            old.rename(out_dir)  # the new one never took its place: the previous one stays in use
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        _discard(old)
-    return out_dir
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory (its entries: renames, new files) to the disk."""
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for directory, _, files in os.walk(root, topdown=False):
-        for name in files:
-            _fsync(Path(directory) / name)
-        _fsync(Path(directory))
-
-
-def _discard(path: Path) -> None:
-    """Delete a checkpoint directory, its pairloop.json first: a half-deleted one never looks complete."""
-    (path / CHECKPOINT_META).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _swap_leftovers(out_dir: Path) -> list[Path]:
-    """What interrupted swaps left beside `out_dir`: set-aside old checkpoints and temp dirs."""
-    return sorted(p for pattern in (f".{out_dir.name}.old-*", f".{out_dir.name}.tmp-*")
-                  for p in out_dir.parent.glob(pattern) if p.is_dir())
-
-
-def _remove_leftovers(out_dir: Path) -> None:
-    """Before a save: once `out_dir` holds a complete checkpoint, what earlier swaps left is not needed."""
-    if _complete_meta(out_dir) is not None:
-        for leftover in _swap_leftovers(out_dir):
-            _discard(leftover)
-
-
-def _complete_meta(path: Path) -> dict[str, Any] | None:
-    """The pairloop.json of a checkpoint written in full (it is written last), else None."""
-    try:
-        return json.loads((path / CHECKPOINT_META).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def resume_dir(out: str | Path) -> Path:
-    """The resumable checkpoint of a run writing to `out` (reward model, PPO): `<out>.resume/`."""
-    out = Path(out)
-    return out.with_name(out.name + ".resume")
-
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    """`path` when it holds a complete checkpoint; else, after a crash in the middle of a swap, the
-    complete checkpoint with the highest step that the swap left beside it; None when there is none."""
-    path = Path(path)
-    if _complete_meta(path) is not None:
-        return path
-    if not path.parent.is_dir():
-        return None
-    found = []
-    for leftover in _swap_leftovers(path):
-        meta = _complete_meta(leftover)
-        if meta is not None:
-            found.append((int(meta.get("step") or 0), float(meta.get("saved_at") or 0), leftover))
-    return max(found)[2] if found else None
-
-
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
-    """The pairloop.json of a checkpoint directory, or None when there is none."""
-    meta = Path(path) / CHECKPOINT_META
-    if not meta.exists():
-        return None
-    return json.loads(meta.read_text())
-
-
-def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
-    """trainer_state.pt of a checkpoint, read with weights_only=True: tensors and plain values only, so a
-    file planted on a shared checkpoint volume cannot run code in the worker that loads it."""
-    state = Path(path) / TRAINER_STATE
-    if not state.exists():
-        return None
-    try:
-        return torch.load(state, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise EngineError(f"{state} holds more than tensors and plain values, so it is not loaded (an "
-                          f"older pairloop's file, or not ours): delete it to start over ({exc})") from exc
-
-
 def print_final_metrics(metrics: dict[str, Any]) -> None:
     """A CLI's last line: one JSON object with the final metrics, for scripts to read."""
     sys.stdout.flush()
@@ -841,68 +668,6 @@ class TqdmProgress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def value_type(hint):
-    """The type a command-line value of a field annotated `hint` converts to: `int | None` -> int."""
-    options = [t for t in typing.get_args(hint) if t is not type(None)]
-    return options[0] if options else hint
-
-
-def parser_for(cls, description: str, *, prog: str | None = None, required: tuple[str, ...] = (),
-               flag_names: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per field of the Args dataclass `cls`, its docstring as help.
-
-    Booleans get --flag / --no-flag; list fields are repeated flags (`flag_names` gives them a
-    singular name, e.g. reward_models -> --reward-model); `required` fields have no default."""
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    flag_names = flag_names or {}
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    for f in fields(cls):
-        flag = "--" + flag_names.get(f.name, f.name.replace("_", "-"))
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        hint = hints[f.name]
-        kind = value_type(hint)
-        doc = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %; a "10%" must stay text
-        if hint is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc)
-        elif typing.get_origin(hint) is list:
-            item = (typing.get_args(hint) or (str,))[0]
-            parser.add_argument(flag, dest=f.name, action="append", type=item, default=[],
-                                metavar=flag[2:].upper().replace("-", "_"), help=f"{doc} (repeat for several)")
-        elif f.name in required:
-            parser.add_argument(flag, dest=f.name, type=kind, required=True, help=doc)
-        else:
-            kind = typing.get_origin(kind) or kind  # str | list[str] takes a str on the command line
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"{doc} (default: {default})")
-    return parser
-
-
-def run_cli(cls, main: Callable[..., dict[str, Any]], argv: list[str] | None, *, stage: str, description: str,
-            required: tuple[str, ...] = (), flag_names: dict[str, str] | None = None) -> int:
-    """The engine's command lines: flags -> Args -> main(args, progress bar) -> final metrics as the last line.
-
-    A problem with the input (EngineError) prints `error: ...` on stderr and, as the last line of
-    stdout, {"error": ...} for scripts; the exit status is then 2."""
-    parser = parser_for(cls, description, prog=f"python -m training.engine.{stage}", required=required,
-                        flag_names=flag_names)
-    args = cls(**vars(parser.parse_args(argv)))
-    first = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, rank 0 alone reports
-    progress = TqdmProgress(stage) if first else no_progress
-    close = progress.close if first else (lambda: None)
-    try:
-        metrics = main(args, progress)
-    except EngineError as exc:
-        close()
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        if first:
-            print_final_metrics({"error": str(exc)})
-        return 2
-    close()
-    if first:
-        print_final_metrics(metrics)
-    return 0
 
 
 def args_from_dict(cls, values: dict[str, Any]):

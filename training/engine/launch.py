@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from training.engine.chat_date import chat_date, pinned_chat_date
-from training.engine.common import EngineError, ProgressFn, args_from_dict, to_jsonable
+from training.engine.checkpoints import to_jsonable
+from training.engine.common import EngineError, ProgressFn, args_from_dict
 from training.engine.stop import StopWithoutSaving
 
 STAGES = {"sft": "SFTArgs", "reward": "RewardArgs", "ppo": "PPOArgs"}

@@ -27,12 +27,43 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.engine.ranks import Ranks
+from training.engine.checkpoints import (
+    find_checkpoint,
+    load_trainer_state,
+    read_checkpoint_meta,
+    resume_dir,
+    save_checkpoint,
+    to_jsonable,
+)
+from training.engine.cli import run_cli
 from training.engine.common import (
-    ADAPTER_DIR, EngineError, MemoryArgs, ProgressFn, Prompt, StopWithoutSaving, TrainedModel, adam_class,
-    adapters_off, apply_lora, base_dtype, enable_memory_switches, encode_prompts, entropy_from_logits,
-    find_checkpoint, forward_response, load_causal_lm, load_trainer_state, masked_mean, masked_whiten,
-    no_progress, pick_device, pick_dtype, read_checkpoint_meta, render_prompt, resume_dir, rng_state, run_cli,
-    save_checkpoint, set_rng_state, set_seed, stop_token_ids, to_jsonable, trim_padding
+    ADAPTER_DIR,
+    EngineError,
+    MemoryArgs,
+    ProgressFn,
+    Prompt,
+    StopWithoutSaving,
+    TrainedModel,
+    adam_class,
+    adapters_off,
+    apply_lora,
+    base_dtype,
+    enable_memory_switches,
+    encode_prompts,
+    entropy_from_logits,
+    forward_response,
+    load_causal_lm,
+    masked_mean,
+    masked_whiten,
+    no_progress,
+    pick_device,
+    pick_dtype,
+    render_prompt,
+    rng_state,
+    set_rng_state,
+    set_seed,
+    stop_token_ids,
+    trim_padding,
 )
 from training.engine.common import context_length as _context_length
 from training.engine.common import step_generator as _step_generator

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import find_checkpoint, load_trainer_state, read_checkpoint_meta, resume_dir, save_checkpoint
+from .cli import run_cli
 from .common import (
     ADAPTER_DIR,
     EngineError,
@@ -59,19 +61,13 @@ from .common import (
     chat_turns,
     StopWithoutSaving,
     default_reward_backbone,
-    find_checkpoint,
     has_chat_template,
     load_reward_model,
-    load_trainer_state,
     no_progress,
     pick_device,
     pick_dtype,
     prompt_text,
-    read_checkpoint_meta,
-    resume_dir,
-    run_cli,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     set_seed,
 )

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.engine.cli import run_cli
 from training.engine.common import (
     EngineError,
     ProgressFn,
@@ -34,7 +35,6 @@ from training.engine.common import (
     pick_dtype,
     prompt_text,
     render_prompt,
-    run_cli,
     stop_token_ids,
 )
 

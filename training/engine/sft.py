@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from training.engine.ranks import Ranks
+from training.engine.checkpoints import load_trainer_state, read_checkpoint_meta, save_checkpoint
+from training.engine.cli import run_cli
 from training.engine.common import (
     ADAPTER_DIR,
     EngineError,
@@ -42,16 +44,12 @@ from training.engine.common import (
     ensure_pad_token,
     has_chat_template,
     load_causal_lm,
-    load_trainer_state,
     no_progress,
     pick_device,
     pick_dtype,
     prefix_forward,
-    read_checkpoint_meta,
     render_prompt,
-    run_cli,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     set_seed,
     shared_prefix_length,
