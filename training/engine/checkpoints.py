@@ -189,3 +189,38 @@ def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
     except pickle.UnpicklingError as exc:
         raise EngineError(f"{state} holds more than tensors and plain values, so it is not loaded (an "
                           f"older pairloop's file, or not ours): delete it to start over ({exc})") from exc
+
+
+def resume_source(out: str | Path, resume: bool, resume_from: str | Path = "") -> Path | None:
+    """Where a run writing to `out` continues from: its own `<out>.resume/`, else `resume_from` (an earlier
+    attempt's); a crash in the middle of a checkpoint swap left it beside its place (find_checkpoint)."""
+    if not resume:
+        return None
+    source = find_checkpoint(resume_dir(out))
+    if source is None and resume_from:
+        source = find_checkpoint(resume_from)
+    return source
+
+
+def resumable_state(source: str | Path | None, *, stage: str, args: Any, keys: tuple[str, ...],
+                    data_version: str | None) -> dict[str, Any] | None:
+    """May this checkpoint resume this run? The trainer state of `source` when it may; None when it holds
+    none (start afresh); EngineError when another stage wrote it, or other data (a checkpoint that recorded
+    none passes; data_version None checks nothing), or other values of the settings `keys`. Every stage asks
+    this one function."""
+    if source is None or not (Path(source) / TRAINER_STATE).exists():
+        return None
+    meta = read_checkpoint_meta(source)
+    if meta is None:
+        return None
+    if meta.get("stage") != stage:
+        raise EngineError(f"{source} is a {meta.get('stage')} checkpoint, not a {stage} one: delete it or pass "
+                          "resume=False (--no-resume) to start over")
+    saved, now = meta.get("args") or {}, to_jsonable(args)
+    differ = [k for k in keys if k in saved and saved[k] != now[k]]
+    if data_version is not None and meta.get("data_version") not in (None, data_version):
+        differ.append("training data")
+    if differ:
+        raise EngineError(f"the resumable checkpoint {source} was made with other settings ({', '.join(differ)} "
+                          "differ): delete it or pass resume=False (--no-resume) to start over")
+    return load_trainer_state(source)

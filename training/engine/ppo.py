@@ -27,14 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.engine.ranks import Ranks
-from training.engine.checkpoints import (
-    find_checkpoint,
-    load_trainer_state,
-    read_checkpoint_meta,
-    resume_dir,
-    save_checkpoint,
-    to_jsonable,
-)
+from training.engine.checkpoints import resumable_state, resume_dir, resume_source, save_checkpoint
 from training.engine.cli import run_cli
 from training.engine.common import (
     ADAPTER_DIR,
@@ -271,17 +264,68 @@ def _validate_args(args: PPOArgs) -> None:
         raise EngineError(f"reward_norm must be running or none, got {args.reward_norm!r}")
 
 
-def main(
-    args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: RewardFn | None = None
-) -> dict[str, Any]:
-    """Run PPO; return the final metrics. Saves the policy at args.out and, while running, a resumable
-    checkpoint at `<out>.resume/` (every save_every steps, and before an exception from on_progress)."""
-    from training.engine.sample import Rollout, generate
+RESUME_KEYS = ("policy", "ref_policy", "seed", "batch_size", "samples_per_prompt", "mini_batch_size", "prompts",
+               "lora_r", "lora_target_modules")
+"""Settings a resumable checkpoint must share with the run it continues (checkpoints.resumable_state)."""
 
-    # ---- check everything before the first step ------------------------------------------------
-    _validate_args(args)
-    prompts = read_prompts(args.prompts)
-    weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None)
+
+@dataclass
+class Setup:
+    """What PPO's loop works with, built once by setup(): the settings, the models, the optimizer and the
+    state that a resumable checkpoint carries (score moments, the step, the last metrics)."""
+
+    args: PPOArgs
+    ranks: Ranks
+    autocast_dtype: torch.dtype | None
+    formatted: list[str]  # the prompts as the policy sees them
+    instructions: list[Prompt]  # the prompts as the reward sources see them
+    recorded_args: PPOArgs  # args as a checkpoint's JSON records them (prompts by count and hash)
+    data_version: str
+    checkpoint: Path  # `<out>.resume/`
+    policy: nn.Module
+    tokenizer: Any
+    ref_policy: nn.Module
+    value_head: ValueHead
+    reward: CombinedReward
+    params: list[nn.Parameter]  # everything the update trains, for the gradient clip
+    optimizer: torch.optim.Optimizer
+    reuse_rollout_logprobs: bool
+    score_stats: RunningMoments = field(default_factory=RunningMoments)
+    start_step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    trained_policy: nn.Module | None = None  # the policy and value head as Accelerate wraps them for the update
+    trained_head: nn.Module | None = None
+
+
+@dataclass
+class Batch:
+    """One step's rollouts, filled in phase by phase: sampled (rollout), scored (score), with the critic's
+    values and the advantages (advantages). Rows are this process's share of the global batch."""
+
+    rows: list[int]
+    instructions: list[Prompt]
+    rollout: Any  # sample.Rollout
+    query_ids: torch.Tensor  # (B, Tq)
+    query_mask: torch.Tensor  # (B, Tq)
+    response_ids: torch.Tensor  # (B, Tr)
+    response_mask: torch.Tensor  # (B, Tr)
+    mask: torch.Tensor  # (B, Tr) float, 1 for real tokens incl. EOS
+    ended: torch.Tensor  # (B,) bool
+    raw_scores: torch.Tensor | None = None  # (B,) the reward sources' combined score
+    score_parts: dict[str, Any] = field(default_factory=dict)
+    scores: torch.Tensor | None = None  # (B,) less the missing-EOS penalty
+    norm_scores: torch.Tensor | None = None  # (B,) baselined and normalised
+    old_logprobs: torch.Tensor | None = None  # (B, Tr)
+    old_values: torch.Tensor | None = None  # (B, Tr)
+    ref_hidden: torch.Tensor | None = None  # (B, Tr, H) the critic's input
+    kl_per_token: torch.Tensor | None = None  # (B, Tr)
+    advantages: torch.Tensor | None = None  # (B, Tr)
+    returns: torch.Tensor | None = None  # (B, Tr)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase
+
+
+def _place(args: PPOArgs) -> tuple[Ranks, torch.dtype, torch.dtype | None]:
+    """The processes, the compute dtype and the autocast dtype (None: plain fp32), checked before loading."""
     ranks = Ranks(pick_device(args.device))
     ranks.check_divides("batch_size", args.batch_size)
     if (args.batch_size // ranks.world) % args.samples_per_prompt:
@@ -293,41 +337,14 @@ def main(
     adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
     if autocast_dtype is not None and device.type == "cpu":
         autocast_dtype = None  # fp32 on CPU
+    return ranks, compute_dtype, autocast_dtype
 
-    checkpoint = resume_dir(args.out)
-    # Where to resume from: this run's own resumable checkpoint, else the one it was given; a crash in the
-    # middle of a checkpoint swap left it beside its place (common.find_checkpoint).
-    source = find_checkpoint(checkpoint) if args.resume else None
-    if source is None and args.resume and args.resume_from:
-        source = find_checkpoint(args.resume_from)
-    resuming = bool(source is not None and (source / "trainer_state.pt").exists())
-    data_version = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()[:16]
-    # The checkpoint's JSON names the prompts by count and hash, not by listing them all.
-    recorded_args = (
-        args
-        if isinstance(args.prompts, str)
-        else replace(args, prompts=f"<{len(prompts)} prompts, sha256 {data_version}>")
-    )
-    if resuming:
-        saved = read_checkpoint_meta(source)
-        saved_args, now = saved.get("args") or {}, to_jsonable(recorded_args)
-        changed = [
-            k
-            for k in (
-                "policy", "ref_policy", "seed", "batch_size", "samples_per_prompt", "mini_batch_size", "prompts",
-                "lora_r", "lora_target_modules",
-            )
-            if k in saved_args and saved_args[k] != now[k]
-        ]
-        if changed or saved.get("data_version") not in (None, data_version):
-            raise EngineError(
-                f"the resumable checkpoint {source} was made with other settings "
-                f"({', '.join(changed) or 'prompts'} differ): delete it or pass resume=False (--no-resume)"
-            )
 
-    set_seed(args.seed)
+def _load_models(args: PPOArgs, device: torch.device, compute_dtype: torch.dtype, source: Path | None):
+    """The policy (from `source` when resuming), its tokenizer and the frozen reference."""
     # Trained weights stay fp32 (autocast on CUDA); the reference, and a LoRA policy's frozen base on CUDA, may live
     # in the compute dtype. A LoRA run resumes its adapter on the base it started from.
+    resuming = source is not None
     policy, tokenizer = load_causal_lm(str(source) if resuming and not args.lora_r else args.policy, device,
                                        base_dtype(args, device, compute_dtype))
     policy = apply_lora(enable_memory_switches(policy, args), args, "CAUSAL_LM",
@@ -349,21 +366,6 @@ def main(
             f"the policy ({args.policy!r}) names no eos token, in its tokenizer or its generation config: "
             "responses could never end"
         )
-
-    formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
-    context = _context_length(policy)
-    if context is not None:
-        for number, ids in enumerate(encode_prompts(tokenizer, formatted), 1):
-            length = len(ids)
-            if length + args.max_new_tokens > context:
-                raise EngineError(
-                    f"prompt {number} is {length} tokens; with max_new_tokens={args.max_new_tokens} "
-                    "it exceeds the "
-                    f"policy's context of {context} tokens: shorten it or lower max_new_tokens"
-                )
-
-    reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt)
-
     # Dropout off in every model ([N+ §"disable dropout"]; Ziegler et al. 2019): eval() everywhere,
     # gradients still flow. Otherwise the logprobs of the rollout and of the update disagree at ratio 1.
     policy.eval()
@@ -374,16 +376,54 @@ def main(
         for module in policy.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-    hidden_size = ref_policy.get_output_embeddings().in_features
-    value_head = (ValueHead.from_pretrained(source / VALUE_HEAD_DIR) if resuming else ValueHead(hidden_size)).to(device)
-    # The sampler's log-probs are those of the rollout policy (same arithmetic, 1e-6 apart in fp32),
-    # so in fp32 we take them as the "old" log-probs instead of a second forward pass; under bf16/fp16
-    # autocast the sampler's and the trainer's kernels differ more, and we recompute them, as [N+ §"re-
-    # compute logprobs"] advises.
-    reuse_rollout_logprobs = autocast_dtype is None
+    return policy, tokenizer, ref_policy
 
+
+def _check_context(args: PPOArgs, tokenizer, policy, formatted: list[str]) -> None:
+    """Every prompt plus max_new_tokens fits the policy's context."""
+    context = _context_length(policy)
+    if context is None:
+        return
+    for number, ids in enumerate(encode_prompts(tokenizer, formatted), 1):
+        length = len(ids)
+        if length + args.max_new_tokens > context:
+            raise EngineError(
+                f"prompt {number} is {length} tokens; with max_new_tokens={args.max_new_tokens} "
+                "it exceeds the "
+                f"policy's context of {context} tokens: shorten it or lower max_new_tokens"
+            )
+
+
+def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -> Setup:
+    """Check everything before the first step, load the models, build the optimizer and, when a resumable
+    checkpoint may continue this run, take its weights, optimizer, score moments and RNG state."""
+    _validate_args(args)
+    prompts = read_prompts(args.prompts)
+    weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None)
+    ranks, compute_dtype, autocast_dtype = _place(args)
+    device = ranks.device
+
+    checkpoint = resume_dir(args.out)
+    data_version = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()[:16]
+    # The checkpoint's JSON names the prompts by count and hash, not by listing them all.
+    recorded_args = (
+        args
+        if isinstance(args.prompts, str)
+        else replace(args, prompts=f"<{len(prompts)} prompts, sha256 {data_version}>")
+    )
+    source = resume_source(args.out, args.resume, args.resume_from)
+    state = resumable_state(source, stage=STAGE, args=recorded_args, keys=RESUME_KEYS, data_version=data_version)
+    source = source if state is not None else None
+
+    set_seed(args.seed)
+    policy, tokenizer, ref_policy = _load_models(args, device, compute_dtype, source)
+    formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
+    _check_context(args, tokenizer, policy, formatted)
+    reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt)
+
+    hidden_size = ref_policy.get_output_embeddings().in_features
+    value_head = (ValueHead.from_pretrained(source / VALUE_HEAD_DIR) if source else ValueHead(hidden_size)).to(device)
     trained = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
-    params = trained + list(value_head.parameters())
     # Adam eps 1e-5 ([N+ §"Adam epsilon"], from Ziegler et al.'s lm-human-preferences).
     optimizer = adam_class(args, device, decoupled=False)(
         [
@@ -393,290 +433,342 @@ def main(
         lr=args.lr,
         eps=1e-5,
     )
-    score_stats = RunningMoments()
-    start_step = 0
-    metrics: dict[str, Any] = {}
-    if resuming:
-        state = load_trainer_state(source)
+    run = Setup(
+        args=args, ranks=ranks, autocast_dtype=autocast_dtype, formatted=formatted,
+        instructions=[p[0] for p in prompts], recorded_args=recorded_args, data_version=data_version,
+        checkpoint=checkpoint, policy=policy, tokenizer=tokenizer, ref_policy=ref_policy, value_head=value_head,
+        reward=reward, params=trained + list(value_head.parameters()), optimizer=optimizer,
+        # The sampler's log-probs are those of the rollout policy (same arithmetic, 1e-6 apart in fp32),
+        # so in fp32 we take them as the "old" log-probs instead of a second forward pass; under bf16/fp16
+        # autocast the sampler's and the trainer's kernels differ more, and we recompute them, as [N+ §"re-
+        # compute logprobs"] advises.
+        reuse_rollout_logprobs=autocast_dtype is None,
+    )
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        score_stats.load_state_dict(state["score_stats"])
+        run.score_stats.load_state_dict(state["score_stats"])
         set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        metrics = dict(state.get("metrics") or {})
+        run.start_step = int(state["step"])
+        run.metrics = dict(state.get("metrics") or {})
         ranks.report(
             on_progress,
             {
                 "stage": STAGE,
-                "step": start_step,
+                "step": run.start_step,
                 "total": args.steps,
-                "metrics": metrics,
-                "log": f"resuming from {source} at step {start_step}",
+                "metrics": run.metrics,
+                "log": f"resuming from {source} at step {run.start_step}",
             }
         )
 
     # Accelerate's wrappers (DDP, FSDP, DeepSpeed) for the update; sampling and scoring use the models themselves.
-    trained_policy, trained_head, optimizer = ranks.prepare(policy, value_head, optimizer)
+    run.trained_policy, run.trained_head, run.optimizer = ranks.prepare(policy, value_head, optimizer)
+    return run
 
-    def save_resume(step: int) -> None:
-        if not ranks.main:
-            return ranks.wait()
-        save_checkpoint(
-            checkpoint,
-            stage=STAGE,
-            args=recorded_args,
-            step=step,
-            metrics=metrics,
-            data_version=data_version,
-            pretrained={"": TrainedModel(policy, tokenizer, merged=False), VALUE_HEAD_DIR: value_head},
-            trainer_state={
-                "optimizer": optimizer.state_dict(),
-                "score_stats": score_stats.state_dict(),
-                "rng": rng_state(),
-                "step": step,
-                "metrics": metrics,
-            },
-        )
-        ranks.wait()
 
-    # ---- the PPO loop -----------------------------------------------------------------------------
-    group = args.samples_per_prompt
-    for step in range(start_step, args.steps):
-        started = time.perf_counter()
-        batch_idx = [
-            i for i in _prompt_indices(len(prompts), args.batch_size // group, step, args.seed) for _ in range(group)
-        ]
-        rows = ranks.shard(range(len(batch_idx)))  # this process's rows of the global batch
-        instructions = [prompts[batch_idx[i]][0] for i in rows]
+def rollout(run: Setup, step: int) -> Batch:
+    """1. Rollouts: samples_per_prompt responses per prompt (adjacent), sampled with the KV cache, in
+    chunks seeded by their place in the global batch: the same samples under any number of processes."""
+    from training.engine.sample import Rollout, generate
 
-        # 1. Rollouts: samples_per_prompt responses per prompt (adjacent), sampled with the KV cache, in
-        # chunks seeded by their place in the global batch: the same samples under any number of processes.
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=device.type,
-                dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None,
-            ),
-        ):
-            chunks = [rows[c : c + args.generation_batch_size] for c in range(0, len(rows), args.generation_batch_size)]
-            rollout = Rollout.concat([
-                generate(
-                    policy,
-                    tokenizer,
-                    [formatted[batch_idx[i]] for i in chunk],
-                    max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    batch_size=args.generation_batch_size,
-                    generator=_step_generator(args.seed, step, 1 + 1009 * chunk[0], device),
-                    stop_strings=args.stop_strings,
-                )
-                for chunk in chunks
-            ], tokenizer.pad_token_id)
-        query_ids, query_mask, response_ids, response_mask = trim_padding(
-            rollout.query_ids.to(device),
-            rollout.query_mask.to(device),
-            rollout.response_ids.to(device),
-            rollout.response_mask.to(device),
-        )
-        mask = response_mask.float()  # (B, Tr) 1 for real tokens incl. EOS
-        ended = rollout.ended.to(device).bool()  # (B,)
-        generated_at = time.perf_counter()
-
-        # 2. Scores on decoded text, by each reward source with its own tokenizer.
-        raw_scores, score_parts = reward(instructions, list(rollout.texts))  # (B,)
-        raw_scores = raw_scores.to(device)
-        # Missing-EOS penalty (TRL PPOv2 missing_eos_penalty; [N+ §"EOS trick"]): a response cut off
-        # at max_new_tokens (no end-of-turn token, no stop string: sample.generate's rule) is worse than any finished one.
-        scores = raw_scores - args.missing_eos_penalty * (~ended).float()  # (B,)
-        baselined = leave_one_out(scores, group) if group > 1 else scores  # (B,)
-        # Reward normalisation: Ziegler et al. 2019 scale the reward to mean 0, std 1; we keep running
-        # moments over all scores seen (or per batch), so the KL coefficient means the same through training.
-        if args.reward_norm == "running":
-            score_stats.update(ranks.gather(baselined).cpu())
-            norm_scores = (baselined - score_stats.mean) / (score_stats.std + 1e-8)
-        else:
-            norm_scores = baselined
-
-        scored_at = time.perf_counter()
-
-        # 3. Log-probs of the rollout under the rollout policy and the reference; values V(s_t) of the critic.
-        with torch.no_grad():
-            old_logprobs, old_values, ref_logprobs, ref_hidden = [], [], [], []
-            for start in range(0, len(rows), args.generation_batch_size):
-                sl = slice(start, start + args.generation_batch_size)
-                chunk = (query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
-                if not reuse_rollout_logprobs:
-                    old_logprobs.append(forward_response(policy, *chunk, args.temperature, autocast_dtype)[0])
-                with adapters_off(ref_policy):
-                    rlp, _, hidden = forward_response(
-                        ref_policy, *chunk, args.temperature, autocast_dtype, want_hidden=True
-                    )
-                ref_logprobs.append(rlp)
-                ref_hidden.append(hidden)
-                old_values.append(value_head(hidden))  # (b, Tr)
-            if old_logprobs:
-                old_logprobs = torch.cat(old_logprobs) * mask  # (B, Tr)
-            else:
-                old_logprobs = rollout.logprobs[:, : mask.shape[1]].to(device).float() * mask  # (B, Tr)
-            old_values = torch.cat(old_values) * mask  # (B, Tr)
-            ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, Tr)
-            ref_hidden = torch.cat(ref_hidden)  # (B, Tr, H): the critic's input
-
-            # 4. Per-token rewards: the KL penalty at each token plus the score at the last one.
-            beta = args.kl_coef
-            kl_per_token = (old_logprobs - ref_logprobs) * mask  # (B, Tr) k1 estimate of KL(pi || ref)
-            rewards = per_token_rewards(kl_per_token, norm_scores, response_mask, beta)  # (B, Tr)
-
-            advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)  # (B, Tr)
-            # Advantage whitening over the batch ([N+ §"advantage whitening"]; TRL PPOv2).
-            if args.whiten_advantages:
-                advantages = masked_whiten(advantages, mask) if ranks.world == 1 else ranks.whiten(advantages, mask)
-
-        forwarded_at = time.perf_counter()
-
-        # 5. Several epochs of clipped PPO over shuffled minibatches.
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl")
-        }
-        entropy_sum, entropy_tokens = 0.0, 0.0
-        order_gen = _step_generator(args.seed, step, 2, torch.device("cpu"))
-        batch = args.batch_size
-        minibatch = args.mini_batch_size or batch
-        policy.train(args.gradient_checkpointing)
-        for epoch in range(args.ppo_epochs):
-            order = torch.randperm(batch, generator=order_gen).to(device)  # global rows, as with one process
-            for start in range(0, batch, minibatch):
-                # This process's rows of the global minibatch; with none, one row that adds nothing (DDP needs a backward).
-                mb = order[start : start + minibatch]
-                mb = mb[(mb >= rows[0]) & (mb <= rows[-1])] - rows[0]
-                empty = mb.numel() == 0
-                mb = mb if not empty else torch.zeros(1, dtype=torch.long, device=device)
-                q_ids, q_mask, r_ids, r_mask = trim_padding(
-                    query_ids[mb], query_mask[mb], response_ids[mb], response_mask[mb]
-                )
-                tr = r_ids.shape[1]
-                mb_mask = r_mask.float() * (not empty)  # (b, tr)
-                mb_old_logprobs, mb_old_values = old_logprobs[mb, :tr], old_values[mb, :tr]
-                mb_adv, mb_returns = advantages[mb, :tr], returns[mb, :tr]
-
-                new_logprobs, logits, _ = forward_response(
-                    trained_policy,
-                    q_ids,
-                    q_mask,
-                    r_ids,
-                    r_mask,
-                    args.temperature,
-                    autocast_dtype,
-                    # checkpointed blocks drop the shared cache; DDP allows one forward per backward
-                    share_prefix=not args.gradient_checkpointing and ranks.world == 1,
-                )
-                new_values = trained_head(ref_hidden[mb, :tr])  # (b, tr)
-                if epoch == 0:  # the policy's entropy on its own samples, read off the first pass
-                    with torch.no_grad():
-                        entropy_sum += (entropy_from_logits(logits) * mb_mask).sum().item()
-                        entropy_tokens += mb_mask.sum().item()
-                # Clipped value loss (OpenAI baselines ppo2; [N+ §"value clipping"]).
-                values_clipped = mb_old_values + torch.clamp(
-                    new_values - mb_old_values, -args.cliprange_value, args.cliprange_value
-                )
-                vf_losses1 = (new_values - mb_returns) ** 2
-                vf_losses2 = (values_clipped - mb_returns) ** 2
-                vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mb_mask)
-                # Clipped surrogate objective (Schulman et al. 2017, eq. 7).
-                log_ratio = (new_logprobs - mb_old_logprobs) * mb_mask
-                ratio = torch.exp(log_ratio)
-                pg_losses1 = -mb_adv * ratio
-                pg_losses2 = -mb_adv * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
-                pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mb_mask)
-                loss = pg_loss + args.vf_coef * vf_loss
-                # Several processes: token means over the global minibatch once DDP averages the gradients.
-                share = mb_mask.sum() * ranks.world / ranks.sum(mb_mask.sum()) if ranks.world > 1 else 1.0
-
-                optimizer.zero_grad(set_to_none=True)
-                ranks.backward(loss * share)
-                ranks.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-
-                with torch.no_grad():
-                    for name, value in (
-                        ("pg_loss", pg_loss),
-                        ("vf_loss", vf_loss),
-                        ("clipfrac", masked_mean((pg_losses2 > pg_losses1).float(), mb_mask)),
-                        ("vf_clipfrac", masked_mean((vf_losses2 > vf_losses1).float(), mb_mask)),
-                        # Schulman's k2 estimate of KL(old || new) over the update (TRL PPOv2 approxkl).
-                        ("approx_kl", 0.5 * masked_mean(log_ratio**2, mb_mask)),
-                    ):
-                        stats[name].append(value.item() if ranks.world == 1 else ranks.mean(value * share))
-
-        policy.eval()
-
-        mean_kl = ranks.gather(kl_per_token.sum(1)).mean().item()  # nats per response
-
-        with torch.no_grad():
-            flat_returns, flat_values = ranks.gather(returns[mask.bool()]), ranks.gather(old_values[mask.bool()])
-            var_returns = flat_returns.var(unbiased=False)
-            explained_variance = (
-                (1 - (flat_returns - flat_values).var(unbiased=False) / var_returns).item()
-                if var_returns > 0
-                else float("nan")
+    args, device, group = run.args, run.ranks.device, run.args.samples_per_prompt
+    started = time.perf_counter()
+    batch_idx = [
+        i for i in _prompt_indices(len(run.formatted), args.batch_size // group, step, args.seed) for _ in range(group)
+    ]
+    rows = run.ranks.shard(range(len(batch_idx)))  # this process's rows of the global batch
+    with (
+        torch.no_grad(),
+        torch.autocast(
+            device_type=device.type,
+            dtype=run.autocast_dtype or torch.float32,
+            enabled=run.autocast_dtype is not None,
+        ),
+    ):
+        chunks = [rows[c : c + args.generation_batch_size] for c in range(0, len(rows), args.generation_batch_size)]
+        sampled = Rollout.concat([
+            generate(
+                run.policy,
+                run.tokenizer,
+                [run.formatted[batch_idx[i]] for i in chunk],
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                batch_size=args.generation_batch_size,
+                generator=_step_generator(args.seed, step, 1 + 1009 * chunk[0], device),
+                stop_strings=args.stop_strings,
             )
-        elapsed = time.perf_counter() - started
-        metrics = {
-            "ppo/reward": ranks.gather(raw_scores).mean().item(),
-            "ppo/score": ranks.gather(scores).mean().item(),
-            "ppo/rlhf_reward": ranks.gather(scores - beta * kl_per_token.sum(1)).mean().item(),
-            "ppo/kl": mean_kl,
-            "ppo/kl_coef": beta,
-            "ppo/entropy": float(ranks.sum(entropy_sum)) / max(float(ranks.sum(entropy_tokens)), 1.0),
-            "ppo/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
-            "ppo/value_clipfrac": sum(stats["vf_clipfrac"]) / len(stats["vf_clipfrac"]),
-            "ppo/approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
-            "ppo/value_loss": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
-            "ppo/policy_loss": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
-            "ppo/explained_variance": explained_variance,
-            "ppo/response_length": ranks.gather(mask.sum(1)).mean().item(),
-            "ppo/eos_rate": ranks.gather(ended.float()).mean().item(),
-            "ppo/samples_per_second": args.batch_size / elapsed,
-            "ppo/generate_seconds": generated_at - started,
-            "ppo/reward_seconds": scored_at - generated_at,
-            "ppo/forward_seconds": forwarded_at - scored_at,
-            "ppo/train_seconds": elapsed - (forwarded_at - started),
-            "ppo/step_seconds": elapsed,
-        }
-        if len(score_parts) > 1:
-            metrics.update({f"ppo/reward/{name}": ranks.mean(value) for name, value in score_parts.items()})
+            for chunk in chunks
+        ], run.tokenizer.pad_token_id)
+    query_ids, query_mask, response_ids, response_mask = trim_padding(
+        sampled.query_ids.to(device),
+        sampled.query_mask.to(device),
+        sampled.response_ids.to(device),
+        sampled.response_mask.to(device),
+    )
+    return Batch(
+        rows=rows, instructions=[run.instructions[batch_idx[i]] for i in rows], rollout=sampled,
+        query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
+        mask=response_mask.float(), ended=sampled.ended.to(device).bool(),
+        seconds={"generate": time.perf_counter() - started},
+    )
 
-        done = step + 1
-        saving = bool(args.save_every and done % args.save_every == 0 and done < args.steps)
-        try:
-            shown = {"log": f"The first prompt as the policy sees it:\n{formatted[0]}"} if step == start_step else {}
-            ranks.report(on_progress, {"stage": STAGE, "step": done, "total": args.steps, "metrics": metrics,
+
+def score(run: Setup, batch: Batch) -> None:
+    """2. Scores on decoded text, by each reward source with its own tokenizer; baselined and normalised."""
+    args, ranks = run.args, run.ranks
+    started = time.perf_counter()
+    raw_scores, batch.score_parts = run.reward(batch.instructions, list(batch.rollout.texts))  # (B,)
+    batch.raw_scores = raw_scores.to(ranks.device)
+    # Missing-EOS penalty (TRL PPOv2 missing_eos_penalty; [N+ §"EOS trick"]): a response cut off
+    # at max_new_tokens (no end-of-turn token, no stop string: sample.generate's rule) is worse than any finished one.
+    batch.scores = batch.raw_scores - args.missing_eos_penalty * (~batch.ended).float()  # (B,)
+    group = args.samples_per_prompt
+    baselined = leave_one_out(batch.scores, group) if group > 1 else batch.scores  # (B,)
+    # Reward normalisation: Ziegler et al. 2019 scale the reward to mean 0, std 1; we keep running
+    # moments over all scores seen (or per batch), so the KL coefficient means the same through training.
+    if args.reward_norm == "running":
+        run.score_stats.update(ranks.gather(baselined).cpu())
+        batch.norm_scores = (baselined - run.score_stats.mean) / (run.score_stats.std + 1e-8)
+    else:
+        batch.norm_scores = baselined
+    batch.seconds["reward"] = time.perf_counter() - started
+
+
+@torch.no_grad()
+def advantages(run: Setup, batch: Batch) -> None:
+    """3. Log-probs of the rollout under the rollout policy and the reference; values V(s_t) of the critic.
+    4. Per-token rewards (KL penalty plus the score at the last token) and their GAE advantages."""
+    args, mask = run.args, batch.mask
+    started = time.perf_counter()
+    old_logprobs, old_values, ref_logprobs, ref_hidden = [], [], [], []
+    for start in range(0, len(batch.rows), args.generation_batch_size):
+        sl = slice(start, start + args.generation_batch_size)
+        chunk = (batch.query_ids[sl], batch.query_mask[sl], batch.response_ids[sl], batch.response_mask[sl])
+        if not run.reuse_rollout_logprobs:
+            old_logprobs.append(forward_response(run.policy, *chunk, args.temperature, run.autocast_dtype)[0])
+        with adapters_off(run.ref_policy):
+            rlp, _, hidden = forward_response(
+                run.ref_policy, *chunk, args.temperature, run.autocast_dtype, want_hidden=True
+            )
+        ref_logprobs.append(rlp)
+        ref_hidden.append(hidden)
+        old_values.append(run.value_head(hidden))  # (b, Tr)
+    if old_logprobs:
+        batch.old_logprobs = torch.cat(old_logprobs) * mask  # (B, Tr)
+    else:
+        batch.old_logprobs = batch.rollout.logprobs[:, : mask.shape[1]].to(run.ranks.device).float() * mask
+    batch.old_values = torch.cat(old_values) * mask  # (B, Tr)
+    ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, Tr)
+    batch.ref_hidden = torch.cat(ref_hidden)  # (B, Tr, H): the critic's input
+
+    # 4. Per-token rewards: the KL penalty at each token plus the score at the last one.
+    beta = args.kl_coef
+    batch.kl_per_token = (batch.old_logprobs - ref_logprobs) * mask  # (B, Tr) k1 estimate of KL(pi || ref)
+    rewards = per_token_rewards(batch.kl_per_token, batch.norm_scores, batch.response_mask, beta)  # (B, Tr)
+
+    adv, batch.returns = compute_gae(rewards, batch.old_values, mask, args.gamma, args.lam)  # (B, Tr)
+    # Advantage whitening over the batch ([N+ §"advantage whitening"]; TRL PPOv2).
+    if args.whiten_advantages:
+        adv = masked_whiten(adv, mask) if run.ranks.world == 1 else run.ranks.whiten(adv, mask)
+    batch.advantages = adv
+    batch.seconds["forward"] = time.perf_counter() - started
+
+
+def update(run: Setup, batch: Batch, step: int) -> dict[str, float]:
+    """5. Several epochs of clipped PPO over shuffled minibatches; returns the mean of each loss statistic
+    over the minibatches, and the policy's entropy on its own samples."""
+    args, ranks, device, rows = run.args, run.ranks, run.ranks.device, batch.rows
+    started = time.perf_counter()
+    stats: dict[str, list[float]] = {
+        k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl")
+    }
+    entropy_sum, entropy_tokens = 0.0, 0.0
+    order_gen = _step_generator(args.seed, step, 2, torch.device("cpu"))
+    minibatch = args.mini_batch_size or args.batch_size
+    run.policy.train(args.gradient_checkpointing)
+    for epoch in range(args.ppo_epochs):
+        order = torch.randperm(args.batch_size, generator=order_gen).to(device)  # global rows, as with one process
+        for start in range(0, args.batch_size, minibatch):
+            # This process's rows of the global minibatch; with none, one row that adds nothing (DDP needs a backward).
+            mb = order[start : start + minibatch]
+            mb = mb[(mb >= rows[0]) & (mb <= rows[-1])] - rows[0]
+            empty = mb.numel() == 0
+            mb = mb if not empty else torch.zeros(1, dtype=torch.long, device=device)
+            q_ids, q_mask, r_ids, r_mask = trim_padding(
+                batch.query_ids[mb], batch.query_mask[mb], batch.response_ids[mb], batch.response_mask[mb]
+            )
+            tr = r_ids.shape[1]
+            mb_mask = r_mask.float() * (not empty)  # (b, tr)
+            mb_old_logprobs, mb_old_values = batch.old_logprobs[mb, :tr], batch.old_values[mb, :tr]
+            mb_adv, mb_returns = batch.advantages[mb, :tr], batch.returns[mb, :tr]
+
+            new_logprobs, logits, _ = forward_response(
+                run.trained_policy,
+                q_ids,
+                q_mask,
+                r_ids,
+                r_mask,
+                args.temperature,
+                run.autocast_dtype,
+                # checkpointed blocks drop the shared cache; DDP allows one forward per backward
+                share_prefix=not args.gradient_checkpointing and ranks.world == 1,
+            )
+            new_values = run.trained_head(batch.ref_hidden[mb, :tr])  # (b, tr)
+            if epoch == 0:  # the policy's entropy on its own samples, read off the first pass
+                with torch.no_grad():
+                    entropy_sum += (entropy_from_logits(logits) * mb_mask).sum().item()
+                    entropy_tokens += mb_mask.sum().item()
+            # Clipped value loss (OpenAI baselines ppo2; [N+ §"value clipping"]).
+            values_clipped = mb_old_values + torch.clamp(
+                new_values - mb_old_values, -args.cliprange_value, args.cliprange_value
+            )
+            vf_losses1 = (new_values - mb_returns) ** 2
+            vf_losses2 = (values_clipped - mb_returns) ** 2
+            vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mb_mask)
+            # Clipped surrogate objective (Schulman et al. 2017, eq. 7).
+            log_ratio = (new_logprobs - mb_old_logprobs) * mb_mask
+            ratio = torch.exp(log_ratio)
+            pg_losses1 = -mb_adv * ratio
+            pg_losses2 = -mb_adv * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
+            pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mb_mask)
+            loss = pg_loss + args.vf_coef * vf_loss
+            # Several processes: token means over the global minibatch once DDP averages the gradients.
+            share = mb_mask.sum() * ranks.world / ranks.sum(mb_mask.sum()) if ranks.world > 1 else 1.0
+
+            run.optimizer.zero_grad(set_to_none=True)
+            ranks.backward(loss * share)
+            ranks.clip_grad_norm_(run.params, args.max_grad_norm)
+            run.optimizer.step()
+
+            with torch.no_grad():
+                for name, value in (
+                    ("pg_loss", pg_loss),
+                    ("vf_loss", vf_loss),
+                    ("clipfrac", masked_mean((pg_losses2 > pg_losses1).float(), mb_mask)),
+                    ("vf_clipfrac", masked_mean((vf_losses2 > vf_losses1).float(), mb_mask)),
+                    # Schulman's k2 estimate of KL(old || new) over the update (TRL PPOv2 approxkl).
+                    ("approx_kl", 0.5 * masked_mean(log_ratio**2, mb_mask)),
+                ):
+                    stats[name].append(value.item() if ranks.world == 1 else ranks.mean(value * share))
+
+    run.policy.eval()
+    batch.seconds["train"] = time.perf_counter() - started
+    means = {name: sum(values) / len(values) for name, values in stats.items()}
+    means["entropy"] = float(ranks.sum(entropy_sum)) / max(float(ranks.sum(entropy_tokens)), 1.0)
+    return means
+
+
+def log(run: Setup, batch: Batch, losses: dict[str, float], elapsed: float) -> dict[str, Any]:
+    """The step's metrics, over the global batch: scores, KL, the update's statistics and the phases' times."""
+    args, ranks, mask, beta = run.args, run.ranks, batch.mask, run.args.kl_coef
+    with torch.no_grad():
+        flat_returns = ranks.gather(batch.returns[mask.bool()])
+        flat_values = ranks.gather(batch.old_values[mask.bool()])
+        var_returns = flat_returns.var(unbiased=False)
+        explained_variance = (
+            (1 - (flat_returns - flat_values).var(unbiased=False) / var_returns).item()
+            if var_returns > 0
+            else float("nan")
+        )
+    seconds = batch.seconds
+    metrics = {
+        "ppo/reward": ranks.gather(batch.raw_scores).mean().item(),
+        "ppo/score": ranks.gather(batch.scores).mean().item(),
+        "ppo/rlhf_reward": ranks.gather(batch.scores - beta * batch.kl_per_token.sum(1)).mean().item(),
+        "ppo/kl": ranks.gather(batch.kl_per_token.sum(1)).mean().item(),  # nats per response
+        "ppo/kl_coef": beta,
+        "ppo/entropy": losses["entropy"],
+        "ppo/clipfrac": losses["clipfrac"],
+        "ppo/value_clipfrac": losses["vf_clipfrac"],
+        "ppo/approx_kl": losses["approx_kl"],
+        "ppo/value_loss": losses["vf_loss"],
+        "ppo/policy_loss": losses["pg_loss"],
+        "ppo/explained_variance": explained_variance,
+        "ppo/response_length": ranks.gather(mask.sum(1)).mean().item(),
+        "ppo/eos_rate": ranks.gather(batch.ended.float()).mean().item(),
+        "ppo/samples_per_second": args.batch_size / elapsed,
+        "ppo/generate_seconds": seconds["generate"],
+        "ppo/reward_seconds": seconds["reward"],
+        "ppo/forward_seconds": seconds["forward"],
+        "ppo/train_seconds": elapsed - (seconds["generate"] + seconds["reward"] + seconds["forward"]),
+        "ppo/step_seconds": elapsed,
+    }
+    if len(batch.score_parts) > 1:
+        metrics.update({f"ppo/reward/{name}": ranks.mean(value) for name, value in batch.score_parts.items()})
+    return metrics
+
+
+def save_resume(run: Setup, step: int) -> None:
+    """Write the resumable checkpoint at `<out>.resume/`: policy, value head, optimizer, score moments, RNG."""
+    if not run.ranks.main:
+        return run.ranks.wait()
+    save_checkpoint(
+        run.checkpoint,
+        stage=STAGE,
+        args=run.recorded_args,
+        step=step,
+        metrics=run.metrics,
+        data_version=run.data_version,
+        pretrained={"": TrainedModel(run.policy, run.tokenizer, merged=False), VALUE_HEAD_DIR: run.value_head},
+        trainer_state={
+            "optimizer": run.optimizer.state_dict(),
+            "score_stats": run.score_stats.state_dict(),
+            "rng": rng_state(),
+            "step": step,
+            "metrics": run.metrics,
+        },
+    )
+    run.ranks.wait()
+
+
+def report(run: Setup, step: int, on_progress: ProgressFn) -> None:
+    """Tell on_progress about the step; save the resumable checkpoint every save_every steps, and before an
+    exception from on_progress (unless StopWithoutSaving: the run was taken away)."""
+    args, done = run.args, step + 1
+    saving = bool(args.save_every and done % args.save_every == 0 and done < args.steps)
+    try:
+        shown = {"log": f"The first prompt as the policy sees it:\n{run.formatted[0]}"} if step == run.start_step else {}
+        run.ranks.report(on_progress, {"stage": STAGE, "step": done, "total": args.steps, "metrics": run.metrics,
                                        **({"checkpoint": True} if saving else {}), **shown})
-        except StopWithoutSaving:
-            raise  # the run was taken away: its checkpoints belong to another attempt now
-        except BaseException:
-            save_resume(done)  # stopped from outside: keep what this step learned, then stop
-            raise
-        if saving:
-            save_resume(done)
+    except StopWithoutSaving:
+        raise  # the run was taken away: its checkpoints belong to another attempt now
+    except BaseException:
+        save_resume(run, done)  # stopped from outside: keep what this step learned, then stop
+        raise
+    if saving:
+        save_resume(run, done)
+
+
+def main(
+    args: PPOArgs, on_progress: ProgressFn = no_progress, reward_fn: RewardFn | None = None
+) -> dict[str, Any]:
+    """Run PPO; return the final metrics. Saves the policy at args.out and, while running, a resumable
+    checkpoint at `<out>.resume/` (every save_every steps, and before an exception from on_progress)."""
+    run = setup(args, on_progress, reward_fn)
+    for step in range(run.start_step, args.steps):
+        started = time.perf_counter()
+        batch = rollout(run, step)
+        score(run, batch)
+        advantages(run, batch)
+        losses = update(run, batch, step)
+        run.metrics = log(run, batch, losses, time.perf_counter() - started)
+        report(run, step, on_progress)
 
     # ---- the final policy -------------------------------------------------------------------------
-    if not ranks.main:
-        ranks.wait()
-        return {**metrics, "ppo/rendered_prompt": formatted[0]}
-    save_checkpoint(
-        args.out,
-        stage=STAGE,
-        args=recorded_args,
-        step=args.steps,
-        metrics=metrics,
-        data_version=data_version,
-        pretrained={"": TrainedModel(policy, tokenizer), VALUE_HEAD_DIR: value_head},
-    )
-    shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a later run starts afresh
-    ranks.wait()
-    return {**metrics, "ppo/rendered_prompt": formatted[0]}
+    if run.ranks.main:
+        save_checkpoint(
+            args.out,
+            stage=STAGE,
+            args=run.recorded_args,
+            step=args.steps,
+            metrics=run.metrics,
+            data_version=run.data_version,
+            pretrained={"": TrainedModel(run.policy, run.tokenizer), VALUE_HEAD_DIR: run.value_head},
+        )
+        shutil.rmtree(run.checkpoint, ignore_errors=True)  # finished: a later run starts afresh
+    run.ranks.wait()
+    return {**run.metrics, "ppo/rendered_prompt": run.formatted[0]}
 
 
 def cli(argv: list[str] | None = None) -> int:
