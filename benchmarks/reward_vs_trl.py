@@ -93,6 +93,7 @@ from training.engine.reward import (  # noqa: E402
     evaluate,
     main,
 )
+from training.engine.timing import LoopTimer  # noqa: E402
 
 OASST = REPO.parent / "shared" / "data" / "oasst" / "en_100_tree.jsonl"
 
@@ -343,11 +344,12 @@ def cv_main(opts) -> None:
                                       device="cpu", dtype="fp32", resume=False)
                     for k, v in overrides.items():
                         setattr(args, k, v)
-                    m = main(args)
+                    timer = LoopTimer()
+                    m = main(args, timer=timer)
                     result = {"accuracy": m["rm/accuracy"], "accuracy_fit": m.get("rm/accuracy_fit"),
                               "accuracy_long": m.get("rm/accuracy_truncated"), "trained_pairs": m["rm/train_pairs"],
-                              "tokens": m["rm/train_tokens"], "seconds": m["rm/loop_seconds"],
-                              "cpu_seconds": m["rm/loop_cpu_seconds"]}
+                              "tokens": m["rm/train_tokens"], "seconds": timer.loop_seconds,
+                              "cpu_seconds": timer.loop_cpu_seconds}
                 else:
                     model, kept, tokens, seconds, cpu_seconds = run_trl_shipped(model_path, tokenizer, train_ds.to_list(),
                                                                                opts, seed, lr, work / "trl")
@@ -508,11 +510,12 @@ def main_cli() -> None:
         name = row if row not in rows[:index] else f"{row}#{rows[:index].count(row) + 1}"
         load_before = os.getloadavg()[0]
         if row == "ours":
+            timer = LoopTimer()
             metrics = main(RewardArgs(train=train_file, eval=held_file, model=model_path, out=str(work / name),
                                       epochs=opts.epochs, lr=opts.lr, warmup_ratio=0.0, batch_size=opts.batch_size,
                                       max_length=opts.max_length, seed=opts.seed, eval_every=0, save_every=0,
-                                      device="cpu", dtype="fp32", resume=False))
-            results[name] = {"seconds": metrics["rm/loop_seconds"], "cpu_seconds": metrics["rm/loop_cpu_seconds"],
+                                      device="cpu", dtype="fp32", resume=False), timer=timer)
+            results[name] = {"seconds": timer.loop_seconds, "cpu_seconds": timer.loop_cpu_seconds,
                              "accuracy": metrics["rm/accuracy"], "padded": metrics["rm/padded_tokens"],
                              "tokens": metrics["rm/train_tokens"]}
         elif row in ("trl", "trl-same-batches"):

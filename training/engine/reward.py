@@ -34,7 +34,6 @@ import math
 import random
 import shutil
 import sys
-import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import find_checkpoint, load_trainer_state, read_checkpoint_meta, resume_dir, save_checkpoint
+from .checkpoints import read_checkpoint_meta, resumable_state, resume_dir, resume_source, save_checkpoint
 from .cli import run_cli
 from .common import (
     ADAPTER_DIR,
@@ -73,6 +72,7 @@ from .common import (
 )
 from .data import data_version, read_pairs, split_pairs
 from .ranks import Ranks
+from .timing import LoopTimer
 
 STAGE = "reward"
 
@@ -469,8 +469,86 @@ def _check_args(args: RewardArgs) -> None:
             raise EngineError(f"{name} must be 0 or more, got {getattr(args, name)}")
 
 
-def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]:
-    """Train a Bradley-Terry reward model; returns the final metrics (rm/accuracy on the held-out pairs)."""
+def _new_window() -> dict[str, Any]:
+    """The sums of the steps since the last logged metrics."""
+    return {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
+
+
+@dataclass
+class RewardRun:
+    """What the reward model's loop works with, built once by setup(): settings, model, optimizer, the
+    encoded pairs, and the counts that a resumable checkpoint carries."""
+
+    args: RewardArgs
+    ranks: Ranks
+    autocast: Any  # the autocast context of the forward passes (a nullcontext in fp32)
+    scaler: torch.amp.GradScaler
+    model: Any
+    tokenizer: Any
+    trainer: Any  # the model as Accelerate wraps it for the update
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    train_pairs: list[dict[str, Any]]
+    eval_pairs: list[dict[str, Any]]
+    truncated: int  # training and eval pairs cut to max_length
+    skipped_empty: int
+    version: str  # of the data, as the checkpoints record it
+    state_dir: Path  # `<out>.resume/`
+    timer: LoopTimer
+    step: int = 0
+    pairs_seen: int = 0
+    tokens_seen: int = 0
+    padded_seen: int = 0
+    window: dict[str, Any] = field(default_factory=_new_window)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_pairs) / self.args.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.args.epochs
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        lengths = [p["length"] for p in self.train_pairs]
+        return batch_order(lengths, self.args.batch_size, self.args.seed, epoch, self.args.shuffle,
+                           self.args.group_by_length)
+
+
+def _load_model(args: RewardArgs, device: torch.device, compute_dtype: torch.dtype, source: Path | None):
+    """The model (from `source` when resuming) and its tokenizer, checked against max_length."""
+    # A LoRA run resumes its adapter (and trained score head) on the base it started from.
+    model_source = str(source) if source and not args.lora_r else args.model
+    model, tokenizer = load_reward_model(model_source, device, base_dtype(args, device, compute_dtype))
+    model = apply_lora(enable_memory_switches(model, args), args, "SEQ_CLS",
+                       source / ADAPTER_DIR if source and args.lora_r else None)
+    limit = model_length_limit(model, tokenizer)
+    if limit is not None and args.max_length > limit:
+        raise EngineError(f"max_length {args.max_length} is longer than the model allows ({limit} tokens); "
+                          f"pass --max-length {limit} or less")
+    if args.disable_dropout:
+        _disable_dropout(model)
+    return model, tokenizer
+
+
+def _encode(args: RewardArgs, model, tokenizer, train_ds, eval_ds):
+    """The training and eval pairs as token ids, and how many of them were truncated."""
+    encoder = PairEncoder(tokenizer, model.config, args.max_length, args.system_prompt, args.token_types)
+    train_pairs, truncated = encode_pairs(encoder, train_ds)
+    if args.truncated_weight == 0:
+        train_pairs = [p for p in train_pairs if not p["truncated"]]
+        if not train_pairs:
+            raise EngineError(f"every training pair is longer than max_length {args.max_length} and "
+                              "truncated_weight 0 leaves them all out")
+    eval_pairs, eval_truncated = encode_pairs(encoder, eval_ds) if len(eval_ds) else ([], 0)
+    return train_pairs, eval_pairs, truncated + eval_truncated
+
+
+def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> RewardRun:
+    """Check the settings and data, load the model, encode the pairs, build the optimizer and schedule and,
+    when a resumable checkpoint may continue this run, take its state."""
     from transformers import get_linear_schedule_with_warmup
 
     _check_args(args)
@@ -487,188 +565,161 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress) -> dict[str, A
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
 
-    # Resume from <out>.resume/ when it belongs to this run, else from resume_from when given; a crash in the
-    # middle of a checkpoint swap left it beside its place (common.find_checkpoint).
-    state_dir = resume_dir(args.out)
-    source = find_checkpoint(state_dir) if args.resume else None
-    if source is None and args.resume and args.resume_from:
-        source = find_checkpoint(args.resume_from)
-    trainer_state = None
-    if source is not None and (source / "trainer_state.pt").exists():
-        meta = read_checkpoint_meta(source) or {}
-        if meta.get("stage") != STAGE:
-            raise EngineError(f"{source} is not a reward-model checkpoint (stage {meta.get('stage')!r})")
-        if meta.get("data_version") != version:
-            raise EngineError(f"{source} was trained on other data (version {meta.get('data_version')} != "
-                              f"{version}); delete it or pass resume=False to start over")
-        saved = meta.get("args", {})
-        changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(args, k)]
-        if changed:
-            raise EngineError(f"{source} was written with other settings ({', '.join(changed)}); "
-                              "delete it or pass resume=False to start over")
-        trainer_state = load_trainer_state(source)
+    source = resume_source(args.out, args.resume, args.resume_from)
+    trainer_state = resumable_state(source, stage=STAGE, args=args, keys=RESUME_KEYS, data_version=version)
 
     set_seed(args.seed)
-    # A LoRA run resumes its adapter (and trained score head) on the base it started from.
-    model_source = str(source) if trainer_state and not args.lora_r else args.model
-    model, tokenizer = load_reward_model(model_source, device, base_dtype(args, device, compute_dtype))
-    model = apply_lora(enable_memory_switches(model, args), args, "SEQ_CLS",
-                       source / ADAPTER_DIR if trainer_state and args.lora_r else None)
-    limit = model_length_limit(model, tokenizer)
-    if limit is not None and args.max_length > limit:
-        raise EngineError(f"max_length {args.max_length} is longer than the model allows ({limit} tokens); "
-                          f"pass --max-length {limit} or less")
-    if args.disable_dropout:
-        _disable_dropout(model)
-    encoder = PairEncoder(tokenizer, model.config, args.max_length, args.system_prompt, args.token_types)
-    train_pairs, truncated = encode_pairs(encoder, train_ds)
-    if args.truncated_weight == 0:
-        train_pairs = [p for p in train_pairs if not p["truncated"]]
-        if not train_pairs:
-            raise EngineError(f"every training pair is longer than max_length {args.max_length} and "
-                              "truncated_weight 0 leaves them all out")
-    eval_pairs, eval_truncated = encode_pairs(encoder, eval_ds) if len(eval_ds) else ([], 0)
-    pad_id = tokenizer.pad_token_id
-    lengths = [p["length"] for p in train_pairs]
+    model, tokenizer = _load_model(args, device, compute_dtype, source if trainer_state else None)
+    train_pairs, eval_pairs, truncated = _encode(args, model, tokenizer, train_ds, eval_ds)
 
-    steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
+    total_steps = math.ceil(len(train_pairs) / args.batch_size) * args.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (adam_class(args, device)(params, lr=args.lr, weight_decay=args.weight_decay) if args.adam_8bit
                  else make_adamw(params, args.lr, args.weight_decay, device))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-
-    step, train_seconds, pairs_seen, tokens_seen, padded_seen = 0, 0.0, 0, 0, 0
-    loop_seconds, paused = 0.0, 0.0  # wall time of the loop; time spent evaluating and saving inside it
-    loop_cpu_seconds, paused_cpu = 0.0, 0.0  # the same in CPU time of this process (all threads)
-    window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
-    metrics: dict[str, Any] = {}
+    run = RewardRun(args=args, ranks=ranks, autocast=autocast, scaler=scaler, model=model, tokenizer=tokenizer,
+                    trainer=model, optimizer=optimizer, scheduler=scheduler, params=params,
+                    train_pairs=train_pairs, eval_pairs=eval_pairs, truncated=truncated,
+                    skipped_empty=skipped_empty, version=version, state_dir=resume_dir(args.out), timer=timer)
     if trainer_state:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         scaler.load_state_dict(trainer_state["scaler"])
-        step = trainer_state["step"]
-        train_seconds, pairs_seen = trainer_state["train_seconds"], trainer_state["pairs_seen"]
-        tokens_seen, padded_seen = trainer_state["tokens_seen"], trainer_state["padded_seen"]
-        loop_seconds, loop_cpu_seconds = trainer_state["loop_seconds"], trainer_state["loop_cpu_seconds"]
-        window, metrics = trainer_state["window"], trainer_state["metrics"]
+        run.step, run.pairs_seen = trainer_state["step"], trainer_state["pairs_seen"]
+        run.tokens_seen, run.padded_seen = trainer_state["tokens_seen"], trainer_state["padded_seen"]
+        timer.load_state_dict(trainer_state)
+        run.window, run.metrics = trainer_state["window"], trainer_state["metrics"]
         set_rng_state(trainer_state["rng"])
-        ranks.report(on_progress, {"stage": STAGE, "step": step, "total": total_steps, "metrics": metrics,
-                                   "log": f"resumed from {source} at step {step}"})
+        ranks.report(on_progress, {"stage": STAGE, "step": run.step, "total": total_steps, "metrics": run.metrics,
+                                   "log": f"resumed from {source} at step {run.step}"})
     ranks.check_divides("batch_size", args.batch_size)
-    trainer, optimizer = ranks.prepare(model, optimizer)  # the model itself with one process
+    run.trainer, run.optimizer = ranks.prepare(model, run.optimizer)  # the model itself with one process
+    return run
 
-    def save_resume() -> None:
-        if not ranks.main:
-            return ranks.wait()
-        save_checkpoint(state_dir, stage=STAGE, args=args, step=step, metrics=metrics, data_version=version,
-                        pretrained={"": TrainedModel(model, tokenizer, merged=False)},
-                        trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "scaler": scaler.state_dict(),
-                                       "rng": rng_state(), "step": step, "train_seconds": train_seconds,
-                                       "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
-                                       "padded_seen": padded_seen, "window": window, "metrics": metrics,
-                                       "loop_seconds": loop_seconds + time.perf_counter() - loop_started - paused,
-                                       "loop_cpu_seconds": (loop_cpu_seconds + time.process_time() - loop_cpu_started
-                                                            - paused_cpu),
-                                       "data_order": batch_order(lengths, args.batch_size, args.seed,
-                                                                 step // steps_per_epoch, args.shuffle,
-                                                                 args.group_by_length)})
-        ranks.wait()
 
-    model.train()
-    loop_started, loop_cpu_started = time.perf_counter(), time.process_time()
-    start_epoch, start_batch = divmod(step, steps_per_epoch)
+def train_step(run: RewardRun, indices: list[int]) -> None:
+    """One optimizer step of the Bradley-Terry loss on a batch of pairs; adds to the window's sums."""
+    args, ranks, device = run.args, run.ranks, run.ranks.device
+    mine = ranks.shard(indices)  # a process with no pair of a short last batch adds 0 (scaled below)
+    pairs = [run.train_pairs[i] for i in mine or indices[:1]]
+    r_chosen, r_rejected = pair_rewards(run.trainer, pairs, run.tokenizer.pad_token_id, device,
+                                        run.autocast)  # (B,), (B,)
+    margin = torch.tensor([p["margin"] for p in pairs], device=device) if args.use_margin else None
+    weight = None
+    if args.truncated_weight != 1:
+        weight = torch.tensor([args.truncated_weight if p["truncated"] else 1.0 for p in pairs],
+                              device=device)  # (B,)
+    loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef, weight)
+    if ranks.world > 1:  # the mean over the global batch once DDP averages the gradients
+        loss = loss * (len(mine) * ranks.world / len(indices))
+    ranks.backward(run.scaler.scale(loss))
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = ranks.clip_grad_norm_(run.params, args.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    # Metrics stay on the device until a log step (no per-step host sync on CUDA).
+    window, pairs_all = run.window, run.train_pairs
+    window["loss"] += ranks.sum(loss.detach()) / ranks.world
+    window["correct"] += ranks.sum((terms["reward_gap"] > 0).sum() if mine else 0)
+    window["grad_norm"] += grad_norm.detach()
+    window["pairs"] += len(indices)
+    window["steps"] += 1
+    run.pairs_seen += len(indices)
+    run.tokens_seen += sum(len(pairs_all[i]["chosen"][0]) + len(pairs_all[i]["rejected"][0]) for i in indices)
+    run.padded_seen += int(ranks.sum(2 * len(mine) * max((pairs_all[i]["length"] for i in mine), default=0)))
+
+
+def log(run: RewardRun) -> None:
+    """At a log step (and the last), the window's means into the metrics; at an eval step, the held-out ones."""
+    args, step, last = run.args, run.step, run.step == run.total_steps
+    window = run.window
+    if window["steps"] and (last or (args.log_every and step % args.log_every == 0)):
+        run.metrics.update({
+            "rm/loss": float(window["loss"]) / window["steps"],
+            "rm/train_accuracy": float(window["correct"]) / window["pairs"],
+            "rm/grad_norm": float(window["grad_norm"]) / window["steps"],
+            "rm/lr": run.scheduler.get_last_lr()[0],
+            "rm/pairs_per_second": window["pairs"] / max(window["seconds"], 1e-9),
+        })
+        run.window = _new_window()
+    if run.eval_pairs and (last or (args.eval_every and step % args.eval_every == 0)):
+        with run.timer.paused():
+            run.metrics.update(evaluate(run.model, run.eval_pairs, args.eval_batch_size, run.tokenizer.pad_token_id,
+                                        run.ranks.device, run.autocast, args.use_margin, run.ranks))
+
+
+def save_resume(run: RewardRun) -> None:
+    """Write the resumable checkpoint at `<out>.resume/`: the model, optimizer, schedule, counts and RNG."""
+    if not run.ranks.main:
+        return run.ranks.wait()
+    args, step = run.args, run.step
+    save_checkpoint(run.state_dir, stage=STAGE, args=args, step=step, metrics=run.metrics, data_version=run.version,
+                    pretrained={"": TrainedModel(run.model, run.tokenizer, merged=False)},
+                    trainer_state={"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                                   "scaler": run.scaler.state_dict(),
+                                   "rng": rng_state(), "step": step, **run.timer.state_dict(),
+                                   "pairs_seen": run.pairs_seen, "tokens_seen": run.tokens_seen,
+                                   "padded_seen": run.padded_seen, "window": run.window, "metrics": run.metrics,
+                                   "data_order": run.batches(step // run.steps_per_epoch)})
+    run.ranks.wait()
+
+
+def report(run: RewardRun, on_progress: ProgressFn) -> None:
+    """Tell on_progress about the step; save the resumable checkpoint every save_every steps, and before an
+    exception from on_progress (unless StopWithoutSaving: the run was taken away)."""
+    step, total = run.step, run.total_steps
+    saving = bool(run.args.save_every and step % run.args.save_every == 0 and step != total)
+    try:
+        run.ranks.report(on_progress, {"stage": STAGE, "step": step, "total": total, "metrics": dict(run.metrics),
+                                       **({"checkpoint": True} if saving else {})})
+    except StopWithoutSaving:
+        raise  # the run was taken away: its checkpoints belong to another attempt now
+    except BaseException:
+        save_resume(run)  # stopped at a step boundary: keep what was done, then let the caller see why
+        raise
+    if saving:
+        with run.timer.paused():
+            save_resume(run)
+
+
+def main(args: RewardArgs, on_progress: ProgressFn = no_progress, timer: LoopTimer | None = None) -> dict[str, Any]:
+    """Train a Bradley-Terry reward model; returns the final metrics (rm/accuracy on the held-out pairs).
+    `timer` measures the loop (a fresh LoopTimer by default); a benchmark may pass its own to read it."""
+    run = setup(args, on_progress, timer or LoopTimer())
+    run.model.train()
+    run.timer.start()
+    start_epoch, start_batch = divmod(run.step, run.steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
-        batches = batch_order(lengths, args.batch_size, args.seed, epoch, args.shuffle, args.group_by_length)
-        for indices in batches[start_batch if epoch == start_epoch else 0:]:
-            started = time.perf_counter()
-            mine = ranks.shard(indices)  # a process with no pair of a short last batch adds 0 (scaled below)
-            pairs = [train_pairs[i] for i in mine or indices[:1]]
-            r_chosen, r_rejected = pair_rewards(trainer, pairs, pad_id, device, autocast)  # (B,), (B,)
-            margin = torch.tensor([p["margin"] for p in pairs], device=device) if args.use_margin else None
-            weight = None
-            if args.truncated_weight != 1:
-                weight = torch.tensor([args.truncated_weight if p["truncated"] else 1.0 for p in pairs],
-                                      device=device)  # (B,)
-            loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef, weight)
-            if ranks.world > 1:  # the mean over the global batch once DDP averages the gradients
-                loss = loss * (len(mine) * ranks.world / len(indices))
-            ranks.backward(scaler.scale(loss))
-            scaler.unscale_(optimizer)
-            grad_norm = ranks.clip_grad_norm_(params, args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # Metrics stay on the device until a log step (no per-step host sync on CUDA).
-            window["loss"] += ranks.sum(loss.detach()) / ranks.world
-            window["correct"] += ranks.sum((terms["reward_gap"] > 0).sum() if mine else 0)
-            window["grad_norm"] += grad_norm.detach()
-            window["pairs"] += len(indices)
-            window["steps"] += 1
-            pairs_seen += len(indices)
-            tokens_seen += sum(len(train_pairs[i]["chosen"][0]) + len(train_pairs[i]["rejected"][0]) for i in indices)
-            padded_seen += int(ranks.sum(2 * len(mine) * max((train_pairs[i]["length"] for i in mine), default=0)))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - started
-            window["seconds"] += elapsed
-            train_seconds += elapsed
+        for indices in run.batches(epoch)[start_batch if epoch == start_epoch else 0:]:
+            with run.timer.step(run.ranks.device) as lap:
+                train_step(run, indices)
+            run.window["seconds"] += lap.seconds
+            log(run)
+            report(run, on_progress)
+    run.timer.stop()
 
-            last = step == total_steps
-            if window["steps"] and (last or (args.log_every and step % args.log_every == 0)):
-                metrics.update({
-                    "rm/loss": float(window["loss"]) / window["steps"],
-                    "rm/train_accuracy": float(window["correct"]) / window["pairs"],
-                    "rm/grad_norm": float(window["grad_norm"]) / window["steps"],
-                    "rm/lr": scheduler.get_last_lr()[0],
-                    "rm/pairs_per_second": window["pairs"] / max(window["seconds"], 1e-9),
-                })
-                window = {"loss": 0.0, "correct": 0, "pairs": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
-            if eval_pairs and (last or (args.eval_every and step % args.eval_every == 0)):
-                eval_started, eval_cpu_started = time.perf_counter(), time.process_time()
-                metrics.update(evaluate(model, eval_pairs, args.eval_batch_size, pad_id, device, autocast,
-                                        args.use_margin, ranks))
-                paused += time.perf_counter() - eval_started
-                paused_cpu += time.process_time() - eval_cpu_started
-            saving = bool(args.save_every and step % args.save_every == 0 and not last)
-            try:
-                ranks.report(on_progress, {"stage": STAGE, "step": step, "total": total_steps, "metrics": dict(metrics),
-                                           **({"checkpoint": True} if saving else {})})
-            except StopWithoutSaving:
-                raise  # the run was taken away: its checkpoints belong to another attempt now
-            except BaseException:
-                save_resume()  # stopped at a step boundary: keep what was done, then let the caller see why
-                raise
-            if saving:
-                save_started, save_cpu_started = time.perf_counter(), time.process_time()
-                save_resume()
-                paused += time.perf_counter() - save_started
-                paused_cpu += time.process_time() - save_cpu_started
-    loop_seconds += time.perf_counter() - loop_started - paused
-    loop_cpu_seconds += time.process_time() - loop_cpu_started - paused_cpu
-
-    final = dict(metrics)
+    final = dict(run.metrics)
     final.update({
-        "rm/pairs_per_second": pairs_seen / max(train_seconds, 1e-9),
-        "rm/train_seconds": train_seconds,
-        "rm/loop_seconds": loop_seconds,
-        "rm/loop_cpu_seconds": loop_cpu_seconds,
-        "rm/steps": step,
-        "rm/train_pairs": len(train_pairs),
-        "rm/eval_pairs": len(eval_pairs),
-        "rm/truncated_pairs": truncated + eval_truncated,
-        "rm/skipped_empty_pairs": skipped_empty,
-        "rm/train_tokens": tokens_seen,
-        "rm/padded_tokens": padded_seen,
+        "rm/pairs_per_second": run.pairs_seen / max(run.timer.train_seconds, 1e-9),
+        "rm/train_seconds": run.timer.train_seconds,
+        "rm/loop_seconds": run.timer.loop_seconds,
+        "rm/loop_cpu_seconds": run.timer.loop_cpu_seconds,
+        "rm/steps": run.step,
+        "rm/train_pairs": len(run.train_pairs),
+        "rm/eval_pairs": len(run.eval_pairs),
+        "rm/truncated_pairs": run.truncated,
+        "rm/skipped_empty_pairs": run.skipped_empty,
+        "rm/train_tokens": run.tokens_seen,
+        "rm/padded_tokens": run.padded_seen,
     })
-    if ranks.main:
-        save_checkpoint(args.out, stage=STAGE, args=args, step=step, metrics=final, data_version=version,
-                        pretrained={"": TrainedModel(model, tokenizer)})
-        shutil.rmtree(state_dir, ignore_errors=True)
-    ranks.wait()
+    if run.ranks.main:
+        save_checkpoint(args.out, stage=STAGE, args=args, step=run.step, metrics=final, data_version=run.version,
+                        pretrained={"": TrainedModel(run.model, run.tokenizer)})
+        shutil.rmtree(run.state_dir, ignore_errors=True)
+    run.ranks.wait()
     return final
 
 
