@@ -18,7 +18,7 @@ import json
 import math
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from training.engine.ranks import Ranks
-from training.engine.checkpoints import load_trainer_state, read_checkpoint_meta, save_checkpoint
+from training.engine.checkpoints import resumable_state, save_checkpoint
 from training.engine.cli import run_cli
 from training.engine.common import (
     ADAPTER_DIR,
@@ -349,15 +349,41 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 # Training
 
 
-def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, on_progress: ProgressFn = no_progress,
-              *, eval_examples: list[dict[str, Any]] | None = None, save: typing.Callable | None = None,
-              resume_state: dict[str, Any] | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
-    """Fine-tune `model` in place on `examples`; returns the final metrics.
+@dataclass
+class SFTRun:
+    """What the SFT loop works with, built once by _setup(): settings, the model and its wrapped trainer,
+    the optimizer, the encoded examples and the schedule's length."""
 
-    All data is tokenized and checked before the first step. `save(step, metrics, trainer_state)`,
-    when given, is called before an exception from `on_progress` propagates (a cancel), so the
-    run can be resumed with `resume_state` (the saved trainer_state).
-    """
+    args: SFTArgs
+    ranks: Ranks
+    device: Any  # the model's
+    model: Any
+    trainer: Any  # the model as Accelerate wraps it for the update
+    optimizer: Any
+    encoded: list[tuple[list[int], list[int]]]
+    encoded_eval: list[tuple[list[int], list[int]]] | None
+    pad_id: int
+    total: int  # optimizer steps of the whole run
+    warmup: int
+    share_prefix: bool
+    step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    recent: list[float] = field(default_factory=list)  # the last log_every losses
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.encoded) / self.args.batch_size)
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the weights (save's trainer_state)."""
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "metrics": self.metrics,
+                "rng": rng_state()}
+
+
+def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_state, ranks: Ranks | None) -> SFTRun:
+    """Tokenize and check all data, build the optimizer, take the resumed state; the eval loss at the start."""
     if not examples:
         raise EngineError("no training examples")
     if args.batch_size < 1:
@@ -372,11 +398,8 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
                                     truncate=args.truncate, source=args.eval or "eval example",
                                     system_prompt=args.system_prompt)
                     if eval_examples else None)
-    pad_id = tokenizer.pad_token_id
-    lengths = [len(ids) for ids, _ in encoded]
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
     total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.epochs * steps_per_epoch))
-    warmup = max(1, int(args.warmup_ratio * total))
 
     # AdamW without decay on biases and LayerNorm weights (as in nanoGPT and HF Trainer).
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
@@ -384,75 +407,100 @@ def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, o
     optimizer = adam_class(args, device)([{"params": decay, "weight_decay": args.weight_decay},
                                           {"params": no_decay, "weight_decay": 0.0}],
                                          lr=args.lr, betas=(0.9, args.adam_beta2))
-    step = 0
-    metrics: dict[str, Any] = {}
+    run = SFTRun(args=args, ranks=ranks, device=device, model=model, trainer=model, optimizer=optimizer, encoded=encoded,
+                 encoded_eval=encoded_eval, pad_id=tokenizer.pad_token_id, total=total,
+                 warmup=max(1, int(args.warmup_ratio * total)),
+                 # The prefix forward runs the model twice before one backward, which DDP's wrapper does not allow.
+                 share_prefix=args.share_prefix and can_share_prefix(model) and ranks.world == 1)
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
-        step = int(resume_state["step"])
-        metrics = dict(resume_state.get("metrics", {}))
+        run.step = int(resume_state["step"])
+        run.metrics = dict(resume_state.get("metrics", {}))
         set_rng_state(resume_state["rng"])
 
-    if encoded_eval is not None and "sft/eval_loss_start" not in metrics:
-        metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device, ranks)
-    # The prefix forward runs the model twice before one backward, which DDP's wrapper does not allow.
-    share_prefix = args.share_prefix and can_share_prefix(model) and ranks.world == 1
-    trainer, optimizer = ranks.prepare(model, optimizer)  # the model itself with one process
+    if encoded_eval is not None and "sft/eval_loss_start" not in run.metrics:
+        run.metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, run.pad_id, args.batch_size, device, ranks)
+    run.trainer, run.optimizer = ranks.prepare(model, optimizer)  # the model itself with one process
+    return run
+
+
+def _train_step(run: SFTRun, batch: list[int]) -> None:
+    """One optimizer step of the response-only loss at the schedule's learning rate; updates the metrics."""
+    args, ranks, device = run.args, run.ranks, run.device
+    started = time.perf_counter()
+    mine = ranks.shard(batch)
+    input_ids, mask, labels = collate([run.encoded[i] for i in mine or batch[:1]], run.pad_id, device)  # (B, T)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.step, run.total, run.warmup, args.lr)
+    loss, n_local = response_loss(run.trainer, input_ids, mask, labels, run.share_prefix)
+    n_seen = int(mask.sum())
+    if ranks.world > 1:  # the mean over the global batch's tokens once DDP averages the gradients;
+        n_local, n_seen = n_local * bool(mine), n_seen * bool(mine)  # a process with no row adds 0
+        loss = loss * (n_local * ranks.world / max(float(ranks.sum(n_local)), 1.0))
+    run.optimizer.zero_grad(set_to_none=True)
+    ranks.backward(loss)
+    grad_norm = ranks.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
+    run.step += 1
+    run.train_seconds += time.perf_counter() - started
+    run.tokens_seen += int(ranks.sum(n_seen))
+    loss_value = float(ranks.sum(loss.detach())) / ranks.world
+    if not math.isfinite(loss_value):
+        raise EngineError(f"the loss became {loss_value} at step {run.step}; lower the learning rate")
+    run.metrics.setdefault("sft/first_loss", loss_value)
+    run.recent = (run.recent + [loss_value])[-max(1, args.log_every):]
+    run.metrics.update({"sft/loss": sum(run.recent) / len(run.recent), "sft/lr": run.optimizer.param_groups[0]["lr"],
+                        "sft/grad_norm": float(grad_norm), "sft/epoch": run.step / run.steps_per_epoch,
+                        "sft/tokens_per_s": run.tokens_seen / max(run.train_seconds, 1e-9)})
+
+
+def _report(run: SFTRun, on_progress: ProgressFn, save: typing.Callable | None) -> None:
+    """Tell on_progress about the step (the full metrics every log_every steps); save every save_every steps,
+    and before an exception from on_progress (unless StopWithoutSaving: the run was taken away)."""
+    step, total = run.step, run.total
+    event = {"stage": "sft", "step": step, "total": total, "metrics": dict(run.metrics)}
+    if step % max(1, run.args.log_every) and step != total:
+        event["metrics"] = {"sft/loss": run.recent[-1]}
+    try:
+        run.ranks.report(on_progress, event)
+    except StopWithoutSaving:
+        raise  # the run was taken away: write nothing more
+    except BaseException:
+        if save is not None and step < total:
+            save(step, run.metrics, run.trainer_state())
+        raise
+    if save is not None and run.args.save_every and step % run.args.save_every == 0 and step < total:
+        save(step, run.metrics, run.trainer_state())
+
+
+def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, on_progress: ProgressFn = no_progress,
+              *, eval_examples: list[dict[str, Any]] | None = None, save: typing.Callable | None = None,
+              resume_state: dict[str, Any] | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Fine-tune `model` in place on `examples`; returns the final metrics.
+
+    All data is tokenized and checked before the first step. `save(step, metrics, trainer_state)`,
+    when given, is called before an exception from `on_progress` propagates (a cancel), so the
+    run can be resumed with `resume_state` (the saved trainer_state).
+    """
+    run = _setup(model, tokenizer, examples, args, eval_examples, resume_state, ranks)
     model.train()
-    recent: list[float] = []
-    n_tokens_seen, train_seconds = 0, 0.0
-    epoch = step // steps_per_epoch
-    while step < total:
+    lengths = [len(ids) for ids, _ in run.encoded]
+    epoch = run.step // run.steps_per_epoch
+    while run.step < run.total:
         batches = epoch_batches(lengths, args.batch_size, args.seed, epoch, args.group_by_length)
-        for batch in batches[step - epoch * steps_per_epoch:]:
-            if step >= total:
+        for batch in batches[run.step - epoch * run.steps_per_epoch:]:
+            if run.step >= run.total:
                 break
-            started = time.perf_counter()
-            mine = ranks.shard(batch)
-            input_ids, mask, labels = collate([encoded[i] for i in mine or batch[:1]], pad_id, device)  # (B, T)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, args.lr)
-            loss, n_local = response_loss(trainer, input_ids, mask, labels, share_prefix)
-            n_seen = int(mask.sum())
-            if ranks.world > 1:  # the mean over the global batch's tokens once DDP averages the gradients;
-                n_local, n_seen = n_local * bool(mine), n_seen * bool(mine)  # a process with no row adds 0
-                loss = loss * (n_local * ranks.world / max(float(ranks.sum(n_local)), 1.0))
-            optimizer.zero_grad(set_to_none=True)
-            ranks.backward(loss)
-            grad_norm = ranks.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            step += 1
-            train_seconds += time.perf_counter() - started
-            n_tokens_seen += int(ranks.sum(n_seen))
-            loss_value = float(ranks.sum(loss.detach())) / ranks.world
-            if not math.isfinite(loss_value):
-                raise EngineError(f"the loss became {loss_value} at step {step}; lower the learning rate")
-            metrics.setdefault("sft/first_loss", loss_value)
-            recent = (recent + [loss_value])[-max(1, args.log_every):]
-            metrics.update({"sft/loss": sum(recent) / len(recent), "sft/lr": optimizer.param_groups[0]["lr"],
-                            "sft/grad_norm": float(grad_norm), "sft/epoch": step / steps_per_epoch,
-                            "sft/tokens_per_s": n_tokens_seen / max(train_seconds, 1e-9)})
-            event = {"stage": "sft", "step": step, "total": total, "metrics": dict(metrics)}
-            if step % max(1, args.log_every) and step != total:
-                event["metrics"] = {"sft/loss": loss_value}
-            try:
-                ranks.report(on_progress, event)
-            except StopWithoutSaving:
-                raise  # the run was taken away: write nothing more
-            except BaseException:
-                if save is not None and step < total:
-                    save(step, metrics, {"optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
-                                         "rng": rng_state()})
-                raise
-            if save is not None and args.save_every and step % args.save_every == 0 and step < total:
-                save(step, metrics, {"optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
-                                     "rng": rng_state()})
+            _train_step(run, batch)
+            _report(run, on_progress, save)
         epoch += 1
 
-    if encoded_eval is not None:
-        metrics["sft/eval_loss"] = eval_loss(model, encoded_eval, pad_id, args.batch_size, device, ranks)
-    metrics.update({"sft/steps": step, "sft/examples": len(encoded), "sft/train_seconds": train_seconds})
+    if run.encoded_eval is not None:
+        run.metrics["sft/eval_loss"] = eval_loss(model, run.encoded_eval, run.pad_id, args.batch_size, run.device,
+                                                 run.ranks)
+    run.metrics.update({"sft/steps": run.step, "sft/examples": len(run.encoded), "sft/train_seconds": run.train_seconds})
     model.eval()
-    return metrics
+    return run.metrics
 
 
 def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]:
@@ -470,8 +518,7 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
 
     resume_state, source, adapter = None, args.model, None
     if args.resume:
-        meta = read_checkpoint_meta(args.out)
-        state = load_trainer_state(args.out) if meta and meta.get("stage") == "sft" else None
+        state = resumable_state(args.out, stage="sft", args=args, keys=(), data_version=None)
         if state is not None:  # a LoRA run's checkpoint holds the adapter: the base comes from args.model
             resume_state, source, adapter = state, args.model if args.lora_r else args.out, Path(args.out) / ADAPTER_DIR
     set_seed(args.seed)
