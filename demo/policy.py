@@ -11,7 +11,7 @@ the project builds itself, in minutes, on a laptop CPU:
 3. a GPT-2 built from a config (demo preset: 4 layers, 192 wide, 6 heads, 2.1M parameters),
    dropout off (nanoGPT's default for short runs), trained from scratch with sft.train_sft: loss
    on the response tokens only, the shared prompt preamble computed once per batch;
-4. saved with save_pretrained + pairloop.json (common.save_checkpoint), with held-out metrics
+4. saved with save_pretrained + pairloop.json (checkpoints.save_checkpoint), with held-out metrics
    (correctness per family, style mix, judge score, sampling tokens/s).
 
 Measured on this 2-core machine with light load: the demo preset builds in about 4.5 minutes
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from demo import demo_tasks
+from training.engine.checkpoints import read_checkpoint_meta, save_checkpoint
 from training.engine.common import (
     EngineError,
     ProgressFn,
@@ -42,8 +43,6 @@ from training.engine.common import (
     format_prompt,
     no_progress,
     print_final_metrics,
-    read_checkpoint_meta,
-    save_checkpoint,
     set_seed,
 )
 from training.engine.sample import generate

@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from training.engine.chat_date import chat_date
-from training.engine.checkpoints import read_checkpoint_meta, save_checkpoint  # noqa: F401 - the demo build imports them here
 from training.engine.checkpoints import to_jsonable
 from training.engine.errors import EngineError  # noqa: F401 - part of this module's API
-from training.engine.fields import field_docs
 from training.engine.stop import StopWithoutSaving  # noqa: F401 - part of this module's API
 
 # A progress event is a dict: {"stage": str, "step": int, "total": int, "metrics": {...}}
