@@ -23,7 +23,6 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from annotate import live
-from pairloop import redis_guard
 from annotate.models import (
     Assignment,
     Campaign,
@@ -35,6 +34,7 @@ from annotate.models import (
     WarningAcknowledgment,
     content_hash,
 )
+from pairloop import redis_guard
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from annotate.access import (
 from annotate.models import Assignment, Campaign, ImportJob, Judgment, Pair, Prompt
 from api import schemas, webhooks
 from api.auth import require_scope
-from api.pagination import Pages
 from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
+from api.pagination import Pages
 from training import actions as training_actions
 from training.access import job_error_for, job_for_admin, round_for_reviewer
 from training.models import Job, Round

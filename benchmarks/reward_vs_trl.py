@@ -387,8 +387,8 @@ def cv_report(path: Path) -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{mean:.3f} ± {sd:.3f}"
 
-    print(f"\n| fold | row | seeds | held-out acc | acc, pairs that fit | acc, pairs over max length | pairs trained "
-          f"| tokens/s | tokens/cpu-s | vs trl (points) |")
+    print("\n| fold | row | seeds | held-out acc | acc, pairs that fit | acc, pairs over max length | pairs trained "
+          "| tokens/s | tokens/cpu-s | vs trl (points) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     folds = sorted({r["fold"] for r in results})
     for fold in folds + ["all"]:

@@ -9,7 +9,6 @@ from itertools import combinations
 
 import pytest
 
-from training.engine.common import format_prompt
 from demo.demo_tasks import (
     FAMILIES,
     PREFERRED_STYLE,
@@ -26,6 +25,7 @@ from demo.demo_tasks import (
     parse_task,
     respond,
 )
+from training.engine.common import format_prompt
 
 
 def wrong_answer(task: Task) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from demo.tiny_models import POLICY_FAMILIES, REWARD_FAMILIES, build_policy, build_reward
 from training.engine import ppo, reward, sft
 from training.engine.common import (
     EngineError,
@@ -21,7 +22,6 @@ from training.engine.common import (
     render_prompt,
     stop_token_ids,
 )
-from demo.tiny_models import POLICY_FAMILIES, REWARD_FAMILIES, build_policy, build_reward
 from training.engine.sample import generate, sample_with_stats
 
 CHAT_FAMILIES = ("llama", "qwen2", "mistral", "gemma")

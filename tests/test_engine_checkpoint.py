@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from training.engine import checkpoints
-from training.engine.checkpoints import find_checkpoint, load_trainer_state, read_checkpoint_meta, save_checkpoint
+from training.engine.checkpoints import (
+    find_checkpoint,
+    load_trainer_state,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from training.engine.common import EngineError, rng_state, set_rng_state
 
 

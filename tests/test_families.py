@@ -10,7 +10,6 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from training.engine.common import EngineError
 from demo.tiny_models import (
     FAMILIES,
     POLICY_FAMILIES,
@@ -20,6 +19,7 @@ from demo.tiny_models import (
     build_reward,
     build_tokenizer,
 )
+from training.engine.common import EngineError
 
 CHAT = [
     {"role": "user", "content": "What is 2 + 3?"},

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from django.core.management import call_command
+from safetensors.torch import load_file
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair
 from annotate.models import Campaign, Pair, Response

@@ -289,10 +289,11 @@ def test_a_rounds_chat_prompts_render_and_sample_alike_on_a_later_day(chains, se
     """Llama 3's chat template writes today's date into every prompt: a round pins the day it was launched, so
     its sample job renders, samples and scores the same text when run again on another day."""
     import datetime as real
+
     import transformers.utils.chat_template_utils as templating
 
-    from training.engine.common import load_tokenizer, render_prompt
     from demo.tiny_models import build_policy, build_reward
+    from training.engine.common import load_tokenizer, render_prompt
 
     settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 3600}  # no heartbeat thread writes here
     policy, reward = build_policy("llama", tmp_path / "policy"), build_reward("llama", tmp_path / "reward")

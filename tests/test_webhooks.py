@@ -10,20 +10,18 @@ import re
 import socket
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from annotate.actions import claim_next_pair, submit_judgment
 from api import tasks, webhooks
-from pairloop import embedded
-from datetime import timedelta
-from pathlib import Path
-
-from django.utils import timezone
-
-from pairloop.celery import app
 from api.models import Webhook, WebhookDelivery
+from pairloop import embedded
+from pairloop.celery import app
 from tests.conftest import make_campaign
 from tests.test_api import api_for
 from training import actions as training_actions

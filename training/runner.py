@@ -34,7 +34,14 @@ from django.utils import timezone
 
 from annotate.models import Campaign, Prompt, Response, content_hash
 from training import actions, live, review, tracking
-from training.config import PAIRING_PREVIOUS, PAIRING_SELF, PAIRING_SFT, REWARD_FROM_SFT, RoundConfig, build_config
+from training.config import (
+    PAIRING_PREVIOUS,
+    PAIRING_SELF,
+    PAIRING_SFT,
+    REWARD_FROM_SFT,
+    RoundConfig,
+    build_config,
+)
 from training.dispatch import time_limits
 from training.engine.chat_date import pinned_chat_date
 from training.models import Job, Round

@@ -14,7 +14,12 @@ from django.db import connection
 
 from annotate.models import Judgment
 from tests.browser.conftest import REPO, database_url, serve_app
-from tests.browser.test_labeling_browser import current_assignment_id, log_in, open_label_page, wait_for_another_pair
+from tests.browser.test_labeling_browser import (
+    current_assignment_id,
+    log_in,
+    open_label_page,
+    wait_for_another_pair,
+)
 from tests.conftest import make_campaign
 from tests.services import PrivateRedis, pg_ctl, postgres_cluster
 

@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.engine.ranks import Ranks
 from training.engine.checkpoints import resumable_state, resume_dir, resume_source, save_checkpoint
 from training.engine.cli import run_cli
 from training.engine.common import (
@@ -62,6 +61,7 @@ from training.engine.common import context_length as _context_length
 from training.engine.common import step_generator as _step_generator
 from training.engine.data import prompt_indices as _prompt_indices
 from training.engine.data import read_prompts
+from training.engine.ranks import Ranks
 from training.engine.reward import CombinedReward, RewardFn, check_reward_sources
 
 STAGE = "ppo"

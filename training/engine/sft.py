@@ -25,22 +25,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.engine.ranks import Ranks
 from training.engine.checkpoints import resumable_state, save_checkpoint
 from training.engine.cli import run_cli
 from training.engine.common import (
     ADAPTER_DIR,
     EngineError,
     MemoryArgs,
+    ProgressFn,
+    StopWithoutSaving,
     TrainedModel,
     adam_class,
     apply_lora,
     can_share_prefix,
-    enable_memory_switches,
-    ProgressFn,
-    StopWithoutSaving,
     chat_segments,
     chat_turns,
+    enable_memory_switches,
     ensure_pad_token,
     has_chat_template,
     load_causal_lm,
@@ -54,6 +53,7 @@ from training.engine.common import (
     set_seed,
     shared_prefix_length,
 )
+from training.engine.ranks import Ranks
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (PyTorch cross_entropy default)
 
