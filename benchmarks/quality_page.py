@@ -36,7 +36,8 @@ WORDS = ("the model answers the question with care and explains each step in pla
          "can follow").split()
 
 
-def setup_django(scratch: Path) -> None:
+def setup_django(scratch: Path, database: str = "pairloop_bench_quality") -> None:
+    """Django on the test database `database` (SQLite in `scratch` when no DATABASE_URL), Redis only if REDIS_URL."""
     os.environ.setdefault("PAIRLOOP_DATA_DIR", str(scratch / "data"))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pairloop.settings")
     sys.path.insert(0, str(REPO))
@@ -49,7 +50,7 @@ def setup_django(scratch: Path) -> None:
     default_db = settings.DATABASES["default"]
     if not os.environ.get("PAIRLOOP_TEST_DATABASE_NAME"):
         bench_name = (str(scratch / "bench.sqlite3") if default_db["ENGINE"].endswith("sqlite3")
-                      else "pairloop_bench_quality")
+                      else database)
         default_db["TEST"] = {**default_db.get("TEST", {}), "NAME": bench_name}
     settings.ALLOWED_HOSTS = ["*"]
     django.setup()

@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from quality_page import setup_django  # the same Django set-up as the quality page's benchmark
+
 TARGET_MS = 200
 
 
@@ -43,25 +43,6 @@ def cases(max_chars: int) -> dict[str, str]:
                                  "- **one**, *two*\n- [docs](https://example.com)\n\n| a | b |\n|---|---|\n"
                                  "| 1 | 2 |\n\n") * 40,
     }
-
-
-def setup_django(scratch: Path) -> None:
-    os.environ.setdefault("PAIRLOOP_DATA_DIR", str(scratch / "data"))
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pairloop.settings")
-    sys.path.insert(0, str(REPO))
-    import django
-    from django.conf import settings
-
-    if "REDIS_URL" not in os.environ:
-        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    default_db = settings.DATABASES["default"]
-    if not os.environ.get("PAIRLOOP_TEST_DATABASE_NAME"):
-        bench_name = (str(scratch / "bench.sqlite3") if default_db["ENGINE"].endswith("sqlite3")
-                      else "pairloop_bench_render")
-        default_db["TEST"] = {**default_db.get("TEST", {}), "NAME": bench_name}
-    settings.ALLOWED_HOSTS = ["*"]
-    django.setup()
 
 
 def time_page(client, url: str, requests: int, cold: bool) -> list[float]:
@@ -84,7 +65,7 @@ def main() -> None:
     opts = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="pairloop-render-bench-"))
-    setup_django(scratch)
+    setup_django(scratch, "pairloop_bench_render")
     from django.contrib.auth.models import User
     from django.db import connection
     from django.test import Client
