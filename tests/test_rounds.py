@@ -750,6 +750,31 @@ def test_it_launches_a_round_from_the_form(chains, admin_user, django_capture_on
 
 
 @pytest.mark.django_db
+def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_ranges_and_help(chains, admin_user):
+    from training.config import field_help
+
+    page = client_for(admin_user).get(f"/campaigns/{judged_campaign().slug}/rounds/?preset=tiny").content.decode()
+    sections = re.findall(r"<fieldset><legend>(.*?)</legend>(.*?)</fieldset>", page, re.S)
+    labels = {title: re.findall(r'<label for="id_\w+">(.*?)</label>', body) for title, body in sections}
+    assert labels == {
+        "Models and prompting": ["Backbone", "Reference policy", "System prompt", "Stop strings"],
+        "Reward model": ["Epochs", "Learning rate", "Warm-up share", "Batch size", "Max length"],
+        "PPO": ["Steps", "Batch size", "Samples per prompt", "Mini batch size", "KL coefficient", "Learning rate",
+                "Max new tokens"],
+        "Sampling": ["Prompts", "Responses per prompt", "Temperature", "Top-p"],
+        "New pairs": ["Pairing", "Priority"],
+        "Memory": ["LoRA rank", "Gradient checkpointing"],
+    }
+    assert list(labels) == ["Models and prompting", "Reward model", "PPO", "Sampling", "New pairs", "Memory"]
+    assert 'name="seed"' not in page and 'name="ppo_save_every"' not in page  # the preset's, or --set
+    assert re.search(r'<textarea name="stop_strings" cols="40" rows="2"', page)
+    assert re.search(r'<input type="number" name="ppo_kl_coef" value="0.15" min="0.0" max="100.0" step="any"', page)
+    assert re.search(r'<input type="number" name="priority" value="10" min="-2147483648" max="2147483647"', page)
+    assert '<option value="self">two samples of the new policy</option>' in page
+    assert field_help("ppo_kl_coef").split("(")[0] in page
+
+
+@pytest.mark.django_db
 def test_the_page_the_command_and_the_api_launch_the_same_round_from_the_same_settings(chains, admin_user):
     from api.actions import create_token
 
