@@ -970,21 +970,28 @@ def test_it_pushes_a_job_s_fragment_and_metric_points_to_reviewers_only(chains, 
                       "points": [{"step": 1, "rm/loss": 0.69}, {"step": 2, "rm/loss": 0.6}]}
 
 
+def _engine_fields() -> dict[str, tuple[str, str, str]]:
+    """(module, Args class, field) of each round setting that feeds an engine field, by setting name."""
+    from training.config import SETTINGS
+
+    return {name: about.engine for name, about in SETTINGS.items() if about.engine is not None}
+
+
 def test_round_defaults_are_the_engines_or_say_why_not():
-    """A round's default equals the engine Args field it feeds, or OVERRIDES says why it differs (and it does)."""
+    """A round's default equals the engine Args field it feeds, or its why_differs says why not (and it does)."""
     import importlib
     from dataclasses import MISSING, fields
 
-    from training.config import ENGINE_DEFAULTS, OVERRIDES, PRESETS
+    from training.config import PRESETS, SETTINGS
 
     round_defaults = PRESETS["demo"]
-    for name, (module, cls, field_name) in ENGINE_DEFAULTS.items():
+    for name, (module, cls, field_name) in _engine_fields().items():
         args = getattr(importlib.import_module(f"training.engine.{module}"), cls)
         spec = next(f for f in fields(args) if f.name == field_name)
         engine = spec.default if spec.default is not MISSING else spec.default_factory()
         ours = getattr(round_defaults, name)
-        if name in OVERRIDES:
-            assert ours != engine, f"{name} now equals the engine's {field_name}: drop its override"
+        if SETTINGS[name].why_differs:
+            assert ours != engine, f"{name} now equals the engine's {field_name}: drop its why_differs"
         else:
             assert ours == engine, f"{name} is {ours!r}, the engine's {cls}.{field_name} is {engine!r}"
 
@@ -1037,16 +1044,17 @@ def _engine_default(module: str, cls: str, field_name: str):
 
 @pytest.mark.django_db
 def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
-    """Each round setting that config.ENGINE_DEFAULTS ties to an engine Args field arrives, with the round's
+    """Each round setting whose Setting.engine ties it to an engine Args field arrives, with the round's
     value, in what the runner hands the reward, PPO and sample stages (a new one is covered by itself)."""
     import importlib
 
-    from training.config import ENGINE_DEFAULTS, PRESETS
+    from training.config import PRESETS
 
-    unknown = {module for module, _, _ in ENGINE_DEFAULTS.values()} - set(_JOBS_OF_MODULE)
+    engine_fields = _engine_fields()
+    unknown = {module for module, _, _ in engine_fields.values()} - set(_JOBS_OF_MODULE)
     assert not unknown, f"say which jobs the settings of {unknown} feed"
     values = {name: _another_value((getattr(PRESETS["tiny"], name), _engine_default(*where)))
-              for name, where in ENGINE_DEFAULTS.items()}
+              for name, where in engine_fields.items()}
     round_ = launch(judged_campaign(), **values)
     Round.objects.filter(pk=round_.pk).update(dataset_path="/data/round-1.jsonl", reward_checkpoint="/ckpt/rm",
                                               policy_checkpoint="/ckpt/policy")
@@ -1068,7 +1076,7 @@ def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
             runner.RUNNERS[kind](job, _Quiet())
         handed[kind] = raised.value.handed
 
-    for name, (module, cls, field_name) in ENGINE_DEFAULTS.items():
+    for name, (module, cls, field_name) in engine_fields.items():
         args_class = getattr(importlib.import_module(f"training.engine.{module}"), cls)
         assert field_name in {f.name for f in dataclasses.fields(args_class)}
         for kind in _JOBS_OF_MODULE[module]:

@@ -1,14 +1,16 @@
 """A round's settings: one flat dataclass, two presets, and parsing from `KEY=VALUE` text.
 
 The launch form, `manage.py launch_round --set KEY=VALUE` and the runner all read this one
-definition. Defaults come from the engine (training/engine/*.py, where each is cited); the demo
+definition: each field is declared once, with its default, its docstring (the help text) and a Setting
+(range, choices, the engine field it feeds, its place on the form), so a new setting is one field here
+plus its use in the engine. Defaults come from the engine (training/engine/*.py, where each is cited); the demo
 preset fits the demo campaign on 2 CPU cores (benchmarks/README.md#closed-loop), the tiny preset a test.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from training.engine.fields import field_docs
@@ -22,63 +24,42 @@ PAIRINGS = {
 }
 
 INT32_MAX = 2**31 - 1  # PostgreSQL's integer: Pair.priority, Job.step, seeds stored on rows
-# Range of every numeric setting: (lowest, highest, lowest excluded). Checked at launch, so a value the
-# database or the engine would refuse after hours of training is refused before anything runs.
-BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "seed": (0, INT32_MAX - 100_000, False),  # the runner adds the round number and 10,000 to it
-    "reward_epochs": (1, 1000, False),
-    "reward_lr": (0.0, 1.0, True),
-    "reward_warmup_ratio": (0.0, 1.0, False),
-    "reward_batch_size": (1, 65_536, False),
-    "reward_max_length": (16, 131_072, False),
-    "ppo_steps": (1, 1_000_000, False),
-    "ppo_batch_size": (1, 65_536, False),
-    "ppo_samples_per_prompt": (1, 1024, False),
-    "ppo_mini_batch_size": (1, 65_536, False),
-    "ppo_kl_coef": (0.0, 100.0, False),
-    "ppo_lr": (0.0, 1.0, True),
-    "ppo_max_new_tokens": (1, 32_768, False),
-    "ppo_save_every": (0, 1_000_000, False),
-    "sample_prompts": (1, 100_000, False),
-    "sample_per_prompt": (1, 64, False),
-    "sample_temperature": (0.0, 100.0, True),
-    "top_p": (0.0, 1.0, True),
-    "priority": (-INT32_MAX - 1, INT32_MAX, False),
-    "lora_r": (0, 4096, False),
-}
+
+SETTING = "pairloop.setting"  # the key of a RoundConfig field's metadata that holds its Setting
+TEXTAREA = "textarea"  # Setting.widget of text of several lines
 
 
-# Where a round's defaults come from: the engine's Args field each equals (tests/test_rounds.py checks it)...
-ENGINE_DEFAULTS: dict[str, tuple[str, str, str]] = {
-    "reward_epochs": ("reward", "RewardArgs", "epochs"),
-    "reward_lr": ("reward", "RewardArgs", "lr"),
-    "reward_warmup_ratio": ("reward", "RewardArgs", "warmup_ratio"),
-    "reward_batch_size": ("reward", "RewardArgs", "batch_size"),
-    "reward_max_length": ("reward", "RewardArgs", "max_length"),
-    "ppo_steps": ("ppo", "PPOArgs", "steps"),
-    "ppo_batch_size": ("ppo", "PPOArgs", "batch_size"),
-    "ppo_samples_per_prompt": ("ppo", "PPOArgs", "samples_per_prompt"),
-    "ppo_mini_batch_size": ("ppo", "PPOArgs", "mini_batch_size"),
-    "ppo_kl_coef": ("ppo", "PPOArgs", "kl_coef"),
-    "ppo_lr": ("ppo", "PPOArgs", "lr"),
-    "ppo_max_new_tokens": ("ppo", "PPOArgs", "max_new_tokens"),
-    "ppo_save_every": ("ppo", "PPOArgs", "save_every"),
-    "sample_per_prompt": ("sample", "SampleArgs", "num_per_prompt"),
-    "sample_temperature": ("sample", "SampleArgs", "temperature"),
-    "top_p": ("sample", "SampleArgs", "top_p"),
-    "lora_r": ("common", "MemoryArgs", "lora_r"),
-    "gradient_checkpointing": ("common", "MemoryArgs", "gradient_checkpointing"),
-}
-# ...except these, where a round differs from the engine, and why (benchmarks/README.md#closed-loop-measured).
-OVERRIDES: dict[str, str] = {
-    "reward_lr": "1e-4 and no warm-up: the demo's reward model is its GPT-2 policy, measured so by closed_loop.py; "
-                 "the engine's 5e-5 with 10% warm-up is measured on the MiniLM (reward_vs_trl.py --cv)",
-    "reward_warmup_ratio": "0, with reward_lr: what closed_loop.py measured the demo's rounds with",
-    "reward_max_length": "256, the length the reward benchmarks measure at; the engine's 512 is BERT's limit",
-    "ppo_samples_per_prompt": "1: over three closed-loop rounds 4 ended lower (closed_loop.py, row J)",
-    "ppo_mini_batch_size": "32: over three closed-loop rounds one update per batch ended lower (row L)",
-    "ppo_kl_coef": "0.15: over three closed-loop rounds it kept more of the SFT policy's correctness",
-}
+@dataclass(frozen=True)
+class Setting:
+    """What the launch form, validate() and the runner know of one round setting besides its default and help."""
+
+    bounds: tuple[float, float] | None = None
+    """Lowest and highest value, checked at launch, before hours of training meet a value the database or the
+    engine refuses; None: no range."""
+    low_excluded: bool = False
+    """The lowest bound itself is refused (a learning rate of 0)."""
+    choices: dict[str, str] | None = None
+    """The values allowed, each with what it means (the form's choices); None: any value of its type."""
+    engine: tuple[str, str, str] | None = None
+    """(training.engine module, Args class, field) the runner hands the value to (RoundConfig.engine_args);
+    the default is that field's unless why_differs says why not; None: the runner uses it itself, if at all."""
+    why_differs: str = ""
+    """Why the default differs from the engine field's (benchmarks/README.md#closed-loop-measured); empty: it does not."""
+    section: str = ""
+    """The launch form's section that shows it, sections in field order; empty: not on the form."""
+    label: str = ""
+    """Its label on the launch form."""
+    widget: str = ""
+    """TEXTAREA for text of several lines; empty: the input its type gives."""
+
+    def __post_init__(self):
+        if self.section and not self.label:
+            raise ValueError(f"a round setting shown in the {self.section!r} section needs a label")
+
+
+def setting(default: Any, **about: Any) -> Any:
+    """A RoundConfig field: its default, and a Setting made of `about` as its metadata."""
+    return field(default=default, metadata={SETTING: Setting(**about)})
 
 
 def _number(value: float) -> str:
@@ -97,62 +78,94 @@ class ConfigError(ValueError):
 class RoundConfig:
     preset: str = "demo"
     """Which preset the other values started from (demo or tiny)."""
-    seed: int = 0
+    # The runner adds the round number and 10,000 to it.
+    seed: int = setting(0, bounds=(0, INT32_MAX - 100_000))
     """Seed of data order, sampling and the choice of prompts (the same prompts every round, for review)."""
-    reward_model: str = REWARD_FROM_SFT
+    reward_model: str = setting(REWARD_FROM_SFT, section="Models and prompting", label="Backbone")
     """Reward backbone: "sft" (the campaign's SFT policy with a score head, as InstructGPT initialises its
     reward model from the supervised model, Ouyang et al. 2022), a name or path, or empty:
     PAIRLOOP_REWARD_MODEL, else the packaged MiniLM."""
-    reference: str = ""
+    reference: str = setting("", section="Models and prompting", label="Reference policy")
     """Reference policy of PPO's KL penalty: a name or path; empty: the campaign's starting (SFT) policy."""
-    system_prompt: str = ""
+    system_prompt: str = setting("", section="Models and prompting", label="System prompt", widget=TEXTAREA)
     """System turn the policy (and a chat reward model) sees before every prompt; empty: none."""
-    stop_strings: str = ""
+    stop_strings: str = setting("", section="Models and prompting", label="Stop strings", widget=TEXTAREA)
     """Texts that end a response besides the model's end-of-turn tokens, one per line; empty: none."""
-    reward_epochs: int = 1
+    reward_epochs: int = setting(1, bounds=(1, 1000), engine=("reward", "RewardArgs", "epochs"),
+                                 section="Reward model", label="Epochs")
     """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
-    reward_lr: float = 1e-4
+    reward_lr: float = setting(
+        1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("reward", "RewardArgs", "lr"),
+        why_differs="1e-4 and no warm-up: the demo's reward model is its GPT-2 policy, measured so by "
+                    "closed_loop.py; the engine's 5e-5 with 10% warm-up is measured on the MiniLM (reward_vs_trl.py --cv)",
+        section="Reward model", label="Learning rate")
     """Reward model AdamW peak learning rate (TRL RewardConfig's; the demo's rounds were measured with it)."""
-    reward_warmup_ratio: float = 0.0
+    reward_warmup_ratio: float = setting(
+        0.0, bounds=(0.0, 1.0), engine=("reward", "RewardArgs", "warmup_ratio"),
+        why_differs="0, with reward_lr: what closed_loop.py measured the demo's rounds with",
+        section="Reward model", label="Warm-up share")
     """Share of reward steps with linear warm-up before the linear decay (transformers' default: none)."""
-    reward_batch_size: int = 8
+    reward_batch_size: int = setting(8, bounds=(1, 65_536), engine=("reward", "RewardArgs", "batch_size"),
+                                     section="Reward model", label="Batch size")
     """Preference pairs per reward step."""
-    reward_max_length: int = 256
+    reward_max_length: int = setting(
+        256, bounds=(16, 131_072), engine=("reward", "RewardArgs", "max_length"),
+        why_differs="256, the length the reward benchmarks measure at; the engine's 512 is BERT's limit",
+        section="Reward model", label="Max length")
     """Longest (prompt, response) in tokens for the reward model; the demo's are well under it."""
-    ppo_steps: int = 30
+    ppo_steps: int = setting(30, bounds=(1, 1_000_000), engine=("ppo", "PPOArgs", "steps"),
+                             section="PPO", label="Steps")
     """PPO iterations (each: a rollout batch and its optimisation); 30, the engine's default."""
-    ppo_batch_size: int = 64
+    ppo_batch_size: int = setting(64, bounds=(1, 65_536), engine=("ppo", "PPOArgs", "batch_size"),
+                                  section="PPO", label="Batch size")
     """Rollouts per PPO step (the engine's default, measured: benchmarks/README.md#policy-vs-trl)."""
-    ppo_samples_per_prompt: int = 1
+    ppo_samples_per_prompt: int = setting(
+        1, bounds=(1, 1024), engine=("ppo", "PPOArgs", "samples_per_prompt"),
+        why_differs="1: over three closed-loop rounds 4 ended lower (closed_loop.py, row J)",
+        section="PPO", label="Samples per prompt")
     """Responses per prompt in a PPO batch; 2 or more baseline each score by the others' mean (RLOO's
     leave-one-out baseline, training/engine/ppo.py)."""
-    ppo_mini_batch_size: int = 32
+    ppo_mini_batch_size: int = setting(
+        32, bounds=(1, 65_536), engine=("ppo", "PPOArgs", "mini_batch_size"),
+        why_differs="32: over three closed-loop rounds one update per batch ended lower (row L)",
+        section="PPO", label="Mini batch size")
     """Rollouts per gradient step inside a PPO step (against 16 and 64: benchmarks/README.md#ppo-defaults)."""
-    ppo_kl_coef: float = 0.15
+    ppo_kl_coef: float = setting(
+        0.15, bounds=(0.0, 100.0), engine=("ppo", "PPOArgs", "kl_coef"),
+        why_differs="0.15: over three closed-loop rounds it kept more of the SFT policy's correctness",
+        section="PPO", label="KL coefficient")
     """beta of the per-token KL penalty to the SFT policy, in every round (TRL PPOv2: 0.05); 0.15 measured by
     benchmarks/closed_loop.py (benchmarks/README.md#closed-loop-measured)."""
-    ppo_lr: float = 1e-4
+    ppo_lr: float = setting(1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("ppo", "PPOArgs", "lr"),
+                            section="PPO", label="Learning rate")
     """PPO Adam learning rate (the engine's default for the demo policy)."""
-    ppo_max_new_tokens: int = 48
+    ppo_max_new_tokens: int = setting(48, bounds=(1, 32_768), engine=("ppo", "PPOArgs", "max_new_tokens"),
+                                      section="PPO", label="Max new tokens")
     """Longest response during PPO and sampling."""
-    ppo_save_every: int = 10
+    ppo_save_every: int = setting(10, bounds=(0, 1_000_000), engine=("ppo", "PPOArgs", "save_every"))
     """Resumable PPO checkpoint every N steps (a killed worker resumes from the last one)."""
-    sample_prompts: int = 128
+    sample_prompts: int = setting(128, bounds=(1, 100_000), section="Sampling", label="Prompts")
     """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them); each round's pairs
     are what teach the next reward model the new policy's faults."""
-    sample_per_prompt: int = 2
+    sample_per_prompt: int = setting(2, bounds=(1, 64), engine=("sample", "SampleArgs", "num_per_prompt"),
+                                     section="Sampling", label="Responses per prompt")
     """Responses per prompt from each policy (the number of new pairs per prompt)."""
-    sample_temperature: float = 0.7
+    sample_temperature: float = setting(0.7, bounds=(0.0, 100.0), low_excluded=True,
+                                        engine=("sample", "SampleArgs", "temperature"),
+                                        section="Sampling", label="Temperature")
     """Sampling temperature of the new pairs' responses."""
-    top_p: float = 1.0
+    top_p: float = setting(1.0, bounds=(0.0, 1.0), low_excluded=True, engine=("sample", "SampleArgs", "top_p"),
+                           section="Sampling", label="Top-p")
     """Nucleus sampling of the new pairs' responses; 1 samples the whole distribution (PPO always does)."""
-    pairing: str = PAIRING_PREVIOUS
+    pairing: str = setting(PAIRING_PREVIOUS, choices=PAIRINGS, section="New pairs", label="Pairing")
     """What the new policy's responses are compared with: previous, sft or self."""
-    priority: int = 10
+    priority: int = setting(10, bounds=(-INT32_MAX - 1, INT32_MAX), section="New pairs", label="Priority")
     """Queue priority of the new pairs (higher is served first)."""
-    lora_r: int = 0
+    lora_r: int = setting(0, bounds=(0, 4096), engine=("common", "MemoryArgs", "lora_r"),
+                          section="Memory", label="LoRA rank")
     """LoRA rank of the reward model and PPO (common.MemoryArgs); 0 trains every weight, as the demo does."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = setting(False, engine=("common", "MemoryArgs", "gradient_checkpointing"),
+                                           section="Memory", label="Gradient checkpointing")
     """Recompute activations in the backward pass of the reward model and PPO (common.MemoryArgs)."""
 
     def validate(self) -> None:
@@ -160,12 +173,15 @@ class RoundConfig:
         problems: dict[str, str] = {}
         if self.preset not in PRESETS:
             problems["preset"] = f"preset must be one of {', '.join(PRESETS)}"
-        if self.pairing not in PAIRINGS:
-            problems["pairing"] = f"pairing must be one of {', '.join(PAIRINGS)}"
-        for name, (low, high, above) in BOUNDS.items():
-            value = getattr(self, name)
-            if not math.isfinite(value) or (value <= low if above else value < low) or value > high:
-                lowest = f"above {_number(low)}" if above else f"at least {_number(low)}"
+        for name, about in SETTINGS.items():
+            if about.choices is not None and getattr(self, name) not in about.choices:
+                problems[name] = f"{name} must be one of {', '.join(about.choices)}"
+        for name, about in SETTINGS.items():
+            if about.bounds is None:
+                continue
+            (low, high), value = about.bounds, getattr(self, name)
+            if not math.isfinite(value) or (value <= low if about.low_excluded else value < low) or value > high:
+                lowest = f"above {_number(low)}" if about.low_excluded else f"at least {_number(low)}"
                 problems[name] = f"{name} must be {lowest} and at most {_number(high)}, got {value!r}"
         if problems:
             raise ConfigError(problems)
@@ -185,6 +201,13 @@ class RoundConfig:
         """The stop strings, one per line of `stop_strings` (blank lines left out)."""
         return [line for line in self.stop_strings.splitlines() if line.strip()]
 
+    def engine_args(self, args_class: type) -> dict[str, Any]:
+        """{engine field: this round's value} of each setting whose Setting.engine names `args_class` or a class
+        it extends (MemoryArgs), to pass as keyword arguments; `args_class` is looked at, never imported here."""
+        classes = {klass.__name__ for klass in args_class.__mro__}
+        return {about.engine[2]: getattr(self, name) for name, about in SETTINGS.items()
+                if about.engine is not None and about.engine[1] in classes}
+
 
 PRESETS: dict[str, RoundConfig] = {
     "demo": RoundConfig(),
@@ -195,6 +218,7 @@ PRESETS: dict[str, RoundConfig] = {
 }
 
 FIELDS = {f.name: f for f in fields(RoundConfig)}
+SETTINGS: dict[str, Setting] = {f.name: f.metadata.get(SETTING, Setting()) for f in fields(RoundConfig)}
 
 
 def field_help(name: str) -> str:

@@ -5,32 +5,17 @@ from __future__ import annotations
 from django import forms
 
 from training import actions
-from training.config import (
-    BOUNDS,
-    FIELDS,
-    PAIRINGS,
-    PRESETS,
-    ConfigError,
-    RoundConfig,
-    field_help,
-)
+from training.config import FIELDS, PRESETS, SETTINGS, TEXTAREA, ConfigError, RoundConfig, field_help
 
-SECTIONS = [
-    ("Models and prompting", ["reward_model", "reference", "system_prompt", "stop_strings"]),
-    ("Reward model", ["reward_epochs", "reward_lr", "reward_warmup_ratio", "reward_batch_size",
-                      "reward_max_length"]),
-    ("PPO", ["ppo_steps", "ppo_batch_size", "ppo_samples_per_prompt", "ppo_mini_batch_size", "ppo_kl_coef", "ppo_lr",
-             "ppo_max_new_tokens"]),
-    ("Sampling", ["sample_prompts", "sample_per_prompt", "sample_temperature", "top_p"]),
-    ("New pairs", ["pairing", "priority"]),
-    ("Memory", ["lora_r", "gradient_checkpointing"]),
-]
 
-LABELS = {"lr": "Learning rate", "warmup_ratio": "Warm-up share", "kl_coef": "KL coefficient",
-          "per_prompt": "Responses per prompt", "prompts": "Prompts", "model": "Backbone", "prompt": "System prompt", "strings": "Stop strings",
-          "p": "Top-p", "reference": "Reference policy", "r": "LoRA rank",
-          "checkpointing": "Gradient checkpointing"}
-TEXTAREAS = ("system_prompt", "stop_strings")
+def form_sections() -> list[tuple[str, list[str]]]:
+    """The launch form's sections, in field order, each with the settings it shows (Setting.section)."""
+    sections: dict[str, list[str]] = {}
+    for name, about in SETTINGS.items():
+        if about.section:
+            sections.setdefault(about.section, []).append(name)
+    # A section shown only for one choice of another setting (an algorithm's own) would be left out here.
+    return list(sections.items())
 
 
 class LaunchRoundForm(forms.Form):
@@ -43,31 +28,29 @@ class LaunchRoundForm(forms.Form):
         defaults = PRESETS.get(preset, PRESETS["demo"])
         self.fields["preset"].initial = defaults.preset
         initial = {**defaults.as_dict(), **actions.campaign_settings(campaign)}
-        for _, names in SECTIONS:
+        for _, names in form_sections():
             for name in names:
                 self.fields[name] = self._field(name, initial[name])
 
     @staticmethod
     def _field(name: str, initial):
-        kind = FIELDS[name].type
-        words = name.split("_", 1)[1] if "_" in name else name
-        label = LABELS.get(words, words.replace("_", " ").capitalize())
-        common = {"initial": initial, "help_text": field_help(name), "label": label}
-        if name == "pairing":
-            return forms.ChoiceField(choices=list(PAIRINGS.items()), **common)
-        low, high, _ = BOUNDS.get(name, (None, None, False))
+        kind, about = FIELDS[name].type, SETTINGS[name]
+        common = {"initial": initial, "help_text": field_help(name), "label": about.label}
+        if about.choices is not None:
+            return forms.ChoiceField(choices=list(about.choices.items()), **common)
+        low, high = about.bounds or (None, None)
         if kind == "int":
             return forms.IntegerField(min_value=low, max_value=high, **common)
         if kind == "float":
             return forms.FloatField(min_value=low, max_value=high, **common)
         if kind == "bool":
             return forms.BooleanField(required=False, **common)
-        if name in TEXTAREAS:
+        if about.widget == TEXTAREA:
             return forms.CharField(required=False, strip=False, widget=forms.Textarea(attrs={"rows": 2}), **common)
         return forms.CharField(required=False, **common)
 
     def sections(self):
-        return [(title, [self[name] for name in names]) for title, names in SECTIONS]
+        return [(title, [self[name] for name in names]) for title, names in form_sections()]
 
     def clean(self):
         cleaned = super().clean()

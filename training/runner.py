@@ -432,13 +432,10 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     trained_on = round_.config.get("usable_judgments", 0) * (1 - reward.RewardArgs.eval_fraction)
     steps = math.ceil(trained_on / config.reward_batch_size) * config.reward_epochs
     args = reward.RewardArgs(
-        train=round_.dataset_path, out=str(out), epochs=config.reward_epochs, lr=config.reward_lr,
-        warmup_ratio=config.reward_warmup_ratio, batch_size=config.reward_batch_size,
-        max_length=config.reward_max_length, seed=config.seed,
-        system_prompt=config.system_prompt, lora_r=config.lora_r, gradient_checkpointing=config.gradient_checkpointing,
+        train=round_.dataset_path, out=str(out), seed=config.seed, system_prompt=config.system_prompt,
         log_every=2, eval_every=max(10, steps // 10), save_every=max(20, steps // 10), resume=True,
         resume_from=_earlier_checkpoint(job, "reward", reward.resume_dir),
-        device=device(), **({"model": backbone} if backbone else {}),
+        device=device(), **({"model": backbone} if backbone else {}), **config.engine_args(reward.RewardArgs),
     )
     progress.line(f"Reward model from {args.model} on {round_.dataset_path}")
     metrics = train("reward", args, progress)
@@ -463,12 +460,8 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     args = ppo.PPOArgs(
         policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts,
         out=str(out), system_prompt=config.system_prompt, stop_strings=config.stop_list(),
-        steps=config.ppo_steps, batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
-        samples_per_prompt=config.ppo_samples_per_prompt,
-        kl_coef=config.ppo_kl_coef, lr=config.ppo_lr, max_new_tokens=config.ppo_max_new_tokens,
-        save_every=config.ppo_save_every, seed=config.seed + round_.number, resume=True, device=device(),
-        lora_r=config.lora_r, gradient_checkpointing=config.gradient_checkpointing,
-        resume_from=_earlier_checkpoint(job, "policy", ppo.resume_dir),
+        seed=config.seed + round_.number, resume=True, device=device(),
+        resume_from=_earlier_checkpoint(job, "policy", ppo.resume_dir), **config.engine_args(ppo.PPOArgs),
     )
     progress.line(f"PPO on {len(prompts)} prompts for {args.steps} steps of {args.batch_size} rollouts")
     metrics = train("ppo", args, progress)
@@ -480,7 +473,7 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
     """Sample the new policy (and the one it is paired against) on the round's prompts, score every
     response shown in the review with the round's reward model, and keep it all on the job."""
     from training.engine.reward import RewardScorer
-    from training.engine.sample import sample_with_stats
+    from training.engine.sample import SampleArgs, sample_with_stats
 
     round_ = job.round
     config = round_config(round_)
@@ -493,13 +486,11 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
     label, other_checkpoint = opponent(round_, config)
     per_policy = len(texts) * config.sample_per_prompt
     total = per_policy * (2 if other_checkpoint else 1)
-    generation = {"max_new_tokens": config.ppo_max_new_tokens, "temperature": config.sample_temperature,
-                  "top_p": config.top_p, "num_per_prompt": config.sample_per_prompt,
+    # The new pairs' responses are as long as PPO's rollouts: one setting for both.
+    generation = {**config.engine_args(SampleArgs), "max_new_tokens": config.ppo_max_new_tokens,
                   "seed": config.seed + round_.number, "system_prompt": config.system_prompt,
                   "stop_strings": config.stop_list()}
-    kwargs = dict(num_per_prompt=config.sample_per_prompt, max_new_tokens=config.ppo_max_new_tokens,
-                  temperature=config.sample_temperature, top_p=config.top_p, system_prompt=config.system_prompt,
-                  stop_strings=config.stop_list(), seed=config.seed + round_.number, device=device())
+    kwargs = {**generation, "device": device()}
     progress.section(0, total)
     progress.line(f"Sampling {per_policy} responses from the new policy")
     new, stats, new_cut = sample_with_stats(round_.policy_checkpoint, prompts, on_progress=progress, **kwargs)
