@@ -31,6 +31,7 @@ from api.pagination import Pages
 from training import actions as training_actions
 from training.access import job_error_for, job_for_admin, round_for_reviewer
 from training.models import Job, Round
+from training.review import policy_ratings
 
 campaigns = Router(tags=["campaigns"])
 labeling = Router(tags=["labeling"])
@@ -500,8 +501,6 @@ def round_ratings(request, round_id: int):
     as the round's page shows them; null until two policies have been compared. Scope: review."""
     require_scope(request, REVIEW)
     round_ = round_for_reviewer(request, round_id)
-    from training.views import policy_ratings
-
     ratings = policy_ratings(round_)
     if ratings is None:
         return None
