@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import threading
 import time
 import uuid
@@ -204,6 +205,25 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
             failed.total += 1
         raise
     return ImportResult(created=created, skipped=skipped, rows=rows)
+
+
+def import_rows(campaign, rows: list, *, pairs_per_prompt: int | None = None, seed: int = 0,
+                priority: int = 0) -> ImportResult:
+    """Import rows given in memory (each as a JSONL file's line) as import_file imports a file: row N is
+    line N, any bad row and nothing is added."""
+    with tempfile.TemporaryDirectory(prefix="pairloop-rows-") as folder:
+        path = Path(folder) / "rows.jsonl"
+        with path.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return import_file(campaign, path, pairs_per_prompt=pairs_per_prompt, seed=seed, priority=priority)
+
+
+def pairs_asked(rows: list, pairs_per_prompt: int | None) -> int:
+    """How many pairs `rows` would make, before any is checked (a `responses` list makes every pair, or
+    pairs_per_prompt)."""
+    return sum(_ResponseList("", row["responses"]).pair_count(pairs_per_prompt)
+               if isinstance(row, dict) and isinstance(row.get("responses"), list) else 1 for row in rows)
 
 
 def start_import_job(campaign, user, upload, *, pairs_per_prompt: int | None = None, seed: int = 0,

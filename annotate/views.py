@@ -6,19 +6,14 @@ fragment, which htmx swaps in.
 
 from __future__ import annotations
 
-import tempfile
-
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
-from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.db.models import Count, F, Q
-from django.http import FileResponse, Http404, HttpResponseBadRequest, QueryDict
+from django.http import Http404, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
-from django.utils.datastructures import MultiValueDict
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -33,6 +28,14 @@ from annotate.access import (
     is_reviewer,
 )
 from annotate.models import Assignment, Exclusion, ImportJob, Judgment, Pair
+from annotate.transfer import (
+    CappedUpload,
+    ExportRefused,
+    export_download,
+    import_options,
+    readable_size,
+    upload_too_large,
+)
 
 
 @login_required
@@ -264,95 +267,16 @@ def _change_exclusions(request, campaign) -> str:
     return f"Excluded {exclusion.describe()}"
 
 
-EXPORT_FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
-
-
-class TempFileDownload(FileResponse):
-    """A download of an open temporary file, closed (and so deleted) with the response.
-
-    Under ASGI, Django's FileResponse reads a plain file whole into memory first; this one reads it a
-    block at a time there too."""
-
-    def __init__(self, handle, **kwargs):
-        self.handle = handle  # file_to_stream is unset when streaming_content is replaced (the test client)
-        super().__init__(handle, **kwargs)
-
-    async def __aiter__(self):
-        read = sync_to_async(self.handle.read, thread_sensitive=False)
-        while chunk := await read(self.block_size):
-            yield chunk
-
-
 @login_required
 @require_GET
 def export(request, slug):
     campaign = campaign_for_reviewer(request, slug)
-    from annotate.exporting import TRL_FORMATS, export_to_file  # pyarrow: loaded by the first export
-
-    fmt = request.GET.get("format", "jsonl")
-    if fmt not in EXPORT_FORMATS:
-        return HttpResponseBadRequest("format must be jsonl or parquet")
-    trl_format = request.GET.get("trl_format", "auto")
-    if trl_format not in TRL_FORMATS:
-        return HttpResponseBadRequest("trl_format must be auto, conversational or standard")
-    raw = request.GET.get("raw") == "1"
-    name = f"{campaign.slug}-{'judgments' if raw else 'pairs'}{EXPORT_FORMATS[fmt]}"
-    handle = tempfile.TemporaryFile(prefix="pairloop-export-")  # unnamed: its space returns when it closes
     try:
-        export_to_file(campaign, handle, format=fmt, raw=raw, trl_format=trl_format)
-        handle.seek(0)
-    except BaseException:
-        handle.close()
-        raise
-    return TempFileDownload(handle, as_attachment=True, filename=name)
-
-
-class CappedUpload(FileUploadHandler):
-    """Refuses an upload over the cap before it is stored: at once by its Content-Length, else as it grows."""
-
-    FORM_SLACK = 64 * 1024  # the form's other fields and the multipart headers around the file
-
-    def __init__(self, request, cap: int):
-        super().__init__(request)
-        self.cap, self.received, self.refused = cap, 0, False
-
-    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
-        if content_length > self.cap + self.FORM_SLACK:
-            self.refused = True
-            return QueryDict(encoding=encoding), MultiValueDict()  # parsed as empty: the body is never read
-        return None
-
-    def receive_data_chunk(self, raw_data, start):
-        self.received += len(raw_data)
-        if self.received > self.cap:
-            self.refused = True
-            raise StopUpload(connection_reset=False)
-        return raw_data
-
-    def file_complete(self, file_size):
-        return None
-
-
-def _size(n: int) -> str:
-    if n >= 1024**3:
-        return f"{n / 1024**3:.4g} GiB"
-    return f"{n / 1024**2:.4g} MiB" if n >= 1024**2 else f"{n} bytes"
-
-
-def _whole_number(value: str, what: str, minimum: int | None = None, maximum: int | None = None) -> int | None:
-    """A form field's whole number (None when empty); raises ValueError with a message naming the field."""
-    value = (value or "").strip()
-    if not value:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{what} must be a whole number, not {value!r}.") from None
-    if minimum is not None and number < minimum:
-        raise ValueError(f"{what} must be at least {minimum}.")
-    if maximum is not None and number > maximum:
-        raise ValueError(f"{what} must be at most {maximum}.")
-    return number
+        return export_download(campaign, format=request.GET.get("format", "jsonl"),
+                               raw=request.GET.get("raw") == "1",
+                               trl_format=request.GET.get("trl_format", "auto"))
+    except ExportRefused as exc:
+        return HttpResponseBadRequest(str(exc))
 
 
 @csrf_exempt  # the upload cap must be in place before the body is read; CSRF is checked just below
@@ -373,15 +297,13 @@ def _import_page(request, campaign, capped: CappedUpload):
     if request.method == "POST":
         upload = request.FILES.get("file")
         if capped.refused:
-            error, status = (f"The file is larger than the upload limit of {_size(capped.cap)} "
-                             "(PAIRLOOP_MAX_UPLOAD_BYTES): nothing was stored. Import it on the server with "
-                             "manage.py import_pairs, or ask for a higher limit."), 413
+            error, status = (f"{upload_too_large(capped.cap)} Import it on the server with manage.py "
+                             "import_pairs, or ask for a higher limit."), 413
         elif upload is None:
             error, status = "Choose a file to import.", 400
         else:
             try:
-                pairs_per_prompt = _whole_number(request.POST.get("pairs_per_prompt"), "Pairs per prompt", 1)
-                priority = _whole_number(request.POST.get("priority"), "Priority", *Pair.PRIORITY_RANGE) or 0
+                pairs_per_prompt, priority = import_options(request.POST)
             except ValueError as exc:
                 error, status = str(exc), 400
             else:
@@ -390,7 +312,7 @@ def _import_page(request, campaign, capped: CappedUpload):
                 return redirect(job)
     jobs = ImportJob.objects.filter(campaign=campaign)[:10]
     return render(request, "annotate/import.html", {
-        "campaign": campaign, "error": error, "jobs": jobs, "max_upload": _size(capped.cap),
+        "campaign": campaign, "error": error, "jobs": jobs, "max_upload": readable_size(capped.cap),
     }, status=status)
 
 

@@ -3,10 +3,6 @@ with the web's access function, call the web's action, return JSON. Nothing here
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Count
@@ -23,7 +19,9 @@ from annotate.access import (
     campaigns_for_user,
     is_reviewer,
 )
+from annotate.importing import ImportFailed, import_rows, pairs_asked, start_import_job
 from annotate.models import Assignment, Campaign, ImportJob, Judgment, Pair, Prompt
+from annotate.transfer import CappedUpload, ExportRefused, export_download, import_options, upload_too_large
 from api import schemas, webhooks
 from api.auth import require_scope
 from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
@@ -126,14 +124,6 @@ def campaign_queue(request, slug: str):
 MAX_JSON_IMPORT_PAIRS = 10_000  # pairs one JSON import request may make; more go through an upload
 
 
-def _pairs_asked(rows: list, pairs_per_prompt: int | None) -> int:
-    """How many pairs `rows` would make (a `responses` list makes every pair, or pairs_per_prompt)."""
-    from annotate.importing import _ResponseList
-
-    return sum(_ResponseList("", row["responses"]).pair_count(pairs_per_prompt)
-               if isinstance(row, dict) and isinstance(row.get("responses"), list) else 1 for row in rows)
-
-
 @campaigns.post("/campaigns/{slug:slug}/pairs",
                 response={201: schemas.ImportOut, 400: schemas.ImportError_, 413: schemas.Error, **REFUSED})
 def pairs_import(request, slug: str, body: schemas.ImportIn):
@@ -141,26 +131,19 @@ def pairs_import(request, slug: str, body: schemas.ImportIn):
     and nothing is added, with the same messages; at most MAX_JSON_IMPORT_PAIRS pairs. Scope: import."""
     require_scope(request, IMPORT)
     campaign = campaign_for_admin(request, slug)
-    asked = _pairs_asked(body.rows, body.pairs_per_prompt)
+    asked = pairs_asked(body.rows, body.pairs_per_prompt)
     if asked > MAX_JSON_IMPORT_PAIRS:
         return Status(413, {"detail": f"these rows make {asked} pairs, more than the "
                                       f"{MAX_JSON_IMPORT_PAIRS} one request may add: nothing was imported. "
                                       "Upload them as a file to "
                                       f"POST /api/v1/campaigns/{campaign.slug}/imports, imported in the "
                                       "background, or sample fewer with pairs_per_prompt."})
-    from annotate.importing import ImportFailed, import_file
-
-    with tempfile.TemporaryDirectory(prefix="pairloop-api-import-") as folder:
-        path = Path(folder) / "rows.jsonl"
-        with path.open("w", encoding="utf-8") as handle:
-            for row in body.rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        try:
-            result = import_file(campaign, path, pairs_per_prompt=body.pairs_per_prompt, seed=body.seed,
-                                 priority=body.priority)
-        except ImportFailed as exc:
-            return Status(400, {"detail": f"nothing was imported: {exc}", "errors": exc.lines(),
-                                "total": exc.total})
+    try:
+        result = import_rows(campaign, body.rows, pairs_per_prompt=body.pairs_per_prompt, seed=body.seed,
+                             priority=body.priority)
+    except ImportFailed as exc:
+        return Status(400, {"detail": f"nothing was imported: {exc}", "errors": exc.lines(),
+                            "total": exc.total})
     return Status(201, {"created": result.created, "skipped": result.skipped, "rows": result.rows})
 
 
@@ -170,7 +153,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
         "file": {"type": "string", "format": "binary",
                  "description": "JSONL, CSV, Parquet (optionally .gz), as import_pairs reads them."},
         "pairs_per_prompt": {"type": "integer", "minimum": 1},
-        "priority": {"type": "integer"},
+        "priority": {"type": "integer", "minimum": Pair.PRIORITY_RANGE[0], "maximum": Pair.PRIORITY_RANGE[1]},
     }}}}}}
 
 
@@ -187,20 +170,15 @@ def import_upload(request, slug: str):
     PAIRLOOP_MAX_UPLOAD_BYTES); follow it at imports/<id>. Scope: import."""
     require_scope(request, IMPORT)
     campaign = campaign_for_admin(request, slug)
-    from annotate.importing import start_import_job
-    from annotate.views import CappedUpload, _size, _whole_number
-
     capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
     request.upload_handlers.insert(0, capped)  # the body is not read yet: the cap applies before storing
     upload = request.FILES.get("file")
     if capped.refused:
-        return Status(413, {"detail": f"The file is larger than the upload limit of {_size(capped.cap)} "
-                                      "(PAIRLOOP_MAX_UPLOAD_BYTES): nothing was stored."})
+        return Status(413, {"detail": upload_too_large(capped.cap)})
     if upload is None:
         return Status(400, {"detail": "send the file as the multipart/form-data field 'file'"})
     try:
-        pairs_per_prompt = _whole_number(request.POST.get("pairs_per_prompt"), "Pairs per prompt", 1)
-        priority = _whole_number(request.POST.get("priority"), "Priority") or 0
+        pairs_per_prompt, priority = import_options(request.POST)
     except ValueError as exc:
         return Status(400, {"detail": str(exc)})
     job = start_import_job(campaign, request.user, upload, pairs_per_prompt=pairs_per_prompt,
@@ -237,22 +215,10 @@ def campaign_export(request, slug: str, query: Query[ExportQuery]):
     standard. Scope: export."""
     require_scope(request, EXPORT)
     campaign = campaign_for_reviewer(request, slug)
-    from annotate.exporting import TRL_FORMATS, export_to_file
-    from annotate.views import EXPORT_FORMATS, TempFileDownload
-
-    if query.format not in EXPORT_FORMATS:
-        return Status(400, {"detail": "format must be jsonl or parquet"})
-    if query.trl_format not in TRL_FORMATS:
-        return Status(400, {"detail": "trl_format must be auto, conversational or standard"})
-    name = f"{campaign.slug}-{'judgments' if query.raw else 'pairs'}{EXPORT_FORMATS[query.format]}"
-    handle = tempfile.TemporaryFile(prefix="pairloop-export-")
     try:
-        export_to_file(campaign, handle, format=query.format, raw=query.raw, trl_format=query.trl_format)
-        handle.seek(0)
-    except BaseException:
-        handle.close()
-        raise
-    return TempFileDownload(handle, as_attachment=True, filename=name)
+        return export_download(campaign, format=query.format, raw=query.raw, trl_format=query.trl_format)
+    except ExportRefused as exc:
+        return Status(400, {"detail": str(exc)})
 
 
 # ---------------------------------------------------------------------------------------------

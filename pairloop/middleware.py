@@ -58,7 +58,7 @@ def body_cap(path: str) -> tuple[int, str]:
     except Resolver404:
         match = None
     if match is not None and match.view_name in UPLOAD_URL_NAMES:
-        from annotate.views import CappedUpload
+        from annotate.transfer import CappedUpload
 
         return settings.PAIRLOOP["MAX_UPLOAD_BYTES"] + CappedUpload.FORM_SLACK, "PAIRLOOP_MAX_UPLOAD_BYTES"
     return settings.PAIRLOOP["MAX_REQUEST_BYTES"], "PAIRLOOP_MAX_REQUEST_BYTES"
@@ -66,10 +66,10 @@ def body_cap(path: str) -> tuple[int, str]:
 
 def too_large(path: str) -> tuple[str, bytes]:
     """The 413 answer's content type and body for `path`: JSON under the API, plain text elsewhere."""
-    from annotate.views import _size
+    from annotate.transfer import readable_size
 
     cap, setting = body_cap(path)
-    detail = f"The request body is larger than the limit of {_size(cap)} here ({setting}): nothing was read."
+    detail = f"The request body is larger than the limit of {readable_size(cap)} here ({setting}): nothing was read."
     if path.startswith("/api/"):
         return "application/json", json.dumps({"detail": detail}).encode()
     return "text/plain; charset=utf-8", detail.encode()

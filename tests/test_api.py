@@ -321,6 +321,27 @@ def test_an_uploaded_file_is_imported_in_the_background_as_the_page_does(admin_u
     assert api_for(admin_user, ["label"]).get(f"/campaigns/imp/imports/{job_id}").status_code == 403
 
 
+def test_an_upload_is_refused_with_the_pages_bounds_naming_the_field_and_nothing_stored(admin_user):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from annotate.importing import uploads_dir
+    from annotate.models import ImportJob
+
+    make_campaign(slug="imp")
+    api = api_for(admin_user)
+    rows = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
+    stored = set(uploads_dir().iterdir()) if uploads_dir().is_dir() else set()
+    for fields, detail in (({"priority": str(2**31)}, "Priority must be at most 2147483647."),
+                           ({"priority": str(-(2**31) - 1)}, "Priority must be at least -2147483648."),
+                           ({"priority": "high"}, "Priority must be a whole number, not 'high'."),
+                           ({"pairs_per_prompt": "0"}, "Pairs per prompt must be at least 1.")):
+        response = api.client.post(f"{API}/campaigns/imp/imports", headers=api.headers,
+                                   data={"file": SimpleUploadedFile("pairs.jsonl", rows), **fields})
+        assert (response.status_code, response.json()) == (400, {"detail": detail})
+    assert not ImportJob.objects.exists() and not Pair.objects.exists()
+    assert (set(uploads_dir().iterdir()) if uploads_dir().is_dir() else set()) == stored
+
+
 def test_it_streams_the_same_export_as_export_pairs(reviewer, labeler, campaign, tmp_path):
     assignment = claim_next_pair(campaign, labeler).assignment
     submit_judgment(assignment_id=assignment.pk, labeler=labeler, choice="b", strength=3)
