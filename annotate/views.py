@@ -10,7 +10,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count, F, Q
+from django.db.models import Count, Q
 from django.http import Http404, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -18,7 +18,7 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from annotate import actions
+from annotate import actions, statistics
 from annotate.access import (
     campaign_for_admin,
     campaign_for_labeler,
@@ -27,7 +27,7 @@ from annotate.access import (
     is_admin,
     is_reviewer,
 )
-from annotate.models import Assignment, Exclusion, ImportJob, Judgment, Pair
+from annotate.models import Assignment, Exclusion, ImportJob, Judgment
 from annotate.transfer import (
     CappedUpload,
     ExportRefused,
@@ -174,29 +174,15 @@ def campaign_detail(request, slug):
     from annotate.exporting import has_chat_prompts, left_out  # pyarrow: loaded by the first export page
 
     campaign = campaign_for_reviewer(request, slug)
-    pairs = Pair.objects.filter(campaign=campaign)
-    judgments = Judgment.objects.filter(pair__campaign=campaign)
-    by_choice = dict(judgments.values_list("choice").annotate(n=Count("id")))
-    on_gold = Q(pair__gold_choice__gt="")
-    labelers = (
-        judgments.exclude(labeler=None)
-        .values("labeler__username", "source")
-        .annotate(
-            n=Count("id"),
-            today=Count("id", filter=Q(created_at__date=timezone.localdate())),
-            gold=Count("id", filter=on_gold),
-            gold_agreed=Count("id", filter=on_gold & Q(choice=F("pair__gold_choice"))),
-        )
-        .order_by("-n")
-    )
+    queue = statistics.queue_state(campaign)
     context = {
         "campaign": campaign,
-        "pair_count": pairs.count(),
-        "open_count": pairs.filter(is_open=True).count(),
-        "judgment_count": judgments.count(),
-        "by_choice": [(label, by_choice.get(value, 0)) for value, label in Judgment.CHOICES],
-        "usable": judgments.filter(choice__in=[Judgment.A, Judgment.B]).count(),
-        "labelers": labelers,
+        "pair_count": queue.pairs,
+        "open_count": queue.open_pairs,
+        "judgment_count": queue.judgments,
+        "by_choice": statistics.judgments_by_choice(campaign),
+        "usable": statistics.usable_judgments(campaign),
+        "labelers": statistics.labeler_figures(campaign),
         "is_admin": is_admin(request.user),
         "rounds": campaign.rounds.all()[:20],
         "left_out": left_out(campaign),

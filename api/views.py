@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db.models import Count
-from django.utils import timezone
 from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.pagination import paginate
 
-from annotate import actions
+from annotate import actions, statistics
 from annotate.access import (
     campaign_for_admin,
     campaign_for_labeler,
@@ -106,19 +104,7 @@ def campaign_read(request, slug: str):
 def campaign_queue(request, slug: str):
     """The campaign's queue: open pairs, judgments per pair, live leases. Scope: review."""
     require_scope(request, REVIEW)
-    campaign = campaign_for_reviewer(request, slug)
-    pairs = Pair.objects.filter(campaign=campaign)
-    by_count = dict(pairs.values_list("judgments_count").annotate(n=Count("id")).order_by())
-    live = Assignment.objects.filter(pair__campaign=campaign, completed_at__isnull=True, skipped=False,
-                                     expires_at__gt=timezone.now())
-    return {
-        "pairs": sum(by_count.values()),
-        "open_pairs": pairs.filter(is_open=True).count(),
-        "judgments": Judgment.objects.filter(pair__campaign=campaign).count(),
-        "judgments_left": actions.judgments_left(campaign),
-        "live_leases": live.count(),
-        "pairs_by_judgments": {str(count): n for count, n in sorted(by_count.items())},
-    }
+    return statistics.queue_state(campaign_for_reviewer(request, slug))
 
 
 MAX_JSON_IMPORT_PAIRS = 10_000  # pairs one JSON import request may make; more go through an upload

@@ -361,13 +361,21 @@ def test_it_streams_the_same_export_as_export_pairs(reviewer, labeler, campaign,
     assert body == out.read_bytes() and json.loads(body)["chosen"][0]["role"] == "assistant"
 
 
-def test_it_shows_the_queue_state(reviewer, labeler, campaign):
+def test_it_shows_the_queue_state_as_the_campaign_page_counts_it(reviewer, labeler, campaign):
     assignment = claim_next_pair(campaign, labeler).assignment
     submit_judgment(assignment_id=assignment.pk, labeler=labeler, choice="a", strength=1)
     claim_next_pair(campaign, labeler)
     state = api_for(reviewer).get("/campaigns/shop/queue").json()
     assert state["pairs"] == 10 and state["open_pairs"] == 9 and state["judgments"] == 1
     assert state["live_leases"] == 1 and state["pairs_by_judgments"] == {"0": 9, "1": 1}
+    assert state["judgments_left"] == 10 * campaign.overlap - 1
+    page = Client()
+    page.force_login(reviewer)
+    html = page.get("/campaigns/shop/").content.decode()
+    assert [s.split("</div>")[0] for s in html.split('<div class="stat">')[1:5]] == [
+        "<strong>10</strong>pairs", "<strong>9</strong>still need judgments", "<strong>1</strong>judgments",
+        "<strong>1</strong>usable Bradley-Terry pairs"]
+    assert f"<tr><td>{labeler.username}</td><td>human</td><td>1</td><td>1</td><td>—</td></tr>" in html
 
 
 # --- rounds -------------------------------------------------------------------------------------

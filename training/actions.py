@@ -25,6 +25,7 @@ from django.db.models.functions import Coalesce, Least, Now
 from django.utils import timezone
 
 from annotate.models import Campaign, Judgment
+from annotate.statistics import usable_judgments
 from training import dispatch, live, starting_policy
 from training.config import RoundConfig, build_config
 from training.engine.chat_date import CHAT_DATE_FORMAT
@@ -47,11 +48,6 @@ class StaleLaunch(RoundRefused):
 class JobLost(StopWithoutSaving):
     """The worker no longer owns this job (it was marked failed or cancelled meanwhile): the engine stops
     without writing its resumable checkpoint, which is the next attempt's to write."""
-
-
-def usable_judgments(campaign: Campaign) -> int:
-    """Judgments that make a Bradley-Terry pair (A or B preferred), humans and simulated alike."""
-    return Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B]).count()
 
 
 PEOPLE = (Judgment.HUMAN, Judgment.API)
