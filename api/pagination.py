@@ -1,9 +1,8 @@
-"""Pages of every list endpoint: django-ninja's limit/offset pagination, each item built from the rows of its
-page only (by the endpoint's own output function of the row and the request, or its response schema)."""
+"""Pages of every list endpoint: django-ninja's limit/offset pagination, each item built by the endpoint's
+response schema from the rows of its page only."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ninja import Field, Schema
@@ -20,11 +19,9 @@ class Pages(LimitOffsetPagination):
         limit: int = Field(PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="Items on this page.")
         offset: int = Field(0, ge=0, description="Items skipped before this page.")
 
-    def __init__(self, *, out: Callable[[Any, Any], Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(max_limit=MAX_PAGE_SIZE, **kwargs)
-        self.out = out
 
     def paginate_queryset(self, queryset, pagination: Input, request, **params: Any) -> dict:
         page = queryset[pagination.offset:pagination.offset + pagination.limit]
-        items = [self.out(row, request) for row in page] if self.out else list(page)
-        return {"items": items, "count": queryset.count()}
+        return {"items": list(page), "count": queryset.count()}

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
+from training.access import job_error_for
+
 INT32 = 2**31 - 1
 
 
@@ -60,6 +62,10 @@ class CampaignOut(Schema):
     is_active: bool
     created_at: datetime
     choices: list[str] = Field(description="The choices a judgment may make here: a, b, tie, both_bad.")
+
+    @staticmethod
+    def resolve_choices(campaign) -> list[str]:
+        return campaign.choices_offered()
 
 
 class CampaignSettings(Schema):
@@ -145,6 +151,22 @@ class AssignmentOut(Schema):
     left: str = Field(description="The response shown as 'a'.")
     right: str = Field(description="The response shown as 'b'.")
     expires_at: datetime = Field(description="The lease ends then and the pair returns to the queue.")
+
+    @staticmethod
+    def resolve_prompt(assignment) -> str:
+        return assignment.pair.prompt.text
+
+    @staticmethod
+    def resolve_prompt_turns(assignment) -> list | None:
+        return assignment.pair.prompt.turns or None
+
+    @staticmethod
+    def resolve_left(assignment) -> str:
+        return assignment.shown()[0].text
+
+    @staticmethod
+    def resolve_right(assignment) -> str:
+        return assignment.shown()[1].text
 
 
 class WarningPending(Schema):
@@ -256,6 +278,18 @@ class JobOut(Schema):
     started_at: datetime | None
     finished_at: datetime | None
 
+    @staticmethod
+    def resolve_progress(job) -> float:
+        return job.progress_fraction()
+
+    @staticmethod
+    def resolve_last_metrics(job) -> dict | None:
+        return job.metrics[-1] if job.metrics else None
+
+    @staticmethod
+    def resolve_error(job, context) -> str:
+        return job_error_for(context["request"].user, job)
+
 
 class LaunchReport(Schema):
     """What a launch learns that the last round that succeeded did not."""
@@ -290,6 +324,14 @@ class RoundOut(Schema):
                                                     "launched before this was recorded.")
     jobs: list[JobOut]
 
+    @staticmethod
+    def resolve_campaign(round_) -> str:
+        return round_.campaign.slug
+
+    @staticmethod
+    def resolve_launch(round_) -> dict | None:
+        return round_.config.get("launch")
+
 
 class RoundIn(Schema):
     preset: str = Field("demo", description="The settings to start from (demo or tiny); PAIRLOOP_DEMO_POLICY_"
@@ -308,11 +350,15 @@ class SampleOut(Schema):
 
 
 class RatingOut(Schema):
-    policy: str
+    policy: str = Field(description="SFT policy, or Round N: whose checkpoint.")
     rating: float = Field(description="Elo scale, the SFT policy at 1000.")
     low: float = Field(description="Lower end of the 95% bootstrap interval.")
     high: float
     games: int
+
+    @staticmethod
+    def resolve_policy(rating) -> str:
+        return str(rating.player)
 
 
 class RatingsOut(Schema):

@@ -1,5 +1,6 @@
 """The API's endpoints: thin functions, as the web's views are — check the token's scope, check access
-with the web's access function, call the web's action, return JSON. Nothing here changes a row itself."""
+with the web's access function, call the web's action, return the rows: each endpoint's response schema
+(api/schemas.py) says what of them the JSON shows. Nothing here changes a row itself."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from api.auth import require_scope
 from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
 from api.pagination import Pages
 from training import actions as training_actions
-from training.access import job_error_for, job_for_admin, round_for_reviewer
+from training.access import job_for_admin, round_for_reviewer
 from training.models import Job, Round
 from training.review import policy_ratings
 
@@ -39,13 +40,6 @@ REFUSED = {401: schemas.Error, 403: schemas.Error, 404: schemas.Error, 422: sche
 LABELING_REFUSED = {**REFUSED, 429: schemas.Error}  # a token over PAIRLOOP_API_RATE_LIMIT (api/auth.py)
 
 
-def _campaign_out(campaign: Campaign) -> dict:
-    fields = ("slug", "name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
-              "overlap", "tie_break_limit", "lease_seconds", "daily_cap", "gold_rate", "content_warning",
-              "min_new_share", "is_active", "created_at")
-    return {**{name: getattr(campaign, name) for name in fields}, "choices": campaign.choices_offered()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Campaigns
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +47,7 @@ def _campaign_out(campaign: Campaign) -> dict:
 @campaigns.get("/campaigns", response={200: list[schemas.CampaignOut], **REFUSED})
 def campaign_list(request):
     """The campaigns the token's user may label (members) or read (reviewers: all of them)."""
-    return [_campaign_out(campaign) for campaign in campaigns_for_user(request.user)]
+    return campaigns_for_user(request.user)
 
 
 def _refused_settings(exc: ValidationError) -> Status:
@@ -70,7 +64,7 @@ def campaign_create(request, body: schemas.CampaignCreate):
         campaign = actions.create_campaign(**body.dict(exclude_unset=True))
     except ValidationError as exc:
         return _refused_settings(exc)
-    return Status(201, _campaign_out(campaign))
+    return Status(201, campaign)
 
 
 @campaigns.patch("/campaigns/{slug:slug}", response={200: schemas.CampaignOut, 400: schemas.SettingsError,
@@ -84,7 +78,7 @@ def campaign_update(request, slug: str, body: schemas.CampaignSettings):
         campaign = actions.change_campaign_settings(campaign, **body.dict(exclude_unset=True))
     except ValidationError as exc:
         return _refused_settings(exc)
-    return _campaign_out(campaign)
+    return campaign
 
 
 def _campaign_for_reader(request, slug: str) -> Campaign:
@@ -97,7 +91,7 @@ def _campaign_for_reader(request, slug: str) -> Campaign:
 @campaigns.get("/campaigns/{slug:slug}", response={200: schemas.CampaignOut, **REFUSED})
 def campaign_read(request, slug: str):
     """A campaign's settings."""
-    return _campaign_out(_campaign_for_reader(request, slug))
+    return _campaign_for_reader(request, slug)
 
 
 @campaigns.get("/campaigns/{slug:slug}/queue", response={200: schemas.QueueOut, **REFUSED})
@@ -143,12 +137,6 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     }}}}}}
 
 
-def _import_job_out(job: ImportJob) -> dict:
-    fields = ("id", "file_name", "status", "rows_done", "rows_total", "pairs_created", "pairs_skipped",
-              "errors", "created_at", "finished_at")
-    return {name: getattr(job, name) for name in fields}
-
-
 @campaigns.post("/campaigns/{slug:slug}/imports", openapi_extra=UPLOAD_BODY,
                 response={202: schemas.ImportJobOut, 400: schemas.Error, 413: schemas.Error, **REFUSED})
 def import_upload(request, slug: str):
@@ -169,7 +157,7 @@ def import_upload(request, slug: str):
         return Status(400, {"detail": str(exc)})
     job = start_import_job(campaign, request.user, upload, pairs_per_prompt=pairs_per_prompt,
                            priority=priority)
-    return Status(202, _import_job_out(job))
+    return Status(202, job)
 
 
 @campaigns.get("/campaigns/{slug:slug}/imports/{int:import_id}",
@@ -181,7 +169,7 @@ def import_read(request, slug: str, import_id: int):
     job = ImportJob.objects.filter(campaign=campaign, pk=import_id).first()
     if job is None:
         raise HttpError(404, "no such import")
-    return _import_job_out(job)
+    return job
 
 
 class ExportQuery(Schema):
@@ -274,14 +262,7 @@ def label_acknowledge_warning(request, slug: str):
 
 def _claim(request, campaign: Campaign) -> dict:
     claim = actions.claim_next_pair(campaign, request.user)
-    assignment = None
-    if claim.assignment is not None:
-        left, right = claim.assignment.shown()
-        prompt = claim.assignment.pair.prompt
-        assignment = {"id": claim.assignment.pk, "pair_id": claim.assignment.pair_id, "prompt": prompt.text,
-                      "prompt_turns": prompt.turns or None, "left": left.text, "right": right.text,
-                      "expires_at": claim.assignment.expires_at}
-    return {"assignment": assignment, "reason": claim.reason, "choices": campaign.choices_offered(),
+    return {"assignment": claim.assignment, "reason": claim.reason, "choices": campaign.choices_offered(),
             "ask_strength": campaign.ask_strength, "ask_rationale": campaign.ask_rationale,
             "judged_today": actions.judged_today(campaign, request.user),
             "left_in_campaign": actions.judgments_left(campaign)}
@@ -343,24 +324,8 @@ def label_undo(request, slug: str, body: schemas.UndoIn):
 # Rounds
 # ---------------------------------------------------------------------------------------------
 
-def _round_out(round_: Round, user) -> dict:
-    jobs = list(round_.jobs.all())
-    return {
-        "id": round_.pk, "campaign": round_.campaign.slug, "number": round_.number, "status": round_.status(),
-        "config": round_.config, "parent_policy": round_.parent_policy,
-        "policy_checkpoint": round_.policy_checkpoint, "reward_checkpoint": round_.reward_checkpoint,
-        "created_at": round_.created_at, "finished_at": round_.finished_at,
-        "launch": round_.config.get("launch"),
-        "jobs": [{"id": job.pk, "kind": job.kind, "order": job.order, "status": job.status, "step": job.step,
-                  "total_steps": job.total_steps, "progress": job.progress_fraction(), "result": job.result,
-                  "last_metrics": job.metrics[-1] if job.metrics else None, "error": job_error_for(user, job),
-                  "warning": job.warning, "attempts": job.attempts, "started_at": job.started_at,
-                  "finished_at": job.finished_at} for job in jobs],
-    }
-
-
 @rounds.get("/campaigns/{slug:slug}/rounds", response={200: list[schemas.RoundOut], **REFUSED})
-@paginate(Pages, out=lambda round_, request: _round_out(round_, request.user))
+@paginate(Pages)
 def round_list(request, slug: str):
     """The campaign's rounds, newest first, with their jobs, a page at a time (?limit=, ?offset=).
     Scope: review."""
@@ -391,7 +356,7 @@ def round_launch(request, slug: str, body: schemas.RoundIn):
         round_ = training_actions.launch_round(campaign, request.user, config, force=body.force)
     except training_actions.RoundRefused as exc:
         return Status(409, {"detail": str(exc)})
-    return Status(201, _round_out(round_, request.user))
+    return Status(201, round_)
 
 
 @rounds.get("/campaigns/{slug:slug}/launch-report", response={200: schemas.LaunchReport, **REFUSED})
@@ -406,7 +371,7 @@ def round_launch_report(request, slug: str):
 def round_read(request, round_id: int):
     """A round's status and each job's progress, latest metrics and final result. Scope: review."""
     require_scope(request, REVIEW)
-    return _round_out(round_for_reviewer(request, round_id), request.user)
+    return round_for_reviewer(request, round_id)
 
 
 def _job_action(request, round_id: int, job_id: int, action):
@@ -416,7 +381,7 @@ def _job_action(request, round_id: int, job_id: int, action):
         action(job)
     except training_actions.RoundRefused as exc:
         return Status(409, {"detail": str(exc)})
-    return Status(200, _round_out(Round.objects.select_related("campaign").get(pk=job.round_id), request.user))
+    return Status(200, Round.objects.select_related("campaign").get(pk=job.round_id))
 
 
 @rounds.post("/rounds/{int:round_id}/jobs/{int:job_id}/cancel",
@@ -453,9 +418,4 @@ def round_ratings(request, round_id: int):
     as the round's page shows them; null until two policies have been compared. Scope: review."""
     require_scope(request, REVIEW)
     round_ = round_for_reviewer(request, round_id)
-    ratings = policy_ratings(round_)
-    if ratings is None:
-        return None
-    players = [{"policy": str(r.player), "rating": r.rating, "low": r.low, "high": r.high, "games": r.games}
-               for r in ratings["players"]]
-    return {"source": ratings["source"], "judgments": ratings["judgments"], "players": players}
+    return policy_ratings(round_)

@@ -917,6 +917,16 @@ def test_it_rates_every_policy_on_one_scale_from_the_judgments_between_them(chai
     assert '<td class="rating">1000</td>' in ratings["SFT policy"] and "the anchor" in ratings["SFT policy"]
     # 30 of 40, plus the prior's virtual tie: 400 log10(30.5 / 10.5) = 185 Elo points above the SFT policy.
     assert '<td class="rating">1185</td>' in ratings["Round 1"]
+    # The API gives the same ratings as the page.
+    from api.actions import create_token
+
+    token = create_token(reviewer, "ratings", ["review"])[1]
+    answer = Client().get(f"/api/v1/rounds/{second.pk}/ratings", headers={"Authorization": f"Bearer {token}"})
+    assert (answer.json()["source"], answer.json()["judgments"]) == ("human", 80)
+    players = {player["policy"]: player for player in answer.json()["players"]}
+    assert set(players) == {"SFT policy", "Round 1", "Round 2"}
+    assert (round(players["SFT policy"]["rating"]), round(players["Round 1"]["rating"])) == (1000, 1185)
+    assert players["Round 2"]["rating"] > players["Round 1"]["rating"] and players["Round 1"]["games"] == 80
     # The first round's page rates only what existed then.
     page = client_for(reviewer).get(f"/rounds/{first.pk}/").content.decode()
     table = page.split('id="policy-ratings"')[1].split("</table>")[0]
