@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from annotate import live
 from annotate.models import (
+    LIVE_LEASE_SQL,
     Assignment,
     Campaign,
     Exclusion,
@@ -53,8 +54,8 @@ class JudgmentError(ValueError):
 def _count_live_leases(pair_id: int, now, exclude_id: int | None = None) -> int:
     with connection.cursor() as cursor:
         cursor.execute(
-            f"""SELECT count(*) FROM {Assignment._meta.db_table} WHERE pair_id = %s AND completed_at IS NULL
-                AND NOT skipped AND expires_at > %s AND id <> %s""",
+            f"""SELECT count(*) FROM {Assignment._meta.db_table} a
+                WHERE a.pair_id = %s AND {LIVE_LEASE_SQL} AND a.id <> %s""",
             [pair_id, now, exclude_id or 0],
         )
         return cursor.fetchone()[0]
@@ -170,14 +171,13 @@ def claim_next_pair(campaign: Campaign, labeler, now=None) -> Claim:
     with connection.cursor() as cursor:
         cursor.execute(
             f"""SELECT a.id FROM {Assignment._meta.db_table} a JOIN {Pair._meta.db_table} p ON p.id = a.pair_id
-                WHERE a.labeler_id = %s AND p.campaign_id = %s AND a.completed_at IS NULL AND NOT a.skipped
-                  AND a.expires_at > %s LIMIT 1""",
+                WHERE a.labeler_id = %s AND p.campaign_id = %s AND {LIVE_LEASE_SQL} LIMIT 1""",
             [labeler.pk, campaign.pk, now],
         )
         holds_one = cursor.fetchone() is not None
     mine = holds_one and (
-        Assignment.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b")
-        .filter(labeler=labeler, pair__campaign=campaign, completed_at__isnull=True, skipped=False, expires_at__gt=now)
+        Assignment.objects.live(now).select_related("pair__prompt", "pair__response_a", "pair__response_b")
+        .filter(labeler=labeler, pair__campaign=campaign)
         .order_by("created_at")
         .first()
     )
@@ -213,9 +213,8 @@ def _candidates(campaign: Campaign, labeler, now) -> list[int]:
                 WHERE p.campaign_id = %s AND p.is_open AND p.gold_choice = ''
                   AND NOT EXISTS (SELECT 1 FROM {Assignment._meta.db_table} s
                                   WHERE s.pair_id = p.id AND s.labeler_id = %s)
-                  AND p.judgments_count + (SELECT count(*) FROM {Assignment._meta.db_table} l
-                                           WHERE l.pair_id = p.id AND l.completed_at IS NULL
-                                             AND NOT l.skipped AND l.expires_at > %s) < %s + p.extra_judgments
+                  AND p.judgments_count + (SELECT count(*) FROM {Assignment._meta.db_table} a
+                                           WHERE a.pair_id = p.id AND {LIVE_LEASE_SQL}) < %s + p.extra_judgments
                 ORDER BY p.priority DESC, p.id LIMIT %s""",
             [campaign.pk, labeler.pk, now, campaign.overlap, CANDIDATES_PER_CLAIM],
         )
@@ -319,7 +318,7 @@ def submit_judgment(
     try:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
-                f"""SELECT a.pair_id, a.a_on_left, a.completed_at IS NOT NULL, a.skipped, a.expires_at > %s,
+                f"""SELECT a.pair_id, a.a_on_left, a.completed_at IS NOT NULL, a.skipped, {LIVE_LEASE_SQL},
                            p.campaign_id, p.gold_choice
                     FROM {Assignment._meta.db_table} a JOIN {Pair._meta.db_table} p ON p.id = a.pair_id
                     WHERE a.id = %s AND a.labeler_id = %s {lock}""",
@@ -328,7 +327,7 @@ def submit_judgment(
             row = cursor.fetchone()
             if row is None or (campaign is not None and row[5] != campaign.pk):
                 raise Assignment.DoesNotExist(f"no assignment {assignment_id} of this labeler")
-            pair_id, a_on_left, done, skipped, unexpired, campaign_id, gold_choice = row
+            pair_id, a_on_left, done, skipped, live, campaign_id, gold_choice = row
             if done:
                 existing = Judgment.objects.filter(assignment_id=assignment_id).first()
                 if existing is not None:
@@ -350,7 +349,7 @@ def submit_judgment(
                 strength = None
             if not a_on_left and canonical in (Judgment.A, Judgment.B):
                 canonical = Judgment.B if canonical == Judgment.A else Judgment.A
-            if not (unexpired and not done) and not gold_choice:
+            if not live and not gold_choice:
                 # The lease ran out: its slot may have gone to someone else. Count under the pair's lock.
                 pair = Pair.objects.select_for_update().get(pk=pair_id)
                 taken = pair.judgments_count + _count_live_leases(pair_id, now, exclude_id=assignment_id)
@@ -531,9 +530,7 @@ def deactivate_user(user, now=None) -> int:
     with transaction.atomic():
         model._default_manager.filter(pk=user.pk, is_active=True).update(is_active=False)
         user.is_active = False
-        released = Assignment.objects.filter(
-            labeler_id=user.pk, completed_at__isnull=True, skipped=False, expires_at__gt=now
-        ).update(expires_at=now)
+        released = Assignment.objects.live(now).filter(labeler_id=user.pk).update(expires_at=now)
     return released
 
 

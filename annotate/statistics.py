@@ -26,8 +26,7 @@ def queue_state(campaign: Campaign) -> QueueState:
     """The campaign's queue now: its pairs by judgments, the judgments made and wanted, the live leases."""
     pairs = Pair.objects.filter(campaign=campaign)
     by_count = dict(pairs.values_list("judgments_count").annotate(n=Count("id")).order_by())
-    live = Assignment.objects.filter(pair__campaign=campaign, completed_at__isnull=True, skipped=False,
-                                     expires_at__gt=timezone.now())
+    live = Assignment.objects.live().filter(pair__campaign=campaign)
     return QueueState(
         pairs=sum(by_count.values()),
         open_pairs=pairs.filter(is_open=True).count(),

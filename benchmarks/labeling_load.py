@@ -770,6 +770,9 @@ def format_row(s: dict) -> str:
 
 def integrity(args, labelers: list[Labeler]) -> dict:
     from django.db import connection
+    from django.utils import timezone
+
+    from annotate.models import LIVE_LEASE_SQL
 
     confirmed = sum(labeler.confirmed for labeler in labelers)
     usernames = [labeler.username for labeler in labelers]
@@ -791,14 +794,14 @@ def integrity(args, labelers: list[Labeler]) -> dict:
                JOIN (SELECT pair_id, count(*) AS n FROM annotate_judgment GROUP BY pair_id) j ON j.pair_id = p.id
                WHERE p.judgments_count <> j.n OR p.is_open <> (j.n < %s)""", [args.overlap])
         count_mismatches = cur.fetchone()[0]
+        now = timezone.now()
         cur.execute(
-            """SELECT count(*) FROM (SELECT pair_id FROM annotate_assignment
-                                     WHERE completed_at IS NULL AND NOT skipped AND expires_at > now()
-                                     GROUP BY pair_id) live
-               JOIN annotate_pair p ON p.id = live.pair_id
-               WHERE p.judgments_count + (SELECT count(*) FROM annotate_assignment a WHERE a.pair_id = p.id
-                     AND a.completed_at IS NULL AND NOT a.skipped AND a.expires_at > now()) > %s""",
-            [args.overlap])
+            f"""SELECT count(*) FROM (SELECT a.pair_id FROM annotate_assignment a WHERE {LIVE_LEASE_SQL}
+                                      GROUP BY a.pair_id) live
+                JOIN annotate_pair p ON p.id = live.pair_id
+                WHERE p.judgments_count + (SELECT count(*) FROM annotate_assignment a WHERE a.pair_id = p.id
+                      AND {LIVE_LEASE_SQL}) > %s""",
+            [now, now, args.overlap])
         leases_over_k = cur.fetchone()[0]
     ok = stored == confirmed and pairs_over_k == 0 and labeler_twice == 0 and count_mismatches == 0 \
         and leases_over_k == 0

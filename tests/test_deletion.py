@@ -179,5 +179,5 @@ def test_it_ends_the_leases_of_a_labeler_unticked_active_on_their_admin_page(adm
     })
     assert response.status_code == 302, response.content.decode()[:2000]
     assert not User.objects.get(pk=labeler.pk).is_active
-    assert not Assignment.objects.get(pk=held.pk).is_live()
+    assert not Assignment.objects.live().filter(pk=held.pk).exists()
     assert Judgment.objects.filter(labeler=labeler).count() == 3
