@@ -14,6 +14,8 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from annotate.limits import INT32_MAX, INT32_MIN
+
 
 def content_hash(*parts: str) -> str:
     digest = hashlib.sha256()
@@ -143,7 +145,7 @@ class Pair(models.Model):
     response_a = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
     response_b = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
     key = models.CharField(max_length=40, help_text="Order-free hash of the two responses: duplicates are skipped.")
-    PRIORITY_RANGE = (-(2**31), 2**31 - 1)  # the database's integer: a priority outside it cannot be stored
+    PRIORITY_RANGE = (INT32_MIN, INT32_MAX)  # a priority outside the database's integer cannot be stored
     priority = models.IntegerField(default=0, help_text="Higher is served first.")
     round = models.ForeignKey("training.Round", null=True, blank=True, on_delete=models.SET_NULL, related_name="pairs")
     gold_choice = models.CharField(

@@ -8,9 +8,8 @@ from typing import Annotated, Any, Literal
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
+from annotate.limits import INT32_MAX, INT32_MIN
 from training.access import job_error_for
-
-INT32 = 2**31 - 1
 
 
 def _no_nul(value: str) -> str:
@@ -83,7 +82,7 @@ class CampaignSettings(Schema):
                                                                  "split may get, one at a time; 0: none.")
     lease_seconds: int = Field(None, ge=10, le=7 * 24 * 3600,
                                description="A claimed pair returns to the queue after this.")
-    daily_cap: int | None = Field(None, ge=1, le=INT32,
+    daily_cap: int | None = Field(None, ge=1, le=INT32_MAX,
                                   description="Judgments per labeler per day; null: no cap.")
     gold_rate: float = Field(None, ge=0.0, le=1.0, description="Share of gold items mixed in.")
     content_warning: Text = Field(None, description="Markdown shown before a labeler's first pair.")
@@ -196,7 +195,7 @@ class JudgmentIn(Schema):
     strength: int | None = Field(None, ge=1, le=4, description="1 (slightly) .. 4 (far) better; asked for "
                                                                  "a and b when the campaign asks strength.")
     rationale: Text = Field("", max_length=5000)
-    milliseconds: int | None = Field(None, ge=0, le=INT32, description="Time from showing to choosing.")
+    milliseconds: int | None = Field(None, ge=0, le=INT32_MAX, description="Time from showing to choosing.")
 
 
 class JudgmentOut(Schema):
@@ -229,8 +228,8 @@ class ImportIn(Schema):
                                                    "prompt with response_a/response_b, responses, or "
                                                    "chosen/rejected.")
     pairs_per_prompt: int | None = Field(None, ge=1, le=1000)
-    seed: int = Field(0, ge=0, le=INT32)
-    priority: int = Field(0, ge=-INT32 - 1, le=INT32)
+    seed: int = Field(0, ge=0, le=INT32_MAX)
+    priority: int = Field(0, ge=INT32_MIN, le=INT32_MAX)
 
 
 class ImportOut(Schema):
