@@ -23,6 +23,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from annotate import live
+from annotate.limits import INT32_MAX
 from annotate.models import (
     LIVE_LEASE_SQL,
     Assignment,
@@ -362,7 +363,7 @@ def submit_judgment(
                 choice=canonical,
                 strength=strength,
                 rationale=(rationale or "").strip()[:5000] if campaign.ask_rationale else "",
-                milliseconds=milliseconds if milliseconds is None else max(0, int(milliseconds)),
+                milliseconds=milliseconds if milliseconds is None else min(max(0, int(milliseconds)), INT32_MAX),
                 a_on_left=bool(a_on_left),
                 source=source,
                 created_at=now,

@@ -60,6 +60,15 @@ def test_it_records_a_judgment_and_answers_with_the_next_pair(labeler, campaign)
     assert judgment.labeler == labeler and judgment.source == Judgment.HUMAN
 
 
+def test_it_stores_a_time_past_the_database_s_integer_as_its_largest(labeler, campaign):
+    client = client_for(labeler)
+    first = current_assignment(client.get(campaign.label_url()))
+    response = client.post(f"{campaign.label_url()}{first.pk}/judge/",
+                           {"choice": "tie", "ms": str(2**40)}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    assert Judgment.objects.get().milliseconds == 2**31 - 1
+
+
 def test_it_records_one_judgment_for_a_double_submit(labeler, campaign):
     client = client_for(labeler)
     first = current_assignment(client.get(campaign.label_url()))
