@@ -25,6 +25,27 @@ def content_hash(*parts: str) -> str:
     return digest.hexdigest()[:40]
 
 
+# A campaign's bounds, (lowest, highest) per setting: the model's validators, so the admin and
+# change_campaign_settings refuse what is outside, and the API schema's ranges.
+CAMPAIGN_BOUNDS: dict[str, tuple[float, float]] = {
+    "overlap": (1, 100),
+    "tie_break_limit": (0, 100),
+    "lease_seconds": (10, 7 * 24 * 3600),
+    "daily_cap": (1, INT32_MAX),
+    "gold_rate": (0.0, 1.0),
+    "min_new_share": (0.0, 1.0),
+    "max_new_tokens": (1, 32_768),
+    "temperature": (0.01, 100.0),
+    "top_p": (0.01, 1.0),
+}
+
+
+def within_bounds(name: str) -> list:
+    """The validators of a campaign setting's range, from CAMPAIGN_BOUNDS."""
+    low, high = CAMPAIGN_BOUNDS[name]
+    return [MinValueValidator(low), MaxValueValidator(high)]
+
+
 class Campaign(models.Model):
     slug = models.SlugField(unique=True)
     name = models.CharField(max_length=200)
@@ -33,17 +54,22 @@ class Campaign(models.Model):
     allow_both_bad = models.BooleanField(default=True, help_text="Offer 'both bad' (key 4).")
     ask_strength = models.BooleanField(default=True, help_text="Ask how much better, 1 (slightly) to 4 (far).")
     ask_rationale = models.BooleanField(default=False, help_text="Offer an optional rationale field.")
-    overlap = models.PositiveSmallIntegerField(default=1, help_text="Judgments wanted per pair (k).")
+    overlap = models.PositiveSmallIntegerField(default=1, validators=within_bounds("overlap"),
+                                               help_text="Judgments wanted per pair (k).")
     tie_break_limit = models.PositiveSmallIntegerField(
-        default=0, help_text="Extra judgments a pair whose judgments split may get, one at a time; 0 = none.")
-    lease_seconds = models.PositiveIntegerField(default=600, help_text="A claimed pair returns to the queue after this.")
-    daily_cap = models.PositiveIntegerField(null=True, blank=True, help_text="Judgments per labeler per day; empty = no cap.")
-    gold_rate = models.FloatField(default=0.0, help_text="Share of gold items mixed in (0-1).")
+        default=0, validators=within_bounds("tie_break_limit"),
+        help_text="Extra judgments a pair whose judgments split may get, one at a time; 0 = none.")
+    lease_seconds = models.PositiveIntegerField(default=600, validators=within_bounds("lease_seconds"),
+                                                help_text="A claimed pair returns to the queue after this.")
+    daily_cap = models.PositiveIntegerField(null=True, blank=True, validators=within_bounds("daily_cap"),
+                                            help_text="Judgments per labeler per day; empty = no cap.")
+    gold_rate = models.FloatField(default=0.0, validators=within_bounds("gold_rate"),
+                                  help_text="Share of gold items mixed in (0-1).")
     content_warning = models.TextField(
         blank=True, help_text="Markdown shown before a labeler's first pair (e.g. red-team data), acknowledged "
                               "once per labeler; empty = none.")
     min_new_share = models.FloatField(
-        default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        default=0.1, validators=within_bounds("min_new_share"),
         help_text="New judgments a launch needs unconfirmed, as a share of the pairs the last successful round "
                   "sent back (0-1); 0: one new judgment is enough.")
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="campaigns")
@@ -61,13 +87,13 @@ class Campaign(models.Model):
     system_prompt = models.TextField(
         blank=True, help_text="System turn the policy sees before every prompt (in its chat template); empty: none.")
     max_new_tokens = models.PositiveIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(32_768)],
+        null=True, blank=True, validators=within_bounds("max_new_tokens"),
         help_text="Longest response in PPO and sampling; empty: the round preset's.")
     temperature = models.FloatField(
-        null=True, blank=True, validators=[MinValueValidator(0.01), MaxValueValidator(100.0)],
+        null=True, blank=True, validators=within_bounds("temperature"),
         help_text="Sampling temperature of new pairs' responses; empty: the round preset's.")
     top_p = models.FloatField(
-        null=True, blank=True, validators=[MinValueValidator(0.01), MaxValueValidator(1.0)],
+        null=True, blank=True, validators=within_bounds("top_p"),
         help_text="Nucleus sampling of new pairs' responses; empty: 1 (the whole distribution).")
     stop_strings = models.TextField(
         blank=True, help_text="Texts that end a response besides the model's end-of-turn tokens, one per line.")

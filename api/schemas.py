@@ -9,6 +9,7 @@ from ninja import Schema
 from pydantic import AfterValidator, Field
 
 from annotate.limits import INT32_MAX, INT32_MIN
+from annotate.models import CAMPAIGN_BOUNDS
 from training.access import job_error_for
 
 
@@ -67,6 +68,12 @@ class CampaignOut(Schema):
         return campaign.choices_offered()
 
 
+def _bounded(name: str, **kwargs):
+    """An optional campaign setting whose range is the model's (CAMPAIGN_BOUNDS)."""
+    low, high = CAMPAIGN_BOUNDS[name]
+    return Field(None, ge=low, le=high, **kwargs)
+
+
 class CampaignSettings(Schema):
     """A campaign's settings as the admin edits them; on update, only the fields sent change. Only
     daily_cap takes null (no cap)."""
@@ -77,17 +84,15 @@ class CampaignSettings(Schema):
     allow_both_bad: bool = Field(None, description="Offer 'both bad'.")
     ask_strength: bool = Field(None, description="Ask how much better, 1 to 4.")
     ask_rationale: bool = Field(None, description="Offer an optional rationale.")
-    overlap: int = Field(None, ge=1, le=100, description="Judgments wanted per pair.")
-    tie_break_limit: int = Field(None, ge=0, le=100, description="Extra judgments a pair whose judgments "
-                                                                 "split may get, one at a time; 0: none.")
-    lease_seconds: int = Field(None, ge=10, le=7 * 24 * 3600,
-                               description="A claimed pair returns to the queue after this.")
-    daily_cap: int | None = Field(None, ge=1, le=INT32_MAX,
-                                  description="Judgments per labeler per day; null: no cap.")
-    gold_rate: float = Field(None, ge=0.0, le=1.0, description="Share of gold items mixed in.")
+    overlap: int = _bounded("overlap", description="Judgments wanted per pair.")
+    tie_break_limit: int = _bounded("tie_break_limit", description="Extra judgments a pair whose judgments "
+                                                                   "split may get, one at a time; 0: none.")
+    lease_seconds: int = _bounded("lease_seconds", description="A claimed pair returns to the queue after this.")
+    daily_cap: int | None = _bounded("daily_cap", description="Judgments per labeler per day; null: no cap.")
+    gold_rate: float = _bounded("gold_rate", description="Share of gold items mixed in.")
     content_warning: Text = Field(None, description="Markdown shown before a labeler's first pair.")
-    min_new_share: float = Field(None, ge=0.0, le=1.0, description="New judgments a launch needs without force, "
-                                 "as a share of the pairs the last successful round sent back (0.1).")
+    min_new_share: float = _bounded("min_new_share", description="New judgments a launch needs without "
+                                    "force, as a share of the pairs the last successful round sent back (0.1).")
     is_active: bool = Field(None)
 
 
