@@ -638,6 +638,15 @@ def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default(
                       "enqueue": "default"}
 
 
+@pytest.mark.django_db
+def test_the_round_page_shows_each_job_on_the_queue_it_is_sent_to(chains, reviewer):
+    round_ = launch(judged_campaign())
+    page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
+    shown = dict(re.findall(r'data-kind="(\w+)">\s*<h2>[^<]*<span class="muted queue">(\w+) queue</span>', page))
+    assert shown == {"export": "default", "reward": "training", "ppo": "training", "sample": "training",
+                     "enqueue": "default"}
+
+
 def test_each_job_is_sent_by_the_name_of_the_task_that_runs_its_kind():
     from pairloop.celery import app
     from training import dispatch, tasks

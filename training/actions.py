@@ -452,10 +452,9 @@ def flag_unclaimed_jobs() -> list[Job]:
     waiting = Job.objects.filter(status=Job.QUEUED, warning="", queued_at__lt=_seconds_ago(warn_after))
     for job in waiting.annotate(db_now=Now()).select_related("round"):
         minutes = max(1, int((job.db_now - job.queued_at).total_seconds() // 60))
-        queue = "training" if job.kind in Job.TRAINING_KINDS else "default"
         warning = (f"Queued for {minutes} min and no worker has taken it (warned after {warn_after} s, "
-                   f"PAIRLOOP_UNCLAIMED_WARN_SECONDS): is a worker consuming the {queue} queue "
-                   f"(celery -A pairloop worker -Q {queue}) and is Redis reachable from it?")
+                   f"PAIRLOOP_UNCLAIMED_WARN_SECONDS): is a worker consuming the {job.queue} queue "
+                   f"(celery -A pairloop worker -Q {job.queue}) and is Redis reachable from it?")
         if Job.objects.filter(pk=job.pk, status=Job.QUEUED, warning="").update(warning=warning):
             job.refresh_from_db()
             live.job_changed(job)

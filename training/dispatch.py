@@ -2,9 +2,9 @@
 sends a job imports training/tasks.py, which imports the actions back), on its kind's queue, with its
 kind's time limits.
 
-Training kinds (reward, PPO, sampling) go to the `training` queue, which a GPU box consumes with
-`celery -A pairloop worker -Q training --concurrency 1` (prefetch 1, acks late: settings.py); export
-and enqueue are light and go to `default`. Each kind has its own soft and hard time limits
+Job.QUEUES says which kind goes to the `training` queue, which a GPU box consumes with
+`celery -A pairloop worker -Q training --concurrency 1` (prefetch 1, acks late: settings.py), and which
+light ones go to `default`. Each kind has its own soft and hard time limits
 (settings.JOB_SOFT_TIME_LIMITS, PAIRLOOP_TIME_LIMIT_*).
 """
 
@@ -15,11 +15,8 @@ from django.conf import settings
 
 from training.models import Job
 
-DEFAULT_QUEUE, TRAINING_QUEUE = "default", "training"
 TASK_NAMES = {Job.EXPORT: "training.export", Job.REWARD: "training.reward", Job.PPO: "training.ppo",
               Job.SAMPLE: "training.sample", Job.ENQUEUE: "training.enqueue"}
-# Where each kind runs. Set on every signature (Celery 5.7 deprecates the task's `queue` attribute).
-QUEUES = {kind: TRAINING_QUEUE if kind in Job.TRAINING_KINDS else DEFAULT_QUEUE for kind in TASK_NAMES}
 
 
 def time_limits(kind: str) -> tuple[int, int]:
@@ -32,8 +29,9 @@ def signature_for(job: Job):
     """An immutable signature of the job's task, by name (the job id is its only argument), routed to its
     kind's queue, with its kind's time limits."""
     soft, hard = time_limits(job.kind)
+    # The queue is set on every signature (Celery 5.7 deprecates the task's `queue` attribute).
     return current_app.signature(TASK_NAMES[job.kind], args=(job.pk,), immutable=True).set(
-        queue=QUEUES[job.kind], soft_time_limit=soft, time_limit=hard)
+        queue=job.queue, soft_time_limit=soft, time_limit=hard)
 
 
 def start_chain(job_ids: list[int]) -> None:

@@ -109,7 +109,10 @@ class Job(models.Model):
     QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
     STATUSES = [(s, s) for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)]
     ACTIVE = (QUEUED, RUNNING)
-    TRAINING_KINDS = (REWARD, PPO, SAMPLE, SFT)
+    # The Celery queue each kind runs on: training kinds on the one a GPU box consumes, the light ones on default.
+    DEFAULT_QUEUE, TRAINING_QUEUE = "default", "training"
+    QUEUES = {EXPORT: DEFAULT_QUEUE, SFT: TRAINING_QUEUE, REWARD: TRAINING_QUEUE, PPO: TRAINING_QUEUE,
+              SAMPLE: TRAINING_QUEUE, ENQUEUE: DEFAULT_QUEUE}
 
     round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="jobs")
     kind = models.CharField(max_length=10, choices=KINDS)
@@ -155,6 +158,11 @@ class Job(models.Model):
 
     def is_active(self) -> bool:
         return self.status in self.ACTIVE
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue this job's kind runs on (Job.QUEUES)."""
+        return self.QUEUES[self.kind]
 
     def progress_fraction(self) -> float:
         if self.status == self.SUCCEEDED:
