@@ -733,12 +733,15 @@ def _strength_from_margin(margin: float | None) -> int | None:
 CAMPAIGN_SETTINGS = ("name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
                      "overlap", "tie_break_limit", "lease_seconds", "daily_cap", "gold_rate", "content_warning",
                      "min_new_share", "is_active")
+# The models a campaign's rounds train and how its policy samples: set in the Django admin.
+CAMPAIGN_MODEL_SETTINGS = ("policy_model", "reference_model", "reward_model", "system_prompt", "max_new_tokens",
+                           "temperature", "top_p", "stop_strings")
 
 
 def _check_settings(values: dict) -> None:
     """Refuse unknown settings, and empty values where the column takes none (full_clean lets an empty value
     through on a blank=True field, and the database would refuse it with an error instead)."""
-    unknown = set(values) - set(CAMPAIGN_SETTINGS)
+    unknown = set(values) - set(CAMPAIGN_SETTINGS) - set(CAMPAIGN_MODEL_SETTINGS)
     if unknown:
         raise ValueError(f"unknown campaign settings: {', '.join(sorted(unknown))}")
     empty = {name: "This field cannot be null." for name, value in values.items()

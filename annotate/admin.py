@@ -2,7 +2,8 @@
 
 Judgments never disappear through it: deleting what judgments hang on (a campaign, prompt, response, pair
 or user) is refused with their count, users are deactivated instead, and judgments and assignments are
-read-only here (their state changes go through annotate/actions.py).
+read-only here (their state changes go through annotate/actions.py). A campaign's changed settings go
+through the same action as the API's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from django.contrib.auth import admin as auth_admin
 from django.contrib.auth import get_user_model
 from django.db.models import Count, Q
 
-from annotate.actions import deactivate_user
+from annotate.actions import change_campaign_settings, deactivate_user
 from annotate.models import Assignment, Campaign, Judgment, Pair, Prompt, Response
 
 User = get_user_model()
@@ -78,6 +79,21 @@ class CampaignAdmin(KeepsJudgmentsAdmin):
     def refusal_hint(self):
         return ("Judgments are never deleted, so neither is a campaign that has some: "
                 "untick “is active” instead.")
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["slug", "created_at"] if obj is not None else []  # a campaign's URLs and history keep them
+
+    def get_prepopulated_fields(self, request, obj=None):
+        return self.prepopulated_fields if obj is None else {}
+
+    def save_model(self, request, obj, form, change):
+        """A change goes through change_campaign_settings, as the API's does: a new overlap reopens or
+        closes pairs. The members are saved with the form's other relations."""
+        if not change:
+            super().save_model(request, obj, form, change)
+            return
+        change_campaign_settings(obj, **{name: form.cleaned_data[name] for name in form.changed_data
+                                         if name != "members"})
 
 
 @admin.register(Prompt)

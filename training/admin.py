@@ -1,5 +1,5 @@
-"""The Django admin for rounds and jobs. A job's row is the record of truth of a run: read-only here, its
-state changes go through training/actions.py."""
+"""The Django admin for rounds and jobs. A round's and a job's rows are the record of truth of a run (its
+settings, checkpoints, progress): read-only here, their state changes go through training/actions.py."""
 
 from django.contrib import admin
 
@@ -22,7 +22,7 @@ class JobInline(admin.TabularInline):
 
 
 @admin.register(Round)
-class RoundAdmin(admin.ModelAdmin):
+class RoundAdmin(ReadOnlyAdmin):
     list_display = ["id", "campaign", "number", "created_at", "finished_at"]
     inlines = [JobInline]
 
