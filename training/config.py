@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from annotate.limits import INT32_MAX, INT32_MIN
 from training.engine.fields import field_docs
 
 PAIRING_PREVIOUS, PAIRING_SFT, PAIRING_SELF = "previous", "sft", "self"
@@ -23,7 +24,6 @@ PAIRINGS = {
     PAIRING_SELF: "two samples of the new policy",
 }
 
-INT32_MAX = 2**31 - 1  # PostgreSQL's integer: Pair.priority, Job.step, seeds stored on rows
 
 SETTING = "pairloop.setting"  # the key of a RoundConfig field's metadata that holds its Setting
 TEXTAREA = "textarea"  # Setting.widget of text of several lines
@@ -159,7 +159,7 @@ class RoundConfig:
     """Nucleus sampling of the new pairs' responses; 1 samples the whole distribution (PPO always does)."""
     pairing: str = setting(PAIRING_PREVIOUS, choices=PAIRINGS, section="New pairs", label="Pairing")
     """What the new policy's responses are compared with: previous, sft or self."""
-    priority: int = setting(10, bounds=(-INT32_MAX - 1, INT32_MAX), section="New pairs", label="Priority")
+    priority: int = setting(10, bounds=(INT32_MIN, INT32_MAX), section="New pairs", label="Priority")
     """Queue priority of the new pairs (higher is served first)."""
     lora_r: int = setting(0, bounds=(0, 4096), engine=("common", "MemoryArgs", "lora_r"),
                           section="Memory", label="LoRA rank")
