@@ -11,6 +11,7 @@ disagreement exactly as "a" against "b".
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -41,7 +42,13 @@ MAJORITY_AGREEMENT_MIN = 0.60
 READING_WORDS_PER_SECOND = 10.0
 """The reading-speed bound: 600 words a minute, over twice the 238 a minute adults read non-fiction
 silently (Brysbaert 2019, "How many words do we read per minute?"). A judgment taken in less time than
-reading both responses at this speed is too fast to have read them."""
+reading both responses at this speed is too fast to have read them. Korean counts here, by its words:
+Hangul puts spaces between words (eojeol), each a little longer than an English word, so the bound
+stays as lenient for it as for English."""
+READING_CJK_CHARACTERS_PER_SECOND = 10.0
+"""The same bound for scripts written without spaces (Chinese characters, Japanese kana), counted by
+character: about twice the 4 to 6 a second adults read Chinese and Japanese aloud (Trauzettel-Klosinski &
+Dietz 2012, "Standardized assessment of reading performance: the new International Reading Speed Texts")."""
 TOO_FAST_RATE_MAX = 0.20
 """Share of too-fast judgments over which a labeler is flagged."""
 IDLE_GAP_SECONDS = 600
@@ -60,8 +67,8 @@ class Vote:
     """Whether response A was shown on the left; None for imported judgments (no shown order)."""
     milliseconds: int | None = None
     """Time from showing the pair to submitting, as the page measured it."""
-    words: int = 0
-    """Words in the two responses together (for the reading-speed bound)."""
+    reading_seconds: float = 0.0
+    """Seconds to read the two responses together at the bound (reading_seconds() of each)."""
     gold_choice: str = ""
     """The known answer when the pair is a gold item, else ""."""
     created_at: datetime | None = None
@@ -252,11 +259,26 @@ def position_bias(votes: Iterable[Vote]) -> PositionBias:
 # Labelers
 # ---------------------------------------------------------------------------------------------
 
-def too_fast(vote: Vote, words_per_second: float = READING_WORDS_PER_SECOND) -> bool | None:
+# Han ideographs (with extensions and compatibility forms), hiragana and katakana: read character by
+# character. CJK punctuation and full-width forms separate words but are not read as characters.
+UNSPACED_CHARACTER = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+                                "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff]")
+CJK_SEPARATOR = re.compile("[\u3000-\u303f\uff01-\uff65]")
+
+
+def reading_seconds(text: str) -> float:
+    """Seconds to read `text` at the bound: its unspaced-script characters at READING_CJK_CHARACTERS_PER_SECOND,
+    its space-separated words (Latin, Cyrillic, Hangul...) at READING_WORDS_PER_SECOND."""
+    characters = len(UNSPACED_CHARACTER.findall(text))
+    words = len(CJK_SEPARATOR.sub(" ", UNSPACED_CHARACTER.sub(" ", text)).split())
+    return characters / READING_CJK_CHARACTERS_PER_SECOND + words / READING_WORDS_PER_SECOND
+
+
+def too_fast(vote: Vote) -> bool | None:
     """Whether the judgment took less time than reading both responses at the bound; None if untimed."""
     if vote.milliseconds is None:
         return None
-    return vote.milliseconds / 1000.0 < vote.words / words_per_second
+    return vote.milliseconds / 1000.0 < vote.reading_seconds
 
 
 def judgments_per_hour(times: Sequence[datetime]) -> float | None:
@@ -324,5 +346,6 @@ def flags(stats: LabelerStats) -> list[str]:
     if stats.timed_n >= MIN_FLAG_JUDGMENTS and stats.too_fast_rate > TOO_FAST_RATE_MAX:
         found.append(f"too fast: {stats.too_fast_rate:.0%} of {stats.timed_n} judgments took less than "
                      f"reading both responses at {READING_WORDS_PER_SECOND:g} words/s "
+                     f"or {READING_CJK_CHARACTERS_PER_SECOND:g} CJK characters/s "
                      f"(over {TOO_FAST_RATE_MAX:.0%})")
     return found

@@ -34,15 +34,15 @@ KEEP_SECONDS = 7 * 24 * 3600
 """How long computed statistics stay in the cache to be shown while a refresh runs."""
 REFRESH_LOCK_SECONDS = 600
 """One refresh per campaign at a time; a refresh that died is retried after this."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def campaign_votes(campaign: Campaign) -> tuple[list[Vote], dict[int, int | None], dict[str, int]]:
     """(every labeler's judgment as a Vote, each pair's round id, skips per labeler). Imported preferences
     have no labeler to compare and are left out."""
-    words = {pk: len(text.split())
-             for pk, text in Response.objects.filter(prompt__campaign=campaign).values_list("id", "text")
-                                                                                .iterator(chunk_size=5000)}
+    reading = {pk: agreement.reading_seconds(text)
+               for pk, text in Response.objects.filter(prompt__campaign=campaign).values_list("id", "text")
+                                                                                  .iterator(chunk_size=5000)}
     rows = (Judgment.objects.filter(pair__campaign=campaign, labeler__isnull=False)
             .values_list("id", "pair_id", "labeler__username", "choice", "a_on_left", "milliseconds",
                          "created_at", "pair__gold_choice", "pair__response_a_id", "pair__response_b_id",
@@ -52,8 +52,8 @@ def campaign_votes(campaign: Campaign) -> tuple[list[Vote], dict[int, int | None
     for (pk, pair_id, username, choice, a_on_left, ms, created_at, gold, a_id, b_id,
          round_id) in rows.iterator(chunk_size=5000):
         votes.append(Vote(pair_id=pair_id, labeler=username, choice=choice, a_on_left=a_on_left,
-                          milliseconds=ms, words=words.get(a_id, 0) + words.get(b_id, 0), gold_choice=gold,
-                          created_at=created_at, judgment_id=pk))
+                          milliseconds=ms, reading_seconds=reading.get(a_id, 0.0) + reading.get(b_id, 0.0),
+                          gold_choice=gold, created_at=created_at, judgment_id=pk))
         round_of[pair_id] = round_id
     skips = dict(Assignment.objects.filter(pair__campaign=campaign, skipped=True)
                  .values_list("labeler__username").annotate(n=Count("id")))
@@ -90,6 +90,7 @@ def _statistics(campaign: Campaign) -> dict:
             "gold_accuracy_min": agreement.GOLD_ACCURACY_MIN,
             "majority_agreement_min": agreement.MAJORITY_AGREEMENT_MIN,
             "reading_words_per_second": agreement.READING_WORDS_PER_SECOND,
+            "reading_cjk_characters_per_second": agreement.READING_CJK_CHARACTERS_PER_SECOND,
             "too_fast_rate_max": agreement.TOO_FAST_RATE_MAX,
         },
     }

@@ -92,9 +92,19 @@ def test_it_tests_position_bias_with_an_exact_binomial():
 
 def test_it_counts_judgments_faster_than_reading_both_responses():
     # 100 words at 10 words/s take 10 s to read.
-    assert agreement.too_fast(Vote(1, "x", "a", milliseconds=5000, words=100)) is True
-    assert agreement.too_fast(Vote(1, "x", "a", milliseconds=12000, words=100)) is False
-    assert agreement.too_fast(Vote(1, "x", "a", words=100)) is None
+    assert agreement.too_fast(Vote(1, "x", "a", milliseconds=5000, reading_seconds=10.0)) is True
+    assert agreement.too_fast(Vote(1, "x", "a", milliseconds=12000, reading_seconds=10.0)) is False
+    assert agreement.too_fast(Vote(1, "x", "a", reading_seconds=10.0)) is None
+
+
+def test_it_reads_chinese_and_japanese_by_character_and_spaced_scripts_by_word():
+    # 12 Han characters at 10 a second; the full-width comma and question mark are not read.
+    assert agreement.reading_seconds("如何学习编程？给出具体建议") == pytest.approx(1.2)
+    # Kana and kanji by character (11), the Latin word between them by word (1 at 10 a second).
+    assert agreement.reading_seconds("プログラミングをPythonで学ぶ") == pytest.approx(1.1 + 0.1)
+    # Korean writes spaces between words: three words.
+    assert agreement.reading_seconds("프로그래밍을 어떻게 배우나요?") == pytest.approx(0.3)
+    assert agreement.reading_seconds("Learn to program, step by step.") == pytest.approx(0.6)
 
 
 def test_it_counts_judgments_per_hour_of_labeling_without_breaks():
@@ -113,9 +123,9 @@ def test_it_flags_a_labeler_who_always_picks_the_left_side_and_not_a_careful_one
         truth = "a" if pair % 3 else "b"
         gold = truth if pair <= 12 else ""
         votes.append(Vote(pair, "lefty", "a" if a_on_left else "b", a_on_left=a_on_left, milliseconds=400,
-                          words=60, gold_choice=gold))
+                          reading_seconds=6.0, gold_choice=gold))
         for name in ("carol", "cora"):
-            votes.append(Vote(pair, name, truth, a_on_left=a_on_left, milliseconds=15000, words=60,
+            votes.append(Vote(pair, name, truth, a_on_left=a_on_left, milliseconds=15000, reading_seconds=6.0,
                               gold_choice=gold))
     stats = {s.username: s for s in agreement.labeler_stats(votes, skips)}
     lefty = stats["lefty"]
