@@ -47,7 +47,7 @@ def within_bounds(name: str) -> list:
 
 
 class Campaign(models.Model):
-    slug = models.SlugField(unique=True)
+    slug = models.SlugField(unique=True, allow_unicode=True)
     name = models.CharField(max_length=200)
     instructions = models.TextField(blank=True, help_text="Markdown, shown to labelers one click away.")
     allow_tie = models.BooleanField(default=True, help_text="Offer 'tie' (key 3).")

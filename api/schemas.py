@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
+from annotate.converters import SLUG_PATTERN
 from annotate.limits import INT32_MAX, INT32_MIN
 from annotate.models import CAMPAIGN_BOUNDS
 from training.access import job_error_for
@@ -97,7 +98,7 @@ class CampaignSettings(Schema):
 
 
 class CampaignCreate(CampaignSettings):
-    slug: str = Field(pattern=r"^[-a-zA-Z0-9_]+$", min_length=1, max_length=50)
+    slug: str = Field(pattern=rf"^{SLUG_PATTERN}$", min_length=1, max_length=50)
     name: Text = Field(min_length=1, max_length=200)
 
 

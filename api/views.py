@@ -67,7 +67,7 @@ def campaign_create(request, body: schemas.CampaignCreate):
     return Status(201, campaign)
 
 
-@campaigns.patch("/campaigns/{slug:slug}", response={200: schemas.CampaignOut, 400: schemas.SettingsError,
+@campaigns.patch("/campaigns/{unislug:slug}", response={200: schemas.CampaignOut, 400: schemas.SettingsError,
                                                      **REFUSED})
 def campaign_update(request, slug: str, body: schemas.CampaignSettings):
     """Change the settings sent (the others stay); a new overlap reopens or closes pairs to match.
@@ -88,13 +88,13 @@ def _campaign_for_reader(request, slug: str) -> Campaign:
     return campaign_for_labeler(request, slug)
 
 
-@campaigns.get("/campaigns/{slug:slug}", response={200: schemas.CampaignOut, **REFUSED})
+@campaigns.get("/campaigns/{unislug:slug}", response={200: schemas.CampaignOut, **REFUSED})
 def campaign_read(request, slug: str):
     """A campaign's settings."""
     return _campaign_for_reader(request, slug)
 
 
-@campaigns.get("/campaigns/{slug:slug}/queue", response={200: schemas.QueueOut, **REFUSED})
+@campaigns.get("/campaigns/{unislug:slug}/queue", response={200: schemas.QueueOut, **REFUSED})
 def campaign_queue(request, slug: str):
     """The campaign's queue: open pairs, judgments per pair, live leases. Scope: review."""
     require_scope(request, REVIEW)
@@ -104,7 +104,7 @@ def campaign_queue(request, slug: str):
 MAX_JSON_IMPORT_PAIRS = 10_000  # pairs one JSON import request may make; more go through an upload
 
 
-@campaigns.post("/campaigns/{slug:slug}/pairs",
+@campaigns.post("/campaigns/{unislug:slug}/pairs",
                 response={201: schemas.ImportOut, 400: schemas.ImportError_, 413: schemas.Error, **REFUSED})
 def pairs_import(request, slug: str, body: schemas.ImportIn):
     """Add pairs, checked as `manage.py import_pairs` checks a JSONL file (row N is line N): any bad row
@@ -137,7 +137,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     }}}}}}
 
 
-@campaigns.post("/campaigns/{slug:slug}/imports", openapi_extra=UPLOAD_BODY,
+@campaigns.post("/campaigns/{unislug:slug}/imports", openapi_extra=UPLOAD_BODY,
                 response={202: schemas.ImportJobOut, 400: schemas.Error, 413: schemas.Error, **REFUSED})
 def import_upload(request, slug: str):
     """Upload a file of pairs to import in the background, as the Import page does (up to
@@ -160,7 +160,7 @@ def import_upload(request, slug: str):
     return Status(202, job)
 
 
-@campaigns.get("/campaigns/{slug:slug}/imports/{int:import_id}",
+@campaigns.get("/campaigns/{unislug:slug}/imports/{int:import_id}",
                response={200: schemas.ImportJobOut, **REFUSED})
 def import_read(request, slug: str, import_id: int):
     """An uploaded import's progress, then its pairs added or its errors. Scope: import."""
@@ -180,7 +180,7 @@ class ExportQuery(Schema):
                             "conversational when the campaign has chat prompts.")
 
 
-@campaigns.get("/campaigns/{slug:slug}/export", response={200: None, 400: schemas.Error, **REFUSED},
+@campaigns.get("/campaigns/{unislug:slug}/export", response={200: None, 400: schemas.Error, **REFUSED},
                openapi_extra={"responses": {200: {"description": "The file, streamed: JSONL or Parquet.",
                                                   "content": {"application/octet-stream": {}}}}})
 def campaign_export(request, slug: str, query: Query[ExportQuery]):
@@ -199,7 +199,7 @@ def campaign_export(request, slug: str, query: Query[ExportQuery]):
 # Webhooks
 # ---------------------------------------------------------------------------------------------
 
-@campaigns.get("/campaigns/{slug:slug}/webhooks", response={200: list[schemas.WebhookOut], **REFUSED})
+@campaigns.get("/campaigns/{unislug:slug}/webhooks", response={200: list[schemas.WebhookOut], **REFUSED})
 @paginate(Pages)
 def webhook_list(request, slug: str):
     """The campaign's webhooks with their latest deliveries (never their secret), oldest first, a page at a
@@ -209,7 +209,7 @@ def webhook_list(request, slug: str):
     return Webhook.objects.filter(campaign=campaign, is_active=True)
 
 
-@campaigns.post("/campaigns/{slug:slug}/webhooks",
+@campaigns.post("/campaigns/{unislug:slug}/webhooks",
                 response={201: schemas.WebhookCreated, 400: schemas.SettingsError, **REFUSED})
 def webhook_add(request, slug: str, body: schemas.WebhookIn):
     """Send a signed POST to this URL on these events of the campaign; the answer shows the signing secret,
@@ -223,7 +223,7 @@ def webhook_add(request, slug: str, body: schemas.WebhookIn):
     return Status(201, webhook)  # the only answer that shows its secret
 
 
-@campaigns.delete("/campaigns/{slug:slug}/webhooks/{int:webhook_id}", response={204: None, **REFUSED})
+@campaigns.delete("/campaigns/{unislug:slug}/webhooks/{int:webhook_id}", response={204: None, **REFUSED})
 def webhook_remove(request, slug: str, webhook_id: int):
     """Stop sending to a webhook. Scope: admin."""
     require_scope(request, ADMIN)
@@ -239,7 +239,7 @@ def webhook_remove(request, slug: str, webhook_id: int):
 # Labeling: the same leases, overlap and fairness as the labeling page
 # ---------------------------------------------------------------------------------------------
 
-@labeling.post("/campaigns/{slug:slug}/claim",
+@labeling.post("/campaigns/{unislug:slug}/claim",
                response={200: schemas.ClaimOut, 409: schemas.WarningPending, **LABELING_REFUSED})
 def label_claim(request, slug: str):
     """Lease the next pair to the token's user (or get back the one they hold); 409 with the campaign's
@@ -252,7 +252,7 @@ def label_claim(request, slug: str):
     return _claim(request, campaign)
 
 
-@labeling.post("/campaigns/{slug:slug}/warning", response={200: schemas.Acknowledged, **LABELING_REFUSED})
+@labeling.post("/campaigns/{unislug:slug}/warning", response={200: schemas.Acknowledged, **LABELING_REFUSED})
 def label_acknowledge_warning(request, slug: str):
     """Acknowledge the campaign's content warning (once per user), as the labeling page asks. Scope: label."""
     require_scope(request, LABEL)
@@ -268,7 +268,7 @@ def _claim(request, campaign: Campaign) -> dict:
             "left_in_campaign": actions.judgments_left(campaign)}
 
 
-@labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/judgment",
+@labeling.post("/campaigns/{unislug:slug}/assignments/{int:assignment_id}/judgment",
                response={200: schemas.JudgmentOut, 201: schemas.JudgmentOut, 400: schemas.Error,
                          **LABELING_REFUSED})
 def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn, next: bool = False):
@@ -290,7 +290,7 @@ def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn
         "next": _claim(request, campaign) if next else None})
 
 
-@labeling.post("/campaigns/{slug:slug}/assignments/{int:assignment_id}/skip",
+@labeling.post("/campaigns/{unislug:slug}/assignments/{int:assignment_id}/skip",
                response={200: schemas.SkipOut, **LABELING_REFUSED})
 def label_skip(request, slug: str, assignment_id: int):
     """Give a leased pair back unjudged; it is not offered to this user again. Scope: label."""
@@ -304,7 +304,7 @@ def label_skip(request, slug: str, assignment_id: int):
     return {"assignment_id": assignment.pk, "skipped": assignment.skipped}
 
 
-@labeling.post("/campaigns/{slug:slug}/undo",
+@labeling.post("/campaigns/{unislug:slug}/undo",
                response={200: schemas.UndoOut, 400: schemas.Error, 409: schemas.Error, **LABELING_REFUSED})
 def label_undo(request, slug: str, body: schemas.UndoIn):
     """Take back your last judgment while it is recent (PAIRLOOP_UNDO_SECONDS); its pair is leased to you
@@ -324,7 +324,7 @@ def label_undo(request, slug: str, body: schemas.UndoIn):
 # Rounds
 # ---------------------------------------------------------------------------------------------
 
-@rounds.get("/campaigns/{slug:slug}/rounds", response={200: list[schemas.RoundOut], **REFUSED})
+@rounds.get("/campaigns/{unislug:slug}/rounds", response={200: list[schemas.RoundOut], **REFUSED})
 @paginate(Pages)
 def round_list(request, slug: str):
     """The campaign's rounds, newest first, with their jobs, a page at a time (?limit=, ?offset=).
@@ -335,7 +335,7 @@ def round_list(request, slug: str):
     return found.order_by("-number")
 
 
-@rounds.post("/campaigns/{slug:slug}/rounds",
+@rounds.post("/campaigns/{unislug:slug}/rounds",
              response={201: schemas.RoundOut, 400: schemas.SettingsError, 409: schemas.Error, **REFUSED})
 def round_launch(request, slug: str, body: schemas.RoundIn):
     """Launch the campaign's next round with these settings over the campaign's own model settings and the
@@ -359,7 +359,7 @@ def round_launch(request, slug: str, body: schemas.RoundIn):
     return Status(201, round_)
 
 
-@rounds.get("/campaigns/{slug:slug}/launch-report", response={200: schemas.LaunchReport, **REFUSED})
+@rounds.get("/campaigns/{unislug:slug}/launch-report", response={200: schemas.LaunchReport, **REFUSED})
 def round_launch_report(request, slug: str):
     """What the campaign's next round would learn that its last successful round did not. Scope: admin."""
     require_scope(request, ADMIN)

@@ -4,6 +4,6 @@ from annotate.consumers import CampaignConsumer
 from training.consumers import RoundConsumer
 
 websocket_urlpatterns = [
-    path("ws/campaigns/<slug:slug>/", CampaignConsumer.as_asgi()),
+    path("ws/campaigns/<unislug:slug>/", CampaignConsumer.as_asgi()),
     path("ws/rounds/<int:round_id>/", RoundConsumer.as_asgi()),
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime
 
 import pytest
 from django.core.management import call_command
@@ -44,3 +45,43 @@ def test_it_flags_a_labeler_who_judges_chinese_answers_faster_than_reading_them(
     assert speedy["too_fast_rate"] == 1.0
     assert any(flag.startswith("too fast: 100% of 25 judgments") for flag in speedy["flags"])
     assert steady["too_fast_rate"] == 0.0 and steady["flags"] == []
+
+
+def test_campaigns_take_slugs_in_any_script_through_the_api_the_admin_and_the_pages(admin_user, labeler):
+    from django.test import Client
+
+    from annotate.models import Campaign, Prompt
+    from tests.test_api import api_for
+
+    api = api_for(admin_user)
+    created = api.post("/campaigns", {"slug": "中文-测试", "name": "中文测试"})
+    assert created.status_code == 201 and created.json()["slug"] == "中文-测试"
+    assert api.get("/campaigns/中文-测试").json()["name"] == "中文测试"
+    assert api.post("/campaigns", {"slug": "中文 测试!", "name": "x"}).status_code == 422
+
+    admin = Client()
+    admin.force_login(admin_user)
+    form = admin.get("/admin/annotate/campaign/add/").context["adminform"].form
+    data = {}
+    for name, field in form.fields.items():  # the add form as it comes, defaults filled in
+        value = form.get_initial_for_field(field, name)
+        if isinstance(value, datetime):  # the admin's split date and time inputs
+            data[f"{name}_0"], data[f"{name}_1"] = value.date().isoformat(), value.time().strftime("%H:%M:%S")
+        elif value is not None and value is not False:
+            data[name] = value
+    data.update(slug="日本語-ラベル", name="日本語のラベル", members=[labeler.pk])
+    response = admin.post("/admin/annotate/campaign/add/", data)
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    campaign = Campaign.objects.get(slug="日本語-ラベル")
+    add_pairs(campaign, [PairInput(PROMPTS[3], "答え一", "答え二")], notify=False)
+
+    assert "日本語のラベル" in admin.get("/admin/annotate/campaign/", {"q": "日本語"}).content.decode()
+    prompt = Prompt.objects.get(campaign=campaign)
+    found = admin.get("/admin/annotate/prompt/", {"q": "簡単な言葉"}).content.decode()
+    assert f"/admin/annotate/prompt/{prompt.pk}/change/" in found
+    assert admin.get(campaign.get_absolute_url()).status_code == 200
+
+    client = Client()
+    client.force_login(labeler)
+    page = client.get(campaign.label_url())
+    assert page.status_code == 200 and PROMPTS[3] in page.content.decode()

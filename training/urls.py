@@ -3,7 +3,7 @@ from django.urls import path
 from training import views
 
 urlpatterns = [
-    path("campaigns/<slug:slug>/rounds/", views.campaign_rounds, name="campaign_rounds"),
+    path("campaigns/<unislug:slug>/rounds/", views.campaign_rounds, name="campaign_rounds"),
     path("rounds/<int:round_id>/", views.round_detail, name="round_detail"),
     path("rounds/<int:round_id>/jobs/<int:job_id>/cancel/", views.job_cancel, name="job_cancel"),
     path("rounds/<int:round_id>/jobs/<int:job_id>/resume/", views.job_resume, name="job_resume"),
