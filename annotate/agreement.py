@@ -269,6 +269,8 @@ CJK_SEPARATOR = re.compile("[\u3000-\u303f\uff01-\uff65]")
 def reading_seconds(text: str) -> float:
     """Seconds to read `text` at the bound: its unspaced-script characters at READING_CJK_CHARACTERS_PER_SECOND,
     its space-separated words (Latin, Cyrillic, Hangul...) at READING_WORDS_PER_SECOND."""
+    if text.isascii():  # no CJK to look for: words only, five times faster on the quality page's recount
+        return len(text.split()) / READING_WORDS_PER_SECOND
     characters = len(UNSPACED_CHARACTER.findall(text))
     words = len(CJK_SEPARATOR.sub(" ", UNSPACED_CHARACTER.sub(" ", text)).split())
     return characters / READING_CJK_CHARACTERS_PER_SECOND + words / READING_WORDS_PER_SECOND
