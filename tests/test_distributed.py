@@ -121,6 +121,22 @@ def test_lora_ppo_on_two_processes_matches_one(data):
     assert (Path(data["root"]) / "ppo-2" / "adapter").is_dir()
 
 
+def test_lora_grpo_on_two_processes_matches_one(data):
+    """Groups sharded across the processes whole, two minibatches of rows from both, two passes, the KL in the loss."""
+    run("reward", ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "2",
+                   "--lr", "1e-3", "--device", "cpu", "--no-resume", "--out", f"{data['root']}/grpo-rm"])
+    flags = ["--policy", data["policy"], "--prompts", data["prompts"], "--reward-model", f"{data['root']}/grpo-rm",
+             "--steps", "3", "--batch-size", "8", "--samples-per-prompt", "2", "--generation-batch-size", "4",
+             "--mini-batch-size", "4", "--num-iterations", "2", "--max-new-tokens", "8", "--lr", "1e-3",
+             "--lora-r", "4", "--device", "cpu", "--no-resume"]
+    one = run("grpo", [*flags, "--out", f"{data['root']}/grpo-1"])
+    two = run("grpo", [*flags, "--out", f"{data['root']}/grpo-2"], processes=2)
+    assert one["grpo/token_kl"] > 0  # the policy moved away from its reference (k3: positive once it differs)
+    assert_close(one, two, ["grpo/reward", "grpo/kl", "grpo/token_kl", "grpo/entropy", "grpo/loss",
+                            "grpo/policy_loss", "grpo/clipfrac"])
+    assert (Path(data["root"]) / "grpo-2" / "adapter").is_dir()
+
+
 def _kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
     """SIGKILL the whole run (launcher and every rank) once it wrote a resumable checkpoint; its step."""
     deadline = time.monotonic() + 240
