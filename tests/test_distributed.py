@@ -164,6 +164,27 @@ def test_reward_run_killed_on_two_processes_resumes(data, after):
     assert_close(uninterrupted, resumed, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_loss"])
 
 
+def test_grpo_run_killed_resumes_where_the_uninterrupted_run_ends(tmp_path):
+    """SIGKILL mid-GRPO right after its resumable checkpoint; the resumed run ends where the uninterrupted run
+    ends (the tiny demo policy with a rule judge, one process each)."""
+    from demo.demo_tasks import make_prompts
+    from demo.policy import DEFAULT_TINY_DIR, ensure_demo_policy
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in make_prompts(16, seed=0, split="train")))
+    flags = ["--policy", str(ensure_demo_policy(REPO / DEFAULT_TINY_DIR, preset="tiny")), "--prompts", str(prompts),
+             "--reward-model", "rule:correct_sentence", "--steps", "6", "--batch-size", "8", "--samples-per-prompt",
+             "4", "--generation-batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--device", "cpu",
+             "--save-every", "2"]
+    out = tmp_path / "grpo-killed"
+    uninterrupted = run("grpo", [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
+    step = _kill_at_checkpoint(launch("grpo", [*flags, "--out", str(out)], 1), out.with_name(out.name + ".resume"))
+    assert 0 < step < 6 and not out.exists()  # killed before the end: the final policy was never written
+    resumed = run("grpo", [*flags, "--resume", "--out", str(out)])
+    assert uninterrupted["grpo/token_kl"] > 0  # the policy moved, so equal results say something
+    assert_close(uninterrupted, resumed, ["grpo/reward", "grpo/kl", "grpo/token_kl", "grpo/loss", "grpo/entropy"])
+
+
 def _parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
