@@ -172,7 +172,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
         terms = {
             "policy_loss": -((surrogate * mask).sum(-1) / lengths).mean(),
             "token_kl": (kl * mask).sum() / tokens,  # k3 per token, as TRL logs "kl"
-            "clipfrac": ((clipped < unclipped).float() * mask).sum() / tokens,  # tokens whose clip bound
+            "clipfrac": ((clipped < unclipped).float() * mask).sum() / tokens,  # clipped tokens, as TRL
         }
     return loss, terms
 
