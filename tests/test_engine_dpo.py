@@ -135,6 +135,15 @@ def test_a_pair_weighs_one_plus_strength_weight_times_its_margin():
     assert dpo.pair_weights(dpo.DPOArgs(), pairs, torch.device("cpu")) is None
 
 
+def test_it_refuses_label_smoothing_with_ipo_and_an_unknown_loss_before_loading_anything(tmp_path):
+    from training.engine.common import EngineError
+
+    for bad, said in (({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid loss only"),
+                      ({"loss_type": "hinge"}, "unknown loss_type")):
+        with pytest.raises(EngineError, match=said):
+            dpo.main(dpo.DPOArgs(policy="missing", train="missing.jsonl", out=str(tmp_path / "out"), **bad))
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 

@@ -348,6 +348,8 @@ def _check_args(args: DPOArgs) -> None:
             raise EngineError(f"{name} must be positive, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 0.5:
         raise EngineError(f"label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing and args.loss_type != "sigmoid":
+        raise EngineError("label_smoothing (conservative DPO) applies to the sigmoid loss only")
     if args.strength_weight < 0:
         raise EngineError(f"strength_weight must be 0 or more, got {args.strength_weight}")
     for name in ("eval_every", "log_every", "save_every"):
