@@ -105,6 +105,22 @@ def test_reward_model_on_two_processes_matches_one(data):
     assert (two["rm/train_tokens"], two["rm/steps"]) == (one["rm/train_tokens"], one["rm/steps"])
 
 
+def test_dpo_on_two_processes_matches_one(data):
+    """The chat-template Llama; pairs weighed by strength, so the two shares of a batch weigh differently; a short
+    last batch (57 training pairs in batches of 6) split 2 and 1."""
+    rows = [json.loads(line) for line in Path(data["pairs"]).read_text().splitlines()]
+    pairs = Path(data["root"]) / "dpo-pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({**row, "margin": i % 4 / 3}) for i, row in enumerate(rows)))
+    flags = ["--policy", data["policy"], "--train", str(pairs), "--batch-size", "6", "--epochs", "2",
+             "--lr", "1e-3", "--device", "cpu", "--no-resume", "--eval-every", "4", "--strength-weight", "1"]
+    one = run("dpo", [*flags, "--out", f"{data['root']}/dpo-1"])
+    two = run("dpo", [*flags, "--out", f"{data['root']}/dpo-2"], processes=2)
+    assert one["dpo/eval_accuracy"] > 0.5 and one["dpo/margin"] > 0  # it learned something to compare
+    assert_close(one, two, ["dpo/loss", "dpo/eval_loss", "dpo/eval_accuracy", "dpo/eval_margin", "dpo/margin",
+                            "dpo/rewards_chosen", "dpo/accuracy"])
+    assert (two["dpo/train_tokens"], two["dpo/steps"]) == (one["dpo/train_tokens"], one["dpo/steps"])
+
+
 def test_lora_ppo_on_two_processes_matches_one(data):
     """Rollouts sharded across the processes, two minibatches of rows from both, two epochs."""
     run("reward", ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "2",
