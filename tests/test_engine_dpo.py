@@ -135,6 +135,13 @@ def test_a_pair_weighs_one_plus_strength_weight_times_its_margin():
     assert dpo.pair_weights(dpo.DPOArgs(), pairs, torch.device("cpu")) is None
 
 
+def test_a_long_pair_loses_the_start_of_its_prompt_then_the_end_of_its_reply():
+    prompt, reply = list(range(10)), list(range(100, 110))
+    assert dpo.fit_length(prompt, reply[:2], 12) == (prompt, reply[:2])
+    assert dpo.fit_length(prompt, reply[:4], 12) == (prompt[2:], reply[:4])
+    assert dpo.fit_length(prompt, reply, 12) == (prompt[4:], reply[:6])  # max_length // 2 prompt tokens stay
+
+
 def test_it_refuses_label_smoothing_with_ipo_and_an_unknown_loss_before_loading_anything(tmp_path):
     from training.engine.common import EngineError
 
