@@ -22,7 +22,7 @@ with a chat template sees the prompt's turns through it and learns the reply's a
 marker included); a base model sees the instruction template (common.render_prompt) and the reply + eos.
 Chosen and rejected go through the model as one (2B, T) batch, prompts left-padded and replies right-padded,
 with the prompt template's shared header run once (common.forward_response) and logits kept for the replies
-only.
+only; speed against TRL's DPOTrainer: benchmarks/README.md#dpo-vs-trl.
 
     python -m training.engine.dpo --policy PATH --train pairs.jsonl --out runs/dpo [--loss-type ipo]
 """
