@@ -201,6 +201,21 @@ def test_grpo_run_killed_resumes_where_the_uninterrupted_run_ends(tmp_path):
     assert_close(uninterrupted, resumed, ["grpo/reward", "grpo/kl", "grpo/token_kl", "grpo/loss", "grpo/entropy"])
 
 
+def test_dpo_run_killed_resumes_to_the_uninterrupted_result(data):
+    """SIGKILL after a resumable checkpoint: the reference log-probs come back from it, not from the moved policy.
+    One process: the ranks under torchrun outlived a kill of the launcher's process group here."""
+    flags = ["--policy", data["policy"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "6",
+             "--lr", "1e-4", "--device", "cpu", "--save-every", "16", "--eval-every", "0"]
+    out = Path(data["root"]) / "dpo-killed"
+    uninterrupted = run("dpo", [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
+    step = _kill_at_checkpoint(launch("dpo", [*flags, "--out", str(out)], 1), out.with_name(out.name + ".resume"))
+    assert 0 < step < uninterrupted["dpo/steps"] and not out.exists()  # killed before it finished
+    resumed = run("dpo", [*flags, "--resume", "--out", str(out)])
+    assert resumed["dpo/steps"] == uninterrupted["dpo/steps"]
+    assert_close(uninterrupted, resumed, ["dpo/loss", "dpo/eval_accuracy", "dpo/eval_margin", "dpo/eval_loss",
+                                          "dpo/rewards_chosen", "dpo/rewards_rejected"])
+
+
 def _parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
