@@ -27,7 +27,7 @@ from training.engine.checkpoints import to_jsonable
 from training.engine.common import EngineError, ProgressFn, args_from_dict
 from training.engine.stop import StopWithoutSaving
 
-STAGES = {"sft": "SFTArgs", "reward": "RewardArgs", "ppo": "PPOArgs", "dpo": "DPOArgs"}
+STAGES = {"sft": "SFTArgs", "reward": "RewardArgs", "ppo": "PPOArgs", "dpo": "DPOArgs", "grpo": "GRPOArgs"}
 LINE = "pairloop-event "  # prefix of the child's JSON lines; anything else on stdout is passed over
 STOP_GRACE_SECONDS = 120  # how long a stopped child may take to write its checkpoint before it is killed
 ERROR_TAIL = 3000  # characters of the child's error output kept in the message
