@@ -40,7 +40,6 @@ import logging
 import math
 import random
 import tempfile
-import threading
 import time
 import uuid
 import zlib
@@ -59,6 +58,7 @@ from django.utils import timezone
 
 from annotate.actions import PairInput, add_pairs
 from annotate.models import ImportJob, Pair
+from pairloop.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,10 @@ def run_import_job(job_id: int) -> ImportJob | None:
             raise _JobTaken()
 
     options = job.options
-    heartbeat = _Heartbeat(job.pk, settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"] / 3)
+    # The thread beats until the job runs no more (finished, or failed by the sweep), then closes its own
+    # database connections.
+    heartbeat = Heartbeat(f"heartbeat-import-{job.pk}", settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"] / 3,
+                          lambda: bool(running.update(heartbeat_at=Now())), on_exit=connections.close_all)
     heartbeat.start()
     try:
         result = import_file(job.campaign, job.file_path, pairs_per_prompt=options.get("pairs_per_prompt"),
@@ -321,29 +324,6 @@ def run_import_job(job_id: int) -> ImportJob | None:
     running.update(**{name: getattr(job, name) for name in fields})
     job.refresh_from_db()
     return job
-
-
-class _Heartbeat(threading.Thread):
-    """Refreshes a running import job's heartbeat every `interval` seconds until stopped."""
-
-    def __init__(self, job_id: int, interval: float):
-        super().__init__(name=f"heartbeat-import-{job_id}", daemon=True)
-        self.job_id, self.interval, self.stopped = job_id, interval, threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.stopped.wait(self.interval):
-                try:
-                    ImportJob.objects.filter(pk=self.job_id, status__in=ImportJob.RUNNING).update(
-                        heartbeat_at=Now())
-                except Exception:  # noqa: BLE001 - a missed beat is retried; staleness is the alarm
-                    log.warning("heartbeat of import job %s failed", self.job_id, exc_info=True)
-        finally:
-            connections.close_all()  # this thread's own connections
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=10)
 
 
 def recover_stale_jobs() -> list[ImportJob]:

@@ -33,6 +33,7 @@ from django.db import connections
 from django.utils import timezone
 
 from annotate.models import Campaign, Prompt, Response, content_hash
+from pairloop import heartbeat
 from training import actions, live, review, tracking
 from training.config import (
     PAIRING_PREVIOUS,
@@ -174,15 +175,14 @@ class Progress:
         return f"{stage} step {self.step}/{self.total}" + (": " + " ".join(shown[:6]) if shown else "")
 
 
-class Heartbeat(threading.Thread):
+class Heartbeat(heartbeat.Heartbeat):
     """Keeps a running job's heartbeat fresh while the main thread is busy (loading a model, a long step);
     sets `lost` when the job is no longer this task's, so the next progress report stops the run."""
 
     def __init__(self, job_id: int, task_id: str, interval: float, lost: threading.Event | None = None):
-        super().__init__(name=f"heartbeat-job-{job_id}", daemon=True)
-        self.job_id, self.task_id, self.interval = job_id, task_id, interval
+        super().__init__(f"heartbeat-job-{job_id}", interval, self.beat, on_exit=connections.close_all)
+        self.job_id, self.task_id = job_id, task_id
         self.lost = lost or threading.Event()
-        self._stop_event = threading.Event()
 
     def beat(self) -> bool:
         """Refresh the heartbeat once; False (and `lost` set) when the job is no longer this task's."""
@@ -190,21 +190,6 @@ class Heartbeat(threading.Thread):
             return True
         self.lost.set()
         return False
-
-    def run(self) -> None:
-        try:
-            while not self._stop_event.wait(self.interval):
-                try:
-                    if not self.beat():
-                        return
-                except Exception:  # noqa: BLE001 - a missed beat is retried; staleness is the alarm
-                    log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-        finally:
-            connections.close_all()  # this thread's own connections
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=10)
 
 
 def heartbeat_interval() -> float:
