@@ -1,5 +1,6 @@
 """Faults the labeling path must outlive without a browser: Redis unreachable (cache and channel layer
-on a port nobody listens on) and a database connection that fails mid-request."""
+on a port nobody listens on) and a database connection that fails mid-request; and a training worker
+killed mid-job, on PostgreSQL and on the embedded SQLite alike."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from annotate.models import Judgment, Pair
 from pairloop import redis_guard
 from tests.services import free_port
 from tests.test_labeling_http import client_for, current_assignment
+from tests.test_rounds import claim, judged_campaign, launch
+from training.actions import fail_stale_jobs, heartbeat
+from training.models import Job
 
 pytestmark = pytest.mark.django_db
 
@@ -150,6 +154,19 @@ def test_it_answers_503_with_a_retry_message_while_the_database_refuses_queries(
     assert not Judgment.objects.exists()
     again = client.post(judge_url, choice, HTTP_HX_REQUEST="true")  # the same choice, once the database is back
     assert again.status_code == 200 and Judgment.objects.get().assignment_id == shown.pk
+
+
+def test_a_training_job_whose_worker_was_killed_after_its_last_beat_is_failed(settings):
+    """Its heartbeat is the database's own time (Now()), as a real worker writes it, on either database."""
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 5, "HEARTBEAT_STALE_SECONDS": 1}
+    job = launch(judged_campaign(usable=5)).jobs.get(kind=Job.EXPORT)
+    claim(job, "killed-worker")
+    assert heartbeat(job.pk, "killed-worker")  # its last beat; then the worker is killed
+    assert fail_stale_jobs() == []  # not silent long enough yet
+    time.sleep(1.2)
+    assert fail_stale_jobs() == [job]
+    job.refresh_from_db()
+    assert job.status == Job.FAILED and job.error.startswith("The worker stopped: no heartbeat for 1 s")
 
 
 @pytest.mark.django_db(False)

@@ -434,7 +434,10 @@ def fail_stale_jobs() -> list[Job]:
         error = (f"The worker stopped: no heartbeat for {ago} s (a job is marked failed after "
                  f"{stale_after} s of silence). It was probably killed or lost its connection at "
                  f"{timezone.localtime(seen):%Y-%m-%d %H:%M:%S}. Resume continues from the last checkpoint.")
-        if Job.objects.filter(pk=job.pk, status=Job.RUNNING, heartbeat_at=seen).update(
+        # Still stale as it is failed: a beat meanwhile keeps it running. Not `heartbeat_at=seen`: SQLite
+        # stores Now() as text to the millisecond ("…:18.555") and a time as a parameter to the microsecond
+        # ("…:18.555000"), so the two never compare equal there.
+        if stale.filter(pk=job.pk).update(
                 status=Job.FAILED, finished_at=Now(), error=error,
                 log=_append_log(job.log, "Marked failed: the worker's heartbeat went stale.")):
             job.refresh_from_db()
