@@ -1,22 +1,106 @@
-"""Services a fault test may break on purpose: a private Redis server it stops and starts, and the
-machine's PostgreSQL cluster it restarts. The shared Redis on 6379 is never touched."""
+"""Services the tests start: the app served for real by daphne or gunicorn; and those a fault test may
+break on purpose, a private Redis server it stops and starts and the machine's PostgreSQL cluster it
+restarts. The shared Redis on 6379 is never touched."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
+
+REPO = Path(__file__).resolve().parent.parent
+SERVERS = {
+    "daphne": lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                            "pairloop.asgi:application"],
+    "gunicorn": lambda port: [sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}",
+                              "pairloop.wsgi:application"],
+}
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def database_url(settings_dict: dict) -> str:
+    """The URL of the database this test process uses (the test database once it is set up)."""
+    engine = settings_dict["ENGINE"]
+    if engine == "django.db.backends.sqlite3":
+        return f"sqlite:///{Path(settings_dict['NAME']).resolve()}"
+    if "postgresql" not in engine:
+        raise RuntimeError(f"the served app knows no URL for {engine}")
+    user = quote(settings_dict.get("USER") or "", safe="")
+    password = settings_dict.get("PASSWORD") or ""
+    auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = settings_dict.get("PORT") or 5432
+    return f"postgres://{auth}{host}:{port}/{quote(settings_dict['NAME'], safe='')}"
+
+
+@dataclass(frozen=True)
+class Served:
+    """An app server the tests started: its base URL, port and process."""
+
+    url: str
+    port: int
+    process: subprocess.Popen
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not answer {url} within {timeout:.0f}s:\n{log_path.read_text()[-4000:]}")
+
+
+@contextmanager
+def serve_app(url_of_db: str, server: str = "daphne", **extra_env: str) -> Iterator[Served]:
+    """`server` (a key of SERVERS) serving the app on a free loopback port against the given database, with
+    DEBUG off as in production; stopped (terminated, killed after 10 s) when the block ends."""
+    port = free_port()
+    log_file = tempfile.NamedTemporaryFile(prefix=f"pairloop-{server}-", suffix=".log", delete=False)
+    log_path = Path(log_file.name)
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    # With DEBUG off whitenoise serves static files through the finders (WHITENOISE_USE_FINDERS), so no
+    # collectstatic is needed.
+    env.update(DATABASE_URL=url_of_db, DJANGO_SETTINGS_MODULE="pairloop.settings", DEBUG="0", LOG_LEVEL="WARNING",
+               **extra_env)
+    process = subprocess.Popen(SERVERS[server](port), cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    served = Served(f"http://127.0.0.1:{port}", port, process)
+    try:
+        wait_until_serving(f"{served.url}/accounts/login/", process, log_path)
+        yield served
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log_file.close()
+        log_path.unlink(missing_ok=True)
 
 
 class PrivateRedis:

@@ -5,18 +5,9 @@ it passes the cap, and the server's memory does not grow by the body."""
 from __future__ import annotations
 
 import asyncio
-import os
 import select
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
-from urllib.parse import quote
 
 import psutil
 import pytest
@@ -24,56 +15,10 @@ import requests
 
 from api.actions import create_token
 from tests.conftest import make_campaign, make_user
-from tests.services import free_port
+from tests.services import SERVERS, database_url, serve_app
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 UPLOAD_CAP = 8 * MiB  # the servers' PAIRLOOP_MAX_UPLOAD_BYTES; elsewhere the default 5 MiB holds
-SERVERS = {
-    "daphne": lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                            "pairloop.asgi:application"],
-    "gunicorn": lambda port: [sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}",
-                              "pairloop.wsgi:application"],
-}
-
-
-def _database_url(settings_dict: dict) -> str:
-    if settings_dict["ENGINE"] == "django.db.backends.sqlite3":
-        return f"sqlite:///{Path(settings_dict['NAME']).resolve()}"
-    user = quote(settings_dict.get("USER") or "", safe="")
-    return (f"postgres://{user}@{settings_dict.get('HOST') or '127.0.0.1'}:{settings_dict.get('PORT') or 5432}"
-            f"/{quote(settings_dict['NAME'], safe='')}")
-
-
-@contextmanager
-def _serving(name: str, url_of_db: str):
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix=f"pairloop-{name}-", suffix=".log", delete=False)
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
-    env.update(DATABASE_URL=url_of_db, DJANGO_SETTINGS_MODULE="pairloop.settings", DEBUG="0", LOG_LEVEL="WARNING",
-               PAIRLOOP_MAX_UPLOAD_BYTES=str(UPLOAD_CAP))
-    process = subprocess.Popen(SERVERS[name](port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, Path(log.name).read_text()[-4000:]
-            assert time.monotonic() < deadline, Path(log.name).read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"{base}/accounts/login/", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.2)
-        yield port, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module", params=sorted(SERVERS))
@@ -81,9 +26,9 @@ def server(request, django_db_setup, django_db_blocker):
     from django.db import connection
 
     with django_db_blocker.unblock():
-        url_of_db = _database_url(connection.settings_dict)
-    with _serving(request.param, url_of_db) as (port, process):
-        yield request.param, port, process
+        url_of_db = database_url(connection.settings_dict)
+    with serve_app(url_of_db, request.param, PAIRLOOP_MAX_UPLOAD_BYTES=str(UPLOAD_CAP)) as served:
+        yield request.param, served.port, served.process
 
 
 def _head(path: str, headers: dict[str, str]) -> bytes:

@@ -13,7 +13,6 @@ import pytest
 from django.db import connection
 
 from annotate.models import Judgment
-from tests.browser.conftest import REPO, database_url, serve_app
 from tests.browser.test_labeling_browser import (
     current_assignment_id,
     log_in,
@@ -21,7 +20,7 @@ from tests.browser.test_labeling_browser import (
     wait_for_another_pair,
 )
 from tests.conftest import make_campaign
-from tests.services import PrivateRedis, pg_ctl, postgres_cluster
+from tests.services import REPO, PrivateRedis, database_url, pg_ctl, postgres_cluster, serve_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -88,8 +87,8 @@ def test_it_keeps_labeling_while_redis_is_down_and_live_updates_resume(browser, 
     campaign = make_campaign("redis-fault", n_pairs=8, members=[labeler])
     waiting = make_campaign("redis-wait", members=[labeler])
     url_of_db = database_url(connection.settings_dict)
-    with serve_app(url_of_db, REDIS_URL=private_redis.url, PAIRLOOP_CHANNEL_PREFIX="fault") as base_url:
-        page = new_page(browser, base_url)
+    with serve_app(url_of_db, REDIS_URL=private_redis.url, PAIRLOOP_CHANNEL_PREFIX="fault") as served:
+        page = new_page(browser, served.url)
         log_in(page, labeler)
         # A second tab waits on the empty campaign for pushed pairs.
         watcher = watched(page.context.new_page())
