@@ -1,4 +1,7 @@
 from django.apps import AppConfig
+from django.urls import register_converter
+
+from annotate.converters import UnicodeSlugConverter
 
 
 class AnnotateConfig(AppConfig):
@@ -6,10 +9,7 @@ class AnnotateConfig(AppConfig):
     verbose_name = "Labeling"
 
     def ready(self):
-        from django.urls import register_converter
-
-        from annotate import signals
-        from annotate.converters import UnicodeSlugConverter
+        from annotate import signals  # it imports the models: only once the app registry is ready
 
         signals.connect()
         register_converter(UnicodeSlugConverter, "unislug")

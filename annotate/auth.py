@@ -6,10 +6,13 @@ from __future__ import annotations
 import ipaddress
 
 from axes.backends import AxesStandaloneBackend
+from axes.helpers import get_client_ip_address, get_client_username
+from axes.models import AccessAttempt
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
+from django.db.models import Sum
 
 FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP", "HTTP_FORWARDED")
 
@@ -86,10 +89,6 @@ def failure_limit(request, credentials) -> int:
     """django-axes' failure limit: axes counts a username's failures from every address, which lock it at
     PAIRLOOP_LOGIN_USERNAME_FAILURE_LIMIT; those from this request's address alone lock that pair sooner,
     at PAIRLOOP_LOGIN_FAILURE_LIMIT."""
-    from axes.helpers import get_client_ip_address, get_client_username
-    from axes.models import AccessAttempt
-    from django.db.models import Sum
-
     username = get_client_username(request, credentials)
     here = AccessAttempt.objects.filter(username=username, ip_address=get_client_ip_address(request))
     failures_here = here.aggregate(total=Sum("failures_since_start"))["total"] or 0

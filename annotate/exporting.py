@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset
 
 from annotate.models import Exclusion, Judgment, Prompt
 
@@ -307,8 +309,6 @@ def _columns(path: Path) -> list[str] | None:
             if not head:
                 return []  # an empty JSONL export: nothing to lose
             if head == b"PAR1":
-                import pyarrow.parquet as pq
-
                 return pq.read_schema(path).names
             handle.seek(0)
             first = json.loads(handle.readline(16 * 1024 * 1024))
@@ -361,8 +361,6 @@ def _write_parquet(rows: Iterator[dict], schema: pa.Schema, path: Path) -> int:
 
 
 def _parquet_into(rows: Iterator[dict], schema: pa.Schema, handle: BinaryIO) -> int:
-    import pyarrow.parquet as pq
-
     count = 0
     with pq.ParquetWriter(handle, schema) as writer:
         for batch in _batches(rows, schema):
@@ -373,8 +371,6 @@ def _parquet_into(rows: Iterator[dict], schema: pa.Schema, handle: BinaryIO) -> 
 
 def _write_hf(rows: Iterator[dict], schema: pa.Schema, path: Path) -> int:
     """Stream the rows into an Arrow file, memory-map it as a Dataset and save_to_disk it."""
-    from datasets import Dataset
-
     count = 0
     with tempfile.TemporaryDirectory(prefix="pairloop-export-", dir=path.parent) as scratch:
         arrow_path = Path(scratch) / "rows.arrow"

@@ -27,6 +27,8 @@ validates every row and collects errors (line and field); only a clean file gets
 which feeds the rows to `actions.add_pairs` in transactions of COMMIT_PAIRS pairs, so that an import
 never holds SQLite's write lock for long and labelers keep judging meanwhile. A fault mid-way keeps the
 batches before it; importing the same file again adds the rest (duplicates are skipped and counted).
+pyarrow and datasets are imported inside the readers of Parquet files and saved datasets: the web
+process imports this module to queue imports and never reads one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from celery import current_app
 from django.conf import settings
 from django.db import connections, transaction
@@ -740,7 +743,6 @@ def _arrow_rows(batches, max_bytes: int) -> Iterator[tuple[int, dict | RowError]
     """Rows of Arrow record batches, numbered from 1, counted before they become Python objects: a row over
     MAX_LINE_BYTES is refused naming its largest field, and reading stops once the rows so far decode to more
     than max_bytes. Python objects are made at most MAX_LINE_BYTES' worth at a time."""
-    import numpy as np
     import pyarrow as pa
 
     number = total = 0
@@ -798,7 +800,6 @@ def _plain_type(kind):
 def _cell_sizes(array):
     """Bytes each value of an Arrow array decodes to (text's UTF-8 length, 8 for a number, a list's items
     plus one each), worked out on the array itself: a dictionary's values are measured once."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 

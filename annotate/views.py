@@ -27,6 +27,7 @@ from annotate.access import (
     is_admin,
     is_reviewer,
 )
+from annotate.importing import start_import_job
 from annotate.models import Assignment, Exclusion, ImportJob, Judgment
 from annotate.transfer import (
     CappedUpload,
@@ -277,8 +278,6 @@ def import_pairs_view(request, slug):
 
 @csrf_protect
 def _import_page(request, campaign, capped: CappedUpload):
-    from annotate.importing import start_import_job
-
     error, status = "", 200
     if request.method == "POST":
         upload = request.FILES.get("file")

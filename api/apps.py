@@ -6,6 +6,7 @@ class ApiConfig(AppConfig):
     verbose_name = "HTTP API"
 
     def ready(self):
+        # These import the models: only once the app registry is ready.
         from annotate.actions import queue_emptied
         from api import webhooks
         from training.live import job_state_changed

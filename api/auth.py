@@ -12,6 +12,7 @@ from ninja.errors import HttpError
 from ninja.security import HttpBearer
 
 from api.actions import token_allows, token_for
+from pairloop.redis_guard import RedisDown, guard
 
 
 class TokenAuth(HttpBearer):
@@ -48,8 +49,6 @@ class Throttled(Exception):
 def count_request(token_id: int) -> None:
     """Count one labeling request of a token against PAIRLOOP_API_RATE_LIMIT a minute, in the cache (Redis)
     so every web process counts together; raise Throttled past it. While Redis is down nothing is counted."""
-    from pairloop.redis_guard import RedisDown, guard
-
     limit = settings.PAIRLOOP["API_RATE_LIMIT"]
     if not limit:
         return

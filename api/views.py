@@ -27,6 +27,7 @@ from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
 from api.pagination import Pages
 from training import actions as training_actions
 from training.access import job_for_admin, round_for_reviewer
+from training.config import ConfigError
 from training.models import Job, Round
 from training.review import policy_ratings
 
@@ -344,7 +345,6 @@ def round_launch(request, slug: str, body: schemas.RoundIn):
     Scope: admin."""
     require_scope(request, ADMIN)
     campaign = campaign_for_admin(request, slug)
-    from training.config import ConfigError
 
     try:
         config = training_actions.launch_config(campaign, body.preset, body.settings)

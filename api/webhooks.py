@@ -39,6 +39,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from api.models import EVENT_NAMES, QUEUE_EMPTY, ROUND_FAILED, ROUND_SUCCEEDED, Webhook, WebhookDelivery
+from training.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +333,6 @@ def resend_stale_deliveries() -> tuple[list[int], list[int]]:
 
 def on_job_state_changed(sender, job, **kwargs) -> None:
     """A job failed (round.failed), or the last job of its round succeeded (round.succeeded)."""
-    from training.models import Job
-
     round_ = job.round
     if job.status == Job.FAILED:
         key = f"round-{round_.pk}-job-{job.pk}-attempt-{job.attempts}-failed"

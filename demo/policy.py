@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from demo import demo_tasks
 from training.engine.checkpoints import read_checkpoint_meta, save_checkpoint
@@ -96,9 +98,6 @@ PRESETS: dict[str, DemoPreset] = {
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers (eos = pad = <|endoftext|>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     # add_prefix_space: a response tokenized on its own starts with "Ġword", the same token as the
     # word inside the prompt, so copying a word is one token-to-token step (GPT-2 would see "word").
@@ -115,8 +114,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build_model(tokenizer, preset: DemoPreset):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     eos_id = tokenizer.eos_token_id
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=preset.n_positions, n_embd=preset.n_embd,
                         n_layer=preset.n_layer, n_head=preset.n_head, resid_pdrop=0.0, embd_pdrop=0.0,

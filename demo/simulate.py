@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from django.contrib.auth.models import User
 
@@ -54,9 +55,7 @@ def make_judge(spec: str, device: str = "auto") -> Judge:
         return Judge(spec, lambda prompts, responses: [rule(p, r) for p, r in zip(prompts, responses)],
                      demo_tasks.judge_description(name), (0.1, 0.25, 0.5), name)
     if spec.startswith(RM):
-        from pathlib import Path
-
-        from training.engine.reward import RewardScorer
+        from training.engine.reward import RewardScorer  # torch: loaded by a reward-model judge only
 
         path = spec[len(RM):]
         if not (Path(path) / "config.json").exists():

@@ -28,6 +28,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    Gemma2Config,
+    GenerationConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
 from demo import demo_tasks
 from training.engine.common import EngineError, set_seed
 
@@ -142,8 +167,6 @@ def corpus() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _trained_tokenizer_json(kind: str) -> str:
     """A tokenizer trained on the demo corpus, serialised (trained once per process and kind)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     if kind in SPLIT_PATTERNS:
         tok = Tokenizer(models.BPE())
         pattern = SPLIT_PATTERNS[kind]
@@ -174,9 +197,6 @@ def _trained_tokenizer_json(kind: str) -> str:
 
 def build_tokenizer(family: str, max_positions: int = 512, *, reward: bool = False):
     """The family's tokenizer: trained here, with its special tokens, chat template and bos handling."""
-    from tokenizers import AddedToken, Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
     if family == "bert":
         tok = Tokenizer.from_str(_trained_tokenizer_json("wordpiece"))
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -220,8 +240,6 @@ def _family(family: str) -> Family:
 
 def _decoder_config(family: str, dims: dict[str, int], tokenizer, pad_id: int | None):
     """The family's own config class with these dimensions and the tokenizer's special ids."""
-    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
-
     spec = _family(family)
     ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.convert_tokens_to_ids(spec.eos),
            "bos_token_id": tokenizer.convert_tokens_to_ids(spec.bos) if spec.bos else None,
@@ -250,8 +268,6 @@ def _decoder_config(family: str, dims: dict[str, int], tokenizer, pad_id: int | 
 
 def generation_config(family: str, tokenizer):
     """The end-of-turn ids the family's generation_config.json lists (no sampling settings)."""
-    from transformers import GenerationConfig
-
     spec = _family(family)
     stop = [tokenizer.convert_tokens_to_ids(t) for t in spec.stop]
     return GenerationConfig(
@@ -262,8 +278,6 @@ def generation_config(family: str, tokenizer):
 
 def build_policy(family: str, out_dir: str | Path, *, size: Size = "tiny", seed: int = 0) -> Path:
     """A random-initialised causal LM of `family` with its tokenizer, saved to `out_dir`; returns it."""
-    from transformers import AutoModelForCausalLM
-
     if family not in POLICY_FAMILIES:
         raise EngineError(f"unknown policy family {family!r} (known: {', '.join(POLICY_FAMILIES)})")
     dims = size_dims(size)
@@ -277,8 +291,6 @@ def build_policy(family: str, out_dir: str | Path, *, size: Size = "tiny", seed:
 
 def build_reward(family: str, out_dir: str | Path, *, size: Size = "tiny", seed: int = 0) -> Path:
     """A random-initialised one-output sequence classifier of `family`, saved to `out_dir`; returns it."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
-
     if family not in REWARD_FAMILIES:
         raise EngineError(f"unknown reward family {family!r} (known: {', '.join(REWARD_FAMILIES)})")
     dims = size_dims(size)

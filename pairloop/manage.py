@@ -8,16 +8,17 @@ from __future__ import annotations
 import os
 import sys
 
+from django.core.management import execute_from_command_line
+
+from pairloop.embedded import run
+
 
 def main(command: list[str] | None = None) -> None:
     """Run the command in sys.argv; `command` is how to start it again as the embedded child (default:
     this module, which an installed pairloop finds from any directory)."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pairloop.settings")
     if not os.environ.get("REDIS_URL") and not os.environ.get("PAIRLOOP_EMBEDDED_CHILD"):
-        from pairloop.embedded import run
-
         sys.exit(run(command or [sys.executable, "-m", "pairloop.manage", *sys.argv[1:]]))
-    from django.core.management import execute_from_command_line
 
     execute_from_command_line(sys.argv)
 

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse
 from django.template.loader import render_to_string
+from django.urls import Resolver404, resolve
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,12 @@ LINGER_SECONDS = 5  # after a 413, the rest of the body is read and dropped this
 def body_cap(path: str) -> tuple[int, str]:
     """The largest request body accepted at `path` and the setting it comes from: an import upload's
     PAIRLOOP_MAX_UPLOAD_BYTES (plus the form around the file), PAIRLOOP_MAX_REQUEST_BYTES elsewhere."""
-    from django.urls import Resolver404, resolve
-
     try:
         match = resolve(path)
     except Resolver404:
         match = None
     if match is not None and match.view_name in UPLOAD_URL_NAMES:
-        from annotate.transfer import CappedUpload
+        from annotate.transfer import CappedUpload  # annotate's models: wsgi.py loads this module before them
 
         return settings.PAIRLOOP["MAX_UPLOAD_BYTES"] + CappedUpload.FORM_SLACK, "PAIRLOOP_MAX_UPLOAD_BYTES"
     return settings.PAIRLOOP["MAX_REQUEST_BYTES"], "PAIRLOOP_MAX_REQUEST_BYTES"
@@ -66,7 +65,7 @@ def body_cap(path: str) -> tuple[int, str]:
 
 def too_large(path: str) -> tuple[str, bytes]:
     """The 413 answer's content type and body for `path`: JSON under the API, plain text elsewhere."""
-    from annotate.transfer import readable_size
+    from annotate.transfer import readable_size  # annotate's models: wsgi.py loads this module before them
 
     cap, setting = body_cap(path)
     detail = f"The request body is larger than the limit of {readable_size(cap)} here ({setting}): nothing was read."
@@ -141,7 +140,7 @@ def body_limit_wsgi(app):
 
 def install_daphne_body_limit() -> None:
     """Makes daphne build its requests from BodyLimitedRequest (daphne has no body limit of its own)."""
-    from daphne import http_protocol
+    from daphne import http_protocol  # daphne (and Twisted) only where daphne serves, never under gunicorn
 
     if getattr(http_protocol.WebRequest, "body_limited", False):
         return
@@ -176,7 +175,7 @@ def install_daphne_body_limit() -> None:
             return super().process()
 
         def _refuse_body(self):
-            from twisted.internet import reactor
+            from twisted.internet import reactor  # importing it installs a reactor: only inside daphne's
 
             self.body_refused = True
             self.content = io.BytesIO()

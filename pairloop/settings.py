@@ -8,10 +8,12 @@ Every variable is documented in docs/environment.md (tests/test_settings.py chec
 from __future__ import annotations
 
 import os
+import secrets
 from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+import plotly
 from django.core.exceptions import ImproperlyConfigured
 
 from pairloop.env import Env, make_private, redis_url_parts
@@ -113,8 +115,6 @@ EMBEDDED = (DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
 def _secret_key_file(path: Path) -> str:
     """The key kept in the data directory, created once with its final permissions (0600)."""
     if not path.exists():
-        import secrets
-
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written under a unique name, then linked into place: a process starting at the same time
         # reads either no file or the whole key, never a half-written one or one with wider permissions.
@@ -263,8 +263,6 @@ STATIC_ROOT = DATA_DIR / "staticfiles"  # `manage.py collectstatic` fills it for
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 def _plotly_bundle_dir() -> str:
     """plotly.js as shipped inside the `plotly` Python package (served as /static/plotly/plotly.min.js)."""
-    import plotly
-
     return str(Path(plotly.__file__).parent / "package_data")
 
 

@@ -1,8 +1,12 @@
-"""Habits the product code keeps, checked on its source: no function longer than a reader can hold."""
+"""Habits the product code keeps, checked on its source: no function longer than a reader can hold, and
+no training library loaded by a web process or a worker until a job needs it."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +33,24 @@ def test_no_product_function_is_over_150_lines():
     too_long = [f"{where} ({lines} lines)" for path in files for where, lines in function_lengths(path)
                 if lines > LONGEST_FUNCTION]
     assert too_long == [], "split these into named steps:\n" + "\n".join(too_long)
+
+
+# What a web process and a worker load as they start: a server's entry point first, as gunicorn and daphne
+# import it, then the URLs and every task.
+STARTUP = """
+import json, sys
+import pairloop.wsgi, pairloop.asgi
+from django.urls import get_resolver
+get_resolver().url_patterns
+from pairloop.celery import app
+app.loader.import_default_modules()
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} & set(%r))))
+"""
+TRAINING_LIBRARIES = ("torch", "transformers", "datasets", "pyarrow", "peft", "accelerate")
+
+
+def test_a_web_process_or_worker_loads_no_training_library_as_it_starts():
+    started = subprocess.run([sys.executable, "-c", STARTUP % (TRAINING_LIBRARIES,)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-4000:]
+    assert json.loads(started.stdout.splitlines()[-1]) == []

@@ -11,6 +11,8 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from annotate.models import Judgment
+
 
 @dataclass
 class WinRate:
@@ -84,8 +86,6 @@ class Round(models.Model):
     def win_rates(self) -> dict[str, WinRate]:
         """Judgments on this round's pairs, by judgment source: the new policy's response is always side A
         (the labeling page randomises what is shown left), so choice A is a win for this round."""
-        from annotate.models import Judgment
-
         rates: dict[str, WinRate] = {}
         rows = (Judgment.objects.filter(pair__round=self).values_list("source", "choice")
                 .annotate(n=models.Count("id")).order_by())

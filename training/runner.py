@@ -8,6 +8,10 @@ failed (message + traceback) or cancelled. The Celery tasks only call it.
 Each attempt writes into its own directory (actions.attempt_dir) and resumes from the newest
 checkpoint an earlier attempt left; a worker that lost its job (JobLost, a StopWithoutSaving) stops
 without writing anything more.
+
+The engine's stages and checkpoints (torch, transformers) and the export (pyarrow, datasets) are
+imported inside the functions that use them: every worker imports this module as it starts, those of
+the default queue that never train too.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import logging
 import math
 import random
 import shutil
+import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from django.db import connections
 from django.utils import timezone
 
 from annotate.models import Campaign, Prompt, Response, content_hash
+from demo import demo_tasks
 from pairloop import heartbeat
 from training import actions, live, review, tracking
 from training.config import (
@@ -45,6 +52,7 @@ from training.config import (
 )
 from training.dispatch import time_limits
 from training.engine.chat_date import pinned_chat_date
+from training.engine.errors import EngineError
 from training.models import Job, Round
 from training.starting_policy import ensure_policy
 
@@ -255,16 +263,12 @@ def execute(job_id: int, task_id: str) -> bool:
 
 
 def _error_message(exc: BaseException) -> str:
-    from training.engine.common import EngineError
-
     if isinstance(exc, (EngineError, RunnerError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
 def _host() -> str:
-    import socket
-
     return socket.gethostname()
 
 
@@ -292,8 +296,6 @@ def device() -> str:
 
 def train(stage: str, args: Any, progress: Progress) -> dict[str, Any]:
     """Run an engine stage in this worker, or over PAIRLOOP_TRAINING_PROCESSES processes (engine.launch)."""
-    from importlib import import_module
-
     from training.engine import launch
 
     processes = settings.PAIRLOOP["TRAINING_PROCESSES"]
@@ -530,8 +532,6 @@ def _storable(responses: list[str]) -> list[str]:
 
 def _rule_judge_summary(samples: list[dict]) -> dict[str, float]:
     """For demo prompts: the demo rule judge's mean score of each side (what simulated labelers prefer)."""
-    from demo import demo_tasks
-
     summary = {}
     for side in ("new", "other"):
         scored = [demo_tasks.judge_score(s["prompt"], r) for s in samples for r in s[side]

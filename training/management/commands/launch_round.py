@@ -7,6 +7,7 @@ import time
 
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from annotate.models import Campaign
 from training import actions
@@ -60,8 +61,6 @@ class Command(BaseCommand):
 
     def follow(self, round_: Round, poll: float) -> None:
         """Progress bars per job until every job succeeded, or one failed or was cancelled."""
-        from tqdm import tqdm
-
         bars: dict[int, tqdm] = {}  # jobs run one after another: one open bar at a time
         done: set[int] = set()
         started_waiting = time.monotonic()
