@@ -9,7 +9,7 @@ from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from annotate import actions
-from annotate.models import Assignment, Campaign, Judgment, Pair
+from annotate.models import Assignment, Campaign, Exclusion, Judgment, Pair
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,10 @@ def judgments_by_choice(campaign: Campaign) -> list[tuple[str, int]]:
 
 
 def usable_judgments(campaign: Campaign) -> int:
-    """Judgments that prefer one response (A or B): the Bradley-Terry pairs an export makes of them."""
-    return Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B]).count()
+    """Judgments that prefer one response (A or B) and no active exclusion leaves out: the Bradley-Terry pairs
+    an export makes of them."""
+    return (Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B])
+            .exclude(Exclusion.excluded_judgments(campaign)).count())
 
 
 def labeler_figures(campaign: Campaign) -> QuerySet:

@@ -150,3 +150,13 @@ def test_it_leaves_excluded_judgments_out_of_the_next_rounds_training_data(judge
     actions.include_again(exclusion, by=admin_user)
     third, job = run_round_export(campaign, monkeypatch)
     assert third == first and job.result["excluded"] == 0
+
+
+def test_excluded_judgments_do_not_count_toward_a_rounds_minimum(judged, admin_user, settings):
+    campaign, careful, sloppy = judged
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 12}
+    assert training_actions.usable_judgments(campaign) == 12
+    actions.exclude_judgments(campaign, by=admin_user, labeler=sloppy, reason="picks B blindly")
+    assert training_actions.usable_judgments(campaign) == 6  # what the round's export would train on
+    with pytest.raises(training_actions.RoundRefused, match="6 usable"):
+        training_actions.launch_round(campaign, admin_user, build_config("tiny", {}))
