@@ -33,6 +33,14 @@ def tiny_policy() -> str:
 
 
 @pytest.fixture(scope="module")
+def llama_policy(tmp_path_factory) -> str:
+    """A tiny random Llama 3 policy: no pad token of its own, so the engine lends it eos (<|eot_id|>)."""
+    from demo.tiny_models import build_policy
+
+    return str(build_policy("llama", tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
 def instructions() -> list[str]:
     from demo.demo_tasks import make_prompts
 
@@ -162,7 +170,15 @@ def test_it_raises_a_rule_reward_beside_the_demos_rule_judge(tiny_policy, instru
     assert not resume_dir(tmp_path / "out").exists()
 
 
-def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, instructions, tmp_path):
+def longer_is_better(instructions: list[str], responses: list[str]) -> list[float]:
+    """A reward that differs within a group even for a random policy, so every step moves it."""
+    return [len(r) / 64 for r in responses]
+
+
+@pytest.mark.parametrize("policy, reward", [("tiny_policy", starts_with_the), ("llama_policy", longer_is_better)])
+def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(policy, reward, instructions, tmp_path, request):
+    start_dir = request.getfixturevalue(policy)
+
     class Stop(Exception):
         pass
 
@@ -170,21 +186,22 @@ def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, inst
         if event["step"] == 2 and "log" not in event:
             raise Stop
 
-    uninterrupted = main(tiny_args(tiny_policy, instructions, tmp_path / "a", num_iterations=2),
-                         reward_fn=starts_with_the)
+    uninterrupted = main(tiny_args(start_dir, instructions, tmp_path / "a", num_iterations=2),
+                         reward_fn=reward)
     with pytest.raises(Stop):
-        main(tiny_args(tiny_policy, instructions, tmp_path / "b", num_iterations=2), stop_at_2,
-             reward_fn=starts_with_the)
+        main(tiny_args(start_dir, instructions, tmp_path / "b", num_iterations=2), stop_at_2,
+             reward_fn=reward)
     assert read_checkpoint_meta(resume_dir(tmp_path / "b"))["step"] == 2
     with pytest.raises(EngineError, match="made with other settings"):
-        main(tiny_args(tiny_policy, instructions, tmp_path / "b", seed=1), reward_fn=starts_with_the)
+        main(tiny_args(start_dir, instructions, tmp_path / "b", seed=1), reward_fn=reward)
     events = []
-    resumed = main(tiny_args(tiny_policy, instructions, tmp_path / "b", num_iterations=2), events.append,
-                   reward_fn=starts_with_the)
+    resumed = main(tiny_args(start_dir, instructions, tmp_path / "b", num_iterations=2), events.append,
+                   reward_fn=reward)
 
     assert [e["step"] for e in events if not e.get("log", "").startswith("resuming")] == [3, 4]
-    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    a, b, start = _state(tmp_path / "a"), _state(tmp_path / "b"), _state(start_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], start[k]) for k in a)  # the policy moved
     for key in ("grpo/reward", "grpo/kl", "grpo/loss", "grpo/clipfrac"):
         assert uninterrupted[key] == resumed[key]
 

@@ -48,6 +48,14 @@ def tiny_policy() -> str:
 
 
 @pytest.fixture(scope="module")
+def llama_policy(tmp_path_factory) -> str:
+    """A tiny random Llama 3 policy: no pad token of its own, so the engine lends it eos (<|eot_id|>)."""
+    from demo.tiny_models import build_policy
+
+    return str(build_policy("llama", tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
 def instructions() -> list[str]:
     from demo.demo_tasks import make_prompts
 
@@ -124,7 +132,10 @@ def test_it_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_policy, instruc
     assert not resume_dir(tmp_path / "out").exists()
 
 
-def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, instructions, tmp_path):
+@pytest.mark.parametrize("policy", ["tiny_policy", "llama_policy"])
+def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(policy, instructions, tmp_path, request):
+    start_dir = request.getfixturevalue(policy)
+
     class Stop(Exception):
         pass
 
@@ -133,23 +144,23 @@ def test_it_resumes_to_the_same_result_as_an_uninterrupted_run(tiny_policy, inst
             raise Stop
 
     uninterrupted = main(
-        tiny_args(tiny_policy, instructions, tmp_path / "a"), reward_fn=starts_with_the
+        tiny_args(start_dir, instructions, tmp_path / "a"), reward_fn=starts_with_the
     )
     with pytest.raises(Stop):
         main(
-            tiny_args(tiny_policy, instructions, tmp_path / "b"),
+            tiny_args(start_dir, instructions, tmp_path / "b"),
             stop_at_2,
             reward_fn=starts_with_the,
         )
     assert read_checkpoint_meta(resume_dir(tmp_path / "b"))["step"] == 2
     with pytest.raises(EngineError, match="made with other settings"):
         main(
-            tiny_args(tiny_policy, instructions, tmp_path / "b", seed=1),
+            tiny_args(start_dir, instructions, tmp_path / "b", seed=1),
             reward_fn=starts_with_the,
         )
     resumed_events = []
     resumed = main(
-        tiny_args(tiny_policy, instructions, tmp_path / "b"),
+        tiny_args(start_dir, instructions, tmp_path / "b"),
         resumed_events.append,
         reward_fn=starts_with_the,
     )

@@ -203,8 +203,14 @@ def test_it_gives_a_tokenizer_without_a_pad_token_one(tiny_model_dir, data, tmp_
     assert metrics["sft/steps"] == 2
 
 
-def test_it_resumes_a_cancelled_run_to_the_same_weights(tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_it_resumes_a_cancelled_run_to_the_same_weights(family, tiny_model_dir, data, tmp_path):
     from transformers import AutoModelForCausalLM
+
+    from demo.tiny_models import build_policy
+
+    if family == "llama":  # no pad token of its own: the engine lends it eos (<|eot_id|>), which ends every turn
+        tiny_model_dir = build_policy("llama", tmp_path / "llama")
 
     train, _ = data
     main(args_for(tiny_model_dir, train, tmp_path / "whole", max_steps=8))

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_DEFAULT_TARGETS
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DynamicCache,
+)
 
 from training.engine.chat_date import chat_date
 from training.engine.checkpoints import to_jsonable
@@ -274,13 +280,27 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """A Hugging Face causal LM and its tokenizer (left padding, for generation)."""
+def keep_padding_idx(model, name_or_path: str, start: str | None) -> None:
+    """Give a model rebuilt from a checkpoint the embedding padding_idx of `start`, the model its run began from."""
+    if start is None or start == name_or_path:
+        return
+    # The checkpoint's config names the pad token ensure_pad_token lent (often eos, which every chat turn ends
+    # with); families such as Llama make config.pad_token_id their embedding's padding_idx, whose row then gets
+    # no gradient, and a resumed run would drift from the uninterrupted one.
+    embedding = model.get_input_embeddings()
+    if embedding.padding_idx is not None and embedding.padding_idx == model.config.pad_token_id:
+        embedding.padding_idx = getattr(AutoConfig.from_pretrained(start), "pad_token_id", None)
+
+
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                   start: str | None = None):
+    """A Hugging Face causal LM and its tokenizer (left padding, for generation); `start`: see keep_padding_idx."""
     tokenizer = load_tokenizer(name_or_path, padding_side="left")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except OSError as exc:
         raise EngineError(f"cannot load a causal LM from {name_or_path!r}: {exc}") from exc
+    keep_padding_idx(model, name_or_path, start)
     ensure_pad_token(tokenizer, model)
     return model.to(device), tokenizer
 
@@ -295,13 +315,15 @@ def context_length(model) -> int | None:
     return None
 
 
-def load_reward_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """A sequence-classification model with one output (the reward) and its tokenizer."""
+def load_reward_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                      start: str | None = None):
+    """A sequence-classification model with one output (the reward) and its tokenizer; `start`: see keep_padding_idx."""
     tokenizer = load_tokenizer(name_or_path, padding_side="right")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype)
     except OSError as exc:
         raise EngineError(f"cannot load a reward model from {name_or_path!r}: {exc}") from exc
+    keep_padding_idx(model, name_or_path, start)
     ensure_pad_token(tokenizer, model)
     return model.to(device), tokenizer
 

@@ -374,13 +374,7 @@ def _prepare_data(args: DPOArgs):
 def _load_model(args: DPOArgs, device: torch.device, compute_dtype: torch.dtype, source: Path | None):
     """The policy (from `source` when resuming: a LoRA run takes its adapter onto the base) and its tokenizer."""
     model_source = str(source) if source and not args.lora_r else args.policy
-    model, tokenizer = load_causal_lm(model_source, device, base_dtype(args, device, compute_dtype))
-    if model_source != args.policy:
-        # A saved config names the pad token load_causal_lm lent the policy (often its eos, a token the replies
-        # end with), and a model built from it gives that embedding row no gradient: keep the start's padding_idx.
-        from transformers import AutoConfig
-
-        model.get_input_embeddings().padding_idx = getattr(AutoConfig.from_pretrained(args.policy), "pad_token_id", None)
+    model, tokenizer = load_causal_lm(model_source, device, base_dtype(args, device, compute_dtype), start=args.policy)
     model = apply_lora(enable_memory_switches(model, args), args, "CAUSAL_LM",
                        source / ADAPTER_DIR if source and args.lora_r else None)
     if args.disable_dropout:

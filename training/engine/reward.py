@@ -520,7 +520,8 @@ def _load_model(args: RewardArgs, device: torch.device, compute_dtype: torch.dty
     """The model (from `source` when resuming) and its tokenizer, checked against max_length."""
     # A LoRA run resumes its adapter (and trained score head) on the base it started from.
     model_source = str(source) if source and not args.lora_r else args.model
-    model, tokenizer = load_reward_model(model_source, device, base_dtype(args, device, compute_dtype))
+    model, tokenizer = load_reward_model(model_source, device, base_dtype(args, device, compute_dtype),
+                                         start=args.model)
     model = apply_lora(enable_memory_switches(model, args), args, "SEQ_CLS",
                        source / ADAPTER_DIR if source and args.lora_r else None)
     limit = model_length_limit(model, tokenizer)

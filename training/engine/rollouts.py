@@ -89,7 +89,7 @@ def load_policy_and_reference(args, device: torch.device, compute_dtype: torch.d
     # in the compute dtype. A LoRA run resumes its adapter on the base it started from.
     resuming = source is not None
     policy, tokenizer = load_causal_lm(str(source) if resuming and not args.lora_r else args.policy, device,
-                                       base_dtype(args, device, compute_dtype))
+                                       base_dtype(args, device, compute_dtype), start=args.policy)
     policy = apply_lora(enable_memory_switches(policy, args), args, "CAUSAL_LM",
                         source / ADAPTER_DIR if resuming and args.lora_r else None)
     ref_source = args.ref_policy or args.policy

@@ -522,7 +522,7 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
         if state is not None:  # a LoRA run's checkpoint holds the adapter: the base comes from args.model
             resume_state, source, adapter = state, args.model if args.lora_r else args.out, Path(args.out) / ADAPTER_DIR
     set_seed(args.seed)
-    model, tokenizer = load_causal_lm(source, device, dtype)
+    model, tokenizer = load_causal_lm(source, device, dtype, start=args.model)
     model = apply_lora(enable_memory_switches(model, args), args, "CAUSAL_LM", adapter if args.lora_r else None)
     tokenizer.padding_side = "right"
 
