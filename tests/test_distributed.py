@@ -20,6 +20,7 @@ import pytest
 
 from demo.tiny_models import build_policy, build_reward
 from training.engine.checkpoints import read_checkpoint_meta
+from training.engine.launch import kill_tree, process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -159,8 +160,10 @@ def _kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
     while time.monotonic() < deadline:
         meta = read_checkpoint_meta(checkpoint)
         if meta is not None:
-            os.killpg(process.pid, signal.SIGKILL)
+            ranks = process_tree(process.pid)
+            kill_tree(process)  # torchrun starts each rank in a session of its own: a killpg would miss them
             process.communicate()
+            assert not [pid for pid in ranks if _alive(pid)], "a process of the killed run still runs"
             return int(meta["step"])
         assert process.poll() is None, process.stderr.read()[-4000:]
         time.sleep(0.05)
@@ -174,7 +177,7 @@ def test_reward_run_killed_on_two_processes_resumes(data, after):
     out = Path(data["root"]) / f"rm-killed-{after}"
     uninterrupted = run("reward", [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
     step = _kill_at_checkpoint(launch("reward", [*flags, "--out", str(out)], 2), out.with_name(out.name + ".resume"))
-    assert 0 < step < uninterrupted["rm/steps"]
+    assert 0 < step < uninterrupted["rm/steps"] and not out.exists()  # killed before it finished
     resumed = run("reward", [*flags, "--resume", "--out", str(out)], processes=after)
     assert resumed["rm/steps"] == uninterrupted["rm/steps"]
     assert_close(uninterrupted, resumed, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_loss"])
@@ -203,7 +206,7 @@ def test_grpo_run_killed_resumes_where_the_uninterrupted_run_ends(tmp_path):
 
 def test_dpo_run_killed_resumes_to_the_uninterrupted_result(data):
     """SIGKILL after a resumable checkpoint: the reference log-probs come back from it, not from the moved policy.
-    One process: the ranks under torchrun outlived a kill of the launcher's process group here."""
+    One process, as the GRPO test; the reward test kills two."""
     flags = ["--policy", data["policy"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "6",
              "--lr", "1e-4", "--device", "cpu", "--save-every", "16", "--eval-every", "0"]
     out = Path(data["root"]) / "dpo-killed"
@@ -218,6 +221,14 @@ def test_dpo_run_killed_resumes_to_the_uninterrupted_result(data):
 
 def _parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie no longer does)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _rank_pid(rank: int) -> int | None:
@@ -295,3 +306,31 @@ def test_worker_launch_fails_within_a_minute_when_a_rank_dies(data, monkeypatch)
         launch.run("reward", args, kill_rank_1, processes=2)
     assert killed and time.monotonic() - killed["at"] < 60
 
+
+
+def test_worker_launch_taken_away_leaves_no_rank_running(data, monkeypatch):
+    """A job taken away (StopWithoutSaving) kills the launcher, torchrun and both ranks, before any checkpoint."""
+    from training.engine import launch, reward
+    from training.engine.stop import StopWithoutSaving
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    args = reward.RewardArgs(model=data["reward"], train=data["pairs"], batch_size=8, epochs=500, lr=1e-3,
+                             device="cpu", save_every=20, eval_every=0, resume=False,
+                             out=f"{data['root']}/rm-taken-away")
+    ranks = []
+
+    def taken_away_at_3(event):
+        if event.get("step") == 3:
+            ranks.extend(pid for pid in (_rank_pid(0), _rank_pid(1)) if pid is not None)
+            raise StopWithoutSaving
+
+    with pytest.raises(StopWithoutSaving):
+        launch.run("reward", args, taken_away_at_3, processes=2)
+    assert len(ranks) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in ranks if _alive(pid)], "a rank outlived the launcher"
+    assert not reward.resume_dir(args.out).exists() and not Path(args.out).exists()

@@ -5,8 +5,9 @@ caller's Args and pinned chat date go to the child as JSON; rank 0 writes each p
 the final metrics or the error, as JSON lines on stdout, which `run` hands to the caller's on_progress. When
 on_progress raises (a cancel), `run` creates the stop file: rank 0 sees it at its next step, every rank
 stops there and the resumable checkpoint is written, as in one process. StopWithoutSaving (the job was
-taken away) kills every process at once. A rank that dies ends the launcher (torchrun stops the others),
-and `run` raises with the end of its error output.
+taken away) kills every process at once: the launcher (torchrun's agent) and each rank, which it starts in
+a session of its own. A rank that dies ends the launcher (torchrun stops the others), and `run` raises with
+the end of its error output.
 """
 
 from __future__ import annotations
@@ -69,12 +70,12 @@ def run(stage: str, args: Any, on_progress: ProgressFn, processes: int) -> dict[
                         except BaseException as exc:  # noqa: BLE001 - re-raised once the child saved
                             stopped = exc
                             stop_file.touch()
-                            deadline = threading.Timer(STOP_GRACE_SECONDS, _kill, (child,))
+                            deadline = threading.Timer(STOP_GRACE_SECONDS, kill_tree, (child,))
                             deadline.daemon = True
                             deadline.start()
                 child.wait()
             except BaseException:
-                _kill(child)
+                kill_tree(child)
                 raise
             stderr.seek(0)
             tail = stderr.read()[-ERROR_TAIL:]
@@ -87,12 +88,33 @@ def run(stage: str, args: Any, on_progress: ProgressFn, processes: int) -> dict[
     return final
 
 
-def _kill(child: subprocess.Popen) -> None:
-    if child.poll() is None:
+def process_tree(pid: int) -> list[int]:
+    """Every process below `pid`, whatever its session, read from /proc (empty where there is none)."""
+    parents = {}
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # ended while we read
+    below, level = [], {pid}
+    while level:
+        level = {child for child, parent in parents.items() if parent in level}
+        below += sorted(level)
+    return below
+
+
+def kill_tree(child: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group and every process below it, then reap the launcher."""
+    if child.poll() is None:
+        # torchrun starts each rank with start_new_session, so killing the launcher's group alone leaves the
+        # ranks training (and writing checkpoints) on their own. Find them before the launcher dies and they are
+        # handed to init; the launcher goes first, so it cannot start or restart one meanwhile.
+        below = process_tree(child.pid)
+        for pid, kill in [(child.pid, os.killpg), *((p, os.kill) for p in below)]:
+            try:
+                kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     child.wait()
 
 
