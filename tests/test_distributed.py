@@ -334,3 +334,39 @@ def test_worker_launch_taken_away_leaves_no_rank_running(data, monkeypatch):
         time.sleep(0.1)
     assert not [pid for pid in ranks if _alive(pid)], "a rank outlived the launcher"
     assert not reward.resume_dir(args.out).exists() and not Path(args.out).exists()
+
+
+WORKER_KILLED_AT_3 = """
+import json, os, sys
+from training.engine import launch, reward
+
+def killed_at_3(event):
+    if event.get("step") == 3:
+        print(json.dumps(launch.process_tree(os.getpid())), flush=True)
+        os.kill(os.getpid(), 9)
+
+launch.run("reward", reward.RewardArgs(**json.loads(sys.argv[1])), killed_at_3, processes=2)
+"""
+
+
+def test_a_killed_worker_leaves_no_rank_running_and_a_resumable_checkpoint(data):
+    """The worker running launch.run dies by SIGKILL: rank 0's next event finds no reader, and the ranks stop
+    there with a resumable checkpoint, as on a cancel."""
+    from training.engine import reward
+
+    out = Path(data["root"]) / "rm-worker-killed"
+    settings = dict(model=data["reward"], train=data["pairs"], batch_size=8, epochs=500, lr=1e-3, device="cpu",
+                    save_every=0, eval_every=0, resume=False, out=str(out))
+    worker = subprocess.run([PYTHON, "-c", WORKER_KILLED_AT_3, json.dumps(settings)], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert worker.returncode == -signal.SIGKILL, worker.stderr[-4000:]
+    tree = json.loads(worker.stdout.splitlines()[-1])
+    assert len(tree) >= 3  # the launcher and two ranks
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in tree if _alive(pid)]
+    for pid in survivors:  # not left training for the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "a process of the run outlived its worker"
+    assert read_checkpoint_meta(reward.resume_dir(out))["step"] >= 3 and not out.exists()

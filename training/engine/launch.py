@@ -6,8 +6,9 @@ the final metrics or the error, as JSON lines on stdout, which `run` hands to th
 on_progress raises (a cancel), `run` creates the stop file: rank 0 sees it at its next step, every rank
 stops there and the resumable checkpoint is written, as in one process. StopWithoutSaving (the job was
 taken away) kills every process at once: the launcher (torchrun's agent) and each rank, which it starts in
-a session of its own. A rank that dies ends the launcher (torchrun stops the others), and `run` raises with
-the end of its error output.
+a session of its own. When the caller dies, rank 0's next event finds no reader: the ranks stop there and
+write the resumable checkpoint, as on a cancel. A rank that dies ends the launcher (torchrun stops the
+others), and `run` raises with the end of its error output.
 """
 
 from __future__ import annotations
