@@ -319,6 +319,8 @@ class RoundOut(Schema):
     campaign: str
     number: int
     status: str
+    algorithm: str = Field(description="How the round trains its policy: ppo, dpo or grpo (the setting "
+                                       "`algorithm`; its jobs follow from it).")
     config: dict[str, Any]
     parent_policy: str
     policy_checkpoint: str

@@ -186,6 +186,8 @@ JOB_SOFT_TIME_LIMITS = {
     "export": env.int("PAIRLOOP_TIME_LIMIT_EXPORT", 1800, minimum=10),
     "reward": env.int("PAIRLOOP_TIME_LIMIT_REWARD", 4 * 3600, minimum=10),
     "ppo": env.int("PAIRLOOP_TIME_LIMIT_PPO", 10 * 3600, minimum=10),
+    "dpo": env.int("PAIRLOOP_TIME_LIMIT_DPO", 10 * 3600, minimum=10),
+    "grpo": env.int("PAIRLOOP_TIME_LIMIT_GRPO", 10 * 3600, minimum=10),
     "sample": env.int("PAIRLOOP_TIME_LIMIT_SAMPLE", 2 * 3600, minimum=10),
     "enqueue": env.int("PAIRLOOP_TIME_LIMIT_ENQUEUE", 1800, minimum=10),
 }

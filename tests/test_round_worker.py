@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from django.core.management import call_command
+from django.test import Client
 from safetensors.torch import load_file
 
 from annotate.actions import PairInput, add_pairs, claim_next_pair
@@ -189,3 +190,107 @@ def test_it_marks_a_job_failed_when_its_worker_is_killed_and_resume_finishes_it(
     assert [p["step"] for p in ppo.metrics] == list(range(1, config.ppo_steps + 1))
     assert jobs[4].result["created"] > 0 and campaign.pairs.filter(round=round_).exists()
     assert not resume_dir.parent.exists()  # the earlier attempt's directory goes once the job succeeded
+
+
+def round_page(user, round_: Round) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.get(round_.get_absolute_url()).content.decode()
+
+
+def chart_keys(job: Job) -> set[str]:
+    return {key for point in job.chart_points() for key in point if key != "step"}
+
+
+def test_a_dpo_round_trains_on_the_pairs_without_a_reward_model_and_the_next_starts_from_its_policy(tiny_world,
+                                                                                                  reviewer):
+    campaign = seed_campaign("dpo-loop", n_prompts=16)
+    pairs_before = campaign.pairs.count()
+    config = build_config("tiny", {"algorithm": "dpo"})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        first = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(first), 300, worker, "the DPO round to finish")
+        first.refresh_from_db()
+
+        assert [job.kind for job in jobs] == ["export", "dpo", "sample", "enqueue"]
+        assert first.reward_checkpoint == ""  # no reward model in a DPO round
+        meta = read_checkpoint_meta(first.policy_checkpoint)
+        assert meta["stage"] == "dpo" and meta["args"]["train"] == first.dataset_path
+        assert meta["args"]["policy"] == first.parent_policy == first.config["base_policy"]
+        start, trained = weights(first.parent_policy), weights(first.policy_checkpoint)
+        assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)
+        dpo = jobs[1]
+        assert {"dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/rewards_chosen", "dpo/rewards_rejected"} <= chart_keys(dpo)
+        assert dpo.step == dpo.total_steps > 0 and "Done." in dpo.log
+        sample = jobs[2]
+        assert sample.result["scored"] is False and sample.result["scores"] == {}
+        assert "sample/judge_new" in sample.result  # the demo rule judge still measures it
+        created = jobs[3].result["created"]
+        assert created > 0 and campaign.pairs.count() == pairs_before + created
+
+        page = round_page(reviewer, first)
+        assert '<strong id="round-algorithm">DPO</strong>' in page
+        assert "no reward model in a DPO round" in page and "dpo/margin" in page
+
+        # Iterative DPO: the next round starts from this one's policy, trains on every round's pairs, and its
+        # reference is the previous policy when asked (the command's path, followed with --wait).
+        simulate_labelers(campaign, make_judge("rule:correct_sentence"), noise=0.25, count=1000)
+        out = io.StringIO()
+        call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "algorithm=dpo",
+                     "--set", "dpo_reference=previous", "--wait", "--poll", "0.5", stdout=out)
+        assert "Round 2 done" in out.getvalue(), worker.log()[-4000:]
+    second = Round.objects.get(campaign=campaign, number=2)
+    assert second.parent_policy == first.policy_checkpoint
+    args = read_checkpoint_meta(second.policy_checkpoint)["args"]
+    assert args["policy"] == first.policy_checkpoint and args["ref_policy"] is None
+    trained_on = second.jobs.get(kind=Job.EXPORT).result["rows"]
+    assert trained_on > first.jobs.get(kind=Job.EXPORT).result["rows"]  # round one's pairs, judged, included
+
+
+def test_a_grpo_round_trains_against_its_reward_model_and_fills_the_queue(tiny_world, reviewer):
+    campaign = seed_campaign("grpo-loop", n_prompts=16)
+    config = build_config("tiny", {"algorithm": "grpo", "reward_model": tiny_world["reward_model"]})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 300, worker, "the GRPO round to finish")
+    round_.refresh_from_db()
+    assert [job.kind for job in jobs] == ["export", "reward", "grpo", "sample", "enqueue"]
+    meta = read_checkpoint_meta(round_.policy_checkpoint)
+    assert meta["stage"] == "grpo" and meta["args"]["reward_models"] == [round_.reward_checkpoint]
+    assert meta["args"]["ref_policy"] == round_.config["base_policy"]
+    grpo = jobs[2]
+    assert [p["step"] for p in grpo.metrics] == list(range(1, config.grpo_steps + 1))
+    assert {"grpo/reward", "grpo/kl", "grpo/loss", "grpo/entropy"} <= chart_keys(grpo)
+    assert jobs[3].result["scored"] is True and jobs[3].result["scores"]
+    assert jobs[4].result["created"] > 0 and campaign.pairs.filter(round=round_).exists()
+    page = round_page(reviewer, round_)
+    assert '<strong id="round-algorithm">GRPO</strong>' in page and "grpo/loss" in page
+    assert "no reward model" not in page and "mean reward-model score" in page
+
+
+def test_a_cancelled_dpo_job_resumes_from_its_checkpoint_and_finishes_the_round(tiny_world):
+    campaign = seed_campaign("dpo-cancel", n_prompts=16)
+    config = build_config("tiny", {"algorithm": "dpo", "dpo_batch_size": "2", "dpo_epochs": "3"})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        dpo = round_.jobs.get(kind=Job.DPO)
+        wait_for(lambda: Job.objects.filter(pk=dpo.pk, status=Job.RUNNING, step__gte=3).exists(), 300, worker,
+                 "DPO to reach step 3", poll=0.1)
+        actions.cancel_job(dpo)
+        wait_for(lambda: Job.objects.filter(pk=dpo.pk, status=Job.CANCELLED).exists(), 60, worker,
+                 "the DPO job to stop")
+        dpo.refresh_from_db()
+        resume_dir = actions.round_dir(round_) / "dpo-1" / "policy.resume"
+        saved_step = read_checkpoint_meta(resume_dir)["step"]
+        assert 3 <= saved_step == dpo.step < dpo.total_steps
+        assert round_.status() == Job.CANCELLED
+
+        actions.resume_job(dpo)
+        jobs = wait_for(lambda: round_over(round_), 300, worker, "the resumed DPO round to finish")
+    dpo = jobs[1]
+    assert dpo.attempts == 2 and dpo.step == dpo.total_steps and dpo.error == ""
+    assert f"resumed from {resume_dir} at step {saved_step}" in dpo.log and dpo.start_step == saved_step
+    assert [p["step"] for p in dpo.metrics] == list(range(1, dpo.total_steps + 1))
+    round_.refresh_from_db()
+    assert round_.policy_checkpoint == str(actions.round_dir(round_) / "dpo-2" / "policy")
+    assert jobs[3].result["created"] > 0 and not resume_dir.parent.exists()

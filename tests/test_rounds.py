@@ -633,9 +633,10 @@ def test_it_exits_non_zero_when_a_job_of_a_followed_round_fails(monkeypatch):
 def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default():
     from training import dispatch
 
-    queues = {kind: dispatch.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in actions.CHAIN}
-    assert queues == {"export": "default", "reward": "training", "ppo": "training", "sample": "training",
-                      "enqueue": "default"}
+    kinds = {kind for chain in actions.CHAINS.values() for kind in chain}
+    queues = {kind: dispatch.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in kinds}
+    assert queues == {"export": "default", "reward": "training", "ppo": "training", "dpo": "training",
+                      "grpo": "training", "sample": "training", "enqueue": "default"}
 
 
 @pytest.mark.django_db
@@ -651,7 +652,7 @@ def test_each_job_is_sent_by_the_name_of_the_task_that_runs_its_kind():
     from pairloop.celery import app
     from training import dispatch, tasks
 
-    for kind in actions.CHAIN:
+    for kind in {kind for chain in actions.CHAINS.values() for kind in chain}:
         name = dispatch.signature_for(Job(pk=1, kind=kind)).task
         assert name in app.tasks and name == tasks.TASKS[kind].name, (kind, name)
 
@@ -758,23 +759,117 @@ def test_it_launches_a_round_from_the_form(chains, admin_user, django_capture_on
         assert list(bad.context["form"].errors) == [field] and message in bad.context["form"].errors[field][0]
 
 
+def kinds(round_: Round) -> list[str]:
+    return [job.kind for job in round_.jobs.order_by("order")]
+
+
+@pytest.mark.django_db
+def test_each_round_type_launches_its_own_chain_and_the_next_round_starts_from_any_type_s_policy(chains):
+    campaign = judged_campaign()
+    first = launch(campaign, algorithm="dpo")
+    assert first.algorithm == "dpo" and kinds(first) == ["export", "dpo", "sample", "enqueue"]
+    for job in first.jobs.order_by("order"):
+        succeed(job, **({"policy_checkpoint": "/ckpt/round-1/policy"} if job.kind == Job.DPO else {}))
+    second = launch(campaign, force=True, algorithm="grpo")
+    assert kinds(second) == ["export", "reward", "grpo", "sample", "enqueue"]
+    assert second.parent_policy == "/ckpt/round-1/policy" and second.config["base_policy"] == first.config["base_policy"]
+    for job in second.jobs.order_by("order"):
+        succeed(job, **({"policy_checkpoint": "/ckpt/round-2/policy"} if job.kind == Job.GRPO else {}))
+    third = launch(campaign, force=True)
+    assert third.algorithm == "ppo" and kinds(third) == ["export", "reward", "ppo", "sample", "enqueue"]
+    assert third.parent_policy == "/ckpt/round-2/policy"
+
+
+@pytest.mark.django_db
+def test_the_launch_form_shows_an_algorithm_s_sections_only_for_it_and_launches_what_it_showed(
+        chains, admin_user, django_capture_on_commit_callbacks):
+    from training.config import PRESETS
+
+    campaign = judged_campaign()
+    client = client_for(admin_user)
+    url = f"/campaigns/{campaign.slug}/rounds/"
+    response = client.get(f"{url}?preset=tiny")
+    page = response.content.decode()
+    shown_for = {title: tag for tag, title in
+                 re.findall(r'<fieldset(?: data-algorithms="([^"]*)")?><legend>(.*?)</legend>', page)}
+    assert shown_for == {"Round type": "", "Models and prompting": "", "Reward model": "ppo grpo", "PPO": "ppo",
+                         "DPO": "dpo", "GRPO": "grpo", "Sampling": "", "New pairs": "", "Memory": ""}
+    assert '<p data-algorithms="ppo grpo"><label for="id_reward_model">Backbone</label>' in page
+    assert '<p><label for="id_reference">' in page  # DPO's "sft" reference reads it too
+    for algorithm in ("ppo", "dpo", "grpo"):  # hidden by CSS alone, from the algorithm chosen
+        assert (f'#launch-form:has(select[name="algorithm"] option[value="{algorithm}"]:checked) '
+                f'[data-algorithms]:not([data-algorithms~="{algorithm}"]) {{ display: none; }}') in page
+    assert '<option value="ppo" selected>' in page
+
+    # The browser posts the hidden fields too: a DPO round takes its own and launches with the hidden ones unchanged.
+    posted = {field.name: field.value() for field in response.context["form"]
+              if field.value() is not None and field.value() is not False}
+    with django_capture_on_commit_callbacks(execute=True):
+        launched = client.post(url, {**posted, "algorithm": "dpo", "dpo_beta": 0.3, "ppo_steps": 7})
+    round_ = Round.objects.get()
+    assert launched.status_code == 302 and round_.algorithm == "dpo" and round_.config["dpo_beta"] == 0.3
+    assert round_.config["ppo_steps"] == PRESETS["tiny"].ppo_steps
+    assert kinds(round_) == ["export", "dpo", "sample", "enqueue"]
+    listing = client.get(url).content.decode()
+    assert f'<tr id="round-row-{round_.pk}"><td><a href="/rounds/{round_.pk}/">Round 1</a></td>' in listing
+    assert '<td class="round-algorithm">dpo</td>' in listing
+    assert '<strong id="round-algorithm">DPO</strong>' in client.get(f"/rounds/{round_.pk}/").content.decode()
+
+
+@pytest.mark.django_db
+def test_the_command_and_the_api_launch_any_round_type_and_refuse_another_type_s_settings(chains, admin_user):
+    from api.actions import create_token
+
+    campaign = judged_campaign()
+    call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "algorithm=dpo", "--set", "dpo_beta=0.2",
+                 stdout=io.StringIO())
+    round_ = Round.objects.get()
+    assert round_.algorithm == "dpo" and round_.config["dpo_beta"] == 0.2
+    assert kinds(round_) == ["export", "dpo", "sample", "enqueue"]
+    actions.cancel_job(round_.jobs.get(kind=Job.EXPORT))  # so the next launch may go
+    with pytest.raises(CommandError, match=r"ppo_steps does not apply to a dpo round \(it is for ppo\)"):
+        call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "algorithm=dpo",
+                     "--set", "ppo_steps=3", stdout=io.StringIO())
+
+    token = create_token(admin_user, "launcher", ["admin"])[1]
+
+    def post(settings):
+        return Client().post(f"/api/v1/campaigns/{campaign.slug}/rounds", {"preset": "tiny", "settings": settings},
+                             content_type="application/json", headers={"Authorization": f"Bearer {token}"})
+
+    answer = post({"algorithm": "grpo", "grpo_steps": 2})
+    assert answer.status_code == 201, answer.content
+    body = answer.json()
+    assert body["algorithm"] == "grpo" and body["config"]["grpo_steps"] == 2
+    assert [job["kind"] for job in body["jobs"]] == ["export", "reward", "grpo", "sample", "enqueue"]
+    actions.cancel_job(Round.objects.get(pk=body["id"]).jobs.get(kind=Job.EXPORT))
+    refused = post({"algorithm": "dpo", "reward_lr": 0.1})
+    assert refused.status_code == 400 and list(refused.json()["errors"]) == ["reward_lr"]
+    assert post({"algorithm": "sft"}).json()["errors"] == {"algorithm": "algorithm must be one of ppo, dpo, grpo"}
+    assert Round.objects.count() == 2
+
+
 @pytest.mark.django_db
 def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_ranges_and_help(chains, admin_user):
     from training.config import field_help
 
     page = client_for(admin_user).get(f"/campaigns/{judged_campaign().slug}/rounds/?preset=tiny").content.decode()
-    sections = re.findall(r"<fieldset><legend>(.*?)</legend>(.*?)</fieldset>", page, re.S)
+    sections = re.findall(r'<fieldset(?: data-algorithms="[^"]*")?><legend>(.*?)</legend>(.*?)</fieldset>', page, re.S)
     labels = {title: re.findall(r'<label for="id_\w+">(.*?)</label>', body) for title, body in sections}
     assert labels == {
+        "Round type": ["Algorithm"],
         "Models and prompting": ["Backbone", "Reference policy", "System prompt", "Stop strings"],
         "Reward model": ["Epochs", "Learning rate", "Warm-up share", "Batch size", "Max length"],
-        "PPO": ["Steps", "Batch size", "Samples per prompt", "Mini batch size", "KL coefficient", "Learning rate",
-                "Max new tokens"],
-        "Sampling": ["Prompts", "Responses per prompt", "Temperature", "Top-p"],
+        "PPO": ["Steps", "Batch size", "Samples per prompt", "Mini batch size", "KL coefficient", "Learning rate"],
+        "DPO": ["Loss", "Beta", "Label smoothing", "Strength weight", "Learning rate", "Epochs", "Batch size",
+                "Max length", "Reference"],
+        "GRPO": ["Steps", "Batch size", "Group size", "KL coefficient", "Learning rate", "Baseline"],
+        "Sampling": ["Max new tokens", "Prompts", "Responses per prompt", "Temperature", "Top-p"],
         "New pairs": ["Pairing", "Priority"],
         "Memory": ["LoRA rank", "Gradient checkpointing"],
     }
-    assert list(labels) == ["Models and prompting", "Reward model", "PPO", "Sampling", "New pairs", "Memory"]
+    assert list(labels) == ["Round type", "Models and prompting", "Reward model", "PPO", "DPO", "GRPO", "Sampling",
+                            "New pairs", "Memory"]
     assert 'name="seed"' not in page and 'name="ppo_save_every"' not in page  # the preset's, or --set
     assert re.search(r'<textarea name="stop_strings" cols="40" rows="2"', page)
     assert re.search(r'<input type="number" name="ppo_kl_coef" value="0.15" min="0.0" max="100.0" step="any"', page)
@@ -1035,14 +1130,16 @@ class _Quiet:
 
 
 # The jobs each engine module's settings feed (common.MemoryArgs: every training stage of a round).
-_JOBS_OF_MODULE = {"reward": (Job.REWARD,), "ppo": (Job.PPO,), "sample": (Job.SAMPLE,),
-                   "common": (Job.REWARD, Job.PPO)}
+_JOBS_OF_MODULE = {"reward": (Job.REWARD,), "ppo": (Job.PPO,), "dpo": (Job.DPO,), "grpo": (Job.GRPO,),
+                   "sample": (Job.SAMPLE,), "common": (Job.REWARD, Job.PPO, Job.DPO, Job.GRPO)}
 
 
-def _another_value(avoid: tuple):
+def _another_value(avoid: tuple, choices: dict | None = None):
     """A round setting's value other than each of `avoid` (its preset's, then the engine's default)."""
     value = avoid[0]
-    if isinstance(value, bool):
+    if choices is not None:
+        candidates = list(choices)
+    elif isinstance(value, bool):
         candidates = [not value]
     elif isinstance(value, int):
         candidates = [value * 2 or 1, value * 3 or 2, value + 1]
@@ -1072,8 +1169,12 @@ def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
     engine_fields = _engine_fields()
     unknown = {module for module, _, _ in engine_fields.values()} - set(_JOBS_OF_MODULE)
     assert not unknown, f"say which jobs the settings of {unknown} feed"
-    values = {name: _another_value((getattr(PRESETS["tiny"], name), _engine_default(*where)))
+    from training.config import SETTINGS
+
+    values = {name: _another_value((getattr(PRESETS["tiny"], name), _engine_default(*where)), SETTINGS[name].choices)
               for name, where in engine_fields.items()}
+    if values["grpo_batch_size"] % values["grpo_samples_per_prompt"]:
+        values["grpo_samples_per_prompt"] = 2  # a group size that divides the batch, neither preset's nor engine's
     round_ = launch(judged_campaign(), **values)
     Round.objects.filter(pk=round_.pk).update(dataset_path="/data/round-1.jsonl", reward_checkpoint="/ckpt/rm",
                                               policy_checkpoint="/ckpt/policy")
@@ -1089,8 +1190,8 @@ def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
     monkeypatch.setattr(runner, "ensure_policy", lambda path, preset: path)
     monkeypatch.setattr("training.engine.sample.sample_with_stats", sample_with_stats)
     handed = {}
-    for kind in (Job.REWARD, Job.PPO, Job.SAMPLE):
-        job = round_.jobs.get(kind=kind)
+    for kind in (Job.REWARD, Job.PPO, Job.DPO, Job.GRPO, Job.SAMPLE):
+        job = round_.jobs.filter(kind=kind).first() or Job(round=round_, kind=kind, order=99)  # another type's
         with pytest.raises(_Handed) as raised:
             runner.RUNNERS[kind](job, _Quiet())
         handed[kind] = raised.value.handed

@@ -27,14 +27,21 @@ from django.utils import timezone
 from annotate.models import Campaign, Judgment
 from annotate.statistics import usable_judgments
 from training import dispatch, live, starting_policy
-from training.config import RoundConfig, build_config
+from training.config import DPO, GRPO, PPO, RoundConfig, build_config, refuse_unused
 from training.engine.chat_date import CHAT_DATE_FORMAT
 from training.engine.stop import StopWithoutSaving
 from training.models import Job, Round
 
 log = logging.getLogger(__name__)
 
-CHAIN = (Job.EXPORT, Job.REWARD, Job.PPO, Job.SAMPLE, Job.ENQUEUE)
+# Each round type's chain of jobs. A DPO round trains no reward model: DPO needs none, and one trained only to
+# score the review would cost a job as long as the DPO job itself; the demo rule judges and the labelers'
+# win rates still measure its policy.
+CHAINS = {
+    PPO: (Job.EXPORT, Job.REWARD, Job.PPO, Job.SAMPLE, Job.ENQUEUE),
+    GRPO: (Job.EXPORT, Job.REWARD, Job.GRPO, Job.SAMPLE, Job.ENQUEUE),
+    DPO: (Job.EXPORT, Job.DPO, Job.SAMPLE, Job.ENQUEUE),
+}
 
 
 class RoundRefused(ValueError):
@@ -178,7 +185,9 @@ def chat_date_on(moment) -> str:
 def launch_config(campaign: Campaign, preset: str, values: dict[str, Any] | None = None) -> RoundConfig:
     """A round's settings as every door launches it (the page, launch_round, the API): the preset's, then the
     campaign's own (campaign_settings), then `values`. Raises ConfigError / ValueError naming bad settings."""
-    return build_config(preset, {**campaign_settings(campaign), **(values or {})})
+    config = build_config(preset, {**campaign_settings(campaign), **(values or {})})
+    refuse_unused(config.algorithm, values or {})
+    return config
 
 
 def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool = False) -> Round:
@@ -220,7 +229,7 @@ def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool =
         )
         jobs = [Job.objects.create(round=round_, kind=kind, order=order,
                                    queued_at=Now() if order == 0 else None)  # the first is ready at once
-                for order, kind in enumerate(CHAIN)]
+                for order, kind in enumerate(CHAINS[config.algorithm])]
         job_ids = [job.pk for job in jobs]
         transaction.on_commit(lambda: _start_chain(job_ids))
     log.info("launched %s (%d usable judgments)", round_, usable)

@@ -18,6 +18,20 @@ from training.engine.fields import field_docs
 
 PAIRING_PREVIOUS, PAIRING_SFT, PAIRING_SELF = "previous", "sft", "self"
 REWARD_FROM_SFT = "sft"  # reward_model value: the campaign's SFT policy is the reward backbone
+PPO, DPO, GRPO = "ppo", "dpo", "grpo"
+ALGORITHMS = {
+    PPO: "PPO: a reward model, then PPO against it (Ouyang et al. 2022)",
+    DPO: "DPO: the policy straight from the pairs, no reward model (Rafailov et al. 2023)",
+    GRPO: "GRPO: a reward model, then group-relative advantages, no critic (Shao et al. 2024)",
+}
+WITH_REWARD_MODEL = (PPO, GRPO)  # the round types that train a reward model on the pairs
+DPO_REFERENCES = {
+    PAIRING_SFT: "the SFT policy (or the reference policy named above)",
+    PAIRING_PREVIOUS: "the round's starting policy: the previous round's",
+}
+DPO_LOSSES = {"sigmoid": "sigmoid: DPO (Rafailov et al. 2023)", "ipo": "ipo: IPO (Azar et al. 2023)"}
+GRPO_BASELINES = {"group": "the group's mean (Shao et al. 2024)",
+                  "rloo": "the mean of the others in the group (RLOO, Ahmadian et al. 2024)"}
 PAIRINGS = {
     PAIRING_PREVIOUS: "new policy vs the previous round's policy",
     PAIRING_SFT: "new policy vs the SFT (starting) policy",
@@ -51,6 +65,11 @@ class Setting:
     """Its label on the launch form."""
     widget: str = ""
     """TEXTAREA for text of several lines; empty: the input its type gives."""
+    algorithms: tuple[str, ...] = ()
+    """The round types (ALGORITHMS) it applies to; empty: every one."""
+
+    def applies_to(self, algorithm: str) -> bool:
+        return not self.algorithms or algorithm in self.algorithms
 
     def __post_init__(self):
         if self.section and not self.label:
@@ -81,69 +100,128 @@ class RoundConfig:
     # The runner adds the round number and 10,000 to it.
     seed: int = setting(0, bounds=(0, INT32_MAX - 100_000))
     """Seed of data order, sampling and the choice of prompts (the same prompts every round, for review)."""
-    reward_model: str = setting(REWARD_FROM_SFT, section="Models and prompting", label="Backbone")
+    algorithm: str = setting(PPO, choices=ALGORITHMS, section="Round type", label="Algorithm")
+    """How the round trains its policy from the pairs: ppo (the default), dpo or grpo."""
+    reward_model: str = setting(REWARD_FROM_SFT, section="Models and prompting", label="Backbone",
+                                algorithms=WITH_REWARD_MODEL)
     """Reward backbone: "sft" (the campaign's SFT policy with a score head, as InstructGPT initialises its
     reward model from the supervised model, Ouyang et al. 2022), a name or path, or empty:
     PAIRLOOP_REWARD_MODEL, else the packaged MiniLM."""
     reference: str = setting("", section="Models and prompting", label="Reference policy")
-    """Reference policy of PPO's KL penalty: a name or path; empty: the campaign's starting (SFT) policy."""
+    """Reference policy of the KL penalty (PPO, GRPO; DPO's "sft" reference): a name or path; empty: the campaign's
+    starting (SFT) policy."""
     system_prompt: str = setting("", section="Models and prompting", label="System prompt", widget=TEXTAREA)
     """System turn the policy (and a chat reward model) sees before every prompt; empty: none."""
     stop_strings: str = setting("", section="Models and prompting", label="Stop strings", widget=TEXTAREA)
     """Texts that end a response besides the model's end-of-turn tokens, one per line; empty: none."""
     reward_epochs: int = setting(1, bounds=(1, 1000), engine=("reward", "RewardArgs", "epochs"),
-                                 section="Reward model", label="Epochs")
+                                 section="Reward model", label="Epochs",
+        algorithms=WITH_REWARD_MODEL)
     """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
     reward_lr: float = setting(
         1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("reward", "RewardArgs", "lr"),
         why_differs="1e-4 and no warm-up: the demo's reward model is its GPT-2 policy, measured so by "
                     "closed_loop.py; the engine's 5e-5 with 10% warm-up is measured on the MiniLM (reward_vs_trl.py --cv)",
-        section="Reward model", label="Learning rate")
+        section="Reward model", label="Learning rate",
+        algorithms=WITH_REWARD_MODEL)
     """Reward model AdamW peak learning rate (TRL RewardConfig's; the demo's rounds were measured with it)."""
     reward_warmup_ratio: float = setting(
         0.0, bounds=(0.0, 1.0), engine=("reward", "RewardArgs", "warmup_ratio"),
         why_differs="0, with reward_lr: what closed_loop.py measured the demo's rounds with",
-        section="Reward model", label="Warm-up share")
+        section="Reward model", label="Warm-up share",
+        algorithms=WITH_REWARD_MODEL)
     """Share of reward steps with linear warm-up before the linear decay (transformers' default: none)."""
     reward_batch_size: int = setting(8, bounds=(1, 65_536), engine=("reward", "RewardArgs", "batch_size"),
-                                     section="Reward model", label="Batch size")
+                                     section="Reward model", label="Batch size",
+        algorithms=WITH_REWARD_MODEL)
     """Preference pairs per reward step."""
     reward_max_length: int = setting(
         256, bounds=(16, 131_072), engine=("reward", "RewardArgs", "max_length"),
         why_differs="256, the length the reward benchmarks measure at; the engine's 512 is BERT's limit",
-        section="Reward model", label="Max length")
+        section="Reward model", label="Max length",
+        algorithms=WITH_REWARD_MODEL)
     """Longest (prompt, response) in tokens for the reward model; the demo's are well under it."""
     ppo_steps: int = setting(30, bounds=(1, 1_000_000), engine=("ppo", "PPOArgs", "steps"),
-                             section="PPO", label="Steps")
+                             section="PPO", label="Steps", algorithms=(PPO,))
     """PPO iterations (each: a rollout batch and its optimisation); 30, the engine's default."""
     ppo_batch_size: int = setting(64, bounds=(1, 65_536), engine=("ppo", "PPOArgs", "batch_size"),
-                                  section="PPO", label="Batch size")
+                                  section="PPO", label="Batch size", algorithms=(PPO,))
     """Rollouts per PPO step (the engine's default, measured: benchmarks/README.md#policy-vs-trl)."""
     ppo_samples_per_prompt: int = setting(
         1, bounds=(1, 1024), engine=("ppo", "PPOArgs", "samples_per_prompt"),
         why_differs="1: over three closed-loop rounds 4 ended lower (closed_loop.py, row J)",
-        section="PPO", label="Samples per prompt")
+        section="PPO", label="Samples per prompt", algorithms=(PPO,))
     """Responses per prompt in a PPO batch; 2 or more baseline each score by the others' mean (RLOO's
     leave-one-out baseline, training/engine/ppo.py)."""
     ppo_mini_batch_size: int = setting(
         32, bounds=(1, 65_536), engine=("ppo", "PPOArgs", "mini_batch_size"),
         why_differs="32: over three closed-loop rounds one update per batch ended lower (row L)",
-        section="PPO", label="Mini batch size")
+        section="PPO", label="Mini batch size", algorithms=(PPO,))
     """Rollouts per gradient step inside a PPO step (against 16 and 64: benchmarks/README.md#ppo-defaults)."""
     ppo_kl_coef: float = setting(
         0.15, bounds=(0.0, 100.0), engine=("ppo", "PPOArgs", "kl_coef"),
         why_differs="0.15: over three closed-loop rounds it kept more of the SFT policy's correctness",
-        section="PPO", label="KL coefficient")
+        section="PPO", label="KL coefficient", algorithms=(PPO,))
     """beta of the per-token KL penalty to the SFT policy, in every round (TRL PPOv2: 0.05); 0.15 measured by
     benchmarks/closed_loop.py (benchmarks/README.md#closed-loop-measured)."""
     ppo_lr: float = setting(1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("ppo", "PPOArgs", "lr"),
-                            section="PPO", label="Learning rate")
+                            section="PPO", label="Learning rate", algorithms=(PPO,))
     """PPO Adam learning rate (the engine's default for the demo policy)."""
-    ppo_max_new_tokens: int = setting(48, bounds=(1, 32_768), engine=("ppo", "PPOArgs", "max_new_tokens"),
-                                      section="PPO", label="Max new tokens")
-    """Longest response during PPO and sampling."""
-    ppo_save_every: int = setting(10, bounds=(0, 1_000_000), engine=("ppo", "PPOArgs", "save_every"))
+    ppo_save_every: int = setting(10, bounds=(0, 1_000_000), engine=("ppo", "PPOArgs", "save_every"),
+                                  algorithms=(PPO,))
     """Resumable PPO checkpoint every N steps (a killed worker resumes from the last one)."""
+    dpo_loss_type: str = setting("sigmoid", choices=DPO_LOSSES, engine=("dpo", "DPOArgs", "loss_type"),
+                                 section="DPO", label="Loss", algorithms=(DPO,))
+    """DPO's loss: sigmoid (Rafailov et al. 2023, eq. 7) or ipo (Azar et al. 2023); the engine's default."""
+    dpo_beta: float = setting(0.1, bounds=(0.0, 100.0), low_excluded=True, engine=("dpo", "DPOArgs", "beta"),
+                              section="DPO", label="Beta", algorithms=(DPO,))
+    """KL strength beta of the implicit reward (for ipo its tau); the engine's, from Rafailov et al. 2023."""
+    dpo_label_smoothing: float = setting(0.0, bounds=(0.0, 0.49), engine=("dpo", "DPOArgs", "label_smoothing"),
+                                         section="DPO", label="Label smoothing", algorithms=(DPO,))
+    """Assumed share of flipped labels (conservative DPO, Mitchell 2023); 0, the engine's: plain DPO."""
+    dpo_strength_weight: float = setting(0.0, bounds=(0.0, 100.0), engine=("dpo", "DPOArgs", "strength_weight"),
+                                         section="DPO", label="Strength weight", algorithms=(DPO,))
+    """A pair weighs 1 + this x the labelers' strength (margin 0..1); 0, the engine's: all pairs alike."""
+    dpo_lr: float = setting(1e-6, bounds=(0.0, 1.0), low_excluded=True, engine=("dpo", "DPOArgs", "lr"),
+                            section="DPO", label="Learning rate", algorithms=(DPO,))
+    """DPO's peak AdamW learning rate; the engine's, from Rafailov et al. 2023 (appendix B)."""
+    dpo_epochs: int = setting(1, bounds=(1, 1000), engine=("dpo", "DPOArgs", "epochs"),
+                              section="DPO", label="Epochs", algorithms=(DPO,))
+    """Passes over the exported pairs; the engine's, as the DPO authors' trainer."""
+    dpo_batch_size: int = setting(64, bounds=(1, 65_536), engine=("dpo", "DPOArgs", "batch_size"),
+                                  section="DPO", label="Batch size", algorithms=(DPO,))
+    """Pairs per DPO step; the engine's, from Rafailov et al. 2023 (appendix B)."""
+    dpo_max_length: int = setting(512, bounds=(16, 131_072), engine=("dpo", "DPOArgs", "max_length"),
+                                  section="DPO", label="Max length", algorithms=(DPO,))
+    """Longest prompt + response in tokens for DPO; the engine's, as the DPO authors' trainer."""
+    dpo_reference: str = setting(PAIRING_SFT, choices=DPO_REFERENCES, section="DPO", label="Reference",
+                                 algorithms=(DPO,))
+    """DPO's frozen reference: sft (the reference policy setting, else the campaign's SFT policy, as the KL
+    penalty of PPO in every round) or previous (the round's starting policy, Rafailov et al. 2023, sec. 4)."""
+    grpo_steps: int = setting(30, bounds=(1, 1_000_000), engine=("grpo", "GRPOArgs", "steps"),
+                              section="GRPO", label="Steps", algorithms=(GRPO,))
+    """GRPO iterations (each: groups of samples and their optimisation); the engine's, PPO's 30."""
+    grpo_batch_size: int = setting(64, bounds=(2, 65_536), engine=("grpo", "GRPOArgs", "batch_size"),
+                                   section="GRPO", label="Batch size", algorithms=(GRPO,))
+    """Responses per GRPO step, a multiple of the group size; the engine's."""
+    grpo_samples_per_prompt: int = setting(8, bounds=(2, 1024), engine=("grpo", "GRPOArgs", "samples_per_prompt"),
+                                           section="GRPO", label="Group size", algorithms=(GRPO,))
+    """Responses per prompt compared with each other (G); the engine's, TRL GRPOConfig's num_generations."""
+    grpo_beta: float = setting(0.04, bounds=(0.0, 100.0), engine=("grpo", "GRPOArgs", "beta"),
+                               section="GRPO", label="KL coefficient", algorithms=(GRPO,))
+    """beta of the k3 KL term to the reference in the loss; the engine's, Shao et al. 2024 (sec. 4.2)."""
+    grpo_lr: float = setting(1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("grpo", "GRPOArgs", "lr"),
+                             section="GRPO", label="Learning rate", algorithms=(GRPO,))
+    """GRPO's AdamW learning rate; the engine's, PPO's for the demo policy."""
+    grpo_baseline: str = setting("group", choices=GRPO_BASELINES, engine=("grpo", "GRPOArgs", "baseline"),
+                                 section="GRPO", label="Baseline", algorithms=(GRPO,))
+    """What each score is measured against: its group's mean (Shao et al. 2024) or the others' (rloo)."""
+    grpo_save_every: int = setting(10, bounds=(0, 1_000_000), engine=("grpo", "GRPOArgs", "save_every"),
+                                   algorithms=(GRPO,))
+    """Resumable GRPO checkpoint every N steps (a killed worker resumes from the last one)."""
+    ppo_max_new_tokens: int = setting(48, bounds=(1, 32_768), engine=("ppo", "PPOArgs", "max_new_tokens"),
+                                      section="Sampling", label="Max new tokens")
+    """Longest response during PPO or GRPO and in sampling (the runner hands it to GRPO and the sample job too)."""
     sample_prompts: int = setting(128, bounds=(1, 100_000), section="Sampling", label="Prompts")
     """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them); each round's pairs
     are what teach the next reward model the new policy's faults."""
@@ -189,6 +267,8 @@ class RoundConfig:
             problems["ppo_mini_batch_size"] = "ppo_batch_size must be a multiple of ppo_mini_batch_size"
         if self.ppo_batch_size % self.ppo_samples_per_prompt:
             problems["ppo_samples_per_prompt"] = "ppo_batch_size must be a multiple of ppo_samples_per_prompt"
+        if self.grpo_batch_size % self.grpo_samples_per_prompt:
+            problems["grpo_samples_per_prompt"] = "grpo_batch_size must be a multiple of grpo_samples_per_prompt"
         if self.pairing == PAIRING_SELF and self.sample_per_prompt < 2:
             problems["sample_per_prompt"] = "pairing 'self' needs sample_per_prompt of 2 or more"
         if problems:
@@ -214,7 +294,8 @@ PRESETS: dict[str, RoundConfig] = {
     # A test's round: seconds per job on a tiny model.
     "tiny": RoundConfig(preset="tiny", reward_batch_size=8, reward_max_length=64, ppo_steps=3,
                         ppo_batch_size=8, ppo_mini_batch_size=4, ppo_max_new_tokens=16, ppo_save_every=1,
-                        sample_prompts=6, sample_per_prompt=2),
+                        sample_prompts=6, sample_per_prompt=2, dpo_batch_size=8, dpo_max_length=64,
+                        grpo_steps=3, grpo_batch_size=8, grpo_samples_per_prompt=4, grpo_save_every=1),
 }
 
 FIELDS = {f.name: f for f in fields(RoundConfig)}
@@ -270,6 +351,15 @@ def build_config(preset: str = "demo", overrides: dict[str, Any] | None = None) 
     config = replace(PRESETS[preset], **{k: _convert(k, v) for k, v in overrides.items()})
     config.validate()
     return config
+
+
+def refuse_unused(algorithm: str, names) -> None:
+    """Raise ConfigError naming each of `names` that a round of `algorithm` does not use (Setting.algorithms), so a
+    value given for another round type is refused rather than ignored."""
+    problems = {name: f"{name} does not apply to a {algorithm} round (it is for {', '.join(SETTINGS[name].algorithms)})"
+                for name in names if name in SETTINGS and not SETTINGS[name].applies_to(algorithm)}
+    if problems:
+        raise ConfigError(problems)
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

@@ -16,7 +16,8 @@ from django.conf import settings
 from training.models import Job
 
 TASK_NAMES = {Job.EXPORT: "training.export", Job.REWARD: "training.reward", Job.PPO: "training.ppo",
-              Job.SAMPLE: "training.sample", Job.ENQUEUE: "training.enqueue"}
+              Job.DPO: "training.dpo", Job.GRPO: "training.grpo", Job.SAMPLE: "training.sample",
+              Job.ENQUEUE: "training.enqueue"}
 
 
 def time_limits(kind: str) -> tuple[int, int]:

@@ -14,8 +14,14 @@ def form_sections() -> list[tuple[str, list[str]]]:
     for name, about in SETTINGS.items():
         if about.section:
             sections.setdefault(about.section, []).append(name)
-    # A section shown only for one choice of another setting (an algorithm's own) would be left out here.
     return list(sections.items())
+
+
+def shown_for(names: list[str]) -> str:
+    """The round types that settings `names` apply to, space-separated (Setting.algorithms); "" for every type:
+    the form hides a section or field that does not apply to the algorithm chosen (CSS :has, no script)."""
+    tags = [SETTINGS[name].algorithms for name in names]
+    return "" if () in tags else " ".join(dict.fromkeys(a for tag in tags for a in tag))
 
 
 class LaunchRoundForm(forms.Form):
@@ -50,13 +56,20 @@ class LaunchRoundForm(forms.Form):
         return forms.CharField(required=False, **common)
 
     def sections(self):
-        return [(title, [self[name] for name in names]) for title, names in form_sections()]
+        """(title, round types it shows for, [(bound field, round types it shows for)]): "" for every type."""
+        return [(title, shown_for(names), [(self[name], shown_for([name])) for name in names])
+                for title, names in form_sections()]
+
+    def algorithms(self) -> list[str]:
+        return [value for value, _ in self.fields["algorithm"].choices]
 
     def clean(self):
         cleaned = super().clean()
         if self.errors:
             return cleaned
-        values = {k: v for k, v in cleaned.items() if k != "preset"}
+        # What the page hid (another round type's settings, still posted) is not the admin's to launch with.
+        algorithm = cleaned.get("algorithm") or RoundConfig.algorithm
+        values = {k: v for k, v in cleaned.items() if k != "preset" and SETTINGS[k].applies_to(algorithm)}
         try:
             self.config = actions.launch_config(self.campaign, cleaned.get("preset", "demo"), values)
         except ConfigError as exc:

@@ -12,6 +12,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from annotate.models import Judgment
+from training.config import RoundConfig
 
 
 @dataclass
@@ -61,6 +62,11 @@ class Round(models.Model):
     def group_name(self) -> str:
         return f"round-{self.pk}"
 
+    @property
+    def algorithm(self) -> str:
+        """How it trained its policy (RoundConfig.algorithm); rounds stored before there was a choice ran PPO."""
+        return self.config.get("algorithm", RoundConfig.algorithm)
+
     def status(self) -> str:
         """running while any job runs; else failed or cancelled when one is; succeeded when all are;
         queued before the first job starts, running between jobs."""
@@ -104,14 +110,16 @@ class Round(models.Model):
 
 class Job(models.Model):
     EXPORT, REWARD, PPO, SAMPLE, ENQUEUE, SFT = "export", "reward", "ppo", "sample", "enqueue", "sft"
+    DPO, GRPO = "dpo", "grpo"
     KINDS = [(EXPORT, "export pairs"), (SFT, "supervised fine-tuning"), (REWARD, "reward model"),
-             (PPO, "PPO"), (SAMPLE, "sample responses"), (ENQUEUE, "enqueue pairs")]
+             (PPO, "PPO"), (DPO, "DPO"), (GRPO, "GRPO"), (SAMPLE, "sample responses"), (ENQUEUE, "enqueue pairs")]
     QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
     STATUSES = [(s, s) for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)]
     ACTIVE = (QUEUED, RUNNING)
     # The Celery queue each kind runs on: training kinds on the one a GPU box consumes, the light ones on default.
     DEFAULT_QUEUE, TRAINING_QUEUE = "default", "training"
     QUEUES = {EXPORT: DEFAULT_QUEUE, SFT: TRAINING_QUEUE, REWARD: TRAINING_QUEUE, PPO: TRAINING_QUEUE,
+              DPO: TRAINING_QUEUE, GRPO: TRAINING_QUEUE,
               SAMPLE: TRAINING_QUEUE, ENQUEUE: DEFAULT_QUEUE}
 
     round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="jobs")
@@ -182,9 +190,9 @@ class Job(models.Model):
         elapsed = (timezone.now() - self.started_at).total_seconds()
         return max(0.0, elapsed / done * (self.total_steps - self.step))
 
-    # Charted metric keys: losses, accuracies, rewards, KL and entropy (not the KL coefficient or
+    # Charted metric keys: losses, accuracies, rewards, margins, KL and entropy (not the KL coefficient or
     # the approximate KL of the PPO update, nor per-source rewards like ppo/reward/<path>).
-    CHART_KEY = re.compile(r"^[a-z]+/[a-z_]*(loss|accuracy|reward|kl|entropy|score)[a-z_]*$")
+    CHART_KEY = re.compile(r"^[a-z]+/[a-z_]*(loss|accuracy|reward|margin|kl|entropy|score)[a-z_]*$")
     CHART_SKIP = ("kl_coef", "approx_kl")
 
     @classmethod

@@ -99,7 +99,7 @@ def round_review(round_: Round) -> dict | None:
             "sample/empty_new", "sample/empty_opponent")
     summary = {key.split("/", 1)[1]: result.get(key) for key in keys}
     return {"rows": rows, "columns": table.columns, "rates": rates, "ratings": ratings, "summary": summary,
-            "opponent": opponent}
+            "opponent": opponent, "scored": result.get("scored", True)}
 
 
 RATING_OUTCOME = {Judgment.A: 1.0, Judgment.B: 0.0, Judgment.TIE: 0.5, Judgment.BOTH_BAD: 0.5}

@@ -359,6 +359,21 @@ def sample_prompts(campaign: Campaign, config: RoundConfig) -> list[tuple[int, s
     return sorted(rng.sample(rows, min(config.sample_prompts, len(rows))), key=lambda row: row[0])
 
 
+def eval_and_save_every(round_: Round, batch_size: int, epochs: int, eval_fraction: float) -> tuple[int, int]:
+    """Steps between held-out evaluations and between checkpoints of a stage trained on the exported pairs: about
+    ten of each a run, at least every 10 and 20 steps (evaluating every 10 steps cost the demo's 7,800-pair round
+    more time than training did)."""
+    trained_on = round_.config.get("usable_judgments", 0) * (1 - eval_fraction)
+    steps = math.ceil(trained_on / batch_size) * epochs
+    return max(10, steps // 10), max(20, steps // 10)
+
+
+def kl_reference(round_: Round, config: RoundConfig) -> str:
+    """The frozen reference of the round's KL penalty (PPO, GRPO) and of DPO's "sft" reference: the `reference`
+    setting, else the campaign's SFT policy, in every round (InstructGPT's reference, Ouyang et al. 2022)."""
+    return ensure_policy(config.reference or round_.config["base_policy"], config.preset)
+
+
 def opponent(round_: Round, config: RoundConfig) -> tuple[str, str]:
     """(label, checkpoint) of what the new policy is paired against; ("", "") for two samples of itself."""
     if config.pairing == PAIRING_PREVIOUS:
@@ -414,13 +429,11 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     backbone = config.reward_model or settings.PAIRLOOP["REWARD_MODEL"]
     if backbone == REWARD_FROM_SFT:
         backbone = round_.config["base_policy"]
-    # About ten held-out evaluations and checkpoints a run, at least every 10 and 20 steps: evaluating
-    # every 10 steps cost the demo's 7,800-pair round more time than training did.
-    trained_on = round_.config.get("usable_judgments", 0) * (1 - reward.RewardArgs.eval_fraction)
-    steps = math.ceil(trained_on / config.reward_batch_size) * config.reward_epochs
+    eval_every, save_every = eval_and_save_every(round_, config.reward_batch_size, config.reward_epochs,
+                                                 reward.RewardArgs.eval_fraction)
     args = reward.RewardArgs(
         train=round_.dataset_path, out=str(out), seed=config.seed, system_prompt=config.system_prompt,
-        log_every=2, eval_every=max(10, steps // 10), save_every=max(20, steps // 10), resume=True,
+        log_every=2, eval_every=eval_every, save_every=save_every, resume=True,
         resume_from=_earlier_checkpoint(job, "reward", reward.resume_dir),
         device=device(), **({"model": backbone} if backbone else {}), **config.engine_args(reward.RewardArgs),
     )
@@ -442,7 +455,7 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     out = _fresh_start(job) / "policy"
     progress.line(f"Loading the starting policy {round_.parent_policy}")
     policy = ensure_policy(round_.parent_policy, config.preset)
-    reference = ensure_policy(config.reference or round_.config["base_policy"], config.preset)
+    reference = kl_reference(round_, config)
     prompts = ppo_prompts(round_.campaign)
     args = ppo.PPOArgs(
         policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts,
@@ -456,16 +469,71 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
 
 
+def run_grpo(job: Job, progress: Progress) -> Outcome:
+    """GRPO from the round's starting policy against its reward model: groups of samples per prompt, each
+    response's advantage from its group's scores, no critic; the KL term to the SFT policy as PPO's."""
+    from training.engine import grpo
+
+    round_ = job.round
+    config = round_config(round_)
+    if not round_.reward_checkpoint:
+        raise RunnerError("this round has no reward model yet: its reward job has not succeeded")
+    out = _fresh_start(job) / "policy"
+    progress.line(f"Loading the starting policy {round_.parent_policy}")
+    policy = ensure_policy(round_.parent_policy, config.preset)
+    prompts = ppo_prompts(round_.campaign)
+    args = grpo.GRPOArgs(
+        policy=policy, ref_policy=kl_reference(round_, config), reward_models=[round_.reward_checkpoint],
+        prompts=prompts, out=str(out), system_prompt=config.system_prompt, stop_strings=config.stop_list(),
+        max_new_tokens=config.ppo_max_new_tokens, seed=config.seed + round_.number, resume=True, device=device(),
+        resume_from=_earlier_checkpoint(job, "policy", grpo.resume_dir), **config.engine_args(grpo.GRPOArgs),
+    )
+    progress.line(f"GRPO on {len(prompts)} prompts for {args.steps} steps of {args.batch_size} responses "
+                  f"in groups of {args.samples_per_prompt}")
+    metrics = train("grpo", args, progress)
+    metrics["rendered_prompt"] = metrics.pop("grpo/rendered_prompt", "")
+    return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
+
+
+def run_dpo(job: Job, progress: Progress) -> Outcome:
+    """DPO from the round's starting policy on the round's export (every judged pair of the campaign, each
+    round's included), against the reference dpo_reference names; no reward model."""
+    from training.engine import dpo
+
+    round_ = job.round
+    config = round_config(round_)
+    if not round_.dataset_path:
+        raise RunnerError("this round has no exported pairs yet: its export job has not succeeded")
+    out = _fresh_start(job) / "policy"
+    progress.line(f"Loading the starting policy {round_.parent_policy}")
+    policy = ensure_policy(round_.parent_policy, config.preset)
+    reference = kl_reference(round_, config) if config.dpo_reference == PAIRING_SFT else policy
+    eval_every, save_every = eval_and_save_every(round_, config.dpo_batch_size, config.dpo_epochs,
+                                                 dpo.DPOArgs.eval_fraction)
+    args = dpo.DPOArgs(
+        # The starting policy as its own reference: the engine's None, one pass of it before the first step.
+        policy=policy, ref_policy=None if reference == policy else reference, train=round_.dataset_path,
+        out=str(out), system_prompt=config.system_prompt, seed=config.seed + round_.number, log_every=1,
+        eval_every=eval_every, save_every=save_every, resume=True, device=device(),
+        resume_from=_earlier_checkpoint(job, "policy", dpo.resume_dir), **config.engine_args(dpo.DPOArgs),
+    )
+    progress.line(f"DPO ({args.loss_type}, beta {args.beta}) on {round_.dataset_path} against "
+                  f"{args.ref_policy or 'the starting policy'}")
+    metrics = train("dpo", args, progress)
+    return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
+
+
 def run_sample(job: Job, progress: Progress) -> Outcome:
     """Sample the new policy (and the one it is paired against) on the round's prompts, score every
-    response shown in the review with the round's reward model, and keep it all on the job."""
+    response shown in the review with the round's reward model (a DPO round has none: no scores), and keep it
+    all on the job."""
     from training.engine.reward import RewardScorer
     from training.engine.sample import SampleArgs, sample_with_stats
 
     round_ = job.round
     config = round_config(round_)
     if not round_.policy_checkpoint:
-        raise RunnerError("this round has no trained policy yet: its PPO job has not succeeded")
+        raise RunnerError("this round has no trained policy yet: its policy job (PPO, DPO or GRPO) has not succeeded")
     prompt_rows = sample_prompts(round_.campaign, config)
     rows = [(pid, text) for pid, text, _ in prompt_rows]
     prompts = [turns or text for _, text, turns in prompt_rows]
@@ -500,20 +568,26 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
         progress.line(f"Empty answers (the policy ended its turn at once): {empty['new']} of the new policy's"
                       + (f", {empty['other']} of the {label}'s" if other_checkpoint else "")
                       + "; shown as empty, never scored or paired")
-    progress.line("Scoring the responses with this round's reward model")
-    pairs = review.review_table(round_, samples, label).scored()
-    scorer = RewardScorer(round_.reward_checkpoint, device=device(), system_prompt=config.system_prompt)
-    turns_of = {text: prompt for (_, text), prompt in zip(rows, prompts)}  # a chat prompt's reward sees its turns
-    values = scorer.score([turns_of.get(p, p) for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
-    scores = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
+    scores: dict[str, float] = {}
+    if round_.reward_checkpoint:
+        progress.line("Scoring the responses with this round's reward model")
+        pairs = review.review_table(round_, samples, label).scored()
+        scorer = RewardScorer(round_.reward_checkpoint, device=device(), system_prompt=config.system_prompt)
+        turns_of = {text: prompt for (_, text), prompt in zip(rows, prompts)}  # a chat prompt's reward sees its turns
+        values = scorer.score([turns_of.get(p, p) for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
+        scores = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
+    else:
+        progress.line(f"No reward model in a {config.algorithm.upper()} round: the responses are not scored")
     out = _fresh_start(job) / "samples.jsonl"
     out.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
 
     def mean_score(side: str) -> float | None:
+        if not scores:
+            return None
         got = [scores[content_hash(s["prompt"], r)] for s in samples for r in s[side] if not review.is_empty(r)]
         return sum(got) / len(got) if got else None
 
-    result = {"samples": samples, "scores": scores, "opponent": label,
+    result = {"samples": samples, "scores": scores, "scored": bool(round_.reward_checkpoint), "opponent": label,
               "opponent_checkpoint": other_checkpoint, "new_checkpoint": round_.policy_checkpoint,
               "generation": generation, "rendered_prompt": stats["sample/rendered_prompt"],
               "sample/cut_new": sum(map(sum, new_cut)), "sample/cut_opponent": sum(map(sum, other_cut)),
@@ -581,6 +655,8 @@ RUNNERS: dict[str, Callable[[Job, Progress], Outcome]] = {
     Job.EXPORT: run_export,
     Job.REWARD: run_reward,
     Job.PPO: run_ppo,
+    Job.DPO: run_dpo,
+    Job.GRPO: run_grpo,
     Job.SAMPLE: run_sample,
     Job.ENQUEUE: run_enqueue,
 }

@@ -35,6 +35,16 @@ def ppo_job(self, job_id: int) -> int:
     return _run(self, job_id)
 
 
+@shared_task(bind=True, name="training.dpo")
+def dpo_job(self, job_id: int) -> int:
+    return _run(self, job_id)
+
+
+@shared_task(bind=True, name="training.grpo")
+def grpo_job(self, job_id: int) -> int:
+    return _run(self, job_id)
+
+
 @shared_task(bind=True, name="training.sample")
 def sample_job(self, job_id: int) -> int:
     return _run(self, job_id)
@@ -53,5 +63,5 @@ def fail_stale_jobs() -> int:
     return len(failed)
 
 
-TASKS = {Job.EXPORT: export_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.SAMPLE: sample_job,
-         Job.ENQUEUE: enqueue_job}
+TASKS = {Job.EXPORT: export_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.DPO: dpo_job, Job.GRPO: grpo_job,
+         Job.SAMPLE: sample_job, Job.ENQUEUE: enqueue_job}

@@ -16,7 +16,8 @@ from training.models import Job, Round
 
 
 class Command(BaseCommand):
-    help = ("Launch the next training round of a campaign: export -> reward model -> PPO -> sample -> "
+    help = ("Launch the next training round of a campaign: export -> reward model -> PPO or GRPO (or DPO, "
+            "no reward model) -> sample -> "
             "enqueue new pairs, as a Celery chain. With --wait, follow its jobs and exit non-zero "
             "if one fails.")
 
