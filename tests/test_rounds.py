@@ -990,10 +990,10 @@ def test_it_reviews_a_round_with_escaped_outputs_scores_and_human_win_rates_apar
 @pytest.mark.django_db
 def test_it_rates_every_policy_on_one_scale_from_the_judgments_between_them(chains, reviewer):
     campaign = judged_campaign()
-    first = launch(campaign)
+    first = launch(campaign, algorithm="dpo")  # rounds of any type are rated together
     for job in first.jobs.order_by("order"):
         succeed(job, policy_checkpoint="/models/round-1")
-    second = launch(campaign, force=True)
+    second = launch(campaign, force=True, algorithm="grpo")
     for job in second.jobs.order_by("order"):
         succeed(job, policy_checkpoint="/models/round-2")
     first.refresh_from_db()
