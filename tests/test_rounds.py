@@ -1110,6 +1110,14 @@ def test_round_defaults_are_the_engines_or_say_why_not():
             assert ours == engine, f"{name} is {ours!r}, the engine's {cls}.{field_name} is {engine!r}"
 
 
+def test_round_setting_choices_are_the_engines():
+    """A round setting that picks among an engine's variants offers exactly those the engine knows."""
+    from training.config import DPO_LOSSES, GRPO_BASELINES
+    from training.engine import dpo, grpo
+
+    assert tuple(DPO_LOSSES) == dpo.LOSS_TYPES and tuple(GRPO_BASELINES) == grpo.BASELINES
+
+
 class _Handed(Exception):
     """Raised by the stand-in for an engine stage, holding what the runner handed it."""
 
