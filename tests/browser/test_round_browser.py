@@ -114,3 +114,23 @@ def test_it_launches_a_round_and_shows_progress_and_charts_grow_without_reloadin
     assert grew, f"no PPO chart seen growing: {[s['jobs'][2] for s in snapshots]}"
     final = next(j for j in last["jobs"] if j["id"] == ppo.pk)
     assert final["plotted"] == final["points"] == PPO_STEPS == len(ppo.metrics)
+
+
+VISIBLE_SECTIONS = """() => Array.from(document.querySelectorAll('#launch-form fieldset'))
+  .filter(section => section.offsetParent !== null).map(section => section.querySelector('legend').textContent)"""
+
+
+def test_the_launch_form_shows_only_the_sections_of_the_algorithm_chosen(page, admin_user):
+    from annotate.models import Campaign
+
+    campaign = off_the_loop(Campaign.objects.create, slug="round-types", name="Round types")
+    log_in(page, admin_user)
+    page.goto(reverse("campaign_rounds", args=[campaign.slug]))
+    common = ["Sampling", "New pairs", "Memory"]
+    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "PPO", *common]
+    page.select_option("#id_algorithm", "dpo")  # CSS alone hides what does not apply: no request, no script
+    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "DPO", *common]
+    assert not page.is_visible("#id_reward_model") and page.is_visible("#id_reference")
+    page.select_option("#id_algorithm", "grpo")
+    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "GRPO", *common]
+    assert page.is_visible("#id_reward_model") and page.is_visible("#id_grpo_samples_per_prompt")
