@@ -16,13 +16,14 @@ What it does, top to bottom:
      against the SFT policy by the judge's rule on HELD-OUT prompts (one response per prompt from each,
      same sampling settings and seed): wins / ties / losses, win rate of the non-tied, tie share; mean
      judge score, correctness and preferred-style share of each; the KL to the round's reference (PPO
-     job, final step) and to the SFT policy (measured on the held-out samples); the wall time of each
-     job and "launch to new pairs in the queue".
+     or GRPO job, final step; DPO reports none) and to the SFT policy (measured on the held-out
+     samples); the wall time of each job and "launch to new pairs in the queue".
 It ends with a table over rounds, its targets (met or not), and one JSON line of the figures.
 
     .venv/bin/python benchmarks/closed_loop.py --preset tiny --rounds 1       # smoke run, minutes
     .venv/bin/python benchmarks/closed_loop.py --rounds 3                     # the real thing
     .venv/bin/python benchmarks/closed_loop.py --rounds 3 --set ppo_steps=60 --set ppo_kl_coef=0.02
+    .venv/bin/python benchmarks/closed_loop.py --preset tiny --rounds 1 --algorithm dpo   # or grpo
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("demo", "tiny"), default="demo",
                    help="demo policy and round config preset (tiny: a quick smoke run)")
     p.add_argument("--rounds", type=int, default=3, help="training rounds")
+    p.add_argument("--algorithm", choices=("ppo", "dpo", "grpo"), default="ppo",
+                   help="the rounds' type (the round setting `algorithm`): its chain of jobs and policy stage")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="round config override, as launch_round accepts (repeatable)")
     p.add_argument("--judge", default="", help="rule judge of the simulated labeler (default: the demo's, "
@@ -381,7 +384,8 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     built = f", {policy_info['build_s']:.0f} s" if policy_info["source"] == "built now" else ""
     print(f"SFT policy: {policy_info['policy']} ({policy_info['source']}{built})", flush=True)
 
-    config = build_config(args.preset, parse_assignments(args.overrides))
+    config = build_config(args.preset, {**parse_assignments(args.overrides), "algorithm": args.algorithm})
+    stage = config.algorithm  # the policy job's kind, and its metrics' prefix
     judge_name = args.judge or demo_tasks.DEFAULT_RULE_JUDGE
     judge_name = judge_name.removeprefix("rule:")
     labeler = make_judge(f"rule:{judge_name}")
@@ -438,7 +442,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
         results = {t["kind"]: t["result"] for t in timings}
         walls = {t["kind"]: t["seconds"] for t in timings}
         cpus = {t["kind"]: t["cpu_seconds"] for t in timings}
-        rm, ppo, sample = results["reward"], results["ppo"], results["sample"]
+        rm, policy, sample = results.get("reward", {}), results[stage], results["sample"]
         agreement, agreement_pairs = rm_rule_agreement(sample, rule, TIE_EPSILON)
 
         started = time.perf_counter()
@@ -458,9 +462,11 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
             "judge_new": new["judge_mean"], "judge_sft": sft["judge_mean"],
             "correct_new": new["correct"], "correct_sft": sft["correct"],
             "style_new": new["preferred_style"], "style_sft": sft["preferred_style"],
-            "kl_ref": ppo.get("ppo/kl"), "kl_sft": kl_sft, "ppo_reward": ppo.get("ppo/reward"),
-            "ppo_entropy": ppo.get("ppo/entropy"), "ppo_response_length": ppo.get("ppo/response_length"),
-            "ppo_step_s": ppo.get("ppo/step_seconds"),
+            "kl_ref": policy.get(f"{stage}/kl"), "kl_sft": kl_sft,
+            "policy_reward": policy.get(f"{stage}/reward"),
+            "policy_entropy": policy.get(f"{stage}/entropy"),
+            "policy_response_length": policy.get(f"{stage}/response_length"),
+            "policy_step_s": policy.get(f"{stage}/step_seconds"),
             "job_s": walls, "job_cpu_s": cpus, "ready_s": ready_s, "ready_cpu_s": sum(cpus.values()),
             "new_pairs": new_pairs, "eval_s": eval_s, "by_family": families,
             "load_average": round(load[0], 2),
@@ -481,10 +487,10 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
               f"{versus['judge_gap_ci'][1]:+.3f}); correct {new['correct']:.3f} vs {sft['correct']:.3f}; "
               f"{demo_tasks.PREFERRED_STYLE} style "
               f"{new['preferred_style']:.3f} vs {sft['preferred_style']:.3f}", flush=True)
-        print(f"  KL to the round's reference (PPO final step) {fmt(row['kl_ref'], '.2f')}, "
-              f"to SFT on held-out {kl_sft:.2f}; PPO reward {fmt(row['ppo_reward'])}, "
-              f"entropy {fmt(row['ppo_entropy'])}, "
-              f"response length {fmt(row['ppo_response_length'], '.1f')}", flush=True)
+        print(f"  KL to the round's reference ({stage} final step) {fmt(row['kl_ref'], '.2f')}, "
+              f"to SFT on held-out {kl_sft:.2f}; {stage} reward {fmt(row['policy_reward'])}, "
+              f"entropy {fmt(row['policy_entropy'])}, "
+              f"response length {fmt(row['policy_response_length'], '.1f')}", flush=True)
         print("  wall: " + ", ".join(f"{k} {v:.1f} s" for k, v in walls.items())
               + f"; launch to {new_pairs} new pairs in the queue {ready_s:.1f} s "
               f"({row['ready_cpu_s']:.0f} CPU-s in this process); evaluation {eval_s:.1f} s; "
@@ -493,7 +499,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
         print("  samples: " + " | ".join(sample_excerpt), flush=True)
 
     # ---- summary ---------------------------------------------------------------------------
-    kinds = ("export", "reward", "ppo", "sample", "enqueue")
+    kinds = actions.CHAINS[stage]
     header = ("round", "labels", "rm acc", "rm~rule", "W/T/L", "win", "ties", "judge new/sft",
               "correct new/sft", "style new/sft", "KL ref", "KL sft", *[f"{k} s" for k in kinds],
               "ready s", "ready CPU-s", "load")
@@ -536,7 +542,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     print(f"load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} "
           f"({os.cpu_count()} CPUs; other work on the box slows every wall time)")
 
-    summary = {"preset": args.preset, "rounds": args.rounds, "noise": args.noise,
+    summary = {"preset": args.preset, "algorithm": stage, "rounds": args.rounds, "noise": args.noise,
                "judge": f"rule:{judge_name}",
                "config": config.as_dict(), "overrides": changed, "sft_policy": policy_info["policy"],
                "database": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
