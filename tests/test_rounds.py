@@ -667,6 +667,12 @@ def test_it_validates_round_settings_by_name():
         build_config("demo", {"ppo_samples_per_prompt": "3"})
     with pytest.raises(ValueError, match="pairing must be one of"):
         build_config("demo", {"pairing": "random"})
+    # What a DPO or GRPO stage would refuse at its start is refused at launch, before the hours before it.
+    with pytest.raises(ValueError, match="grpo_batch_size must be a multiple of grpo_samples_per_prompt"):
+        build_config("demo", {"grpo_samples_per_prompt": "6"})
+    with pytest.raises(ValueError, match=r"dpo_label_smoothing \(conservative DPO\) applies to the sigmoid loss only"):
+        build_config("demo", {"dpo_loss_type": "ipo", "dpo_label_smoothing": "0.1"})
+    assert build_config("demo", {"dpo_label_smoothing": "0.1"}).dpo_label_smoothing == 0.1
     # Every numeric setting has a range, checked at launch and named: a priority the database cannot
     # store used to pass and fail the enqueue job after the training.
     for name, value, message in [
@@ -1183,10 +1189,9 @@ def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
               for name, where in engine_fields.items()}
     if values["grpo_batch_size"] % values["grpo_samples_per_prompt"]:
         values["grpo_samples_per_prompt"] = 2  # a group size that divides the batch, neither preset's nor engine's
-    round_ = launch(judged_campaign(), **values)
-    Round.objects.filter(pk=round_.pk).update(dataset_path="/data/round-1.jsonl", reward_checkpoint="/ckpt/rm",
-                                              policy_checkpoint="/ckpt/policy")
-    round_.refresh_from_db()
+    # IPO takes no label smoothing (refused at launch): a second round, on the sigmoid loss, carries it.
+    apart = {"dpo_label_smoothing"} if values["dpo_loss_type"] == "ipo" else set()
+    launches = [{k: v for k, v in values.items() if k not in apart}, {k: v for k, v in values.items() if k in apart}]
 
     def stage(name, args, progress):
         raise _Handed(args)
@@ -1197,18 +1202,25 @@ def test_every_engine_fed_round_setting_reaches_its_stage(chains, monkeypatch):
     monkeypatch.setattr(runner, "train", stage)
     monkeypatch.setattr(runner, "ensure_policy", lambda path, preset: path)
     monkeypatch.setattr("training.engine.sample.sample_with_stats", sample_with_stats)
-    handed = {}
-    for kind in (Job.REWARD, Job.PPO, Job.DPO, Job.GRPO, Job.SAMPLE):
-        job = round_.jobs.filter(kind=kind).first() or Job(round=round_, kind=kind, order=99)  # another type's
-        with pytest.raises(_Handed) as raised:
-            runner.RUNNERS[kind](job, _Quiet())
-        handed[kind] = raised.value.handed
+    handed_for = {}  # round setting -> {job kind: what the runner handed its stage}
+    for number, chosen in enumerate(launch_values for launch_values in launches if launch_values):
+        round_ = launch(judged_campaign(slug=f"shop-{number}"), **chosen)
+        Round.objects.filter(pk=round_.pk).update(dataset_path="/data/round-1.jsonl", reward_checkpoint="/ckpt/rm",
+                                                  policy_checkpoint="/ckpt/policy")
+        round_.refresh_from_db()
+        handed = {}
+        for kind in (Job.REWARD, Job.PPO, Job.DPO, Job.GRPO, Job.SAMPLE):
+            job = round_.jobs.filter(kind=kind).first() or Job(round=round_, kind=kind, order=99)  # another type's
+            with pytest.raises(_Handed) as raised:
+                runner.RUNNERS[kind](job, _Quiet())
+            handed[kind] = raised.value.handed
+        handed_for.update({name: handed for name in chosen})
 
     for name, (module, cls, field_name) in engine_fields.items():
         args_class = getattr(importlib.import_module(f"training.engine.{module}"), cls)
         assert field_name in {f.name for f in dataclasses.fields(args_class)}
         for kind in _JOBS_OF_MODULE[module]:
-            got = handed[kind]
+            got = handed_for[name][kind]
             if isinstance(got, dict):  # the sample job calls sample_with_stats with SampleArgs' names
                 assert field_name in got, f"the {kind} job does not pass {field_name} (round setting {name})"
                 value = got[field_name]

@@ -267,6 +267,8 @@ class RoundConfig:
             problems["ppo_mini_batch_size"] = "ppo_batch_size must be a multiple of ppo_mini_batch_size"
         if self.ppo_batch_size % self.ppo_samples_per_prompt:
             problems["ppo_samples_per_prompt"] = "ppo_batch_size must be a multiple of ppo_samples_per_prompt"
+        if self.dpo_loss_type == "ipo" and self.dpo_label_smoothing:
+            problems["dpo_label_smoothing"] = "dpo_label_smoothing (conservative DPO) applies to the sigmoid loss only"
         if self.grpo_batch_size % self.grpo_samples_per_prompt:
             problems["grpo_samples_per_prompt"] = "grpo_batch_size must be a multiple of grpo_samples_per_prompt"
         if self.pairing == PAIRING_SELF and self.sample_per_prompt < 2:
