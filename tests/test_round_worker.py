@@ -294,3 +294,31 @@ def test_a_cancelled_dpo_job_resumes_from_its_checkpoint_and_finishes_the_round(
     round_.refresh_from_db()
     assert round_.policy_checkpoint == str(actions.round_dir(round_) / "dpo-2" / "policy")
     assert jobs[3].result["created"] > 0 and not resume_dir.parent.exists()
+
+
+def test_a_cancelled_grpo_job_resumes_from_its_checkpoint_and_finishes_the_round(tiny_world):
+    campaign = seed_campaign("grpo-cancel", n_prompts=16)
+    config = build_config("tiny", {"algorithm": "grpo", "reward_model": tiny_world["reward_model"],
+                                   "grpo_steps": "12"})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        grpo = round_.jobs.get(kind=Job.GRPO)
+        wait_for(lambda: Job.objects.filter(pk=grpo.pk, status=Job.RUNNING, step__gte=3).exists(), 300, worker,
+                 "GRPO to reach step 3", poll=0.1)
+        actions.cancel_job(grpo)
+        wait_for(lambda: Job.objects.filter(pk=grpo.pk, status=Job.CANCELLED).exists(), 60, worker,
+                 "the GRPO job to stop")
+        grpo.refresh_from_db()
+        resume_dir = actions.round_dir(round_) / "grpo-1" / "policy.resume"
+        saved_step = read_checkpoint_meta(resume_dir)["step"]
+        assert 3 <= saved_step == grpo.step < config.grpo_steps
+
+        actions.resume_job(grpo)
+        jobs = wait_for(lambda: round_over(round_), 300, worker, "the resumed GRPO round to finish")
+    grpo = jobs[2]
+    assert grpo.attempts == 2 and grpo.step == config.grpo_steps and grpo.error == ""
+    assert f"resuming from {resume_dir} at step {saved_step}" in grpo.log and grpo.start_step == saved_step
+    assert [p["step"] for p in grpo.metrics] == list(range(1, config.grpo_steps + 1))
+    round_.refresh_from_db()
+    assert round_.policy_checkpoint == str(actions.round_dir(round_) / "grpo-2" / "policy")
+    assert jobs[4].result["created"] > 0 and not resume_dir.parent.exists()
