@@ -12,6 +12,7 @@ import pickle
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from training.engine.errors import EngineError
+from training.engine.stop import StopWithoutSaving
 
 CHECKPOINT_META = "pairloop.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -224,3 +226,18 @@ def resumable_state(source: str | Path | None, *, stage: str, args: Any, keys: t
         raise EngineError(f"the resumable checkpoint {source} was made with other settings ({', '.join(differ)} "
                           "differ): delete it or pass resume=False (--no-resume) to start over")
     return load_trainer_state(source)
+
+
+def report_and_save(ranks, on_progress, event: dict[str, Any], save: Callable[[], None] | None, *, due: bool) -> None:
+    """Report one step through `ranks` (rank 0 calls on_progress); call `save` when `due`, and before an exception
+    from on_progress, unless it is StopWithoutSaving (the run was taken away: its checkpoints are another's now)."""
+    try:
+        ranks.report(on_progress, {**event, **({"checkpoint": True} if due else {})})
+    except StopWithoutSaving:
+        raise
+    except BaseException:
+        if save is not None:
+            save()  # stopped at a step boundary: keep what was done, then let the caller see why
+        raise
+    if due and save is not None:
+        save()

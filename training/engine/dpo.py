@@ -40,7 +40,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.engine.checkpoints import resumable_state, resume_dir, resume_source, save_checkpoint
+from training.engine.checkpoints import (
+    report_and_save,
+    resumable_state,
+    resume_dir,
+    resume_source,
+    save_checkpoint,
+)
 from training.engine.cli import run_cli
 from training.engine.common import (
     ADAPTER_DIR,
@@ -48,7 +54,6 @@ from training.engine.common import (
     MemoryArgs,
     ProgressFn,
     Prompt,
-    StopWithoutSaving,
     TrainedModel,
     adam_class,
     adapters_off,
@@ -592,18 +597,14 @@ def report(run: DPORun, on_progress: ProgressFn) -> None:
     """Tell on_progress about the step; save the resumable checkpoint every save_every steps, and before an
     exception from on_progress (unless StopWithoutSaving: the run was taken away)."""
     step, total = run.step, run.total_steps
-    saving = bool(run.args.save_every and step % run.args.save_every == 0 and step != total)
-    try:
-        run.ranks.report(on_progress, {"stage": STAGE, "step": step, "total": total, "metrics": dict(run.metrics),
-                                       **({"checkpoint": True} if saving else {})})
-    except StopWithoutSaving:
-        raise  # the run was taken away: its checkpoints belong to another attempt now
-    except BaseException:
-        save_resume(run)  # stopped at a step boundary: keep what was done, then let the caller see why
-        raise
-    if saving:
+
+    def save() -> None:
         with run.timer.paused():
             save_resume(run)
+
+    report_and_save(run.ranks, on_progress, {"stage": STAGE, "step": step, "total": total,
+                                             "metrics": dict(run.metrics)},
+                    save, due=bool(run.args.save_every and step % run.args.save_every == 0 and step != total))
 
 
 def main(args: DPOArgs, on_progress: ProgressFn = no_progress, timer: LoopTimer | None = None) -> dict[str, Any]:

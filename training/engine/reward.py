@@ -48,7 +48,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from demo.demo_tasks import RULE_JUDGES
 
-from .checkpoints import read_checkpoint_meta, resumable_state, resume_dir, resume_source, save_checkpoint
+from .checkpoints import (
+    read_checkpoint_meta,
+    report_and_save,
+    resumable_state,
+    resume_dir,
+    resume_source,
+    save_checkpoint,
+)
 from .cli import run_cli
 from .common import (
     ADAPTER_DIR,
@@ -56,7 +63,6 @@ from .common import (
     MemoryArgs,
     ProgressFn,
     Prompt,
-    StopWithoutSaving,
     TrainedModel,
     adam_class,
     apply_chat_template,
@@ -669,18 +675,14 @@ def report(run: RewardRun, on_progress: ProgressFn) -> None:
     """Tell on_progress about the step; save the resumable checkpoint every save_every steps, and before an
     exception from on_progress (unless StopWithoutSaving: the run was taken away)."""
     step, total = run.step, run.total_steps
-    saving = bool(run.args.save_every and step % run.args.save_every == 0 and step != total)
-    try:
-        run.ranks.report(on_progress, {"stage": STAGE, "step": step, "total": total, "metrics": dict(run.metrics),
-                                       **({"checkpoint": True} if saving else {})})
-    except StopWithoutSaving:
-        raise  # the run was taken away: its checkpoints belong to another attempt now
-    except BaseException:
-        save_resume(run)  # stopped at a step boundary: keep what was done, then let the caller see why
-        raise
-    if saving:
+
+    def save() -> None:
         with run.timer.paused():
             save_resume(run)
+
+    report_and_save(run.ranks, on_progress, {"stage": STAGE, "step": step, "total": total,
+                                             "metrics": dict(run.metrics)},
+                    save, due=bool(run.args.save_every and step % run.args.save_every == 0 and step != total))
 
 
 def main(args: RewardArgs, on_progress: ProgressFn = no_progress, timer: LoopTimer | None = None) -> dict[str, Any]:

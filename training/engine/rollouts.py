@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.engine.checkpoints import report_and_save
 from training.engine.common import (
     ADAPTER_DIR,
     EngineError,
     ProgressFn,
     Prompt,
-    StopWithoutSaving,
     adam_class,
     apply_lora,
     base_dtype,
@@ -208,15 +208,8 @@ def report_step(run, step: int, on_progress: ProgressFn, stage: str, save_resume
     """Tell on_progress about the step; `save_resume(run, step)` every save_every steps, and before an exception
     from on_progress (unless StopWithoutSaving: the run was taken away). `run` is a stage's Setup."""
     args, done = run.args, step + 1
-    saving = bool(args.save_every and done % args.save_every == 0 and done < args.steps)
-    try:
-        shown = {"log": f"The first prompt as the policy sees it:\n{run.formatted[0]}"} if step == run.start_step else {}
-        run.ranks.report(on_progress, {"stage": stage, "step": done, "total": args.steps, "metrics": run.metrics,
-                                       **({"checkpoint": True} if saving else {}), **shown})
-    except StopWithoutSaving:
-        raise  # the run was taken away: its checkpoints belong to another attempt now
-    except BaseException:
-        save_resume(run, done)  # stopped from outside: keep what this step learned, then stop
-        raise
-    if saving:
-        save_resume(run, done)
+    shown = {"log": f"The first prompt as the policy sees it:\n{run.formatted[0]}"} if step == run.start_step else {}
+    report_and_save(run.ranks, on_progress, {"stage": stage, "step": done, "total": args.steps,
+                                             "metrics": run.metrics, **shown},
+                    lambda: save_resume(run, done),
+                    due=bool(args.save_every and done % args.save_every == 0 and done < args.steps))

@@ -25,14 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.engine.checkpoints import resumable_state, save_checkpoint
+from training.engine.checkpoints import report_and_save, resumable_state, save_checkpoint
 from training.engine.cli import run_cli
 from training.engine.common import (
     ADAPTER_DIR,
     EngineError,
     MemoryArgs,
     ProgressFn,
-    StopWithoutSaving,
     TrainedModel,
     adam_class,
     apply_lora,
@@ -461,16 +460,10 @@ def _report(run: SFTRun, on_progress: ProgressFn, save: typing.Callable | None) 
     event = {"stage": "sft", "step": step, "total": total, "metrics": dict(run.metrics)}
     if step % max(1, run.args.log_every) and step != total:
         event["metrics"] = {"sft/loss": run.recent[-1]}
-    try:
-        run.ranks.report(on_progress, event)
-    except StopWithoutSaving:
-        raise  # the run was taken away: write nothing more
-    except BaseException:
-        if save is not None and step < total:
-            save(step, run.metrics, run.trainer_state())
-        raise
-    if save is not None and run.args.save_every and step % run.args.save_every == 0 and step < total:
-        save(step, run.metrics, run.trainer_state())
+    saves = save is not None and step < total
+    report_and_save(run.ranks, on_progress, event,
+                    (lambda: save(step, run.metrics, run.trainer_state())) if saves else None,
+                    due=bool(saves and run.args.save_every and step % run.args.save_every == 0))
 
 
 def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, on_progress: ProgressFn = no_progress,
