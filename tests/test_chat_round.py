@@ -1,6 +1,7 @@
 """A round on a team's own chat model, end to end with a real Celery worker: a campaign names a tiny
 Qwen2-shaped chat model (random weights, a local tokenizer, Qwen2.5's real ChatML template), its
-prompts are conversations, and the round trains the reward model, PPO and sampling in that template."""
+prompts are conversations, and the round trains the reward model, PPO and sampling in that template
+(DPO and GRPO rounds too, with LoRA on two training processes)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from annotate.models import Campaign, Prompt, Response
 from demo.simulate import make_judge, simulate_labelers
 from demo.tiny_models import build_policy, build_reward
 from tests.conftest import make_user
-from tests.test_round_worker import round_over, tiny_world, wait_for  # noqa: F401 - tiny_world is a fixture
+from tests.test_round_worker import round_over, tiny_world, wait_for, weights  # noqa: F401 - tiny_world is a fixture
 from tests.worker import Worker
 from training import actions
 from training.config import build_config
+from training.engine.checkpoints import read_checkpoint_meta
 from training.engine.common import load_tokenizer
 from training.engine.sample import sample_responses
 from training.models import Job
@@ -144,6 +146,44 @@ def test_a_lora_round_on_two_training_processes(tiny_world, tmp_path_factory):
     assert (Path(round_.policy_checkpoint) / "adapter" / "adapter_config.json").exists()
     assert AutoModelForCausalLM.from_pretrained(round_.policy_checkpoint).config.model_type == "qwen2"
     assert campaign.pairs.filter(round=round_).exists()
+
+
+def test_a_dpo_and_a_grpo_round_of_a_chat_model_with_lora_on_two_training_processes(tiny_world, tmp_path_factory):
+    """Each new round type on the chat campaign with LoRA over PAIRLOOP_TRAINING_PROCESSES=2 (gloo on CPU): a DPO
+    round, then a GRPO round from its policy."""
+    from transformers import AutoModelForCausalLM
+
+    campaign, policy, _ = chat_campaign(tmp_path_factory.mktemp("chat-dpo-grpo"), slug="chat-dpo-grpo")
+    chosen = {**actions.campaign_settings(campaign), "lora_r": "4"}
+    env = {**tiny_world["env"], "PAIRLOOP_TRAINING_PROCESSES": "2"}
+    configs = {algorithm: build_config("tiny", {**chosen, "algorithm": algorithm}) for algorithm in ("dpo", "grpo")}
+    rounds = {}
+    with Worker(env=env, purge=True) as worker:
+        for algorithm, config in configs.items():
+            # The GRPO round follows with nothing new labeled: forced.
+            round_ = actions.launch_round(campaign, None, config, force=True)
+            jobs = wait_for(lambda: round_over(round_), 600, worker, f"the {algorithm} round to finish")
+            round_.refresh_from_db()
+            rounds[algorithm] = (round_, {job.kind: job for job in jobs})
+    dpo_round, dpo_jobs = rounds["dpo"]
+    grpo_round, grpo_jobs = rounds["grpo"]
+    assert grpo_round.parent_policy == dpo_round.policy_checkpoint  # iterative: GRPO starts where DPO ended
+    assert "dpo on 2 processes" in dpo_jobs["dpo"].log and "grpo on 2 processes" in grpo_jobs["grpo"].log
+    assert "reward on 2 processes" in grpo_jobs["reward"].log
+    assert dpo_jobs["dpo"].step == dpo_jobs["dpo"].total_steps > 0 and grpo_jobs["grpo"].step == configs["grpo"].grpo_steps
+    for round_, jobs in rounds.values():
+        meta = read_checkpoint_meta(round_.policy_checkpoint)
+        assert meta["stage"] == round_.config["algorithm"] and meta["args"]["lora_r"] == 4
+        start, trained = weights(round_.parent_policy), weights(round_.policy_checkpoint)
+        assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)  # the adapter trained
+        # Merged weights any transformers user loads, the adapter beside them, the chat template kept.
+        assert (Path(round_.policy_checkpoint) / "adapter" / "adapter_config.json").exists()
+        assert AutoModelForCausalLM.from_pretrained(round_.policy_checkpoint).config.model_type == "qwen2"
+        assert load_tokenizer(round_.policy_checkpoint).chat_template == load_tokenizer(str(policy)).chat_template
+        # Its pairs were sampled in the template.
+        assert jobs["sample"].result["rendered_prompt"].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+        assert jobs["enqueue"].result["created"] == campaign.pairs.filter(round=round_).count() > 0
+    assert grpo_jobs["grpo"].result["rendered_prompt"].startswith("<|im_start|>system\n")
 
 
 def test_a_round_whose_policy_ends_some_answers_at_once_enqueues_only_real_ones(tiny_world, tmp_path_factory,
