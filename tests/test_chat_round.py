@@ -183,7 +183,9 @@ def test_a_dpo_and_a_grpo_round_of_a_chat_model_with_lora_on_two_training_proces
         # Its pairs were sampled in the template.
         assert jobs["sample"].result["rendered_prompt"].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
         assert jobs["enqueue"].result["created"] == campaign.pairs.filter(round=round_).count() > 0
-    assert grpo_jobs["grpo"].result["rendered_prompt"].startswith("<|im_start|>system\n")
+    # The round page's "as the model saw it": GRPO's whole turn; DPO's cut from the start to the tiny dpo_max_length.
+    assert grpo_jobs["grpo"].result["rendered_prompt"].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    assert dpo_jobs["dpo"].result["rendered_prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_a_round_whose_policy_ends_some_answers_at_once_enqueues_only_real_ones(tiny_world, tmp_path_factory,

@@ -520,6 +520,7 @@ def run_dpo(job: Job, progress: Progress) -> Outcome:
     progress.line(f"DPO ({args.loss_type}, beta {args.beta}) on {round_.dataset_path} against "
                   f"{args.ref_policy or 'the starting policy'}")
     metrics = train("dpo", args, progress)
+    metrics["rendered_prompt"] = metrics.pop("dpo/rendered_prompt", "")
     return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
 
 

@@ -634,6 +634,8 @@ def main(args: DPOArgs, on_progress: ProgressFn = no_progress, timer: LoopTimer 
         "dpo/eval_pairs": len(run.eval_pairs),
         "dpo/truncated_pairs": run.truncated,
         "dpo/train_tokens": run.tokens_seen,
+        # the first pair's prompt exactly as the policy saw it (template, system turn, any cut), for the round page
+        "dpo/rendered_prompt": run.tokenizer.decode(run.train_pairs[0]["prompt"]) if run.train_pairs else "",
     })
     if run.ranks.main:
         save_checkpoint(args.out, stage=STAGE, args=args, step=run.step, metrics=final, data_version=run.version,
