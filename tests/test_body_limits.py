@@ -97,7 +97,7 @@ def test_it_stops_reading_a_chunked_body_once_it_passes_the_cap(server):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_it_still_takes_an_upload_under_the_import_cap(server):
+def test_it_takes_an_upload_under_the_import_cap_it_was_given_and_refuses_one_over(server):
     _, port, _ = server
     admin = make_user("ada-admin", is_staff=True, is_superuser=True)
     make_campaign("shop")
@@ -109,6 +109,9 @@ def test_it_still_takes_an_upload_under_the_import_cap(server):
     upload = requests.post(f"{base}/imports", headers=auth, files={"file": ("pairs.jsonl", jsonl)}, timeout=60)
     assert upload.status_code == 202, upload.text
     assert upload.json()["file_name"] == "pairs.jsonl"
+    over = jsonl * 2  # 12 MiB: past the 8 MiB this server was given, so the setting is the one in force
+    refused = requests.post(f"{base}/imports", headers=auth, files={"file": ("big.jsonl", over)}, timeout=60)
+    assert refused.status_code == 413 and "PAIRLOOP_MAX_UPLOAD_BYTES" in refused.text, refused.text[:300]
     as_json = requests.post(f"{base}/pairs", headers={**auth, "Content-Type": "application/json"},
                             data=b'{"rows": [' + b"0," * (3 * MiB) + b"0]}", timeout=60)
     assert as_json.status_code == 413 and "PAIRLOOP_MAX_REQUEST_BYTES" in as_json.json()["detail"]
