@@ -16,26 +16,17 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import quote
 
 from django.db import connection
+
+from tests.services import database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 def database_url_for_worker() -> str:
     """DATABASE_URL of the database the tests run on (the test database, not the configured one)."""
-    settings = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{settings['NAME']}"
-    if connection.vendor != "postgresql":
-        raise RuntimeError(f"no worker URL for a {connection.vendor} test database")
-    user = quote(settings.get("USER") or "", safe="")
-    password = settings.get("PASSWORD") or ""
-    auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
-    host = settings.get("HOST") or "localhost"
-    port = f":{settings['PORT']}" if settings.get("PORT") else ""
-    return f"postgres://{auth}{host}{port}/{settings['NAME']}"
+    return database_url(connection.settings_dict)
 
 
 class Worker:
