@@ -289,8 +289,9 @@ def build_policy(family: str, out_dir: str | Path, *, size: Size = "tiny", seed:
     return _save(model, tokenizer, out_dir)
 
 
-def build_reward(family: str, out_dir: str | Path, *, size: Size = "tiny", seed: int = 0) -> Path:
-    """A random-initialised one-output sequence classifier of `family`, saved to `out_dir`; returns it."""
+def build_reward(family: str, out_dir: str | Path, *, size: Size = "tiny", seed: int = 0, labels: int = 1) -> Path:
+    """A random-initialised sequence classifier of `family` with `labels` outputs (1: a reward model), saved to
+    `out_dir`; returns it."""
     if family not in REWARD_FAMILIES:
         raise EngineError(f"unknown reward family {family!r} (known: {', '.join(REWARD_FAMILIES)})")
     dims = size_dims(size)
@@ -304,7 +305,7 @@ def build_reward(family: str, out_dir: str | Path, *, size: Size = "tiny", seed:
     else:
         # The score head reads the last token that is not pad, so pad must be a token of its own.
         config = _decoder_config(family, dims, tokenizer, tokenizer.pad_token_id)
-    config.num_labels = 1
+    config.num_labels = labels
     set_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config)
     return _save(model, tokenizer, out_dir)
@@ -325,9 +326,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--reward", action="store_true", help="build a one-output reward model, not a policy")
     parser.add_argument("--size", default="tiny", help=f"dimension preset: {', '.join(SIZES)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.add_argument("--labels", type=int, default=1,
+                        help="outputs of a --reward model: 1, a reward model; 2 or more, a classifier")
     args = parser.parse_args(argv)
-    build = build_reward if args.reward else build_policy
-    out = build(args.family, args.out, size=args.size, seed=args.seed)
+    if args.reward:
+        out = build_reward(args.family, args.out, size=args.size, seed=args.seed, labels=args.labels)
+    else:
+        out = build_policy(args.family, args.out, size=args.size, seed=args.seed)
     print(out)
     return out
 

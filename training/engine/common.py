@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import random
 import sys
@@ -326,6 +327,46 @@ def load_reward_model(name_or_path: str, device: torch.device, dtype: torch.dtyp
     keep_padding_idx(model, name_or_path, start)
     ensure_pad_token(tokenizer, model)
     return model.to(device), tokenizer
+
+
+def load_classifier(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A ready sequence-classification model with all its labels (a safety classifier) and its tokenizer."""
+    tokenizer = load_tokenizer(name_or_path, padding_side="right")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as exc:
+        raise EngineError(f"cannot load a classifier from {name_or_path!r}: {exc}") from exc
+    ensure_pad_token(tokenizer, model)
+    return model.to(device).eval(), tokenizer
+
+
+class RunningMoments:
+    """Running mean and std of scalars (Chan et al. parallel variance), in float64 for exact resume."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.double()
+        n, batch_mean = xs.numel(), xs.mean().item()
+        batch_var = xs.var(unbiased=False).item() if n > 1 else 0.0
+        if self.count == 0:
+            self.mean, self.var, self.count = batch_mean, batch_var, n
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta * delta * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
 
 
 @dataclass

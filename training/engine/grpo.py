@@ -44,7 +44,7 @@ from training.engine.common import (
 from training.engine.common import step_generator as _step_generator
 from training.engine.data import read_prompts
 from training.engine.ranks import Ranks
-from training.engine.reward import CombinedReward, RewardFn, check_reward_sources
+from training.engine.reward import CombinedReward, RewardFn, RewardMixArgs, check_reward_sources
 from training.engine.rollouts import (
     Rollouts,
     check_context,
@@ -63,7 +63,7 @@ STD_EPS = 1e-4  # added to a group's std before dividing by it (TRL GRPOTrainer'
 
 
 @dataclass
-class GRPOArgs(MemoryArgs):
+class GRPOArgs(RewardMixArgs, MemoryArgs):
     """Settings of one GRPO run; defaults from Shao et al. 2024 and TRL 1.16 GRPOConfig, as each field says."""
 
     policy: str = ""
@@ -251,7 +251,7 @@ def setup(args: GRPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -
     checkpoint may continue this run, take its weights, optimizer and RNG state."""
     _validate_args(args)
     prompts = read_prompts(args.prompts)
-    weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None)
+    weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None, args)
     ranks, compute_dtype, autocast_dtype = place(args)
     device = ranks.device
 
@@ -271,7 +271,8 @@ def setup(args: GRPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -
     policy, tokenizer, ref_policy = load_policy_and_reference(args, device, compute_dtype, source)
     formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
     check_context(args, tokenizer, policy, formatted)
-    reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt)
+    reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt, args,
+                            gather=lambda values: ranks.gather(values.to(device)).cpu())
 
     trained = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
     # AdamW without weight decay, as TRL's trainers (transformers TrainingArguments: weight_decay 0, eps 1e-8).
@@ -287,6 +288,7 @@ def setup(args: GRPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
+        reward.load_state_dict(state.get("reward_stats") or {})
         run.start_step = int(state["step"])
         run.metrics = dict(state.get("metrics") or {})
         ranks.report(on_progress, {"stage": STAGE, "step": run.start_step, "total": args.steps,
@@ -432,6 +434,7 @@ def save_resume(run: Setup, step: int) -> None:
         data_version=run.data_version,
         pretrained={"": TrainedModel(run.policy, run.tokenizer, merged=False)},
         trainer_state={"optimizer": run.optimizer.state_dict(), "rng": rng_state(), "step": step,
+                       "reward_stats": run.reward.state_dict(),
                        "metrics": run.metrics},
     )
     run.ranks.wait()
@@ -472,6 +475,7 @@ def main(
 def cli(argv: list[str] | None = None) -> int:
     return run_cli(GRPOArgs, main, argv, stage="grpo", required=("policy", "prompts", "out"),
                    flag_names={"reward_models": "reward-model", "reward_weights": "reward-weight",
+                               "reward_names": "reward-name", "reward_roles": "reward-role",
                                "stop_strings": "stop-string"},
                    description="GRPO of a causal LM against reward models (paths or rule:NAME): group-relative "
                                "advantages, no critic.")

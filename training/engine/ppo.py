@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,7 @@ from training.engine.common import (
     MemoryArgs,
     ProgressFn,
     Prompt,
+    RunningMoments,
     TrainedModel,
     adam_class,
     adapters_off,
@@ -49,7 +49,7 @@ from training.engine.common import (
 from training.engine.common import step_generator as _step_generator
 from training.engine.data import read_prompts
 from training.engine.ranks import Ranks
-from training.engine.reward import CombinedReward, RewardFn, check_reward_sources
+from training.engine.reward import CombinedReward, RewardFn, RewardMixArgs, check_reward_sources
 from training.engine.rollouts import (
     Rollouts,
     check_context,
@@ -68,7 +68,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclass
-class PPOArgs(MemoryArgs):
+class PPOArgs(RewardMixArgs, MemoryArgs):
     """Settings of one PPO run; defaults fit the demo policy on a CPU (benchmarks/README.md#ppo-defaults)."""
 
     policy: str = ""
@@ -170,35 +170,6 @@ class ValueHead(nn.Module):
         head = cls(int(config["hidden_size"]))
         head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
         return head
-
-
-class RunningMoments:
-    """Running mean and std of scalars (Chan et al. parallel variance), in float64 for exact resume."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 0
-
-    def update(self, xs: torch.Tensor) -> None:
-        xs = xs.double()
-        n, batch_mean = xs.numel(), xs.mean().item()
-        batch_var = xs.var(unbiased=False).item() if n > 1 else 0.0
-        if self.count == 0:
-            self.mean, self.var, self.count = batch_mean, batch_var, n
-            return
-        total = self.count + n
-        delta = batch_mean - self.mean
-        m2 = self.var * self.count + batch_var * n + delta * delta * self.count * n / total
-        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(max(self.var, 0.0))
-
-    def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
 
 
 def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, response_mask: torch.Tensor,
@@ -306,7 +277,7 @@ def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) ->
     checkpoint may continue this run, take its weights, optimizer, score moments and RNG state."""
     _validate_args(args)
     prompts = read_prompts(args.prompts)
-    weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None)
+    weights = check_reward_sources(args.reward_models, args.reward_weights, reward_fn is not None, args)
     ranks, compute_dtype, autocast_dtype = place(args)
     device = ranks.device
 
@@ -326,7 +297,8 @@ def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) ->
     policy, tokenizer, ref_policy = load_policy_and_reference(args, device, compute_dtype, source)
     formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
     check_context(args, tokenizer, policy, formatted)
-    reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt)
+    reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt, args,
+                            gather=lambda values: ranks.gather(values.to(device)).cpu())
 
     hidden_size = ref_policy.get_output_embeddings().in_features
     value_head = (ValueHead.from_pretrained(source / VALUE_HEAD_DIR) if source else ValueHead(hidden_size)).to(device)
@@ -354,6 +326,7 @@ def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) ->
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         run.score_stats.load_state_dict(state["score_stats"])
+        reward.load_state_dict(state.get("reward_stats") or {})
         set_rng_state(state["rng"])
         run.start_step = int(state["step"])
         run.metrics = dict(state.get("metrics") or {})
@@ -570,6 +543,7 @@ def save_resume(run: Setup, step: int) -> None:
         trainer_state={
             "optimizer": run.optimizer.state_dict(),
             "score_stats": run.score_stats.state_dict(),
+            "reward_stats": run.reward.state_dict(),
             "rng": rng_state(),
             "step": step,
             "metrics": run.metrics,
@@ -618,6 +592,7 @@ def main(
 def cli(argv: list[str] | None = None) -> int:
     return run_cli(PPOArgs, main, argv, stage="ppo", required=("policy", "prompts", "out"),
                    flag_names={"reward_models": "reward-model", "reward_weights": "reward-weight",
+                               "reward_names": "reward-name", "reward_roles": "reward-role",
                                "stop_strings": "stop-string"},
                    description="PPO of a causal LM against reward models (paths or rule:NAME) with a KL penalty.")
 

@@ -22,8 +22,9 @@ through the model as one (2B, T) batch padded only to the longest in the batch; 
 from pairs of similar length (as transformers' LengthGroupedSampler does, with batch order shuffled);
 no gradient checkpointing; evaluation under torch.inference_mode, sorted by length.
 
-PPO's reward sources live here too: reward-model checkpoints (RewardScorer), rule judges ("rule:NAME") and
-a callable, weighted and summed by CombinedReward.
+PPO's and GRPO's reward sources live here too: reward-model checkpoints (RewardScorer), rule judges
+("rule:NAME"), ready safety classifiers ("classifier:LABEL:PATH", SafetyClassifier) and a callable, summed with
+weights or combined as quality and safety, weighted or gated, by CombinedReward.
 
     python -m training.engine.reward --train pairs.jsonl --out runs/rm [--eval held.jsonl] [--epochs 1]
 """
@@ -63,6 +64,7 @@ from .common import (
     MemoryArgs,
     ProgressFn,
     Prompt,
+    RunningMoments,
     TrainedModel,
     adam_class,
     apply_chat_template,
@@ -72,6 +74,7 @@ from .common import (
     default_reward_backbone,
     enable_memory_switches,
     has_chat_template,
+    load_classifier,
     load_reward_model,
     no_progress,
     pick_device,
@@ -772,21 +775,99 @@ class RewardScorer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reward sources of PPO: reward-model checkpoints, rule judges ("rule:NAME"), a callable
+# Reward sources of PPO and GRPO: reward-model checkpoints, rule judges ("rule:NAME"), ready safety classifiers
+# ("classifier:LABEL:PATH") and a callable, summed with weights, or mixed as quality and safety (RewardMixArgs)
 
 RULE_PREFIX = "rule:"
+CLASSIFIER_PREFIX = "classifier:"
+SUM, WEIGHTED, GATED = "sum", "weighted", "gated"
+COMBINATIONS = (SUM, WEIGHTED, GATED)
+QUALITY, SAFETY = "quality", "safety"
+ROLES = (QUALITY, SAFETY)
+GATED_SHARE = "gated"  # the score part that gives the share of responses the gate handed to safety
+PROBABILITY_EPS = 1e-6  # a classifier's P(safe) is kept this far from 0 and 1 before its logit
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, responses) -> scores
+
+
+@dataclass
+class RewardMixArgs:
+    """How PPO and GRPO name their reward sources and combine them into one score (PPOArgs and GRPOArgs extend it)."""
+
+    reward_names: list[str] = field(default_factory=list)
+    """One short name per reward source, its metric <stage>/reward/<name>; empty: the source as given."""
+    reward_roles: list[str] = field(default_factory=list)
+    """quality or safety, one per reward source; empty: classifier sources are safety, the others quality."""
+    reward_combination: str = SUM
+    """sum: the weighted sum of the raw scores; weighted: (1 - safety_weight) * quality + safety_weight * safety
+    (Lambert's RLHF book); gated: safety's instead of quality's score where P(safe) < safety_threshold (Llama 2,
+    Touvron et al. 2023, sec. 3.2.3, eq. 3); both whiten each source first."""
+    safety_weight: float = 0.3
+    """Share of the safety score in the weighted combination (Lambert's RLHF book: 0.3)."""
+    safety_threshold: float = 0.15
+    """P(safe) under which the gated combination takes the safety score (Llama 2's 0.15: precision 0.89 and recall
+    0.55 for unsafe responses, Touvron et al. 2023, sec. 3.2.3)."""
 
 
 def _rule_judges() -> dict[str, Callable[[str, str], float]]:
     return RULE_JUDGES
 
 
+def split_classifier(source: str) -> tuple[int, str]:
+    """"classifier:LABEL:PATH" -> (LABEL, PATH): the label index that means safe and the model's path."""
+    label, _, path = source[len(CLASSIFIER_PREFIX):].partition(":")
+    if not label.isdigit() or not path:
+        raise EngineError(f"reward source {source!r}: write a safety classifier as classifier:LABEL:PATH, LABEL the "
+                          "index of its label that means safe")
+    return int(label), path
+
+
+def _check_model_path(source: str, path: str) -> None:
+    where = Path(path).expanduser()
+    if not where.exists():
+        raise EngineError(f"reward model path {source!r} does not exist")
+    if not (where / "config.json").exists():
+        raise EngineError(f"reward model path {source!r} has no config.json: not a save_pretrained directory")
+
+
+def source_roles(reward_models: Sequence[str], roles: Sequence[str]) -> list[str]:
+    """Each source's role: as given, else safety for a classifier and quality for the others."""
+    return list(roles) or [SAFETY if s.startswith(CLASSIFIER_PREFIX) else QUALITY for s in reward_models]
+
+
+def _check_mix(reward_models: Sequence[str], mix: RewardMixArgs, has_fn: bool) -> None:
+    if mix.reward_names and len(mix.reward_names) != len(reward_models):
+        raise EngineError(f"{len(mix.reward_names)} reward names for {len(reward_models)} reward models: "
+                          "give one name per model")
+    names = mix.reward_names or list(reward_models)
+    if len(set(names)) != len(names) or GATED_SHARE in names:
+        raise EngineError(f"reward names must differ from each other and from {GATED_SHARE!r}, got {names}")
+    if mix.reward_roles and len(mix.reward_roles) != len(reward_models):
+        raise EngineError(f"{len(mix.reward_roles)} reward roles for {len(reward_models)} reward models: "
+                          "give one role per model")
+    bad = [role for role in mix.reward_roles if role not in ROLES]
+    if bad:
+        raise EngineError(f"reward role {bad[0]!r} is not one of {', '.join(ROLES)}")
+    if mix.reward_combination not in COMBINATIONS:
+        raise EngineError(f"reward_combination must be one of {', '.join(COMBINATIONS)}, "
+                          f"got {mix.reward_combination!r}")
+    roles = source_roles(reward_models, mix.reward_roles)
+    if SAFETY in roles and mix.reward_combination == SUM:
+        raise EngineError("a safety reward source needs reward_combination weighted or gated")
+    if mix.reward_combination != SUM and SAFETY in roles and QUALITY not in roles and not has_fn:
+        raise EngineError(f"reward_combination {mix.reward_combination} needs a quality reward source besides "
+                          "the safety one")
+    if not 0 <= mix.safety_weight <= 1:
+        raise EngineError(f"safety_weight must be between 0 and 1, got {mix.safety_weight}")
+    if not 0 <= mix.safety_threshold <= 1:
+        raise EngineError(f"safety_threshold is a probability, between 0 and 1, got {mix.safety_threshold}")
+
+
 def check_reward_sources(
-    reward_models: Sequence[str], reward_weights: Sequence[float], has_fn: bool
+    reward_models: Sequence[str], reward_weights: Sequence[float], has_fn: bool, mix: RewardMixArgs | None = None
 ) -> list[float]:
-    """Refuse unknown rule names, missing checkpoints and mismatched weights, before any step."""
+    """Refuse unknown rule names, missing checkpoints, mismatched weights, names or roles and a safety source
+    without a combination that uses it, before any step."""
     if not reward_models and not has_fn:
         raise EngineError("no reward: pass at least one --reward-model PATH or rule:NAME")
     weights = list(reward_weights) if reward_weights else [1.0] * len(reward_models)
@@ -801,20 +882,90 @@ def check_reward_sources(
             judges = _rule_judges()
             if name not in judges:
                 raise EngineError(f"unknown rule judge {name!r}: known rules are {', '.join(sorted(judges))}")
+        elif source.startswith(CLASSIFIER_PREFIX):
+            _check_model_path(source, split_classifier(source)[1])
         else:
-            path = Path(source).expanduser()
-            if not path.exists():
-                raise EngineError(f"reward model path {source!r} does not exist")
-            if not (path / "config.json").exists():
-                raise EngineError(
-                    f"reward model path {source!r} has no config.json: not a save_pretrained directory"
-                )
+            _check_model_path(source, source)
+    _check_mix(reward_models, mix or RewardMixArgs(), has_fn)
     return [float(w) for w in weights]
 
 
+class SafetyClassifier:
+    """P(safe) of each response by a ready sequence-classification model (a safety or toxicity classifier): the
+    softmax of its logits at `label`, or the sigmoid of a one-output model's. It reads the response alone."""
+
+    def __init__(self, path: str, label: int, device: torch.device, batch_size: int = 32, max_length: int = 512):
+        self.device, self.batch_size = device, batch_size
+        self.model, self.tokenizer = load_classifier(path, device)
+        labels = self.model.config.num_labels
+        if not 0 <= label < max(labels, 1) or (labels == 1 and label != 0):
+            raise EngineError(f"safety classifier {path!r} has {labels} labels ({self.model.config.id2label}): "
+                              f"label {label} is not one of them")
+        self.label, self.labels = label, labels
+        limit = model_length_limit(self.model, self.tokenizer)
+        self.max_length = min(max_length, limit) if limit else max_length
+        self.model.eval()
+
+    @torch.inference_mode()
+    def score(self, instructions: list[Prompt], responses: list[str]) -> torch.Tensor:
+        """P(safe), (B,) float32 on the CPU, in the order given."""
+        probabilities = []
+        for start in range(0, len(responses), self.batch_size):
+            inputs = self.tokenizer(responses[start:start + self.batch_size], truncation=True,
+                                    max_length=self.max_length, padding=True, return_tensors="pt").to(self.device)
+            logits = self.model(**inputs).logits.float()  # (b, labels)
+            if self.labels == 1:
+                probabilities.append(torch.sigmoid(logits[:, 0]).cpu())
+            else:
+                probabilities.append(torch.softmax(logits, dim=-1)[:, self.label].cpu())
+        return torch.cat(probabilities) if probabilities else torch.zeros(0)
+
+
+@dataclass
+class RewardSource:
+    """One reward source of CombinedReward: its name, weight, role and scorer of (prompts, responses)."""
+
+    name: str
+    weight: float
+    role: str
+    score: Callable[[list[Prompt], list[str]], torch.Tensor]
+    is_probability: bool = False  # scores are P(safe) (a classifier's), not a reward model's logit-scale reward
+
+    def logit(self, values: torch.Tensor) -> torch.Tensor:
+        """Scores on the logit scale that is whitened: a probability's logit (Llama 2's LOGIT), else as they are."""
+        if not self.is_probability:
+            return values
+        return torch.logit(values.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS))
+
+    def probability(self, values: torch.Tensor) -> torch.Tensor:
+        """P(safe) of each score: a classifier's own, else the sigmoid of a reward (Llama 2's safety score)."""
+        return values if self.is_probability else torch.sigmoid(values)
+
+
+def combine(quality: torch.Tensor, safety: torch.Tensor, safety_probability: torch.Tensor, mix: RewardMixArgs
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combined score of whitened quality and safety scores, and which responses the gate handed to safety.
+
+    weighted: (1 - w) * quality + w * safety (Lambert's RLHF book). gated: safety where P(safe) < threshold,
+    else quality (Llama 2, eq. 3, less its IS_SAFETY(prompt) case: prompts here carry no such tag)."""
+    if mix.reward_combination == GATED:
+        gated = safety_probability < mix.safety_threshold
+        return torch.where(gated, safety, quality), gated
+    w = mix.safety_weight
+    return (1 - w) * quality + w * safety, torch.zeros_like(quality, dtype=torch.bool)
+
+
 class CombinedReward:
-    """Weighted sum of reward sources, each scoring decoded (prompt, response) text: a reward model sees
-    the prompt's chat turns in its own template, rule judges and reward_fn the prompt as text."""
+    """Reward sources, each scoring decoded (prompt, response) text (a reward model sees the prompt's chat turns in
+    its own template, rule judges and reward_fn the prompt as text, a classifier the response), summed with their
+    weights, or combined as quality and safety by RewardMixArgs.reward_combination.
+
+    Normalisation: weighted and gated whiten each source by the running mean and std of all its scores so far
+    (on the logit scale), as Llama 2 whitens its combined logit (sec. 3.2.3). Running moments rather than a reward
+    model's own calibration: a Bradley-Terry reward is only defined up to a constant (Bradley & Terry 1952), so
+    two reward models' raw scores share no scale; the quality sources are summed with their weights, so are the
+    safety ones, and the gate reads the safety sources' mean P(safe) before whitening (Llama 2 gates on 0.15).
+    One source alone is left as it is: there is nothing to combine it with."""
 
     def __init__(
         self,
@@ -823,17 +974,27 @@ class CombinedReward:
         device: torch.device,
         reward_fn: RewardFn | None = None,
         system_prompt: str = "",
+        mix: RewardMixArgs | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] = lambda values: values,
     ):
-        self.parts: list[tuple[str, float, Callable[[list[str], list[str]], torch.Tensor]]] = []
-        for source, weight in zip(reward_models, weights, strict=True):
+        self.mix, self.gather = mix or RewardMixArgs(), gather
+        names = self.mix.reward_names or list(reward_models)
+        roles = source_roles(reward_models, self.mix.reward_roles)
+        self.parts: list[RewardSource] = []
+        for source, name, weight, role in zip(reward_models, names, weights, roles, strict=True):
             if source.startswith(RULE_PREFIX):
                 judge = _rule_judges()[source[len(RULE_PREFIX) :]]
-                self.parts.append((source, weight, self._rule(judge)))
+                self.parts.append(RewardSource(name, weight, role, self._rule(judge)))
+            elif source.startswith(CLASSIFIER_PREFIX):
+                label, path = split_classifier(source)
+                classifier = SafetyClassifier(path, label, device)
+                self.parts.append(RewardSource(name, weight, role, classifier.score, is_probability=True))
             else:
                 scorer = RewardScorer(source, device=str(device), system_prompt=system_prompt)
-                self.parts.append((source, weight, self._scorer(scorer)))
+                self.parts.append(RewardSource(name, weight, role, self._scorer(scorer)))
         if reward_fn is not None:
-            self.parts.append(("reward_fn", 1.0, self._callable(reward_fn)))
+            self.parts.append(RewardSource("reward_fn", 1.0, QUALITY, self._callable(reward_fn)))
+        self.moments = {part.name: RunningMoments() for part in self.parts}
 
     @staticmethod
     def _rule(judge):
@@ -859,16 +1020,43 @@ class CombinedReward:
 
         return score
 
+    def whiten(self, part: RewardSource, values: torch.Tensor) -> torch.Tensor:
+        """A source's scores less the running mean of its scores so far, over their std (updated with the scores of
+        every process first, so that all processes whiten alike)."""
+        moments, logits = self.moments[part.name], part.logit(values)
+        moments.update(self.gather(logits))
+        return (logits - moments.mean) / (moments.std + 1e-8)
+
     def __call__(
         self, instructions: list[str], responses: list[str]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        total = torch.zeros(len(responses))  # (B,)
-        parts = {}
-        for name, weight, score in self.parts:
-            values = score(instructions, responses)  # (B,)
-            parts[name] = values.mean().item()
-            total += weight * values
+        """The combined score of each response, (B,), and the mean raw score of each source by name (with, when
+        gated, the share of responses the gate handed to safety)."""
+        scores = {part.name: part.score(instructions, responses) for part in self.parts}  # name -> (B,)
+        parts = {name: values.mean().item() for name, values in scores.items()}
+        if self.mix.reward_combination == SUM or len(self.parts) == 1:
+            return sum(part.weight * scores[part.name] for part in self.parts), parts
+        totals = {QUALITY: torch.zeros(len(responses)), SAFETY: torch.zeros(len(responses))}  # role -> (B,)
+        safe, safety_parts = torch.zeros(len(responses)), [part for part in self.parts if part.role == SAFETY]
+        for part in self.parts:
+            totals[part.role] += part.weight * self.whiten(part, scores[part.name])
+        if not safety_parts:
+            return totals[QUALITY], parts
+        for part in safety_parts:
+            safe += part.probability(scores[part.name]) / len(safety_parts)
+        total, gated = combine(totals[QUALITY], totals[SAFETY], safe, self.mix)
+        if self.mix.reward_combination == GATED:
+            parts[GATED_SHARE] = gated.float().mean().item()
         return total, parts
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """The running moments of each source, for a resumable checkpoint."""
+        return {name: moments.state_dict() for name, moments in self.moments.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        for name, moments in state.items():
+            if name in self.moments:
+                self.moments[name].load_state_dict(moments)
 
 
 # ---------------------------------------------------------------------------------------------
