@@ -12,15 +12,13 @@ import torch
 
 from training.engine.common import EngineError
 from training.engine.reward import (
-    GATED,
     GATED_SHARE,
-    WEIGHTED,
     CombinedReward,
-    RewardMixArgs,
     SafetyClassifier,
     check_reward_sources,
     combine,
 )
+from training.engine.sources import GATED, WEIGHTED, RewardMixArgs
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Name a colour.", "What is 2 + 3?", "Say hello.", "Name a city.", "Count to three.", "Name a fruit."]

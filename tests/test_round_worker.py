@@ -322,3 +322,27 @@ def test_a_cancelled_grpo_job_resumes_from_its_checkpoint_and_finishes_the_round
     round_.refresh_from_db()
     assert round_.policy_checkpoint == str(actions.round_dir(round_) / "grpo-2" / "policy")
     assert jobs[4].result["created"] > 0 and not resume_dir.parent.exists()
+
+
+def test_a_ppo_round_gated_on_a_safety_classifier_records_both_rewards_curves(tiny_world, reviewer, tmp_path):
+    from demo.tiny_models import build_reward
+
+    classifier = build_reward("bert", tmp_path / "safety", labels=2)
+    campaign = seed_campaign("safety-loop", n_prompts=16)
+    config = build_config("tiny", {"reward_model": tiny_world["reward_model"], "safety_classifier": str(classifier),
+                                   "safety_classifier_label": "1", "reward_combination": "gated",
+                                   "safety_threshold": "0.5"})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 300, worker, "the gated PPO round to finish")
+    round_.refresh_from_db()
+    args = read_checkpoint_meta(round_.policy_checkpoint)["args"]
+    assert args["reward_models"] == [round_.reward_checkpoint, f"classifier:1:{classifier}"]
+    assert args["reward_roles"] == ["quality", "safety"] and args["reward_combination"] == "gated"
+    ppo = jobs[2]
+    curves = ("ppo/reward/quality", "ppo/reward/safety_classifier", "ppo/reward/gated")
+    assert set(curves) <= chart_keys(ppo)
+    safe = [p["ppo/reward/safety_classifier"] for p in ppo.metrics if "ppo/reward/safety_classifier" in p]
+    assert len(safe) == config.ppo_steps and all(0 < p < 1 for p in safe)  # the mean P(safe), every step
+    page = round_page(reviewer, round_)
+    assert all(curve in page for curve in curves)

@@ -798,7 +798,7 @@ def test_the_launch_form_shows_an_algorithm_s_sections_only_for_it_and_launches_
     page = response.content.decode()
     shown_for = {title: tag for tag, title in
                  re.findall(r'<fieldset(?: data-algorithms="([^"]*)")?><legend>(.*?)</legend>', page)}
-    assert shown_for == {"Round type": "", "Models and prompting": "", "Reward model": "ppo grpo", "PPO": "ppo",
+    assert shown_for == {"Round type": "", "Models and prompting": "", "Reward model": "ppo grpo", "Safety": "ppo grpo", "PPO": "ppo",
                          "DPO": "dpo", "GRPO": "grpo", "Sampling": "", "New pairs": "", "Memory": ""}
     assert '<p data-algorithms="ppo grpo"><label for="id_reward_model">Backbone</label>' in page
     assert '<p><label for="id_reference">' in page  # DPO's "sft" reference reads it too
@@ -866,6 +866,7 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
         "Round type": ["Algorithm"],
         "Models and prompting": ["Backbone", "Reference policy", "System prompt", "Stop strings"],
         "Reward model": ["Epochs", "Learning rate", "Warm-up share", "Batch size", "Max length"],
+        "Safety": ["Reward combination", "Safety weight", "Safety threshold", "Safety classifier", "Safe label"],
         "PPO": ["Steps", "Batch size", "Samples per prompt", "Mini batch size", "KL coefficient", "Learning rate"],
         "DPO": ["Loss", "Beta", "Label smoothing", "Strength weight", "Learning rate", "Epochs", "Batch size",
                 "Max length", "Reference"],
@@ -874,8 +875,8 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
         "New pairs": ["Pairing", "Priority"],
         "Memory": ["LoRA rank", "Gradient checkpointing"],
     }
-    assert list(labels) == ["Round type", "Models and prompting", "Reward model", "PPO", "DPO", "GRPO", "Sampling",
-                            "New pairs", "Memory"]
+    assert list(labels) == ["Round type", "Models and prompting", "Reward model", "Safety", "PPO", "DPO", "GRPO",
+                            "Sampling", "New pairs", "Memory"]
     assert 'name="seed"' not in page and 'name="ppo_save_every"' not in page  # the preset's, or --set
     assert re.search(r'<textarea name="stop_strings" cols="40" rows="2"', page)
     assert re.search(r'<input type="number" name="ppo_kl_coef" value="0.15" min="0.0" max="100.0" step="any"', page)
@@ -1118,10 +1119,11 @@ def test_round_defaults_are_the_engines_or_say_why_not():
 
 def test_round_setting_choices_are_the_engines():
     """A round setting that picks among an engine's variants offers exactly those the engine knows."""
-    from training.config import DPO_LOSSES, GRPO_BASELINES
-    from training.engine import dpo, grpo
+    from training.config import DPO_LOSSES, GRPO_BASELINES, REWARD_COMBINATIONS
+    from training.engine import dpo, grpo, sources
 
     assert tuple(DPO_LOSSES) == dpo.LOSS_TYPES and tuple(GRPO_BASELINES) == grpo.BASELINES
+    assert set(REWARD_COMBINATIONS) == set(sources.COMBINATIONS) - {sources.SUM}  # a round names its roles
 
 
 class _Handed(Exception):
@@ -1143,9 +1145,43 @@ class _Quiet:
         pass
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_the_policy_stage_optimises_the_reward_model_and_the_safety_classifier_beside_it(chains, monkeypatch,
+                                                                                         algorithm):
+    def stage(name, args, progress):
+        raise _Handed(args)
+
+    monkeypatch.setattr(runner, "train", stage)
+    monkeypatch.setattr(runner, "ensure_policy", lambda path, preset: path)
+    plain = launch(judged_campaign(slug="plain"), algorithm=algorithm)
+    gated = launch(judged_campaign(slug="gated"), algorithm=algorithm, safety_classifier="/models/guard",
+                   safety_classifier_label=1, reward_combination="gated")
+    handed = {}
+    for round_ in (plain, gated):
+        Round.objects.filter(pk=round_.pk).update(reward_checkpoint="/ckpt/rm")
+        round_.refresh_from_db()
+        with pytest.raises(_Handed) as raised:
+            runner.RUNNERS[algorithm](round_.jobs.get(kind=algorithm), _Quiet())
+        handed[round_.campaign.slug] = raised.value.handed
+    assert handed["plain"].reward_models == ["/ckpt/rm"] and handed["plain"].reward_roles == ["quality"]
+    args = handed["gated"]
+    assert args.reward_models == ["/ckpt/rm", "classifier:1:/models/guard"]
+    assert args.reward_names == ["quality", "safety_classifier"] and args.reward_roles == ["quality", "safety"]
+    assert (args.reward_combination, args.safety_threshold, args.safety_weight) == ("gated", 0.15, 0.3)
+
+
+def test_a_dpo_round_refuses_the_safety_settings_of_the_rounds_with_a_reward_model():
+    from training.config import refuse_unused
+
+    with pytest.raises(ConfigError, match="safety_classifier does not apply to a dpo round"):
+        refuse_unused("dpo", ["safety_classifier"])
+
+
 # The jobs each engine module's settings feed (common.MemoryArgs: every training stage of a round).
 _JOBS_OF_MODULE = {"reward": (Job.REWARD,), "ppo": (Job.PPO,), "dpo": (Job.DPO,), "grpo": (Job.GRPO,),
-                   "sample": (Job.SAMPLE,), "common": (Job.REWARD, Job.PPO, Job.DPO, Job.GRPO)}
+                   "sample": (Job.SAMPLE,), "common": (Job.REWARD, Job.PPO, Job.DPO, Job.GRPO),
+                   "sources": (Job.PPO, Job.GRPO)}
 
 
 def _another_value(avoid: tuple, choices: dict | None = None):
@@ -1266,3 +1302,9 @@ def test_responses_the_length_limit_cut_are_stored_as_truncated(chains, monkeypa
     assert all(response.generation.get("truncated") is True for response in stored), [
         (r.text, r.generation) for r in stored]
 
+
+
+def test_the_round_page_charts_each_named_reward_sources_curve_but_not_a_path_named_one():
+    assert Job.is_chart_key("ppo/reward/quality") and Job.is_chart_key("grpo/reward/safety_classifier")
+    assert Job.is_chart_key("ppo/reward/gated") and Job.is_chart_key("ppo/reward")
+    assert not Job.is_chart_key("ppo/reward//runs/rm") and not Job.is_chart_key("ppo/reward/rule:correct")

@@ -15,6 +15,7 @@ from typing import Any
 
 from annotate.limits import INT32_MAX, INT32_MIN
 from training.engine.fields import field_docs
+from training.engine.sources import GATED, WEIGHTED
 
 PAIRING_PREVIOUS, PAIRING_SFT, PAIRING_SELF = "previous", "sft", "self"
 REWARD_FROM_SFT = "sft"  # reward_model value: the campaign's SFT policy is the reward backbone
@@ -32,6 +33,10 @@ DPO_REFERENCES = {
 DPO_LOSSES = {"sigmoid": "sigmoid: DPO (Rafailov et al. 2023)", "ipo": "ipo: IPO (Azar et al. 2023)"}
 GRPO_BASELINES = {"group": "the group's mean (Shao et al. 2024)",
                   "rloo": "the mean of the others in the group (RLOO, Ahmadian et al. 2024)"}
+REWARD_COMBINATIONS = {
+    WEIGHTED: "weighted: (1 - safety weight) x quality + safety weight x safety (Lambert's RLHF book)",
+    GATED: "gated: the safety reward replaces quality where P(safe) is under the threshold (Llama 2)",
+}
 PAIRINGS = {
     PAIRING_PREVIOUS: "new policy vs the previous round's policy",
     PAIRING_SFT: "new policy vs the SFT (starting) policy",
@@ -141,6 +146,26 @@ class RoundConfig:
         section="Reward model", label="Max length",
         algorithms=WITH_REWARD_MODEL)
     """Longest (prompt, response) in tokens for the reward model; the demo's are well under it."""
+    reward_combination: str = setting(
+        WEIGHTED, choices=REWARD_COMBINATIONS, engine=("sources", "RewardMixArgs", "reward_combination"),
+        why_differs="weighted: a round names its sources' roles, and the book's formula is the plain mix; the "
+                    "engine's sum is a bare command line's weighted sum of raw scores",
+        section="Safety", label="Reward combination", algorithms=WITH_REWARD_MODEL)
+    """How the policy stage mixes the reward model (quality) with a safety source (safety_classifier): weighted or
+    gated, each whitened first (training/engine/reward.py); without a safety source the reward model alone."""
+    safety_weight: float = setting(0.3, bounds=(0.0, 1.0), engine=("sources", "RewardMixArgs", "safety_weight"),
+                                   section="Safety", label="Safety weight", algorithms=WITH_REWARD_MODEL)
+    """Share of the safety reward in the weighted combination; the engine's 0.3, Lambert's RLHF book."""
+    safety_threshold: float = setting(0.15, bounds=(0.0, 1.0),
+                                      engine=("sources", "RewardMixArgs", "safety_threshold"),
+                                      section="Safety", label="Safety threshold", algorithms=WITH_REWARD_MODEL)
+    """P(safe) under which the gated combination takes the safety reward; the engine's 0.15, Llama 2's."""
+    safety_classifier: str = setting("", section="Safety", label="Safety classifier", algorithms=WITH_REWARD_MODEL)
+    """A ready sequence-classification model (path or name) whose P(safe) of each response is a safety reward
+    beside the round's reward model; empty: none."""
+    safety_classifier_label: int = setting(0, bounds=(0, 65_535), section="Safety", label="Safe label",
+                                           algorithms=WITH_REWARD_MODEL)
+    """Index of the safety classifier's label that means safe (its config.json id2label); 0, the first label."""
     ppo_steps: int = setting(30, bounds=(1, 1_000_000), engine=("ppo", "PPOArgs", "steps"),
                              section="PPO", label="Steps", algorithms=(PPO,))
     """PPO iterations (each: a rollout batch and its optimisation); 30, the engine's default."""

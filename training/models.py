@@ -190,9 +190,11 @@ class Job(models.Model):
         elapsed = (timezone.now() - self.started_at).total_seconds()
         return max(0.0, elapsed / done * (self.total_steps - self.step))
 
-    # Charted metric keys: losses, accuracies, rewards, margins, KL and entropy (not the KL coefficient or
-    # the approximate KL of the PPO update, nor per-source rewards like ppo/reward/<path>).
-    CHART_KEY = re.compile(r"^[a-z]+/[a-z_]*(loss|accuracy|reward|margin|kl|entropy|score)[a-z_]*$")
+    # Charted metric keys: losses, accuracies, rewards, margins, KL and entropy, and each named reward source's
+    # reward, ppo/reward/<name> (not the KL coefficient or the approximate KL of the PPO update, nor a source
+    # named by its path, ppo/reward//runs/rm).
+    CHART_KEY = re.compile(r"^[a-z]+/([a-z_]*(loss|accuracy|reward|margin|kl|entropy|score)[a-z_]*"
+                           r"|reward/[a-z][a-z0-9_]*)$")
     CHART_SKIP = ("kl_coef", "approx_kl")
 
     @classmethod

@@ -53,6 +53,7 @@ from training.config import (
 from training.dispatch import time_limits
 from training.engine.chat_date import pinned_chat_date
 from training.engine.errors import EngineError
+from training.engine.sources import QUALITY, SAFETY, classifier_source
 from training.models import Job, Round
 from training.starting_policy import ensure_policy
 
@@ -374,6 +375,35 @@ def kl_reference(round_: Round, config: RoundConfig) -> str:
     return ensure_policy(config.reference or round_.config["base_policy"], config.preset)
 
 
+@dataclass(frozen=True)
+class RewardSource:
+    """One reward the policy stage optimises: its name (the metric <stage>/reward/<name>), the engine's source
+    (a checkpoint path, rule:NAME or classifier:LABEL:PATH) and its role, quality or safety."""
+
+    name: str
+    source: str
+    role: str
+
+
+def reward_sources(round_: Round, config: RoundConfig) -> list[RewardSource]:
+    """Every reward the round's PPO or GRPO stage optimises, the one list of them: the round's reward model
+    (quality) and, with safety_classifier set, that classifier's P(safe) (safety)."""
+    if not round_.reward_checkpoint:
+        raise RunnerError("this round has no reward model yet: its reward job has not succeeded")
+    sources = [RewardSource("quality", round_.reward_checkpoint, QUALITY)]
+    if config.safety_classifier:
+        sources.append(RewardSource("safety_classifier",
+                                    classifier_source(config.safety_classifier, config.safety_classifier_label),
+                                    SAFETY))
+    return sources
+
+
+def reward_source_args(sources: list[RewardSource]) -> dict[str, list[str]]:
+    """The engine's arguments (PPOArgs, GRPOArgs) that list the sources, their names and their roles."""
+    return {"reward_models": [s.source for s in sources], "reward_names": [s.name for s in sources],
+            "reward_roles": [s.role for s in sources]}
+
+
 def opponent(round_: Round, config: RoundConfig) -> tuple[str, str]:
     """(label, checkpoint) of what the new policy is paired against; ("", "") for two samples of itself."""
     if config.pairing == PAIRING_PREVIOUS:
@@ -450,15 +480,14 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
 
     round_ = job.round
     config = round_config(round_)
-    if not round_.reward_checkpoint:
-        raise RunnerError("this round has no reward model yet: its reward job has not succeeded")
+    sources = reward_sources(round_, config)
     out = _fresh_start(job) / "policy"
     progress.line(f"Loading the starting policy {round_.parent_policy}")
     policy = ensure_policy(round_.parent_policy, config.preset)
     reference = kl_reference(round_, config)
     prompts = ppo_prompts(round_.campaign)
     args = ppo.PPOArgs(
-        policy=policy, ref_policy=reference, reward_models=[round_.reward_checkpoint], prompts=prompts,
+        policy=policy, ref_policy=reference, **reward_source_args(sources), prompts=prompts,
         out=str(out), system_prompt=config.system_prompt, stop_strings=config.stop_list(),
         seed=config.seed + round_.number, resume=True, device=device(),
         resume_from=_earlier_checkpoint(job, "policy", ppo.resume_dir), **config.engine_args(ppo.PPOArgs),
@@ -476,14 +505,13 @@ def run_grpo(job: Job, progress: Progress) -> Outcome:
 
     round_ = job.round
     config = round_config(round_)
-    if not round_.reward_checkpoint:
-        raise RunnerError("this round has no reward model yet: its reward job has not succeeded")
+    sources = reward_sources(round_, config)
     out = _fresh_start(job) / "policy"
     progress.line(f"Loading the starting policy {round_.parent_policy}")
     policy = ensure_policy(round_.parent_policy, config.preset)
     prompts = ppo_prompts(round_.campaign)
     args = grpo.GRPOArgs(
-        policy=policy, ref_policy=kl_reference(round_, config), reward_models=[round_.reward_checkpoint],
+        policy=policy, ref_policy=kl_reference(round_, config), **reward_source_args(sources),
         prompts=prompts, out=str(out), system_prompt=config.system_prompt, stop_strings=config.stop_list(),
         max_new_tokens=config.ppo_max_new_tokens, seed=config.seed + round_.number, resume=True, device=device(),
         resume_from=_earlier_checkpoint(job, "policy", grpo.resume_dir), **config.engine_args(grpo.GRPOArgs),

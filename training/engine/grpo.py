@@ -44,7 +44,7 @@ from training.engine.common import (
 from training.engine.common import step_generator as _step_generator
 from training.engine.data import read_prompts
 from training.engine.ranks import Ranks
-from training.engine.reward import CombinedReward, RewardFn, RewardMixArgs, check_reward_sources
+from training.engine.reward import CombinedReward, RewardFn, check_reward_sources
 from training.engine.rollouts import (
     Rollouts,
     check_context,
@@ -56,6 +56,7 @@ from training.engine.rollouts import (
     report_step,
     sample_groups,
 )
+from training.engine.sources import RewardMixArgs
 
 STAGE = "grpo"
 BASELINES = ("group", "rloo")

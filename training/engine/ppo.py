@@ -49,7 +49,7 @@ from training.engine.common import (
 from training.engine.common import step_generator as _step_generator
 from training.engine.data import read_prompts
 from training.engine.ranks import Ranks
-from training.engine.reward import CombinedReward, RewardFn, RewardMixArgs, check_reward_sources
+from training.engine.reward import CombinedReward, RewardFn, check_reward_sources
 from training.engine.rollouts import (
     Rollouts,
     check_context,
@@ -61,6 +61,7 @@ from training.engine.rollouts import (
     report_step,
     sample_groups,
 )
+from training.engine.sources import RewardMixArgs
 
 STAGE = "ppo"
 VALUE_HEAD_DIR = "value_head"

@@ -86,6 +86,17 @@ from .common import (
 )
 from .data import data_version, read_pairs, split_pairs
 from .ranks import Ranks
+from .sources import (
+    CLASSIFIER_PREFIX,
+    COMBINATIONS,
+    GATED,
+    QUALITY,
+    ROLES,
+    RULE_PREFIX,
+    SAFETY,
+    SUM,
+    RewardMixArgs,
+)
 from .timing import LoopTimer
 
 STAGE = "reward"
@@ -778,35 +789,10 @@ class RewardScorer:
 # Reward sources of PPO and GRPO: reward-model checkpoints, rule judges ("rule:NAME"), ready safety classifiers
 # ("classifier:LABEL:PATH") and a callable, summed with weights, or mixed as quality and safety (RewardMixArgs)
 
-RULE_PREFIX = "rule:"
-CLASSIFIER_PREFIX = "classifier:"
-SUM, WEIGHTED, GATED = "sum", "weighted", "gated"
-COMBINATIONS = (SUM, WEIGHTED, GATED)
-QUALITY, SAFETY = "quality", "safety"
-ROLES = (QUALITY, SAFETY)
 GATED_SHARE = "gated"  # the score part that gives the share of responses the gate handed to safety
 PROBABILITY_EPS = 1e-6  # a classifier's P(safe) is kept this far from 0 and 1 before its logit
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompt texts, responses) -> scores
-
-
-@dataclass
-class RewardMixArgs:
-    """How PPO and GRPO name their reward sources and combine them into one score (PPOArgs and GRPOArgs extend it)."""
-
-    reward_names: list[str] = field(default_factory=list)
-    """One short name per reward source, its metric <stage>/reward/<name>; empty: the source as given."""
-    reward_roles: list[str] = field(default_factory=list)
-    """quality or safety, one per reward source; empty: classifier sources are safety, the others quality."""
-    reward_combination: str = SUM
-    """sum: the weighted sum of the raw scores; weighted: (1 - safety_weight) * quality + safety_weight * safety
-    (Lambert's RLHF book); gated: safety's instead of quality's score where P(safe) < safety_threshold (Llama 2,
-    Touvron et al. 2023, sec. 3.2.3, eq. 3); both whiten each source first."""
-    safety_weight: float = 0.3
-    """Share of the safety score in the weighted combination (Lambert's RLHF book: 0.3)."""
-    safety_threshold: float = 0.15
-    """P(safe) under which the gated combination takes the safety score (Llama 2's 0.15: precision 0.89 and recall
-    0.55 for unsafe responses, Touvron et al. 2023, sec. 3.2.3)."""
 
 
 def _rule_judges() -> dict[str, Callable[[str, str], float]]:
