@@ -138,7 +138,6 @@ def test_it_learns_a_rule_based_preference_to_95_percent_held_out(bert_path, tmp
     events = []
     metrics = main(tiny_args(train, bert_path, tmp_path / "rm", eval=held_out, epochs=2, batch_size=16,
                              eval_every=20), events.append)
-    assert metrics["rm/loop_seconds"] < 60  # about 3 s on an idle 2-core machine
     assert metrics["rm/accuracy"] >= 0.95, metrics
     assert metrics["rm/chosen_reward"] > metrics["rm/rejected_reward"]
     first_logged = next(e["metrics"]["rm/loss"] for e in events if "rm/loss" in e["metrics"])
