@@ -34,7 +34,7 @@ DPO_LOSSES = {"sigmoid": "sigmoid: DPO (Rafailov et al. 2023)", "ipo": "ipo: IPO
 GRPO_BASELINES = {"group": "the group's mean (Shao et al. 2024)",
                   "rloo": "the mean of the others in the group (RLOO, Ahmadian et al. 2024)"}
 REWARD_COMBINATIONS = {
-    WEIGHTED: "weighted: (1 - safety weight) x quality + safety weight x safety (Lambert's RLHF book)",
+    WEIGHTED: "weighted: (1 - safety weight) x quality + safety weight x safety (the seed material's safety alignment)",
     GATED: "gated: the safety reward replaces quality where P(safe) is under the threshold (Llama 2)",
 }
 PAIRINGS = {
@@ -155,7 +155,7 @@ class RoundConfig:
     gated, each whitened first (training/engine/reward.py); without a safety source the reward model alone."""
     safety_weight: float = setting(0.3, bounds=(0.0, 1.0), engine=("sources", "RewardMixArgs", "safety_weight"),
                                    section="Safety", label="Safety weight", algorithms=WITH_REWARD_MODEL)
-    """Share of the safety reward in the weighted combination; the engine's 0.3, Lambert's RLHF book."""
+    """Share of the safety reward in the weighted combination; the engine's 0.3, the seed material's."""
     safety_threshold: float = setting(0.15, bounds=(0.0, 1.0),
                                       engine=("sources", "RewardMixArgs", "safety_threshold"),
                                       section="Safety", label="Safety threshold", algorithms=WITH_REWARD_MODEL)

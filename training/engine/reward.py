@@ -931,7 +931,7 @@ def combine(quality: torch.Tensor, safety: torch.Tensor, safety_probability: tor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The combined score of whitened quality and safety scores, and which responses the gate handed to safety.
 
-    weighted: (1 - w) * quality + w * safety (Lambert's RLHF book). gated: safety where P(safe) < threshold,
+    weighted: (1 - w) * quality + w * safety (the seed material's safety alignment). gated: safety where P(safe) < threshold,
     else quality (Llama 2, eq. 3, less its IS_SAFETY(prompt) case: prompts here carry no such tag)."""
     if mix.reward_combination == GATED:
         gated = safety_probability < mix.safety_threshold

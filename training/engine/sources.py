@@ -28,10 +28,10 @@ class RewardMixArgs:
     """quality or safety, one per reward source; empty: classifier sources are safety, the others quality."""
     reward_combination: str = SUM
     """sum: the weighted sum of the raw scores; weighted: (1 - safety_weight) * quality + safety_weight * safety
-    (Lambert's RLHF book); gated: safety's instead of quality's score where P(safe) < safety_threshold (Llama 2,
+    (the seed material's safety alignment); gated: safety's instead of quality's score where P(safe) < safety_threshold (Llama 2,
     Touvron et al. 2023, sec. 3.2.3, eq. 3); both whiten each source first."""
     safety_weight: float = 0.3
-    """Share of the safety score in the weighted combination (Lambert's RLHF book: 0.3)."""
+    """Share of the safety score in the weighted combination (the seed material's 0.3)."""
     safety_threshold: float = 0.15
     """P(safe) under which the gated combination takes the safety score (Llama 2's 0.15: precision 0.89 and recall
     0.55 for unsafe responses, Touvron et al. 2023, sec. 3.2.3)."""
