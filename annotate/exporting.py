@@ -6,6 +6,9 @@ TRL's preference columns (https://huggingface.co/docs/trl/dataset_formats, "pref
   prompt, chosen, rejected   in one of TRL's two formats (`trl_format`, below)
   margin   from the labeler's strength (Judgment.margin(): Llama 2's 0, 1/3, 2/3, 1), 0.0 without one
   pair_id, labeler
+  round    the number of the round whose policy wrote the pair's responses (its sample job); null for a pair
+           that no round made (imported, or the demo's seed), which a DPO round's older_rounds_weight counts
+           as round 0
 TRL's formats:
   standard        prompt as plain text (chat turns flattened as labelers saw them); chosen, rejected
                   the responses' text
@@ -59,6 +62,7 @@ BT_SCHEMA = pa.schema([
     ("margin", pa.float64()),
     ("pair_id", pa.int64()),
     ("labeler", pa.string()),
+    ("round", pa.int64()),             # the round that made the pair; null: imported or seed
 ])
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -70,6 +74,7 @@ BT_CHAT_SCHEMA = pa.schema([
     ("margin", pa.float64()),
     ("pair_id", pa.int64()),
     ("labeler", pa.string()),
+    ("round", pa.int64()),             # the round that made the pair; null: imported or seed
 ])
 
 RAW_SCHEMA = pa.schema([
@@ -93,7 +98,8 @@ RAW_SCHEMA = pa.schema([
 
 RAW_CHAT_SCHEMA = RAW_SCHEMA.set(RAW_SCHEMA.get_field_index("prompt"), pa.field("prompt", MESSAGES))
 
-OUR_COLUMNS = [BT_SCHEMA.names, BT_CHAT_SCHEMA.names, RAW_SCHEMA.names, RAW_CHAT_SCHEMA.names]
+# Pairs exported before the round column was added are earlier exports of ours too (replaceable).
+OUR_COLUMNS = [BT_SCHEMA.names, BT_CHAT_SCHEMA.names, BT_SCHEMA.names[:-1], RAW_SCHEMA.names, RAW_CHAT_SCHEMA.names]
 
 
 class ExportError(ValueError):
@@ -179,13 +185,13 @@ def _judgments(campaign):
     return (
         Judgment.objects.filter(pair__campaign=campaign)
         .exclude(Exclusion.excluded_judgments(campaign))
-        .select_related("pair__prompt", "pair__response_a", "pair__response_b", "labeler")
+        .select_related("pair__prompt", "pair__response_a", "pair__response_b", "pair__round", "labeler")
         .order_by("pk")
     )
 
 
 def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = False) -> Iterator[dict]:
-    """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler}, one per A/B judgment."""
+    """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler, round}, one per A/B judgment."""
     judgments = _judgments(campaign).filter(choice__in=[Judgment.A, Judgment.B])
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
@@ -204,6 +210,7 @@ def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = 
             "margin": judgment.margin(),
             "pair_id": judgment.pair_id,
             "labeler": judgment.labeler.username if judgment.labeler else "",
+            "round": judgment.pair.round.number if judgment.pair.round_id else None,
         }
 
 

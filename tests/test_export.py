@@ -83,6 +83,21 @@ def test_it_exports_a_and_b_choices_only_with_margin_from_strength(judged):
     assert as_tuples(without_simulated) == rounded([e for e in expected if e[4] != "sim-bot"])
 
 
+def test_it_exports_the_round_that_made_each_pair_and_none_for_an_import(labeler):
+    from training.models import Round
+
+    campaign = make_campaign("rounds", n_pairs=0, members=[labeler])
+    for number in (1, 2):
+        made_by = Round.objects.create(campaign=campaign, number=number, parent_policy="sft")
+        add_pairs(campaign, [PairInput(f"Round {number}?", f"yes {number}", f"no {number}", preferred="a")],
+                  round=made_by, source="policy", notify=False)
+    add_pairs(campaign, [PairInput("Imported?", "good", "bad", preferred="a")], notify=False)
+
+    rows = list(bt_rows(campaign))
+    assert sorted((row["prompt"], row["round"]) for row in rows) == [
+        ("Imported?", None), ("Round 1?", 1), ("Round 2?", 2)]
+
+
 def test_it_exports_every_judgment_raw_with_shown_order_and_timing(judged, labeler):
     campaign, _ = judged
     rows = list(raw_rows(campaign))
@@ -173,6 +188,11 @@ def test_it_replaces_earlier_jsonl_and_parquet_exports_without_being_told(judged
             export_pairs(campaign, tmp_path / name, format=fmt)
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 4
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 4
+    # A pairs file exported before the round column existed is an earlier export of ours as well.
+    rows = [{key: value for key, value in row.items() if key != "round"} for row in bt_rows(campaign)]
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    export_pairs(campaign, tmp_path / "old.jsonl", format="jsonl")
+    assert "round" in json.loads((tmp_path / "old.jsonl").read_text().splitlines()[0])
 
 
 def test_the_command_refuses_to_replace_a_directory_that_is_not_an_export(judged, tmp_path):

@@ -120,7 +120,7 @@ def test_it_publishes_a_round_as_a_folder_that_datasets_loads_with_a_card_of_its
     call_command("publish_round", str(round_.pk), str(out), "--language", "en", stdout=stdout)
 
     assert "Wrote 11 rows" in stdout.getvalue()
-    columns = ["prompt", "chosen", "rejected", "margin", "pair_id", "labeler", "source"]
+    columns = ["prompt", "chosen", "rejected", "margin", "pair_id", "labeler", "round", "source"]
     saved = load_from_disk(str(out))["train"]
     loaded = load_dataset(str(out), cache_dir=str(tmp_path / "cache"))["train"]
     parquet = load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), cache_dir=str(tmp_path / "cache"))

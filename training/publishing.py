@@ -51,6 +51,7 @@ COLUMNS = {
     "margin": "how much better, from the labeler's strength (Llama 2's 0, 1/3, 2/3, 1); 0 without one",
     "pair_id": "the pair's id in the campaign: rows with the same id are several labelers' judgments of it",
     "labeler": "the labeler's username; empty for an imported preference",
+    "round": "the number of the round whose policy wrote the pair; null for an imported or seed pair",
     "source": "who judged: human (labeling page), api, simulated (a rule or model standing in), import",
 }
 
