@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from training.engine.common import EngineError
-from training.engine.data import data_version, load_pairs, read_pairs, split_pairs
+from training.engine.data import data_version, load_pairs, read_pairs, round_weights, split_pairs
 
 ROWS = [
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A colour.", "margin": 1.0, "pair_id": 1,
@@ -69,10 +69,21 @@ def test_it_flattens_chat_turn_prompts_and_defaults_the_margin_to_zero(tmp_path)
     (ROWS[:1] + [{"prompt": "  ", "chosen": "a", "rejected": "b"}], "row 2: field 'prompt' is empty"),
     ([{"prompt": "q", "chosen": "", "rejected": "b"}], "holds no pairs with both responses non-empty"),
     (ROWS[:1] + [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}], "row 2: field 'margin'"),
+    (ROWS[:1] + [{"prompt": "q", "chosen": "a", "rejected": "b", "round": "2"}], "row 2: field 'round'"),
 ])
 def test_it_names_the_row_and_field_of_a_bad_value(tmp_path, rows, message):
     with pytest.raises(EngineError, match=message):
         load_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows))
+
+
+def test_a_pair_made_k_rounds_before_the_newest_weighs_w_to_the_k_and_an_import_counts_as_round_0(tmp_path):
+    rows = [{**ROWS[0], "round": 3}, {**ROWS[1], "round": 2}, {**ROWS[2], "round": None}, {**ROWS[0]}]
+    made_by = load_pairs(write_jsonl(tmp_path / "rounds.jsonl", rows))["round"]
+    assert made_by == [3, 2, None, None]
+    assert round_weights(made_by, 0.5) == [1.0, 0.5, 0.125, 0.125]
+    assert round_weights(made_by, 1.0) == [1.0] * 4
+    assert round_weights(made_by, 0.0) == [1.0, 0.0, 0.0, 0.0]  # the newest round's pairs only
+    assert round_weights([None, None], 0.0) == [1.0, 1.0]  # no round's pairs yet: the imports are the newest
 
 
 def test_it_leaves_out_pairs_with_an_empty_response_instead_of_refusing_the_file(tmp_path):

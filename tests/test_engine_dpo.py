@@ -135,6 +135,29 @@ def test_a_pair_weighs_one_plus_strength_weight_times_its_margin():
     assert dpo.pair_weights(dpo.DPOArgs(), pairs, torch.device("cpu")) is None
 
 
+def test_a_pair_from_an_older_round_weighs_older_rounds_weight_to_the_k_times_its_strength_weight():
+    pairs = [{"margin": 1.0, "round_weight": 1.0}, {"margin": 0.0, "round_weight": 0.25}]
+    weight = dpo.pair_weights(dpo.DPOArgs(strength_weight=1.0, older_rounds_weight=0.5), pairs, torch.device("cpu"))
+    assert weight.tolist() == [2.0, 0.25]
+    gaps, zeros, ones = torch.tensor([1.0, -3.0]), torch.zeros(2), torch.ones(2)
+    weighted, _ = dpo.preference_loss(gaps, zeros, zeros, zeros, ones, ones, beta=0.1, weight=weight)
+    each = -torch.nn.functional.logsigmoid(0.1 * gaps)
+    assert torch.allclose(weighted, (2 * each[0] + 0.25 * each[1]) / 2.25)
+    assert not torch.allclose(weighted, each.mean())
+
+
+def test_older_rounds_weight_0_trains_on_the_newest_round_s_pairs_only(tiny_gpt2, tmp_path):
+    rows = [{**row, "round": 1 + i % 3} for i, row in enumerate(style_pairs(12, seed=3))]  # rounds 1, 2, 3
+    rows += [{**row, "round": None} for row in style_pairs(4, seed=4)]  # imported
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    newest_only = dpo.main(tiny_args(tiny_gpt2, train, tmp_path / "newest", eval_fraction=0.0,
+                                     older_rounds_weight=0.0), lambda event: None)
+    assert newest_only["dpo/train_pairs"] == 4 and newest_only["dpo/steps"] == 1
+    every = dpo.main(tiny_args(tiny_gpt2, train, tmp_path / "every", eval_fraction=0.0, older_rounds_weight=0.5),
+                     lambda event: None)
+    assert every["dpo/train_pairs"] == 16
+
+
 def test_a_long_pair_loses_the_start_of_its_prompt_then_the_end_of_its_reply():
     prompt, reply = list(range(10)), list(range(100, 110))
     assert dpo.fit_length(prompt, reply[:2], 12) == (prompt, reply[:2])

@@ -207,6 +207,11 @@ class RoundConfig:
     dpo_strength_weight: float = setting(0.0, bounds=(0.0, 100.0), engine=("dpo", "DPOArgs", "strength_weight"),
                                          section="DPO", label="Strength weight", algorithms=(DPO,))
     """A pair weighs 1 + this x the labelers' strength (margin 0..1); 0, the engine's: all pairs alike."""
+    dpo_older_rounds_weight: float = setting(
+        1.0, bounds=(0.0, 1.0), engine=("dpo", "DPOArgs", "older_rounds_weight"), section="DPO",
+        label="Weight per older round", algorithms=(DPO,))
+    """w: a pair made k rounds before the newest judged round's weighs w^k (imports count as round 0); 1, the
+    engine's: every round's pairs alike; 0: the newest round's pairs only."""
     dpo_lr: float = setting(
         1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("dpo", "DPOArgs", "lr"),
         why_differs="1e-4: at the engine's 1e-6 three closed-loop DPO rounds left the tiny demo policy as it "

@@ -3,7 +3,8 @@
 The export uses TRL's columns (https://huggingface.co/docs/trl/dataset_formats, "preference"):
 `prompt` (text, or chat turns [{"role", "content"}]), `chosen`, `rejected` (text, or TRL's
 conversational form: a list of assistant turns), plus
-`margin` (float, from the labelers' strength; may be absent), `pair_id`, `labeler`. It comes as
+`margin` (float, from the labelers' strength; may be absent), `pair_id`, `labeler`, `round` (the number of the
+round that made the pair, null for an imported one; may be absent). It comes as
 JSONL, Parquet, or a directory written by `datasets.Dataset.save_to_disk`; the same file feeds TRL.
 
 Plain Python over `datasets` (imported when pairs are read, so PPO's import stays light); never imports
@@ -32,10 +33,11 @@ TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 def load_pairs(path: str | Path) -> Dataset:
     """Read exported pairs into a Dataset with columns prompt, chosen, rejected (text), prompt_turns (the
-    prompt as chat turns: a text prompt is one user turn) and margin (float).
+    prompt as chat turns: a text prompt is one user turn), margin (float) and round (int or None).
 
     `prompt` holds chat turns flattened with `common.prompt_text` (for backbones without a chat template);
-    responses given as assistant turns become their text; a missing `margin` column or value is 0.0.
+    responses given as assistant turns become their text; a missing `margin` column or value is 0.0, a missing
+    `round` None.
     Other columns (pair_id, labeler, ...) are kept. Pairs with an empty response are left out (see
     `read_pairs`). Every problem is an EngineError that names the file, and for a bad value the row
     (1-based) and the field.
@@ -158,7 +160,20 @@ def _clean_row(row: dict[str, Any], number: int, path: Path) -> dict[str, Any] |
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise EngineError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
     clean["margin"] = float(margin)
+    made_by = row.get("round")
+    if made_by is not None and (isinstance(made_by, bool) or not isinstance(made_by, int) or made_by < 0):
+        raise EngineError(f"{where}: field 'round' must be a round number (0 or more) or null, got {made_by!r}")
+    clean["round"] = made_by
     return None if empty_response else clean
+
+
+def round_weights(rounds: Sequence[int | None], older_rounds_weight: float) -> list[float]:
+    """Each pair's weight from the round that made it: w ** k for a pair made k rounds before the newest pair's
+    round, w = older_rounds_weight (1: all alike, 0: the newest round's pairs only); a pair that no round made
+    (imported, seed: round None) counts as round 0, older than every round's."""
+    numbers = [made_by or 0 for made_by in rounds]
+    newest = max(numbers, default=0)
+    return [older_rounds_weight ** (newest - number) for number in numbers]
 
 
 def split_pairs(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:

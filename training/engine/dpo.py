@@ -11,13 +11,16 @@ For a prompt x with a chosen response y_c and a rejected one y_r, preference_los
                         (eq. 7; eps > 0 is conservative DPO, Mitchell 2023, "A note on DPO with noisy preferences")
                     ipo: (h_avg - 1 / (2 beta))^2 with per-token averaged log-probs
                         (Azar et al. 2023, eq. 17, averaged per token as TRL's DPOTrainer does it)
-    4. the mean over pairs, each weighted 1 + strength_weight * margin (the labelers' strength, 0..1)
+    4. the mean over pairs, each weighted (1 + strength_weight * margin) * older_rounds_weight ** k: margin the
+       labelers' strength (0..1), k how many rounds before the newest pair's round the pair was made
+       (data.round_weights), so an iterative run (Xu et al. 2023, "Some things are more cringe than others")
+       leans on the newest policy's pairs
 
 The reference is frozen, so its log-probs are computed once, in one pass before the first step: by ref_policy
 when given, else by the starting policy itself (under LoRA its base, adapters off); no second copy of the model
 is held while training. A resumable checkpoint carries them, so a resumed run needs no reference at all.
 
-Inputs are the reward model's pairs (data.read_pairs: the export's prompt, chosen, rejected, margin). A model
+Inputs are the reward model's pairs (data.read_pairs: the export's prompt, chosen, rejected, margin, round). A model
 with a chat template sees the prompt's turns through it and learns the reply's assistant turn (end-of-turn
 marker included); a base model sees the instruction template (common.render_prompt) and the reply + eos.
 Chosen and rejected go through the model as one (2B, T) batch, prompts left-padded and replies right-padded,
@@ -76,7 +79,7 @@ from training.engine.common import (
     set_rng_state,
     set_seed,
 )
-from training.engine.data import data_version, read_pairs, split_pairs
+from training.engine.data import data_version, read_pairs, round_weights, split_pairs
 from training.engine.ranks import Ranks
 from training.engine.reward import batch_order, make_adamw
 from training.engine.timing import LoopTimer
@@ -109,6 +112,9 @@ class DPOArgs(MemoryArgs):
     """eps, the assumed share of flipped labels, in [0, 0.5) (conservative DPO, Mitchell 2023); 0: plain DPO."""
     strength_weight: float = 0.0
     """A pair weighs 1 + strength_weight x margin in the loss (margin: the labelers' strength); 0: all alike."""
+    older_rounds_weight: float = 1.0
+    """w in [0, 1]: a pair made k rounds before the newest pair's round weighs w ** k (imports count as round 0);
+    1, all pairs alike (a single DPO run); 0, the newest round's pairs only, the others left out."""
     epochs: int = 1
     """Passes over the training pairs; 1 as the DPO authors' trainer (eric-mitchell/direct-preference-optimization)."""
     lr: float = 1e-6
@@ -152,7 +158,8 @@ class DPOArgs(MemoryArgs):
 
 
 # Settings that must match for a resumed run to continue the same training.
-RESUME_KEYS = ("policy", "ref_policy", "loss_type", "beta", "label_smoothing", "strength_weight", "epochs", "lr",
+RESUME_KEYS = ("policy", "ref_policy", "loss_type", "beta", "label_smoothing", "strength_weight",
+               "older_rounds_weight", "epochs", "lr",
                "batch_size", "max_length", "system_prompt", "weight_decay", "warmup_ratio", "max_grad_norm",
                "group_by_length", "shuffle", "disable_dropout", "seed", "eval_fraction", "lora_r",
                "lora_target_modules")
@@ -227,17 +234,20 @@ class ResponseEncoder:
         return self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
     def encode(self, ds) -> tuple[list[dict[str, Any]], int]:
-        """Encoded pairs {"prompt", "chosen", "rejected" (ids), "margin", "length"}; and how many were cut."""
+        """Encoded pairs {"prompt", "chosen", "rejected" (ids), "margin", "round_weight", "length"}; and how many
+        were cut."""
         prompts = ds["prompt_turns"] if self.chat else ds["prompt"]
+        by_round = ds["round_weight"] if "round_weight" in ds.column_names else [1.0] * len(ds)
         pairs, cut = [], 0
-        for prompt, chosen, rejected, margin in zip(prompts, ds["chosen"], ds["rejected"], ds["margin"]):
+        for prompt, chosen, rejected, margin, round_weight in zip(prompts, ds["chosen"], ds["rejected"],
+                                                                   ds["margin"], by_round):
             whole = self.prompt_ids(prompt), self.response_ids(prompt, chosen), self.response_ids(prompt, rejected)
             (p_c, c), (p_r, r) = fit_length(whole[0], whole[1], self.max_length), fit_length(whole[0], whole[2],
                                                                                           self.max_length)
             p = p_c if len(p_c) <= len(p_r) else p_r  # one prompt for both: the shorter cut
             cut += (len(p), len(c), len(r)) != tuple(len(ids) for ids in whole)
             pairs.append({"prompt": p, "chosen": c, "rejected": r, "margin": float(margin),
-                          "length": len(p) + max(len(c), len(r))})
+                          "round_weight": float(round_weight), "length": len(p) + max(len(c), len(r))})
         return pairs, cut
 
 
@@ -357,6 +367,8 @@ def _check_args(args: DPOArgs) -> None:
         raise EngineError("label_smoothing (conservative DPO) applies to the sigmoid loss only")
     if args.strength_weight < 0:
         raise EngineError(f"strength_weight must be 0 or more, got {args.strength_weight}")
+    if not 0 <= args.older_rounds_weight <= 1:
+        raise EngineError(f"older_rounds_weight must be between 0 and 1, got {args.older_rounds_weight}")
     for name in ("eval_every", "log_every", "save_every"):
         if getattr(args, name) < 0:
             raise EngineError(f"{name} must be 0 or more, got {getattr(args, name)}")
@@ -364,16 +376,25 @@ def _check_args(args: DPOArgs) -> None:
 
 def _prepare_data(args: DPOArgs):
     """The training and held-out pairs (split by prompt unless an eval file is given) and the data version."""
-    train_ds, _ = read_pairs(args.train)
+    train_ds = _weigh_by_round(read_pairs(args.train)[0], args.older_rounds_weight, args.train)
     version = data_version(args.train)
     if args.eval:
-        eval_ds, _ = read_pairs(args.eval)
+        eval_ds = _weigh_by_round(read_pairs(args.eval)[0], args.older_rounds_weight, args.eval)
         version = f"{version}+{data_version(args.eval)}"
     else:
         train_ds, eval_ds = split_pairs(train_ds, args.eval_fraction, args.seed)
     if len(train_ds) == 0:
         raise EngineError("no training pairs left after holding out the eval pairs")
     return train_ds, eval_ds, version
+
+
+def _weigh_by_round(ds, older_rounds_weight: float, path: str):
+    """The pairs with their round_weight column (data.round_weights), those that weigh 0 left out."""
+    weights = round_weights(ds["round"], older_rounds_weight)
+    kept = [i for i, weight in enumerate(weights) if weight > 0]
+    if not kept:  # cannot happen (the newest round's pairs weigh 1), but an empty run must not start
+        raise EngineError(f"older_rounds_weight {older_rounds_weight} leaves no pair of {path!r}")
+    return ds.add_column("round_weight", weights).select(kept)
 
 
 def _load_model(args: DPOArgs, device: torch.device, compute_dtype: torch.dtype, source: Path | None):
@@ -497,10 +518,12 @@ def _pair_terms(run: DPORun, model, pairs: list[dict[str, Any]], share_prefix: b
 
 
 def pair_weights(args: DPOArgs, pairs: list[dict[str, Any]], device: torch.device) -> torch.Tensor | None:
-    """4. Each pair's weight, 1 + strength_weight * margin; None when every pair weighs the same."""
-    if not args.strength_weight:
+    """4. Each pair's weight, (1 + strength_weight * margin) * its round_weight; None when every pair weighs the
+    same."""
+    if not args.strength_weight and args.older_rounds_weight == 1:
         return None
-    return torch.tensor([1 + args.strength_weight * p["margin"] for p in pairs], device=device)  # (B,)
+    return torch.tensor([(1 + args.strength_weight * p["margin"]) * p.get("round_weight", 1.0) for p in pairs],
+                        device=device)  # (B,)
 
 
 def train_step(run: DPORun, indices: list[int]) -> None:
