@@ -98,6 +98,29 @@ def test_it_gives_the_same_answer_alone_as_beside_longer_prompts(loaded, prompts
     torch.testing.assert_close(batched.logprobs[row, :length], alone.logprobs[0, :length], atol=1e-4, rtol=1e-4)
 
 
+def test_a_group_of_samples_of_one_prompt_runs_the_prompt_once_and_each_sample_keeps_its_own_logprobs(
+        loaded, prompts):
+    model, tokenizer = loaded
+    groups = [prompt for prompt in prompts[:3] for _ in range(4)]  # GRPO's groups: 4 samples of each prompt
+    prefill_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape) if not prefill_rows else None,
+        with_kwargs=True)
+    try:
+        rollout = generate(model, tokenizer, groups, max_new_tokens=24, temperature=1.0, batch_size=12,
+                           generator=seeded(3))
+    finally:
+        hook.remove()
+    assert prefill_rows[0][0] == 3  # the three distinct prompts, not twelve rows
+    assert len(set(rollout.texts)) > 3  # the samples of a prompt differ
+    with torch.no_grad():
+        recomputed = sequence_logprobs(model, rollout, temperature=1.0)
+    torch.testing.assert_close(recomputed, rollout.logprobs, atol=2e-4, rtol=1e-4)
+    greedy = generate(model, tokenizer, groups, max_new_tokens=24, temperature=0, batch_size=12)
+    alone = generate(model, tokenizer, prompts[:3], max_new_tokens=24, temperature=0)
+    assert greedy.texts == [text for text in alone.texts for _ in range(4)]
+
+
 def test_it_reproduces_a_seed_and_varies_with_another(loaded, prompts):
     model, tokenizer = loaded
     first = generate(model, tokenizer, prompts, max_new_tokens=24, generator=seeded(5))

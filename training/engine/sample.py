@@ -123,14 +123,14 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from softmax(logits), by the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014).
+    """One token per row from softmax(logits), by the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014), its
+    Gumbel noise drawn as -log E with E ~ Exponential(1): four kernels a step where -log(-log U) takes eight.
 
     Noise is drawn on the generator's device, so a CPU generator drives a CUDA model reproducibly.
     """
     noise_device = generator.device if generator is not None else logits.device
-    uniform = torch.rand(logits.shape, generator=generator, device=noise_device).to(logits.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1.0 - 1e-7)))
-    return torch.argmax(logits + gumbel, dim=-1)
+    exponential = torch.empty(logits.shape, device=noise_device).exponential_(generator=generator)
+    return torch.argmax(logits - exponential.clamp_(min=1e-10).log_().to(logits.device), dim=-1)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,26 +166,45 @@ class StopStrings:
         return text[:min(cuts)] if cuts else text
 
 
-@torch.no_grad()
-def _generate_batch(model, query_ids, query_mask, *, stop_ids, pad_id, max_new_tokens, temperature, top_p, generator,
-                    stop_strings: StopStrings | None = None):
-    """Sample one batch with a KV cache. Returns response ids, mask, logprobs (B, Tr) and ended (B,).
-
-    A row ends at any of `stop_ids` (kept as its last token) or once its text holds a stop string.
-    Rows that ended leave the batch (their cache rows are dropped), so the remaining steps
-    cost only what the unfinished rows need.
-    """
-    batch = query_ids.size(0)
-    device = query_ids.device
-    position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tq): positions count real tokens only
+def _prefill(model, query_ids, query_mask, position_ids, source: torch.Tensor | None):
+    """The prompts' forward pass: the cache and each row's last logits. With `source` (each row's index into the
+    distinct prompts given), each distinct prompt runs once and its keys and values are copied to its rows (a
+    GRPO group's G samples share one prompt); a cache that cannot be indexed by row gets every row's prompt."""
     # Only the last position's logits are needed to start sampling (logits_to_keep, where supported).
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    if source is not None:
+        out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=position_ids, use_cache=True,
+                    **keep)
+        if hasattr(out.cache, "batch_select_indices"):
+            out.cache.batch_select_indices(source)  # (P, heads, Tq, d) -> (B, heads, Tq, d)
+            return out.cache, out.logits[source, -1, :].float()
+        query_ids, query_mask, position_ids = query_ids[source], query_mask[source], position_ids[source]
     out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=position_ids, use_cache=True, **keep)
-    cache = out.cache
+    return out.cache, out.logits[:, -1, :].float()
+
+
+@torch.no_grad()
+def _generate_batch(model, query_ids, query_mask, *, stop_ids, pad_id, max_new_tokens, temperature, top_p, generator,
+                    stop_strings: StopStrings | None = None, source: torch.Tensor | None = None):
+    """Sample one batch with a KV cache. Returns response ids, mask, logprobs (B, Tr) and ended (B,).
+
+    query_ids and query_mask (P, Tq) hold the distinct prompts when `source` (B,) says which one each row samples
+    from, else (B, Tq) one per row. A row ends at any of `stop_ids` (kept as its last token) or once its text
+    holds a stop string. Rows that ended leave the batch (their cache rows are dropped), so the remaining steps
+    cost only what the unfinished rows need.
+    """
+    device = query_ids.device
+    position_ids = (query_mask.cumsum(-1) - 1).clamp(min=0)  # (P, Tq): positions count real tokens only
+    cache, logits = _prefill(model, query_ids, query_mask, position_ids, source)  # logits (b, V), b = rows left
+    if source is not None:
+        query_mask, position_ids = query_mask[source], position_ids[source]  # (B, Tq)
+    batch = query_mask.size(0)
     compactable = hasattr(cache, "batch_select_indices")
-    logits = out.logits[:, -1, :].float()  # (b, V), b = rows still generating
     next_position = position_ids[:, -1:] + 1  # (b, 1)
-    attention = query_mask  # (b, Tq + t)
+    # Every step's attention mask is a slice of one (b, Tq + max_new_tokens) tensor: no copy per step.
+    attention = torch.cat([query_mask, torch.ones((batch, max_new_tokens), dtype=query_mask.dtype, device=device)],
+                          dim=-1)
+    width = query_mask.size(1)
     rows = torch.arange(batch, device=device)  # (b,) original row of each active row
     alive = torch.ones(batch, dtype=torch.bool, device=device)  # used when rows cannot leave the cache
     response_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -196,17 +215,18 @@ def _generate_batch(model, query_ids, query_mask, *, stop_ids, pad_id, max_new_t
     steps = 0
     for step in range(max_new_tokens):
         steps = step + 1
-        scaled = logits / temperature if temperature > 0 else logits  # (b, V)
+        scaled = logits / temperature if temperature > 0 and temperature != 1 else logits  # (b, V)
         logp_all = torch.log_softmax(scaled, dim=-1)
         if temperature > 0:
             token = _sample(_top_p_filter(scaled, top_p), generator)  # (b,)
         else:
             token = torch.argmax(scaled, dim=-1)
         token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)  # (b,)
-        live_rows = rows[alive]
-        response_ids[live_rows, step] = token[alive]
+        # A compactable cache drops the rows that ended, so every row left is alive: no masking needed.
+        live_rows = rows if compactable else rows[alive]
+        response_ids[live_rows, step] = token if compactable else token[alive]
         response_mask[live_rows, step] = 1
-        logprobs[live_rows, step] = token_logp[alive]
+        logprobs[live_rows, step] = token_logp if compactable else token_logp[alive]
         finished = alive & torch.isin(token, stops)
         if stop_strings:
             finished[alive] |= stop_strings.hits(response_ids, live_rows, step)
@@ -219,9 +239,10 @@ def _generate_batch(model, query_ids, query_mask, *, stop_ids, pad_id, max_new_t
             cache.batch_select_indices(keep_idx)
             rows, token, attention, next_position = rows[keep_idx], token[keep_idx], attention[keep_idx], next_position[keep_idx]
             alive = alive[keep_idx]
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
-        attention = torch.cat([attention, torch.ones((attention.size(0), 1), dtype=attention.dtype, device=device)], dim=-1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+        if not compactable:
+            token = torch.where(alive, token, torch.full_like(token, pad_id))
+        width += 1
+        out = model(input_ids=token[:, None], attention_mask=attention[:, :width], position_ids=next_position,
                     cache=cache, use_cache=True)
         cache = out.cache
         logits = out.logits[:, -1, :].float()
@@ -269,10 +290,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            query_ids, query_mask = _left_pad([encoded[i] for i in rows], pad_id)
+            distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt of the batch: its index
+            source = [distinct.setdefault(tuple(encoded[i]), len(distinct)) for i in rows]
+            query_ids, query_mask = _left_pad([list(ids) for ids in distinct], pad_id)
             result = _generate_batch(model, query_ids.to(device), query_mask.to(device), stop_ids=stop_ids,
                                      pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_p=top_p, generator=generator, stop_strings=stop_texts)
+                                     top_p=top_p, generator=generator, stop_strings=stop_texts,
+                                     source=torch.tensor(source, device=device) if len(distinct) < len(rows)
+                                     else None)
             parts.append((rows, *result))
             on_progress({"stage": "sample", "step": min(start + batch_size, len(order)), "total": len(order),
                          "metrics": {}})
