@@ -23,6 +23,7 @@ from training.engine.reward import (
     batch_order,
     bradley_terry_loss,
     main,
+    pair_weights,
     resume_dir,
 )
 
@@ -95,6 +96,19 @@ def tiny_args(train: str, model: str, out: Path, **overrides) -> RewardArgs:
                     eval_fraction=0.2, eval_every=0, log_every=2, save_every=0, device="cpu", seed=0)
     settings.update(overrides)
     return RewardArgs(**settings)
+
+
+def test_a_pair_from_an_older_round_weighs_older_rounds_weight_to_the_k_times_its_truncation_weight(
+        bert_path, tmp_path):
+    pairs = [{"truncated": False, "round_weight": 1.0}, {"truncated": True, "round_weight": 0.25}]
+    weight = pair_weights(RewardArgs(truncated_weight=0.5, older_rounds_weight=0.5), pairs, torch.device("cpu"))
+    assert weight.tolist() == [1.0, 0.125]
+    assert pair_weights(RewardArgs(), pairs, torch.device("cpu")) is None
+
+    rows = [{**row, "round": 1 + i % 3} for i, row in enumerate(rule_pairs(6, 2, seed=5))]  # rounds 1, 2, 3
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    newest_only = main(tiny_args(train, bert_path, tmp_path / "newest", eval_fraction=0.0, older_rounds_weight=0.0))
+    assert newest_only["rm/train_pairs"] == 4
 
 
 def weights(path) -> dict[str, torch.Tensor]:

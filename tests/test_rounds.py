@@ -865,7 +865,8 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
     assert labels == {
         "Round type": ["Algorithm"],
         "Models and prompting": ["Backbone", "Reference policy", "System prompt", "Stop strings"],
-        "Reward model": ["Epochs", "Learning rate", "Warm-up share", "Batch size", "Max length"],
+        "Reward model": ["Epochs", "Learning rate", "Warm-up share", "Weight per older round", "Batch size",
+                         "Max length"],
         "Safety": ["Reward combination", "Safety weight", "Safety threshold", "Safety classifier", "Safe label"],
         "PPO": ["Steps", "Batch size", "Samples per prompt", "Mini batch size", "KL coefficient", "Learning rate"],
         "DPO": ["Loss", "Beta", "Label smoothing", "Strength weight", "Weight per older round", "Learning rate",

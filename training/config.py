@@ -136,6 +136,11 @@ class RoundConfig:
         section="Reward model", label="Warm-up share",
         algorithms=WITH_REWARD_MODEL)
     """Share of reward steps with linear warm-up before the linear decay (transformers' default: none)."""
+    reward_older_rounds_weight: float = setting(
+        1.0, bounds=(0.0, 1.0), engine=("reward", "RewardArgs", "older_rounds_weight"), section="Reward model",
+        label="Weight per older round", algorithms=WITH_REWARD_MODEL)
+    """w: a pair made k rounds before the newest judged round's weighs w^k in the reward model's loss (imports
+    count as round 0); 1, the engine's: every round's pairs alike; 0: the newest round's pairs only."""
     reward_batch_size: int = setting(8, bounds=(1, 65_536), engine=("reward", "RewardArgs", "batch_size"),
                                      section="Reward model", label="Batch size",
         algorithms=WITH_REWARD_MODEL)

@@ -176,6 +176,15 @@ def round_weights(rounds: Sequence[int | None], older_rounds_weight: float) -> l
     return [older_rounds_weight ** (newest - number) for number in numbers]
 
 
+def weigh_by_round(ds: Dataset, older_rounds_weight: float, path: str | Path) -> Dataset:
+    """The pairs with a round_weight column (round_weights), those that weigh 0 left out."""
+    weights = round_weights(ds["round"], older_rounds_weight)
+    kept = [i for i, weight in enumerate(weights) if weight > 0]
+    if not kept:  # cannot happen (the newest round's pairs weigh 1), but an empty run must not start
+        raise EngineError(f"older_rounds_weight {older_rounds_weight} leaves no pair of {str(path)!r}")
+    return ds.add_column("round_weight", weights).select(kept)
+
+
 def split_pairs(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Split pairs into (train, eval) by prompt, so no prompt is in both; about eval_fraction of the pairs held out.
 

@@ -13,8 +13,8 @@ For a prompt x with a chosen response y_c and a rejected one y_r, preference_los
                         (Azar et al. 2023, eq. 17, averaged per token as TRL's DPOTrainer does it)
     4. the mean over pairs, each weighted (1 + strength_weight * margin) * older_rounds_weight ** k: margin the
        labelers' strength (0..1), k how many rounds before the newest pair's round the pair was made
-       (data.round_weights), so an iterative run (Xu et al. 2023, "Some things are more cringe than others")
-       leans on the newest policy's pairs
+       (data.round_weights), so that iterative DPO (rounds of DPO on the newest policy's judged samples, Xu et
+       al. 2023, "Some things are more cringe than others") can lean on the newest policy's pairs
 
 The reference is frozen, so its log-probs are computed once, in one pass before the first step: by ref_policy
 when given, else by the starting policy itself (under LoRA its base, adapters off); no second copy of the model
@@ -79,7 +79,7 @@ from training.engine.common import (
     set_rng_state,
     set_seed,
 )
-from training.engine.data import data_version, read_pairs, round_weights, split_pairs
+from training.engine.data import data_version, read_pairs, split_pairs, weigh_by_round
 from training.engine.ranks import Ranks
 from training.engine.reward import batch_order, make_adamw
 from training.engine.timing import LoopTimer
@@ -376,25 +376,16 @@ def _check_args(args: DPOArgs) -> None:
 
 def _prepare_data(args: DPOArgs):
     """The training and held-out pairs (split by prompt unless an eval file is given) and the data version."""
-    train_ds = _weigh_by_round(read_pairs(args.train)[0], args.older_rounds_weight, args.train)
+    train_ds = weigh_by_round(read_pairs(args.train)[0], args.older_rounds_weight, args.train)
     version = data_version(args.train)
     if args.eval:
-        eval_ds = _weigh_by_round(read_pairs(args.eval)[0], args.older_rounds_weight, args.eval)
+        eval_ds = weigh_by_round(read_pairs(args.eval)[0], args.older_rounds_weight, args.eval)
         version = f"{version}+{data_version(args.eval)}"
     else:
         train_ds, eval_ds = split_pairs(train_ds, args.eval_fraction, args.seed)
     if len(train_ds) == 0:
         raise EngineError("no training pairs left after holding out the eval pairs")
     return train_ds, eval_ds, version
-
-
-def _weigh_by_round(ds, older_rounds_weight: float, path: str):
-    """The pairs with their round_weight column (data.round_weights), those that weigh 0 left out."""
-    weights = round_weights(ds["round"], older_rounds_weight)
-    kept = [i for i, weight in enumerate(weights) if weight > 0]
-    if not kept:  # cannot happen (the newest round's pairs weigh 1), but an empty run must not start
-        raise EngineError(f"older_rounds_weight {older_rounds_weight} leaves no pair of {path!r}")
-    return ds.add_column("round_weight", weights).select(kept)
 
 
 def _load_model(args: DPOArgs, device: torch.device, compute_dtype: torch.dtype, source: Path | None):

@@ -85,7 +85,7 @@ from .common import (
     set_rng_state,
     set_seed,
 )
-from .data import data_version, read_pairs, split_pairs
+from .data import data_version, read_pairs, split_pairs, weigh_by_round
 from .ranks import Ranks
 from .sources import (
     CLASSIFIER_PREFIX,
@@ -139,6 +139,9 @@ class RewardArgs(MemoryArgs):
     """Subtract each pair's margin inside the sigmoid (Llama 2, Touvron et al. 2023, sec. 3.2.2)."""
     truncated_weight: float = 1.0
     """Loss weight of a training pair that had to be truncated to max_length; 0 leaves them out, as TRL does."""
+    older_rounds_weight: float = 1.0
+    """w in [0, 1]: a pair made k rounds before the newest pair's round weighs w ** k (data.round_weights; imports
+    count as round 0); 1, all pairs alike (the file as it is); 0, the newest round's pairs only."""
     center_rewards_coef: float | None = None
     """Weight of the reward-centering term (r_c + r_r)^2; Eisenstein et al. 2023 / TRL suggest 0.01; None: off."""
     group_by_length: bool = True
@@ -167,7 +170,7 @@ class RewardArgs(MemoryArgs):
 
 # Settings that must match for a resumed run to continue the same training.
 RESUME_KEYS = ("model", "epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup_ratio",
-               "max_grad_norm", "use_margin", "truncated_weight", "center_rewards_coef", "group_by_length",
+               "max_grad_norm", "use_margin", "truncated_weight", "older_rounds_weight", "center_rewards_coef", "group_by_length",
                "shuffle", "disable_dropout", "seed", "eval_fraction", "system_prompt", "token_types", "lora_r",
                "lora_target_modules")
 
@@ -448,13 +451,15 @@ def _disable_dropout(model) -> None:
 
 
 def encode_pairs(encoder: PairEncoder, ds) -> tuple[list[dict[str, Any]], int]:
-    """Encoded pairs: {"chosen": (ids, types), "rejected": (ids, types), "margin", "length", "truncated"}."""
+    """Encoded pairs: {"chosen": (ids, types), "rejected": (ids, types), "margin", "round_weight", "length",
+    "truncated"}."""
     prompts = ds["prompt_turns"] if encoder.chat and "prompt_turns" in ds.column_names else ds["prompt"]
     chosen, cut_c = encoder.encode(prompts, ds["chosen"])
     rejected, cut_r = encoder.encode(prompts, ds["rejected"])
-    pairs = [{"chosen": c, "rejected": r, "margin": float(m), "length": max(len(c[0]), len(r[0])),
-              "truncated": a or b}
-             for c, r, m, a, b in zip(chosen, rejected, ds["margin"], cut_c, cut_r)]
+    by_round = ds["round_weight"] if "round_weight" in ds.column_names else [1.0] * len(ds)
+    pairs = [{"chosen": c, "rejected": r, "margin": float(m), "round_weight": float(w),
+              "length": max(len(c[0]), len(r[0])), "truncated": a or b}
+             for c, r, m, w, a, b in zip(chosen, rejected, ds["margin"], by_round, cut_c, cut_r)]
     return pairs, sum(p["truncated"] for p in pairs)
 
 
@@ -464,10 +469,12 @@ def _prepare_data(args: RewardArgs):
     if not args.train:
         raise EngineError("no training pairs given: pass --train PATH")
     train_ds, skipped = read_pairs(args.train)
+    train_ds = weigh_by_round(train_ds, args.older_rounds_weight, args.train)
     version = data_version(args.train)
     skipped_eval: list[int] = []
     if args.eval:
         eval_ds, skipped_eval = read_pairs(args.eval)
+        eval_ds = weigh_by_round(eval_ds, args.older_rounds_weight, args.eval)
         version = f"{version}+{data_version(args.eval)}"
     else:
         train_ds, eval_ds = split_pairs(train_ds, args.eval_fraction, args.seed)
@@ -484,6 +491,8 @@ def _check_args(args: RewardArgs) -> None:
         raise EngineError(f"lr must be positive, got {args.lr}")
     if not 0 <= args.truncated_weight <= 1:
         raise EngineError(f"truncated_weight must be between 0 and 1, got {args.truncated_weight}")
+    if not 0 <= args.older_rounds_weight <= 1:
+        raise EngineError(f"older_rounds_weight must be between 0 and 1, got {args.older_rounds_weight}")
     for name in ("eval_every", "log_every", "save_every"):
         if getattr(args, name) < 0:
             raise EngineError(f"{name} must be 0 or more, got {getattr(args, name)}")
@@ -616,6 +625,15 @@ def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> Reward
     return run
 
 
+def pair_weights(args: RewardArgs, pairs: list[dict[str, Any]], device: torch.device) -> torch.Tensor | None:
+    """Each pair's loss weight: truncated_weight for a truncated pair, times its round_weight (older_rounds_weight
+    ** k); None when every pair weighs the same."""
+    if args.truncated_weight == 1 and args.older_rounds_weight == 1:
+        return None
+    return torch.tensor([(args.truncated_weight if p["truncated"] else 1.0) * p.get("round_weight", 1.0)
+                         for p in pairs], device=device)  # (B,)
+
+
 def train_step(run: RewardRun, indices: list[int]) -> None:
     """One optimizer step of the Bradley-Terry loss on a batch of pairs; adds to the window's sums."""
     args, ranks, device = run.args, run.ranks, run.ranks.device
@@ -624,10 +642,7 @@ def train_step(run: RewardRun, indices: list[int]) -> None:
     r_chosen, r_rejected = pair_rewards(run.trainer, pairs, run.tokenizer.pad_token_id, device,
                                         run.autocast)  # (B,), (B,)
     margin = torch.tensor([p["margin"] for p in pairs], device=device) if args.use_margin else None
-    weight = None
-    if args.truncated_weight != 1:
-        weight = torch.tensor([args.truncated_weight if p["truncated"] else 1.0 for p in pairs],
-                              device=device)  # (B,)
+    weight = pair_weights(args, pairs, device)
     loss, terms = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coef, weight)
     if ranks.world > 1:  # the mean over the global batch once DDP averages the gradients
         loss = loss * (len(mine) * ranks.world / len(indices))
