@@ -123,14 +123,14 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from softmax(logits), by the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014), its
-    Gumbel noise drawn as -log E with E ~ Exponential(1): four kernels a step where -log(-log U) takes eight.
+    """One token per row from softmax(logits), by the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014).
 
     Noise is drawn on the generator's device, so a CPU generator drives a CUDA model reproducibly.
     """
     noise_device = generator.device if generator is not None else logits.device
-    exponential = torch.empty(logits.shape, device=noise_device).exponential_(generator=generator)
-    return torch.argmax(logits - exponential.clamp_(min=1e-10).log_().to(logits.device), dim=-1)
+    uniform = torch.rand(logits.shape, generator=generator, device=noise_device).to(logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1.0 - 1e-7)))
+    return torch.argmax(logits + gumbel, dim=-1)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
