@@ -27,6 +27,8 @@ from annotate.limits import INT32_MAX
 from annotate.models import (
     LIVE_LEASE_SQL,
     Assignment,
+    Axis,
+    AxisChoice,
     Campaign,
     Exclusion,
     Judgment,
@@ -291,8 +293,10 @@ def submit_judgment(
     *,
     assignment_id: int,
     labeler,
-    choice: str,
+    choice: str = "",
     strength: int | None = None,
+    choices: dict[str, str] | None = None,
+    strengths: dict[str, int | None] | None = None,
     rationale: str = "",
     milliseconds: int | None = None,
     source: str = Judgment.HUMAN,
@@ -301,7 +305,9 @@ def submit_judgment(
 ) -> tuple[Judgment, bool]:
     """Record a labeler's choice on their assignment; returns (judgment, created).
 
-    `choice` is in the labeler's terms: "a" is the response shown on the left as A. Submitting
+    `choice` is in the labeler's terms: "a" is the response shown on the left as A. A campaign with
+    further axes takes `choices` instead, {axis key: choice} for every axis (and `strengths`, {axis key:
+    1-4} where an axis asks it): one submit stores them all, as one judgment of the pair. Submitting
     the same assignment twice returns the first judgment (a double-click records one).
     Raises Assignment.DoesNotExist for an assignment that is not this labeler's (or, when
     `campaign` is given, not in that campaign).
@@ -313,7 +319,7 @@ def submit_judgment(
     statements, only then).
     """
     now = now or timezone.now()
-    if choice not in SHOWN_CHOICES:
+    if choices is None and choice not in SHOWN_CHOICES:
         raise JudgmentError(f"unknown choice {choice!r}")
     lock = "FOR UPDATE OF a" if connection.features.has_select_for_update_of else ""
     try:
@@ -337,19 +343,16 @@ def submit_judgment(
                 raise JudgmentError("you skipped this pair")
             if campaign is None:
                 campaign = Campaign.objects.get(pk=campaign_id)
-            canonical = SHOWN_CHOICES[choice]
-            if canonical not in campaign.choices_offered():
-                raise JudgmentError(f"this campaign does not offer '{dict(Judgment.CHOICES)[canonical]}'")
-            if canonical in (Judgment.A, Judgment.B) and campaign.ask_strength:
-                if strength is None:
-                    raise JudgmentError("say how much better: strength 1 to 4")
-                if not 1 <= int(strength) <= 4:
-                    raise JudgmentError("strength must be 1 to 4")
-                strength = int(strength)
-            else:
-                strength = None
-            if not a_on_left and canonical in (Judgment.A, Judgment.B):
-                canonical = Judgment.B if canonical == Judgment.A else Judgment.A
+            further = campaign.axes()[1:]
+            if choices is not None:
+                choice, strength = _on_first_axis(campaign, further, choices, strengths or {})
+            elif further:
+                raise JudgmentError("this campaign asks several questions: give a choice for each axis ("
+                                    + ", ".join(axis.key for axis in campaign.axes()) + ")")
+            named = bool(further)  # errors name the axis when there are several
+            canonical, strength = _canonical(campaign.axes()[0], choice, strength, a_on_left, named)
+            on_further = [(axis, *_canonical(axis, choices[axis.key], (strengths or {}).get(axis.key), a_on_left,
+                                             named)) for axis in further]
             if not live and not gold_choice:
                 # The lease ran out: its slot may have gone to someone else. Count under the pair's lock.
                 pair = Pair.objects.select_for_update().get(pk=pair_id)
@@ -378,6 +381,12 @@ def submit_judgment(
             )
             judgment.id = cursor.fetchone()[0]
             judgment._state.adding, judgment._state.db = False, connection.alias
+            if on_further:  # every further axis in one statement
+                cursor.execute(
+                    f"""INSERT INTO {AxisChoice._meta.db_table} (judgment_id, axis_id, choice, strength)
+                        VALUES {", ".join(["(%s, %s, %s, %s)"] * len(on_further))}""",
+                    [value for axis, c, st in on_further for value in (judgment.id, axis.pk, c, st)],
+                )
             cursor.execute(f"UPDATE {Assignment._meta.db_table} SET completed_at = %s WHERE id = %s",
                            [now, assignment_id])
             cursor.execute(
@@ -400,6 +409,40 @@ def submit_judgment(
     if not gold_choice and not tie_break:
         _count_left(campaign_id, -1)  # with a tie-break, one judgment made and one more wanted: no change
     return judgment, True
+
+
+def _on_first_axis(campaign: Campaign, further: list, choices: dict, strengths: dict) -> tuple[str, int | None]:
+    """Check that `choices` names every axis of the campaign and no other; the first axis's (choice, strength)."""
+    keys = [campaign.axis_key, *(axis.key for axis in further)]
+    unknown = sorted(set(choices) - set(keys))
+    if unknown:
+        raise JudgmentError(f"no axis {', '.join(map(repr, unknown))} here: the axes are {', '.join(keys)}")
+    missing = [key for key in keys if not choices.get(key)]
+    if missing:
+        raise JudgmentError(f"give a choice on every axis: missing {', '.join(missing)}")
+    return choices[campaign.axis_key], strengths.get(campaign.axis_key)
+
+
+def _canonical(axis, choice: str, strength, a_on_left: bool, named: bool) -> tuple[str, int | None]:
+    """A choice in shown terms on one axis, checked against what it offers, as (choice in the pair's terms,
+    strength or None)."""
+    where = f" on {axis.key}" if named else ""
+    if choice not in SHOWN_CHOICES:
+        raise JudgmentError(f"unknown choice {choice!r}{where}")
+    canonical = SHOWN_CHOICES[choice]
+    if canonical not in axis.choices_offered():
+        raise JudgmentError(f"this campaign does not offer '{dict(Judgment.CHOICES)[canonical]}'{where}")
+    if canonical in (Judgment.A, Judgment.B) and axis.ask_strength:
+        if strength is None:
+            raise JudgmentError(f"say how much better{where}: strength 1 to 4")
+        if not 1 <= int(strength) <= 4:
+            raise JudgmentError(f"strength must be 1 to 4{where}")
+        strength = int(strength)
+    else:
+        strength = None
+    if not a_on_left and canonical in (Judgment.A, Judgment.B):
+        canonical = Judgment.B if canonical == Judgment.A else Judgment.A
+    return canonical, strength
 
 
 def _split(cursor, pair_id: int) -> bool:
@@ -499,6 +542,7 @@ def undo_last_judgment(
             return None
         pair = Pair.objects.select_for_update().get(pk=judgment.pair_id)
         assignment = judgment.assignment
+        AxisChoice.objects.filter(judgment=judgment).delete()  # taken back with it, all axes at once
         judgment.delete()
         pair.judgments_count = max(0, pair.judgments_count - 1)
         # Tie-breaks stand only for splits still seen: the k-th was asked for at overlap + k - 1 judgments.
@@ -730,7 +774,8 @@ def _strength_from_margin(margin: float | None) -> int | None:
 # Campaigns
 # ---------------------------------------------------------------------------------------------
 
-CAMPAIGN_SETTINGS = ("name", "instructions", "allow_tie", "allow_both_bad", "ask_strength", "ask_rationale",
+CAMPAIGN_SETTINGS = ("name", "instructions", "axis_key", "question", "allow_tie", "allow_both_bad", "ask_strength",
+                     "ask_rationale",
                      "overlap", "tie_break_limit", "lease_seconds", "daily_cap", "gold_rate", "content_warning",
                      "min_new_share", "is_active")
 # The models a campaign's rounds train and how its policy samples: set in the Django admin.
@@ -783,3 +828,20 @@ def change_campaign_settings(campaign: Campaign, **changes) -> Campaign:
     if new_overlap:
         forget_judgments_left(campaign)
     return campaign
+
+
+# ---------------------------------------------------------------------------------------------
+# Axes: further questions asked on every pair
+# ---------------------------------------------------------------------------------------------
+
+def save_axis(axis: Axis) -> Axis:
+    """Add a further axis to its campaign, or change one (its question, choices, place). Raises
+    ValidationError naming each bad field (a key in use, the first axis's key) and saves nothing."""
+    axis.full_clean()
+    axis.save()
+    return axis
+
+
+def remove_axis(axis: Axis) -> None:
+    """Remove a further axis nobody has answered yet; one with choices is kept (ProtectedError)."""
+    axis.delete()

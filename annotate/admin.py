@@ -13,8 +13,8 @@ from django.contrib.auth import admin as auth_admin
 from django.contrib.auth import get_user_model
 from django.db.models import Count, Q
 
-from annotate.actions import change_campaign_settings, deactivate_user
-from annotate.models import Assignment, Campaign, Judgment, Pair, Prompt, Response
+from annotate.actions import change_campaign_settings, deactivate_user, remove_axis, save_axis
+from annotate.models import Assignment, Axis, Campaign, Judgment, Pair, Prompt, Response
 
 User = get_user_model()
 
@@ -67,8 +67,17 @@ class KeepsJudgmentsAdmin(admin.ModelAdmin):
         return super().get_deleted_objects(objs, request)
 
 
+class AxisInline(admin.TabularInline):
+    """A campaign's further axes, asked after its own question; one that has choices cannot be deleted."""
+
+    model = Axis
+    extra = 0
+    fields = ["position", "key", "question", "allow_tie", "allow_both_bad", "ask_strength"]
+
+
 @admin.register(Campaign)
 class CampaignAdmin(KeepsJudgmentsAdmin):
+    inlines = [AxisInline]
     list_display = ["name", "slug", "overlap", "is_active", "created_at"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["members"]
@@ -94,6 +103,15 @@ class CampaignAdmin(KeepsJudgmentsAdmin):
             return
         change_campaign_settings(obj, **{name: form.cleaned_data[name] for name in form.changed_data
                                          if name != "members"})
+
+    def save_formset(self, request, form, formset, change):
+        """Axes are added, changed and removed through the actions (save_axis, remove_axis)."""
+        if formset.model is not Axis:
+            return super().save_formset(request, form, formset, change)
+        for axis in formset.save(commit=False):
+            save_axis(axis)
+        for axis in formset.deleted_objects:
+            remove_axis(axis)
 
 
 @admin.register(Prompt)

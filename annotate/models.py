@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -46,6 +47,10 @@ def within_bounds(name: str) -> list:
     return [MinValueValidator(low), MaxValueValidator(high)]
 
 
+DEFAULT_AXIS_KEY = "overall"
+DEFAULT_QUESTION = "Which response is better?"
+
+
 class Campaign(models.Model):
     slug = models.SlugField(unique=True, allow_unicode=True)
     name = models.CharField(max_length=200)
@@ -54,6 +59,12 @@ class Campaign(models.Model):
     allow_both_bad = models.BooleanField(default=True, help_text="Offer 'both bad' (key 4).")
     ask_strength = models.BooleanField(default=True, help_text="Ask how much better, 1 (slightly) to 4 (far).")
     ask_rationale = models.BooleanField(default=False, help_text="Offer an optional rationale field.")
+    # The campaign's first axis: its key and question; the options above are its choices. Further axes are
+    # Axis rows, asked after it on the same pair; a judgment's own choice is always on this one.
+    axis_key = models.SlugField(max_length=40, default=DEFAULT_AXIS_KEY,
+                                help_text="Name of the first axis in exports (--axis); default 'overall'.")
+    question = models.CharField(max_length=300, default=DEFAULT_QUESTION,
+                                help_text="The first axis's question, shown above the choices.")
     overlap = models.PositiveSmallIntegerField(default=1, validators=within_bounds("overlap"),
                                                help_text="Judgments wanted per pair (k).")
     tie_break_limit = models.PositiveSmallIntegerField(
@@ -111,12 +122,32 @@ class Campaign(models.Model):
         return reverse("label", args=[self.slug])
 
     def choices_offered(self) -> list[str]:
-        offered = [Judgment.A, Judgment.B]
-        if self.allow_tie:
-            offered.append(Judgment.TIE)
-        if self.allow_both_bad:
-            offered.append(Judgment.BOTH_BAD)
-        return offered
+        return _offered(self.allow_tie, self.allow_both_bad)
+
+    def first_axis(self) -> Axis:
+        """The axis a judgment's own choice is on, from the campaign's fields (never saved as a row)."""
+        return Axis(campaign=self, key=self.axis_key, question=self.question, position=-1,
+                    allow_tie=self.allow_tie, allow_both_bad=self.allow_both_bad, ask_strength=self.ask_strength)
+
+    def axes(self) -> list[Axis]:
+        """Every axis asked on a pair, in order: the first axis, then the campaign's Axis rows (read once per
+        campaign object: one query a request)."""
+        if not hasattr(self, "_axes"):
+            self._axes = [self.first_axis(), *self.further_axes.all()]
+        return self._axes
+
+    def has_further_axes(self) -> bool:
+        return len(self.axes()) > 1
+
+    def axis(self, key: str | None) -> Axis:
+        """The axis named `key` (None: the first); raises Axis.DoesNotExist naming the keys there are."""
+        if key is None or key == self.axis_key:
+            return self.first_axis()
+        found = self.further_axes.filter(key=key).first()
+        if found is None:
+            keys = ", ".join(axis.key for axis in self.axes())
+            raise Axis.DoesNotExist(f"campaign {self.slug} has no axis {key!r}: its axes are {keys}")
+        return found
 
     def group_name(self) -> str:
         return f"campaign-{self.pk}"
@@ -124,6 +155,45 @@ class Campaign(models.Model):
     def warning_pending_for(self, user) -> bool:
         """Whether this campaign carries a content warning the user has not acknowledged yet."""
         return bool(self.content_warning) and not self.warning_acknowledgments.filter(user_id=user.pk).exists()
+
+
+def _offered(allow_tie: bool, allow_both_bad: bool) -> list[str]:
+    offered = [Judgment.A, Judgment.B]
+    if allow_tie:
+        offered.append(Judgment.TIE)
+    if allow_both_bad:
+        offered.append(Judgment.BOTH_BAD)
+    return offered
+
+
+class Axis(models.Model):
+    """A further question asked on every pair of a campaign, after its first axis (Campaign.question)."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="further_axes")
+    key = models.SlugField(max_length=40, help_text="Its name in exports (--axis) and in the API's choices.")
+    question = models.CharField(max_length=300, help_text="Shown above its choices, e.g. 'Which answer is "
+                                                          "less harmful?'.")
+    position = models.PositiveSmallIntegerField(default=0, help_text="Asked in this order, after the first axis.")
+    allow_tie = models.BooleanField(default=True, help_text="Offer 'tie' (key 3).")
+    allow_both_bad = models.BooleanField(default=True, help_text="Offer 'both bad' (key 4).")
+    ask_strength = models.BooleanField(default=False, help_text="Ask how much better, 1 (slightly) to 4 (far).")
+
+    class Meta:
+        ordering = ["position", "id"]
+        constraints = [models.UniqueConstraint(fields=["campaign", "key"], name="axis_key_unique_per_campaign")]
+
+    def __str__(self):
+        return self.key
+
+    def is_first(self) -> bool:
+        return self.pk is None
+
+    def choices_offered(self) -> list[str]:
+        return _offered(self.allow_tie, self.allow_both_bad)
+
+    def clean(self):
+        if self.campaign_id is not None and self.key == self.campaign.axis_key:
+            raise ValidationError({"key": f"'{self.key}' is the campaign's first axis already"})
 
 
 class Prompt(models.Model):
@@ -290,6 +360,11 @@ class Judgment(models.Model):
     def margin(self) -> float:
         return self.STRENGTH_MARGIN.get(self.strength, 0.0)
 
+    def choices_by_axis(self, campaign: Campaign) -> dict[str, str]:
+        """Its choice on every axis, {axis key: choice}: its own on the first, then its AxisChoice rows'."""
+        further = dict(self.axis_choices.values_list("axis__key", "choice"))
+        return {campaign.axis_key: self.choice, **further}
+
     def chosen_rejected(self) -> tuple[Response, Response] | None:
         """The Bradley-Terry pair (chosen, rejected), or None for tie / both bad."""
         if self.choice == self.A:
@@ -297,6 +372,23 @@ class Judgment(models.Model):
         if self.choice == self.B:
             return self.pair.response_b, self.pair.response_a
         return None
+
+
+class AxisChoice(models.Model):
+    """A judgment's choice on one of its campaign's further axes (the first axis's is on the Judgment)."""
+
+    judgment = models.ForeignKey(Judgment, on_delete=models.PROTECT, related_name="axis_choices")
+    axis = models.ForeignKey(Axis, on_delete=models.PROTECT, related_name="choices")
+    choice = models.CharField(max_length=8, choices=Judgment.CHOICES,
+                              help_text="In terms of the pair's response_a / response_b.")
+    strength = models.PositiveSmallIntegerField(null=True, blank=True, help_text="1 (slightly) .. 4 (far) better.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["judgment", "axis"], name="one_choice_per_judgment_axis"),
+            models.CheckConstraint(condition=Q(strength__isnull=True) | Q(strength__gte=1, strength__lte=4),
+                                   name="axis_strength_1_to_4"),
+        ]
 
 
 class ImportJob(models.Model):

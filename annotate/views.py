@@ -70,6 +70,7 @@ def _pair_context(request, campaign, claim: actions.Claim | None, error: str = "
         "judged_today": actions.judged_today(campaign, request.user),
         "left_in_campaign": actions.judgments_left(campaign),
         "choices": campaign.choices_offered(),
+        "axes": campaign.axes(),
         # What "Undo last" takes back: the labeler's last judgment as this page shows it (a submit knows it).
         "last_judgment_id": last_judgment_id or actions.last_undoable_judgment_id(campaign, request.user),
     }
@@ -108,17 +109,29 @@ def _int_or_none(value):
         return None
 
 
+def _posted_choices(request, campaign) -> tuple[dict | None, dict | None]:
+    """With further axes, the page posts choice-KEY and strength-KEY per axis: ({key: choice}, {key: strength})."""
+    axes = campaign.axes()
+    if len(axes) == 1:
+        return None, None
+    return ({axis.key: request.POST.get(f"choice-{axis.key}", "") for axis in axes},
+            {axis.key: _int_or_none(request.POST.get(f"strength-{axis.key}")) for axis in axes})
+
+
 @login_required
 @require_POST
 def judge(request, slug, assignment_id):
     campaign = campaign_for_labeler(request, slug)
     milliseconds = _int_or_none(request.POST.get("ms"))
+    choices, strengths = _posted_choices(request, campaign)
     try:
         judgment, created = actions.submit_judgment(
             assignment_id=assignment_id,
             labeler=request.user,
             choice=request.POST.get("choice", ""),
             strength=_int_or_none(request.POST.get("strength")),
+            choices=choices,
+            strengths=strengths,
             rationale=request.POST.get("rationale", ""),
             milliseconds=milliseconds,
             campaign=campaign,

@@ -183,6 +183,20 @@ class Acknowledged(Schema):
     acknowledged_at: datetime
 
 
+Choice = Literal["a", "b", "tie", "both_bad"]
+
+
+class AxisOut(Schema):
+    key: str = Field(description="The axis's name in `choices` and in exports (`axis=`).")
+    question: str
+    choices: list[str] = Field(description="The choices it offers: a, b, tie, both_bad.")
+    ask_strength: bool
+
+    @staticmethod
+    def resolve_choices(axis) -> list[str]:
+        return axis.choices_offered()
+
+
 class ClaimOut(Schema):
     assignment: AssignmentOut | None
     reason: Literal["", "empty", "cap", "busy"] = Field(
@@ -191,15 +205,23 @@ class ClaimOut(Schema):
     choices: list[str]
     ask_strength: bool
     ask_rationale: bool
+    axes: list[AxisOut] = Field(description="The questions asked on each pair, in order; the first is the one "
+                                            "`choices` and `ask_strength` above describe.")
     judged_today: int
     left_in_campaign: int
 
 
 class JudgmentIn(Schema):
-    choice: Literal["a", "b", "tie", "both_bad"] = Field(
-        description="In shown terms: 'a' is the left response.")
+    choice: Choice | None = Field(
+        None, description="In shown terms: 'a' is the left response. On a campaign of one axis; with "
+                          "several, give `choices`.")
     strength: int | None = Field(None, ge=1, le=4, description="1 (slightly) .. 4 (far) better; asked for "
                                                                  "a and b when the campaign asks strength.")
+    choices: dict[str, Choice] | None = Field(
+        None, description="One choice per axis, {axis key: choice} in shown terms: every axis of the "
+                          "campaign, stored at once as one judgment of the pair.")
+    strengths: dict[str, Annotated[int, Field(ge=1, le=4)]] | None = Field(
+        None, description="With `choices`: {axis key: 1..4} for the axes that ask strength, on a or b.")
     rationale: Text = Field("", max_length=5000)
     milliseconds: int | None = Field(None, ge=0, le=INT32_MAX, description="Time from showing to choosing.")
 
@@ -209,6 +231,7 @@ class JudgmentOut(Schema):
     pair_id: int
     choice: str = Field(description="In the pair's terms (response_a / response_b), as exports show it.")
     strength: int | None
+    choices: dict[str, str] = Field(description="Every axis's choice, {axis key: choice}, in the pair's terms.")
     source: str
     created: bool = Field(description="False when this assignment was judged already (nothing changed).")
     next: ClaimOut | None = Field(None, description="With ?next=true: the next pair, leased as claim does, "

@@ -264,7 +264,7 @@ def label_acknowledge_warning(request, slug: str):
 def _claim(request, campaign: Campaign) -> dict:
     claim = actions.claim_next_pair(campaign, request.user)
     return {"assignment": claim.assignment, "reason": claim.reason, "choices": campaign.choices_offered(),
-            "ask_strength": campaign.ask_strength, "ask_rationale": campaign.ask_rationale,
+            "ask_strength": campaign.ask_strength, "ask_rationale": campaign.ask_rationale, "axes": campaign.axes(),
             "judged_today": actions.judged_today(campaign, request.user),
             "left_in_campaign": actions.judgments_left(campaign)}
 
@@ -279,15 +279,17 @@ def label_judge(request, slug: str, assignment_id: int, body: schemas.JudgmentIn
     campaign = campaign_for_labeler(request, slug)
     try:
         judgment, created = actions.submit_judgment(
-            assignment_id=assignment_id, labeler=request.user, choice=body.choice, strength=body.strength,
-            rationale=body.rationale, milliseconds=body.milliseconds, source=Judgment.API, campaign=campaign)
+            assignment_id=assignment_id, labeler=request.user, choice=body.choice or "", strength=body.strength,
+            choices=body.choices, strengths=body.strengths, rationale=body.rationale,
+            milliseconds=body.milliseconds, source=Judgment.API, campaign=campaign)
     except Assignment.DoesNotExist:
         raise HttpError(404, "no such assignment") from None
     except actions.JudgmentError as exc:
         return Status(400, {"detail": str(exc)})
     return Status(201 if created else 200, {
         "id": judgment.pk, "pair_id": judgment.pair_id, "choice": judgment.choice,
-        "strength": judgment.strength, "source": judgment.source, "created": created,
+        "strength": judgment.strength, "choices": judgment.choices_by_axis(campaign),
+        "source": judgment.source, "created": created,
         "next": _claim(request, campaign) if next else None})
 
 

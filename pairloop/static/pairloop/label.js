@@ -1,6 +1,7 @@
 // Keyboard-first labeling: 1/2/3/4 choose, then 1-4 strength when asked; s skip, u undo,
 // r raw text / formatted, i instructions, ? keys. Buttons do the same for mouse users. htmx posts the form and swaps in
-// the next pair (one round trip per judgment).
+// the next pair (one round trip per judgment). A campaign with several axes asks them in turn on the same pair
+// (Backspace goes back one); the last axis's choice posts them all at once.
 (function () {
   "use strict";
   const CHOICE_KEYS = { "1": "a", "2": "b", "3": "tie", "4": "both_bad" };
@@ -14,9 +15,60 @@
   const offered = () => (card()?.dataset.choices || "").split(",").filter(Boolean);
   const asksStrength = () => card()?.dataset.strength === "1";
 
+  // Several axes: one fieldset each, shown one at a time; `axis` is the one shown.
+  let axis = 0;
+  const axisSets = () => Array.from(document.querySelectorAll("#judge-form fieldset.axis"));
+
+  function showAxis(index) {
+    axis = index;
+    stage = "choice";
+    axisSets().forEach((set, i) => {
+      set.hidden = i !== index;
+      const row = set.querySelector(".strength-row");
+      if (row) row.hidden = true;
+      if (i >= index) {
+        set.querySelector(".axis-choice").value = "";
+        set.querySelector(".axis-strength").value = "";
+      }
+    });
+  }
+
+  function nextAxis() {
+    const sets = axisSets();
+    if (axis + 1 < sets.length) { showAxis(axis + 1); return; }
+    $("ms-input").value = Math.round(performance.now() - shownAt);
+    form().requestSubmit();
+  }
+
+  function chooseOnAxis(choice) {
+    const set = axisSets()[axis];
+    if (!set || !set.dataset.choices.split(",").includes(choice)) return;
+    set.querySelector(".axis-choice").value = choice;
+    if ((choice === "a" || choice === "b") && set.dataset.strength === "1") {
+      stage = "strength";
+      set.querySelector(".strength-side").textContent = choice.toUpperCase();
+      set.querySelector(".strength-row").hidden = false;
+      return;
+    }
+    nextAxis();
+  }
+
+  function strengthOnAxis(value) {
+    const set = axisSets()[axis];
+    if (!set || stage !== "strength") return;
+    set.querySelector(".axis-strength").value = value;
+    nextAxis();
+  }
+
+  function backOnAxis() {
+    if (stage === "strength") { showAxis(axis); return; }
+    if (axis > 0) showAxis(axis - 1);
+  }
+
   function reset() {
     stage = "choice";
     shownAt = performance.now();
+    if (axisSets().length) showAxis(0);
     const row = $("strength-row");
     if (row) row.hidden = true;
     const choices = $("choice-row");
@@ -69,6 +121,14 @@
   }
 
   document.addEventListener("click", (event) => {
+    if (axisSets().length && event.target.closest("fieldset.axis")) {
+      const on = event.target.closest("button");
+      if (!on) return;
+      if (on.classList.contains("choice")) chooseOnAxis(on.dataset.choice);
+      else if (on.classList.contains("strength")) strengthOnAxis(on.dataset.strength);
+      else if (on.classList.contains("strength-cancel") || on.classList.contains("axis-back")) backOnAxis();
+      return;
+    }
     const button = event.target.closest("button.choice");
     if (button) { choose(button.dataset.choice); return; }
     if (event.target.closest("#strength-cancel")) reset();
@@ -93,6 +153,12 @@
     if (key === "u") { click("undo-button"); event.preventDefault(); return; }
     if (key === "s") { click("skip-button"); event.preventDefault(); return; }
     if (key === "r") { showRaw = !showRaw; applyRaw(); event.preventDefault(); return; }
+    if (axisSets().length) {
+      if (key === "Backspace" || (key === "Escape" && stage === "strength")) { backOnAxis(); event.preventDefault(); return; }
+      if (stage === "strength" && ["1", "2", "3", "4"].includes(key)) { strengthOnAxis(key); event.preventDefault(); return; }
+      if (stage === "choice" && CHOICE_KEYS[key]) { chooseOnAxis(CHOICE_KEYS[key]); event.preventDefault(); }
+      return;
+    }
     if (stage === "strength") {
       if (key === "Escape") { reset(); event.preventDefault(); return; }
       if (["1", "2", "3", "4"].includes(key)) { chooseStrength(key); event.preventDefault(); }
