@@ -67,17 +67,8 @@ class KeepsJudgmentsAdmin(admin.ModelAdmin):
         return super().get_deleted_objects(objs, request)
 
 
-class AxisInline(admin.TabularInline):
-    """A campaign's further axes, asked after its own question; one that has choices cannot be deleted."""
-
-    model = Axis
-    extra = 0
-    fields = ["position", "key", "question", "allow_tie", "allow_both_bad", "ask_strength"]
-
-
 @admin.register(Campaign)
 class CampaignAdmin(KeepsJudgmentsAdmin):
-    inlines = [AxisInline]
     list_display = ["name", "slug", "overlap", "is_active", "created_at"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["members"]
@@ -104,13 +95,28 @@ class CampaignAdmin(KeepsJudgmentsAdmin):
         change_campaign_settings(obj, **{name: form.cleaned_data[name] for name in form.changed_data
                                          if name != "members"})
 
-    def save_formset(self, request, form, formset, change):
-        """Axes are added, changed and removed through the actions (save_axis, remove_axis)."""
-        if formset.model is not Axis:
-            return super().save_formset(request, form, formset, change)
-        for axis in formset.save(commit=False):
-            save_axis(axis)
-        for axis in formset.deleted_objects:
+
+@admin.register(Axis)
+class AxisAdmin(KeepsJudgmentsAdmin):
+    """A campaign's further axes, asked after its own question (the campaign's axis key and question); one
+    that has choices cannot be deleted. Saved and removed through the actions."""
+
+    list_display = ["key", "campaign", "position", "question", "allow_tie", "allow_both_bad", "ask_strength"]
+    list_filter = ["campaign"]
+    fields = ["campaign", "position", "key", "question", "allow_tie", "allow_both_bad", "ask_strength"]
+    judgment_paths = ("axis_choices__axis",)
+
+    def refusal_hint(self):
+        return "Judgments are never deleted, so neither is an axis that has choices."
+
+    def save_model(self, request, obj, form, change):
+        save_axis(obj)
+
+    def delete_model(self, request, obj):
+        remove_axis(obj)
+
+    def delete_queryset(self, request, queryset):
+        for axis in queryset:
             remove_axis(axis)
 
 
