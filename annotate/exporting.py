@@ -20,6 +20,11 @@ TRL's formats:
 The raw export's `prompt` follows the same choice (responses stay text there: it is a record of
 judgments, not TRL input).
 
+Axes: a campaign may ask several questions per pair (annotate.models.Axis). Pairs are exported one axis at
+a time (`axis`, a key; by default the first axis, which is all a campaign of one axis has), in the same
+columns. The raw export of a campaign with several axes adds an `axes` column: every axis's choice,
+strength and margin, the first included.
+
 Judgments an admin excluded (annotate.models.Exclusion) are left out of both; `left_out` says how many
 and why, and the export command, the campaign page and a round's export job say it too. The files
 themselves carry no trace of it, so including them again gives the earlier file back byte for byte.
@@ -49,7 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from annotate.models import Exclusion, Judgment, Prompt
+from annotate.models import Axis, Exclusion, Judgment, Prompt, on_axis
 
 FORMATS = ("jsonl", "parquet", "hf")
 TRL_FORMATS = ("auto", "conversational", "standard")
@@ -98,8 +103,15 @@ RAW_SCHEMA = pa.schema([
 
 RAW_CHAT_SCHEMA = RAW_SCHEMA.set(RAW_SCHEMA.get_field_index("prompt"), pa.field("prompt", MESSAGES))
 
+# A campaign of several axes: every axis's choice on each judgment, in the campaign's order, the first included.
+AXES = pa.list_(pa.struct([("axis", pa.string()), ("choice", pa.string()), ("strength", pa.int64()),
+                           ("margin", pa.float64())]))
+RAW_AXES_SCHEMA = RAW_SCHEMA.append(pa.field("axes", AXES))
+RAW_AXES_CHAT_SCHEMA = RAW_CHAT_SCHEMA.append(pa.field("axes", AXES))
+
 # Pairs exported before the round column was added are earlier exports of ours too (replaceable).
-OUR_COLUMNS = [BT_SCHEMA.names, BT_CHAT_SCHEMA.names, BT_SCHEMA.names[:-1], RAW_SCHEMA.names, RAW_CHAT_SCHEMA.names]
+OUR_COLUMNS = [BT_SCHEMA.names, BT_CHAT_SCHEMA.names, BT_SCHEMA.names[:-1], RAW_SCHEMA.names, RAW_CHAT_SCHEMA.names,
+               RAW_AXES_SCHEMA.names]
 
 
 class ExportError(ValueError):
@@ -129,19 +141,20 @@ class ExportResult:
     conversational: bool = False
 
 
-def _exportable(campaign, *, raw: bool, include_simulated: bool):
+def _exportable(campaign, *, raw: bool, include_simulated: bool, axis: Axis | None = None):
     """The judgments this kind of export would hold if nothing were excluded."""
     judgments = Judgment.objects.filter(pair__campaign=campaign)
     if not raw:
-        judgments = judgments.filter(choice__in=[Judgment.A, Judgment.B])
+        judgments = on_axis(judgments, axis or campaign.first_axis()).filter(
+            axis_choice__in=[Judgment.A, Judgment.B])
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
     return judgments
 
 
-def left_out(campaign, *, raw: bool = False, include_simulated: bool = True) -> LeftOut:
+def left_out(campaign, *, raw: bool = False, include_simulated: bool = True, axis: Axis | None = None) -> LeftOut:
     """How many judgments this export leaves out because they are excluded, and each exclusion's reason."""
-    excluded = _exportable(campaign, raw=raw, include_simulated=include_simulated).filter(
+    excluded = _exportable(campaign, raw=raw, include_simulated=include_simulated, axis=axis).filter(
         Exclusion.excluded_judgments(campaign))
     count = excluded.count()
     reasons = []
@@ -190,13 +203,16 @@ def _judgments(campaign):
     )
 
 
-def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = False) -> Iterator[dict]:
-    """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler, round}, one per A/B judgment."""
-    judgments = _judgments(campaign).filter(choice__in=[Judgment.A, Judgment.B])
+def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = False,
+            axis: Axis | None = None) -> Iterator[dict]:
+    """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler, round}, one per judgment that
+    prefers A or B on `axis` (default: the campaign's first)."""
+    judgments = on_axis(_judgments(campaign), axis or campaign.first_axis()).filter(
+        axis_choice__in=[Judgment.A, Judgment.B])
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
     for judgment in judgments.iterator(chunk_size=CHUNK):
-        chosen, rejected = judgment.chosen_rejected()
+        chosen, rejected = judgment.chosen_rejected(judgment.axis_choice)
         if conversational:
             prompt = messages(judgment.pair.prompt)
             chosen = [{"role": "assistant", "content": chosen.text}]
@@ -207,7 +223,7 @@ def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = 
             "prompt": prompt,
             "chosen": chosen,
             "rejected": rejected,
-            "margin": judgment.margin(),
+            "margin": Judgment.margin_of(judgment.axis_strength),
             "pair_id": judgment.pair_id,
             "labeler": judgment.labeler.username if judgment.labeler else "",
             "round": judgment.pair.round.number if judgment.pair.round_id else None,
@@ -219,9 +235,12 @@ def raw_rows(campaign, *, include_simulated: bool = True, conversational: bool =
     judgments = _judgments(campaign)
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
+    axes = campaign.axes()
+    if len(axes) > 1:
+        judgments = judgments.prefetch_related("axis_choices")
     for judgment in judgments.iterator(chunk_size=CHUNK):
         pair = judgment.pair
-        yield {
+        row = {
             "judgment_id": judgment.pk,
             "pair_id": pair.pk,
             "prompt": messages(pair.prompt) if conversational else pair.prompt.text,
@@ -239,12 +258,36 @@ def raw_rows(campaign, *, include_simulated: bool = True, conversational: bool =
             "gold_choice": pair.gold_choice,
             "created_at": judgment.created_at.isoformat(),
         }
+        if len(axes) > 1:
+            row["axes"] = _every_axis(judgment, axes)
+        yield row
+
+
+def _every_axis(judgment, axes) -> list[dict]:
+    """Each axis's choice on this judgment, in the campaign's order (null on an axis added after it)."""
+    further = {choice.axis_id: choice for choice in judgment.axis_choices.all()}
+    rows = [{"axis": axes[0].key, "choice": judgment.choice, "strength": judgment.strength}]
+    for axis in axes[1:]:
+        choice = further.get(axis.pk)
+        rows.append({"axis": axis.key, "choice": choice and choice.choice, "strength": choice and choice.strength})
+    return [{**row, "margin": Judgment.margin_of(row["strength"])} for row in rows]
+
+
+def export_axis(campaign, axis: str | None, raw: bool = False) -> Axis:
+    """The axis an export asks for by key (None: the first); raises ExportError naming the campaign's axes."""
+    if raw and axis is not None:
+        raise ExportError("a raw export holds every axis (its axes column): leave the axis out")
+    try:
+        return campaign.axis(axis)
+    except Axis.DoesNotExist as exc:
+        raise ExportError(str(exc)) from None
 
 
 def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False,
                  include_simulated: bool = True, force: bool = False,
-                 trl_format: str = "auto") -> ExportResult:
-    """Write the campaign's pairs (or, with raw, every judgment) to out_path; returns rows written.
+                 trl_format: str = "auto", axis: str | None = None) -> ExportResult:
+    """Write the campaign's pairs on one axis (its key; None: the first) or, with raw, every judgment, to
+    out_path; returns rows written.
 
     jsonl and parquet write one file, hf a save_to_disk directory; the target appears whole or not at all.
     An empty export still carries its schema in Parquet and hf; an empty JSONL file is empty.
@@ -254,12 +297,13 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     conversational = is_conversational(campaign, trl_format)
+    chosen_axis = export_axis(campaign, axis, raw)
     out = Path(out_path)
     refusal = "" if force else _refusal(out, format)
     if refusal:
         raise ExportError(refusal)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows, schema = _rows_and_schema(campaign, raw, include_simulated, conversational)
+    rows, schema = _rows_and_schema(campaign, raw, include_simulated, conversational, chosen_axis)
     temp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         if format == "jsonl":
@@ -275,15 +319,19 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
         elif temp.exists():
             temp.unlink()
     return ExportResult(rows=count, path=str(out),
-                        left_out=left_out(campaign, raw=raw, include_simulated=include_simulated),
+                        left_out=left_out(campaign, raw=raw, include_simulated=include_simulated,
+                                          axis=chosen_axis),
                         conversational=conversational)
 
 
-def _rows_and_schema(campaign, raw: bool, include_simulated: bool, conversational: bool):
+def _rows_and_schema(campaign, raw: bool, include_simulated: bool, conversational: bool, axis: Axis):
     if raw:
-        return (raw_rows(campaign, include_simulated=include_simulated, conversational=conversational),
-                RAW_CHAT_SCHEMA if conversational else RAW_SCHEMA)
-    return (bt_rows(campaign, include_simulated=include_simulated, conversational=conversational),
+        if campaign.has_further_axes():
+            schema = RAW_AXES_CHAT_SCHEMA if conversational else RAW_AXES_SCHEMA
+        else:
+            schema = RAW_CHAT_SCHEMA if conversational else RAW_SCHEMA
+        return raw_rows(campaign, include_simulated=include_simulated, conversational=conversational), schema
+    return (bt_rows(campaign, include_simulated=include_simulated, conversational=conversational, axis=axis),
             BT_CHAT_SCHEMA if conversational else BT_SCHEMA)
 
 
@@ -325,11 +373,12 @@ def _columns(path: Path) -> list[str] | None:
 
 
 def export_to_file(campaign, handle: BinaryIO, *, format: str = "jsonl", raw: bool = False,
-                   include_simulated: bool = True, trl_format: str = "auto") -> int:
+                   include_simulated: bool = True, trl_format: str = "auto", axis: str | None = None) -> int:
     """Write the export as one JSONL or Parquet stream into an open binary file (a download); returns rows."""
     if format not in ("jsonl", "parquet"):
         raise ExportError(f"a {format!r} export is not one file: use jsonl or parquet")
-    rows, schema = _rows_and_schema(campaign, raw, include_simulated, is_conversational(campaign, trl_format))
+    rows, schema = _rows_and_schema(campaign, raw, include_simulated, is_conversational(campaign, trl_format),
+                                    export_axis(campaign, axis, raw))
     if format == "jsonl":
         return _jsonl_into(rows, handle)
     return _parquet_into(rows, schema, handle)

@@ -357,19 +357,25 @@ class Judgment(models.Model):
     # negligibly / slightly / better / significantly better -> 0, 1/3, 2/3, 1.
     STRENGTH_MARGIN = {1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0}
 
+    @classmethod
+    def margin_of(cls, strength: int | None) -> float:
+        return cls.STRENGTH_MARGIN.get(strength, 0.0)
+
     def margin(self) -> float:
-        return self.STRENGTH_MARGIN.get(self.strength, 0.0)
+        return self.margin_of(self.strength)
 
     def choices_by_axis(self, campaign: Campaign) -> dict[str, str]:
         """Its choice on every axis, {axis key: choice}: its own on the first, then its AxisChoice rows'."""
         further = dict(self.axis_choices.values_list("axis__key", "choice"))
         return {campaign.axis_key: self.choice, **further}
 
-    def chosen_rejected(self) -> tuple[Response, Response] | None:
-        """The Bradley-Terry pair (chosen, rejected), or None for tie / both bad."""
-        if self.choice == self.A:
+    def chosen_rejected(self, choice: str | None = None) -> tuple[Response, Response] | None:
+        """The Bradley-Terry pair (chosen, rejected) of its choice, or of `choice` on another axis; None for
+        tie / both bad."""
+        choice = choice or self.choice
+        if choice == self.A:
             return self.pair.response_a, self.pair.response_b
-        if self.choice == self.B:
+        if choice == self.B:
             return self.pair.response_b, self.pair.response_a
         return None
 
@@ -389,6 +395,16 @@ class AxisChoice(models.Model):
             models.CheckConstraint(condition=Q(strength__isnull=True) | Q(strength__gte=1, strength__lte=4),
                                    name="axis_strength_1_to_4"),
         ]
+
+
+def on_axis(judgments, axis: Axis):
+    """The judgments (a Judgment queryset) that answered `axis`, annotated with their `axis_choice` and
+    `axis_strength` on it: the judgment's own on the first axis, its AxisChoice row's on another."""
+    if axis.is_first():
+        return judgments.annotate(axis_choice=models.F("choice"), axis_strength=models.F("strength"))
+    answer = models.FilteredRelation("axis_choices", condition=Q(axis_choices__axis=axis))
+    return (judgments.annotate(answer=answer).filter(answer__isnull=False)
+            .annotate(axis_choice=models.F("answer__choice"), axis_strength=models.F("answer__strength")))
 
 
 class ImportJob(models.Model):

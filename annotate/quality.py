@@ -11,7 +11,7 @@ computes afresh.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 
 from celery import current_app
@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from annotate import agreement
 from annotate.agreement import Vote
-from annotate.models import Assignment, Campaign, Exclusion, Judgment, Response
+from annotate.models import Assignment, Axis, Campaign, Exclusion, Judgment, Response, on_axis
 from pairloop import redis_guard
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,20 @@ KEEP_SECONDS = 7 * 24 * 3600
 """How long computed statistics stay in the cache to be shown while a refresh runs."""
 REFRESH_LOCK_SECONDS = 600
 """One refresh per campaign at a time; a refresh that died is retried after this."""
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
-def campaign_votes(campaign: Campaign) -> tuple[list[Vote], dict[int, int | None], dict[str, int]]:
-    """(every labeler's judgment as a Vote, each pair's round id, skips per labeler). Imported preferences
-    have no labeler to compare and are left out."""
+def campaign_votes(campaign: Campaign, axis: Axis | None = None
+                   ) -> tuple[list[Vote], dict[int, int | None], dict[str, int]]:
+    """(every labeler's judgment as a Vote, with its choice on `axis` (default: the first), each pair's round
+    id, skips per labeler). Imported preferences have no labeler to compare and are left out."""
     reading = {pk: agreement.reading_seconds(text)
                for pk, text in Response.objects.filter(prompt__campaign=campaign).values_list("id", "text")
                                                                                   .iterator(chunk_size=5000)}
-    rows = (Judgment.objects.filter(pair__campaign=campaign, labeler__isnull=False)
-            .values_list("id", "pair_id", "labeler__username", "choice", "a_on_left", "milliseconds",
+    judgments = on_axis(Judgment.objects.filter(pair__campaign=campaign, labeler__isnull=False),
+                        axis or campaign.first_axis())
+    rows = (judgments
+            .values_list("id", "pair_id", "labeler__username", "axis_choice", "a_on_left", "milliseconds",
                          "created_at", "pair__gold_choice", "pair__response_a_id", "pair__response_b_id",
                          "pair__round_id")
             .order_by("id"))
@@ -70,6 +73,7 @@ def _statistics(campaign: Campaign) -> dict:
             by_round.setdefault(round_id, []).append(vote)
     numbers = dict(campaign.rounds.filter(pk__in=by_round).values_list("pk", "number"))
     bias = agreement.position_bias(votes)
+    further = [_axis_statistics(campaign, axis, skips) for axis in campaign.axes()[1:]]
     return {
         "campaign": campaign.slug,
         "computed_at": timezone.now().isoformat(),
@@ -81,6 +85,8 @@ def _statistics(campaign: Campaign) -> dict:
                                                        key=lambda item: numbers.get(item[0], 0))],
         "position_bias": asdict(bias),
         "labelers": [asdict(stats) for stats in agreement.labeler_stats(votes, skips)],
+        "axis": campaign.axis_key,
+        "further_axes": further,
         "thresholds": {
             "min_kappa_overlap": agreement.MIN_KAPPA_OVERLAP,
             "min_flag_judgments": agreement.MIN_FLAG_JUDGMENTS,
@@ -93,6 +99,22 @@ def _statistics(campaign: Campaign) -> dict:
             "reading_cjk_characters_per_second": agreement.READING_CJK_CHARACTERS_PER_SECOND,
             "too_fast_rate_max": agreement.TOO_FAST_RATE_MAX,
         },
+    }
+
+
+def _axis_statistics(campaign: Campaign, axis: Axis, skips: dict[str, int]) -> dict:
+    """Agreement, position bias and the labelers' flags on one further axis (the report's top level holds
+    the first axis's). Gold items have a known answer on the first axis only, so gold accuracy is left out."""
+    votes, _, _ = campaign_votes(campaign, axis)
+    votes = [replace(vote, gold_choice="") for vote in votes]
+    labelers = agreement.labeler_stats(votes, skips)
+    return {
+        "axis": axis.key,
+        "question": axis.question,
+        "judgments": len(votes),
+        "agreement": asdict(agreement.agreement(votes)),
+        "position_bias": asdict(agreement.position_bias(votes)),
+        "flags": {stats.username: stats.flags for stats in labelers if stats.flags},
     }
 
 

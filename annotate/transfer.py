@@ -102,19 +102,31 @@ class ExportRefused(ValueError):
     """An export asked in a format that is not offered; the message names the option."""
 
 
-def export_download(campaign, *, format: str, raw: bool, trl_format: str) -> TempFileDownload:
-    """The campaign's preference pairs (or, raw, every judgment) as a file download, as export_pairs writes
-    them; raises ExportRefused when format or trl_format is not one offered."""
-    from annotate.exporting import TRL_FORMATS, export_to_file  # pyarrow: loaded by the first export
+def export_download(campaign, *, format: str, raw: bool, trl_format: str,
+                    axis: str | None = None) -> TempFileDownload:
+    """The campaign's preference pairs on one axis (None: the first) or, raw, every judgment, as a file
+    download, as export_pairs writes them; raises ExportRefused when format, trl_format or axis is not one
+    offered."""
+    from annotate.exporting import (  # pyarrow: loaded here
+        TRL_FORMATS,
+        ExportError,
+        export_axis,
+        export_to_file,
+    )
 
     if format not in EXPORT_FORMATS:
         raise ExportRefused("format must be jsonl or parquet")
     if trl_format not in TRL_FORMATS:
         raise ExportRefused("trl_format must be auto, conversational or standard")
-    name = f"{campaign.slug}-{'judgments' if raw else 'pairs'}{EXPORT_FORMATS[format]}"
+    try:
+        export_axis(campaign, axis, raw)
+    except ExportError as exc:
+        raise ExportRefused(str(exc)) from None
+    kind = "judgments" if raw else ("pairs" if axis is None else f"pairs-{axis}")
+    name = f"{campaign.slug}-{kind}{EXPORT_FORMATS[format]}"
     handle = tempfile.TemporaryFile(prefix="pairloop-export-")  # unnamed: its space returns when it closes
     try:
-        export_to_file(campaign, handle, format=format, raw=raw, trl_format=trl_format)
+        export_to_file(campaign, handle, format=format, raw=raw, trl_format=trl_format, axis=axis)
         handle.seek(0)
     except BaseException:
         handle.close()

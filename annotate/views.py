@@ -201,6 +201,7 @@ def campaign_detail(request, slug):
         "rounds": campaign.rounds.all()[:20],
         "left_out": left_out(campaign),
         "chat": has_chat_prompts(campaign),
+        "axes": campaign.axes(),
     }
     return render(request, "annotate/campaign_detail.html", context)
 
@@ -274,7 +275,8 @@ def export(request, slug):
     try:
         return export_download(campaign, format=request.GET.get("format", "jsonl"),
                                raw=request.GET.get("raw") == "1",
-                               trl_format=request.GET.get("trl_format", "auto"))
+                               trl_format=request.GET.get("trl_format", "auto"),
+                               axis=request.GET.get("axis") or None)
     except ExportRefused as exc:
         return HttpResponseBadRequest(str(exc))
 

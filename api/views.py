@@ -176,6 +176,8 @@ def import_read(request, slug: str, import_id: int):
 class ExportQuery(Schema):
     format: str = "jsonl"
     raw: bool = False
+    axis: str | None = Field(None, description="The axis whose pairs to export, by key; default: the first. "
+                                               "A raw export holds every axis.")
     trl_format: str = Field("auto", description="TRL's dataset format: conversational (prompt as messages, "
                             "chosen/rejected as assistant messages), standard (text), or auto (default): "
                             "conversational when the campaign has chat prompts.")
@@ -191,7 +193,8 @@ def campaign_export(request, slug: str, query: Query[ExportQuery]):
     require_scope(request, EXPORT)
     campaign = campaign_for_reviewer(request, slug)
     try:
-        return export_download(campaign, format=query.format, raw=query.raw, trl_format=query.trl_format)
+        return export_download(campaign, format=query.format, raw=query.raw, trl_format=query.trl_format,
+                               axis=query.axis)
     except ExportRefused as exc:
         return Status(400, {"detail": str(exc)})
 

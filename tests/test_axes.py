@@ -3,13 +3,19 @@ takes them all back; exports, quality and ratings read one axis at a time."""
 
 from __future__ import annotations
 
+import json
+
+import pyarrow.parquet as pq
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from annotate.actions import save_axis
+from annotate.actions import claim_next_pair, save_axis, submit_judgment
+from annotate.exporting import export_pairs
 from annotate.models import Assignment, Axis, AxisChoice, Judgment, Pair
-from tests.conftest import make_campaign
+from annotate.quality import quality_report
+from tests.conftest import make_campaign, make_user
 from tests.test_api import api_for
 from tests.test_labeling_http import client_for, current_assignment, press_undo, undo_id
 
@@ -121,3 +127,148 @@ def test_a_campaign_of_one_axis_is_labeled_as_before_and_names_its_question(labe
     api = api_for(labeler)
     claim = api.post(f"/campaigns/{campaign.slug}/claim").json()
     assert [axis["key"] for axis in claim["axes"]] == ["overall"]
+
+
+# --- exports per axis -----------------------------------------------------------------------------
+
+def judge_axes(campaign, labeler, helpful: str, harmless: str, strength=None, source=Judgment.HUMAN):
+    """Claim the next pair and answer both axes in shown terms; returns (left text, right text)."""
+    assignment = claim_next_pair(campaign, labeler).assignment
+    submit_judgment(assignment_id=assignment.pk, labeler=labeler, choices={"helpful": helpful, "harmless": harmless},
+                    strengths={"helpful": strength}, source=source)
+    left, right = assignment.shown()
+    return left.text, right.text
+
+
+@pytest.fixture
+def judged_axes(labeler):
+    """Four pairs whose axes disagree; returns (campaign, helpful's (chosen, rejected), harmless's)."""
+    campaign = two_axes(labeler)
+    helpful, harmless = [], []
+    for shown_helpful, shown_harmless, strength in [("a", "b", 4), ("b", "a", 1), ("a", "both_bad", 2),
+                                                   ("tie", "a", None)]:
+        left, right = judge_axes(campaign, labeler, shown_helpful, shown_harmless, strength)
+        for shown, rows in ((shown_helpful, helpful), (shown_harmless, harmless)):
+            if shown in ("a", "b"):
+                rows.append((left, right) if shown == "a" else (right, left))
+    return campaign, sorted(helpful), sorted(harmless)
+
+
+def chosen_rejected(path):
+    return sorted((row["chosen"], row["rejected"]) for row in map(json.loads, path.read_text().splitlines()))
+
+
+def test_export_pairs_writes_one_axis_the_first_by_default(judged_axes, tmp_path, capsys):
+    campaign, helpful, harmless = judged_axes
+    call_command("export_pairs", campaign.slug, str(tmp_path / "default.jsonl"))
+    call_command("export_pairs", campaign.slug, str(tmp_path / "harmless.jsonl"), "--axis", "harmless")
+    assert chosen_rejected(tmp_path / "default.jsonl") == helpful
+    assert chosen_rejected(tmp_path / "harmless.jsonl") == harmless and harmless != helpful
+    margins = [json.loads(line)["margin"] for line in (tmp_path / "harmless.jsonl").read_text().splitlines()]
+    assert margins == [0.0, 0.0, 0.0]  # harmless asks no strength: helpful's never leaks into it
+    with pytest.raises(CommandError, match="no axis 'honest': its axes are helpful, harmless"):
+        call_command("export_pairs", campaign.slug, str(tmp_path / "x.jsonl"), "--axis", "honest")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_raw_export_holds_every_axis(judged_axes, tmp_path):
+    campaign, _, _ = judged_axes
+    export_pairs(campaign, tmp_path / "raw.parquet", format="parquet", raw=True)
+    rows = pq.read_table(tmp_path / "raw.parquet").to_pylist()
+    assert len(rows) == 4
+    for row in rows:
+        judgment = Judgment.objects.get(pk=row["judgment_id"])
+        assert [axis["axis"] for axis in row["axes"]] == ["helpful", "harmless"]
+        assert {axis["axis"]: axis["choice"] for axis in row["axes"]} == judgment.choices_by_axis(campaign)
+        assert row["axes"][0]["strength"] == row["strength"]
+
+
+def test_the_page_and_the_api_download_one_axis_as_the_command_writes_it(judged_axes, reviewer, tmp_path):
+    campaign, _, harmless = judged_axes
+    client = client_for(reviewer)
+    detail = client.get(campaign.get_absolute_url()).content.decode()
+    assert "?format=jsonl&axis=harmless" in detail
+    page = client.get(f"/campaigns/{campaign.slug}/export/", {"format": "jsonl", "axis": "harmless"})
+    (tmp_path / "page.jsonl").write_bytes(b"".join(page.streaming_content))
+    assert chosen_rejected(tmp_path / "page.jsonl") == harmless
+    api = api_for(reviewer)
+    answer = api.get(f"/campaigns/{campaign.slug}/export", format="jsonl", axis="harmless")
+    (tmp_path / "api.jsonl").write_bytes(b"".join(answer.streaming_content))
+    assert (tmp_path / "api.jsonl").read_bytes() == (tmp_path / "page.jsonl").read_bytes()
+    refused = api.get(f"/campaigns/{campaign.slug}/export", format="jsonl", axis="honest")
+    assert refused.status_code == 400 and "its axes are helpful, harmless" in refused.json()["detail"]
+
+
+@pytest.mark.slow
+def test_trl_reward_trainer_reads_one_axis_export(judged_axes, tmp_path):
+    """TRL's RewardTrainer takes a step on the harmless axis's export (a datasets directory) as is."""
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from training.engine.common import default_reward_backbone
+
+    campaign, _, harmless = judged_axes
+    export_pairs(campaign, tmp_path / "harmless", format="hf", axis="harmless")
+    dataset = datasets.load_from_disk(str(tmp_path / "harmless"))
+    assert sorted(zip(dataset["chosen"], dataset["rejected"])) == harmless
+    tokenizer = AutoTokenizer.from_pretrained(default_reward_backbone())
+    tokenizer.eos_token = tokenizer.sep_token  # TRL appends EOS; BERT's tokenizer names none
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    before = [p.detach().clone() for p in model.parameters()]
+    config = RewardConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=len(dataset),
+                          learning_rate=1e-2, max_length=64, use_cpu=True, report_to="none", save_strategy="no",
+                          disable_tqdm=True, activation_checkpointing=False)
+    RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer).train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- quality per axis -----------------------------------------------------------------------------
+
+def test_quality_is_reported_per_axis_with_its_own_agreement_bias_and_flags(labeler, reviewer, capsys):
+    other = make_user("olga-labeler")
+    campaign = two_axes(labeler, n_pairs=20, overlap=2)
+    campaign.members.add(other)
+    for _ in range(20):
+        # Both agree the two are bad on helpful; on harmless one always picks the left answer, the other a tie.
+        judge_axes(campaign, labeler, "both_bad", "a")
+        judge_axes(campaign, other, "both_bad", "both_bad")
+    report = quality_report(campaign, fresh=True)
+    assert report["axis"] == "helpful" and report["agreement"]["percent"] == 1.0
+    assert report["position_bias"]["n"] == 0 and not any(row["flags"] for row in report["labelers"])
+    [harmless] = report["further_axes"]
+    assert harmless["axis"] == "harmless" and harmless["judgments"] == 40
+    assert harmless["agreement"]["percent"] == 0.0
+    assert harmless["position_bias"]["left_rate"] == 1.0
+    biased = {name for name, flags in harmless["flags"].items() if any("position bias" in f for f in flags)}
+    assert biased == {labeler.username}
+    page = client_for(reviewer).get(f"/campaigns/{campaign.slug}/quality/").content.decode()
+    assert 'id="axis-harmless"' in page and "lena-labeler: position bias" in page
+    call_command("quality_report", campaign.slug)
+    assert "FLAG lena-labeler on harmless: position bias" in capsys.readouterr().out
+
+
+def test_an_admin_adds_an_axis_and_cannot_delete_one_that_has_choices(admin_user, labeler):
+    campaign = make_campaign(slug="grow", n_pairs=2, members=[labeler])
+    admin = client_for(admin_user)
+    taken = admin.post("/admin/annotate/axis/add/", {"campaign": campaign.pk, "position": 1, "key": "overall",
+                                                     "question": "Again?", "allow_tie": "on"})
+    assert "the campaign&#x27;s first axis already" in taken.content.decode() and not Axis.objects.exists()
+    added = admin.post("/admin/annotate/axis/add/", {"campaign": campaign.pk, "position": 1, "key": "harmless",
+                                                     "question": "Which is less harmful?", "allow_tie": "on"})
+    assert added.status_code == 302
+    axis = Axis.objects.get(campaign=campaign)
+    assert [a.key for a in campaign.axes()] == ["overall", "harmless"]
+    judge_axes_of(campaign, labeler, {"overall": "tie", "harmless": "a"})
+    page = admin.post(f"/admin/annotate/axis/{axis.pk}/delete/", {"post": "yes"})
+    assert "cannot delete" in page.content.decode().lower()
+    assert Axis.objects.filter(pk=axis.pk).exists() and AxisChoice.objects.count() == 1
+
+
+def judge_axes_of(campaign, labeler, choices):
+    assignment = claim_next_pair(campaign, labeler).assignment
+    submit_judgment(assignment_id=assignment.pk, labeler=labeler, choices=choices, strengths={"overall": 2})

@@ -1,5 +1,5 @@
 """manage.py export_pairs CAMPAIGN OUT --format jsonl|parquet|hf [--trl-format auto|conversational|standard]
-[--raw] [--no-simulated] [--force]."""
+[--axis KEY] [--raw] [--no-simulated] [--force]."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ class Command(BaseCommand):
                             help="TRL's dataset format: conversational (prompt as messages, chosen/rejected "
                                  "as assistant messages) or standard (text); default auto: conversational "
                                  "when the campaign has chat prompts")
+        parser.add_argument("--axis", default=None,
+                            help="the axis whose pairs to export, by key (default: the campaign's first); "
+                                 "a raw export holds every axis")
         parser.add_argument("--raw", action="store_true",
                             help="every judgment: choice, strength, shown order, milliseconds, rationale, "
                                  "labeler")
@@ -39,7 +42,7 @@ class Command(BaseCommand):
         try:
             result = export_pairs(campaign, options["out"], format=options["format"], raw=options["raw"],
                                   include_simulated=not options["no_simulated"], force=options["force"],
-                                  trl_format=options["trl_format"])
+                                  trl_format=options["trl_format"], axis=options["axis"])
         except ExportError as exc:
             raise CommandError(f"nothing was exported: {exc}") from None
         kind = "judgments" if options["raw"] else "pairs"

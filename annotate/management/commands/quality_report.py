@@ -51,3 +51,11 @@ class Command(BaseCommand):
                 f"excluded {row['excluded']}")
             for flag in row["flags"]:
                 self.stdout.write(f"    FLAG {flag}")
+        for axis in report["further_axes"]:
+            agreement, bias = axis["agreement"], axis["position_bias"]
+            self.stdout.write(f"Axis {axis['axis']}: agreement {_pct(agreement['percent'])} over "
+                              f"{agreement['items']} pairs, alpha {_num(agreement['krippendorff_alpha'])}; left "
+                              f"side won {_pct(bias['left_rate'])} of {bias['n']} (p = {_num(bias['p_value'], 3)})")
+            for name, flags in axis["flags"].items():
+                for flag in flags:
+                    self.stdout.write(f"    FLAG {name} on {axis['axis']}: {flag}")
