@@ -4,7 +4,9 @@ annotators did (Dubois et al. 2023), so the whole loop can be tested and benchma
 Each bot is a user account ("sim-correct_sentence-1") that goes through the same doors as a person:
 annotate.actions.claim_next_pair, then submit_judgment with source=simulated, so human statistics
 can leave them out. With probability `noise` a bot flips its A/B preference (AlpacaFarm's label
-noise); equal scores are a tie where the campaign offers one.
+noise); equal scores are a tie where the campaign offers one. On a campaign with several axes each axis
+is judged by its own judge (`axis_judges`, by axis key; the first axis's is `judge`, and an axis given
+none is judged by it too), all sent in one submit as a person's are.
 """
 
 from __future__ import annotations
@@ -91,15 +93,34 @@ def strength_for(gap: float, steps: tuple[float, float, float]) -> int:
     return 1 + sum(gap >= step for step in steps)
 
 
+def _decide(judge: Judge, axis, prompt: str, left: str, right: str, noise: float, rng: random.Random,
+            result: SimulationResult) -> tuple[str, int | None]:
+    """One judge's (choice in shown terms, strength) on one axis, with AlpacaFarm's label noise."""
+    score_left, score_right = judge.score([prompt, prompt], [left, right])
+    gap = abs(score_left - score_right)
+    if gap <= TIE_EPSILON and Judgment.TIE in axis.choices_offered():
+        return "tie", None
+    choice = "a" if score_left > score_right or (gap <= TIE_EPSILON and rng.random() < 0.5) else "b"
+    if rng.random() < noise:
+        choice = "b" if choice == "a" else "a"
+        result.flipped += 1
+    return choice, strength_for(gap, judge.strength_steps) if axis.ask_strength else None
+
+
 def simulate_labelers(campaign: Campaign, judge: Judge, *, noise: float = DEFAULT_NOISE, count: int = 100,
-                      labelers: int = 1, seed: int = 0,
+                      labelers: int = 1, seed: int = 0, axis_judges: dict[str, Judge] | None = None,
                       on_judgment: Callable[[int], None] | None = None) -> SimulationResult:
     """Record up to `count` judgments by `labelers` bots taking turns, until the queue has none for them."""
     if not 0.0 <= noise <= 1.0:
         raise SimulationError(f"noise is a probability: 0 to 1, got {noise}")
+    axes = campaign.axes()
+    unknown = sorted(set(axis_judges or {}) - {axis.key for axis in axes})
+    if unknown:
+        raise SimulationError(f"no axis {', '.join(map(repr, unknown))} in campaign {campaign.slug}: its axes are "
+                              + ", ".join(axis.key for axis in axes))
+    judges = [(axis, (axis_judges or {}).get(axis.key, judge)) for axis in axes]
     rng = random.Random(seed)
     bots = bot_accounts(judge, labelers)
-    offered = campaign.choices_offered()
     result = SimulationResult()
     idle: set[int] = set()
     turn = 0
@@ -115,21 +136,15 @@ def simulate_labelers(campaign: Campaign, judge: Judge, *, noise: float = DEFAUL
         assignment = claim.assignment
         left, right = assignment.shown()
         prompt = assignment.pair.prompt.text
-        score_left, score_right = judge.score([prompt, prompt], [left.text, right.text])
-        gap = abs(score_left - score_right)
-        if gap <= TIE_EPSILON and Judgment.TIE in offered:
-            choice = "tie"
-        else:
-            choice = "a" if score_left > score_right or (gap <= TIE_EPSILON and rng.random() < 0.5) else "b"
-            if rng.random() < noise:
-                choice = "b" if choice == "a" else "a"
-                result.flipped += 1
-        strength = None
-        if choice in ("a", "b") and campaign.ask_strength:
-            strength = strength_for(gap, judge.strength_steps)
+        decided = {axis.key: _decide(axis_judge, axis, prompt, left.text, right.text, noise, rng, result)
+                   for axis, axis_judge in judges}
+        choice, strength = decided[axes[0].key]
         rationale = f"simulated by {judge.name}" if campaign.ask_rationale else ""
+        several = ({"choices": {key: c for key, (c, _) in decided.items()},
+                    "strengths": {key: s for key, (_, s) in decided.items()}} if len(axes) > 1 else {})
         _, created = submit_judgment(assignment_id=assignment.pk, labeler=bot, choice=choice,
-                                     strength=strength, rationale=rationale, source=Judgment.SIMULATED)
+                                     strength=strength, rationale=rationale, source=Judgment.SIMULATED,
+                                     **several)
         if created:
             result.judgments += 1
             result.by_choice[choice] = result.by_choice.get(choice, 0) + 1

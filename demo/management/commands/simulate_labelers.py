@@ -1,5 +1,5 @@
 """manage.py simulate_labelers CAMPAIGN_SLUG --judge rule:NAME|rm:PATH --noise 0.25 --count N
-[--labelers 1]"""
+[--labelers 1] [--axis-judge KEY=rule:NAME ...]"""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class Command(BaseCommand):
         parser.add_argument("--labelers", type=int, default=1, help="bot accounts taking turns")
         parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
         parser.add_argument("--device", default="auto", help="device of an rm: judge")
+        parser.add_argument("--axis-judge", action="append", default=[], metavar="KEY=JUDGE",
+                            help="judge one further axis of the campaign by its own rule:NAME or rm:PATH "
+                                 "(repeat per axis); an axis given none is judged by --judge")
 
     def handle(self, *args, **options):
         campaign = Campaign.objects.filter(slug=options["campaign"]).first()
@@ -34,13 +37,21 @@ class Command(BaseCommand):
             raise CommandError("--count must be 0 or more and --labelers 1 or more")
         try:
             judge = make_judge(options["judge"], device=options["device"])
+            axis_judges = {}
+            for given in options["axis_judge"]:
+                key, sep, spec = given.partition("=")
+                if not sep or not key:
+                    raise SimulationError(f"--axis-judge takes KEY=JUDGE (e.g. harmless=rule:polite), got {given!r}")
+                axis_judges[key] = make_judge(spec, device=options["device"])
         except SimulationError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(f"Judge {judge.name}: {judge.description}")
+        for key, axis_judge in axis_judges.items():
+            self.stdout.write(f"Judge of {key}: {axis_judge.name}: {axis_judge.description}")
         self.stdout.write(f"Noise: each A/B choice flipped with probability {options['noise']}")
         try:
             result = simulate_labelers(campaign, judge, noise=options["noise"], count=options["count"],
-                                       labelers=options["labelers"], seed=options["seed"])
+                                       labelers=options["labelers"], seed=options["seed"], axis_judges=axis_judges)
         except SimulationError as exc:
             raise CommandError(str(exc)) from None
         choices = ", ".join(f"{k} {v}" for k, v in sorted(result.by_choice.items())) or "none"
