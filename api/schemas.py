@@ -392,6 +392,7 @@ class RatingOut(Schema):
 
 
 class RatingsOut(Schema):
+    axis: str = Field(description="The axis whose judgments these are (its key).")
     source: str = Field(description="Whose judgments: human, else simulated labelers.")
     judgments: int
     players: list[RatingOut]

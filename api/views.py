@@ -19,7 +19,7 @@ from annotate.access import (
     is_reviewer,
 )
 from annotate.importing import ImportFailed, import_rows, pairs_asked, start_import_job
-from annotate.models import Assignment, Campaign, ImportJob, Judgment, Pair, Prompt
+from annotate.models import Assignment, Axis, Campaign, ImportJob, Judgment, Pair, Prompt
 from annotate.transfer import CappedUpload, ExportRefused, export_download, import_options, upload_too_large
 from api import schemas, webhooks
 from api.auth import require_scope
@@ -418,9 +418,14 @@ def round_samples(request, round_id: int):
 
 
 @rounds.get("/rounds/{int:round_id}/ratings", response={200: schemas.RatingsOut | None, **REFUSED})
-def round_ratings(request, round_id: int):
+def round_ratings(request, round_id: int, axis: str | None = None):
     """Bradley-Terry ratings of the SFT policy and each round's policy up to this one, with 95% intervals,
-    as the round's page shows them; null until two policies have been compared. Scope: review."""
+    as the round's page shows them, on one axis (?axis=KEY; default: the campaign's first); null until two
+    policies have been compared. Scope: review."""
     require_scope(request, REVIEW)
     round_ = round_for_reviewer(request, round_id)
-    return policy_ratings(round_)
+    try:
+        chosen = round_.campaign.axis(axis)
+    except Axis.DoesNotExist as exc:
+        raise HttpError(404, str(exc)) from None
+    return policy_ratings(round_, chosen)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from django.db.models import Q
 
-from annotate.models import Judgment, Response, content_hash
+from annotate.models import Axis, Judgment, Response, content_hash, on_axis
 from training.models import Job, Round
 from training.ratings import bradley_terry
 
@@ -82,8 +82,10 @@ def round_review(round_: Round) -> dict | None:
     if sample_job is None and not rates:
         return None
     ratings = policy_ratings(round_)
+    further = [found for axis in round_.campaign.axes()[1:] if (found := policy_ratings(round_, axis))]
     if sample_job is None:
-        return {"rows": [], "columns": [], "rates": rates, "ratings": ratings, "summary": None}
+        return {"rows": [], "columns": [], "rates": rates, "ratings": ratings, "axis_ratings": further,
+                "summary": None}
     result = sample_job.result or {}
     scores = result.get("scores", {})
     opponent = result.get("opponent") or ""
@@ -98,7 +100,8 @@ def round_review(round_: Round) -> dict | None:
     keys = ("sample/reward_new", "sample/reward_opponent", "sample/judge_new", "sample/judge_other",
             "sample/empty_new", "sample/empty_opponent")
     summary = {key.split("/", 1)[1]: result.get(key) for key in keys}
-    return {"rows": rows, "columns": table.columns, "rates": rates, "ratings": ratings, "summary": summary,
+    return {"rows": rows, "columns": table.columns, "rates": rates, "ratings": ratings, "axis_ratings": further,
+            "summary": summary,
             "opponent": opponent, "scored": result.get("scored", True)}
 
 
@@ -109,9 +112,10 @@ def _checkpoint_key(path: str) -> str:
     return os.path.normpath(os.path.abspath(path)) if path else ""
 
 
-def policy_ratings(round_: Round) -> dict | None:
+def policy_ratings(round_: Round, axis: Axis | None = None) -> dict | None:
     """Bradley-Terry ratings of the SFT policy and every round's policy up to this one, from the judgments
-    of pairs whose two responses came from two of them; humans, else simulated labelers (said which)."""
+    on `axis` (default: the campaign's first) of pairs whose two responses came from two of them; humans,
+    else simulated labelers (said which)."""
     rounds = list(Round.objects.filter(campaign=round_.campaign, number__lte=round_.number).order_by("number"))
     names = {}
     base = rounds[0].config.get("base_policy", "") if rounds else ""
@@ -123,9 +127,11 @@ def policy_ratings(round_: Round) -> dict | None:
     if len(names) < 2:
         return None
     outcomes: dict[str, list[tuple[str, str, float]]] = {Judgment.HUMAN: [], Judgment.SIMULATED: []}
-    judgments = (Judgment.objects.filter(pair__campaign=round_.campaign, source__in=list(outcomes))
+    axis = axis or round_.campaign.first_axis()
+    judgments = (on_axis(Judgment.objects.filter(pair__campaign=round_.campaign, source__in=list(outcomes)), axis)
                  .filter(Q(pair__round__isnull=True) | Q(pair__round__number__lte=round_.number))
-                 .values_list("source", "choice", "pair__response_a__checkpoint", "pair__response_b__checkpoint"))
+                 .values_list("source", "axis_choice", "pair__response_a__checkpoint",
+                              "pair__response_b__checkpoint"))
     for source, choice, checkpoint_a, checkpoint_b in judgments.iterator():
         a, b = names.get(_checkpoint_key(checkpoint_a)), names.get(_checkpoint_key(checkpoint_b))
         if a and b and a != b and choice in RATING_OUTCOME:
@@ -134,7 +140,7 @@ def policy_ratings(round_: Round) -> dict | None:
     if not outcomes[source]:
         return None
     anchor = "SFT policy" if base else None
-    return {"source": source, "judgments": len(outcomes[source]),
+    return {"axis": axis.key, "source": source, "judgments": len(outcomes[source]),
             "players": bradley_terry(outcomes[source], anchor=anchor, bootstrap=RATING_BOOTSTRAP)}
 
 
