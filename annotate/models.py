@@ -10,7 +10,7 @@ import hashlib
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models
+from django.db import connection, models
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
@@ -133,8 +133,21 @@ class Campaign(models.Model):
         """Every axis asked on a pair, in order: the first axis, then the campaign's Axis rows (read once per
         campaign object: one query a request)."""
         if not hasattr(self, "_axes"):
-            self._axes = [self.first_axis(), *self.further_axes.all()]
+            known_none = not getattr(self, "further_axes_exist", True)  # annotate.access read it with the campaign
+            self._axes = [self.first_axis(), *([] if known_none else self._further_axes())]
         return self._axes
+
+    def _further_axes(self) -> list[Axis]:
+        """The Axis rows in order, read with plain SQL: on every judgment of a campaign with several axes."""
+        fields = ("id", "key", "question", "position", "allow_tie", "allow_both_bad", "ask_strength")
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {', '.join(fields)} FROM {Axis._meta.db_table} WHERE campaign_id = %s "
+                           "ORDER BY position, id", [self.pk])
+            rows = cursor.fetchall()
+        axes = [Axis(campaign=self, **dict(zip(fields, row))) for row in rows]
+        for axis in axes:
+            axis._state.adding, axis._state.db = False, connection.alias
+        return axes
 
     def has_further_axes(self) -> bool:
         return len(self.axes()) > 1

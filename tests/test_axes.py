@@ -9,15 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from annotate.actions import claim_next_pair, save_axis, submit_judgment
+from annotate.actions import PairInput, add_pairs, claim_next_pair, save_axis, submit_judgment
 from annotate.exporting import export_pairs
 from annotate.models import Assignment, Axis, AxisChoice, Judgment, Pair
 from annotate.quality import quality_report
 from tests.conftest import make_campaign, make_user
 from tests.test_api import api_for
 from tests.test_labeling_http import client_for, current_assignment, press_undo, undo_id
+from tests.test_rounds import chains  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.django_db
 
@@ -86,7 +88,7 @@ def test_labeling_every_axis_costs_the_same_queries_as_one_axis_plus_one_insert(
 
     single = submit(one, {"choice": "tie"})
     both = submit(several, {"choice-helpful": "tie", "choice-harmless": "both_bad"})
-    assert both == single + 1  # the further axes' choices: one INSERT, whatever their number
+    assert both == single + 2  # the further axes read once, and their choices in one INSERT, whatever their number
 
 
 def test_undo_takes_back_every_axis_and_the_pair_comes_back(labeler):
@@ -272,3 +274,63 @@ def test_an_admin_adds_an_axis_and_cannot_delete_one_that_has_choices(admin_user
 def judge_axes_of(campaign, labeler, choices):
     assignment = claim_next_pair(campaign, labeler).assignment
     submit_judgment(assignment_id=assignment.pk, labeler=labeler, choices=choices, strengths={"overall": 2})
+
+
+# --- simulated labelers per axis ------------------------------------------------------------------
+
+def test_simulated_labelers_judge_each_axis_by_its_own_rule(capsys):
+    from demo import demo_tasks
+    from tests.test_simulate import demo_campaign
+
+    campaign = demo_campaign(n=16)
+    save_axis(Axis(campaign=campaign, key="curt", question="Which answer is shorter and right?", position=1))
+    call_command("simulate_labelers", campaign.slug, "--judge", "rule:correct_sentence", "--noise", "0",
+                 "--count", "16", "--axis-judge", "curt=rule:correct_curt")
+    assert "Judge of curt: rule:correct_curt" in capsys.readouterr().out
+    differ = 0
+    for judgment in Judgment.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b"):
+        pair, choices = judgment.pair, judgment.choices_by_axis(campaign)
+        for key, rule in (("overall", "correct_sentence"), ("curt", "correct_curt")):
+            score_a, score_b = (demo_tasks.RULE_JUDGES[rule](pair.prompt.text, r.text)
+                                for r in (pair.response_a, pair.response_b))
+            assert choices[key] == ("a" if score_a > score_b else "b" if score_b > score_a else "tie")
+        differ += choices["overall"] != choices["curt"]
+    assert Judgment.objects.count() == 16 and differ > 0
+    with pytest.raises(CommandError, match="no axis 'kind' in campaign demo-sim: its axes are overall, curt"):
+        call_command("simulate_labelers", campaign.slug, "--axis-judge", "kind=rule:correct")
+
+
+# --- ratings per axis -----------------------------------------------------------------------------
+
+def test_rounds_are_rated_on_each_axis_apart(chains, reviewer, settings):
+    from annotate.models import Response
+    from api.actions import create_token
+    from tests.test_rounds import MIN, judged_campaign, launch, succeed
+
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": MIN}
+    campaign = judged_campaign()
+    harmless = save_axis(Axis(campaign=campaign, key="harmless", question="Less harmful?", position=1))
+    first = launch(campaign)
+    for job in first.jobs.order_by("order"):
+        succeed(job, policy_checkpoint="/models/round-1")
+    first.refresh_from_db()
+    add_pairs(campaign, [PairInput(f"ax {i}?", f"new {i}", f"old {i}") for i in range(20)], round=first,
+              source=Response.POLICY, checkpoints=("/models/round-1", first.config["base_policy"]), notify=False)
+    human = make_user("hugo")
+    for pair in Pair.objects.filter(round=first):
+        # Round 1's answer helps more every time, and the SFT policy's is less harmful every time.
+        judgment = Judgment.objects.create(pair=pair, labeler=human, choice="a", source=Judgment.HUMAN)
+        AxisChoice.objects.create(judgment=judgment, axis=harmless, choice="b")
+    page = client_for(reviewer).get(f"/rounds/{first.pk}/").content.decode()
+
+    def order(table_id):
+        table = page.split(f'id="{table_id}"')[1].split("</table>")[0]
+        return [row.split("</td>")[0] for row in table.split("<tr><td>")[1:]]
+
+    assert order("policy-ratings") == ["Round 1", "SFT policy"]
+    assert order("policy-ratings-harmless") == ["SFT policy", "Round 1"]
+    api = Client(headers={"Authorization": f"Bearer {create_token(reviewer, 'r', ['review'])[1]}"})
+    answer = api.get(f"/api/v1/rounds/{first.pk}/ratings", {"axis": "harmless"}).json()
+    players = {player["policy"]: player["rating"] for player in answer["players"]}
+    assert answer["axis"] == "harmless" and players["Round 1"] < players["SFT policy"] == 1000
+    assert api.get(f"/api/v1/rounds/{first.pk}/ratings", {"axis": "kind"}).status_code == 404
