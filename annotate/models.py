@@ -262,6 +262,10 @@ class Pair(models.Model):
                                            ("both_bad", "both bad")],
         help_text="Known answer (in response_a/response_b terms) when this is a gold item: shown to every "
                   "labeler at the campaign's gold rate, to measure agreement.")
+    gold_choices = models.JSONField(
+        default=dict, blank=True,
+        help_text="A gold item's known answers on the campaign's further axes, {axis key: choice} in "
+                  "response_a/response_b terms; empty: none (the first axis's is gold_choice).")
     judgments_count = models.PositiveIntegerField(default=0)
     extra_judgments = models.PositiveSmallIntegerField(
         default=0, help_text="Tie-breaks: judgments wanted beyond the overlap because the judgments split.")
@@ -284,6 +288,20 @@ class Pair(models.Model):
     def key_for(response_a_id: int, response_b_id: int) -> str:
         low, high = sorted((response_a_id, response_b_id))
         return content_hash(str(low), str(high))
+
+    def clean(self):
+        """Gold answers on further axes name axes of the campaign and known choices, on a gold item."""
+        if not self.gold_choices:
+            return
+        if not isinstance(self.gold_choices, dict) or not self.gold_choice:
+            raise ValidationError({"gold_choices": "a gold item's answers {axis key: choice}, beside its "
+                                                   "gold_choice on the first axis"})
+        keys = [axis.key for axis in self.campaign.axes()[1:]]
+        for key, choice in self.gold_choices.items():
+            if key not in keys:
+                raise ValidationError({"gold_choices": f"no further axis {key!r}: they are {', '.join(keys)}"})
+            if choice not in dict(Judgment.CHOICES):
+                raise ValidationError({"gold_choices": f"{key}: {choice!r} is not a, b, tie or both_bad"})
 
     def needs_judgments(self) -> bool:
         return self.judgments_count < self.campaign.overlap + self.extra_judgments

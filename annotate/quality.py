@@ -11,7 +11,7 @@ computes afresh.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime
 
 from celery import current_app
@@ -44,19 +44,20 @@ def campaign_votes(campaign: Campaign, axis: Axis | None = None
     reading = {pk: agreement.reading_seconds(text)
                for pk, text in Response.objects.filter(prompt__campaign=campaign).values_list("id", "text")
                                                                                   .iterator(chunk_size=5000)}
-    judgments = on_axis(Judgment.objects.filter(pair__campaign=campaign, labeler__isnull=False),
-                        axis or campaign.first_axis())
+    axis = axis or campaign.first_axis()
+    judgments = on_axis(Judgment.objects.filter(pair__campaign=campaign, labeler__isnull=False), axis)
     rows = (judgments
             .values_list("id", "pair_id", "labeler__username", "axis_choice", "a_on_left", "milliseconds",
-                         "created_at", "pair__gold_choice", "pair__response_a_id", "pair__response_b_id",
-                         "pair__round_id")
+                         "created_at", "pair__gold_choice" if axis.is_first() else "pair__gold_choices",
+                         "pair__response_a_id", "pair__response_b_id", "pair__round_id")
             .order_by("id"))
     votes, round_of = [], {}
     for (pk, pair_id, username, choice, a_on_left, ms, created_at, gold, a_id, b_id,
          round_id) in rows.iterator(chunk_size=5000):
         votes.append(Vote(pair_id=pair_id, labeler=username, choice=choice, a_on_left=a_on_left,
                           milliseconds=ms, reading_seconds=reading.get(a_id, 0.0) + reading.get(b_id, 0.0),
-                          gold_choice=gold, created_at=created_at, judgment_id=pk))
+                          gold_choice=gold if axis.is_first() else (gold or {}).get(axis.key, ""),
+                          created_at=created_at, judgment_id=pk))
         round_of[pair_id] = round_id
     skips = dict(Assignment.objects.filter(pair__campaign=campaign, skipped=True)
                  .values_list("labeler__username").annotate(n=Count("id")))
@@ -103,10 +104,9 @@ def _statistics(campaign: Campaign) -> dict:
 
 
 def _axis_statistics(campaign: Campaign, axis: Axis, skips: dict[str, int]) -> dict:
-    """Agreement, position bias and the labelers' flags on one further axis (the report's top level holds
-    the first axis's). Gold items have a known answer on the first axis only, so gold accuracy is left out."""
+    """Agreement, position bias, gold accuracy (on gold items given an answer on it) and the labelers' flags
+    on one further axis (the report's top level holds the first axis's)."""
     votes, _, _ = campaign_votes(campaign, axis)
-    votes = [replace(vote, gold_choice="") for vote in votes]
     labelers = agreement.labeler_stats(votes, skips)
     return {
         "axis": axis.key,
@@ -115,6 +115,8 @@ def _axis_statistics(campaign: Campaign, axis: Axis, skips: dict[str, int]) -> d
         "agreement": asdict(agreement.agreement(votes)),
         "position_bias": asdict(agreement.position_bias(votes)),
         "flags": {stats.username: stats.flags for stats in labelers if stats.flags},
+        "gold": {stats.username: {"accuracy": stats.gold_accuracy, "n": stats.gold_n}
+                 for stats in labelers if stats.gold_n},
     }
 
 

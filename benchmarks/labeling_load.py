@@ -57,6 +57,29 @@ sys.path.insert(0, str(REPO))
 SLUG = "bench"
 PASSWORD = "bench-labeler-password"
 RESPONSES_PER_PROMPT = 5  # all pairs of 5 responses: 10 pairs per prompt
+FIRST_AXIS = "overall"  # the campaign's first axis (annotate.models.DEFAULT_AXIS_KEY)
+
+
+def axis_keys(args) -> list[str]:
+    return [FIRST_AXIS, *(f"axis{i}" for i in range(2, args.axes + 1))]
+
+
+def web_form(keys: list[str], choice: str, strength: int | None, ms: int, rng) -> dict:
+    """The judge form the page posts: choice and strength, or with several axes choice-KEY per axis (the
+    further ones choosing at random) and strength-KEY for the first."""
+    if len(keys) == 1:
+        form = {"choice": choice, "ms": str(ms)}
+        if strength is not None:
+            form["strength"] = str(strength)
+        return form
+    form = {"ms": str(ms), f"choice-{FIRST_AXIS}": choice}
+    if strength is not None:
+        form[f"strength-{FIRST_AXIS}"] = str(strength)
+    for key in keys[1:]:
+        form[f"choice-{key}"] = rng.choice(("a", "b", "tie", "both_bad"))
+    return form
+
+
 COMBOS = [(i, j) for i in range(1, RESPONSES_PER_PROMPT + 1) for j in range(i + 1, RESPONSES_PER_PROMPT + 1)]
 ASSIGNMENT_RE = re.compile(rb'data-assignment="(\d*)"')
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -104,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--path", choices=("web", "api"), default="web",
                    help="web: the labeling page's htmx requests; api: /api/v1/ with a Bearer token each")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulated labelers")
+    p.add_argument("--axes", type=int, default=1,
+                   help="questions asked per pair: the campaign's own, then further axes (no strength), all "
+                        "answered in one submit")
     return p.parse_args(argv)
 
 
@@ -141,7 +167,7 @@ def seed(args) -> dict:
     from django.core.management import call_command
     from django.db import connection
 
-    from annotate.models import Campaign
+    from annotate.models import Axis, Campaign
 
     timings = {}
     t = time.perf_counter()
@@ -180,6 +206,9 @@ def seed(args) -> dict:
         # The campaign through the model, so every column a later migration adds gets the model's default.
         campaign_id = Campaign.objects.create(slug=SLUG, name="Load benchmark", overlap=args.overlap,
                                               instructions="Pick the **better** answer.").pk
+        for position, key in enumerate(axis_keys(args)[1:], start=1):
+            Axis.objects.create(campaign_id=campaign_id, key=key, position=position,
+                                question=f"Question {position + 1}: which answer is better on this?")
         cur.execute(
             """INSERT INTO annotate_campaign_members (campaign_id, user_id)
                SELECT %s, id FROM auth_user WHERE username LIKE 'bench-%%'""",
@@ -203,11 +232,12 @@ def seed(args) -> dict:
         )
         cur.execute(
             f"""INSERT INTO annotate_pair (id, campaign_id, prompt_id, response_a_id, response_b_id, key, priority,
-                                           round_id, gold_choice, judgments_count, is_open, created_at,
-                                           extra_judgments)
+                                           round_id, gold_choice, gold_choices, judgments_count, is_open,
+                                           created_at, extra_judgments)
                SELECT (p - 1) * {len(COMBOS)} + c.k, %s, p,
                       (p - 1) * {RESPONSES_PER_PROMPT} + c.i, (p - 1) * {RESPONSES_PER_PROMPT} + c.j,
-                      'bench-' || lpad(((p - 1) * {len(COMBOS)} + c.k)::text, 12, '0'), 0, NULL, '', 0, true, now(), 0
+                      'bench-' || lpad(((p - 1) * {len(COMBOS)} + c.k)::text, 12, '0'), 0, NULL, '', '{{}}'::jsonb, 0, true,
+                      now(), 0
                FROM generate_series(1, %s) p CROSS JOIN (VALUES {combos}) AS c(k, i, j)
                WHERE (p - 1) * {len(COMBOS)} + c.k <= %s""",
             [campaign_id, n_prompts, n_pairs],
@@ -247,8 +277,7 @@ def probe(args, n_requests: int = 200) -> dict:
     assignment = int(ASSIGNMENT_RE.search(page.content).group(1))
 
     def judge_once(assignment_id):
-        response = client.post(f"{url}{assignment_id}/judge/", {"choice": "b", "strength": "2", "ms": "1500"},
-                               HTTP_HX_REQUEST="true")
+        response = client.post(f"{url}{assignment_id}/judge/", web_form(axis_keys(args), "b", 2, 1500, random.Random(0)), HTTP_HX_REQUEST="true")
         assert response.status_code == 200 and b'role="alert"' not in response.content, response.content[:500]
         return int(ASSIGNMENT_RE.search(response.content).group(1))
 
@@ -475,6 +504,7 @@ class Labeler:
     confirmed: int = 0
     connection: Connection | None = None
     token: str | None = None  # --path api: the labeler's API token, sent instead of cookies
+    axis_keys: list[str] = field(default_factory=lambda: [FIRST_AXIS])  # the axes each submit answers
 
     def cookie_header(self) -> str:
         return "; ".join(f"{k}={v}" for k, v in self.cookies.items())
@@ -595,6 +625,10 @@ async def judge_api(labeler: Labeler, rng: random.Random, samples: list[Sample])
     body = {"choice": choice, "milliseconds": rng.randint(800, 9000)}
     if choice in ("a", "b"):
         body["strength"] = rng.randint(1, 4)
+    if len(labeler.axis_keys) > 1:
+        body["choices"] = {FIRST_AXIS: body.pop("choice"),
+                           **{key: rng.choice(("a", "b", "tie", "both_bad")) for key in labeler.axis_keys[1:]}}
+        body["strengths"] = {FIRST_AXIS: body.pop("strength")} if "strength" in body else {}
     path = f"/api/v1/campaigns/{SLUG}/assignments/{labeler.assignment}/judgment?next=true"
     started = time.perf_counter()
     try:
@@ -630,9 +664,8 @@ async def judge(labeler: Labeler, rng: random.Random, samples: list[Sample]) -> 
         samples.append(Sample(started, time.perf_counter() - started, "empty"))
         return
     choice = rng.choice(("a", "b", "tie", "both_bad"))
-    form = {"choice": choice, "ms": str(rng.randint(800, 9000))}
-    if choice in ("a", "b"):
-        form["strength"] = str(rng.randint(1, 4))
+    ms = rng.randint(800, 9000)
+    form = web_form(labeler.axis_keys, choice, rng.randint(1, 4) if choice in ("a", "b") else None, ms, rng)
     started = time.perf_counter()
     try:
         reply = await labeler.call("POST", f"/campaigns/{SLUG}/label/{labeler.assignment}/judge/", form, htmx=True)
@@ -714,6 +747,7 @@ async def drive(args, ports: list[int], server: Server, cookies: dict,
     for labeler in labelers:
         labeler.cookies.update(cookies.get(labeler.username, {}))
         labeler.token = (tokens or {}).get(labeler.username)
+        labeler.axis_keys = axis_keys(args)
     t = time.perf_counter()
     gate = asyncio.Semaphore(max(2, args.workers * 2))  # logins hash a password: do not flood the workers
 
@@ -873,7 +907,8 @@ def main(argv=None) -> int:
     args.pairs = args.pairs[0]
     data_dir = Path(tempfile.mkdtemp(prefix="pairloop-bench-"))
     load_before = os.getloadavg()
-    print(f"pairloop labeling load ({args.path}): {args.pairs:,} pairs, k={args.overlap}, "
+    print(f"pairloop labeling load ({args.path}): {args.pairs:,} pairs, {args.axes} ax{'e' if args.axes > 1 else 'i'}s, "
+          f"k={args.overlap}, "
           f"{args.labelers} labelers, "
           f"server {args.server} x{args.workers}, {os.cpu_count()} CPUs, load average {load_before[0]:.1f}",
           flush=True)
@@ -887,7 +922,8 @@ def main(argv=None) -> int:
     timings = seed(args)
     print(f"seeded {args.pairs:,} pairs: migrate {timings['migrate_s']:.1f}s, bulk SQL {timings['seed_s']:.1f}s, "
           f"VACUUM ANALYZE {timings['vacuum_analyze_s']:.1f}s", flush=True)
-    result = {"path": args.path, "pairs": args.pairs, "overlap": args.overlap, "labelers": args.labelers,
+    result = {"path": args.path, "pairs": args.pairs, "axes": args.axes, "overlap": args.overlap,
+              "labelers": args.labelers,
               "server": args.server,
               "workers": args.workers, "cpus": os.cpu_count(), "load_average_before": round(load_before[0], 2),
               "seed": timings}

@@ -334,3 +334,25 @@ def test_rounds_are_rated_on_each_axis_apart(chains, reviewer, settings):
     players = {player["policy"]: player["rating"] for player in answer["players"]}
     assert answer["axis"] == "harmless" and players["Round 1"] < players["SFT policy"] == 1000
     assert api.get(f"/api/v1/rounds/{first.pk}/ratings", {"axis": "kind"}).status_code == 404
+
+
+def test_a_gold_item_has_a_known_answer_per_axis_and_quality_scores_each(labeler):
+    from django.core.exceptions import ValidationError
+
+    campaign = two_axes(labeler, n_pairs=3, gold_rate=1.0)
+    gold = Pair.objects.filter(campaign=campaign).order_by("id").first()
+    gold.gold_choice, gold.gold_choices = "a", {"honest": "a"}
+    with pytest.raises(ValidationError, match="no further axis 'honest': they are harmless"):
+        gold.full_clean()
+    gold.gold_choices = {"harmless": "b"}
+    gold.full_clean()
+    gold.save()
+    assignment = claim_next_pair(campaign, labeler).assignment
+    assert assignment.pair_id == gold.pk
+    shown_a = "a" if assignment.a_on_left else "b"  # response_a as the labeler sees it
+    submit_judgment(assignment_id=assignment.pk, labeler=labeler, choices={"helpful": shown_a, "harmless": shown_a},
+                    strengths={"helpful": 2})
+    report = quality_report(campaign, fresh=True)
+    [mine] = report["labelers"]
+    assert (mine["gold_accuracy"], mine["gold_n"]) == (1.0, 1)  # response_a on helpful, as the gold says
+    assert report["further_axes"][0]["gold"] == {labeler.username: {"accuracy": 0.0, "n": 1}}  # not on harmless
