@@ -30,6 +30,8 @@ from annotate.models import (
     Axis,
     AxisChoice,
     Campaign,
+    EvalPrompt,
+    EvalSet,
     Exclusion,
     Judgment,
     Pair,
@@ -845,3 +847,60 @@ def save_axis(axis: Axis) -> Axis:
 def remove_axis(axis: Axis) -> None:
     """Remove a further axis nobody has answered yet; one with choices is kept (ProtectedError)."""
     axis.delete()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sets
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalInput:
+    """One row of an evaluation set: its line in the file, the prompt (text or chat turns), a reference or ""."""
+
+    line: int
+    prompt: str | list
+    reference: str = ""
+
+
+def eval_set_version(items: list[EvalInput]) -> str:
+    """The version of an evaluation set: a hash of its prompts and references in order, as an export's."""
+    return content_hash(*(part for item in items for part in (_prompt_text(item.prompt)[0], item.reference)))[:16]
+
+
+class EvalSetRefused(ValueError):
+    """An evaluation set refused whole; `problems` holds (line, field, reason) of each bad row."""
+
+    def __init__(self, problems: list[tuple[int, str, str]]):
+        super().__init__("; ".join(f"line {line}, field {field!r}: {reason}" for line, field, reason in problems))
+        self.problems = problems
+
+
+def add_eval_set(campaign: Campaign, name: str, items: list[EvalInput]) -> tuple[EvalSet, bool]:
+    """Store the rows as an evaluation set of the campaign (the one its rounds are evaluated on from now on);
+    the same content again returns the version already there, (set, False). Raises EvalSetRefused, storing
+    nothing, for a prompt repeated or one the campaign trains on (a prompt is in one or the other)."""
+    rows = [(item, *_prompt_text(item.prompt)) for item in items]
+    seen: dict[str, int] = {}
+    errors = []
+    for item, text, _ in rows:
+        if content_hash(text) in seen:
+            errors.append((item.line, "prompt", f"repeats the prompt of line {seen[content_hash(text)]}"))
+        seen.setdefault(content_hash(text), item.line)
+    training = set(Prompt.objects.filter(campaign=campaign, hash__in=list(seen)).values_list("hash", flat=True))
+    errors += [(item.line, "prompt", "is a training prompt of this campaign: an evaluation prompt never is")
+               for item, text, _ in rows if content_hash(text) in training]
+    if not rows:
+        errors.append((0, "", "no prompts"))
+    if errors:
+        raise EvalSetRefused(sorted(errors))
+    version = eval_set_version(items)
+    with transaction.atomic():
+        Campaign.objects.select_for_update().get(pk=campaign.pk)
+        existing = EvalSet.objects.filter(campaign=campaign, version=version).first()
+        if existing is not None:
+            return existing, False
+        eval_set = EvalSet.objects.create(campaign=campaign, name=name[:200], version=version)
+        EvalPrompt.objects.bulk_create([
+            EvalPrompt(eval_set=eval_set, position=item.line, text=text, turns=turns, reference=item.reference,
+                       hash=content_hash(text)) for item, text, turns in rows])
+    return eval_set, True

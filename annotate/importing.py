@@ -59,8 +59,8 @@ from django.db.models import DateTimeField, ExpressionWrapper, Q, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from annotate.actions import PairInput, add_pairs
-from annotate.models import ImportJob, Pair
+from annotate.actions import PairInput, _prompt_text, add_pairs
+from annotate.models import EvalPrompt, ImportJob, Pair, content_hash
 from pairloop.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
     # Pass 1: validate every row, keep the first MAX_ERRORS problems and count the rest.
     errors: list[RowError] = []
     total_errors = rows = 0
+    evaluated = set(EvalPrompt.objects.filter(eval_set__campaign=campaign).values_list("hash", flat=True))
     for line, row in reader.rows():
         if isinstance(row, RowError):
             problem = row
@@ -160,6 +161,8 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
                 pairs = _pairs_from_row(row, csv_text=reader.csv_text)
                 if isinstance(pairs, _ResponseList):
                     pairs.check_count(pairs_per_prompt)
+                if content_hash(_prompt_text(pairs.prompt)[0]) in evaluated:
+                    raise _BadRow("prompt", "is in an evaluation set of this campaign: a training prompt never is")
                 continue
             except _BadRow as bad:
                 problem = RowError(line, bad.field, bad.reason)

@@ -564,3 +564,44 @@ class WarningAcknowledgment(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["campaign", "user"], name="one_acknowledgment_per_user"),
         ]
+
+
+class EvalSet(models.Model):
+    """Prompts a campaign's rounds are evaluated on, never trained on; one version per content (import again
+    to change it: a new version, the old one stays for the evaluations made on it)."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="eval_sets")
+    name = models.CharField(max_length=200, help_text="What the admin called it (the file's name by default).")
+    version = models.CharField(max_length=16, help_text="Hash of its prompts and references, in order.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["campaign", "-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["campaign", "version"], name="eval_set_version_per_campaign")]
+
+    def __str__(self):
+        return f"{self.name} ({self.version})"
+
+    @classmethod
+    def current(cls, campaign) -> EvalSet | None:
+        """The evaluation set a round of this campaign is evaluated on: the one imported last (None if none)."""
+        return cls.objects.filter(campaign=campaign).order_by("-created_at", "-id").first()
+
+
+class EvalPrompt(models.Model):
+    """One prompt of an evaluation set (text or chat turns), with the answer it should get when given."""
+
+    eval_set = models.ForeignKey(EvalSet, on_delete=models.CASCADE, related_name="prompts")
+    position = models.PositiveIntegerField(help_text="Its line in the imported file.")
+    text = models.TextField(help_text="The prompt as text (chat turns flattened), as Prompt.text.")
+    turns = models.JSONField(null=True, blank=True, help_text="Chat turns [{role, content}] when given as chat.")
+    reference = models.TextField(blank=True, help_text="A reference answer, when the file gave one.")
+    hash = models.CharField(max_length=40, help_text="content_hash of the text, as Prompt.hash.")
+
+    class Meta:
+        ordering = ["eval_set", "position"]
+        constraints = [models.UniqueConstraint(fields=["eval_set", "hash"], name="eval_prompt_unique_per_set")]
+        indexes = [models.Index(fields=["hash"], name="eval_prompt_hash_idx")]
+
+    def __str__(self):
+        return self.text[:80]

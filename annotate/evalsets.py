@@ -1,0 +1,56 @@
+"""Read an evaluation set from a file: the rows of annotate/importing.py's formats, one prompt each.
+
+Row shape (extra columns are ignored): `prompt` (text or chat turns, as an import's) and, optionally,
+`reference` (the answer it should get, text). The file is checked whole before anything is stored: a bad
+row, a prompt repeated, or a prompt the campaign already trains on (an evaluation prompt is never a training
+prompt) refuses the file with the line and field of each problem, and nothing changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+
+from annotate import actions
+from annotate.actions import EvalInput, EvalSetRefused
+from annotate.importing import MAX_ERRORS, ImportFailed, RowError, _BadRow, _prompt, _reader_for, _response
+from annotate.models import Campaign, EvalSet
+
+
+def _row(row: dict, csv_text: bool) -> tuple[str | list[dict], str]:
+    prompt = _prompt(row, csv_text)
+    missing = row.get("reference") is None or (csv_text and not str(row["reference"]).strip())
+    return prompt, "" if missing else _response(row, "reference", csv_text)
+
+
+def read_eval_file(path: str | Path) -> list[EvalInput]:
+    """Every row of the file as an EvalInput; raises ImportFailed naming the first problems (line and field)."""
+    reader = _reader_for(Path(path), settings.PAIRLOOP["MAX_IMPORT_BYTES"])
+    items: list[EvalInput] = []
+    errors: list[RowError] = []
+    total = 0
+    for line, row in reader.rows():
+        if not isinstance(row, RowError):
+            try:
+                prompt, reference = _row(row, reader.csv_text)
+                items.append(EvalInput(line, prompt, reference))
+                continue
+            except _BadRow as bad:
+                row = RowError(line, bad.field, bad.reason)
+        total += 1
+        if len(errors) < MAX_ERRORS:
+            errors.append(row)
+    if not errors and not items:
+        errors, total = [RowError(0, "", "the file holds no rows")], 1
+    if errors:
+        raise ImportFailed(errors, unit=reader.unit, total=total)
+    return items
+
+
+def import_eval_set(campaign: Campaign, path: str | Path, name: str = "") -> tuple[EvalSet, bool]:
+    """Read the file and store it as the campaign's evaluation set: (the set, whether it is a new version)."""
+    try:
+        return actions.add_eval_set(campaign, name or Path(path).name, read_eval_file(path))
+    except EvalSetRefused as refused:
+        raise ImportFailed([RowError(*problem) for problem in refused.problems]) from None
