@@ -379,6 +379,49 @@ class SampleOut(Schema):
     responses: list[str] = Field(description="What this round's policy wrote for the prompt.")
 
 
+class EvalSetOut(Schema):
+    id: int
+    name: str
+    version: str = Field(description="Hash of its prompts and references: the same content is the same version.")
+    prompts: int
+
+
+class ComparisonOut(Schema):
+    a: str = Field(description="The first policy's role: new (this round's), previous (the round before) or sft.")
+    b: str = Field(description="The second policy's role.")
+    a_label: str = Field(description="The first policy as the round page names it (\"Round 2\", \"SFT policy\").")
+    b_label: str
+    judge: str = Field(description="What compared them: rule:NAME, or the round's reward model.")
+    axis: str = Field(description="The question judged; empty for the campaign's one question.")
+    prompts: int
+    wins: int = Field(description="Prompts where the first policy's answer won, asked in both orders.")
+    ties: int
+    losses: int
+    win_rate: float | None = Field(description="The first policy's wins plus half its ties, over prompts.")
+    ci_low: float | None = Field(description="95% percentile bootstrap interval of the win rate, prompts resampled.")
+    ci_high: float | None
+    lc_win_rate: float | None = Field(description="Length-controlled win rate: a logistic regression of the outcome "
+                                                  "on the length difference, at a difference of zero.")
+    mean_length_a: float | None = Field(description="Mean answer length of the first policy, in characters.")
+    mean_length_b: float | None
+
+
+class EvaluationRoundOut(Schema):
+    round: int
+    eval_set: EvalSetOut
+    table: list[ComparisonOut]
+
+
+class EvaluationOut(Schema):
+    job: int = Field(description="The evaluate job whose result this is (the round's last that succeeded).")
+    eval_set: EvalSetOut | None = Field(description="What it was evaluated on; null when the campaign had none.")
+    policies: list[dict[str, str]] = Field(description="Each policy's role, label and checkpoint.")
+    judges: list[str]
+    table: list[ComparisonOut]
+    across_rounds: list[EvaluationRoundOut] = Field(description="The same table for each round up to this one.")
+    note: str = Field(description="Why there is no table, when there is none.")
+
+
 class RatingOut(Schema):
     policy: str = Field(description="SFT policy, or Round N: whose checkpoint.")
     rating: float = Field(description="Elo scale, the SFT policy at 1000.")

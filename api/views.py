@@ -26,7 +26,8 @@ from api.auth import require_scope
 from api.models import ADMIN, EXPORT, IMPORT, LABEL, REVIEW, Webhook
 from api.pagination import Pages
 from training import actions as training_actions
-from training.access import job_for_admin, round_for_reviewer
+from training import evaluation
+from training.access import job_for_admin, round_for_admin, round_for_reviewer
 from training.config import ConfigError
 from training.models import Job, Round
 from training.review import policy_ratings
@@ -415,6 +416,28 @@ def round_samples(request, round_id: int):
     turns = dict(Prompt.objects.filter(pk__in=[s.get("prompt_id") for s in samples]).values_list("pk", "turns"))
     return [{"prompt": sample["prompt"], "prompt_turns": turns.get(sample.get("prompt_id")) or None,
              "responses": sample.get("new", [])} for sample in samples]
+
+
+@rounds.get("/rounds/{int:round_id}/evaluation", response={200: schemas.EvaluationOut | None, **REFUSED})
+def round_evaluation(request, round_id: int):
+    """The round's evaluation on the campaign's evaluation set: every two policies' win/tie/loss, win rate with
+    its 95% interval, length-controlled win rate and mean lengths per judge, and the same for earlier rounds;
+    null until an evaluate job succeeded. Scope: review."""
+    require_scope(request, REVIEW)
+    return evaluation.round_evaluation(round_for_reviewer(request, round_id))
+
+
+@rounds.post("/rounds/{int:round_id}/evaluate", response={202: schemas.RoundOut, 409: schemas.Error, **REFUSED})
+def round_evaluate(request, round_id: int):
+    """Evaluate a finished round again (a new evaluate job at the end of its chain); 409 while it or another
+    round of the campaign runs, or when one of its jobs failed. Scope: admin."""
+    require_scope(request, ADMIN)
+    round_ = round_for_admin(request, round_id)
+    try:
+        training_actions.evaluate_round(round_)
+    except training_actions.RoundRefused as exc:
+        return Status(409, {"detail": str(exc)})
+    return Status(202, Round.objects.select_related("campaign").get(pk=round_.pk))
 
 
 @rounds.get("/rounds/{int:round_id}/ratings", response={200: schemas.RatingsOut | None, **REFUSED})

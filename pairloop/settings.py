@@ -190,6 +190,7 @@ JOB_SOFT_TIME_LIMITS = {
     "grpo": env.int("PAIRLOOP_TIME_LIMIT_GRPO", 10 * 3600, minimum=10),
     "sample": env.int("PAIRLOOP_TIME_LIMIT_SAMPLE", 2 * 3600, minimum=10),
     "enqueue": env.int("PAIRLOOP_TIME_LIMIT_ENQUEUE", 1800, minimum=10),
+    "evaluate": env.int("PAIRLOOP_TIME_LIMIT_EVALUATE", 2 * 3600, minimum=10),
 }
 JOB_TIME_LIMIT_GRACE = env.int("PAIRLOOP_TIME_LIMIT_GRACE", 300, minimum=1)
 _longest_job = max(JOB_SOFT_TIME_LIMITS.values()) + JOB_TIME_LIMIT_GRACE

@@ -399,7 +399,7 @@ def test_an_admin_launches_reads_cancels_and_resumes_a_round(admin_user, labeler
     assert launched.status_code == 201
     round_ = launched.json()
     assert round_["number"] == 1 and round_["config"]["ppo_steps"] == 4
-    assert [job["kind"] for job in round_["jobs"]] == ["export", "reward", "ppo", "sample", "enqueue"]
+    assert [job["kind"] for job in round_["jobs"]] == ["export", "reward", "ppo", "sample", "enqueue", "evaluate"]
     again = api.post("/campaigns/shop/rounds", {"preset": "tiny"})
     assert again.status_code == 409 and "still queued" in again.json()["detail"]
 

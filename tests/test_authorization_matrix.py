@@ -67,6 +67,7 @@ EXPECTED = {
     "round_detail":          (LOGIN, LOGIN,  404,   404,     404,   404,     200,   200,     200,   200),
     "job_cancel":            (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
     "job_resume":            (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
+    "round_evaluate":        (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
     # The HTTP API (api/): Bearer tokens only, so every session persona gets 401 (tests/test_api.py tries
     # each role's token on every endpoint); the schema and its docs page are public.
     "api:api-root":          (404,   404) * 5,
@@ -98,6 +99,8 @@ EXPECTED = {
     "api:job_resume":         (405,   401) * 5,
     "api:round_samples":      (401,   405) * 5,
     "api:round_ratings":      (401,   405) * 5,
+    "api:round_evaluation":   (401,   405) * 5,
+    "api:round_evaluate":     (405,   401) * 5,
     # Accounts (django.contrib.auth.urls)
     "login":                 (200,   200,    200,   200,     200,   200,     200,   200,     200,   200),
     "logout":                (405,   OUT,    405,   OUT,     405,   OUT,     405,   OUT,     405,   OUT),

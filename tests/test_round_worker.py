@@ -104,7 +104,7 @@ def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_wo
         jobs = wait_for(lambda: round_over(first), 600, worker, "round 1 to finish")
         first.refresh_from_db()
 
-        assert [job.kind for job in jobs] == ["export", "reward", "ppo", "sample", "enqueue"]
+        assert [job.kind for job in jobs] == ["export", "reward", "ppo", "sample", "enqueue", "evaluate"]
         assert all(job.celery_task_id and job.attempts == 1 for job in jobs)
         assert Path(first.dataset_path).name.startswith("round-1-") and first.data_version in first.dataset_path
         reward_meta = read_checkpoint_meta(first.reward_checkpoint)
@@ -212,7 +212,7 @@ def test_a_dpo_round_trains_on_the_pairs_without_a_reward_model_and_the_next_sta
         jobs = wait_for(lambda: round_over(first), 300, worker, "the DPO round to finish")
         first.refresh_from_db()
 
-        assert [job.kind for job in jobs] == ["export", "dpo", "sample", "enqueue"]
+        assert [job.kind for job in jobs] == ["export", "dpo", "sample", "enqueue", "evaluate"]
         assert first.reward_checkpoint == ""  # no reward model in a DPO round
         meta = read_checkpoint_meta(first.policy_checkpoint)
         assert meta["stage"] == "dpo" and meta["args"]["train"] == first.dataset_path
@@ -254,7 +254,7 @@ def test_a_grpo_round_trains_against_its_reward_model_and_fills_the_queue(tiny_w
         round_ = actions.launch_round(campaign, None, config)
         jobs = wait_for(lambda: round_over(round_), 300, worker, "the GRPO round to finish")
     round_.refresh_from_db()
-    assert [job.kind for job in jobs] == ["export", "reward", "grpo", "sample", "enqueue"]
+    assert [job.kind for job in jobs] == ["export", "reward", "grpo", "sample", "enqueue", "evaluate"]
     meta = read_checkpoint_meta(round_.policy_checkpoint)
     assert meta["stage"] == "grpo" and meta["args"]["reward_models"] == [round_.reward_checkpoint]
     assert meta["args"]["ref_policy"] == round_.config["base_policy"]

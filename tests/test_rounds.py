@@ -101,7 +101,7 @@ def test_it_launches_a_round_whose_jobs_are_sent_as_one_chain_on_commit(chains, 
     with django_capture_on_commit_callbacks(execute=True):
         round_ = launch(campaign, admin_user, ppo_steps=7, pairing="sft")
     jobs = list(round_.jobs.order_by("order"))
-    assert [j.kind for j in jobs] == ["export", "reward", "ppo", "sample", "enqueue"]
+    assert [j.kind for j in jobs] == ["export", "reward", "ppo", "sample", "enqueue", "evaluate"]
     assert all(j.status == Job.QUEUED for j in jobs)
     assert chains == [[j.pk for j in jobs]]
     assert round_.number == 1 and round_.launched_by == admin_user
@@ -582,7 +582,7 @@ def test_it_resumes_a_failed_job_and_then_the_rest_of_its_chain(chains, django_c
         actions.resume_job(jobs[Job.PPO])
     ppo = Job.objects.get(pk=jobs[Job.PPO].pk)
     assert ppo.status == Job.QUEUED and "Resumed" in ppo.log
-    assert chains[-1] == [jobs[Job.PPO].pk, jobs[Job.SAMPLE].pk, jobs[Job.ENQUEUE].pk]
+    assert chains[-1] == [jobs[Job.PPO].pk, jobs[Job.SAMPLE].pk, jobs[Job.ENQUEUE].pk, jobs[Job.EVALUATE].pk]
     assert round_.is_active()
     # The resumed attempt keeps the progress so far: the engine resumes from its checkpoint.
     resumed = claim(ppo, "fresh-worker")
@@ -636,7 +636,7 @@ def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default(
     kinds = {kind for chain in actions.CHAINS.values() for kind in chain}
     queues = {kind: dispatch.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in kinds}
     assert queues == {"export": "default", "reward": "training", "ppo": "training", "dpo": "training",
-                      "grpo": "training", "sample": "training", "enqueue": "default"}
+                      "grpo": "training", "sample": "training", "enqueue": "default", "evaluate": "training"}
 
 
 @pytest.mark.django_db
@@ -645,7 +645,7 @@ def test_the_round_page_shows_each_job_on_the_queue_it_is_sent_to(chains, review
     page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
     shown = dict(re.findall(r'data-kind="(\w+)">\s*<h2>[^<]*<span class="muted queue">(\w+) queue</span>', page))
     assert shown == {"export": "default", "reward": "training", "ppo": "training", "sample": "training",
-                     "enqueue": "default"}
+                     "enqueue": "default", "evaluate": "training"}
 
 
 def test_each_job_is_sent_by_the_name_of_the_task_that_runs_its_kind():
@@ -773,16 +773,16 @@ def kinds(round_: Round) -> list[str]:
 def test_each_round_type_launches_its_own_chain_and_the_next_round_starts_from_any_type_s_policy(chains):
     campaign = judged_campaign()
     first = launch(campaign, algorithm="dpo")
-    assert first.algorithm == "dpo" and kinds(first) == ["export", "dpo", "sample", "enqueue"]
+    assert first.algorithm == "dpo" and kinds(first) == ["export", "dpo", "sample", "enqueue", "evaluate"]
     for job in first.jobs.order_by("order"):
         succeed(job, **({"policy_checkpoint": "/ckpt/round-1/policy"} if job.kind == Job.DPO else {}))
     second = launch(campaign, force=True, algorithm="grpo")
-    assert kinds(second) == ["export", "reward", "grpo", "sample", "enqueue"]
+    assert kinds(second) == ["export", "reward", "grpo", "sample", "enqueue", "evaluate"]
     assert second.parent_policy == "/ckpt/round-1/policy" and second.config["base_policy"] == first.config["base_policy"]
     for job in second.jobs.order_by("order"):
         succeed(job, **({"policy_checkpoint": "/ckpt/round-2/policy"} if job.kind == Job.GRPO else {}))
     third = launch(campaign, force=True)
-    assert third.algorithm == "ppo" and kinds(third) == ["export", "reward", "ppo", "sample", "enqueue"]
+    assert third.algorithm == "ppo" and kinds(third) == ["export", "reward", "ppo", "sample", "enqueue", "evaluate"]
     assert third.parent_policy == "/ckpt/round-2/policy"
 
 
@@ -798,8 +798,9 @@ def test_the_launch_form_shows_an_algorithm_s_sections_only_for_it_and_launches_
     page = response.content.decode()
     shown_for = {title: tag for tag, title in
                  re.findall(r'<fieldset(?: data-algorithms="([^"]*)")?><legend>(.*?)</legend>', page)}
-    assert shown_for == {"Round type": "", "Models and prompting": "", "Reward model": "ppo grpo", "Safety": "ppo grpo", "PPO": "ppo",
-                         "DPO": "dpo", "GRPO": "grpo", "Sampling": "", "New pairs": "", "Memory": ""}
+    assert shown_for == {"Round type": "", "Models and prompting": "", "Reward model": "ppo grpo", "Safety": "ppo grpo",
+                         "PPO": "ppo", "DPO": "dpo", "GRPO": "grpo", "Sampling": "", "New pairs": "", "Evaluation": "",
+                         "Memory": ""}
     assert '<p data-algorithms="ppo grpo"><label for="id_reward_model">Backbone</label>' in page
     assert '<p><label for="id_reference">' in page  # DPO's "sft" reference reads it too
     for algorithm in ("ppo", "dpo", "grpo"):  # hidden by CSS alone, from the algorithm chosen
@@ -815,7 +816,7 @@ def test_the_launch_form_shows_an_algorithm_s_sections_only_for_it_and_launches_
     round_ = Round.objects.get()
     assert launched.status_code == 302 and round_.algorithm == "dpo" and round_.config["dpo_beta"] == 0.3
     assert round_.config["ppo_steps"] == PRESETS["tiny"].ppo_steps
-    assert kinds(round_) == ["export", "dpo", "sample", "enqueue"]
+    assert kinds(round_) == ["export", "dpo", "sample", "enqueue", "evaluate"]
     listing = client.get(url).content.decode()
     assert f'<tr id="round-row-{round_.pk}"><td><a href="/rounds/{round_.pk}/">Round 1</a></td>' in listing
     assert '<td class="round-algorithm">dpo</td>' in listing
@@ -831,7 +832,7 @@ def test_the_command_and_the_api_launch_any_round_type_and_refuse_another_type_s
                  stdout=io.StringIO())
     round_ = Round.objects.get()
     assert round_.algorithm == "dpo" and round_.config["dpo_beta"] == 0.2
-    assert kinds(round_) == ["export", "dpo", "sample", "enqueue"]
+    assert kinds(round_) == ["export", "dpo", "sample", "enqueue", "evaluate"]
     actions.cancel_job(round_.jobs.get(kind=Job.EXPORT))  # so the next launch may go
     with pytest.raises(CommandError, match=r"ppo_steps does not apply to a dpo round \(it is for ppo\)"):
         call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "algorithm=dpo",
@@ -847,7 +848,7 @@ def test_the_command_and_the_api_launch_any_round_type_and_refuse_another_type_s
     assert answer.status_code == 201, answer.content
     body = answer.json()
     assert body["algorithm"] == "grpo" and body["config"]["grpo_steps"] == 2
-    assert [job["kind"] for job in body["jobs"]] == ["export", "reward", "grpo", "sample", "enqueue"]
+    assert [job["kind"] for job in body["jobs"]] == ["export", "reward", "grpo", "sample", "enqueue", "evaluate"]
     actions.cancel_job(Round.objects.get(pk=body["id"]).jobs.get(kind=Job.EXPORT))
     refused = post({"algorithm": "dpo", "reward_lr": 0.1})
     assert refused.status_code == 400 and list(refused.json()["errors"]) == ["reward_lr"]
@@ -874,10 +875,11 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
         "GRPO": ["Steps", "Batch size", "Group size", "KL coefficient", "Learning rate", "Baseline"],
         "Sampling": ["Max new tokens", "Prompts", "Responses per prompt", "Temperature", "Top-p"],
         "New pairs": ["Pairing", "Priority"],
+        "Evaluation": ["Rule judge"],
         "Memory": ["LoRA rank", "Gradient checkpointing"],
     }
     assert list(labels) == ["Round type", "Models and prompting", "Reward model", "Safety", "PPO", "DPO", "GRPO",
-                            "Sampling", "New pairs", "Memory"]
+                            "Sampling", "New pairs", "Evaluation", "Memory"]
     assert 'name="seed"' not in page and 'name="ppo_save_every"' not in page  # the preset's, or --set
     assert re.search(r'<textarea name="stop_strings" cols="40" rows="2"', page)
     assert re.search(r'<input type="number" name="ppo_kl_coef" value="0.15" min="0.0" max="100.0" step="any"', page)

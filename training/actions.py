@@ -36,11 +36,13 @@ log = logging.getLogger(__name__)
 
 # Each round type's chain of jobs. A DPO round trains no reward model: DPO needs none, and one trained only to
 # score the review would cost a job as long as the DPO job itself; the demo rule judges and the labelers'
-# win rates still measure its policy.
+# win rates still measure its policy. The evaluation comes last, after the new pairs are enqueued: labelers get
+# them without waiting for three policies to answer the evaluation set, and an evaluation that fails (or is
+# run again on demand) never holds labeling back.
 CHAINS = {
-    PPO: (Job.EXPORT, Job.REWARD, Job.PPO, Job.SAMPLE, Job.ENQUEUE),
-    GRPO: (Job.EXPORT, Job.REWARD, Job.GRPO, Job.SAMPLE, Job.ENQUEUE),
-    DPO: (Job.EXPORT, Job.DPO, Job.SAMPLE, Job.ENQUEUE),
+    PPO: (Job.EXPORT, Job.REWARD, Job.PPO, Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE),
+    GRPO: (Job.EXPORT, Job.REWARD, Job.GRPO, Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE),
+    DPO: (Job.EXPORT, Job.DPO, Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE),
 }
 
 
@@ -234,6 +236,27 @@ def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool =
         transaction.on_commit(lambda: _start_chain(job_ids))
     log.info("launched %s (%d usable judgments)", round_, usable)
     return round_
+
+
+def evaluate_round(round_: Round) -> Job:
+    """Evaluate a finished round again (after its evaluation set changed, say): a new evaluate job at the end
+    of its chain, sent at once; its result replaces the earlier evaluation's on the page and in the API."""
+    with transaction.atomic():
+        Campaign.objects.select_for_update().get(pk=round_.campaign_id)
+        round_ = Round.objects.select_related("campaign").get(pk=round_.pk)
+        if round_.status() != Job.SUCCEEDED:
+            raise RoundRefused(f"Round {round_.number} is {round_.status()}: only a round whose jobs all succeeded "
+                               "is evaluated on demand (resume a failed job instead).")
+        running = active_round(round_.campaign)
+        if running is not None:
+            raise RoundRefused(f"Round {running.number} of this campaign is {running.status()}: "
+                               "wait for it before evaluating another.")
+        last = round_.jobs.order_by("-order").values_list("order", flat=True).first()
+        job = Job.objects.create(round=round_, kind=Job.EVALUATE, order=last + 1, queued_at=Now())
+        transaction.on_commit(lambda: _start_chain([job.pk]))
+        transaction.on_commit(lambda: live.job_changed(job))
+    log.info("evaluating %s on demand (job %s)", round_, job.pk)
+    return job
 
 
 def _start_chain(job_ids: list[int]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from annotate.limits import INT32_MAX, INT32_MIN
+from demo.demo_tasks import DEFAULT_RULE_JUDGE, RULE_JUDGES, judge_description
 from training.engine.fields import field_docs
 from training.engine.sources import GATED, WEIGHTED
 
@@ -37,6 +38,8 @@ REWARD_COMBINATIONS = {
     WEIGHTED: "weighted: (1 - safety weight) x quality + safety weight x safety (the seed material's safety alignment)",
     GATED: "gated: the safety reward replaces quality where P(safe) is under the threshold (Llama 2)",
 }
+EVAL_RULE_JUDGES = {"": "none: the round's reward model alone",
+                    **{name: f"{name}: {judge_description(name)}" for name in RULE_JUDGES}}
 PAIRINGS = {
     PAIRING_PREVIOUS: "new policy vs the previous round's policy",
     PAIRING_SFT: "new policy vs the SFT (starting) policy",
@@ -278,6 +281,10 @@ class RoundConfig:
     """What the new policy's responses are compared with: previous, sft or self."""
     priority: int = setting(10, bounds=(INT32_MIN, INT32_MAX), section="New pairs", label="Priority")
     """Queue priority of the new pairs (higher is served first)."""
+    eval_rule_judge: str = setting(DEFAULT_RULE_JUDGE, choices=EVAL_RULE_JUDGES, section="Evaluation",
+                                   label="Rule judge")
+    """Rule judge that compares the policies' answers to a demo evaluation set, beside the round's reward model;
+    its default is the demo's simulated labelers' (demo_tasks.DEFAULT_RULE_JUDGE)."""
     lora_r: int = setting(0, bounds=(0, 4096), engine=("common", "MemoryArgs", "lora_r"),
                           section="Memory", label="LoRA rank")
     """LoRA rank of the reward model and PPO (common.MemoryArgs); 0 trains every weight, as the demo does."""

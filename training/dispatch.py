@@ -17,7 +17,7 @@ from training.models import Job
 
 TASK_NAMES = {Job.EXPORT: "training.export", Job.REWARD: "training.reward", Job.PPO: "training.ppo",
               Job.DPO: "training.dpo", Job.GRPO: "training.grpo", Job.SAMPLE: "training.sample",
-              Job.ENQUEUE: "training.enqueue"}
+              Job.ENQUEUE: "training.enqueue", Job.EVALUATE: "training.evaluate"}
 
 
 def time_limits(kind: str) -> tuple[int, int]:

@@ -110,9 +110,10 @@ class Round(models.Model):
 
 class Job(models.Model):
     EXPORT, REWARD, PPO, SAMPLE, ENQUEUE, SFT = "export", "reward", "ppo", "sample", "enqueue", "sft"
-    DPO, GRPO = "dpo", "grpo"
+    DPO, GRPO, EVALUATE = "dpo", "grpo", "evaluate"
     KINDS = [(EXPORT, "export pairs"), (SFT, "supervised fine-tuning"), (REWARD, "reward model"),
-             (PPO, "PPO"), (DPO, "DPO"), (GRPO, "GRPO"), (SAMPLE, "sample responses"), (ENQUEUE, "enqueue pairs")]
+             (PPO, "PPO"), (DPO, "DPO"), (GRPO, "GRPO"), (SAMPLE, "sample responses"), (ENQUEUE, "enqueue pairs"),
+             (EVALUATE, "evaluate")]
     QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
     STATUSES = [(s, s) for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)]
     ACTIVE = (QUEUED, RUNNING)
@@ -120,7 +121,7 @@ class Job(models.Model):
     DEFAULT_QUEUE, TRAINING_QUEUE = "default", "training"
     QUEUES = {EXPORT: DEFAULT_QUEUE, SFT: TRAINING_QUEUE, REWARD: TRAINING_QUEUE, PPO: TRAINING_QUEUE,
               DPO: TRAINING_QUEUE, GRPO: TRAINING_QUEUE,
-              SAMPLE: TRAINING_QUEUE, ENQUEUE: DEFAULT_QUEUE}
+              SAMPLE: TRAINING_QUEUE, ENQUEUE: DEFAULT_QUEUE, EVALUATE: TRAINING_QUEUE}
 
     round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="jobs")
     kind = models.CharField(max_length=10, choices=KINDS)

@@ -680,6 +680,66 @@ def run_enqueue(job: Job, progress: Progress) -> Outcome:
                     "priority": config.priority})
 
 
+def run_evaluate(job: Job, progress: Progress) -> Outcome:
+    """Have the round's policy, the previous round's and the SFT policy answer the campaign's evaluation set
+    (training/evaluation.py), one answer per prompt with the round's seed for each, and compare every two under
+    the round's reward model and rule judge; the answers and each prompt's outcomes stay on the job."""
+    from annotate.models import EvalSet
+    from training import evaluation
+    from training.engine.reward import RewardScorer
+    from training.engine.sample import SampleArgs, sample_with_stats
+
+    round_ = job.round
+    config = round_config(round_)
+    eval_set = EvalSet.current(round_.campaign)
+    if eval_set is None:
+        note = "The campaign has no evaluation set: import one (manage.py import_eval_set), then evaluate again."
+        progress.line(note)
+        progress.set(1, 1)
+        return Outcome({"eval_set": None, "note": note})
+    if not round_.policy_checkpoint:
+        raise RunnerError("this round has no trained policy yet: its policy job (PPO, DPO or GRPO) has not succeeded")
+    rows = evaluation.eval_set_rows(eval_set)
+    prompts = [turns or text for _, text, turns, _ in rows]
+    texts = [text for _, text, _, _ in rows]
+    policies = evaluation.policies(round_)
+    # The same seed for every policy and round: the SFT policy gives the same answers in each round's evaluation.
+    generation = {**config.engine_args(SampleArgs), "num_per_prompt": 1, "max_new_tokens": config.ppo_max_new_tokens,
+                  "seed": config.seed, "system_prompt": config.system_prompt, "stop_strings": config.stop_list()}
+    answers: dict[str, list[str]] = {}
+    for index, policy in enumerate(policies):
+        progress.section(index * len(prompts), len(policies) * len(prompts))
+        progress.line(f"{policy.label} ({policy.checkpoint}) answers {len(prompts)} evaluation prompts")
+        sampled, _, _ = sample_with_stats(ensure_policy(policy.checkpoint, config.preset), prompts,
+                                          on_progress=progress, device=device(), **generation)
+        answers[policy.role] = _storable([group[0] for group in sampled])
+    judges = evaluation.rule_judges_for(texts, [config.eval_rule_judge] if config.eval_rule_judge else [])
+    if round_.reward_checkpoint:
+        scorer = RewardScorer(round_.reward_checkpoint, device=device(), system_prompt=config.system_prompt)
+        judges.append(evaluation.Judge(f"reward model (round {round_.number})",
+                                       lambda _, ps, rs: scorer.score(ps, rs).tolist()))
+    if not judges:
+        raise RunnerError("no judge for this evaluation: the round has no reward model and its evaluation prompts "
+                          "are not demo tasks a rule judge reads")
+    scores = {judge.name: {role: judge.score(texts, prompts, said) for role, said in answers.items()}
+              for judge in judges}
+    comparisons = evaluation.compare(answers, scores, [p.role for p in policies], seed=config.seed)
+    for row in comparisons:
+        progress.line(f"{row['judge']}: {row['a']} vs {row['b']}: win rate {row['win_rate']:.3f} "
+                      f"(length-controlled {row['lc_win_rate']:.3f}) over {row['prompts']} prompts")
+    total = len(policies) * len(prompts)
+    progress.set(total, total)
+    return Outcome({
+        "eval_set": {"id": eval_set.pk, "name": eval_set.name, "version": eval_set.version, "prompts": len(rows)},
+        "policies": [{"role": p.role, "label": p.label, "checkpoint": p.checkpoint} for p in policies],
+        "judges": [judge.name for judge in judges], "generation": generation,
+        "answers": [{"eval_prompt_id": pid, "prompt": text, "reference": reference,
+                     "answers": {role: answers[role][i] for role in answers}}
+                    for i, (pid, text, _, reference) in enumerate(rows)],
+        "comparisons": comparisons,
+    })
+
+
 RUNNERS: dict[str, Callable[[Job, Progress], Outcome]] = {
     Job.EXPORT: run_export,
     Job.REWARD: run_reward,
@@ -688,4 +748,5 @@ RUNNERS: dict[str, Callable[[Job, Progress], Outcome]] = {
     Job.GRPO: run_grpo,
     Job.SAMPLE: run_sample,
     Job.ENQUEUE: run_enqueue,
+    Job.EVALUATE: run_evaluate,
 }

@@ -55,6 +55,11 @@ def enqueue_job(self, job_id: int) -> int:
     return _run(self, job_id)
 
 
+@shared_task(bind=True, name="training.evaluate")
+def evaluate_job(self, job_id: int) -> int:
+    return _run(self, job_id)
+
+
 @shared_task(name="training.fail_stale_jobs", ignore_result=True)
 def fail_stale_jobs() -> int:
     """Beat's check: running jobs whose worker went silent fail; queued ones nobody takes are flagged."""
@@ -64,4 +69,4 @@ def fail_stale_jobs() -> int:
 
 
 TASKS = {Job.EXPORT: export_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.DPO: dpo_job, Job.GRPO: grpo_job,
-         Job.SAMPLE: sample_job, Job.ENQUEUE: enqueue_job}
+         Job.SAMPLE: sample_job, Job.ENQUEUE: enqueue_job, Job.EVALUATE: evaluate_job}

@@ -15,8 +15,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRefresh
 
 from annotate.access import campaign_for_admin, campaign_for_reviewer, is_admin
-from training import actions, starting_policy
-from training.access import job_for_admin, round_for_reviewer, sees_tracebacks
+from training import actions, evaluation, starting_policy
+from training.access import job_for_admin, round_for_admin, round_for_reviewer, sees_tracebacks
 from training.forms import LaunchRoundForm
 from training.models import Job, Round
 from training.review import round_review
@@ -73,7 +73,21 @@ def round_detail(request, round_id):
         "is_admin": is_admin(request.user),
         "show_traceback": sees_tracebacks(request.user),
         "review": round_review(round_),
+        "evaluation": evaluation.round_evaluation(round_),
     })
+
+
+@login_required
+@require_POST
+def round_evaluate(request, round_id):
+    round_ = round_for_admin(request, round_id)
+    try:
+        actions.evaluate_round(round_)
+    except actions.RoundRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Evaluating round {round_.number}: the table below appears when it is done.")
+    return redirect(round_)
 
 
 def _job_response(request, job: Job):

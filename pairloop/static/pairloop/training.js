@@ -94,7 +94,39 @@
     document.querySelectorAll("pre.log").forEach(function (el) { el.scrollTop = el.scrollHeight; });
   }
 
+  // The evaluation across rounds: per judge and pair of roles, the win rate (95% interval as error bars) and
+  // the length-controlled win rate (dashed), by round.
+  var ROLE_NAMES = { "new": "this round", "previous": "previous round", "sft": "SFT" };
+
+  function evaluationChart() {
+    var div = document.getElementById("evaluation-chart");
+    var script = document.getElementById("evaluation-rounds");
+    if (!div || !script || !window.Plotly) return;
+    var rounds = JSON.parse(script.textContent), lines = {};
+    rounds.forEach(function (r) {
+      r.table.forEach(function (row) {
+        var key = row.judge + ": " + ROLE_NAMES[row.a] + " vs " + ROLE_NAMES[row.b];
+        var line = lines[key] || (lines[key] = { x: [], y: [], lc: [], plus: [], minus: [] });
+        line.x.push(r.round); line.y.push(row.win_rate); line.lc.push(row.lc_win_rate);
+        line.plus.push(row.ci_high === null ? 0 : row.ci_high - row.win_rate);
+        line.minus.push(row.ci_low === null ? 0 : row.win_rate - row.ci_low);
+      });
+    });
+    var traces = [];
+    Object.keys(lines).forEach(function (key) {
+      var l = lines[key];
+      traces.push({ x: l.x, y: l.y, name: key, mode: "lines+markers",
+                    error_y: { type: "data", symmetric: false, array: l.plus, arrayminus: l.minus } });
+      traces.push({ x: l.x, y: l.lc, name: key + " (length-controlled)", mode: "lines", line: { dash: "dash" } });
+    });
+    Plotly.react(div, traces, {
+      title: { text: "win rate by round", font: { size: 13 } }, height: 260, margin: { l: 48, r: 12, t: 30, b: 32 },
+      xaxis: { title: { text: "round" }, dtick: 1 }, yaxis: { range: [0, 1] }
+    }, { displayModeBar: false, responsive: true });
+  }
+
   function init() {
+    evaluationChart();
     document.querySelectorAll(".charts[data-job]").forEach(function (container) {
       var job = state(container.dataset.job);
       var script = container.querySelector('script[type="application/json"]');
