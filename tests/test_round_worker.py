@@ -15,7 +15,7 @@ from django.core.management import call_command
 from django.test import Client
 from safetensors.torch import load_file
 
-from annotate.actions import PairInput, add_pairs, claim_next_pair
+from annotate.actions import EvalInput, PairInput, add_eval_set, add_pairs, claim_next_pair
 from annotate.models import Campaign, Pair, Response
 from demo import demo_tasks
 from demo.simulate import make_judge, simulate_labelers
@@ -97,6 +97,8 @@ def weights(path: str) -> dict[str, torch.Tensor]:
 
 def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_world):
     campaign = seed_campaign("loop")
+    held_out = demo_tasks.make_prompts(4, seed=0, split="heldout")
+    add_eval_set(campaign, "held out", [EvalInput(i + 1, prompt) for i, prompt in enumerate(held_out)])
     pairs_before = campaign.pairs.count()
     config = build_config("tiny", {"reward_model": tiny_world["reward_model"]})
     with Worker(env=tiny_world["env"], purge=True) as worker:
@@ -106,6 +108,12 @@ def test_it_runs_two_rounds_end_to_end_and_the_new_pairs_reach_the_queue(tiny_wo
 
         assert [job.kind for job in jobs] == ["export", "reward", "ppo", "sample", "enqueue", "evaluate"]
         assert all(job.celery_task_id and job.attempts == 1 for job in jobs)
+        # The evaluation: round 1 against the SFT policy on the 4 held-out prompts, by the rule judge and the
+        # round's reward model.
+        evaluation = jobs[5].result
+        assert evaluation["judges"] == ["rule:correct_sentence", "reward model (round 1)"]
+        assert [(row["a"], row["b"], row["prompts"]) for row in evaluation["comparisons"]] == [("new", "sft", 4)] * 2
+        assert [answer["prompt"] for answer in evaluation["answers"]] == held_out
         assert Path(first.dataset_path).name.startswith("round-1-") and first.data_version in first.dataset_path
         reward_meta = read_checkpoint_meta(first.reward_checkpoint)
         assert reward_meta["stage"] == "reward" and 0.0 <= jobs[1].result["rm/accuracy"] <= 1.0
