@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from annotate.models import EvalSet
 from demo import demo_tasks
+from training import winrates
 from training.models import Job, Round
 
 NEW, PREVIOUS, SFT = "new", "previous", "sft"  # the policies' roles in an evaluation
@@ -71,8 +72,6 @@ def compare(answers: dict[str, list[str]], scores: dict[str, dict[str, list[floa
             seed: int = 0) -> list[dict]:
     """Every two policies (in `roles` order, the earlier one first) under every judge: per prompt the first's
     outcome, asked in both orders, and their record. `scores[judge][role]` is one score per prompt."""
-    from training import winrates  # scikit-learn loads pyarrow: kept out of the web process's imports
-
     rows = []
     for judge, by_role in scores.items():
         for a, b in itertools.combinations(roles, 2):
@@ -114,7 +113,7 @@ def round_evaluation(round_: Round) -> dict | None:
     result = job.result
     return {"job": job.pk, "eval_set": result.get("eval_set"), "policies": result.get("policies", []),
             "judges": result.get("judges", []), "table": table(result), "across_rounds": across_rounds(round_),
-            "note": result.get("note", "")}
+            "note": result.get("note", ""), "resamples": winrates.BOOTSTRAP_RESAMPLES}
 
 
 def eval_set_rows(eval_set: EvalSet) -> list[tuple[int, str, list | None, str]]:

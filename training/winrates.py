@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import bootstrap
-from sklearn.linear_model import LogisticRegression
 
 BOOTSTRAP_RESAMPLES = 1000  # resamples of the win rate's interval (Efron and Tibshirani 1993 suggest >= 1000)
 CONFIDENCE = 0.95
@@ -53,6 +51,9 @@ def both_orders(shown_first: float, shown_second: float) -> float:
 def win_rate_interval(outcomes: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
                       seed: int = 0) -> tuple[float, float] | None:
     """The 95% percentile bootstrap interval of the mean outcome, prompts resampled; None under two prompts."""
+    # scipy and scikit-learn load pyarrow: imported here, kept out of the web process's imports.
+    from scipy.stats import bootstrap
+
     values = np.asarray(outcomes, dtype=float)
     if len(values) < 2:
         return None
@@ -68,6 +69,8 @@ def length_controlled_win_rate(outcomes: Sequence[float], length_differences: Se
     difference of zero: sigmoid of its intercept. The difference is divided by its standard deviation (which
     leaves zero where it is), and the slope has scikit-learn's default L2 penalty, so a judge that always picks
     the longer answer gives a finite fit. A tie is half a win and half a loss (two rows weighted 0.5)."""
+    from sklearn.linear_model import LogisticRegression
+
     y = np.asarray(outcomes, dtype=float)
     diff = np.asarray(length_differences, dtype=float)
     if not len(y):
