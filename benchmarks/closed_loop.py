@@ -17,8 +17,10 @@ What it does, top to bottom:
      same sampling settings and seed): wins / ties / losses, win rate of the non-tied, tie share; mean
      judge score, correctness and preferred-style share of each; the KL to the round's reference (PPO
      or GRPO job, final step; DPO reports none) and to the SFT policy (measured on the held-out
-     samples); the wall time of each job and "launch to new pairs in the queue".
-It ends with a table over rounds, its targets (met or not), and one JSON line of the figures.
+     samples); the wall time of each job and "launch to new pairs in the queue"; the round's evaluate job's
+     table (the held-out prompts are the campaign's evaluation set, the labeler's rule its rule judge).
+It ends with a table over rounds, whether the evaluate job's round-to-round win rates agree in direction
+with the judge means, its targets (met or not), and one JSON line of the figures.
 
     .venv/bin/python benchmarks/closed_loop.py --preset tiny --rounds 1       # smoke run, minutes
     .venv/bin/python benchmarks/closed_loop.py --rounds 3                     # the real thing
@@ -316,6 +318,33 @@ def run_chain(job_ids: list[int]) -> list[dict]:
     return timings
 
 
+EVALUATION_KEYS = ("judge", "a", "b", "prompts", "wins", "ties", "losses", "win_rate", "ci_low", "ci_high",
+                   "lc_win_rate", "mean_length_a", "mean_length_b")
+
+
+def evaluation_table(result: dict) -> list[dict]:
+    """The evaluate job's comparisons, without the per-prompt outcomes."""
+    return [{k: row[k] for k in EVALUATION_KEYS} for row in result.get("comparisons", [])]
+
+
+def evaluation_agreement(rounds: list[dict], judge: str) -> list[dict]:
+    """Per round, whether the evaluate job's win rate of the new policy against the one before it (the previous
+    round's; the SFT policy in round 1) is above even exactly when this script's mean judge score of the new
+    policy on the same held-out prompts rose from that policy's (an even rate and no change agree too)."""
+    found = []
+    for index, row in enumerate(rounds):
+        before = "sft" if index == 0 else "previous"
+        line = next((r for r in row["evaluation"] if r["judge"] == judge and (r["a"], r["b"]) == ("new", before)),
+                    None)
+        if line is None:
+            continue
+        change = row["judge_new"] - (row["judge_sft"] if index == 0 else rounds[index - 1]["judge_new"])
+        sign = (line["win_rate"] > 0.5) - (line["win_rate"] < 0.5)
+        found.append({"round": row["round"], "win_rate": line["win_rate"], "judge_change": change,
+                      "agrees": sign == (change > 0) - (change < 0)})
+    return found
+
+
 def fmt(value, spec=".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -370,6 +399,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     from django.contrib.auth.models import User
     from django.core.management import call_command
 
+    from annotate.actions import EvalInput, add_eval_set
     from annotate.models import Pair
     from demo import demo_tasks
     from demo.seed import seed_demo
@@ -384,10 +414,12 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     built = f", {policy_info['build_s']:.0f} s" if policy_info["source"] == "built now" else ""
     print(f"SFT policy: {policy_info['policy']} ({policy_info['source']}{built})", flush=True)
 
-    config = build_config(args.preset, {**parse_assignments(args.overrides), "algorithm": args.algorithm})
-    stage = config.algorithm  # the policy job's kind, and its metrics' prefix
     judge_name = args.judge or demo_tasks.DEFAULT_RULE_JUDGE
     judge_name = judge_name.removeprefix("rule:")
+    # The evaluate job's rule judge is the labeler's, so its win rates and this script's judge scores agree.
+    config = build_config(args.preset, {"eval_rule_judge": judge_name, **parse_assignments(args.overrides),
+                                        "algorithm": args.algorithm})
+    stage = config.algorithm  # the policy job's kind, and its metrics' prefix
     labeler = make_judge(f"rule:{judge_name}")
     rule = demo_tasks.RULE_JUDGES[judge_name]
     changed = {k: v for k, v in config.as_dict().items() if v != build_config(args.preset).as_dict()[k]}
@@ -411,6 +443,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
           f"in {seed_s:.1f} s", flush=True)
 
     heldout = demo_tasks.make_prompts(args.eval_prompts, args.eval_seed, "heldout")
+    add_eval_set(campaign, "held-out demo tasks", [EvalInput(i + 1, prompt) for i, prompt in enumerate(heldout)])
     sample_settings = dict(max_new_tokens=config.ppo_max_new_tokens, temperature=config.sample_temperature,
                            seed=args.eval_seed)
     started = time.perf_counter()
@@ -436,11 +469,11 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
         launched = time.perf_counter()
         round_ = actions.launch_round(campaign, admin, config)
         timings = run_chain(sent.pop())
-        ready_s = time.perf_counter() - launched
         round_.refresh_from_db()
         new_pairs = Pair.objects.filter(round=round_).count()
         results = {t["kind"]: t["result"] for t in timings}
         walls = {t["kind"]: t["seconds"] for t in timings}
+        ready_s = time.perf_counter() - launched - walls.get("evaluate", 0.0)  # the evaluation runs after enqueue
         cpus = {t["kind"]: t["cpu_seconds"] for t in timings}
         rm, policy, sample = results.get("reward", {}), results[stage], results["sample"]
         agreement, agreement_pairs = rm_rule_agreement(sample, rule, TIE_EPSILON)
@@ -469,7 +502,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
             "policy_step_s": policy.get(f"{stage}/step_seconds"),
             "job_s": walls, "job_cpu_s": cpus, "ready_s": ready_s, "ready_cpu_s": sum(cpus.values()),
             "new_pairs": new_pairs, "eval_s": eval_s, "by_family": families,
-            "load_average": round(load[0], 2),
+            "load_average": round(load[0], 2), "evaluation": evaluation_table(results.get("evaluate", {})),
         }
         rounds.append(row)
         print(f"  reward model: held-out accuracy {fmt(row['rm_accuracy'])} on {row['rm_eval_pairs']} pairs "
@@ -497,6 +530,12 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
               f"load average {load[0]:.2f}", flush=True)
         sample_excerpt = [f"{p!r} -> {t!r}" for p, t in list(zip(heldout, rollout.texts))[:3]]
         print("  samples: " + " | ".join(sample_excerpt), flush=True)
+        print("  evaluate job (judge: policy vs policy: W/T/L, win rate [95% CI], length-controlled, mean length):")
+        for line in row["evaluation"]:
+            print(f"    {line['judge']}: {line['a']} vs {line['b']}: {line['wins']}/{line['ties']}/{line['losses']}, "
+                  f"{fmt(line['win_rate'])} [{fmt(line['ci_low'])}, {fmt(line['ci_high'])}], "
+                  f"LC {fmt(line['lc_win_rate'])}, length {fmt(line['mean_length_a'], '.0f')}/"
+                  f"{fmt(line['mean_length_b'], '.0f')}", flush=True)
 
     # ---- summary ---------------------------------------------------------------------------
     kinds = actions.CHAINS[stage]
@@ -519,12 +558,19 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     for line in lines:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
 
+    agreement = evaluation_agreement(rounds, f"rule:{judge_name}")
+    print("\nevaluate job's win rate (rule judge) against the previous round (round 1: SFT) vs the change in "
+          "this script's judge mean: " + "; ".join(
+              f"round {a['round']}: {fmt(a['win_rate'])} vs {a['judge_change']:+.3f} "
+              f"({'agree' if a['agrees'] else 'DISAGREE'})" for a in agreement))
+
     last = rounds[-1]
     targets = {
         "win_rate_at_least_0.80": bool(last["win_rate"] >= WIN_RATE_TARGET),
         "ties_under_half": bool(last["tie_share"] < TIE_SHARE_TARGET),
         "judge_clearly_above_sft": bool(last["judge_gap"] >= CLEAR_GAP and last["judge_gap_ci"][0] > 0),
         "every_round_ready_within_300s": all(r["ready_s"] <= READY_TARGET_S for r in rounds),
+        "evaluation_agrees_with_judge_scores": all(a["agrees"] for a in agreement),
     }
     scope = "round 3" if args.rounds == 3 else f"round {args.rounds} (the targets are for round three)"
     print(f"\ntargets at {scope}:")
