@@ -127,7 +127,7 @@ def test_a_round_of_a_campaign_without_an_evaluation_set_says_how_to_get_one(pol
     assert result["eval_set"] is None and "manage.py import_eval_set" in result["note"]
 
 
-def test_a_finished_round_is_evaluated_again_on_demand_and_an_unfinished_one_is_refused(policies):
+def test_a_finished_round_is_evaluated_again_on_demand_and_an_unfinished_one_is_refused(policies, admin_user):
     campaign = campaign_with_eval_set()
     round_ = actions.launch_round(campaign, None, build_config("tiny"))
     with pytest.raises(CommandError, match="only a round whose jobs all succeeded"):
@@ -139,3 +139,12 @@ def test_a_finished_round_is_evaluated_again_on_demand_and_an_unfinished_one_is_
     kinds = list(round_.jobs.order_by("order").values_list("kind", "status"))
     assert kinds[-2:] == [(Job.EVALUATE, Job.SUCCEEDED), (Job.EVALUATE, Job.QUEUED)]
     assert round_.status() == Job.RUNNING  # its earlier jobs done, its new evaluation waiting for a worker
+    # The API's door: refused (409) while that evaluation waits, accepted (202) once it is done.
+    from api.actions import create_token
+
+    api = Client(headers={"Authorization": f"Bearer {create_token(admin_user, 'evaluate', ['admin'])[1]}"})
+    refused = api.post(f"/api/v1/rounds/{round_.pk}/evaluate")
+    assert refused.status_code == 409 and "only a round whose jobs all succeeded" in refused.json()["detail"]
+    evaluate(round_)
+    accepted = api.post(f"/api/v1/rounds/{round_.pk}/evaluate")
+    assert accepted.status_code == 202 and [j["kind"] for j in accepted.json()["jobs"]][-3:] == [Job.EVALUATE] * 3
