@@ -96,14 +96,34 @@ def test_sft_on_two_processes_matches_one(data):
         assert set(mine).isdisjoint(theirs) and sorted(mine + theirs) == sorted(batch), (batch, mine, theirs)
 
 
+def test_sft_sharded_with_fsdp_matches_one_process_and_saves_weights_the_auto_classes_load(data):
+    """FSDP2 over two processes: the same losses as one process, and a final save gathered from both shards that
+    AutoModelForCausalLM loads and that samples the one-process model's tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    flags = ["--model", data["policy"], "--train", data["sft"], "--eval", data["sft"], "--batch-size", "8",
+             "--max-steps", "10", "--lr", "1e-3", "--device", "cpu"]
+    one = run("sft", [*flags, "--out", f"{data['root']}/sft-fsdp-1"])
+    two = run("sft", [*flags, "--fsdp", "--out", f"{data['root']}/sft-fsdp-2"], processes=2)
+    assert one["sft/loss"] < one["sft/first_loss"] - 0.5  # it learned something to compare
+    assert_close(one, two, ["sft/loss", "sft/first_loss", "sft/eval_loss", "sft/grad_norm"])
+    tokenizer = AutoTokenizer.from_pretrained(f"{data['root']}/sft-fsdp-1")
+    prompt = tokenizer(["Add 3 and 4."], return_tensors="pt")
+    samples = [AutoModelForCausalLM.from_pretrained(f"{data['root']}/sft-fsdp-{n}").generate(
+        **prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id) for n in (1, 2)]
+    assert samples[0].shape[1] > prompt["input_ids"].shape[1] and samples[0].tolist() == samples[1].tolist()
+
+
 def test_reward_model_on_two_processes_matches_one(data):
     flags = ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "3",
              "--lr", "1e-3", "--device", "cpu", "--no-resume", "--eval-every", "5"]
     one = run("reward", [*flags, "--out", f"{data['root']}/rm-1"])
     two = run("reward", [*flags, "--out", f"{data['root']}/rm-2"], processes=2)
+    sharded = run("reward", [*flags, "--fsdp", "--out", f"{data['root']}/rm-fsdp"], processes=2)
     assert one["rm/loss"] < 0.6  # it learned something to compare
-    assert_close(one, two, ["rm/loss", "rm/eval_loss", "rm/accuracy", "rm/margin", "rm/train_accuracy"])
-    assert (two["rm/train_tokens"], two["rm/steps"]) == (one["rm/train_tokens"], one["rm/steps"])
+    for result in (two, sharded):
+        assert_close(one, result, ["rm/loss", "rm/eval_loss", "rm/accuracy", "rm/margin", "rm/train_accuracy"])
+        assert (result["rm/train_tokens"], result["rm/steps"]) == (one["rm/train_tokens"], one["rm/steps"])
 
 
 def test_dpo_on_two_processes_matches_one(data):
@@ -170,11 +190,13 @@ def _kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
     raise AssertionError("no checkpoint within 240 s")
 
 
-@pytest.mark.parametrize("after", [2, 1], ids=["resumed-on-2", "resumed-on-1"])
-def test_reward_run_killed_on_two_processes_resumes(data, after):
+@pytest.mark.parametrize("after, sharding", [(2, []), (1, []), (2, ["--fsdp"]), (1, ["--fsdp"])],
+                         ids=["resumed-on-2", "resumed-on-1", "fsdp-resumed-on-2-fsdp", "fsdp-resumed-on-1"])
+def test_reward_run_killed_on_two_processes_resumes(data, after, sharding):
+    """Killed on two processes (DDP, or FSDP2 whose checkpoint gathers the shards), resumed on two or on one."""
     flags = ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "30",
-             "--lr", "1e-3", "--device", "cpu", "--save-every", "20", "--eval-every", "0"]
-    out = Path(data["root"]) / f"rm-killed-{after}"
+             "--lr", "1e-3", "--device", "cpu", "--save-every", "20", "--eval-every", "0", *sharding]
+    out = Path(data["root"]) / f"rm-killed-{after}{''.join(sharding)}"
     uninterrupted = run("reward", [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
     step = _kill_at_checkpoint(launch("reward", [*flags, "--out", str(out)], 2), out.with_name(out.name + ".resume"))
     assert 0 < step < uninterrupted["rm/steps"] and not out.exists()  # killed before it finished

@@ -385,6 +385,8 @@ class MemoryArgs:
     """Recompute each block's activations in the backward pass (Chen et al. 2016): less memory, more compute."""
     adam_8bit: bool = False
     """Adam with 8-bit states from bitsandbytes (Dettmers et al. 2022); needs CUDA and bitsandbytes."""
+    fsdp: bool = False
+    """Shard weights, gradients and optimizer state over the processes (FSDP2, Zhao et al. 2023) instead of DDP."""
 
 
 ADAPTER_DIR = "adapter"  # where a LoRA run saves its adapter, beside (or instead of) the merged weights
@@ -471,12 +473,13 @@ class TrainedModel:
     in `adapter/`, and with `merged` (the final save) the merged weights beside it, which the Auto classes load;
     merging folds the adapters in, so it comes last."""
 
-    def __init__(self, model, tokenizer, merged: bool = True):
+    def __init__(self, model, tokenizer, merged: bool = True, state_dict: dict[str, Any] | None = None):
         self.model, self.tokenizer, self.merged = model, tokenizer, merged
+        self.state_dict = state_dict  # a sharded model's full weights (Ranks.model_state); None: the model's own
 
     def save_pretrained(self, path) -> None:
         if not is_lora(self.model):
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, state_dict=self.state_dict)
         else:
             self.model.save_pretrained(Path(path) / ADAPTER_DIR)
             if self.merged:

@@ -4,9 +4,11 @@ A plain `python -m training.engine.<stage>` is one process, and every method her
 (no accelerate object is made, the stage runs exactly as it always did). Under
 `accelerate launch --multi_gpu --num_processes N` each process trains on its share of every global
 batch, accelerate's DDP wrapper averages the gradients, and rank 0 alone reports progress and writes
-checkpoints. FSDP and DeepSpeed shard the weights, which rank 0's save does not gather yet: refused. The global batch, the
-order of the data and the seeds are those of a one-process run, so a checkpoint resumes under any number
-of processes.
+checkpoints. With `fsdp` each process holds a shard of every weight and of the optimizer's state instead
+(FSDP2, torch's `fully_shard`, one unit per transformer block: accelerate runs its FSDP plugin on GPUs only,
+this runs on gloo too); a checkpoint gathers the full weights and optimizer state first, so it is the one a
+single process writes. The global batch, the order of the data and the seeds are those of a one-process run,
+so a checkpoint resumes under any number of processes, sharded or not. DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from training.engine.common import EngineError, ProgressFn
+from training.engine.common import EngineError, ProgressFn, is_lora
 from training.engine.stop import StopWithoutSaving
 
 _RUN, _STOP, _STOP_WITHOUT_SAVING = 0, 1, 2
@@ -37,8 +41,9 @@ def launched_processes() -> int:
 class Ranks:
     """This process's place among the run's processes (accelerate's Accelerator when there are several)."""
 
-    def __init__(self, device: torch.device | None = None):
+    def __init__(self, device: torch.device | None = None, fsdp: bool = False):
         self.world = launched_processes()
+        self.fsdp = fsdp and self.world > 1  # one process holds everything: nothing to shard
         self.rank = 0
         self.device = device or torch.device("cpu")
         self.accelerator = None
@@ -46,8 +51,8 @@ class Ranks:
             self.accelerator = Accelerator(cpu=self.device.type == "cpu")
             kind = self.accelerator.distributed_type.value
             if kind not in ("MULTI_GPU", "MULTI_CPU"):
-                raise EngineError(f"pairloop trains on several processes with DDP only, not {kind}: launch with "
-                                  "`accelerate launch --multi_gpu --num_processes N`")
+                raise EngineError(f"pairloop trains on several processes with DDP or its own FSDP2 (--fsdp), not "
+                                  f"{kind}: launch with `accelerate launch --multi_gpu --num_processes N`")
             self.rank = self.accelerator.process_index
             self.device = self.accelerator.device
 
@@ -69,10 +74,25 @@ class Ranks:
         return list(items[self.rank * size:(self.rank + 1) * size])
 
     def prepare(self, *objects):
-        """Models and their optimizer wrapped for the backend (DDP, FSDP, DeepSpeed); unchanged with one process."""
+        """Models and their optimizer wrapped for DDP, or sharded in place under FSDP (the optimizer then steps the
+        shards, its state sharded alike); unchanged with one process."""
         if self.accelerator is None:
             return objects if len(objects) > 1 else objects[0]
-        return self.accelerator.prepare(*objects)
+        if not self.fsdp:
+            return self.accelerator.prepare(*objects)
+        modules = [o for o in objects if isinstance(o, torch.nn.Module)]
+        if any(is_lora(m) for m in modules):
+            raise EngineError("FSDP (--fsdp) does not train LoRA adapters yet: train them with DDP (--no-fsdp)")
+        before = [{id(p): name for name, p in m.named_parameters()} for m in modules]
+        for module in modules:
+            shard_model(module)
+        after = {}
+        for names, module in zip(before, modules):
+            now = dict(module.named_parameters())
+            after.update({key: now[name] for key, name in names.items()})
+        for optimizer in (o for o in objects if isinstance(o, torch.optim.Optimizer)):
+            _onto_shards(optimizer, after)
+        return objects if len(objects) > 1 else objects[0]
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is None:
@@ -83,7 +103,33 @@ class Ranks:
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
         if self.accelerator is None:
             return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if self.fsdp:  # the norm of sharded gradients is a DTensor: every process takes the whole
+            return full(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
         return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    def model_state(self, model) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the full weights of a sharded model, gathered on every process (each must call it before a
+        save); None otherwise, where save_pretrained reads the model itself."""
+        if not self.fsdp:
+            return None
+        return {name: full(value).cpu() for name, value in model.state_dict().items()}
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """The optimizer's state_dict as one process holds it (shards gathered under FSDP: every process calls it)."""
+        state = optimizer.state_dict()
+        if not self.fsdp:
+            return state
+        return {**state, "state": {key: {name: full(value).cpu() for name, value in values.items()}
+                                   for key, values in state["state"].items()}}
+
+    def local_batches(self, items: Sequence[Any], batch_size: int):
+        """This process's share of `items` in batches, each with whether it is real: under FSDP every forward is a
+        collective, so a process with fewer batches runs on the first item's batch as filler (real False)."""
+        mine = self.shard(items)
+        most = min(len(items), -(-len(items) // self.world)) if self.fsdp else len(mine)  # rank 0's share
+        for start in range(0, most, batch_size):
+            batch = list(mine[start:start + batch_size])
+            yield (batch, True) if batch else (list(items[:1]), False)
 
     def sum(self, value: torch.Tensor | float) -> torch.Tensor:
         """The sum over all processes of a tensor (or number) every process holds."""
@@ -133,3 +179,38 @@ class Ranks:
         """Every process reaches this line before any goes on (after rank 0 wrote a checkpoint)."""
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
+
+
+def full(value):
+    """A DTensor's whole tensor (an all-gather: every process calls it); anything else as it is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 in place: each transformer block (the model's `_no_split_modules`, as accelerate's auto-wrap policy
+    picks them) its own unit, gathered for its forward and freed after, and the rest in the root's unit."""
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        blocks |= set(getattr(module, "_no_split_modules", None) or [])
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def _onto_shards(optimizer: torch.optim.Optimizer, sharded: dict[int, torch.nn.Parameter]) -> None:
+    """Point an optimizer built on a model's parameters at the shards that replaced them (keyed by the old ones'
+    ids), its state (a resumed run's full moments) cut alike."""
+    state = {}
+    for group in optimizer.param_groups:
+        params = []
+        for old in group["params"]:
+            new = sharded[id(old)]
+            params.append(new)
+            if old in optimizer.state:
+                state[new] = {name: distribute_tensor(value.to(new.dtype), new.device_mesh, new.placements)
+                              if torch.is_tensor(value) and value.shape == old.shape and value.dim() else value
+                              for name, value in optimizer.state[old].items()}
+        group["params"] = params
+    optimizer.state.clear()
+    optimizer.state.update(state)

@@ -399,13 +399,12 @@ def evaluate(model, pairs: list[dict[str, Any]], batch_size: int, pad_id: int, d
     was_training = model.training
     model.eval()
     everything = sorted(range(len(pairs)), key=lambda i: -pairs[i]["length"])  # less padding; order-free metrics
-    order = ranks.shard(everything)
     chosen, rejected = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)]
-    for start in range(0, len(order), batch_size):
-        batch = [pairs[i] for i in order[start:start + batch_size]]
-        r_c, r_r = pair_rewards(model, batch, pad_id, device, autocast)
-        chosen.append(r_c)
-        rejected.append(r_r)
+    for order, real in ranks.local_batches(everything, batch_size):
+        r_c, r_r = pair_rewards(model, [pairs[i] for i in order], pad_id, device, autocast)
+        if real:
+            chosen.append(r_c)
+            rejected.append(r_r)
     model.train(was_training)
     r_chosen, r_rejected = ranks.gather(torch.cat(chosen)), ranks.gather(torch.cat(rejected))  # (N,)
     margin = torch.tensor([pairs[i]["margin"] for i in everything], device=r_chosen.device)  # (N,)
@@ -581,7 +580,7 @@ def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> Reward
     when a resumable checkpoint may continue this run, take its state."""
     _check_args(args)
     train_ds, eval_ds, version, skipped_empty = _prepare_data(args)
-    ranks = Ranks(pick_device(args.device))
+    ranks = Ranks(pick_device(args.device), fsdp=args.fsdp)
     if skipped_empty and ranks.main:
         on_progress({"stage": STAGE, "log": f"left out {skipped_empty} pairs with an empty chosen or "
                                             "rejected response (rm/skipped_empty_pairs)"})
@@ -622,6 +621,7 @@ def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> Reward
                                    "log": f"resumed from {source} at step {run.step}"})
     ranks.check_divides("batch_size", args.batch_size)
     run.trainer, run.optimizer = ranks.prepare(model, run.optimizer)  # the model itself with one process
+    run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
 
@@ -687,12 +687,13 @@ def log(run: RewardRun) -> None:
 
 def save_resume(run: RewardRun) -> None:
     """Write the resumable checkpoint at `<out>.resume/`: the model, optimizer, schedule, counts and RNG."""
+    weights, optimizer = run.ranks.model_state(run.model), run.ranks.optimizer_state(run.optimizer)  # all gather
     if not run.ranks.main:
         return run.ranks.wait()
     args, step = run.args, run.step
     save_checkpoint(run.state_dir, stage=STAGE, args=args, step=step, metrics=run.metrics, data_version=run.version,
-                    pretrained={"": TrainedModel(run.model, run.tokenizer, merged=False)},
-                    trainer_state={"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                    pretrained={"": TrainedModel(run.model, run.tokenizer, merged=False, state_dict=weights)},
+                    trainer_state={"optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
                                    "scaler": run.scaler.state_dict(),
                                    "rng": rng_state(), "step": step, **run.timer.state_dict(),
                                    "pairs_seen": run.pairs_seen, "tokens_seen": run.tokens_seen,
@@ -745,9 +746,10 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress, timer: LoopTim
         "rm/train_tokens": run.tokens_seen,
         "rm/padded_tokens": run.padded_seen,
     })
+    weights = run.ranks.model_state(run.model)  # every process gathers its shards under FSDP
     if run.ranks.main:
         save_checkpoint(args.out, stage=STAGE, args=args, step=run.step, metrics=final, data_version=run.version,
-                        pretrained={"": TrainedModel(run.model, run.tokenizer)})
+                        pretrained={"": TrainedModel(run.model, run.tokenizer, state_dict=weights)})
         shutil.rmtree(run.state_dir, ignore_errors=True)
     run.ranks.wait()
     return final

@@ -325,11 +325,10 @@ def eval_loss(model, encoded, pad_id: int, batch_size: int, device, ranks: Ranks
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    mine = ranks.shard(encoded)
-    for s in range(0, len(mine), batch_size):
-        loss, n = response_loss(model, *collate(mine[s:s + batch_size], pad_id, device))
-        total += float(loss) * n
-        count += n
+    for batch, real in ranks.local_batches(encoded, batch_size):
+        loss, n = response_loss(model, *collate(batch, pad_id, device))
+        total += float(loss) * n * real
+        count += n * real
     model.train(was_training)
     if ranks.world > 1:
         total, count = float(ranks.sum(total)), int(ranks.sum(count))
@@ -377,7 +376,7 @@ class SFTRun:
 
     def trainer_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights (save's trainer_state)."""
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "metrics": self.metrics,
+        return {"optimizer": self.ranks.optimizer_state(self.optimizer), "step": self.step, "metrics": self.metrics,
                 "rng": rng_state()}
 
 
@@ -504,7 +503,7 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
         raise EngineError("no training data given (--train FILE.jsonl)")
     examples = read_examples(args.train, "training data")
     eval_examples = read_examples(args.eval, "eval data") if args.eval else None
-    ranks = Ranks(pick_device(args.device))
+    ranks = Ranks(pick_device(args.device), fsdp=args.fsdp)
     device = ranks.device
     dtype = pick_dtype(device, args.dtype)
     adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
@@ -520,9 +519,11 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
     tokenizer.padding_side = "right"
 
     def save(step, metrics, trainer_state=None):
+        weights = ranks.model_state(model)  # every process gathers its shards under FSDP
         if ranks.main:
             save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics,
-                            pretrained={"": TrainedModel(model, tokenizer, merged=trainer_state is None)},
+                            pretrained={"": TrainedModel(model, tokenizer, merged=trainer_state is None,
+                                                         state_dict=weights)},
                             data_version=args.data_version,
                             trainer_state=trainer_state)
         ranks.wait()
