@@ -158,6 +158,35 @@ def test_lora_ppo_on_two_processes_matches_one(data):
     assert (Path(data["root"]) / "ppo-2" / "adapter").is_dir()
 
 
+def test_lora_ppo_sharded_with_fsdp_matches_one_process_and_saves_the_whole_adapter(data):
+    """FSDP2 over two processes, LoRA: one process's metrics; the saved adapter, merged weights and value head are
+    the one-process run's (every process's slice of them, gathered); rollouts gather the weights once per batch."""
+    from safetensors.torch import load_file
+
+    run("reward", ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "2",
+                   "--lr", "1e-3", "--device", "cpu", "--no-resume", "--out", f"{data['root']}/ppo-fsdp-rm"])
+    flags = ["--policy", data["policy"], "--prompts", data["prompts"], "--reward-model", f"{data['root']}/ppo-fsdp-rm",
+             "--steps", "2", "--batch-size", "8", "--samples-per-prompt", "2", "--generation-batch-size", "4",
+             "--mini-batch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "8", "--lr", "1e-3",
+             "--lora-r", "4", "--device", "cpu", "--no-resume"]
+    root, gathers = Path(data["root"]), Path(data["root"]) / "ppo-fsdp-gathers"
+    one = run("ppo", [*flags, "--out", str(root / "ppo-fsdp-1")])
+    two = run("ppo", [str(gathers), *flags, "--fsdp", "--out", str(root / "ppo-fsdp-2")], processes=2,
+              module="tests.record_rollout_gathers")
+    assert one["ppo/kl"] > 0  # the policy moved away from its reference
+    assert_close(one, two, ["ppo/reward", "ppo/kl", "ppo/entropy", "ppo/policy_loss", "ppo/value_loss",
+                            "ppo/approx_kl", "ppo/rlhf_reward"])
+    for weights in ("adapter/adapter_model.safetensors", "model.safetensors", "value_head/value_head.safetensors"):
+        whole, sharded = load_file(root / "ppo-fsdp-1" / weights), load_file(root / "ppo-fsdp-2" / weights)
+        assert sorted(whole) == sorted(sharded) and whole, weights
+        for name, value in whole.items():
+            assert sharded[name].shape == value.shape and sharded[name].allclose(value, atol=1e-6), (weights, name)
+    # Each step generates its 4 rows per process in one call, which gathers no weights: they were gathered before it.
+    for rank in (0, 1):
+        calls = json.loads((gathers / f"rank-{rank}.json").read_text())["generate"]
+        assert len(calls) == 2 and all(c["tokens"] > 1 and c["gathers"] == 0 for c in calls), calls
+
+
 def test_lora_grpo_on_two_processes_matches_one(data):
     """Groups sharded across the processes whole, two minibatches of rows from both, two passes, the KL in the loss."""
     run("reward", ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "2",

@@ -7,6 +7,7 @@ Plain Python over torch and transformers; this package never imports Django.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -25,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_DEFAULT_TARGETS
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import (
     AutoConfig,
@@ -473,16 +476,29 @@ class TrainedModel:
     in `adapter/`, and with `merged` (the final save) the merged weights beside it, which the Auto classes load;
     merging folds the adapters in, so it comes last."""
 
-    def __init__(self, model, tokenizer, merged: bool = True, state_dict: dict[str, Any] | None = None):
+    def __init__(self, model, tokenizer, merged: bool = True, state_dict: dict[str, Any] | None = None,
+                 merged_state_dict: dict[str, Any] | None = None):
         self.model, self.tokenizer, self.merged = model, tokenizer, merged
-        self.state_dict = state_dict  # a sharded model's full weights (Ranks.model_state); None: the model's own
+        # Gathered from a sharded model by Ranks.trained_model: its weights (a LoRA model's adapter alone, cut by
+        # peft before the merge) and its merged weights; None: the model's own.
+        self.state_dict, self.merged_state_dict = state_dict, merged_state_dict
 
     def save_pretrained(self, path) -> None:
         if not is_lora(self.model):
             self.model.save_pretrained(path, state_dict=self.state_dict)
         else:
-            self.model.save_pretrained(Path(path) / ADAPTER_DIR)
-            if self.merged:
+            adapter = Path(path) / ADAPTER_DIR
+            if self.state_dict is None:
+                self.model.save_pretrained(adapter)
+            else:  # what PeftModel.save_pretrained writes: the adapter's config and weights
+                adapter.mkdir(parents=True, exist_ok=True)
+                config = copy.deepcopy(self.model.peft_config[self.model.active_adapter])
+                config.inference_mode = True  # as peft records a saved adapter
+                config.save_pretrained(adapter)
+                save_file({k: v.contiguous() for k, v in self.state_dict.items()}, adapter / SAFETENSORS_WEIGHTS_NAME)
+            if self.merged_state_dict is not None:
+                self.model.get_base_model().save_pretrained(path, state_dict=self.merged_state_dict)
+            elif self.merged:
                 self.model.merge_and_unload().save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 

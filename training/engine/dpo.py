@@ -57,7 +57,6 @@ from training.engine.common import (
     MemoryArgs,
     ProgressFn,
     Prompt,
-    TrainedModel,
     adam_class,
     adapters_off,
     apply_lora,
@@ -287,11 +286,12 @@ def pairs_logps(model, pairs: list[dict[str, Any]], batch_size: int, pad_id: int
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i]["length"])  # less padding
     mine = ranks.shard(order)
     chosen, rejected = [torch.zeros(0, device=ranks.device)], [torch.zeros(0, device=ranks.device)]
-    for start in range(0, len(mine), batch_size):
-        c, r, _, _ = sequence_logps(model, [pairs[i] for i in mine[start:start + batch_size]], pad_id, ranks.device,
-                                    autocast_dtype, can_share_prefix(model))
-        chosen.append(c.float())
-        rejected.append(r.float())
+    with ranks.unsharded(model):  # under FSDP one gather, then forwards without collectives, however many
+        for start in range(0, len(mine), batch_size):
+            c, r, _, _ = sequence_logps(model, [pairs[i] for i in mine[start:start + batch_size]], pad_id,
+                                        ranks.device, autocast_dtype, can_share_prefix(model))
+            chosen.append(c.float())
+            rejected.append(r.float())
     model.train(was_training)
     by_order_c, by_order_r = ranks.gather(torch.cat(chosen)).cpu(), ranks.gather(torch.cat(rejected)).cpu()
     out_c, out_r = torch.empty(len(pairs)), torch.empty(len(pairs))
@@ -448,7 +448,7 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
 
     _check_args(args)
     train_ds, eval_ds, version = _prepare_data(args)
-    ranks = Ranks(pick_device(args.device))
+    ranks = Ranks(pick_device(args.device), fsdp=args.fsdp)
     ranks.check_divides("batch_size", args.batch_size)
     device = ranks.device
     compute_dtype = pick_dtype(device, args.dtype)
@@ -489,6 +489,7 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
     else:
         reference_logps(run)
     run.trainer, run.optimizer = ranks.prepare(model, run.optimizer)  # the model itself with one process
+    run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
 
@@ -596,11 +597,13 @@ def log(run: DPORun) -> None:
 def save_resume(run: DPORun) -> None:
     """Write the resumable checkpoint at `<out>.resume/`: the policy, optimizer, schedule, reference log-probs,
     counts and RNG."""
+    trained = run.ranks.trained_model(run.model, run.tokenizer, merged=False)  # every process gathers under FSDP
+    optimizer = run.ranks.optimizer_state(run.optimizer)
     if not run.ranks.main:
         return run.ranks.wait()
     save_checkpoint(run.state_dir, stage=STAGE, args=run.args, step=run.step, metrics=run.metrics,
-                    data_version=run.version, pretrained={"": TrainedModel(run.model, run.tokenizer, merged=False)},
-                    trainer_state={"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                    data_version=run.version, pretrained={"": trained},
+                    trainer_state={"optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
                                    "scaler": run.scaler.state_dict(), "reference": _reference_state(run),
                                    "rng": rng_state(), "step": run.step, **run.timer.state_dict(),
                                    "tokens_seen": run.tokens_seen, "window": run.window, "metrics": run.metrics})
@@ -651,9 +654,10 @@ def main(args: DPOArgs, on_progress: ProgressFn = no_progress, timer: LoopTimer 
         # the first pair's prompt exactly as the policy saw it (template, system turn, any cut), for the round page
         "dpo/rendered_prompt": run.tokenizer.decode(run.train_pairs[0]["prompt"]) if run.train_pairs else "",
     })
+    trained = run.ranks.trained_model(run.model, run.tokenizer)  # every process gathers its shards under FSDP
     if run.ranks.main:
         save_checkpoint(args.out, stage=STAGE, args=args, step=run.step, metrics=final, data_version=run.version,
-                        pretrained={"": TrainedModel(run.model, run.tokenizer)})
+                        pretrained={"": trained})
         shutil.rmtree(run.state_dir, ignore_errors=True)  # finished: a later run starts afresh
     run.ranks.wait()
     return final

@@ -29,7 +29,6 @@ from training.engine.common import (
     MemoryArgs,
     ProgressFn,
     Prompt,
-    TrainedModel,
     adam_class,
     adapters_off,
     entropy_from_logits,
@@ -297,6 +296,7 @@ def setup(args: GRPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -
 
     # Accelerate's wrapper (DDP) for the update; sampling and scoring use the model itself.
     run.trained_policy, run.optimizer = ranks.prepare(policy, optimizer)
+    run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
 
@@ -428,13 +428,14 @@ def log(run: Setup, batch: Batch, losses: dict[str, float], elapsed: float) -> d
 
 def save_resume(run: Setup, step: int) -> None:
     """Write the resumable checkpoint at `<out>.resume/`: policy (or its adapter), optimizer, RNG, step."""
+    trained = run.ranks.trained_model(run.policy, run.tokenizer, merged=False)  # every process gathers under FSDP
+    optimizer = run.ranks.optimizer_state(run.optimizer)
     if not run.ranks.main:
         return run.ranks.wait()
     save_checkpoint(
         run.checkpoint, stage=STAGE, args=run.recorded_args, step=step, metrics=run.metrics,
-        data_version=run.data_version,
-        pretrained={"": TrainedModel(run.policy, run.tokenizer, merged=False)},
-        trainer_state={"optimizer": run.optimizer.state_dict(), "rng": rng_state(), "step": step,
+        data_version=run.data_version, pretrained={"": trained},
+        trainer_state={"optimizer": optimizer, "rng": rng_state(), "step": step,
                        "reward_stats": run.reward.state_dict(),
                        "metrics": run.metrics},
     )
@@ -463,10 +464,11 @@ def main(
         report(run, step, on_progress)
 
     # ---- the final policy -------------------------------------------------------------------------
+    trained = run.ranks.trained_model(run.policy, run.tokenizer)  # every process gathers its shards under FSDP
     if run.ranks.main:
         save_checkpoint(
             args.out, stage=STAGE, args=run.recorded_args, step=args.steps, metrics=run.metrics,
-            data_version=run.data_version, pretrained={"": TrainedModel(run.policy, run.tokenizer)},
+            data_version=run.data_version, pretrained={"": trained},
         )
         shutil.rmtree(run.checkpoint, ignore_errors=True)  # finished: a later run starts afresh
     run.ranks.wait()

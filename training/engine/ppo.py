@@ -32,7 +32,6 @@ from training.engine.common import (
     ProgressFn,
     Prompt,
     RunningMoments,
-    TrainedModel,
     adam_class,
     adapters_off,
     entropy_from_logits,
@@ -157,10 +156,10 @@ class ValueHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
         return self.summary(hidden.float()).squeeze(-1)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()},
                   str(path / VALUE_HEAD_FILE))
         (path / "config.json").write_text(json.dumps({"hidden_size": self.summary.in_features}))
 
@@ -344,6 +343,7 @@ def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) ->
 
     # Accelerate's wrappers (DDP, FSDP, DeepSpeed) for the update; sampling and scoring use the models themselves.
     run.trained_policy, run.trained_head, run.optimizer = ranks.prepare(policy, value_head, optimizer)
+    run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
 
@@ -531,6 +531,8 @@ def log(run: Setup, batch: Batch, losses: dict[str, float], elapsed: float) -> d
 
 def save_resume(run: Setup, step: int) -> None:
     """Write the resumable checkpoint at `<out>.resume/`: policy, value head, optimizer, score moments, RNG."""
+    trained = run.ranks.trained_model(run.policy, run.tokenizer, merged=False)  # every process gathers under FSDP
+    head, optimizer = run.ranks.saveable(run.value_head), run.ranks.optimizer_state(run.optimizer)
     if not run.ranks.main:
         return run.ranks.wait()
     save_checkpoint(
@@ -540,9 +542,9 @@ def save_resume(run: Setup, step: int) -> None:
         step=step,
         metrics=run.metrics,
         data_version=run.data_version,
-        pretrained={"": TrainedModel(run.policy, run.tokenizer, merged=False), VALUE_HEAD_DIR: run.value_head},
+        pretrained={"": trained, VALUE_HEAD_DIR: head},
         trainer_state={
-            "optimizer": run.optimizer.state_dict(),
+            "optimizer": optimizer,
             "score_stats": run.score_stats.state_dict(),
             "reward_stats": run.reward.state_dict(),
             "rng": rng_state(),
@@ -575,6 +577,8 @@ def main(
         report(run, step, on_progress)
 
     # ---- the final policy -------------------------------------------------------------------------
+    trained = run.ranks.trained_model(run.policy, run.tokenizer)  # every process gathers its shards under FSDP
+    head = run.ranks.saveable(run.value_head)
     if run.ranks.main:
         save_checkpoint(
             args.out,
@@ -583,7 +587,7 @@ def main(
             step=args.steps,
             metrics=run.metrics,
             data_version=run.data_version,
-            pretrained={"": TrainedModel(run.policy, run.tokenizer), VALUE_HEAD_DIR: run.value_head},
+            pretrained={"": trained, VALUE_HEAD_DIR: head},
         )
         shutil.rmtree(run.checkpoint, ignore_errors=True)  # finished: a later run starts afresh
     run.ranks.wait()

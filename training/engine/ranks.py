@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.distributed.fsdp import fully_shard
+from peft.utils import get_peft_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from training.engine.common import EngineError, ProgressFn, is_lora
+from training.engine.common import EngineError, ProgressFn, TrainedModel, is_lora
 from training.engine.stop import StopWithoutSaving
 
 _RUN, _STOP, _STOP_WITHOUT_SAVING = 0, 1, 2
@@ -81,8 +84,6 @@ class Ranks:
         if not self.fsdp:
             return self.accelerator.prepare(*objects)
         modules = [o for o in objects if isinstance(o, torch.nn.Module)]
-        if any(is_lora(m) for m in modules):
-            raise EngineError("FSDP (--fsdp) does not train LoRA adapters yet: train them with DDP (--no-fsdp)")
         before = [{id(p): name for name, p in m.named_parameters()} for m in modules]
         for module in modules:
             shard_model(module)
@@ -106,6 +107,43 @@ class Ranks:
         if self.fsdp:  # the norm of sharded gradients is a DTensor: every process takes the whole
             return full(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
         return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    @contextmanager
+    def unsharded(self, model):
+        """Under FSDP, `model`'s whole weights for the block inside: gathered once on entry and kept through every
+        forward there (generation's per-token forwards gather nothing), freed on exit; nothing otherwise."""
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)] if self.fsdp else []
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield model
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(unit is not model, recurse=False)  # fully_shard's defaults
+
+    def trained_model(self, model, tokenizer, merged: bool = True) -> TrainedModel:
+        """What a checkpoint saves of a trained model (common.TrainedModel); under FSDP with its full weights, and
+        for a LoRA model's final save its merged ones, gathered here: every process calls this before a save."""
+        if not self.fsdp:
+            return TrainedModel(model, tokenizer, merged)
+        weights = self.model_state(model)
+        if not is_lora(model):
+            return TrainedModel(model, tokenizer, merged, state_dict=weights)
+        # The adapter (and a reward model's score head) of the whole model, not of this process's slice, cut
+        # before the merge: peft finds no adapter in a merged model.
+        adapter = get_peft_model_state_dict(model, state_dict=weights)
+        folded = self.model_state(model.merge_and_unload()) if merged else None
+        return TrainedModel(model, tokenizer, merged, state_dict=adapter, merged_state_dict=folded)
+
+    def saveable(self, module):
+        """A module with save_pretrained(path, state_dict=...) (PPO's value head) as a checkpoint saves it; under
+        FSDP its full weights gathered here: every process calls this before a save."""
+        if not self.fsdp:
+            return module
+        weights = self.model_state(module)
+        return SimpleNamespace(save_pretrained=lambda path: module.save_pretrained(path, state_dict=weights))
 
     def model_state(self, model) -> dict[str, torch.Tensor] | None:
         """Under FSDP the full weights of a sharded model, gathered on every process (each must call it before a

@@ -65,7 +65,6 @@ from .common import (
     ProgressFn,
     Prompt,
     RunningMoments,
-    TrainedModel,
     adam_class,
     apply_chat_template,
     apply_lora,
@@ -687,12 +686,13 @@ def log(run: RewardRun) -> None:
 
 def save_resume(run: RewardRun) -> None:
     """Write the resumable checkpoint at `<out>.resume/`: the model, optimizer, schedule, counts and RNG."""
-    weights, optimizer = run.ranks.model_state(run.model), run.ranks.optimizer_state(run.optimizer)  # all gather
+    trained = run.ranks.trained_model(run.model, run.tokenizer, merged=False)  # every process gathers under FSDP
+    optimizer = run.ranks.optimizer_state(run.optimizer)
     if not run.ranks.main:
         return run.ranks.wait()
     args, step = run.args, run.step
     save_checkpoint(run.state_dir, stage=STAGE, args=args, step=step, metrics=run.metrics, data_version=run.version,
-                    pretrained={"": TrainedModel(run.model, run.tokenizer, merged=False, state_dict=weights)},
+                    pretrained={"": trained},
                     trainer_state={"optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
                                    "scaler": run.scaler.state_dict(),
                                    "rng": rng_state(), "step": step, **run.timer.state_dict(),
@@ -746,10 +746,10 @@ def main(args: RewardArgs, on_progress: ProgressFn = no_progress, timer: LoopTim
         "rm/train_tokens": run.tokens_seen,
         "rm/padded_tokens": run.padded_seen,
     })
-    weights = run.ranks.model_state(run.model)  # every process gathers its shards under FSDP
+    trained = run.ranks.trained_model(run.model, run.tokenizer)  # every process gathers its shards under FSDP
     if run.ranks.main:
         save_checkpoint(args.out, stage=STAGE, args=args, step=run.step, metrics=final, data_version=run.version,
-                        pretrained={"": TrainedModel(run.model, run.tokenizer, state_dict=weights)})
+                        pretrained={"": trained})
         shutil.rmtree(run.state_dir, ignore_errors=True)
     run.ranks.wait()
     return final

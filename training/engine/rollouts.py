@@ -69,7 +69,7 @@ def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
 
 def place(args) -> tuple[Ranks, torch.dtype, torch.dtype | None]:
     """The processes, the compute dtype and the autocast dtype (None: plain fp32), checked before loading."""
-    ranks = Ranks(pick_device(args.device))
+    ranks = Ranks(pick_device(args.device), fsdp=args.fsdp)
     ranks.check_divides("batch_size", args.batch_size)
     if (args.batch_size // ranks.world) % args.samples_per_prompt:
         raise EngineError(f"with {ranks.world} processes, batch_size / {ranks.world} must be a multiple of "
@@ -150,6 +150,7 @@ def sample_groups(run, step: int, batch_class: type[Rollouts] = Rollouts) -> Rol
     rows = run.ranks.shard(range(len(batch_idx)))  # this process's rows of the global batch
     with (
         torch.no_grad(),
+        run.ranks.unsharded(run.policy),  # under FSDP one all-gather per rollout batch, none per token
         torch.autocast(
             device_type=device.type,
             dtype=run.autocast_dtype or torch.float32,

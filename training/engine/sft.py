@@ -32,7 +32,6 @@ from training.engine.common import (
     EngineError,
     MemoryArgs,
     ProgressFn,
-    TrainedModel,
     adam_class,
     apply_lora,
     can_share_prefix,
@@ -519,11 +518,9 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
     tokenizer.padding_side = "right"
 
     def save(step, metrics, trainer_state=None):
-        weights = ranks.model_state(model)  # every process gathers its shards under FSDP
+        trained = ranks.trained_model(model, tokenizer, merged=trainer_state is None)  # gathers under FSDP
         if ranks.main:
-            save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics,
-                            pretrained={"": TrainedModel(model, tokenizer, merged=trainer_state is None,
-                                                         state_dict=weights)},
+            save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics, pretrained={"": trained},
                             data_version=args.data_version,
                             trainer_state=trainer_state)
         ranks.wait()
