@@ -876,7 +876,7 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
         "Sampling": ["Max new tokens", "Prompts", "Responses per prompt", "Temperature", "Top-p"],
         "New pairs": ["Pairing", "Priority"],
         "Evaluation": ["Rule judge"],
-        "Memory": ["LoRA rank", "Gradient checkpointing"],
+        "Memory": ["LoRA rank", "Gradient checkpointing", "Shard over the training processes (FSDP2)"],
     }
     assert list(labels) == ["Round type", "Models and prompting", "Reward model", "Safety", "PPO", "DPO", "GRPO",
                             "Sampling", "New pairs", "Evaluation", "Memory"]

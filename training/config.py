@@ -291,6 +291,10 @@ class RoundConfig:
     gradient_checkpointing: bool = setting(False, engine=("common", "MemoryArgs", "gradient_checkpointing"),
                                            section="Memory", label="Gradient checkpointing")
     """Recompute activations in the backward pass of the reward model and PPO (common.MemoryArgs)."""
+    fsdp: bool = setting(False, engine=("common", "MemoryArgs", "fsdp"), section="Memory",
+                         label="Shard over the training processes (FSDP2)")
+    """Shard the weights and optimizer state of every training job over PAIRLOOP_TRAINING_PROCESSES instead of DDP
+    (common.MemoryArgs)."""
 
     def validate(self) -> None:
         """Raise ConfigError naming every bad value and its setting."""
