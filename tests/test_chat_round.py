@@ -148,6 +148,28 @@ def test_a_lora_round_on_two_training_processes(tiny_world, tmp_path_factory):
     assert campaign.pairs.filter(round=round_).exists()
 
 
+def test_a_round_sharded_with_fsdp_on_two_training_processes(tiny_world, tmp_path_factory):
+    """The round setting fsdp with PAIRLOOP_TRAINING_PROCESSES=2: the reward and PPO jobs train every weight sharded
+    over two processes (gloo on CPU) and save whole models the Auto classes load."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    campaign, policy, _ = chat_campaign(tmp_path_factory.mktemp("chat-fsdp"), slug="chat-fsdp")
+    config = build_config("tiny", {**actions.campaign_settings(campaign), "fsdp": "true"})
+    with Worker(env={**tiny_world["env"], "PAIRLOOP_TRAINING_PROCESSES": "2"}, purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 600, worker, "the FSDP round on two processes to finish")
+    round_.refresh_from_db()
+    reward_job, ppo_job = jobs[1], jobs[2]
+    assert "reward on 2 processes" in reward_job.log and "ppo on 2 processes" in ppo_job.log
+    assert ppo_job.result["ppo/kl"] != 0 and ppo_job.step == config.ppo_steps  # the policy moved off its reference
+    assert read_checkpoint_meta(round_.policy_checkpoint)["args"]["fsdp"] is True
+    start, trained = weights(round_.parent_policy), weights(round_.policy_checkpoint)
+    assert start.keys() == trained.keys() and any(not torch.equal(start[k], trained[k]) for k in start)
+    assert AutoModelForCausalLM.from_pretrained(round_.policy_checkpoint).config.model_type == "qwen2"
+    assert AutoModelForSequenceClassification.from_pretrained(round_.reward_checkpoint).config.num_labels == 1
+    assert campaign.pairs.filter(round=round_).exists()
+
+
 def test_a_dpo_and_a_grpo_round_of_a_chat_model_with_lora_on_two_training_processes(tiny_world, tmp_path_factory):
     """Each new round type on the chat campaign with LoRA over PAIRLOOP_TRAINING_PROCESSES=2 (gloo on CPU): a DPO
     round, then a GRPO round from its policy."""

@@ -150,7 +150,15 @@ class Ranks:
         save); None otherwise, where save_pretrained reads the model itself."""
         if not self.fsdp:
             return None
-        return {name: full(value).cpu() for name, value in model.state_dict().items()}
+        # Tied weights (embeddings and LM head) stay one tensor, which save_pretrained writes once.
+        same = {name: id(param) for name, param in model.named_parameters(remove_duplicate=False)}
+        gathered, weights = {}, {}
+        for name, value in model.state_dict().items():
+            key = same.get(name, name)
+            if key not in gathered:
+                gathered[key] = full(value).cpu()
+            weights[name] = gathered[key]
+        return weights
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         """The optimizer's state_dict as one process holds it (shards gathered under FSDP: every process calls it)."""
