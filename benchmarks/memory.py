@@ -20,6 +20,11 @@ scores with a rule judge instead, to show the trainer's own share.
 
     nice -n 10 .venv/bin/python benchmarks/memory.py                # about 10 minutes on 2 CPU cores
     nice -n 10 .venv/bin/python benchmarks/memory.py --stages ppo --configs full lora
+    nice -n 10 .venv/bin/python benchmarks/memory.py --stages sft --sharded    # DDP against FSDP2 at 2 processes
+
+With --sharded, each configuration instead runs under `accelerate launch` on 2 gloo processes, with DDP and
+with FSDP2 (--fsdp), and every rank reports its own peak (VmHWM of /proc/self/status, which starts afresh at
+the exec that started the rank, so the launcher's size is not in it).
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ sys.path.insert(0, str(REPO))
 
 CONFIGS = {
     "full": {},
+    "full+ckpt": {"gradient_checkpointing": True},
     "lora": {"lora_r": 16},
     "lora+ckpt": {"lora_r": 16, "gradient_checkpointing": True},
 }
+SHARDING = {"ddp": {}, "fsdp": {"fsdp": True}}  # --sharded: how 2 processes split the work
+PROCESSES = 2
 STAGES = ("sft", "reward", "ppo", "ppo_rule")  # ppo_rule: PPO scored by a rule judge, no reward model
 GB = 1e9
 
@@ -74,10 +82,12 @@ def prepare(folder: Path) -> dict[str, str]:
 
 
 def run_stage(stage: str, config: str, inputs: dict[str, str]) -> dict:
-    """One stage for two optimizer steps under `config`; returns its final metrics."""
+    """One stage for two optimizer steps under `config` (`lora/fsdp`: a config and a SHARDING); its final metrics."""
     from training.engine import ppo, reward, sft
 
-    folder, switches = Path(inputs["folder"]), CONFIGS[config]
+    config, _, sharding = config.partition("/")
+    folder, switches = Path(inputs["folder"]), {**CONFIGS[config], **SHARDING.get(sharding, {})}
+    config = f"{config}-{sharding}" if sharding else config
     out = str(folder / f"out-{stage}-{config}")
     if stage == "sft":
         return sft.main(sft.SFTArgs(model=inputs["policy"], train=str(folder / "sft.jsonl"), out=out, max_steps=2,
@@ -109,8 +119,48 @@ def child(stage: str, config: str, inputs_json: str) -> None:
     if stage != "floor":
         started = time.perf_counter()
         metrics = run_stage(stage, config, json.loads(inputs_json))
-        print(json.dumps({"seconds": time.perf_counter() - started,
-                          "loss": metrics.get("sft/loss", metrics.get("rm/loss", metrics.get("ppo/kl")))}))
+        print(json.dumps({"seconds": time.perf_counter() - started, "rank": int(os.environ.get("RANK", "0")),
+                          "peak_hwm": _peak_hwm(),
+                          "loss": metrics.get("sft/loss", metrics.get("rm/loss", metrics.get("ppo/kl")))}), flush=True)
+
+
+def _peak_hwm() -> int:
+    """This process's peak resident memory since its exec, in bytes (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure_ranks(stage: str, config: str, inputs: dict[str, str]) -> list[dict]:
+    """Each rank's figures when `stage` runs under `config` (e.g. full/fsdp) on PROCESSES gloo processes."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               __file__, "--child", stage, config, json.dumps(inputs)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(f"{stage} / {config} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"seconds"')),
+                  key=lambda r: r["rank"])
+
+
+def sharded(stages: list[str], configs: list[str], inputs: dict[str, str]) -> None:
+    """The --sharded table: per-rank peak at PROCESSES processes, DDP against FSDP2, and FSDP2's share of DDP's."""
+    print(f"{'stage':<8} {'config':<10} {'sharding':<8} {'peak per rank (GB)':>22} {'vs ddp':>7} {'seconds':>8}")
+    results: dict[str, list[dict]] = {}
+    for stage in stages:
+        for config in configs:
+            for sharding in SHARDING:
+                ranks = measure_ranks(stage, f"{config}/{sharding}", inputs)
+                results[f"{stage} {config}/{sharding}"] = ranks
+                peak = max(r["peak_hwm"] for r in ranks)
+                ddp = results.get(f"{stage} {config}/ddp")
+                ratio = f"{peak / max(r['peak_hwm'] for r in ddp):.2f}x" if ddp and sharding != "ddp" else "-"
+                each = " ".join(f"{r['peak_hwm'] / GB:.2f}" for r in ranks)
+                print(f"{stage:<8} {config:<10} {sharding:<8} {each:>22} {ratio:>7} {ranks[0]['seconds']:>8.1f}",
+                      flush=True)
+    print(json.dumps({"processes": PROCESSES, "sharded": results}))
 
 
 def measure(stage: str, config: str, inputs: dict[str, str]) -> dict:
@@ -174,9 +224,11 @@ def arithmetic() -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["full", "lora", "lora+ckpt"], choices=list(CONFIGS))
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "pairloop-memory-bench"),
                         help="where the 100M models and inputs are built once (default: a folder in /tmp)")
+    parser.add_argument("--sharded", action="store_true",
+                        help=f"per-rank peaks on {PROCESSES} processes, DDP against FSDP2, instead of one process")
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "CONFIG", "INPUTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -188,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     prepared = subprocess.run([sys.executable, __file__, "--child", "prepare", "-", str(folder)], cwd=REPO,
                               check=True, capture_output=True, text=True).stdout
     inputs = json.loads(prepared.splitlines()[-1])
+    if args.sharded:
+        return sharded(args.stages, args.configs, inputs)
     floor = measure("floor", "full", inputs)["peak_rss"]
     print(f"floor (python + torch + transformers + peft imported): {floor / GB:.2f} GB\n")
     print(f"{'stage':<8} {'config':<10} {'peak RSS':>9} {'above floor':>12} {'vs full':>8} {'seconds':>8}")
