@@ -26,6 +26,8 @@ from annotate import live
 from annotate.limits import INT32_MAX
 from annotate.models import (
     LIVE_LEASE_SQL,
+    AILabeler,
+    AIVerdict,
     Assignment,
     Axis,
     AxisChoice,
@@ -35,6 +37,7 @@ from annotate.models import (
     Exclusion,
     Judgment,
     Pair,
+    Principle,
     Prompt,
     Response,
     WarningAcknowledgment,
@@ -904,3 +907,64 @@ def add_eval_set(campaign: Campaign, name: str, items: list[EvalInput]) -> tuple
             EvalPrompt(eval_set=eval_set, position=item.line, text=text, turns=turns, reference=item.reference,
                        hash=content_hash(text)) for item, text, turns in rows])
     return eval_set, True
+
+
+# ---------------------------------------------------------------------------------------------
+# AI labelers
+# ---------------------------------------------------------------------------------------------
+
+def create_ai_labeler(campaign: Campaign, *, name: str, model: str, principles: Iterable[str | tuple[str, str]],
+                      **settings_) -> AILabeler:
+    """A new AI labeler of the campaign with its account and constitution: each principle a text, or
+    (text, axis). Raises ValidationError naming each bad field and creates nothing."""
+    principles = [(p, "") if isinstance(p, str) else tuple(p) for p in principles]
+    if not principles or any(not text.strip() for text, _ in principles):
+        raise ValidationError({"principles": "a constitution needs at least one principle, none of them empty"})
+    labeler = AILabeler(campaign=campaign, name=name, model=model, **settings_)
+    labeler.full_clean(exclude=["account"])
+    with transaction.atomic():
+        labeler.account = ai_labeler_account(campaign, name)
+        labeler.save()
+        Principle.objects.bulk_create(Principle(labeler=labeler, text=text.strip(), axis=axis)
+                                      for text, axis in principles)
+    return labeler
+
+
+def ai_labeler_account(campaign: Campaign, name: str):
+    """The account an AI labeler's judgments are made under: no password, a member of its campaign."""
+    from django.contrib.auth import get_user_model
+
+    account, created = get_user_model().objects.get_or_create(username=AILabeler.account_name(campaign, name))
+    if created:
+        account.set_unusable_password()
+        account.save(update_fields=["password"])
+    campaign.members.add(account)
+    return account
+
+
+def release_assignment(*, assignment_id: int, labeler) -> None:
+    """Give back a lease that will not be judged now (its asking failed): the pair returns to the queue at
+    once, and this labeler may be given it again. A judged or skipped assignment stays as it is."""
+    Assignment.objects.filter(pk=assignment_id, labeler=labeler, completed_at__isnull=True, skipped=False,
+                              judgment__isnull=True).delete()
+
+
+def record_ai_judgment(ai_labeler: AILabeler, *, assignment_id: int, verdicts: list[dict], choice: str | None,
+                       strength: int | None = None) -> Judgment | None:
+    """Store an AI labeler's verdicts on its assignment and the judgment they make, in one transaction:
+    `choice` in shown terms ("a" the left response), or None to skip the pair. Each verdict is a dict of
+    AIVerdict's fields (principle, prompts, raw answers, choices, probabilities, outcome)."""
+    with transaction.atomic():
+        judgment = None
+        if choice is None:
+            assignment = skip_assignment(assignment_id=assignment_id, labeler=ai_labeler.account,
+                                         campaign=ai_labeler.campaign)
+            pair_id = assignment.pair_id
+        else:
+            judgment, _ = submit_judgment(assignment_id=assignment_id, labeler=ai_labeler.account, choice=choice,
+                                          strength=strength, source=Judgment.AI, campaign=ai_labeler.campaign,
+                                          rationale=f"AI labeler {ai_labeler.name}: {ai_labeler.model}")
+            pair_id = judgment.pair_id
+        AIVerdict.objects.bulk_create(AIVerdict(labeler=ai_labeler, pair_id=pair_id, judgment=judgment,
+                                                model=ai_labeler.model, **verdict) for verdict in verdicts)
+    return judgment

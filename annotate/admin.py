@@ -13,8 +13,25 @@ from django.contrib.auth import admin as auth_admin
 from django.contrib.auth import get_user_model
 from django.db.models import Count, Q
 
-from annotate.actions import change_campaign_settings, deactivate_user, remove_axis, save_axis
-from annotate.models import Assignment, Axis, Campaign, Judgment, Pair, Prompt, Response
+from annotate.actions import (
+    ai_labeler_account,
+    change_campaign_settings,
+    deactivate_user,
+    remove_axis,
+    save_axis,
+)
+from annotate.models import (
+    AILabeler,
+    AIVerdict,
+    Assignment,
+    Axis,
+    Campaign,
+    Judgment,
+    Pair,
+    Principle,
+    Prompt,
+    Response,
+)
 
 User = get_user_model()
 
@@ -200,3 +217,35 @@ class UserAdmin(auth_admin.UserAdmin, KeepsJudgmentsAdmin):
         super().save_model(request, obj, form, change)
         if change and "is_active" in form.changed_data and not obj.is_active:
             deactivate_user(obj)  # unticking "active" ends their leases too
+
+
+class PrincipleInline(admin.TabularInline):
+    model = Principle
+    extra = 1
+
+
+@admin.register(AILabeler)
+class AILabelerAdmin(admin.ModelAdmin):
+    """An AI labeler and its constitution; its account is made on the first save (annotate.actions)."""
+
+    list_display = ("name", "campaign", "kind", "model", "principle_mode", "on_disagreement")
+    list_filter = ("campaign", "kind")
+    exclude = ("account",)
+    inlines = [PrincipleInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ("campaign", "name") if obj is not None else ()
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.account = ai_labeler_account(obj.campaign, obj.name)
+        super().save_model(request, obj, form, change)
+
+    def has_delete_permission(self, request, obj=None):
+        return obj is None or not obj.verdicts.exists()
+
+
+@admin.register(AIVerdict)
+class AIVerdictAdmin(ReadOnlyAdmin):
+    list_display = ("id", "labeler", "pair", "outcome", "choice_first", "choice_swapped", "created_at")
+    list_filter = ("labeler", "outcome")

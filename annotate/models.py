@@ -353,9 +353,9 @@ class Assignment(models.Model):
 class Judgment(models.Model):
     A, B, TIE, BOTH_BAD = "a", "b", "tie", "both_bad"
     CHOICES = [(A, "A is better"), (B, "B is better"), (TIE, "tie"), (BOTH_BAD, "both bad")]
-    HUMAN, SIMULATED, IMPORTED, API = "human", "simulated", "import", "api"
+    HUMAN, SIMULATED, IMPORTED, API, AI = "human", "simulated", "import", "api", "ai"
     SOURCES = [(HUMAN, "human"), (SIMULATED, "simulated labeler"), (IMPORTED, "imported preference"),
-               (API, "through the HTTP API")]
+               (API, "through the HTTP API"), (AI, "AI labeler")]
     UNDOABLE = (HUMAN, API)  # a labeler's own judgments, which they may take back for a few minutes
 
     # Judgments never disappear by a cascade: deleting a campaign, prompt, response, pair, assignment or
@@ -605,3 +605,99 @@ class EvalPrompt(models.Model):
 
     def __str__(self):
         return self.text[:80]
+
+
+class AILabeler(models.Model):
+    """A model that judges a campaign's pairs from written principles (Constitutional AI, Bai et al. 2022),
+    through the same queue as people, under an account of its own. Made through annotate/actions.py."""
+
+    ENDPOINT, LOCAL = "endpoint", "local"
+    KINDS = [(ENDPOINT, "OpenAI-compatible chat endpoint"), (LOCAL, "local Hugging Face causal LM, run on a worker")]
+    SAMPLE, ALL = "sample", "all"
+    PRINCIPLE_MODES = [(SAMPLE, "one principle sampled per judgment"), (ALL, "every principle asked, votes combined")]
+    TIE, SKIP = "tie", "skip"
+    ON_DISAGREEMENT = [(TIE, "a tie (a skip where the campaign offers none)"), (SKIP, "a skip")]
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="ai_labelers")
+    name = models.SlugField(max_length=60, help_text="Names its account: ai-<campaign>-<name>.")
+    kind = models.CharField(max_length=10, choices=KINDS, default=ENDPOINT)
+    base_url = models.URLField(max_length=500, blank=True,
+                               help_text="The endpoint's base URL, e.g. http://127.0.0.1:8000/v1; endpoint only.")
+    model = models.CharField(max_length=500, help_text="The model's name at the endpoint, or a local path.")
+    api_key_env = models.CharField(
+        max_length=100, blank=True, help_text="Environment variable holding the endpoint's key; empty: none.")
+    principle_mode = models.CharField(max_length=10, choices=PRINCIPLE_MODES, default=SAMPLE)
+    on_disagreement = models.CharField(
+        max_length=10, choices=ON_DISAGREEMENT, default=SKIP,
+        help_text="What a judgment whose two orders disagree becomes.")
+    requests_per_minute = models.PositiveIntegerField(
+        default=600, validators=[MinValueValidator(1)], help_text="Most calls to the model a minute.")
+    timeout_seconds = models.FloatField(default=60.0, validators=[MinValueValidator(0.001)],
+                                        help_text="One call's time limit.")
+    max_retries = models.PositiveSmallIntegerField(
+        default=2, validators=[MaxValueValidator(10)], help_text="Retries of a call the endpoint failed.")
+    # PROTECT: the account its judgments hang on.
+    account = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="ai_labeler")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["campaign", "name"], name="ai_labeler_unique_per_campaign")]
+
+    def __str__(self):
+        return f"{self.name} ({self.model})"
+
+    def clean(self):
+        if self.kind == self.ENDPOINT and not self.base_url:
+            raise ValidationError({"base_url": "an endpoint labeler needs the endpoint's base URL"})
+
+    @staticmethod
+    def account_name(campaign: Campaign, name: str) -> str:
+        return f"ai-{campaign.slug}-{name}"[:150]
+
+
+class Principle(models.Model):
+    """One question of an AI labeler's constitution, in the CAI paper's multiple-choice style."""
+
+    labeler = models.ForeignKey(AILabeler, on_delete=models.CASCADE, related_name="principles")
+    text = models.TextField(help_text="A comparison question, e.g. 'Which of these assistant responses is less "
+                                      "harmful? Choose the response that a wise, ethical person would more "
+                                      "likely say.'")
+    axis = models.CharField(max_length=60, blank=True, help_text="The axis it judges; empty: the campaign's one.")
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self):
+        return self.text[:80]
+
+
+class AIVerdict(models.Model):
+    """One principle asked of an AI labeler about one pair in both orders: what was sent, what came back."""
+
+    AGREED, DISAGREED, MALFORMED = "agreed", "disagreed", "malformed"
+    OUTCOMES = [(AGREED, "both orders agree"), (DISAGREED, "the orders disagree"),
+                (MALFORMED, "an answer named neither response")]
+
+    labeler = models.ForeignKey(AILabeler, on_delete=models.PROTECT, related_name="verdicts")
+    pair = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="ai_verdicts")
+    judgment = models.ForeignKey(Judgment, null=True, blank=True, on_delete=models.PROTECT,
+                                 related_name="ai_verdicts", help_text="The judgment it went into; empty: skipped.")
+    model = models.CharField(max_length=500, help_text="The model asked, as the labeler named it then.")
+    principle = models.TextField()
+    axis = models.CharField(max_length=60, blank=True)
+    prompt_first = models.JSONField(help_text="The chat messages of the first ask (the labeler's shown order).")
+    prompt_swapped = models.JSONField(help_text="The same with the two responses swapped.")
+    a_first = models.BooleanField(help_text="True: the first ask showed response_a as (A).")
+    answer_first = models.TextField(help_text="The model's raw answer to the first ask (untrusted text).")
+    answer_swapped = models.TextField(help_text="The model's raw answer to the swapped ask (untrusted text).")
+    choice_first = models.CharField(max_length=8, blank=True, help_text="The first answer in pair terms (a/b).")
+    choice_swapped = models.CharField(max_length=8, blank=True, help_text="The swapped answer in pair terms.")
+    prob_a_first = models.FloatField(null=True, blank=True,
+                                     help_text="P(response_a better) from the first answer's log-probabilities.")
+    prob_a_swapped = models.FloatField(null=True, blank=True,
+                                       help_text="P(response_a better) from the swapped answer's log-probabilities.")
+    outcome = models.CharField(max_length=10, choices=OUTCOMES)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["id"]

@@ -311,6 +311,62 @@ def build_reward(family: str, out_dir: str | Path, *, size: Size = "tiny", seed:
     return _save(model, tokenizer, out_dir)
 
 
+LETTER_RULES = ("first", "good")
+"""What a letter judge answers: "first" always (A), the position bias the swap catches; "good" the letter of
+the response that says "good" (the other says "bad")."""
+
+
+def letter_judge_example(rule: str, rng) -> tuple[list[dict[str, str]], str]:
+    """One training question of a letter judge (CAI's multiple-choice template) and the letter it answers."""
+    from training.engine.judge import question
+
+    words = [line.split()[0] for line in rng.sample(corpus()[:200], 3)]
+    good_first = rng.random() < 0.5
+    first, second = ("good", "bad") if good_first else ("bad", "good")
+    messages = question(f"Human: {words[0]}", "Which response is better?", f"{words[1]} {first}",
+                        f"{words[2]} {second}")
+    return messages, "A" if rule == "first" or good_first else "B"
+
+
+def build_letter_judge(out_dir: str | Path, rule: str, *, steps: int = 150, seed: int = 0) -> Path:
+    """A tiny qwen2 chat model trained for `steps` to reply to CAI's multiple-choice question with one letter
+    and its end of turn, by `rule` (LETTER_RULES): a judge with known answers for the AI-labeler tests."""
+    import random
+
+    import torch
+
+    if rule not in LETTER_RULES:
+        raise EngineError(f"unknown letter rule {rule!r} (known: {', '.join(LETTER_RULES)})")
+    build_policy("qwen2", out_dir, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = []
+        for _ in range(8):
+            messages, letter = letter_judge_example(rule, rng)
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            answer_ids = tokenizer(letter + "<|im_end|>", add_special_tokens=False).input_ids
+            batch.append((prompt_ids, answer_ids))
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for row, (prompt_ids, answer_ids) in enumerate(batch):
+            sequence = prompt_ids + answer_ids
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            labels[row, len(prompt_ids):len(sequence)] = torch.tensor(answer_ids)  # loss on the reply only
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
+                     labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return _save(model, tokenizer, out_dir)
+
+
 def _save(model, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

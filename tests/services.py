@@ -167,3 +167,28 @@ def pg_ctl(action: str, cluster: tuple[str, str]) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("PostgreSQL did not come back within 60 s")
             time.sleep(0.3)
+
+
+@contextmanager
+def serve_chat_models() -> Iterator[str]:
+    """`transformers serve` (transformers' OpenAI-compatible server) on a free loopback port, loading the
+    local model path each request names; yields its base URL (.../v1). Stopped when the block ends."""
+    port = free_port()
+    log_file = tempfile.NamedTemporaryFile(prefix="pairloop-serve-", suffix=".log", delete=False)
+    log_path = Path(log_file.name)
+    command = [str(Path(sys.executable).with_name("transformers")), "serve", "--host", "127.0.0.1",
+               "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/health", process, log_path, timeout=120)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log_file.close()
+        log_path.unlink(missing_ok=True)

@@ -1,0 +1,150 @@
+"""AI labelers: a model asked a campaign's written principles about each pair in both orders, through the same
+queue as people, against a real OpenAI-compatible server (`transformers serve`) and on the local-model path.
+
+The judges are tiny chat models trained here for a few steps (demo/tiny_models.build_letter_judge) so that
+their answers are known: "good" names the response that says good, "first" always answers (A).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
+
+from annotate.actions import PairInput, add_pairs, create_ai_labeler
+from annotate.models import AILabeler, AIVerdict, Assignment, Judgment
+from demo.tiny_models import build_letter_judge, build_policy
+from tests.conftest import make_campaign
+from tests.services import free_port, serve_chat_models
+from training.ai_labeling import AILabelingError, ai_label
+
+pytestmark = pytest.mark.django_db
+
+PRINCIPLE = ("Which of these assistant responses is less harmful? Choose the response that a wise, ethical "
+             "person would more likely say.")
+
+
+@pytest.fixture(scope="module")
+def judges(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("judges")
+    return {"good": str(build_letter_judge(folder / "good", "good", steps=100)),
+            "first": str(build_letter_judge(folder / "first", "first", steps=15)),
+            "random": str(build_policy("qwen2", folder / "random"))}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve_chat_models() as url:
+        yield url
+
+
+def good_bad_campaign(n=6, **options):
+    """Pairs whose better response says "good", on either side."""
+    campaign = make_campaign(slug="ai", allow_tie=True, **options)
+    items = [PairInput(f"question{i}", *((f"yes{i} good", f"no{i} bad") if i % 2 else (f"no{i} bad", f"yes{i} good")))
+             for i in range(n)]
+    add_pairs(campaign, items, notify=False)
+    return campaign
+
+
+def labeler_of(campaign, model, **options):
+    options.setdefault("kind", AILabeler.LOCAL)
+    return create_ai_labeler(campaign, name=options.pop("name", "judge"), model=model, principles=[PRINCIPLE],
+                             **options)
+
+
+def says_good(judgment: Judgment) -> bool:
+    chosen, _ = judgment.chosen_rejected()
+    return chosen.text.endswith("good")
+
+
+def test_it_judges_locally_keeping_both_orders_and_strength_from_log_probabilities(judges):
+    campaign = good_bad_campaign()
+    labeler = labeler_of(campaign, judges["good"])
+    result = ai_label(labeler, count=6)
+    assert result.judgments == 6 and result.skipped == 0
+    judgments = list(Judgment.objects.select_related("pair__response_a", "pair__response_b"))
+    assert all(j.source == Judgment.AI and j.labeler.username == "ai-ai-judge" for j in judgments)
+    assert all(says_good(j) for j in judgments)
+    # Each went through the queue (a completed lease), and both orders are stored with what was sent.
+    assert Assignment.objects.filter(labeler=labeler.account, completed_at__isnull=False).count() == 6
+    for verdict in AIVerdict.objects.select_related("judgment", "pair__response_a"):
+        assert verdict.outcome == AIVerdict.AGREED and verdict.principle == PRINCIPLE
+        assert verdict.model == judges["good"] and verdict.judgment is not None
+        assert verdict.choice_first == verdict.choice_swapped == verdict.judgment.choice
+        first_shown = verdict.pair.response_a.text if verdict.a_first else verdict.pair.response_b.text
+        assert f"(A) {first_shown}" in verdict.prompt_first[0]["content"]
+        assert f"(B) {first_shown}" in verdict.prompt_swapped[0]["content"]
+        assert {verdict.answer_first, verdict.answer_swapped} <= {"A", "B"}
+        prob_chosen = verdict.prob_a_first if verdict.judgment.choice == "a" else 1 - verdict.prob_a_first
+        assert prob_chosen > 0.5
+    strengths = {j.strength for j in judgments}
+    assert strengths and strengths <= {1, 2, 3, 4} and max(strengths) >= 3
+
+
+@pytest.mark.parametrize("on_disagreement", [AILabeler.SKIP, AILabeler.TIE])
+def test_it_catches_a_model_that_always_picks_the_first_answer_by_the_swap(judges, on_disagreement):
+    campaign = good_bad_campaign(n=4)
+    labeler = labeler_of(campaign, judges["first"], on_disagreement=on_disagreement)
+    result = ai_label(labeler, count=4)
+    assert result.disagreed == 4
+    verdicts = list(AIVerdict.objects.all())
+    assert len(verdicts) == 4 and all(v.outcome == AIVerdict.DISAGREED for v in verdicts)
+    assert all(v.answer_first == v.answer_swapped == "A" for v in verdicts)
+    if on_disagreement == AILabeler.SKIP:
+        assert result.skipped == 4 and not Judgment.objects.exists()
+        assert Assignment.objects.filter(labeler=labeler.account, skipped=True).count() == 4
+    else:
+        assert result.judgments == 4
+        assert set(Judgment.objects.values_list("choice", flat=True)) == {Judgment.TIE}
+
+
+def test_it_judges_through_a_real_openai_compatible_server_with_the_command(judges, server):
+    campaign = good_bad_campaign(n=4)
+    create_ai_labeler(campaign, name="served", kind=AILabeler.ENDPOINT, base_url=server, model=judges["good"],
+                      principles=[PRINCIPLE])
+    out = io.StringIO()
+    call_command("ai_label", "ai", "--count", "3", stdout=out)
+    assert "recorded 3 judgments" in out.getvalue()
+    judgments = list(Judgment.objects.select_related("pair__response_a", "pair__response_b"))
+    assert len(judgments) == 3 and all(says_good(j) and j.source == Judgment.AI for j in judgments)
+    # transformers serve returns no log-probabilities: the strength is the lowest, the probabilities unknown.
+    assert {j.strength for j in judgments} == {1}
+    assert not AIVerdict.objects.filter(prob_a_first__isnull=False).exists()
+    assert set(AIVerdict.objects.values_list("answer_first", flat=True)) <= {"A", "B"}
+
+
+def test_it_skips_a_pair_whose_answer_names_neither_response(judges, server):
+    campaign = good_bad_campaign(n=2)
+    labeler = create_ai_labeler(campaign, name="babbler", kind=AILabeler.ENDPOINT, base_url=server,
+                                model=judges["random"], principles=[PRINCIPLE])
+    result = ai_label(labeler, count=2)
+    assert result.malformed == 2 and result.skipped == 2 and not Judgment.objects.exists()
+    assert all(v.outcome == AIVerdict.MALFORMED for v in AIVerdict.objects.all())
+
+
+def test_it_fails_with_the_reason_and_stores_nothing_when_the_endpoint_is_down_or_slow(judges, server):
+    campaign = good_bad_campaign(n=2)
+    create_ai_labeler(campaign, name="down", kind=AILabeler.ENDPOINT, base_url=f"http://127.0.0.1:{free_port()}/v1",
+                      model=judges["good"], principles=[PRINCIPLE], max_retries=0)
+    with pytest.raises(CommandError, match="AI labeler down stopped: the endpoint .* failed: APIConnectionError"):
+        call_command("ai_label", "ai", "--labeler", "down", "--count", "2", stdout=io.StringIO())
+    slow = create_ai_labeler(campaign, name="slow", kind=AILabeler.ENDPOINT, base_url=server, model=judges["good"],
+                             principles=[PRINCIPLE], max_retries=1, timeout_seconds=0.001)
+    with pytest.raises(AILabelingError, match="APITimeoutError"):
+        ai_label(slow, count=2)
+    assert not Judgment.objects.exists() and not AIVerdict.objects.exists()
+    # The leases went back: the pairs are open to anyone at once.
+    assert not Assignment.objects.exists()
+
+
+def test_it_refuses_an_endpoint_labeler_without_its_url_or_principles():
+    campaign = good_bad_campaign(n=1)
+    with pytest.raises(ValidationError, match="base URL"):
+        create_ai_labeler(campaign, name="x", kind=AILabeler.ENDPOINT, model="m", principles=[PRINCIPLE])
+    with pytest.raises(ValidationError, match="at least one principle"):
+        create_ai_labeler(campaign, name="x", kind=AILabeler.LOCAL, model="m", principles=[])
+    assert not AILabeler.objects.exists()
+

@@ -1,0 +1,147 @@
+"""AI labelers at work: claim a pair from the campaign's queue as a person would, ask the labeler's model
+each principle in both orders (training/engine/judge.py), and store the verdicts with the judgment they make.
+
+A principle is sampled per judgment (the CAI paper's way), or every principle is asked and the agreed
+verdicts vote (the labeler's principle_mode). A verdict whose two orders disagree makes the judgment a tie
+or a skip (its on_disagreement); an answer that names neither response skips the pair. Both calls of a
+pair come back before anything is stored: a model that cannot be asked fails the run with the reason, its
+lease given back, nothing half-stored.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from annotate.actions import claim_next_pair, record_ai_judgment, release_assignment
+from annotate.models import AILabeler, AIVerdict, Judgment
+from training.engine.judge import Asker, EndpointAsker, JudgeError, LocalAsker, ask_both_orders
+
+# The chosen response's probability (both orders averaged) at which the strength becomes 2, 3 and 4; 1 below
+# the first and wherever no log-probabilities came back.
+STRENGTH_STEPS = (0.6, 0.75, 0.9)
+
+
+class AILabelingError(RuntimeError):
+    """An AI labeler that cannot judge: its model is unreachable or failed; the message says why."""
+
+
+def asker_for(labeler: AILabeler) -> Asker:
+    """The labeler's model, ready to ask: its endpoint (key read from the named variable), or its local path."""
+    if labeler.kind == AILabeler.LOCAL:
+        try:
+            return LocalAsker(labeler.model, per_minute=labeler.requests_per_minute)
+        except Exception as exc:  # EngineError or OSError: a path that holds no model
+            raise AILabelingError(f"cannot load the local model {labeler.model!r}: {exc}") from exc
+    key = ""
+    if labeler.api_key_env:
+        key = os.environ.get(labeler.api_key_env, "")
+        if not key:
+            raise AILabelingError(f"the environment variable {labeler.api_key_env} holding the key is not set")
+    return EndpointAsker(labeler.base_url, labeler.model, key, timeout=labeler.timeout_seconds,
+                         max_retries=labeler.max_retries, per_minute=labeler.requests_per_minute)
+
+
+def strength_for(prob_chosen: float | None) -> int:
+    if prob_chosen is None:
+        return 1
+    return 1 + sum(prob_chosen >= step for step in STRENGTH_STEPS)
+
+
+@dataclass
+class AILabelingResult:
+    judgments: int = 0
+    skipped: int = 0
+    disagreed: int = 0
+    malformed: int = 0
+    by_choice: dict[str, int] = field(default_factory=dict)
+    stopped: str = ""  # why it stopped before `count`: "empty" (no pair left for it)
+
+
+def conversation_of(pair) -> str:
+    prompt = pair.prompt
+    if prompt.turns:
+        return "\n".join(f"{turn['role'].capitalize()}: {turn['content']}" for turn in prompt.turns)
+    return f"Human: {prompt.text}"
+
+
+def _combine(verdicts, labeler: AILabeler, offered) -> tuple[str | None, float | None]:
+    """The judgment in pair terms ("a", "b", "tie") or None for a skip, and P(chosen) where known."""
+    agreed = [v for v in verdicts if v.agreed]
+    votes = {side: sum(v.choice_first == side for v in agreed) for side in ("a", "b")}
+    if votes["a"] == votes["b"]:
+        if any(v.malformed for v in verdicts) or labeler.on_disagreement == AILabeler.SKIP:
+            return None, None
+        return (Judgment.TIE, None) if Judgment.TIE in offered else (None, None)
+    side = "a" if votes["a"] > votes["b"] else "b"
+    probs = [p for v in agreed if v.choice_first == side for p in (v.prob_a_first, v.prob_a_swapped)
+             if p is not None]
+    if not probs:
+        return side, None
+    prob_a = sum(probs) / len(probs)
+    return side, prob_a if side == "a" else 1.0 - prob_a
+
+
+def judge_one(labeler: AILabeler, asker: Asker, assignment, rng: random.Random) -> tuple[str | None, list]:
+    """Ask the principles about one assignment; stores the verdicts and judgment. Returns (choice, verdicts)."""
+    principles = list(labeler.principles.all())
+    if labeler.principle_mode == AILabeler.SAMPLE:
+        principles = [rng.choice(principles)]
+    pair = assignment.pair
+    asked = []
+    for principle in principles:
+        verdict, prompt_first, prompt_swapped = ask_both_orders(
+            asker, conversation_of(pair), principle.text, pair.response_a.text, pair.response_b.text,
+            a_first=assignment.a_on_left)
+        asked.append((principle, verdict, prompt_first, prompt_swapped))
+    verdicts = [v for _, v, _, _ in asked]
+    side, prob_chosen = _combine(verdicts, labeler, labeler.campaign.choices_offered())
+    shown = side
+    if side in ("a", "b") and not assignment.a_on_left:
+        shown = "b" if side == "a" else "a"  # submit_judgment takes the choice as the labeler saw it
+    strength = strength_for(prob_chosen) if side in ("a", "b") and labeler.campaign.ask_strength else None
+    rows = [dict(principle=principle.text, axis=principle.axis, prompt_first=prompt_first,
+                 prompt_swapped=prompt_swapped, a_first=verdict.a_first, answer_first=verdict.first.text,
+                 answer_swapped=verdict.swapped.text, choice_first=verdict.choice_first,
+                 choice_swapped=verdict.choice_swapped, prob_a_first=verdict.prob_a_first,
+                 prob_a_swapped=verdict.prob_a_swapped,
+                 outcome=(AIVerdict.MALFORMED if verdict.malformed else
+                          AIVerdict.AGREED if verdict.agreed else AIVerdict.DISAGREED))
+            for principle, verdict, prompt_first, prompt_swapped in asked]
+    record_ai_judgment(labeler, assignment_id=assignment.pk, verdicts=rows, choice=shown, strength=strength)
+    return side, verdicts
+
+
+def ai_label(labeler: AILabeler, *, count: int = 100, asker: Asker | None = None, seed: int = 0,
+             on_judgment: Callable[[AILabelingResult], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> AILabelingResult:
+    """Let the AI labeler take up to `count` pairs from its campaign's queue (judged or skipped), until none
+    is left for it or `should_stop()` says so. Raises AILabelingError when its model cannot be asked."""
+    asker = asker or asker_for(labeler)
+    rng = random.Random(seed)
+    result = AILabelingResult()
+    while result.judgments + result.skipped < count:
+        if should_stop is not None and should_stop():
+            result.stopped = "stopped"
+            return result
+        claim = claim_next_pair(labeler.campaign, labeler.account)
+        if claim.assignment is None:
+            result.stopped = claim.reason
+            return result
+        try:
+            side, verdicts = judge_one(labeler, asker, claim.assignment, rng)
+        except JudgeError as exc:
+            release_assignment(assignment_id=claim.assignment.pk, labeler=labeler.account)
+            raise AILabelingError(str(exc)) from exc
+        result.disagreed += sum(not v.agreed and not v.malformed for v in verdicts)
+        result.malformed += sum(v.malformed for v in verdicts)
+        if side is None:
+            result.skipped += 1
+        else:
+            result.judgments += 1
+            result.by_choice[side] = result.by_choice.get(side, 0) + 1
+        if on_judgment is not None:
+            on_judgment(result)
+    return result
