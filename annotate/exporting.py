@@ -53,10 +53,13 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
+from django.db.models import Count, Exists, OuterRef, Q
 
 from annotate.models import Axis, Exclusion, Judgment, Prompt, on_axis
+from annotate.sources import AI_SELECTIONS, AI_WHERE_NO_HUMAN, HUMANS, HUMANS_AND_AI
 
 FORMATS = ("jsonl", "parquet", "hf")
+
 TRL_FORMATS = ("auto", "conversational", "standard")
 CHUNK = 2000  # rows fetched from the database and written at a time
 
@@ -141,9 +144,32 @@ class ExportResult:
     conversational: bool = False
 
 
-def _exportable(campaign, *, raw: bool, include_simulated: bool, axis: Axis | None = None):
+def with_ai(judgments, ai: str):
+    """`judgments` narrowed to those the AI selection (a key of AI_SELECTIONS) takes."""
+    if ai not in AI_SELECTIONS:
+        raise ExportError(f"unknown AI selection {ai!r}: use one of {', '.join(AI_SELECTIONS)}")
+    if ai == HUMANS:
+        return judgments.exclude(source=Judgment.AI)
+    if ai == AI_WHERE_NO_HUMAN:
+        others = Judgment.objects.filter(pair=OuterRef("pair")).exclude(source=Judgment.AI)
+        return judgments.exclude(Q(source=Judgment.AI) & Q(Exists(others)))
+    return judgments
+
+
+def provenance(campaign, *, ai: str = HUMANS_AND_AI) -> dict:
+    """Who made the Bradley-Terry pairs an export with this AI selection holds: {source: count}, and the AI
+    labelers' share of them."""
+    judgments = with_ai(_judgments(campaign).filter(choice__in=[Judgment.A, Judgment.B]), ai)
+    counts = dict(judgments.order_by().values_list("source").annotate(n=Count("id")))
+    total = sum(counts.values())
+    return {"ai_selection": ai, "by_source": counts,
+            "ai_share": counts.get(Judgment.AI, 0) / total if total else 0.0}
+
+
+def _exportable(campaign, *, raw: bool, include_simulated: bool, axis: Axis | None = None,
+                ai: str = HUMANS_AND_AI):
     """The judgments this kind of export would hold if nothing were excluded."""
-    judgments = Judgment.objects.filter(pair__campaign=campaign)
+    judgments = with_ai(Judgment.objects.filter(pair__campaign=campaign), ai)
     if not raw:
         judgments = on_axis(judgments, axis or campaign.first_axis()).filter(
             axis_choice__in=[Judgment.A, Judgment.B])
@@ -152,9 +178,10 @@ def _exportable(campaign, *, raw: bool, include_simulated: bool, axis: Axis | No
     return judgments
 
 
-def left_out(campaign, *, raw: bool = False, include_simulated: bool = True, axis: Axis | None = None) -> LeftOut:
+def left_out(campaign, *, raw: bool = False, include_simulated: bool = True, axis: Axis | None = None,
+             ai: str = HUMANS_AND_AI) -> LeftOut:
     """How many judgments this export leaves out because they are excluded, and each exclusion's reason."""
-    excluded = _exportable(campaign, raw=raw, include_simulated=include_simulated, axis=axis).filter(
+    excluded = _exportable(campaign, raw=raw, include_simulated=include_simulated, axis=axis, ai=ai).filter(
         Exclusion.excluded_judgments(campaign))
     count = excluded.count()
     reasons = []
@@ -204,11 +231,11 @@ def _judgments(campaign):
 
 
 def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = False,
-            axis: Axis | None = None) -> Iterator[dict]:
+            axis: Axis | None = None, ai: str = HUMANS_AND_AI) -> Iterator[dict]:
     """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler, round}, one per judgment that
-    prefers A or B on `axis` (default: the campaign's first)."""
-    judgments = on_axis(_judgments(campaign), axis or campaign.first_axis()).filter(
-        axis_choice__in=[Judgment.A, Judgment.B])
+    prefers A or B on `axis` (default: the campaign's first), of those the AI selection `ai` takes."""
+    judgments = with_ai(on_axis(_judgments(campaign), axis or campaign.first_axis()).filter(
+        axis_choice__in=[Judgment.A, Judgment.B]), ai)
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
     for judgment in judgments.iterator(chunk_size=CHUNK):
@@ -230,9 +257,10 @@ def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = 
         }
 
 
-def raw_rows(campaign, *, include_simulated: bool = True, conversational: bool = False) -> Iterator[dict]:
+def raw_rows(campaign, *, include_simulated: bool = True, conversational: bool = False,
+             ai: str = HUMANS_AND_AI) -> Iterator[dict]:
     """Every judgment of the campaign (ties, both-bad and imported included; simulated unless told not to)."""
-    judgments = _judgments(campaign)
+    judgments = with_ai(_judgments(campaign), ai)
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
     axes = campaign.axes()
@@ -285,9 +313,9 @@ def export_axis(campaign, axis: str | None, raw: bool = False) -> Axis:
 
 def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False,
                  include_simulated: bool = True, force: bool = False,
-                 trl_format: str = "auto", axis: str | None = None) -> ExportResult:
+                 trl_format: str = "auto", axis: str | None = None, ai: str = HUMANS_AND_AI) -> ExportResult:
     """Write the campaign's pairs on one axis (its key; None: the first) or, with raw, every judgment, to
-    out_path; returns rows written.
+    out_path, of the judgments the AI selection `ai` takes; returns rows written.
 
     jsonl and parquet write one file, hf a save_to_disk directory; the target appears whole or not at all.
     An empty export still carries its schema in Parquet and hf; an empty JSONL file is empty.
@@ -303,7 +331,7 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
     if refusal:
         raise ExportError(refusal)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows, schema = _rows_and_schema(campaign, raw, include_simulated, conversational, chosen_axis)
+    rows, schema = _rows_and_schema(campaign, raw, include_simulated, conversational, chosen_axis, ai)
     temp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         if format == "jsonl":
@@ -320,18 +348,19 @@ def export_pairs(campaign, out_path, *, format: str = "jsonl", raw: bool = False
             temp.unlink()
     return ExportResult(rows=count, path=str(out),
                         left_out=left_out(campaign, raw=raw, include_simulated=include_simulated,
-                                          axis=chosen_axis),
+                                          axis=chosen_axis, ai=ai),
                         conversational=conversational)
 
 
-def _rows_and_schema(campaign, raw: bool, include_simulated: bool, conversational: bool, axis: Axis):
+def _rows_and_schema(campaign, raw: bool, include_simulated: bool, conversational: bool, axis: Axis,
+                     ai: str = HUMANS_AND_AI):
     if raw:
         if campaign.has_further_axes():
             schema = RAW_AXES_CHAT_SCHEMA if conversational else RAW_AXES_SCHEMA
         else:
             schema = RAW_CHAT_SCHEMA if conversational else RAW_SCHEMA
-        return raw_rows(campaign, include_simulated=include_simulated, conversational=conversational), schema
-    return (bt_rows(campaign, include_simulated=include_simulated, conversational=conversational, axis=axis),
+        return raw_rows(campaign, include_simulated=include_simulated, conversational=conversational, ai=ai), schema
+    return (bt_rows(campaign, include_simulated=include_simulated, conversational=conversational, axis=axis, ai=ai),
             BT_CHAT_SCHEMA if conversational else BT_SCHEMA)
 
 

@@ -12,13 +12,26 @@ import io
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
+from django.test import Client
 
-from annotate.actions import PairInput, add_pairs, create_ai_labeler
+from annotate.actions import (
+    PairInput,
+    add_pairs,
+    claim_next_pair,
+    create_ai_labeler,
+    record_ai_judgment,
+    submit_judgment,
+)
 from annotate.models import AILabeler, AIVerdict, Assignment, Judgment
 from demo.tiny_models import build_letter_judge, build_policy
-from tests.conftest import make_campaign
+from tests.conftest import make_campaign, make_user
 from tests.services import free_port, serve_chat_models
+from training import runner
+from training.actions import launch_round
 from training.ai_labeling import AILabelingError, ai_label
+from training.config import build_config
+from training.engine.data import load_pairs
+from training.models import Job
 
 pytestmark = pytest.mark.django_db
 
@@ -148,3 +161,43 @@ def test_it_refuses_an_endpoint_labeler_without_its_url_or_principles():
         create_ai_labeler(campaign, name="x", kind=AILabeler.LOCAL, model="m", principles=[])
     assert not AILabeler.objects.exists()
 
+
+# ---------------------------------------------------------------------------------------------
+# Which judgments train a round
+# ---------------------------------------------------------------------------------------------
+
+def judge_as_ai(labeler: AILabeler, choice="a"):
+    """Every pair judged by the AI labeler through the queue, its verdict stored by the action."""
+    while (claim := claim_next_pair(labeler.campaign, labeler.account)).assignment is not None:
+        verdict = dict(principle=PRINCIPLE, prompt_first=[], prompt_swapped=[], a_first=True, answer_first="A",
+                       answer_swapped="B", choice_first="a", choice_swapped="a", outcome=AIVerdict.AGREED)
+        record_ai_judgment(labeler, assignment_id=claim.assignment.pk, verdicts=[verdict], choice=choice, strength=2)
+
+
+@pytest.mark.parametrize("selection, rows, ai_share", [("humans", 3, "0%"), ("humans_and_ai", 9, "67%"),
+                                                        ("ai_where_no_human", 6, "50%")])
+def test_it_trains_a_round_on_the_judgments_it_chooses_and_shows_the_ai_share(
+        selection, rows, ai_share, settings, tmp_path, monkeypatch, reviewer):
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1, "EXPORTS_DIR": str(tmp_path)}
+    person = make_user("pat-person")
+    campaign = make_campaign(slug="mixed", overlap=2, members=[person, reviewer])
+    add_pairs(campaign, [PairInput(f"Question {i}?", f"good {i}", f"bad {i}") for i in range(6)], notify=False)
+    for _ in range(3):
+        assignment = claim_next_pair(campaign, person).assignment
+        submit_judgment(assignment_id=assignment.pk, labeler=person, choice="a" if assignment.a_on_left else "b",
+                        strength=2)
+    judge_as_ai(labeler_of(campaign, "unused"))
+    round_ = launch_round(campaign, None, build_config("tiny", {"judgments": selection}))
+    export = round_.jobs.get(kind=Job.EXPORT)
+
+    assert runner.execute(export.pk, "task-1")
+
+    export.refresh_from_db()
+    assert len(load_pairs(export.result["path"])) == rows
+    assert export.result["provenance"]["ai_selection"] == selection
+    client = Client()
+    client.force_login(reviewer)
+    page = client.get(round_.get_absolute_url()).content.decode()
+    assert f'id="job-{export.pk}-ai-share">{ai_share}<' in page
+    assert f"judgments {selection}" in page

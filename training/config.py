@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from annotate.limits import INT32_MAX, INT32_MIN
+from annotate.sources import AI_SELECTIONS, HUMANS
 from demo.demo_tasks import DEFAULT_RULE_JUDGE, RULE_JUDGES, judge_description
 from training.engine.fields import field_docs
 from training.engine.sources import GATED, WEIGHTED
@@ -285,6 +286,8 @@ class RoundConfig:
                                    label="Rule judge")
     """Rule judge that compares the policies' answers to a demo evaluation set, beside the round's reward model;
     its default is the demo's simulated labelers' (demo_tasks.DEFAULT_RULE_JUDGE)."""
+    judgments: str = setting(HUMANS, choices=AI_SELECTIONS, section="Data", label="Judgments")
+    """Which judgments train the round: humans (AI labelers' left out), humans_and_ai, or ai_where_no_human."""
     lora_r: int = setting(0, bounds=(0, 4096), engine=("common", "MemoryArgs", "lora_r"),
                           section="Memory", label="LoRA rank")
     """LoRA rank of the reward model and PPO (common.MemoryArgs); 0 trains every weight, as the demo does."""

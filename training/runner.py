@@ -420,17 +420,19 @@ def opponent(round_: Round, config: RoundConfig) -> tuple[str, str]:
 
 def run_export(job: Job, progress: Progress) -> Outcome:
     """Export the campaign's judged pairs to a versioned JSONL file (round number + content hash)."""
-    from annotate.exporting import export_pairs
+    from annotate.exporting import export_pairs, provenance
 
     round_ = job.round
     campaign = round_.campaign
+    selection = round_config(round_).judgments
     progress.set(0, 1)
     out_dir = Path(settings.PAIRLOOP["EXPORTS_DIR"]) / campaign.slug
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".round-{round_.number}-job-{job.pk}.jsonl"
     # A chat campaign's pairs keep their turns (TRL's conversational form): the reward model then reads each
     # prompt as PPO and the sample job score it, in its chat template, or flattened by common.prompt_text.
-    exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True, trl_format="auto")
+    exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True, trl_format="auto",
+                            ai=selection)
     if not exported.rows:
         tmp.unlink(missing_ok=True)
         raise RunnerError("the export holds no Bradley-Terry pairs (judgments with A or B preferred): "
@@ -443,7 +445,9 @@ def run_export(job: Job, progress: Progress) -> Outcome:
     if left_out and left_out.count:
         progress.line(f"Left out {left_out.sentence()}")
     progress.set(1, 1)
-    return Outcome({"rows": exported.rows, "path": str(final), "data_version": digest,
+    sources = provenance(campaign, ai=selection)
+    progress.line(f"Judgments: {selection}; AI labelers made {sources['ai_share']:.0%} of the pairs")
+    return Outcome({"rows": exported.rows, "path": str(final), "data_version": digest, "provenance": sources,
                     "excluded": left_out.count if left_out else 0,
                     "excluded_reasons": left_out.reasons if left_out else []}, str(final),
                    {"dataset_path": str(final), "data_version": digest})
