@@ -864,7 +864,7 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
     sections = re.findall(r'<fieldset(?: data-algorithms="[^"]*")?><legend>(.*?)</legend>(.*?)</fieldset>', page, re.S)
     labels = {title: re.findall(r'<label for="id_\w+">(.*?)</label>', body) for title, body in sections}
     assert labels == {
-        "Round type": ["Algorithm"],
+        "Round type": ["Algorithm", "Judgments"],
         "Models and prompting": ["Backbone", "Reference policy", "System prompt", "Stop strings"],
         "Reward model": ["Epochs", "Learning rate", "Warm-up share", "Weight per older round", "Batch size",
                          "Max length"],

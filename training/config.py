@@ -286,7 +286,7 @@ class RoundConfig:
                                    label="Rule judge")
     """Rule judge that compares the policies' answers to a demo evaluation set, beside the round's reward model;
     its default is the demo's simulated labelers' (demo_tasks.DEFAULT_RULE_JUDGE)."""
-    judgments: str = setting(HUMANS, choices=AI_SELECTIONS, section="Data", label="Judgments")
+    judgments: str = setting(HUMANS, choices=AI_SELECTIONS, section="Round type", label="Judgments")
     """Which judgments train the round: humans (AI labelers' left out), humans_and_ai, or ai_where_no_human."""
     lora_r: int = setting(0, bounds=(0, 4096), engine=("common", "MemoryArgs", "lora_r"),
                           section="Memory", label="LoRA rank")
