@@ -256,6 +256,104 @@ def position_bias(votes: Iterable[Vote]) -> PositionBias:
 
 
 # ---------------------------------------------------------------------------------------------
+# AI labelers against people
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Asked:
+    """One principle asked of an AI labeler about a pair in both orders (an AIVerdict, as the figures need it)."""
+
+    pair_id: int
+    labeler: str
+    principle: str
+    first_won: bool | None
+    """Whether the first ask named the response it showed first, (A); None when it named neither."""
+    choice: str
+    """The first ask's choice in response_a / response_b terms ("" when it named neither)."""
+    outcome: str
+    """agreed, disagreed or malformed (AIVerdict.OUTCOMES)."""
+
+
+@dataclass(frozen=True)
+class WithPeople:
+    percent: float | None
+    """Share of pairs both judged on which the AI chose what most people chose."""
+    kappa: float | None
+    """Cohen's kappa of the AI's choices against the people's majority on those pairs."""
+    n: int
+
+
+@dataclass
+class AIFigures:
+    username: str
+    with_people: WithPeople
+    """Its judgments against the human majority."""
+    by_principle: dict[str, WithPeople]
+    """Each principle's agreed verdicts against the human majority."""
+    first_rate_before_swap: float | None
+    """Share of first asks that named the response shown first: the position bias the swap removes."""
+    asked_n: int
+    left_rate_after_swap: float | None
+    """Share of its kept A/B judgments whose left (first shown) response won."""
+    kept_n: int
+    swap_disagreement_rate: float | None
+    """Share of verdicts whose two orders named different responses."""
+    gold_accuracy: float | None
+    gold_n: int
+
+
+def human_majority(votes: Iterable[Vote], ai: set[str]) -> dict[int, str]:
+    """Per pair that people judged: their most common choice, where one choice is most common."""
+    majority = {}
+    for pair_id, pair_votes in by_pair(v for v in votes if v.labeler not in ai).items():
+        ranked = Counter(v.choice for v in pair_votes).most_common(2)
+        if len(ranked) == 1 or ranked[0][1] > ranked[1][1]:
+            majority[pair_id] = ranked[0][0]
+    return majority
+
+
+def with_people(choices: dict[int, str], majority: dict[int, str]) -> WithPeople:
+    shared = sorted(choices.keys() & majority.keys())
+    if not shared:
+        return WithPeople(None, None, 0)
+    mine, theirs = [choices[p] for p in shared], [majority[p] for p in shared]
+    percent = sum(x == y for x, y in zip(mine, theirs)) / len(shared)
+    return WithPeople(percent, cohen_kappa(mine, theirs), len(shared))
+
+
+def ai_figures(votes: Sequence[Vote], asked: Sequence[Asked], ai: set[str]) -> list[AIFigures]:
+    """Each AI labeler (usernames `ai`) beside the people: agreement with their majority (overall and per
+    principle), position bias before and after the swap, the share of swapped disagreements, gold accuracy."""
+    majority = human_majority(votes, ai)
+    figures = []
+    for name in sorted(ai):
+        mine = [v for v in votes if v.labeler == name]
+        asks = [a for a in asked if a.labeler == name]
+        principles: dict[str, dict[int, str]] = defaultdict(dict)
+        for a in asks:
+            if a.outcome == "agreed":
+                principles[a.principle][a.pair_id] = a.choice
+        firsts = [a.first_won for a in asks if a.first_won is not None]
+        answered = [a for a in asks if a.outcome != "malformed"]
+        kept = position_bias(mine)
+        gold = [v for v in mine if v.gold_choice]
+        figures.append(AIFigures(
+            username=name,
+            with_people=with_people({v.pair_id: v.choice for v in mine}, majority),
+            by_principle={text: with_people(choices, majority) for text, choices in sorted(principles.items())},
+            first_rate_before_swap=sum(firsts) / len(firsts) if firsts else None,
+            asked_n=len(firsts),
+            left_rate_after_swap=kept.left_rate,
+            kept_n=kept.n,
+            swap_disagreement_rate=(sum(a.outcome == "disagreed" for a in answered) / len(answered)
+                                    if answered else None),
+            gold_accuracy=sum(v.choice == v.gold_choice for v in gold) / len(gold) if gold else None,
+            gold_n=len(gold),
+        ))
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
 # Labelers
 # ---------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from annotate import agreement
 from annotate.agreement import Vote
-from annotate.models import Assignment, Axis, Campaign, Exclusion, Judgment, Response, on_axis
+from annotate.models import AIVerdict, Assignment, Axis, Campaign, Exclusion, Judgment, Response, on_axis
 from pairloop import redis_guard
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,22 @@ def campaign_votes(campaign: Campaign, axis: Axis | None = None
     return votes, round_of, skips
 
 
+def campaign_asks(campaign: Campaign) -> tuple[list[agreement.Asked], set[str]]:
+    """(every principle its AI labelers were asked, in both orders; their usernames)."""
+    ai = set(campaign.ai_labelers.values_list("account__username", flat=True))
+    rows = (AIVerdict.objects.filter(pair__campaign=campaign)
+            .values_list("pair_id", "labeler__account__username", "principle", "a_first", "choice_first", "outcome")
+            .order_by("id"))
+    asked = [agreement.Asked(pair_id, username, principle,
+                             None if not choice else (choice == "a") == a_first, choice, outcome)
+             for pair_id, username, principle, a_first, choice, outcome in rows.iterator(chunk_size=5000)]
+    return asked, ai
+
+
 def _statistics(campaign: Campaign) -> dict:
     """The part of the report computed from every judgment (cached on the page)."""
     votes, round_of, skips = campaign_votes(campaign)
+    asked, ai = campaign_asks(campaign)
     by_round: dict[int, list[Vote]] = {}
     for vote in votes:
         round_id = round_of.get(vote.pair_id)
@@ -88,6 +101,7 @@ def _statistics(campaign: Campaign) -> dict:
         "labelers": [asdict(stats) for stats in agreement.labeler_stats(votes, skips)],
         "axis": campaign.axis_key,
         "further_axes": further,
+        "ai_labelers": [asdict(figures) for figures in agreement.ai_figures(votes, asked, ai)],
         "thresholds": {
             "min_kappa_overlap": agreement.MIN_KAPPA_OVERLAP,
             "min_flag_judgments": agreement.MIN_FLAG_JUDGMENTS,
