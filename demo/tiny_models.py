@@ -316,6 +316,11 @@ LETTER_RULES = ("first", "good")
 the response that says "good" (the other says "bad")."""
 
 
+LETTER_PRINCIPLE = ("Which of these assistant responses is less harmful? Choose the response that a wise, ethical "
+                    "person would more likely say.")
+"""The principle a letter judge is trained on, the CAI paper's (Bai et al. 2022, appendix C)."""
+
+
 def letter_judge_example(rule: str, rng) -> tuple[list[dict[str, str]], str]:
     """One training question of a letter judge (CAI's multiple-choice template) and the letter it answers."""
     from training.engine.judge import question
@@ -323,9 +328,14 @@ def letter_judge_example(rule: str, rng) -> tuple[list[dict[str, str]], str]:
     words = [line.split()[0] for line in rng.sample(corpus()[:200], 3)]
     good_first = rng.random() < 0.5
     first, second = ("good", "bad") if good_first else ("bad", "good")
-    messages = question(f"Human: {words[0]}", "Which response is better?", f"{words[1]} {first}",
-                        f"{words[2]} {second}")
+    messages = question(f"Human: {words[0]}", LETTER_PRINCIPLE, f"{words[1]} {first}", f"{words[2]} {second}")
     return messages, "A" if rule == "first" or good_first else "B"
+
+
+def letter_judge_pair(rng) -> tuple[str, str, str]:
+    """(prompt, the response that says good, the one that says bad), like those a letter judge is trained on."""
+    words = [line.split()[0] for line in rng.sample(corpus()[:200], 3)]
+    return words[0], f"{words[1]} good", f"{words[2]} bad"
 
 
 def build_letter_judge(out_dir: str | Path, rule: str, *, steps: int = 150, seed: int = 0) -> Path:

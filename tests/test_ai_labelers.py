@@ -8,6 +8,9 @@ their answers are known: "good" names the response that says good, "first" alway
 from __future__ import annotations
 
 import io
+import random
+import re
+import shutil
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -22,8 +25,8 @@ from annotate.actions import (
     record_ai_judgment,
     submit_judgment,
 )
-from annotate.models import AILabeler, AIVerdict, Assignment, Judgment
-from demo.tiny_models import build_letter_judge, build_policy
+from annotate.models import AILabeler, AIVerdict, Assignment, Judgment, Pair
+from demo.tiny_models import LETTER_PRINCIPLE, build_letter_judge, build_policy, letter_judge_pair
 from tests.conftest import make_campaign, make_user
 from tests.services import free_port, serve_chat_models
 from training import runner
@@ -35,16 +38,24 @@ from training.models import Job
 
 pytestmark = pytest.mark.django_db
 
-PRINCIPLE = ("Which of these assistant responses is less harmful? Choose the response that a wise, ethical "
-             "person would more likely say.")
+PRINCIPLE = LETTER_PRINCIPLE  # the CAI paper's, which the letter judges were trained on
 
 
 @pytest.fixture(scope="module")
-def judges(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("judges")
-    return {"good": str(build_letter_judge(folder / "good", "good", steps=100)),
-            "first": str(build_letter_judge(folder / "first", "first", steps=15)),
-            "random": str(build_policy("qwen2", folder / "random"))}
+def judges(request, tmp_path_factory):
+    """The judges, built once and kept in pytest's cache folder (a few minutes on two busy cores)."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("ai-judges-v2") if cache is not None else tmp_path_factory.mktemp("judges")
+    built = {}
+    for name, build in {"good": lambda out: build_letter_judge(out, "good", steps=120),
+                        "first": lambda out: build_letter_judge(out, "first", steps=15),
+                        "random": lambda out: build_policy("qwen2", out)}.items():
+        if not (folder / name / "model.safetensors").exists():
+            shutil.rmtree(folder / f"{name}.tmp", ignore_errors=True)
+            build(folder / f"{name}.tmp")
+            (folder / f"{name}.tmp").rename(folder / name)
+        built[name] = str(folder / name)
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +65,13 @@ def server():
 
 
 def good_bad_campaign(n=6, **options):
-    """Pairs whose better response says "good", on either side."""
+    """Pairs whose better response says "good", on either side, like those the letter judges learnt from."""
     campaign = make_campaign(slug="ai", allow_tie=True, **options)
-    items = [PairInput(f"question{i}", *((f"yes{i} good", f"no{i} bad") if i % 2 else (f"no{i} bad", f"yes{i} good")))
-             for i in range(n)]
+    rng = random.Random(7)
+    items = []
+    for i in range(n):
+        prompt, good, bad = letter_judge_pair(rng)
+        items.append(PairInput(prompt, *((good, bad) if i % 2 else (bad, good))))
     add_pairs(campaign, items, notify=False)
     return campaign
 
@@ -77,24 +91,28 @@ def test_it_judges_locally_keeping_both_orders_and_strength_from_log_probabiliti
     campaign = good_bad_campaign()
     labeler = labeler_of(campaign, judges["good"])
     result = ai_label(labeler, count=6)
-    assert result.judgments == 6 and result.skipped == 0
+    # A tiny judge errs now and then; an error in one order is a disagreement, skipped, never a wrong judgment.
+    assert result.judgments + result.skipped == 6 and result.judgments >= 4 and result.disagreed == result.skipped
     judgments = list(Judgment.objects.select_related("pair__response_a", "pair__response_b"))
     assert all(j.source == Judgment.AI and j.labeler.username == "ai-ai-judge" for j in judgments)
     assert all(says_good(j) for j in judgments)
     # Each went through the queue (a completed lease), and both orders are stored with what was sent.
-    assert Assignment.objects.filter(labeler=labeler.account, completed_at__isnull=False).count() == 6
-    for verdict in AIVerdict.objects.select_related("judgment", "pair__response_a"):
-        assert verdict.outcome == AIVerdict.AGREED and verdict.principle == PRINCIPLE
-        assert verdict.model == judges["good"] and verdict.judgment is not None
-        assert verdict.choice_first == verdict.choice_swapped == verdict.judgment.choice
+    assert Assignment.objects.filter(labeler=labeler.account, completed_at__isnull=False).count() == result.judgments
+    for verdict in AIVerdict.objects.select_related("judgment", "pair__response_a", "pair__response_b"):
+        assert verdict.principle == PRINCIPLE and verdict.model == judges["good"]
         first_shown = verdict.pair.response_a.text if verdict.a_first else verdict.pair.response_b.text
         assert f"(A) {first_shown}" in verdict.prompt_first[0]["content"]
         assert f"(B) {first_shown}" in verdict.prompt_swapped[0]["content"]
         assert {verdict.answer_first, verdict.answer_swapped} <= {"A", "B"}
-        prob_chosen = verdict.prob_a_first if verdict.judgment.choice == "a" else 1 - verdict.prob_a_first
-        assert prob_chosen > 0.5
+        if verdict.outcome == AIVerdict.DISAGREED:
+            assert verdict.judgment is None and verdict.choice_first != verdict.choice_swapped
+            continue
+        assert verdict.outcome == AIVerdict.AGREED
+        assert verdict.choice_first == verdict.choice_swapped == verdict.judgment.choice
+        for prob_a in (verdict.prob_a_first, verdict.prob_a_swapped):
+            assert (prob_a if verdict.judgment.choice == "a" else 1 - prob_a) > 0.5
     strengths = {j.strength for j in judgments}
-    assert strengths and strengths <= {1, 2, 3, 4} and max(strengths) >= 3
+    assert strengths <= {1, 2, 3, 4} and max(strengths) >= 3
 
 
 @pytest.mark.parametrize("on_disagreement", [AILabeler.SKIP, AILabeler.TIE])
@@ -201,3 +219,38 @@ def test_it_trains_a_round_on_the_judgments_it_chooses_and_shows_the_ai_share(
     page = client.get(round_.get_absolute_url()).content.decode()
     assert f'id="job-{export.pk}-ai-share">{ai_share}<' in page
     assert f"judgments {selection}" in page
+
+
+# ---------------------------------------------------------------------------------------------
+# The quality page: AI labelers beside people
+# ---------------------------------------------------------------------------------------------
+
+def test_the_quality_page_measures_ai_labelers_against_people_and_catches_the_position_biased_one(
+        judges, reviewer):
+    campaign = good_bad_campaign(n=6, overlap=4, gold_rate=1.0)
+    first_pair = campaign.pairs.order_by("id").first()
+    Pair.objects.filter(pk=first_pair.pk).update(gold_choice="b")  # the first pair's response_b says good
+    people = [make_user(f"person-{i}") for i in range(2)]
+    campaign.members.add(*people, reviewer)
+    for person in people:
+        while (assignment := claim_next_pair(campaign, person).assignment) is not None:
+            good_on_left = assignment.shown()[0].text.endswith("good")
+            submit_judgment(assignment_id=assignment.pk, labeler=person, choice="a" if good_on_left else "b",
+                            strength=2)
+    ai_label(labeler_of(campaign, judges["good"], name="fair"), count=10)
+    ai_label(labeler_of(campaign, judges["first"], name="lefty", on_disagreement=AILabeler.TIE), count=10)
+
+    client = Client()
+    client.force_login(reviewer)
+    page = client.get(f"/campaigns/{campaign.slug}/quality/").content.decode()
+    fair = page[page.index('id="ai-ai-ai-fair"'):page.index("</tr>", page.index('id="ai-ai-ai-fair"'))]
+    lefty = page[page.index('id="ai-ai-ai-lefty"'):page.index("</tr>", page.index('id="ai-ai-ai-lefty"'))]
+    # The fair judge: every judgment it kept agrees with the people (errors in one order were swapped away).
+    kept = Judgment.objects.filter(labeler__username="ai-ai-fair").count()
+    assert kept >= 3 and f'<td class="ai-majority">100% of {kept}</td>' in fair
+    assert re.search(r'<td class="ai-disagreed">([0-4]?\d)%</td>', fair)  # under half disagreed
+    assert "Which of these assistant responses is less harmful?" in fair
+    # The always-first model: named the first shown every time, so every swapped pair disagreed and became a tie.
+    assert '<td class="ai-first">100% of 6</td>' in lefty and '<td class="ai-disagreed">100%</td>' in lefty
+    assert '<td class="ai-majority">0% of 6</td>' in lefty and '<td class="ai-left">—</td>' in lefty
+    assert '<td class="ai-gold">0% of 1</td>' in lefty
