@@ -254,3 +254,24 @@ def test_the_quality_page_measures_ai_labelers_against_people_and_catches_the_po
     assert '<td class="ai-first">100% of 6</td>' in lefty and '<td class="ai-disagreed">100%</td>' in lefty
     assert '<td class="ai-majority">0% of 6</td>' in lefty and '<td class="ai-left">—</td>' in lefty
     assert '<td class="ai-gold">0% of 1</td>' in lefty
+
+
+def test_an_admin_adds_an_ai_labeler_with_its_constitution_and_it_gets_an_account(admin_user):
+    campaign = good_bad_campaign(n=1)
+    client = Client()
+    client.force_login(admin_user)
+    form = {"campaign": campaign.pk, "name": "served", "kind": AILabeler.ENDPOINT, "base_url": "",
+            "model": "tiny", "api_key_env": "", "principle_mode": AILabeler.SAMPLE,
+            "on_disagreement": AILabeler.SKIP, "requests_per_minute": 60, "timeout_seconds": 30, "max_retries": 2,
+            "created_at_0": "2026-12-07", "created_at_1": "12:00:00",
+            "principles-TOTAL_FORMS": 1, "principles-INITIAL_FORMS": 0, "principles-0-text": PRINCIPLE,
+            "principles-0-axis": "harmless"}
+    refused = client.post("/admin/annotate/ailabeler/add/", form)
+    assert refused.status_code == 200 and "base URL" in refused.content.decode()
+    assert not AILabeler.objects.exists()
+    added = client.post("/admin/annotate/ailabeler/add/", {**form, "base_url": "http://127.0.0.1:8000/v1"})
+    assert added.status_code == 302
+    labeler = AILabeler.objects.get()
+    assert labeler.account.username == "ai-ai-served" and not labeler.account.has_usable_password()
+    assert campaign.members.filter(pk=labeler.account.pk).exists()
+    assert list(labeler.principles.values_list("text", "axis")) == [(PRINCIPLE, "harmless")]
