@@ -170,13 +170,16 @@ def superuser_on_model_page(route: str) -> tuple | None:
     action = page.group(3)
     if action == "add":
         return (200, 200) if model_admin.has_add_permission(request) else (403, 403)
-    if not model._default_manager.exists():
-        return ("-> admin:index",) * 2  # "no such object": nothing to show
+    # Django asks the permission before it looks for the row on delete and on a change POST, after it elsewhere.
+    missing = "-> admin:index"  # "no such object": nothing to show
+    exists = model._default_manager.exists()
     if action == "delete":
-        return (200, 200) if model_admin.has_delete_permission(request) else (403, 403)
+        if not model_admin.has_delete_permission(request):
+            return (403, 403)
+        return (200, 200) if exists else (missing, missing)
     if action == "change" and not model_admin.has_change_permission(request):
-        return (200, 403)  # viewed, never saved
-    return None
+        return (200 if exists else missing, 403)  # viewed, never saved
+    return None if exists else (missing, missing)
 
 
 def expected_row(key: str, route: str) -> tuple | None:
