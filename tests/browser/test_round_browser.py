@@ -84,8 +84,8 @@ def test_it_launches_a_round_and_shows_progress_and_charts_grow_without_reloadin
             f"--- worker log ---\n{worker.log()[-6000:]}")
 
     jobs = off_the_loop(round_over, round_)  # raises with the failing job's error
-    assert [job.kind for job in jobs] == ["export", "reward", "ppo", "sample", "enqueue"]
-    assert [j["status"] for j in last["jobs"]] == ["succeeded"] * 5
+    assert [job.kind for job in jobs] == ["export", "reward", "ppo", "sample", "enqueue", "evaluate"]
+    assert [j["status"] for j in last["jobs"]] == ["succeeded"] * 6
     assert all(j["progress"] == 100 for j in last["jobs"])
     assert page.js_errors == []
 
@@ -126,11 +126,13 @@ def test_the_launch_form_shows_only_the_sections_of_the_algorithm_chosen(page, a
     campaign = off_the_loop(Campaign.objects.create, slug="round-types", name="Round types")
     log_in(page, admin_user)
     page.goto(reverse("campaign_rounds", args=[campaign.slug]))
-    common = ["Sampling", "New pairs", "Memory"]
-    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "PPO", *common]
+    common = ["Sampling", "New pairs", "Evaluation", "Memory"]
+    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "Safety", "PPO",
+                                               *common]
     page.select_option("#id_algorithm", "dpo")  # CSS alone hides what does not apply: no request, no script
     assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "DPO", *common]
     assert not page.is_visible("#id_reward_model") and page.is_visible("#id_reference")
     page.select_option("#id_algorithm", "grpo")
-    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "GRPO", *common]
+    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "Safety", "GRPO",
+                                               *common]
     assert page.is_visible("#id_reward_model") and page.is_visible("#id_grpo_samples_per_prompt")
