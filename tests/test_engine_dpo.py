@@ -231,3 +231,76 @@ def test_it_resumes_after_a_stop_to_the_uninterrupted_run_s_metrics_and_weights(
 
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online DPO: fresh pairs of the policy's own samples, labelled by a reward source
+
+
+@pytest.fixture
+def shorter_is_better(monkeypatch) -> str:
+    """A rule judge, rule:shorter, that prefers the shorter response (a preference a tiny random policy can learn)."""
+    monkeypatch.setitem(demo_tasks.RULE_JUDGES, "shorter", lambda prompt, response: -float(len(response)))
+    return "rule:shorter"
+
+
+def online_args(policy: str, train: str, out: Path, judge: str, **overrides) -> dpo.DPOArgs:
+    prompts = [task.instruction for task in demo_tasks.make_tasks(24, 5, "train")]
+    return tiny_args(policy, train, out, reward_models=[judge], prompts=prompts, online_prompts=8,
+                     online_samples=4, max_new_tokens=24, temperature=1.0, **overrides)
+
+
+def test_online_pairs_hold_the_reward_s_best_sample_against_its_worst(tiny_gpt2, tmp_path, shorter_is_better):
+    train = write_jsonl(tmp_path / "pairs.jsonl", style_pairs(16, seed=1))
+    run = dpo.setup(online_args(tiny_gpt2, train, tmp_path / "out", shorter_is_better), lambda event: None,
+                    dpo.LoopTimer())
+    dpo.refresh_online_pairs(run)
+    pairs = run.online_pairs
+    assert len(pairs) >= 6  # eight prompts, four samples each: a pair unless all four are as long
+    decode = run.tokenizer.decode
+    for pair in pairs:
+        chosen, rejected = (decode(pair[side], skip_special_tokens=True).strip() for side in ("chosen", "rejected"))
+        assert len(chosen) < len(rejected)
+        assert pair["score_gap"] == len(rejected) - len(chosen)
+        assert {"ref_chosen", "ref_rejected"} <= pair.keys()
+    run.step = 1  # the next step samples afresh: other responses
+    dpo.refresh_online_pairs(run)
+    assert [p["chosen"] for p in run.online_pairs] != [p["chosen"] for p in pairs]
+
+
+def test_online_dpo_trains_on_its_pairs_against_the_labelled_pairs_preference(tiny_gpt2, tmp_path, monkeypatch):
+    # The labelled pairs prefer the shorter answer (padded ones are rejected); the reward prefers the longer one.
+    monkeypatch.setitem(demo_tasks.RULE_JUDGES, "longer", lambda prompt, response: float(len(response)))
+    train = write_jsonl(tmp_path / "pairs.jsonl", style_pairs(96, seed=2))
+    events = []
+    metrics = dpo.main(online_args(tiny_gpt2, train, tmp_path / "out", "rule:longer", beta=0.5), events.append)
+    steps = [e["metrics"] for e in events if e.get("stage") == "dpo" and "dpo/online_margin" in e["metrics"]]
+    assert steps[0]["dpo/online_pairs"] >= 6 and steps[0]["dpo/online_score_gap"] > 0
+    assert steps[0]["dpo/online_margin"] == 0  # step 1: the policy is its reference
+    # Fresh samples every step, yet the policy's implicit reward comes to rank them as the reward does.
+    later = [m["dpo/online_margin"] for m in steps[len(steps) // 2:]]
+    assert sum(later) / len(later) > 0.2
+    assert metrics["dpo/steps"] == len(steps)
+
+
+def test_online_dpo_resumes_between_refreshes_to_the_uninterrupted_run_s_weights(tiny_gpt2, tmp_path,
+                                                                               shorter_is_better):
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "pairs.jsonl", style_pairs(48, seed=3))
+    whole = dpo.main(online_args(tiny_gpt2, train, tmp_path / "whole", shorter_is_better, online_every=3))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_4(event):  # step 4 trains on the pairs sampled at step 3 (from a policy the resumed run never sees)
+        if event.get("step") == 4:
+            raise Stop
+
+    args = online_args(tiny_gpt2, train, tmp_path / "cut", shorter_is_better, online_every=3)
+    with pytest.raises(Stop):
+        dpo.main(args, stop_at_4)
+    resumed = dpo.main(args)
+    assert resumed["dpo/online_margin"] == whole["dpo/online_margin"] and whole["dpo/online_pairs"] > 0
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -16,6 +16,18 @@ For a prompt x with a chosen response y_c and a rejected one y_r, preference_los
        (data.round_weights), so that iterative DPO (rounds of DPO on the newest policy's judged samples, Xu et
        al. 2023, "Some things are more cringe than others") can lean on the newest policy's pairs
 
+Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; TRL's OnlineDPOTrainer),
+when reward_models are given: every online_every steps the policy as it now is samples online_samples responses to
+each of online_prompts prompts, the reward sources score them, and the best and the worst of each prompt make a
+fresh pair (none where their scores tie). Each step then trains the same loss on its batch of labelled pairs and
+the current online pairs together, so the round's reward model, trained on people's labels, steers a policy that
+keeps sampling. Fresh pairs every few steps rather than once from the starting policy: OAIF's point (its sec. 4.3)
+is that pairs from the policy being trained beat pairs from an earlier one, and a policy that moves away from its
+start makes stale pairs off-policy. Their reference log-probs come from a frozen reference held while training
+(ref_policy, else the starting policy loaded again; under LoRA the base, adapters off). Sampling draws from a
+generator seeded by (seed, refresh), and a resumable checkpoint carries the current online pairs, so a resumed
+run continues exactly.
+
 The reference is frozen, so its log-probs are computed once, in one pass before the first step: by ref_policy
 when given, else by the starting policy itself (under LoRA its base, adapters off); no second copy of the model
 is held while training. A resumable checkpoint carries them, so a resumed run needs no reference at all.
@@ -28,15 +40,18 @@ with the prompt template's shared header run once (common.forward_response) and 
 only; speed against TRL's DPOTrainer: benchmarks/README.md#dpo-vs-trl.
 
     python -m training.engine.dpo --policy PATH --train pairs.jsonl --out runs/dpo [--loss-type ipo]
+        [--reward-models rule:correct --prompts prompts.jsonl]
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +92,19 @@ from training.engine.common import (
     rng_state,
     set_rng_state,
     set_seed,
+    step_generator,
 )
-from training.engine.data import data_version, read_pairs, split_pairs, weigh_by_round
+from training.engine.data import (
+    data_version,
+    prompt_indices,
+    read_pairs,
+    read_prompts,
+    split_pairs,
+    weigh_by_round,
+)
 from training.engine.ranks import Ranks
-from training.engine.reward import batch_order, make_adamw
+from training.engine.reward import CombinedReward, batch_order, make_adamw
+from training.engine.sample import SampleArgs, generate
 from training.engine.timing import LoopTimer
 
 STAGE = "dpo"
@@ -154,6 +178,24 @@ class DPOArgs(MemoryArgs):
     """Continue from <out>.resume/ when it exists (same data and settings), else start fresh."""
     resume_from: str = ""
     """Resumable checkpoint to continue from when <out>.resume/ has none (an earlier attempt's)."""
+    reward_models: list[str] = field(default_factory=list)
+    """Online DPO's reward sources (reward-model checkpoint or rule:NAME), summed, that label fresh pairs of the
+    policy's own samples; empty: offline DPO on the given pairs only."""
+    prompts: str | list[Prompt] = ""
+    """Prompts the online pairs are sampled on: a list (text or chat turns), a JSONL file or a text file of lines."""
+    online_prompts: int = 8
+    """Prompts sampled per refresh, each making at most one online pair; one DPO batch's worth in TRL's
+    OnlineDPOTrainer, 8 here so that the labelled pairs (batch_size) stay the larger share."""
+    online_samples: int = 2
+    """Responses sampled per prompt; the best and the worst make the pair (2: Guo et al. 2024 and TRL)."""
+    online_every: int = 1
+    """Sample fresh online pairs every N steps; 1, every step, as OAIF and TRL's OnlineDPOTrainer."""
+    max_new_tokens: int = SampleArgs.max_new_tokens
+    """Longest online response in tokens; the sampler's default."""
+    temperature: float = SampleArgs.temperature
+    """Sampling temperature of the online responses; the sampler's default."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Texts that end an online response besides the end-of-turn tokens; none by default."""
 
 
 # Settings that must match for a resumed run to continue the same training.
@@ -161,7 +203,8 @@ RESUME_KEYS = ("policy", "ref_policy", "loss_type", "beta", "label_smoothing", "
                "older_rounds_weight", "epochs", "lr",
                "batch_size", "max_length", "system_prompt", "weight_decay", "warmup_ratio", "max_grad_norm",
                "group_by_length", "shuffle", "disable_dropout", "seed", "eval_fraction", "lora_r",
-               "lora_target_modules")
+               "lora_target_modules", "reward_models", "online_prompts", "online_samples", "online_every",
+               "max_new_tokens", "temperature", "stop_strings")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,14 +283,21 @@ class ResponseEncoder:
         pairs, cut = [], 0
         for prompt, chosen, rejected, margin, round_weight in zip(prompts, ds["chosen"], ds["rejected"],
                                                                    ds["margin"], by_round):
-            whole = self.prompt_ids(prompt), self.response_ids(prompt, chosen), self.response_ids(prompt, rejected)
-            (p_c, c), (p_r, r) = fit_length(whole[0], whole[1], self.max_length), fit_length(whole[0], whole[2],
-                                                                                          self.max_length)
-            p = p_c if len(p_c) <= len(p_r) else p_r  # one prompt for both: the shorter cut
-            cut += (len(p), len(c), len(r)) != tuple(len(ids) for ids in whole)
-            pairs.append({"prompt": p, "chosen": c, "rejected": r, "margin": float(margin),
-                          "round_weight": float(round_weight), "length": len(p) + max(len(c), len(r))})
+            pair, was_cut = self.encode_pair(prompt, chosen, rejected, margin, round_weight)
+            pairs.append(pair)
+            cut += was_cut
         return pairs, cut
+
+    def encode_pair(self, prompt: Prompt, chosen: str, rejected: str, margin: float = 0.0,
+                    round_weight: float = 1.0) -> tuple[dict[str, Any], bool]:
+        """One encoded pair (as `encode`'s) and whether max_length cut it."""
+        whole = self.prompt_ids(prompt), self.response_ids(prompt, chosen), self.response_ids(prompt, rejected)
+        (p_c, c), (p_r, r) = fit_length(whole[0], whole[1], self.max_length), fit_length(whole[0], whole[2],
+                                                                                      self.max_length)
+        p = p_c if len(p_c) <= len(p_r) else p_r  # one prompt for both: the shorter cut
+        pair = {"prompt": p, "chosen": c, "rejected": r, "margin": float(margin), "round_weight": float(round_weight),
+                "length": len(p) + max(len(c), len(r))}
+        return pair, (len(p), len(c), len(r)) != tuple(len(ids) for ids in whole)
 
 
 def _padded(rows: list[list[int]], pad_id: int, left: bool, device: torch.device):
@@ -303,10 +353,21 @@ def pairs_logps(model, pairs: list[dict[str, Any]], batch_size: int, pad_id: int
 # Setup
 
 
+@dataclass
+class OnlineSource:
+    """What online DPO samples and labels its fresh pairs with: the prompts, the reward sources and the frozen
+    reference (None under LoRA: the policy's base, adapters off)."""
+
+    prompts: list[Prompt]
+    judge: CombinedReward
+    reference: Any
+
+
 def _new_window() -> dict[str, Any]:
     """The sums of the steps since the last logged metrics."""
     return {"loss": 0.0, "rewards_chosen": 0.0, "rewards_rejected": 0.0, "correct": 0.0, "grad_norm": 0.0,
-            "pairs": 0, "steps": 0, "seconds": 0.0, "tokens": 0}
+            "pairs": 0, "steps": 0, "seconds": 0.0, "tokens": 0, "online_pairs": 0, "online_margin": 0.0,
+            "online_score_gap": 0.0}
 
 
 @dataclass
@@ -330,6 +391,9 @@ class DPORun:
     version: str
     state_dir: Path
     timer: LoopTimer
+    recorded_args: DPOArgs | None = None  # args as a checkpoint's JSON records them (online prompts by count and hash)
+    online: OnlineSource | None = None  # online DPO's prompts, reward sources and reference; None: offline DPO
+    online_pairs: list[dict[str, Any]] = field(default_factory=list)  # the current online pairs, ref log-probs in
     step: int = 0
     tokens_seen: int = 0
     window: dict[str, Any] = field(default_factory=_new_window)
@@ -372,6 +436,14 @@ def _check_args(args: DPOArgs) -> None:
     for name in ("eval_every", "log_every", "save_every"):
         if getattr(args, name) < 0:
             raise EngineError(f"{name} must be 0 or more, got {getattr(args, name)}")
+    if args.reward_models:
+        for name, least in (("online_prompts", 1), ("online_samples", 2), ("online_every", 1),
+                            ("max_new_tokens", 1)):
+            if getattr(args, name) < least:
+                raise EngineError(f"{name} must be at least {least}, got {getattr(args, name)}")
+        if not args.temperature > 0:
+            raise EngineError(f"temperature must be positive (online pairs need two different samples), "
+                              f"got {args.temperature}")
 
 
 def _prepare_data(args: DPOArgs):
@@ -411,10 +483,9 @@ def reference_logps(run: DPORun) -> None:
     args, ranks = run.args, run.ranks
     pad_id = run.tokenizer.pad_token_id
     if args.ref_policy:
-        reference, ref_tokenizer = load_causal_lm(args.ref_policy, ranks.device, pick_dtype(ranks.device, args.dtype))
-        if ref_tokenizer.get_vocab() != run.tokenizer.get_vocab():
-            raise EngineError(f"reference policy {args.ref_policy!r} has another tokenizer than the policy: "
-                              "the log-ratios need the same vocabulary")
+        reference = (run.online.reference if run.online is not None and run.online.reference is not None
+                     else load_reference(args.ref_policy, run.tokenizer, ranks.device, pick_dtype(ranks.device,
+                                                                                                args.dtype)))
         context = nullcontext()
     else:
         reference, context = run.model, adapters_off(run.model)
@@ -426,6 +497,43 @@ def reference_logps(run: DPORun) -> None:
                 for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
                     pair["ref_chosen"], pair["ref_rejected"] = c, r
     del reference
+
+
+def load_reference(path: str, tokenizer, device: torch.device, dtype: torch.dtype):
+    """A frozen reference policy, refused when its vocabulary is not the policy's."""
+    reference, ref_tokenizer = load_causal_lm(path, device, dtype)
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise EngineError(f"reference policy {path!r} has another tokenizer than the policy: "
+                          "the log-ratios need the same vocabulary")
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def _online_prompts(args: DPOArgs) -> tuple[list[Prompt], DPOArgs, str]:
+    """Online DPO's prompts, the args as a checkpoint records them (a list of prompts by count and hash) and the
+    prompts' hash for the data version; ([], args, "") for offline DPO."""
+    if not args.reward_models:
+        return [], args, ""
+    prompts = [prompt for prompt, _ in read_prompts(args.prompts)]
+    if not prompts:
+        raise EngineError("online DPO (reward_models given) needs prompts to sample: pass --prompts FILE")
+    digest = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()[:16]
+    recorded = args if isinstance(args.prompts, str) else replace(args, prompts=f"<{len(prompts)} prompts, "
+                                                                                f"sha256 {digest}>")
+    return prompts, recorded, digest
+
+
+def _online_source(args: DPOArgs, prompts: list[Prompt], model, tokenizer, device: torch.device,
+                   compute_dtype: torch.dtype) -> OnlineSource | None:
+    """Online DPO's reward sources and frozen reference (ref_policy, else the starting policy loaded again; under
+    LoRA none: the base, adapters off); None for offline DPO."""
+    if not args.reward_models:
+        return None
+    judge = CombinedReward(args.reward_models, [1.0] * len(args.reward_models), device,
+                           system_prompt=args.system_prompt)
+    reference = None if args.lora_r else load_reference(args.ref_policy or args.policy, tokenizer, device,
+                                                        compute_dtype)
+    return OnlineSource(prompts=prompts, judge=judge, reference=reference)
 
 
 def _take_reference(run: DPORun, state: dict[str, Any]) -> None:
@@ -448,8 +556,14 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
 
     _check_args(args)
     train_ds, eval_ds, version = _prepare_data(args)
+    online_prompts, recorded, prompts_digest = _online_prompts(args)
+    if prompts_digest:
+        version = f"{version}+prompts {prompts_digest}"
     ranks = Ranks(pick_device(args.device), fsdp=args.fsdp)
     ranks.check_divides("batch_size", args.batch_size)
+    if args.reward_models and ranks.world > 1:
+        raise EngineError("online DPO (reward_models given) samples on one process: run it without accelerate "
+                          "launch, or leave reward_models empty")
     device = ranks.device
     compute_dtype = pick_dtype(device, args.dtype)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 and device.type != "cpu" else None
@@ -458,7 +572,7 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
     adam_class(args, device)  # refuses adam_8bit where it cannot run, before loading anything
 
     source = resume_source(args.out, args.resume, args.resume_from)
-    state = resumable_state(source, stage=STAGE, args=args, keys=RESUME_KEYS, data_version=version)
+    state = resumable_state(source, stage=STAGE, args=recorded, keys=RESUME_KEYS, data_version=version)
 
     set_seed(args.seed)
     model, tokenizer = _load_model(args, device, compute_dtype, source if state else None)
@@ -474,9 +588,11 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
     run = DPORun(args=args, ranks=ranks, autocast_dtype=autocast_dtype, model=model, tokenizer=tokenizer,
                  trainer=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, params=params,
                  train_pairs=train_pairs, eval_pairs=eval_pairs, truncated=cut + eval_cut, version=version,
-                 state_dir=resume_dir(args.out), timer=timer)
+                 state_dir=resume_dir(args.out), timer=timer, recorded_args=recorded,
+                 online=_online_source(args, online_prompts, model, tokenizer, device, compute_dtype))
     if state:
         _take_reference(run, state)
+        run.online_pairs = state.get("online_pairs", [])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -518,13 +634,51 @@ def pair_weights(args: DPOArgs, pairs: list[dict[str, Any]], device: torch.devic
                         device=device)  # (B,)
 
 
+def refresh_online_pairs(run: DPORun) -> None:
+    """Online DPO, every online_every steps: online_samples responses to each of the refresh's online_prompts
+    prompts from the policy as it now is, scored by the reward sources; the best against the worst of each prompt
+    (none where they tie) are the current online pairs, with their frozen reference's log-probs."""
+    args, online = run.args, run.online
+    if online is None or run.step % args.online_every:
+        return
+    refresh, k = run.step // args.online_every, args.online_samples
+    prompts = [online.prompts[i] for i in prompt_indices(len(online.prompts), args.online_prompts, refresh,
+                                                         args.seed)]
+    rendered = [render_prompt(run.tokenizer, prompt, "", args.system_prompt) for prompt in prompts for _ in range(k)]
+    rollout = generate(run.model, run.tokenizer, rendered, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, batch_size=args.eval_batch_size,
+                       generator=step_generator(args.seed, refresh, 3, run.ranks.device),
+                       stop_strings=args.stop_strings)
+    scores, _ = online.judge([prompt for prompt in prompts for _ in range(k)], rollout.texts)
+    scores = scores.view(len(prompts), k)  # (P, k)
+    encoder, pairs = ResponseEncoder(run.tokenizer, args.max_length, args.system_prompt), []
+    for i, prompt in enumerate(prompts):
+        texts, best, worst = rollout.texts[i * k:(i + 1) * k], int(scores[i].argmax()), int(scores[i].argmin())
+        if scores[i, best] == scores[i, worst] or texts[best] == texts[worst]:
+            continue  # the reward prefers neither: no pair
+        pair, _ = encoder.encode_pair(prompt, texts[best], texts[worst])
+        pairs.append({**pair, "score_gap": float(scores[i, best] - scores[i, worst])})
+    if pairs:
+        reference = run.model if online.reference is None else online.reference
+        with adapters_off(reference):
+            chosen, rejected = pairs_logps(reference, pairs, args.eval_batch_size, run.tokenizer.pad_token_id,
+                                           run.autocast_dtype, run.ranks)
+        for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+            pair["ref_chosen"], pair["ref_rejected"] = c, r
+    run.online_pairs = pairs
+
+
 def train_step(run: DPORun, indices: list[int]) -> None:
     """One optimizer step of the DPO loss on a batch of pairs; adds to the window's sums."""
     args, ranks = run.args, run.ranks
     mine = ranks.shard(indices)  # a process with no pair of a short last batch adds 0 (scaled below)
     pairs = [run.train_pairs[i] for i in mine or indices[:1]]
+    labelled = len(pairs)  # the labelled pairs come first, then the current online pairs (one process only)
+    pairs = pairs + run.online_pairs
     share = can_share_prefix(run.model) and ranks.world == 1  # DDP wants one forward per step
     loss, terms = _pair_terms(run, run.trainer, pairs, share)
+    online = {name: values[labelled:] for name, values in terms.items()}
+    terms = {name: values[:labelled] for name, values in terms.items()}
     if ranks.world > 1:  # the global batch's weighted mean once DDP averages the gradients
         everyone = pair_weights(args, [run.train_pairs[i] for i in indices], ranks.device)
         mine_weight = pair_weights(args, pairs, ranks.device)
@@ -548,8 +702,12 @@ def train_step(run: DPORun, indices: list[int]) -> None:
     window["grad_norm"] += grad_norm.detach()
     window["pairs"] += len(indices)
     window["steps"] += 1
+    if run.online_pairs:
+        window["online_pairs"] += len(run.online_pairs)
+        window["online_margin"] += online["margin"].sum()
+        window["online_score_gap"] += sum(p["score_gap"] for p in run.online_pairs)
     tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"])
-                 for p in (run.train_pairs[i] for i in indices))
+                 for p in [*(run.train_pairs[i] for i in indices), *run.online_pairs])
     window["tokens"] += tokens
     run.tokens_seen += tokens
 
@@ -588,6 +746,11 @@ def log(run: DPORun) -> None:
             "dpo/lr": run.scheduler.get_last_lr()[0],
             "dpo/tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
         })
+        if run.online is not None:
+            run.metrics["dpo/online_pairs"] = window["online_pairs"] / steps  # fresh pairs trained on per step
+        if window["online_pairs"]:  # the implicit reward's margin and the reward sources' gap, online pairs only
+            run.metrics["dpo/online_margin"] = float(window["online_margin"]) / window["online_pairs"]
+            run.metrics["dpo/online_score_gap"] = window["online_score_gap"] / window["online_pairs"]
         run.window = _new_window()
     if run.eval_pairs and (last or (args.eval_every and step % args.eval_every == 0)):
         with run.timer.paused():
@@ -601,10 +764,11 @@ def save_resume(run: DPORun) -> None:
     optimizer = run.ranks.optimizer_state(run.optimizer)
     if not run.ranks.main:
         return run.ranks.wait()
-    save_checkpoint(run.state_dir, stage=STAGE, args=run.args, step=run.step, metrics=run.metrics,
+    save_checkpoint(run.state_dir, stage=STAGE, args=run.recorded_args, step=run.step, metrics=run.metrics,
                     data_version=run.version, pretrained={"": trained},
                     trainer_state={"optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
                                    "scaler": run.scaler.state_dict(), "reference": _reference_state(run),
+                                   "online_pairs": run.online_pairs,
                                    "rng": rng_state(), "step": run.step, **run.timer.state_dict(),
                                    "tokens_seen": run.tokens_seen, "window": run.window, "metrics": run.metrics})
     run.ranks.wait()
@@ -635,6 +799,7 @@ def main(args: DPOArgs, on_progress: ProgressFn = no_progress, timer: LoopTimer 
     for epoch in range(start_epoch, args.epochs):
         for indices in run.batches(epoch)[start_batch if epoch == start_epoch else 0:]:
             with run.timer.step(run.ranks.device) as lap:
+                refresh_online_pairs(run)
                 train_step(run, indices)
             run.window["seconds"] += lap.seconds
             log(run)
@@ -656,8 +821,8 @@ def main(args: DPOArgs, on_progress: ProgressFn = no_progress, timer: LoopTimer 
     })
     trained = run.ranks.trained_model(run.model, run.tokenizer)  # every process gathers its shards under FSDP
     if run.ranks.main:
-        save_checkpoint(args.out, stage=STAGE, args=args, step=run.step, metrics=final, data_version=run.version,
-                        pretrained={"": trained})
+        save_checkpoint(args.out, stage=STAGE, args=run.recorded_args, step=run.step, metrics=final,
+                        data_version=run.version, pretrained={"": trained})
         shutil.rmtree(run.state_dir, ignore_errors=True)  # finished: a later run starts afresh
     run.ranks.wait()
     return final
