@@ -538,7 +538,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
                   f"{fmt(line['mean_length_b'], '.0f')}", flush=True)
 
     # ---- summary ---------------------------------------------------------------------------
-    kinds = actions.CHAINS[stage]
+    kinds = actions.round_chain(config)
     header = ("round", "labels", "rm acc", "rm~rule", "W/T/L", "win", "ties", "judge new/sft",
               "correct new/sft", "style new/sft", "KL ref", "KL sft", *[f"{k} s" for k in kinds],
               "ready s", "ready CPU-s", "load")

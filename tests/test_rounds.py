@@ -630,10 +630,18 @@ def test_it_exits_non_zero_when_a_job_of_a_followed_round_fails(monkeypatch):
         call_command("launch_round", campaign.slug, "--set", "stepz=3", stdout=io.StringIO())
 
 
+def every_chain() -> list[tuple[str, ...]]:
+    """The chain of each round type, DPO's with and without online pairs."""
+    from training.config import ALGORITHMS
+
+    return [actions.round_chain(build_config("tiny", {"algorithm": algorithm, "dpo_online": online}))
+            for algorithm in ALGORITHMS for online in ((False, True) if algorithm == "dpo" else (False,))]
+
+
 def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default():
     from training import dispatch
 
-    kinds = {kind for chain in actions.CHAINS.values() for kind in chain}
+    kinds = {kind for chain in every_chain() for kind in chain}
     queues = {kind: dispatch.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in kinds}
     assert queues == {"export": "default", "reward": "training", "ppo": "training", "dpo": "training",
                       "grpo": "training", "sample": "training", "enqueue": "default", "evaluate": "training"}
@@ -652,7 +660,7 @@ def test_each_job_is_sent_by_the_name_of_the_task_that_runs_its_kind():
     from pairloop.celery import app
     from training import dispatch, tasks
 
-    for kind in {kind for chain in actions.CHAINS.values() for kind in chain}:
+    for kind in {kind for chain in every_chain() for kind in chain}:
         name = dispatch.signature_for(Job(pk=1, kind=kind)).task
         assert name in app.tasks and name == tasks.TASKS[kind].name, (kind, name)
 
@@ -787,6 +795,26 @@ def test_each_round_type_launches_its_own_chain_and_the_next_round_starts_from_a
 
 
 @pytest.mark.django_db
+def test_an_online_dpo_round_trains_a_reward_model_before_dpo_and_hands_it_to_the_dpo_stage(chains, monkeypatch):
+    campaign = judged_campaign()
+    offline = launch(campaign, algorithm="dpo")
+    assert kinds(offline) == ["export", "dpo", "sample", "enqueue", "evaluate"]
+    offline.jobs.update(status=Job.CANCELLED)
+    online = launch(campaign, force=True, algorithm="dpo", dpo_online=True, dpo_online_samples=4)
+    assert kinds(online) == ["export", "reward", "dpo", "sample", "enqueue", "evaluate"]
+    export, reward, dpo_job = online.jobs.order_by("order")[:3]
+    succeed(export, dataset_path="/exports/round-2.jsonl")
+    succeed(reward, reward_checkpoint="/ckpt/round-2/reward")
+    handed = []
+    monkeypatch.setattr(runner, "train", lambda stage, args, progress: handed.append(args) or {})
+    monkeypatch.setattr(runner, "ensure_policy", lambda path, preset: path)
+    assert runner.execute(dpo_job.pk, "task-dpo")
+    (args,) = handed
+    assert args.reward_models == ["/ckpt/round-2/reward"] and args.online_samples == 4
+    assert sorted(args.prompts) == sorted(runner.ppo_prompts(campaign)) and args.prompts
+
+
+@pytest.mark.django_db
 def test_the_launch_form_shows_an_algorithm_s_sections_only_for_it_and_launches_what_it_showed(
         chains, admin_user, django_capture_on_commit_callbacks):
     from training.config import PRESETS
@@ -871,7 +899,8 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
         "Safety": ["Reward combination", "Safety weight", "Safety threshold", "Safety classifier", "Safe label"],
         "PPO": ["Steps", "Batch size", "Samples per prompt", "Mini batch size", "KL coefficient", "Learning rate"],
         "DPO": ["Loss", "Beta", "Label smoothing", "Strength weight", "Weight per older round", "Learning rate",
-                "Epochs", "Batch size", "Max length", "Reference"],
+                "Epochs", "Batch size", "Max length", "Reference", "Online pairs", "Online prompts per refresh",
+                "Online samples per prompt", "Fresh online pairs every N steps"],
         "GRPO": ["Steps", "Batch size", "Group size", "KL coefficient", "Learning rate", "Baseline"],
         "Sampling": ["Max new tokens", "Prompts", "Responses per prompt", "Temperature", "Top-p"],
         "New pairs": ["Pairing", "Priority"],

@@ -34,16 +34,18 @@ from training.models import Job, Round
 
 log = logging.getLogger(__name__)
 
-# Each round type's chain of jobs. A DPO round trains no reward model: DPO needs none, and one trained only to
-# score the review would cost a job as long as the DPO job itself; the demo rule judges and the labelers'
-# win rates still measure its policy. The evaluation comes last, after the new pairs are enqueued: labelers get
-# them without waiting for three policies to answer the evaluation set, and an evaluation that fails (or is
-# run again on demand) never holds labeling back.
-CHAINS = {
-    PPO: (Job.EXPORT, Job.REWARD, Job.PPO, Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE),
-    GRPO: (Job.EXPORT, Job.REWARD, Job.GRPO, Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE),
-    DPO: (Job.EXPORT, Job.DPO, Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE),
-}
+POLICY_JOBS = {PPO: Job.PPO, GRPO: Job.GRPO, DPO: Job.DPO}  # each round type's job that trains the policy
+
+
+def round_chain(config: RoundConfig) -> tuple[str, ...]:
+    """The kinds of a round's jobs, in order. An offline DPO round trains no reward model: DPO needs none, and one
+    trained only to score the review would cost a job as long as the DPO job itself (the demo rule judges and
+    the labelers' win rates still measure its policy); online DPO's reward model labels its fresh pairs. The
+    evaluation comes last, after the new pairs are enqueued: labelers get them without waiting for three policies
+    to answer the evaluation set, and an evaluation that fails (or is run again on demand) never holds labeling
+    back."""
+    reward = (Job.REWARD,) if config.trains_reward_model() else ()
+    return (Job.EXPORT, *reward, POLICY_JOBS[config.algorithm], Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE)
 
 
 class RoundRefused(ValueError):
@@ -231,7 +233,7 @@ def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool =
         )
         jobs = [Job.objects.create(round=round_, kind=kind, order=order,
                                    queued_at=Now() if order == 0 else None)  # the first is ready at once
-                for order, kind in enumerate(CHAINS[config.algorithm])]
+                for order, kind in enumerate(round_chain(config))]
         job_ids = [job.pk for job in jobs]
         transaction.on_commit(lambda: _start_chain(job_ids))
     log.info("launched %s (%d usable judgments)", round_, usable)

@@ -241,6 +241,18 @@ class RoundConfig:
                                  algorithms=(DPO,))
     """DPO's frozen reference: sft (the reference policy setting, else the campaign's SFT policy, as the KL
     penalty of PPO in every round) or previous (the round's starting policy, Rafailov et al. 2023, sec. 4)."""
+    dpo_online: bool = setting(False, section="DPO", label="Online pairs", algorithms=(DPO,))
+    """Online DPO (Guo et al. 2024): the round also trains a reward model on the pairs, and DPO adds fresh pairs of
+    its policy's own samples that the reward model labels; off, the engine's offline DPO on the pairs alone."""
+    dpo_online_prompts: int = setting(8, bounds=(1, 65_536), engine=("dpo", "DPOArgs", "online_prompts"),
+                                      section="DPO", label="Online prompts per refresh", algorithms=(DPO,))
+    """Prompts sampled per refresh with dpo_online, each at most one online pair; the engine's."""
+    dpo_online_samples: int = setting(2, bounds=(2, 64), engine=("dpo", "DPOArgs", "online_samples"),
+                                      section="DPO", label="Online samples per prompt", algorithms=(DPO,))
+    """Responses per prompt with dpo_online; the reward model's best and worst make the pair; the engine's."""
+    dpo_online_every: int = setting(1, bounds=(1, 1_000_000), engine=("dpo", "DPOArgs", "online_every"),
+                                    section="DPO", label="Fresh online pairs every N steps", algorithms=(DPO,))
+    """Steps between samplings of fresh online pairs with dpo_online; the engine's 1, every step (OAIF, TRL)."""
     grpo_steps: int = setting(30, bounds=(1, 1_000_000), engine=("grpo", "GRPOArgs", "steps"),
                               section="GRPO", label="Steps", algorithms=(GRPO,))
     """GRPO iterations (each: groups of samples and their optimisation); the engine's, PPO's 30."""
@@ -264,7 +276,7 @@ class RoundConfig:
     """Resumable GRPO checkpoint every N steps (a killed worker resumes from the last one)."""
     ppo_max_new_tokens: int = setting(48, bounds=(1, 32_768), engine=("ppo", "PPOArgs", "max_new_tokens"),
                                       section="Sampling", label="Max new tokens")
-    """Longest response during PPO or GRPO and in sampling (the runner hands it to GRPO and the sample job too)."""
+    """Longest response during PPO or GRPO, online DPO and in sampling (the runner hands it to each)."""
     sample_prompts: int = setting(128, bounds=(1, 100_000), section="Sampling", label="Prompts")
     """Prompts whose responses become new pairs (drawn with `seed`, so rounds share them); each round's pairs
     are what teach the next reward model the new policy's faults."""
@@ -274,7 +286,7 @@ class RoundConfig:
     sample_temperature: float = setting(0.7, bounds=(0.0, 100.0), low_excluded=True,
                                         engine=("sample", "SampleArgs", "temperature"),
                                         section="Sampling", label="Temperature")
-    """Sampling temperature of the new pairs' responses."""
+    """Sampling temperature of the new pairs' responses (and of online DPO's)."""
     top_p: float = setting(1.0, bounds=(0.0, 1.0), low_excluded=True, engine=("sample", "SampleArgs", "top_p"),
                            section="Sampling", label="Top-p")
     """Nucleus sampling of the new pairs' responses; 1 samples the whole distribution (PPO always does)."""
@@ -331,6 +343,10 @@ class RoundConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def trains_reward_model(self) -> bool:
+        """Whether the round's chain has a reward job: PPO and GRPO always, DPO with dpo_online."""
+        return self.algorithm in WITH_REWARD_MODEL or (self.algorithm == DPO and self.dpo_online)
 
     def stop_list(self) -> list[str]:
         """The stop strings, one per line of `stop_strings` (blank lines left out)."""

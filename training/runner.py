@@ -527,15 +527,27 @@ def run_grpo(job: Job, progress: Progress) -> Outcome:
     return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
 
 
+def online_dpo_args(round_: Round, config: RoundConfig) -> dict[str, Any]:
+    """The DPO stage's online arguments: with dpo_online, the round's reward model labels fresh pairs of the policy's
+    samples on the prompts PPO would train on, as long and as hot as the sample job's; {} for offline DPO."""
+    if not config.dpo_online:
+        return {}
+    return {"reward_models": [source.source for source in reward_sources(round_, config)],
+            "prompts": ppo_prompts(round_.campaign), "max_new_tokens": config.ppo_max_new_tokens,
+            "temperature": config.sample_temperature, "stop_strings": config.stop_list()}
+
+
 def run_dpo(job: Job, progress: Progress) -> Outcome:
     """DPO from the round's starting policy on the round's export (every judged pair of the campaign, each
-    round's included), against the reference dpo_reference names; no reward model."""
+    round's included), against the reference dpo_reference names; with dpo_online, on fresh pairs of its own
+    samples too, labelled by the round's reward model (online_dpo_args)."""
     from training.engine import dpo
 
     round_ = job.round
     config = round_config(round_)
     if not round_.dataset_path:
         raise RunnerError("this round has no exported pairs yet: its export job has not succeeded")
+    online = online_dpo_args(round_, config)
     out = _fresh_start(job) / "policy"
     progress.line(f"Loading the starting policy {round_.parent_policy}")
     policy = ensure_policy(round_.parent_policy, config.preset)
@@ -548,9 +560,12 @@ def run_dpo(job: Job, progress: Progress) -> Outcome:
         out=str(out), system_prompt=config.system_prompt, seed=config.seed + round_.number, log_every=1,
         eval_every=eval_every, save_every=save_every, resume=True, device=device(),
         resume_from=_earlier_checkpoint(job, "policy", dpo.resume_dir), **config.engine_args(dpo.DPOArgs),
+        **online,
     )
     progress.line(f"DPO ({args.loss_type}, beta {args.beta}) on {round_.dataset_path} against "
-                  f"{args.ref_policy or 'the starting policy'}")
+                  f"{args.ref_policy or 'the starting policy'}"
+                  + (f"; online pairs of {args.online_samples} samples on {args.online_prompts} prompts every "
+                     f"{args.online_every} steps, labelled by {round_.reward_checkpoint}" if online else ""))
     metrics = train("dpo", args, progress)
     metrics["rendered_prompt"] = metrics.pop("dpo/rendered_prompt", "")
     return Outcome(metrics, str(out), {"policy_checkpoint": str(out)})
