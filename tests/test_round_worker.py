@@ -255,6 +255,23 @@ def test_a_dpo_round_trains_on_the_pairs_without_a_reward_model_and_the_next_sta
     assert trained_on > first.jobs.get(kind=Job.EXPORT).result["rows"]  # round one's pairs, judged, included
 
 
+def test_an_online_dpo_round_trains_a_reward_model_that_labels_fresh_pairs_of_its_policy(tiny_world):
+    campaign = seed_campaign("dpo-online", n_prompts=16)
+    config = build_config("tiny", {"algorithm": "dpo", "dpo_online": True, "reward_model": tiny_world["reward_model"]})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 300, worker, "the online DPO round to finish")
+    round_.refresh_from_db()
+    assert [job.kind for job in jobs] == ["export", "reward", "dpo", "sample", "enqueue", "evaluate"]
+    args = read_checkpoint_meta(round_.policy_checkpoint)["args"]
+    assert args["reward_models"] == [round_.reward_checkpoint] and args["online_samples"] == config.dpo_online_samples
+    dpo = jobs[2]
+    assert {"dpo/online_margin", "dpo/online_score_gap"} <= chart_keys(dpo)
+    counts = [point["dpo/online_pairs"] for point in dpo.metrics if "dpo/online_pairs" in point]  # as it changed
+    assert counts and min(counts) > 0 and dpo.result["dpo/online_pairs"] > 0  # fresh pairs at every step
+    assert jobs[3].result["scored"] is True and jobs[4].result["created"] > 0
+
+
 def test_a_grpo_round_trains_against_its_reward_model_and_fills_the_queue(tiny_world, reviewer):
     campaign = seed_campaign("grpo-loop", n_prompts=16)
     config = build_config("tiny", {"algorithm": "grpo", "reward_model": tiny_world["reward_model"]})
