@@ -304,3 +304,17 @@ def test_online_dpo_resumes_between_refreshes_to_the_uninterrupted_run_s_weights
     assert resumed["dpo/online_margin"] == whole["dpo/online_margin"] and whole["dpo/online_pairs"] > 0
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_online_dpo_trains_a_chat_model_under_lora_against_its_base(tiny_llama, tmp_path, shorter_is_better):
+    train = write_jsonl(tmp_path / "pairs.jsonl", style_pairs(24, seed=4))
+    args = online_args(tiny_llama, train, tmp_path / "out", shorter_is_better, lora_r=4, max_length=128)
+    run = dpo.setup(args, lambda event: None, dpo.LoopTimer())
+    assert run.online.reference is None  # no second copy: the LoRA model's base is the reference
+    dpo.refresh_online_pairs(run)
+    assert run.online_pairs and all(p["chosen"][-1] == p["rejected"][-1] for p in run.online_pairs)  # end of turn
+    # Step 1: the adapters start at zero, so the policy's log-probs are its base's, the reference's.
+    logps = dpo.sequence_logps(run.model, run.online_pairs, run.tokenizer.pad_token_id, run.ranks.device, None)
+    assert torch.allclose(logps[0], torch.tensor([p["ref_chosen"] for p in run.online_pairs]), atol=1e-4)
+    metrics = dpo.main(args)
+    assert metrics["dpo/online_pairs"] > 0 and metrics["dpo/online_score_gap"] > 0

@@ -21,16 +21,16 @@ when reward_models are given: every online_every steps the policy as it now is s
 each of online_prompts prompts, the reward sources score them, and the best and the worst of each prompt make a
 fresh pair (none where their scores tie). Each step then trains the same loss on its batch of labelled pairs and
 the current online pairs together, so the round's reward model, trained on people's labels, steers a policy that
-keeps sampling. Fresh pairs every few steps rather than once from the starting policy: OAIF's point (its sec. 4.3)
-is that pairs from the policy being trained beat pairs from an earlier one, and a policy that moves away from its
-start makes stale pairs off-policy. Their reference log-probs come from a frozen reference held while training
+keeps sampling; an online pair weighs 1 (no labeller strength, the newest round). Fresh pairs every few steps
+rather than once from the starting policy: OAIF's point is that pairs from the policy being trained beat pairs from
+an earlier one, and a policy that moves away from its start makes stale pairs off-policy. Their reference log-probs come from a frozen reference held while training
 (ref_policy, else the starting policy loaded again; under LoRA the base, adapters off). Sampling draws from a
 generator seeded by (seed, refresh), and a resumable checkpoint carries the current online pairs, so a resumed
 run continues exactly.
 
 The reference is frozen, so its log-probs are computed once, in one pass before the first step: by ref_policy
-when given, else by the starting policy itself (under LoRA its base, adapters off); no second copy of the model
-is held while training. A resumable checkpoint carries them, so a resumed run needs no reference at all.
+when given, else by the starting policy itself (under LoRA its base, adapters off); offline, no second copy of
+the model is held while training. A resumable checkpoint carries them, so a resumed run needs no reference at all.
 
 Inputs are the reward model's pairs (data.read_pairs: the export's prompt, chosen, rejected, margin, round). A model
 with a chat template sees the prompt's turns through it and learns the reply's assistant turn (end-of-turn
@@ -525,14 +525,15 @@ def _online_prompts(args: DPOArgs) -> tuple[list[Prompt], DPOArgs, str]:
 
 def _online_source(args: DPOArgs, prompts: list[Prompt], model, tokenizer, device: torch.device,
                    compute_dtype: torch.dtype) -> OnlineSource | None:
-    """Online DPO's reward sources and frozen reference (ref_policy, else the starting policy loaded again; under
-    LoRA none: the base, adapters off); None for offline DPO."""
+    """Online DPO's reward sources and frozen reference (ref_policy, else under LoRA none: the base, adapters off,
+    else the starting policy loaded again); None for offline DPO."""
     if not args.reward_models:
         return None
     judge = CombinedReward(args.reward_models, [1.0] * len(args.reward_models), device,
                            system_prompt=args.system_prompt)
-    reference = None if args.lora_r else load_reference(args.ref_policy or args.policy, tokenizer, device,
-                                                        compute_dtype)
+    base_is_reference = args.lora_r and not args.ref_policy  # the starting policy is the LoRA model's base
+    reference = None if base_is_reference else load_reference(args.ref_policy or args.policy, tokenizer, device,
+                                                               compute_dtype)
     return OnlineSource(prompts=prompts, judge=judge, reference=reference)
 
 
