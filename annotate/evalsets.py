@@ -8,13 +8,24 @@ prompt) refuses the file with the line and field of each problem, and nothing ch
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from django.conf import settings
+from django.db.models import Count
 
 from annotate import actions
 from annotate.actions import EvalInput, EvalSetRefused
-from annotate.importing import MAX_ERRORS, ImportFailed, RowError, _BadRow, _prompt, _reader_for, _response
+from annotate.importing import (
+    MAX_ERRORS,
+    ImportFailed,
+    RowError,
+    _BadRow,
+    _prompt,
+    _reader_for,
+    _response,
+    _upload_suffix,
+)
 from annotate.models import Campaign, EvalSet
 
 
@@ -54,3 +65,19 @@ def import_eval_set(campaign: Campaign, path: str | Path, name: str = "") -> tup
         return actions.add_eval_set(campaign, name or Path(path).name, read_eval_file(path))
     except EvalSetRefused as refused:
         raise ImportFailed([RowError(*problem) for problem in refused.problems]) from None
+
+
+def import_eval_upload(campaign: Campaign, upload, name: str = "") -> tuple[EvalSet, bool]:
+    """An uploaded file (Django UploadedFile) read as import_eval_set reads a path; the file is not kept."""
+    with tempfile.TemporaryDirectory(prefix="pairloop-evalset-") as folder:
+        path = Path(folder) / f"upload{_upload_suffix(upload.name or '')}"
+        with open(path, "wb") as handle:
+            for chunk in upload.chunks():
+                handle.write(chunk)
+        return import_eval_set(campaign, path, name or Path(upload.name or "upload").name)
+
+
+def eval_sets_of(campaign: Campaign):
+    """The campaign's evaluation sets, newest first, each with `prompt_count`."""
+    return EvalSet.objects.filter(campaign=campaign).annotate(prompt_count=Count("prompts")).order_by(
+        "-created_at", "-id")

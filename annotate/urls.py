@@ -15,4 +15,5 @@ urlpatterns = [
     path("campaigns/<unislug:slug>/export/", views.export, name="export"),
     path("campaigns/<unislug:slug>/import/", views.import_pairs_view, name="import_pairs"),
     path("campaigns/<unislug:slug>/import/<int:import_id>/", views.import_job, name="import_job"),
+    path("campaigns/<unislug:slug>/eval-sets/", views.eval_sets_view, name="eval_sets"),
 ]

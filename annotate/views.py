@@ -27,7 +27,7 @@ from annotate.access import (
     is_admin,
     is_reviewer,
 )
-from annotate.importing import start_import_job
+from annotate.importing import ImportFailed, start_import_job
 from annotate.models import Assignment, Exclusion, ImportJob, Judgment
 from annotate.transfer import (
     CappedUpload,
@@ -323,3 +323,40 @@ def import_job(request, slug, import_id):
     job = get_object_or_404(ImportJob, pk=import_id, campaign=campaign)
     template = "annotate/import_job.html#status" if request.htmx else "annotate/import_job.html"
     return render(request, template, {"campaign": campaign, "job": job})
+
+
+@csrf_exempt  # the upload cap must be in place before the body is read; CSRF is checked just below
+@login_required
+@require_http_methods(["GET", "POST"])
+def eval_sets_view(request, slug):
+    campaign = campaign_for_admin(request, slug)
+    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
+    request.upload_handlers.insert(0, capped)
+    return _eval_sets_page(request, campaign, capped)
+
+
+@csrf_protect
+def _eval_sets_page(request, campaign, capped: CappedUpload):
+    from annotate.evalsets import eval_sets_of, import_eval_upload  # pyarrow: loaded by the first upload
+
+    errors, status = [], 200
+    if request.method == "POST":
+        upload = request.FILES.get("file")
+        if capped.refused:
+            errors, status = [upload_too_large(capped.cap)], 413
+        elif upload is None:
+            errors, status = ["Choose a file to import."], 400
+        else:
+            try:
+                eval_set, created = import_eval_upload(campaign, upload, request.POST.get("name", "").strip())
+            except ImportFailed as exc:
+                errors, status = exc.lines(), 400
+            else:
+                count = eval_set.prompts.count()
+                messages.success(request, f"Imported {eval_set.name} version {eval_set.version} ({count} prompts)."
+                                 if created else f"Version {eval_set.version} is already here: nothing changed.")
+                return redirect("eval_sets", campaign.slug)
+    return render(request, "annotate/eval_sets.html", {
+        "campaign": campaign, "errors": errors, "eval_sets": eval_sets_of(campaign),
+        "max_upload": readable_size(capped.cap),
+    }, status=status)

@@ -62,6 +62,7 @@ EXPECTED = {
     "export":                (LOGIN, LOGIN,  404,   405,     404,   405,     200,   405,     200,   405),
     "import_pairs":          (LOGIN, LOGIN,  404,   404,     404,   404,     404,   404,     200,   400),
     "import_job":            (LOGIN, LOGIN,  404,   405,     404,   405,     404,   405,     200,   405),
+    "eval_sets":             (LOGIN, LOGIN,  404,   404,     404,   404,     404,   404,     200,   400),
     # Rounds (training/urls.py)
     "campaign_rounds":       (LOGIN, LOGIN,  404,   404,     404,   404,     200,   404,     200,   200),
     "round_detail":          (LOGIN, LOGIN,  404,   404,     404,   404,     200,   200,     200,   200),

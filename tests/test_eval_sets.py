@@ -78,3 +78,46 @@ def test_pairs_on_an_evaluation_prompt_are_refused_naming_the_line(tmp_path):
     with pytest.raises(CommandError, match=r"line 2, field 'prompt': is in an evaluation set"):
         call_command("import_pairs", campaign.slug, str(write(tmp_path / "pairs.jsonl", pairs)), stdout=io.StringIO())
     assert not Prompt.objects.filter(campaign=campaign).exists()
+
+
+def upload(rows: list[dict], name: str = "eval.jsonl"):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile(name, "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def test_an_admin_uploads_a_set_on_its_page_and_sees_it_listed(client, admin_user):
+    campaign = make_campaign()
+    client.force_login(admin_user)
+    assert 'id="eval-sets-link"' in client.get(f"/campaigns/{campaign.slug}/").content.decode()
+    response = client.post(f"/campaigns/{campaign.slug}/eval-sets/", {"file": upload(ROWS), "name": "maths"},
+                           follow=True)
+    eval_set = EvalSet.current(campaign)
+    page = response.content.decode()
+    assert response.status_code == 200 and eval_set.name == "maths"
+    assert f"Imported maths version {eval_set.version} (3 prompts)" in page
+    assert f"<code>{eval_set.version}</code></td><td>3</td>" in page
+    again = client.post(f"/campaigns/{campaign.slug}/eval-sets/", {"file": upload(ROWS, "copy.jsonl")}, follow=True)
+    assert "is already here: nothing changed" in again.content.decode()
+    assert EvalSet.objects.filter(campaign=campaign).count() == 1
+
+
+def test_a_bad_upload_names_each_line_and_field_and_stores_nothing(client, admin_user):
+    campaign = make_campaign(n_pairs=2)
+    client.force_login(admin_user)
+    response = client.post(f"/campaigns/{campaign.slug}/eval-sets/", {"file": upload([ROWS[0], {"prompt": ""}])})
+    assert response.status_code == 400
+    assert "line 2, field &#x27;prompt&#x27;: empty text" in response.content.decode()
+    response = client.post(f"/campaigns/{campaign.slug}/eval-sets/", {"file": upload([ROWS[0], {"prompt": "Question 1?"}])})
+    assert response.status_code == 400
+    assert "line 2, field &#x27;prompt&#x27;: is a training prompt" in response.content.decode()
+    assert not EvalSet.objects.exists()
+    assert client.post(f"/campaigns/{campaign.slug}/eval-sets/", {}).status_code == 400
+
+
+def test_only_admins_see_or_upload_evaluation_sets(client, reviewer):
+    campaign = make_campaign()
+    client.force_login(reviewer)
+    assert client.get(f"/campaigns/{campaign.slug}/eval-sets/").status_code == 404
+    assert client.post(f"/campaigns/{campaign.slug}/eval-sets/", {"file": upload(ROWS)}).status_code == 404
+    assert not EvalSet.objects.exists()
