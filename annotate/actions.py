@@ -675,8 +675,10 @@ def add_pairs(
     generation: dict | None = None,
     batch_size: int = 1000,
     notify: bool = True,
+    purpose: str = Pair.TRAINING,
 ) -> AddResult:
-    """Add pairs to a campaign in batches (bounded memory); duplicates are skipped and counted.
+    """Add pairs to a campaign in batches (bounded memory); duplicates are skipped and counted. `purpose`:
+    Pair.TRAINING, or Pair.EVALUATION for a round's blind evaluation (never exported for training).
 
     Runs in one transaction: the caller validated everything first, and a failure adds nothing.
     """
@@ -686,10 +688,10 @@ def add_pairs(
         for item in items:
             batch.append(item)
             if len(batch) >= batch_size:
-                _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
+                _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {}, purpose)
                 batch = []
         if batch:
-            _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {})
+            _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation or {}, purpose)
         if notify and result.created:
             transaction.on_commit(lambda: live.pairs_arrived(campaign, result.created))
     _LEFT_IN_PROCESS.pop(campaign.pk, None)
@@ -701,7 +703,7 @@ def add_pairs(
     return result
 
 
-def _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation):
+def _add_batch(campaign, batch, result, round, priority, source, checkpoints, generation, purpose):
     now = timezone.now()
     # Prompts: get or create by content hash.
     prompt_rows = {}
@@ -750,7 +752,7 @@ def _add_batch(campaign, batch, result, round, priority, source, checkpoints, ge
             continue
         known.add(key)
         pair = Pair(campaign=campaign, prompt_id=pid, response_a_id=a, response_b_id=b, key=key, priority=priority,
-                    round=round, created_at=now)
+                    round=round, purpose=purpose, created_at=now)
         if item.preferred is not None:
             # A preference that arrives with the data (TRL chosen/rejected) counts as judged.
             pair.judgments_count = 1
@@ -889,7 +891,8 @@ def add_eval_set(campaign: Campaign, name: str, items: list[EvalInput]) -> tuple
         if content_hash(text) in seen:
             errors.append((item.line, "prompt", f"repeats the prompt of line {seen[content_hash(text)]}"))
         seen.setdefault(content_hash(text), item.line)
-    training = set(Prompt.objects.filter(campaign=campaign, hash__in=list(seen)).values_list("hash", flat=True))
+    training = set(Prompt.objects.filter(campaign=campaign, hash__in=list(seen))  # blind evaluation pairs' aside
+                   .exclude(pairs__purpose=Pair.EVALUATION).values_list("hash", flat=True))
     errors += [(item.line, "prompt", "is a training prompt of this campaign: an evaluation prompt never is")
                for item, text, _ in rows if content_hash(text) in training]
     if not rows:

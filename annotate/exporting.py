@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from django.db.models import Count, Exists, OuterRef, Q
 
-from annotate.models import Axis, Exclusion, Judgment, Prompt, on_axis
+from annotate.models import Axis, Exclusion, Judgment, Pair, Prompt, on_axis
 from annotate.sources import AI_SELECTIONS, AI_WHERE_NO_HUMAN, HUMANS, HUMANS_AND_AI
 
 FORMATS = ("jsonl", "parquet", "hf")
@@ -102,6 +102,7 @@ RAW_SCHEMA = pa.schema([
     ("source", pa.string()),           # human, simulated, import
     ("gold_choice", pa.string()),      # the known answer when the pair is a gold item, else ""
     ("created_at", pa.string()),       # ISO 8601
+    ("purpose", pa.string()),          # training, or evaluation: a round's blind human evaluation (never trains)
 ])
 
 RAW_CHAT_SCHEMA = RAW_SCHEMA.set(RAW_SCHEMA.get_field_index("prompt"), pa.field("prompt", MESSAGES))
@@ -115,6 +116,7 @@ RAW_AXES_CHAT_SCHEMA = RAW_CHAT_SCHEMA.append(pa.field("axes", AXES))
 # Pairs exported before the round column was added are earlier exports of ours too (replaceable).
 OUR_COLUMNS = [BT_SCHEMA.names, BT_CHAT_SCHEMA.names, BT_SCHEMA.names[:-1], RAW_SCHEMA.names, RAW_CHAT_SCHEMA.names,
                RAW_AXES_SCHEMA.names]
+OUR_COLUMNS += [[name for name in names if name != "purpose"] for names in OUR_COLUMNS[3:]]  # before purpose
 
 
 class ExportError(ValueError):
@@ -159,7 +161,8 @@ def with_ai(judgments, ai: str):
 def provenance(campaign, *, ai: str = HUMANS_AND_AI) -> dict:
     """Who made the Bradley-Terry pairs an export with this AI selection holds: {source: count}, and the AI
     labelers' share of them."""
-    judgments = with_ai(_judgments(campaign).filter(choice__in=[Judgment.A, Judgment.B]), ai)
+    judgments = with_ai(_judgments(campaign).filter(choice__in=[Judgment.A, Judgment.B], pair__purpose=Pair.TRAINING),
+                        ai)
     counts = dict(judgments.order_by().values_list("source").annotate(n=Count("id")))
     total = sum(counts.values())
     return {"ai_selection": ai, "by_source": counts,
@@ -172,7 +175,7 @@ def _exportable(campaign, *, raw: bool, include_simulated: bool, axis: Axis | No
     judgments = with_ai(Judgment.objects.filter(pair__campaign=campaign), ai)
     if not raw:
         judgments = on_axis(judgments, axis or campaign.first_axis()).filter(
-            axis_choice__in=[Judgment.A, Judgment.B])
+            axis_choice__in=[Judgment.A, Judgment.B], pair__purpose=Pair.TRAINING)
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
     return judgments
@@ -235,7 +238,7 @@ def bt_rows(campaign, *, include_simulated: bool = True, conversational: bool = 
     """Bradley-Terry pairs {prompt, chosen, rejected, margin, pair_id, labeler, round}, one per judgment that
     prefers A or B on `axis` (default: the campaign's first), of those the AI selection `ai` takes."""
     judgments = with_ai(on_axis(_judgments(campaign), axis or campaign.first_axis()).filter(
-        axis_choice__in=[Judgment.A, Judgment.B]), ai)
+        axis_choice__in=[Judgment.A, Judgment.B], pair__purpose=Pair.TRAINING), ai)  # blind evaluations never train
     if not include_simulated:
         judgments = judgments.exclude(source=Judgment.SIMULATED)
     for judgment in judgments.iterator(chunk_size=CHUNK):
@@ -285,6 +288,7 @@ def raw_rows(campaign, *, include_simulated: bool = True, conversational: bool =
             "source": judgment.source,
             "gold_choice": pair.gold_choice,
             "created_at": judgment.created_at.isoformat(),
+            "purpose": pair.purpose,
         }
         if len(axes) > 1:
             row["axes"] = _every_axis(judgment, axes)

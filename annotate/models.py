@@ -270,6 +270,12 @@ class Pair(models.Model):
     extra_judgments = models.PositiveSmallIntegerField(
         default=0, help_text="Tie-breaks: judgments wanted beyond the overlap because the judgments split.")
     is_open = models.BooleanField(default=True, help_text="Still needs judgments (kept by the actions).")
+    TRAINING, EVALUATION = "training", "evaluation"
+    PURPOSES = [(TRAINING, "training"), (EVALUATION, "evaluation (blind, never trains)")]
+    purpose = models.CharField(
+        max_length=10, choices=PURPOSES, default=TRAINING,
+        help_text="What its judgments are for: training data, or a round's blind human evaluation (never exported "
+                  "for training).")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -44,9 +44,10 @@ def judgments_by_choice(campaign: Campaign) -> list[tuple[str, int]]:
 
 
 def usable_judgments(campaign: Campaign) -> int:
-    """Judgments that prefer one response (A or B) and no active exclusion leaves out: the Bradley-Terry pairs
-    an export makes of them."""
-    return (Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B])
+    """Judgments on training pairs that prefer one response (A or B) and no active exclusion leaves out: the
+    Bradley-Terry pairs an export makes of them."""
+    return (Judgment.objects.filter(pair__campaign=campaign, pair__purpose=Pair.TRAINING,
+                                    choice__in=[Judgment.A, Judgment.B])
             .exclude(Exclusion.excluded_judgments(campaign)).count())
 
 

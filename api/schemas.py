@@ -412,16 +412,6 @@ class EvaluationRoundOut(Schema):
     table: list[ComparisonOut]
 
 
-class EvaluationOut(Schema):
-    job: int = Field(description="The evaluate job whose result this is (the round's last that succeeded).")
-    eval_set: EvalSetOut | None = Field(description="What it was evaluated on; null when the campaign had none.")
-    policies: list[dict[str, str]] = Field(description="Each policy's role, label and checkpoint.")
-    judges: list[str]
-    table: list[ComparisonOut]
-    across_rounds: list[EvaluationRoundOut] = Field(description="The same table for each round up to this one.")
-    note: str = Field(description="Why there is no table, when there is none.")
-
-
 class RatingOut(Schema):
     policy: str = Field(description="SFT policy, or Round N: whose checkpoint.")
     rating: float = Field(description="Elo scale, the SFT policy at 1000.")
@@ -439,3 +429,24 @@ class RatingsOut(Schema):
     source: str = Field(description="Whose judgments: human, else simulated labelers.")
     judgments: int
     players: list[RatingOut]
+
+
+class HumanEvaluationOut(Schema):
+    table: list[ComparisonOut] = Field(description="The new policy against each other policy from the labelers' "
+                                                   "blind judgments (judge people): prompts counts judgments, and "
+                                                   "the interval resamples them.")
+    ratings: RatingsOut | None = Field(description="Bradley-Terry ratings of the rounds' policies from every blind "
+                                                   "judgment up to this round, with 95% bootstrap intervals.")
+
+
+class EvaluationOut(Schema):
+    job: int = Field(description="The evaluate job whose result this is (the round's last that succeeded).")
+    eval_set: EvalSetOut | None = Field(description="What it was evaluated on; null when the campaign had none.")
+    policies: list[dict[str, str]] = Field(description="Each policy's role, label and checkpoint.")
+    judges: list[str]
+    table: list[ComparisonOut]
+    across_rounds: list[EvaluationRoundOut] = Field(description="The same table for each round up to this one.")
+    note: str = Field(description="Why there is no table, when there is none.")
+    human: HumanEvaluationOut | None = Field(description="The blind human evaluation, once labelers judged its pairs.")
+
+

@@ -69,6 +69,7 @@ EXPECTED = {
     "job_cancel":            (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
     "job_resume":            (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
     "round_evaluate":        (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
+    "round_to_labelers":     (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405,   ROUND),
     # The HTTP API (api/): Bearer tokens only, so every session persona gets 401 (tests/test_api.py tries
     # each role's token on every endpoint); the schema and its docs page are public.
     "api:api-root":          (404,   404) * 5,

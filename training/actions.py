@@ -24,7 +24,8 @@ from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Value
 from django.db.models.functions import Coalesce, Least, Now
 from django.utils import timezone
 
-from annotate.models import Campaign, Judgment
+from annotate.actions import PairInput, add_pairs
+from annotate.models import Campaign, EvalPrompt, Judgment, Pair, Response
 from annotate.statistics import usable_judgments
 from training import dispatch, live, starting_policy
 from training.config import DPO, GRPO, PPO, RoundConfig, build_config, refuse_unused
@@ -132,8 +133,8 @@ def launch_freshness(campaign: Campaign) -> Freshness:
         return Freshness(usable=usable, min_new_share=campaign.min_new_share)
     export = next((job for job in last.jobs.all() if job.kind == Job.EXPORT), None)
     since = (export.started_at if export is not None and export.started_at else None) or last.created_at
-    new = (Judgment.objects.filter(pair__campaign=campaign, choice__in=[Judgment.A, Judgment.B],
-                                   created_at__gt=since)
+    new = (Judgment.objects.filter(pair__campaign=campaign, pair__purpose=Pair.TRAINING,
+                                   choice__in=[Judgment.A, Judgment.B], created_at__gt=since)
            .values("source").annotate(n=Count("id")))
     by_source = {row["source"]: row["n"] for row in new}
     return Freshness(
@@ -142,8 +143,8 @@ def launch_freshness(campaign: Campaign) -> Freshness:
         new_simulated=by_source.get(Judgment.SIMULATED, 0),
         new_imported=by_source.get(Judgment.IMPORTED, 0),
         since_round=last.number,
-        new_pairs=last.pairs.count(),
-        unjudged_new_pairs=last.pairs.filter(judgments_count=0).count(),
+        new_pairs=last.pairs.filter(purpose=Pair.TRAINING).count(),
+        unjudged_new_pairs=last.pairs.filter(purpose=Pair.TRAINING, judgments_count=0).count(),
         min_new_share=campaign.min_new_share,
     )
 
@@ -259,6 +260,33 @@ def evaluate_round(round_: Round) -> Job:
         transaction.on_commit(lambda: live.job_changed(job))
     log.info("evaluating %s on demand (job %s)", round_, job.pk)
     return job
+
+
+def send_evaluation_to_labelers(round_: Round, *, priority: int = 0) -> int:
+    """Put the round's last evaluation's answers before labelers as blind pairs that never train anything (the
+    new policy's answer against the SFT policy's and the previous round's, per prompt); returns the pairs added.
+    The same answers again add nothing. Raises RoundRefused when the round has no evaluation with answers."""
+    from training import evaluation  # imports the demo's rule judges: loaded when an evaluation is sent
+
+    job = evaluation.latest(round_)
+    if job is None or not job.result.get("answers"):
+        raise RoundRefused(f"Round {round_.number} has no evaluation with answers to send: evaluate it first.")
+    low, high = Pair.PRIORITY_RANGE
+    if not low <= priority <= high:
+        raise RoundRefused(f"priority must be from {low} to {high}, got {priority}")
+    checkpoints = {p["role"]: p["checkpoint"] for p in job.result["policies"]}
+    turns = dict(EvalPrompt.objects.filter(pk__in=[row["eval_prompt_id"] for row in job.result["answers"]])
+                 .values_list("pk", "turns"))
+    added = 0
+    with transaction.atomic():
+        for other in (role for role in (evaluation.SFT, evaluation.PREVIOUS) if role in checkpoints):
+            items = [PairInput(turns.get(row["eval_prompt_id"]) or row["prompt"], row["answers"][evaluation.NEW],
+                               row["answers"][other]) for row in job.result["answers"]]
+            added += add_pairs(round_.campaign, items, round=round_, priority=priority, source=Response.POLICY,
+                               checkpoints=(checkpoints[evaluation.NEW], checkpoints[other]),
+                               purpose=Pair.EVALUATION).created
+    log.info("sent %s evaluation pairs of %s to labelers", added, round_)
+    return added
 
 
 def _start_chain(job_ids: list[int]) -> None:

@@ -14,13 +14,16 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from annotate.models import EvalSet
+from django.db.models.functions import Length
+
+from annotate.models import EvalSet, Exclusion, Judgment, Pair
 from demo import demo_tasks
-from training import winrates
+from training import review, winrates
 from training.models import Job, Round
 
 NEW, PREVIOUS, SFT = "new", "previous", "sft"  # the policies' roles in an evaluation
 WHOLE = ""  # the axis of a comparison made on the campaign's one question
+PEOPLE = "people"  # the judge of a blind human evaluation: the labelers
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,43 @@ def round_evaluation(round_: Round) -> dict | None:
     result = job.result
     return {"job": job.pk, "eval_set": result.get("eval_set"), "policies": result.get("policies", []),
             "judges": result.get("judges", []), "table": table(result), "across_rounds": across_rounds(round_),
-            "note": result.get("note", ""), "resamples": winrates.BOOTSTRAP_RESAMPLES}
+            "note": result.get("note", ""), "resamples": winrates.BOOTSTRAP_RESAMPLES,
+            "human": human_evaluation(round_)}
 
 
 def eval_set_rows(eval_set: EvalSet) -> list[tuple[int, str, list | None, str]]:
     """The set's prompts as (id, text, chat turns or None, reference), in file order."""
     return list(eval_set.prompts.order_by("position").values_list("id", "text", "turns", "reference"))
+
+
+def human_evaluation(round_: Round) -> dict | None:
+    """The round's blind human evaluation (training/actions.py send_evaluation_to_labelers): the new policy's
+    record against each other policy from the judgments on its evaluation pairs (a tie or both bad is half a
+    win; the interval resamples judgments), and the Bradley-Terry ratings of the rounds' policies from every
+    blind judgment up to this round; None before any judgment."""
+    job = latest(round_)
+    if job is None:
+        return None
+    policies_ = job.result.get("policies", [])
+    role_of = {p["checkpoint"]: p["role"] for p in policies_}
+    labels = {p["role"]: p["label"] for p in policies_}
+    judgments = (Judgment.objects.filter(pair__round=round_, pair__purpose=Pair.EVALUATION)
+                 .exclude(Exclusion.excluded_judgments(round_.campaign))
+                 .annotate(length_a=Length("pair__response_a__text"), length_b=Length("pair__response_b__text"))
+                 .values_list("choice", "pair__response_a__checkpoint", "pair__response_b__checkpoint", "length_a",
+                              "length_b"))
+    found: dict[str, tuple[list[float], list[int], list[int]]] = {}
+    for choice, checkpoint_a, checkpoint_b, length_a, length_b in judgments.iterator():
+        if role_of.get(checkpoint_a) != NEW or role_of.get(checkpoint_b) in (None, NEW):
+            continue  # the new policy's answer is always response A of its evaluation pairs
+        outcomes, lengths_a, lengths_b = found.setdefault(role_of[checkpoint_b], ([], [], []))
+        outcomes.append(review.RATING_OUTCOME[choice])
+        lengths_a.append(length_a)
+        lengths_b.append(length_b)
+    if not found:
+        return None
+    rows = [{"a": NEW, "b": other, "a_label": labels[NEW], "b_label": labels[other], "judge": PEOPLE, "axis": WHOLE,
+             **winrates.record(outcomes, lengths_a, lengths_b, seed=round_.config.get("seed", 0)).as_dict()}
+            for other, (outcomes, lengths_a, lengths_b) in sorted(found.items())]
+    return {"table": rows, "ratings": review.policy_ratings(round_, purpose=Pair.EVALUATION),
+            "resamples": winrates.BOOTSTRAP_RESAMPLES}

@@ -11,7 +11,7 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
-from annotate.models import Judgment
+from annotate.models import Judgment, Pair
 from training.config import RoundConfig
 
 
@@ -90,10 +90,10 @@ class Round(models.Model):
         return self.status() in Job.ACTIVE
 
     def win_rates(self) -> dict[str, WinRate]:
-        """Judgments on this round's pairs, by judgment source: the new policy's response is always side A
+        """Judgments on this round's training pairs, by judgment source: the new policy's response is always side A
         (the labeling page randomises what is shown left), so choice A is a win for this round."""
         rates: dict[str, WinRate] = {}
-        rows = (Judgment.objects.filter(pair__round=self).values_list("source", "choice")
+        rows = (Judgment.objects.filter(pair__round=self, pair__purpose=Pair.TRAINING).values_list("source", "choice")
                 .annotate(n=models.Count("id")).order_by())
         for source, choice, n in rows:
             rate = rates.setdefault(source, WinRate())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from django.db.models import Q
 
-from annotate.models import Axis, Judgment, Response, content_hash, on_axis
+from annotate.models import Axis, Judgment, Pair, Response, content_hash, on_axis
 from training.models import Job, Round
 from training.ratings import bradley_terry
 
@@ -112,10 +112,10 @@ def _checkpoint_key(path: str) -> str:
     return os.path.normpath(os.path.abspath(path)) if path else ""
 
 
-def policy_ratings(round_: Round, axis: Axis | None = None) -> dict | None:
+def policy_ratings(round_: Round, axis: Axis | None = None, purpose: str = Pair.TRAINING) -> dict | None:
     """Bradley-Terry ratings of the SFT policy and every round's policy up to this one, from the judgments
-    on `axis` (default: the campaign's first) of pairs whose two responses came from two of them; humans,
-    else simulated labelers (said which)."""
+    on `axis` (default: the campaign's first) of pairs of `purpose` (training pairs, or the rounds' blind
+    evaluations) whose two responses came from two of them; humans, else simulated labelers (said which)."""
     rounds = list(Round.objects.filter(campaign=round_.campaign, number__lte=round_.number).order_by("number"))
     names = {}
     base = rounds[0].config.get("base_policy", "") if rounds else ""
@@ -128,7 +128,8 @@ def policy_ratings(round_: Round, axis: Axis | None = None) -> dict | None:
         return None
     outcomes: dict[str, list[tuple[str, str, float]]] = {Judgment.HUMAN: [], Judgment.SIMULATED: []}
     axis = axis or round_.campaign.first_axis()
-    judgments = (on_axis(Judgment.objects.filter(pair__campaign=round_.campaign, source__in=list(outcomes)), axis)
+    judgments = (on_axis(Judgment.objects.filter(pair__campaign=round_.campaign, pair__purpose=purpose,
+                                                 source__in=list(outcomes)), axis)
                  .filter(Q(pair__round__isnull=True) | Q(pair__round__number__lte=round_.number))
                  .values_list("source", "axis_choice", "pair__response_a__checkpoint",
                               "pair__response_b__checkpoint"))

@@ -15,6 +15,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRefresh
 
 from annotate.access import campaign_for_admin, campaign_for_reviewer, is_admin
+from annotate.models import Pair
+from annotate.transfer import whole_number
 from training import actions, evaluation, starting_policy
 from training.access import job_for_admin, round_for_admin, round_for_reviewer, sees_tracebacks
 from training.forms import LaunchRoundForm
@@ -75,6 +77,21 @@ def round_detail(request, round_id):
         "review": round_review(round_),
         "evaluation": evaluation.round_evaluation(round_),
     })
+
+
+@login_required
+@require_POST
+def round_to_labelers(request, round_id):
+    """Send the round's last evaluation to labelers as a blind batch, at the priority the admin gave."""
+    round_ = round_for_admin(request, round_id)
+    try:
+        priority = whole_number(request.POST.get("priority"), "Priority", *Pair.PRIORITY_RANGE) or 0
+        added = actions.send_evaluation_to_labelers(round_, priority=priority)
+    except (ValueError, actions.RoundRefused) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Sent {added} blind evaluation pairs to the labelers (priority {priority}).")
+    return redirect(round_)
 
 
 @login_required
