@@ -891,8 +891,7 @@ def add_eval_set(campaign: Campaign, name: str, items: list[EvalInput]) -> tuple
         if content_hash(text) in seen:
             errors.append((item.line, "prompt", f"repeats the prompt of line {seen[content_hash(text)]}"))
         seen.setdefault(content_hash(text), item.line)
-    training = set(Prompt.objects.filter(campaign=campaign, hash__in=list(seen))  # blind evaluation pairs' aside
-                   .exclude(pairs__purpose=Pair.EVALUATION).values_list("hash", flat=True))
+    training = set(Prompt.training(campaign).filter(hash__in=list(seen)).values_list("hash", flat=True))
     errors += [(item.line, "prompt", "is a training prompt of this campaign: an evaluation prompt never is")
                for item, text, _ in rows if content_hash(text) in training]
     if not rows:

@@ -223,6 +223,12 @@ class Prompt(models.Model):
     def __str__(self):
         return self.text[:80]
 
+    @classmethod
+    def training(cls, campaign) -> models.QuerySet:
+        """The campaign's training prompts: every prompt but those of a round's blind evaluation pairs (an
+        evaluation prompt never carries a training pair, so one evaluation pair marks it)."""
+        return cls.objects.filter(campaign=campaign).exclude(pairs__purpose=Pair.EVALUATION)
+
     def shows_as_conversation(self) -> bool:
         """Whether labelers see the prompt as turns with their roles: any chat prompt but one user turn."""
         return bool(self.turns) and not (len(self.turns) == 1 and self.turns[0]["role"] == "user")

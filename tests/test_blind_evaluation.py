@@ -129,3 +129,16 @@ def test_the_command_sends_the_batch_and_refuses_a_round_without_an_evaluation(l
     Job.objects.filter(round=round_, kind=Job.EVALUATE).update(result={})
     with pytest.raises(CommandError, match="has no evaluation with answers"):
         call_command("evaluate", str(round_.pk), "--to-labelers", stdout=io.StringIO())
+
+
+def test_an_evaluation_prompt_sent_to_labelers_never_becomes_a_training_prompt(labeler):
+    from training.runner import ppo_prompts, sample_prompts
+
+    round_ = evaluated_round(labeler)
+    actions.send_evaluation_to_labelers(round_)
+    campaign = round_.campaign
+    config = build_config("tiny", {"sample_prompts": 100})
+    assert sorted(ppo_prompts(campaign) + [text for _, text, _ in sample_prompts(campaign, config)]) == sorted(
+        [f"Question {i}?" for i in range(MIN)] * 2)
+    eval_set, created = add_eval_set(campaign, "again", [EvalInput(1, "Task 0?", "")])  # still an evaluation prompt
+    assert created and eval_set.prompts.count() == 1

@@ -342,7 +342,7 @@ def _is_held_out(text: str) -> bool:
 
 def ppo_prompts(campaign: Campaign) -> list[str | list[dict]]:
     """The campaign's prompts PPO trains on (a chat prompt as its turns), less one in ten held out."""
-    rows = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("text", "turns"))
+    rows = list(Prompt.training(campaign).order_by("id").values_list("text", "turns"))
     if not rows:
         raise RunnerError(f"campaign {campaign.slug!r} has no prompts to train the policy on")
     train = [turns or text for text, turns in rows if not _is_held_out(text)]
@@ -353,7 +353,7 @@ def sample_prompts(campaign: Campaign, config: RoundConfig) -> list[tuple[int, s
     """The prompts whose responses become new pairs, as (id, text, chat turns or None): drawn with the
     round's seed from the campaign's prompts, so successive rounds sample the same prompts (the review
     compares them side by side)."""
-    rows = list(Prompt.objects.filter(campaign=campaign).order_by("id").values_list("id", "text", "turns"))
+    rows = list(Prompt.training(campaign).order_by("id").values_list("id", "text", "turns"))
     if not rows:
         raise RunnerError(f"campaign {campaign.slug!r} has no prompts to sample")
     rng = random.Random(config.seed)
