@@ -386,6 +386,14 @@ class EvalSetOut(Schema):
     prompts: int
 
 
+class EvalSetListedOut(Schema):
+    id: int
+    name: str = Field(description="What the admin called it (the file's name by default).")
+    version: str = Field(description="Hash of its prompts and references: the same content is the same version.")
+    prompts: int = Field(alias="prompt_count", description="How many prompts it holds.")
+    created_at: datetime
+
+
 class ComparisonOut(Schema):
     a: str = Field(description="The first policy's role: new (this round's), previous (the round before) or sft.")
     b: str = Field(description="The second policy's role.")

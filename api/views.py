@@ -139,6 +139,15 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     }}}}}}
 
 
+EVAL_SET_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "Rows of prompt and optional reference, in any format import_pairs reads."},
+        "name": {"type": "string", "description": "What to call it (default: the file's name)."},
+    }}}}}}
+
+
 @campaigns.post("/campaigns/{unislug:slug}/imports", openapi_extra=UPLOAD_BODY,
                 response={202: schemas.ImportJobOut, 400: schemas.Error, 413: schemas.Error, **REFUSED})
 def import_upload(request, slug: str):
@@ -160,6 +169,42 @@ def import_upload(request, slug: str):
     job = start_import_job(campaign, request.user, upload, pairs_per_prompt=pairs_per_prompt,
                            priority=priority)
     return Status(202, job)
+
+
+@campaigns.get("/campaigns/{unislug:slug}/eval-sets", response={200: list[schemas.EvalSetListedOut], **REFUSED})
+def eval_set_list(request, slug: str):
+    """The campaign's evaluation sets, newest first (the first is the one new rounds are evaluated on), as the
+    Evaluation sets page lists them. Scope: import."""
+    from annotate.evalsets import eval_sets_of  # pyarrow: loaded by the first call
+
+    require_scope(request, IMPORT)
+    return eval_sets_of(campaign_for_admin(request, slug))
+
+
+@campaigns.post("/campaigns/{unislug:slug}/eval-sets", openapi_extra=EVAL_SET_BODY,
+                response={200: schemas.EvalSetListedOut, 201: schemas.EvalSetListedOut, 400: schemas.ImportError_,
+                          413: schemas.Error, **REFUSED})
+def eval_set_upload(request, slug: str):
+    """Upload an evaluation set, as the Evaluation sets page does (up to PAIRLOOP_MAX_UPLOAD_BYTES): 201 with
+    the new version, 200 when the same content is there already; 400 naming each bad row's line and field,
+    nothing stored. Scope: import."""
+    from annotate.evalsets import eval_sets_of, import_eval_upload  # pyarrow: loaded by the first upload
+
+    require_scope(request, IMPORT)
+    campaign = campaign_for_admin(request, slug)
+    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
+    request.upload_handlers.insert(0, capped)  # the body is not read yet: the cap applies before storing
+    upload = request.FILES.get("file")
+    if capped.refused:
+        return Status(413, {"detail": upload_too_large(capped.cap)})
+    if upload is None:
+        return Status(400, {"detail": "send the file as the multipart/form-data field 'file'", "errors": [],
+                            "total": 0})
+    try:
+        eval_set, created = import_eval_upload(campaign, upload, request.POST.get("name", "").strip())
+    except ImportFailed as exc:
+        return Status(400, {"detail": f"nothing was imported: {exc}", "errors": exc.lines(), "total": exc.total})
+    return Status(201 if created else 200, eval_sets_of(campaign).get(pk=eval_set.pk))
 
 
 @campaigns.get("/campaigns/{unislug:slug}/imports/{int:import_id}",

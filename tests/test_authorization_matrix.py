@@ -82,6 +82,8 @@ EXPECTED = {
     "api:campaign_update":    (401,   405) * 5,
     "api:import_upload":      (405,   401) * 5,
     "api:import_read":        (401,   405) * 5,
+    "api:eval_set_list":      (401,   401) * 5,
+    "api:eval_set_upload":    (401,   401) * 5,
     "api:webhook_list":       (401,   401) * 5,
     "api:webhook_add":        (401,   401) * 5,
     "api:webhook_remove":     (405,   405) * 5,

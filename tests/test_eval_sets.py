@@ -121,3 +121,24 @@ def test_only_admins_see_or_upload_evaluation_sets(client, reviewer):
     assert client.get(f"/campaigns/{campaign.slug}/eval-sets/").status_code == 404
     assert client.post(f"/campaigns/{campaign.slug}/eval-sets/", {"file": upload(ROWS)}).status_code == 404
     assert not EvalSet.objects.exists()
+
+
+def test_the_api_uploads_a_set_and_lists_the_campaigns_sets(admin_user, reviewer):
+    from tests.test_api import api_for
+
+    campaign = make_campaign(n_pairs=1)
+    api = api_for(admin_user)
+    url = f"/api/v1/campaigns/{campaign.slug}/eval-sets"
+    response = api.client.post(url, {"file": upload(ROWS), "name": "maths"}, headers=api.headers)
+    eval_set = EvalSet.current(campaign)
+    assert response.status_code == 201
+    assert response.json() | {"created_at": None} == {"id": eval_set.pk, "name": "maths", "version": eval_set.version,
+                                                      "prompts": 3, "created_at": None}
+    again = api.client.post(url, {"file": upload(ROWS)}, headers=api.headers)
+    assert again.status_code == 200 and again.json()["id"] == eval_set.pk
+    refused = api.client.post(url, {"file": upload([{"prompt": "Question 0?"}])}, headers=api.headers)
+    assert refused.status_code == 400 and refused.json()["errors"] == [
+        "line 1, field 'prompt': is a training prompt of this campaign: an evaluation prompt never is"]
+    assert [row["version"] for row in api.get(f"/campaigns/{campaign.slug}/eval-sets").json()] == [eval_set.version]
+    assert api_for(reviewer).get(f"/campaigns/{campaign.slug}/eval-sets").status_code == 403
+    assert EvalSet.objects.count() == 1
