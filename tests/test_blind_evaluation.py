@@ -45,7 +45,8 @@ def evaluated_round(labeler) -> Round:
                for i, p in enumerate(eval_set.prompts.order_by("position"))]
     result = {"policies": [{"role": NEW, "label": "Round 1", "checkpoint": NEW_CHECKPOINT},
                            {"role": SFT, "label": "SFT policy", "checkpoint": SFT_CHECKPOINT}],
-              "answers": answers, "comparisons": [], "judges": [], "eval_set": {"id": eval_set.pk}}
+              "answers": answers, "comparisons": [], "judges": [],
+              "eval_set": {"id": eval_set.pk, "name": eval_set.name, "version": eval_set.version, "prompts": PROMPTS}}
     for job in round_.jobs.order_by("order"):
         assert actions.claim_job(job.pk, f"t-{job.pk}")[0] is not None
         actions.finish_job(job.pk, f"t-{job.pk}", result=result if job.kind == Job.EVALUATE else {},
@@ -83,7 +84,7 @@ def test_a_blind_batch_never_reaches_a_training_export(labeler, tmp_path):
     assert sorted(row["purpose"] for row in raw) == ["evaluation"] * PROMPTS + ["training"] * MIN
 
 
-def test_people_who_prefer_the_new_policy_rate_it_above_sft_with_intervals(labeler):
+def test_people_who_prefer_the_new_policy_rate_it_above_sft_with_intervals(labeler, admin_user):
     round_ = evaluated_round(labeler)
     actions.send_evaluation_to_labelers(round_)
     judge_all(round_.campaign, labeler)
@@ -94,6 +95,11 @@ def test_people_who_prefer_the_new_policy_rate_it_above_sft_with_intervals(label
     players = {p.player: p for p in human["ratings"]["players"]}
     assert players["Round 1"].low > players["SFT policy"].rating == 1000
     assert human["ratings"]["judgments"] == PROMPTS
+    from tests.test_api import api_for
+
+    served = api_for(admin_user).get(f"/rounds/{round_.pk}/evaluation").json()["human"]
+    assert served["table"][0]["b_label"] == "SFT policy" and served["table"][0]["ci_low"] == row["ci_low"]
+    assert [p["policy"] for p in served["ratings"]["players"]] == ["Round 1", "SFT policy"]
 
 
 def test_the_labeling_page_and_the_claim_api_never_say_which_policy_wrote_what(labeler):
