@@ -1340,3 +1340,76 @@ def test_the_round_page_charts_each_named_reward_sources_curve_but_not_a_path_na
     assert Job.is_chart_key("ppo/reward/quality") and Job.is_chart_key("grpo/reward/safety_classifier")
     assert Job.is_chart_key("ppo/reward/gated") and Job.is_chart_key("ppo/reward")
     assert not Job.is_chart_key("ppo/reward//runs/rm") and not Job.is_chart_key("ppo/reward/rule:correct")
+
+
+def axes_campaign(slug="axes"):
+    """A judged campaign asking "helpful" then "respectful"."""
+    from annotate.actions import save_axis
+    from annotate.models import Axis
+
+    campaign = judged_campaign(slug=slug)
+    Campaign.objects.filter(pk=campaign.pk).update(axis_key="helpful")
+    campaign.refresh_from_db()
+    save_axis(Axis(campaign=campaign, key="respectful", question="Which answer is more respectful?", position=1))
+    return Campaign.objects.get(pk=campaign.pk)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_the_policy_stage_optimises_each_axis_s_reward_model_with_the_safety_axis_s_as_safety(
+        chains, monkeypatch, algorithm):
+    def stage(name, args, progress):
+        raise _Handed(args)
+
+    monkeypatch.setattr(runner, "train", stage)
+    monkeypatch.setattr(runner, "ensure_policy", lambda path, preset: path)
+    round_ = launch(axes_campaign(), algorithm=algorithm, safety_axis="respectful", reward_combination="gated")
+    succeed(round_.jobs.get(kind=Job.EXPORT))
+    reward = round_.jobs.get(kind=Job.REWARD)
+    claim(reward, "task-rm")
+    actions.finish_job(reward.pk, "task-rm", result={"axes": {"helpful": "/ckpt/h", "respectful": "/ckpt/r"}},
+                       round_fields={"reward_checkpoint": "/ckpt/h"})
+    with pytest.raises(_Handed) as raised:
+        runner.RUNNERS[algorithm](round_.jobs.get(kind=algorithm), _Quiet())
+    args = raised.value.handed
+    assert args.reward_models == ["/ckpt/h", "/ckpt/r"]
+    assert args.reward_names == ["axis_helpful", "axis_respectful"] and args.reward_roles == ["quality", "safety"]
+    assert args.reward_combination == "gated"
+
+
+@pytest.mark.django_db
+def test_a_launch_names_the_campaign_s_axes_when_the_safety_or_dpo_axis_is_not_one_of_them(chains):
+    campaign = axes_campaign()
+    with pytest.raises(ConfigError, match="safety_axis='harmless' is not an axis of campaign axes: its axes are "
+                                          "helpful, respectful"):
+        actions.launch_config(campaign, "tiny", {"safety_axis": "harmless"})
+    with pytest.raises(ConfigError, match="dpo_axis='kind' is not an axis"):
+        actions.launch_config(campaign, "tiny", {"algorithm": "dpo", "dpo_axis": "kind"})
+    with pytest.raises(ConfigError, match="the campaign's only axis"):
+        actions.launch_config(judged_campaign(slug="one"), "tiny", {"safety_axis": "overall"})
+    assert actions.launch_config(campaign, "tiny", {"safety_axis": "respectful"}).safety_axis == "respectful"
+    assert Round.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_a_dpo_round_exports_the_axis_it_learns_from_and_a_ppo_round_every_axis(chains, settings, tmp_path):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "EXPORTS_DIR": str(tmp_path)}
+    campaign = axes_campaign()
+    add_pairs(campaign, [PairInput(f"Ask {i}?", f"good x{i}", f"bad x{i}") for i in range(3)], notify=False)
+    judge = make_user("judge-axes")
+    campaign.members.add(judge)
+    while (claimed := claim_next_pair(campaign, judge)).assignment is not None:
+        pair_a, pair_b = ("a", "b") if claimed.assignment.a_on_left else ("b", "a")  # shown terms
+        submit_judgment(assignment_id=claimed.assignment.pk, labeler=judge,
+                        choices={"helpful": pair_a, "respectful": pair_b}, strengths={"helpful": 2, "respectful": 2})
+    dpo = launch(campaign, algorithm="dpo", dpo_axis="respectful", force=True)
+    outcome = runner.run_export(claim(dpo.jobs.get(kind=Job.EXPORT)), _Quiet())
+    assert list(outcome.result["axes"]) == ["respectful"]
+    rows = [json.loads(line) for line in Path(outcome.round_fields["dataset_path"]).read_text().splitlines()]
+    assert rows and all(row["chosen"].startswith("bad") for row in rows)  # the respectful axis preferred B
+    Job.objects.filter(round=dpo).update(status=Job.SUCCEEDED)
+    ppo = launch(campaign, algorithm="ppo", force=True)
+    outcome = runner.run_export(claim(ppo.jobs.get(kind=Job.EXPORT)), _Quiet())
+    assert list(outcome.result["axes"]) == ["helpful", "respectful"]
+    helpful = Path(outcome.result["axes"]["helpful"]["path"]).read_text()
+    assert helpful.splitlines() and all(json.loads(line)["chosen"].startswith("good") for line in helpful.splitlines())

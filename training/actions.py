@@ -28,7 +28,7 @@ from annotate.actions import PairInput, add_pairs
 from annotate.models import Campaign, EvalPrompt, Judgment, Pair, Response
 from annotate.statistics import usable_judgments
 from training import dispatch, live, starting_policy
-from training.config import DPO, GRPO, PPO, RoundConfig, build_config, refuse_unused
+from training.config import DPO, GRPO, PPO, ConfigError, RoundConfig, build_config, refuse_unused
 from training.engine.chat_date import CHAT_DATE_FORMAT
 from training.engine.stop import StopWithoutSaving
 from training.models import Job, Round
@@ -192,7 +192,22 @@ def launch_config(campaign: Campaign, preset: str, values: dict[str, Any] | None
     campaign's own (campaign_settings), then `values`. Raises ConfigError / ValueError naming bad settings."""
     config = build_config(preset, {**campaign_settings(campaign), **(values or {})})
     refuse_unused(config.algorithm, values or {})
+    check_axes(campaign, config)
     return config
+
+
+def check_axes(campaign: Campaign, config: RoundConfig) -> None:
+    """Raise ConfigError when safety_axis or dpo_axis names no axis of the campaign, or the safety axis would leave
+    no quality axis beside it."""
+    keys = [axis.key for axis in campaign.axes()]
+    problems = {name: f"{name}={getattr(config, name)!r} is not an axis of campaign {campaign.slug}: its axes are "
+                      + ", ".join(keys)
+                for name in ("safety_axis", "dpo_axis") if getattr(config, name) and getattr(config, name) not in keys}
+    if not problems and config.safety_axis and len(keys) == 1:
+        problems["safety_axis"] = (f"safety_axis={config.safety_axis!r} is the campaign's only axis: a round needs a "
+                                   "quality axis beside the safety one")
+    if problems:
+        raise ConfigError(problems)
 
 
 def launch_round(campaign: Campaign, user, config: RoundConfig, *, force: bool = False) -> Round:

@@ -175,6 +175,9 @@ class RoundConfig:
     safety_classifier_label: int = setting(0, bounds=(0, 65_535), section="Safety", label="Safe label",
                                            algorithms=WITH_REWARD_MODEL)
     """Index of the safety classifier's label that means safe (its config.json id2label); 0, the first label."""
+    safety_axis: str = setting("", section="Safety", label="Safety axis", algorithms=WITH_REWARD_MODEL)
+    """Key of the campaign's axis whose reward model is the safety reward, the others' quality (checked at launch
+    against the campaign's axes); empty: none, every axis's reward model is quality."""
     ppo_steps: int = setting(30, bounds=(1, 1_000_000), engine=("ppo", "PPOArgs", "steps"),
                              section="PPO", label="Steps", algorithms=(PPO,))
     """PPO iterations (each: a rollout batch and its optimisation); 30, the engine's default."""
@@ -221,6 +224,8 @@ class RoundConfig:
         label="Weight per older round", algorithms=(DPO,))
     """w: a pair made k rounds before the newest judged round's weighs w^k (imports count as round 0); 1, the
     engine's: every round's pairs alike; 0: the newest round's pairs only."""
+    dpo_axis: str = setting("", section="DPO", label="Axis", algorithms=(DPO,))
+    """Key of the campaign's axis whose pairs DPO learns from (checked at launch); empty: the campaign's first axis."""
     dpo_lr: float = setting(
         1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("dpo", "DPOArgs", "lr"),
         why_differs="1e-4: at the engine's 1e-6 three closed-loop DPO rounds left the tiny demo policy as it "

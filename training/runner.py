@@ -43,6 +43,7 @@ from demo import demo_tasks
 from pairloop import heartbeat
 from training import actions, live, review, tracking
 from training.config import (
+    DPO,
     PAIRING_PREVIOUS,
     PAIRING_SELF,
     PAIRING_SFT,
@@ -386,16 +387,27 @@ class RewardSource:
 
 
 def reward_sources(round_: Round, config: RoundConfig) -> list[RewardSource]:
-    """Every reward the round's PPO or GRPO stage optimises, the one list of them: the round's reward model
-    (quality) and, with safety_classifier set, that classifier's P(safe) (safety)."""
-    if not round_.reward_checkpoint:
+    """Every reward the round's PPO or GRPO stage optimises, the one list of them: each axis's reward model (the
+    safety_axis's safety, the others quality; one axis alone is named quality) and, with safety_classifier set, that
+    classifier's P(safe) (safety)."""
+    checkpoints = axis_checkpoints(round_)
+    if not checkpoints:
         raise RunnerError("this round has no reward model yet: its reward job has not succeeded")
-    sources = [RewardSource("quality", round_.reward_checkpoint, QUALITY)]
+    if len(checkpoints) == 1 and not config.safety_axis:
+        sources = [RewardSource("quality", next(iter(checkpoints.values())), QUALITY)]
+    else:
+        sources = [RewardSource(axis_source_name(key), path, SAFETY if key == config.safety_axis else QUALITY)
+                   for key, path in checkpoints.items()]
     if config.safety_classifier:
         sources.append(RewardSource("safety_classifier",
                                     classifier_source(config.safety_classifier, config.safety_classifier_label),
                                     SAFETY))
     return sources
+
+
+def axis_source_name(key: str) -> str:
+    """The reward source name of an axis's reward model (its metric <stage>/reward/axis_<key>)."""
+    return "axis_" + key.lower().replace("-", "_")
 
 
 def reward_source_args(sources: list[RewardSource]) -> dict[str, list[str]]:
@@ -418,62 +430,127 @@ def opponent(round_: Round, config: RoundConfig) -> tuple[str, str]:
 # The job kinds
 # ---------------------------------------------------------------------------------------------
 
+def round_axes(round_: Round, config: RoundConfig) -> list[str]:
+    """The keys of the axes a round learns from, the first its primary one (Round.dataset_path, reward_checkpoint):
+    a DPO round's dpo_axis (empty: the campaign's first axis), every axis of the campaign for the other types."""
+    campaign = round_.campaign
+    if config.algorithm == DPO:
+        return [config.dpo_axis or campaign.axis_key]
+    return [axis.key for axis in campaign.axes()]
+
+
 def run_export(job: Job, progress: Progress) -> Outcome:
-    """Export the campaign's judged pairs to a versioned JSONL file (round number + content hash)."""
-    from annotate.exporting import export_pairs, provenance
+    """Export the campaign's judged pairs on each axis the round learns from (round_axes) to a versioned JSONL file
+    (round number, the axis's key but the first's, content hash), of the judgments its `judgments` setting takes."""
+    from annotate.exporting import provenance
+
+    round_ = job.round
+    selection = round_config(round_).judgments
+    keys = round_axes(round_, round_config(round_))
+    progress.set(0, len(keys))
+    axes = {}
+    for done, key in enumerate(keys):
+        axes[key] = _export_axis(job, key, selection, named=key != round_.campaign.axis_key, progress=progress)
+        progress.set(done + 1, len(keys))
+    primary = axes[keys[0]]
+    sources = provenance(round_.campaign, ai=selection)
+    progress.line(f"Judgments: {selection}; AI labelers made {sources['ai_share']:.0%} of the pairs")
+    return Outcome({**primary, "provenance": sources, "axes": axes}, primary["path"],
+                   {"dataset_path": primary["path"], "data_version": primary["data_version"]})
+
+
+def _export_axis(job: Job, key: str, selection: str, *, named: bool, progress: Progress) -> dict[str, Any]:
+    """Export one axis's Bradley-Terry pairs of the judgments `selection` takes; what the export job's result says
+    of it."""
+    from annotate.exporting import export_pairs
 
     round_ = job.round
     campaign = round_.campaign
-    selection = round_config(round_).judgments
-    progress.set(0, 1)
     out_dir = Path(settings.PAIRLOOP["EXPORTS_DIR"]) / campaign.slug
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".round-{round_.number}-job-{job.pk}.jsonl"
+    stem = f"round-{round_.number}" + (f"-{key}" if named else "")
+    tmp = out_dir / f".{stem}-job-{job.pk}.jsonl"
     # A chat campaign's pairs keep their turns (TRL's conversational form): the reward model then reads each
     # prompt as PPO and the sample job score it, in its chat template, or flattened by common.prompt_text.
     exported = export_pairs(campaign, tmp, format="jsonl", raw=False, include_simulated=True, trl_format="auto",
-                            ai=selection)
+                            axis=key, ai=selection)
     if not exported.rows:
         tmp.unlink(missing_ok=True)
-        raise RunnerError("the export holds no Bradley-Terry pairs (judgments with A or B preferred): "
-                          "nothing to train the reward model on")
+        raise RunnerError(f"the export holds no Bradley-Terry pairs on the axis {key!r} (judgments with A or B "
+                          "preferred): nothing to train on")
     digest = hashlib.sha256(Path(exported.path).read_bytes()).hexdigest()[:16]
-    final = out_dir / f"round-{round_.number}-{digest}.jsonl"
+    final = out_dir / f"{stem}-{digest}.jsonl"
     Path(exported.path).replace(final)
-    progress.line(f"Exported {exported.rows} pairs to {final}")
+    progress.line(f"Exported {exported.rows} pairs of the axis {key!r} to {final}")
     left_out = exported.left_out
     if left_out and left_out.count:
         progress.line(f"Left out {left_out.sentence()}")
-    progress.set(1, 1)
-    sources = provenance(campaign, ai=selection)
-    progress.line(f"Judgments: {selection}; AI labelers made {sources['ai_share']:.0%} of the pairs")
-    return Outcome({"rows": exported.rows, "path": str(final), "data_version": digest, "provenance": sources,
-                    "excluded": left_out.count if left_out else 0,
-                    "excluded_reasons": left_out.reasons if left_out else []}, str(final),
-                   {"dataset_path": str(final), "data_version": digest})
+    return {"rows": exported.rows, "path": str(final), "data_version": digest,
+            "excluded": left_out.count if left_out else 0,
+            "excluded_reasons": left_out.reasons if left_out else []}
+
+
+def axis_exports(round_: Round) -> dict[str, str]:
+    """{axis key: exported pairs} of the round's export job, the primary axis first; a round exported before
+    rounds had axes: its dataset_path on the campaign's first axis."""
+    export = round_.jobs.filter(kind=Job.EXPORT).first()
+    axes = (export.result or {}).get("axes") if export is not None else None
+    if axes:
+        return {key: value["path"] for key, value in axes.items()}
+    return {round_.campaign.axis_key: round_.dataset_path} if round_.dataset_path else {}
+
+
+def axis_checkpoints(round_: Round) -> dict[str, str]:
+    """{axis key: reward model} of the round's reward job, the primary axis first; a round trained before rounds
+    had axes: its reward_checkpoint on the campaign's first axis."""
+    reward = round_.jobs.filter(kind=Job.REWARD, status=Job.SUCCEEDED).first()
+    axes = (reward.result or {}).get("axes") if reward is not None else None
+    if axes:
+        return dict(axes)
+    return {round_.campaign.axis_key: round_.reward_checkpoint} if round_.reward_checkpoint else {}
 
 
 def run_reward(job: Job, progress: Progress) -> Outcome:
-    """Train the round's Bradley-Terry reward model on the exported pairs."""
+    """Train one Bradley-Terry reward model per exported axis, each in its own directory (reward, then
+    reward-<key> for further axes) and resumed from its own checkpoint; the primary axis's is the round's."""
     from training.engine import reward
 
     round_ = job.round
     config = round_config(round_)
-    out = _fresh_start(job) / "reward"
+    exports = axis_exports(round_)
+    if not exports:
+        raise RunnerError("this round has no exported pairs yet: its export job has not succeeded")
+    root = _fresh_start(job)
     backbone = config.reward_model or settings.PAIRLOOP["REWARD_MODEL"]
     if backbone == REWARD_FROM_SFT:
         backbone = round_.config["base_policy"]
     eval_every, save_every = eval_and_save_every(round_, config.reward_batch_size, config.reward_epochs,
                                                  reward.RewardArgs.eval_fraction)
-    args = reward.RewardArgs(
-        train=round_.dataset_path, out=str(out), seed=config.seed, system_prompt=config.system_prompt,
-        log_every=2, eval_every=eval_every, save_every=save_every, resume=True,
-        resume_from=_earlier_checkpoint(job, "reward", reward.resume_dir),
-        device=device(), **({"model": backbone} if backbone else {}), **config.engine_args(reward.RewardArgs),
-    )
-    progress.line(f"Reward model from {args.model} on {round_.dataset_path}")
-    metrics = train("reward", args, progress)
-    return Outcome(metrics, str(out), {"reward_checkpoint": str(out)})
+    checkpoints, per_axis, offset = {}, {}, 0
+    for index, (key, path) in enumerate(exports.items()):
+        name = "reward" if index == 0 else f"reward-{key}"
+        # One bar for the whole job: each axis's steps follow the ones before (metric points stay in order).
+        progress.section(offset, offset + _reward_steps(path, config, reward.RewardArgs.eval_fraction)
+                         * (len(exports) - index))
+        args = reward.RewardArgs(
+            train=path, out=str(root / name), seed=config.seed, system_prompt=config.system_prompt,
+            log_every=2, eval_every=eval_every, save_every=save_every, resume=True,
+            resume_from=_earlier_checkpoint(job, name, reward.resume_dir),
+            device=device(), **({"model": backbone} if backbone else {}), **config.engine_args(reward.RewardArgs),
+        )
+        progress.line(f"Reward model of the axis {key!r} from {args.model} on {path}")
+        per_axis[key] = train("reward", args, progress)
+        checkpoints[key], offset = str(root / name), progress.step
+    primary = next(iter(exports))
+    result = {**per_axis[primary], "axes": checkpoints, "axis_metrics": per_axis}
+    return Outcome(result, checkpoints[primary], {"reward_checkpoint": checkpoints[primary]})
+
+
+def _reward_steps(path: str, config: RoundConfig, eval_fraction: float) -> int:
+    """About how many steps the reward model of one exported axis trains for (the bar's length, not a bound)."""
+    with open(path, encoding="utf-8") as rows:
+        count = sum(1 for line in rows if line.strip())
+    return max(1, math.ceil(count * (1 - eval_fraction) / config.reward_batch_size) * config.reward_epochs)
 
 
 def run_ppo(job: Job, progress: Progress) -> Outcome:
