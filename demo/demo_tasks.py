@@ -12,7 +12,8 @@ al. 2022). This module makes a small, fully checkable version of that world, so 
   data mixes them (STYLE_WEIGHTS), so the SFT policy samples a mixture preferences can shape.
 - rule judges (`RULE_JUDGES`, used as `rule:NAME`): correctness first, then a preferred style, then
   small penalties for garbage and length, as AlpacaFarm's simulated annotators stood in for people
-  (Dubois et al. 2023).
+  (Dubois et al. 2023); and "respectful", which only dislikes the curt style's rude openers (the demo
+  campaign's second axis).
 
 Prompts are split train/heldout by a hash of their text, so a held-out prompt never appears in
 the SFT data.
@@ -464,8 +465,20 @@ def _judge(prefer_style: str | None) -> Callable[[str, str], float]:
     return judge
 
 
+def is_curt(response: str) -> bool:
+    """Whether the response opens with one of the curt style's rude openers (CURT_OPENERS), right answer or not."""
+    text = _normalize(response).lower()
+    return any(text.startswith(opener.lower()) for opener in CURT_OPENERS)
+
+
+def respectful_score(instruction: str, response: str) -> float:
+    """Respect alone: 0 for a response that opens rudely (the curt style), 1 for any other."""
+    return 0.0 if is_curt(response) else 1.0
+
+
 RULE_JUDGES: dict[str, Callable[[str, str], float]] = {"correct": _judge(None)}
 RULE_JUDGES.update({f"correct_{style}": _judge(style) for style in STYLES})
+RULE_JUDGES["respectful"] = respectful_score
 DEFAULT_RULE_JUDGE = f"correct_{PREFERRED_STYLE}"
 
 
@@ -498,6 +511,7 @@ def evaluate(instructions: list[str], responses: list[str], prefer_style: str = 
 
 __all__ = [
     "FAMILIES", "STYLES", "PREFERRED_STYLE", "STYLE_WEIGHTS", "RULE_JUDGES", "DEFAULT_RULE_JUDGE", "Task",
+    "is_curt", "respectful_score",
     "make_tasks", "make_prompts", "make_sft_examples", "respond", "parse_task", "is_correct",
     "detect_style", "judge_score", "judge_description", "evaluate", "is_heldout",
 ]

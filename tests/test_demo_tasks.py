@@ -65,7 +65,18 @@ def test_it_scores_every_correct_answer_above_every_wrong_one(tasks):
         assert all(is_correct(task.instruction, r) for r in right), right
         assert not any(is_correct(task.instruction, w) for w in wrong), wrong
         for name, judge in RULE_JUDGES.items():
+            if name == "respectful":  # judges the manner alone: test_the_respectful_judge_dislikes_curt_answers_alone
+                continue
             assert min(judge(task.instruction, r) for r in right) > max(judge(task.instruction, w) for w in wrong), name
+
+
+def test_the_respectful_judge_dislikes_curt_answers_alone_right_or_wrong(tasks):
+    rng = random.Random(3)
+    judge = RULE_JUDGES["respectful"]
+    for task in tasks:
+        for answer in (None, wrong_answer(task)):
+            scores = {style: judge(task.instruction, respond(task, style, rng, answer=answer)) for style in STYLES}
+            assert scores.pop("curt") < min(scores.values()), (task.instruction, scores)
 
 
 def test_it_prefers_the_chosen_style_among_correct_answers(tasks):
