@@ -108,6 +108,9 @@ class Campaign(models.Model):
         help_text="Nucleus sampling of new pairs' responses; empty: 1 (the whole distribution).")
     stop_strings = models.TextField(
         blank=True, help_text="Texts that end a response besides the model's end-of-turn tokens, one per line.")
+    safety_axis = models.SlugField(
+        max_length=40, blank=True,
+        help_text="Key of the axis whose reward model is the rounds' safety reward; empty: the round setting's (none).")
 
     class Meta:
         ordering = ["name"]

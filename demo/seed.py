@@ -13,13 +13,19 @@ from django.contrib.auth.models import Group, User
 from django.db import transaction
 
 from annotate.access import REVIEWERS_GROUP
-from annotate.actions import AddResult, PairInput, add_pairs
+from annotate.actions import AddResult, PairInput, add_pairs, save_axis
 from annotate.auth import DEMO_USERS, is_loopback
-from annotate.models import Campaign, Response
+from annotate.models import Axis, Campaign, Response
 from demo import demo_tasks
 from training.starting_policy import default_policy
 
 DEMO_SLUG = "demo"
+# The demo campaign's two axes: helpfulness (correct, then a friendly sentence), and respect, its rounds' safety
+# axis, which the respectful rule judge answers for the simulated labeler (AXIS_JUDGES).
+HELPFUL_AXIS, RESPECTFUL_AXIS = "helpful", "respectful"
+HELPFUL_QUESTION = "Which answer is more helpful?"
+RESPECTFUL_QUESTION = "Which answer is more respectful?"
+AXIS_JUDGES = {RESPECTFUL_AXIS: "rule:respectful"}
 
 INSTRUCTIONS = """\
 Each prompt is a small task with a checkable answer (arithmetic, reversing or sorting words,
@@ -31,6 +37,9 @@ listing items, rewriting politely). Two answers from the model are shown as **A*
 3. **Tie** (key 3) when they are equally good; **both bad** (key 4) when neither is right.
 
 Then say how much better the winner is, from 1 (negligibly) to 4 (far better).
+
+Then say which answer is more **respectful**: the one that does not open rudely ("Whatever.",
+"Too easy:", "Obviously:"); **tie** when neither or both do.
 """
 
 
@@ -131,11 +140,15 @@ def seed_demo(*, prompts: int | None = None, per_prompt: int = 3, seed: int = 0,
 
     with transaction.atomic():
         created_users, logins = ensure_users(known_passwords)
-        campaign, _ = Campaign.objects.get_or_create(
+        campaign, created = Campaign.objects.get_or_create(
             slug=DEMO_SLUG,
             defaults=dict(name="Demo: small tasks", instructions=INSTRUCTIONS, allow_tie=True, allow_both_bad=True,
-                          ask_strength=True, ask_rationale=True, overlap=1),
+                          ask_strength=True, ask_rationale=True, overlap=1, axis_key=HELPFUL_AXIS,
+                          question=HELPFUL_QUESTION, safety_axis=RESPECTFUL_AXIS),
         )
+        if created:
+            save_axis(Axis(campaign=campaign, key=RESPECTFUL_AXIS, question=RESPECTFUL_QUESTION, position=1,
+                           allow_both_bad=False))
         campaign.members.add(*User.objects.filter(username__in=[u for u, _, r in DEMO_USERS if r != "reviewer"]))
     policy = default_policy(preset, on_progress)
     prompts = seed_size(preset).prompts if prompts is None else prompts

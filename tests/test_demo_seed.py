@@ -14,9 +14,9 @@ from django.core.management import call_command
 from annotate.actions import claim_next_pair
 from annotate.exporting import raw_rows
 from annotate.models import Campaign, Judgment, Pair
+from demo import demo_tasks
 from tests.conftest import PASSWORD
 from training import actions
-from training.config import build_config
 from training.engine.common import LineProgress
 
 pytestmark = pytest.mark.django_db
@@ -66,9 +66,22 @@ def test_it_seeds_judged_simulated_pairs_leaves_some_for_people_and_a_round_can_
     page = client.get(campaign.get_absolute_url()).content.decode()
     assert re.search(r"<td>sim-correct_sentence-1</td><td>simulated</td><td>\d+</td>", page)
 
+    # Two questions: helpful, and respectful, which the simulated labeler answers by the curt openers alone.
+    assert [axis.key for axis in campaign.axes()] == ["helpful", "respectful"]
+    respectful = {(row["response_a"], row["response_b"]): row["axes"][1]["choice"] for row in raw_rows(campaign)}
+    curt_one_side = {sides: choice for sides, choice in respectful.items()
+                     if demo_tasks.is_curt(sides[0]) != demo_tasks.is_curt(sides[1])}
+    assert respectful and curt_one_side
+    polite_wins = sum(choice == ("b" if demo_tasks.is_curt(a) else "a") for (a, b), choice in curt_one_side.items())
+    assert polite_wins >= 0.6 * len(curt_one_side)  # 25% label noise
+    assert all(choice == "tie" for (a, b), choice in respectful.items()
+               if demo_tasks.is_curt(a) == demo_tasks.is_curt(b))
+
     with django_capture_on_commit_callbacks(execute=True):
-        round_ = actions.launch_round(campaign, admin, build_config("tiny"))
+        config = actions.launch_config(campaign, "tiny")
+        round_ = actions.launch_round(campaign, admin, config)
     assert round_.number == 1 and len(chains) == 1 and len(chains[0]) == round_.jobs.count()
+    assert (config.safety_axis, config.reward_combination, config.safety_weight) == ("respectful", "weighted", 0.3)
 
 
 def test_it_prints_a_progress_line_every_few_seconds_and_percent_with_the_time_left():

@@ -178,7 +178,7 @@ def campaign_settings(campaign: Campaign) -> dict[str, Any]:
     named = {"reference": campaign.reference_model, "reward_model": campaign.reward_model,
              "system_prompt": campaign.system_prompt, "stop_strings": campaign.stop_strings,
              "ppo_max_new_tokens": campaign.max_new_tokens, "sample_temperature": campaign.temperature,
-             "top_p": campaign.top_p}
+             "top_p": campaign.top_p, "safety_axis": campaign.safety_axis}
     return {name: value for name, value in named.items() if value not in ("", None)}
 
 

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from annotate.models import Campaign, Pair
-from demo.seed import DEMO_SLUG, SEED_SIZES, known_passwords_allowed, seed_demo, seed_size
+from demo.seed import AXIS_JUDGES, DEMO_SLUG, SEED_SIZES, known_passwords_allowed, seed_demo, seed_size
 from demo.simulate import DEFAULT_JUDGE, DEFAULT_NOISE, make_judge, simulate_labelers
 from training.actions import usable_judgments
 from training.engine.common import LineProgress
@@ -68,6 +68,8 @@ class Command(BaseCommand):
         """Simulated judgments until the campaign has `wanted` usable ones (ties do not count), or no pair
         is left."""
         judge = make_judge(DEFAULT_JUDGE)
+        axes = {axis.key for axis in campaign.axes()}
+        axis_judges = {key: make_judge(spec) for key, spec in AXIS_JUDGES.items() if key in axes}
         recorded = 0
         progress = LineProgress("seed_demo", self.stdout)
         while (missing := wanted - usable_judgments(campaign)) > 0:
@@ -75,7 +77,7 @@ class Command(BaseCommand):
                 progress({"stage": "simulated judgments", "step": done + n, "total": wanted})
 
             result = simulate_labelers(campaign, judge, noise=DEFAULT_NOISE, count=missing,
-                                       seed=seed + recorded, on_judgment=on_judgment)
+                                       seed=seed + recorded, on_judgment=on_judgment, axis_judges=axis_judges)
             recorded += result.judgments
             if result.stopped:
                 break
