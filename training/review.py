@@ -2,8 +2,8 @@
 
 For each sampled prompt, its responses column by column: those the campaign started with, each
 earlier round's new policy's, this round's, and the policy it was paired against. The sample job
-scores every response in it that is not empty with the round's reward model; the page shows the
-first few of each cell with those scores. An empty answer (the policy ended its turn at once) is
+scores every response in it that is not empty with the round's reward model (and, on a campaign with several
+axes, with each axis's); the page shows the first few of each cell with those scores. An empty answer (the policy ended its turn at once) is
 shown as such, counted, never scored and never paired.
 
 Beside the table, the round page and the API read the rounds' win rates and the policies'
@@ -91,8 +91,12 @@ def round_review(round_: Round) -> dict | None:
     opponent = result.get("opponent") or ""
     table = review_table(round_, result.get("samples", [])[:REVIEW_PROMPTS], opponent)
 
+    axis_scores = result.get("axis_scores") or {}
+
     def cell(prompt: str, responses: list[str]) -> list[dict]:
-        return [{"text": r, "empty": is_empty(r), "score": scores.get(content_hash(prompt, r))}
+        return [{"text": r, "empty": is_empty(r), "score": scores.get(content_hash(prompt, r)),
+                 "axes": [(key, by_key[content_hash(prompt, r)]) for key, by_key in axis_scores.items()
+                          if content_hash(prompt, r) in by_key]}
                 for r in responses[:SHOWN_PER_CELL]]
 
     rows = [{"prompt": prompt, "cells": [cell(prompt, responses) for responses in cells]}
@@ -102,7 +106,7 @@ def round_review(round_: Round) -> dict | None:
     summary = {key.split("/", 1)[1]: result.get(key) for key in keys}
     return {"rows": rows, "columns": table.columns, "rates": rates, "ratings": ratings, "axis_ratings": further,
             "summary": summary,
-            "opponent": opponent, "scored": result.get("scored", True)}
+            "opponent": opponent, "scored": result.get("scored", True), "axes": list(axis_scores)}
 
 
 RATING_OUTCOME = {Judgment.A: 1.0, Judgment.B: 0.0, Judgment.TIE: 0.5, Judgment.BOTH_BAD: 0.5}

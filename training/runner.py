@@ -694,13 +694,18 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
                       + (f", {empty['other']} of the {label}'s" if other_checkpoint else "")
                       + "; shown as empty, never scored or paired")
     scores: dict[str, float] = {}
+    axis_scores: dict[str, dict[str, float]] = {}
     if round_.reward_checkpoint:
-        progress.line("Scoring the responses with this round's reward model")
         pairs = review.review_table(round_, samples, label).scored()
-        scorer = RewardScorer(round_.reward_checkpoint, device=device(), system_prompt=config.system_prompt)
         turns_of = {text: prompt for (_, text), prompt in zip(rows, prompts)}  # a chat prompt's reward sees its turns
-        values = scorer.score([turns_of.get(p, p) for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
-        scores = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
+        checkpoints = axis_checkpoints(round_)
+        for key, checkpoint in checkpoints.items():
+            progress.line(f"Scoring the responses with this round's reward model of the axis {key!r}")
+            scorer = RewardScorer(checkpoint, device=device(), system_prompt=config.system_prompt)
+            values = scorer.score([turns_of.get(p, p) for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
+            axis_scores[key] = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
+        scores = axis_scores[next(iter(checkpoints))]
+        axis_scores = axis_scores if len(axis_scores) > 1 else {}
     else:
         progress.line(f"No reward model in a {config.algorithm.upper()} round: the responses are not scored")
     out = _fresh_start(job) / "samples.jsonl"
@@ -712,7 +717,8 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
         got = [scores[content_hash(s["prompt"], r)] for s in samples for r in s[side] if not review.is_empty(r)]
         return sum(got) / len(got) if got else None
 
-    result = {"samples": samples, "scores": scores, "scored": bool(round_.reward_checkpoint), "opponent": label,
+    result = {"samples": samples, "scores": scores, "axis_scores": axis_scores,
+              "scored": bool(round_.reward_checkpoint), "opponent": label,
               "opponent_checkpoint": other_checkpoint, "new_checkpoint": round_.policy_checkpoint,
               "generation": generation, "rendered_prompt": stats["sample/rendered_prompt"],
               "sample/cut_new": sum(map(sum, new_cut)), "sample/cut_opponent": sum(map(sum, other_cut)),
