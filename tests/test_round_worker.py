@@ -15,8 +15,8 @@ from django.core.management import call_command
 from django.test import Client
 from safetensors.torch import load_file
 
-from annotate.actions import EvalInput, PairInput, add_eval_set, add_pairs, claim_next_pair
-from annotate.models import Campaign, Pair, Response
+from annotate.actions import EvalInput, PairInput, add_eval_set, add_pairs, claim_next_pair, save_axis
+from annotate.models import Axis, Campaign, Pair, Response
 from demo import demo_tasks
 from demo.simulate import make_judge, simulate_labelers
 from tests.conftest import make_user
@@ -56,10 +56,13 @@ def tiny_reward_backbone(path: Path) -> Path:
     return path
 
 
-def seed_campaign(slug: str, n_prompts: int = 24) -> Campaign:
-    """Demo prompts, responses sampled from the tiny demo policy, labeled by a noisy rule labeler."""
+def seed_campaign(slug: str, n_prompts: int = 24, respectful: bool = False) -> Campaign:
+    """Demo prompts, responses sampled from the tiny demo policy, labeled by a noisy rule labeler; with respectful,
+    a second axis "respectful" that the respectful rule judge answers."""
     policy = default_policy("tiny")  # builds the tiny demo policy once (cached under MODELS_DIR)
-    campaign = Campaign.objects.create(slug=slug, name=slug, overlap=1)
+    campaign = Campaign.objects.create(slug=slug, name=slug, overlap=1, **({"axis_key": "helpful"} if respectful else {}))
+    if respectful:
+        save_axis(Axis(campaign=campaign, key="respectful", question="Which answer is more respectful?", position=1))
     prompts = demo_tasks.make_prompts(n_prompts, seed=0, split="train")
     samples = sample_responses(policy, prompts, num_per_prompt=3, max_new_tokens=24, temperature=1.0, seed=0,
                                device="cpu")
@@ -68,7 +71,9 @@ def seed_campaign(slug: str, n_prompts: int = 24) -> Campaign:
         distinct = list(dict.fromkeys(r for r in responses if r.strip()))
         items += [PairInput(prompt, a, b) for a, b in zip(distinct, distinct[1:])]
     add_pairs(campaign, items, source=Response.SEED, checkpoints=(policy, policy), notify=False)
-    result = simulate_labelers(campaign, make_judge("rule:correct_sentence"), noise=0.25, count=1000)
+    axis_judges = {"respectful": make_judge("rule:respectful")} if respectful else None
+    result = simulate_labelers(campaign, make_judge("rule:correct_sentence"), noise=0.25, count=1000,
+                               axis_judges=axis_judges)
     assert actions.usable_judgments(campaign) >= 10, result
     return campaign
 
@@ -371,3 +376,31 @@ def test_a_ppo_round_gated_on_a_safety_classifier_records_both_rewards_curves(ti
     assert len(safe) == config.ppo_steps and all(0 < p < 1 for p in safe)  # the mean P(safe), every step
     page = round_page(reviewer, round_)
     assert all(curve in page for curve in curves)
+
+
+@pytest.mark.parametrize("combination", ["weighted", "gated"])
+def test_a_ppo_round_on_two_axes_trains_a_reward_model_per_axis_and_optimises_their_combination(
+        tiny_world, reviewer, combination):
+    campaign = seed_campaign(f"axes-{combination}", n_prompts=16, respectful=True)
+    config = build_config("tiny", {"reward_model": tiny_world["reward_model"], "safety_axis": "respectful",
+                                   "reward_combination": combination, "safety_threshold": "0.5"})
+    with Worker(env=tiny_world["env"], purge=True) as worker:
+        round_ = actions.launch_round(campaign, None, config)
+        jobs = wait_for(lambda: round_over(round_), 400, worker, f"the {combination} two-axis round to finish")
+    round_.refresh_from_db()
+    export, reward, ppo = jobs[:3]
+    assert list(export.result["axes"]) == ["helpful", "respectful"]
+    checkpoints = reward.result["axes"]
+    assert checkpoints["helpful"] == round_.reward_checkpoint != checkpoints["respectful"]
+    assert all(Path(path, "config.json").is_file() for path in checkpoints.values())
+    args = read_checkpoint_meta(round_.policy_checkpoint)["args"]
+    assert args["reward_models"] == [checkpoints["helpful"], checkpoints["respectful"]]
+    assert args["reward_roles"] == ["quality", "safety"] and args["reward_combination"] == combination
+    curves = {"ppo/reward/axis_helpful", "ppo/reward/axis_respectful"} | ({"ppo/reward/gated"} if combination == "gated"
+                                                                           else set())
+    assert curves <= chart_keys(ppo)
+    sample = jobs[3].result
+    assert set(sample["axis_scores"]) == {"helpful", "respectful"} and sample["scores"] == sample["axis_scores"]["helpful"]
+    page = round_page(reviewer, round_)
+    assert all(curve in page for curve in curves)
+    assert 'title="reward model of the axis respectful"' in page and 'title="reward model of the axis helpful"' in page

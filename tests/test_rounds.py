@@ -1413,3 +1413,26 @@ def test_a_dpo_round_exports_the_axis_it_learns_from_and_a_ppo_round_every_axis(
     assert list(outcome.result["axes"]) == ["helpful", "respectful"]
     helpful = Path(outcome.result["axes"]["helpful"]["path"]).read_text()
     assert helpful.splitlines() and all(json.loads(line)["chosen"].startswith("good") for line in helpful.splitlines())
+
+
+@pytest.mark.django_db
+def test_the_review_shows_each_axis_s_reward_score_of_each_response(chains, reviewer):
+    campaign = axes_campaign()
+    round_ = launch(campaign, safety_axis="respectful")
+    prompt_id = campaign.prompts.order_by("id").first().pk
+    prompt = campaign.prompts.get(pk=prompt_id).text
+    for job in round_.jobs.order_by("order"):
+        succeed(job)
+    curt, polite = "Whatever. 4", "The answer is 4."
+    Job.objects.filter(round=round_, kind=Job.SAMPLE).update(result={
+        "samples": [{"prompt_id": prompt_id, "prompt": prompt, "new": [curt, polite], "other": []}],
+        "scores": {content_hash(prompt, curt): 0.75, content_hash(prompt, polite): 0.5},
+        "axis_scores": {"helpful": {content_hash(prompt, curt): 0.75, content_hash(prompt, polite): 0.5},
+                        "respectful": {content_hash(prompt, curt): -1.5, content_hash(prompt, polite): 2.25}},
+    })
+    page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
+    assert "reward model of each axis (helpful, respectful)" in page
+    cells = re.findall(r'<div class="response-text">([^<]*)</div>((?:<span class="score axis-score"[^>]*>[^<]*</span>)*)',
+                       page)
+    shown = {text: re.findall(r">([^<]*)</span>", spans) for text, spans in cells}
+    assert shown[curt] == ["helpful 0.75", "respectful -1.50"] and shown[polite] == ["helpful 0.50", "respectful 2.25"]
