@@ -365,9 +365,15 @@ def eval_and_save_every(round_: Round, batch_size: int, epochs: int, eval_fracti
     """Steps between held-out evaluations and between checkpoints of a stage trained on the exported pairs: about
     ten of each a run, at least every 10 and 20 steps (evaluating every 10 steps cost the demo's 7,800-pair round
     more time than training did)."""
-    trained_on = round_.config.get("usable_judgments", 0) * (1 - eval_fraction)
-    steps = math.ceil(trained_on / batch_size) * epochs
+    steps = stage_steps(round_, batch_size, epochs, eval_fraction)
     return max(10, steps // 10), max(20, steps // 10)
+
+
+def stage_steps(round_: Round, batch_size: int, epochs: int, eval_fraction: float) -> int:
+    """About how many steps a stage trained on the round's exported pairs takes: its usable judgments at launch,
+    less the held-out share, in batches, times the epochs (the first axis's count stands in for every axis's)."""
+    trained_on = round_.config.get("usable_judgments", 0) * (1 - eval_fraction)
+    return math.ceil(trained_on / batch_size) * epochs
 
 
 def kl_reference(round_: Round, config: RoundConfig) -> str:
@@ -530,8 +536,8 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     for index, (key, path) in enumerate(exports.items()):
         name = "reward" if index == 0 else f"reward-{key}"
         # One bar for the whole job: each axis's steps follow the ones before (metric points stay in order).
-        progress.section(offset, offset + _reward_steps(path, config, reward.RewardArgs.eval_fraction)
-                         * (len(exports) - index))
+        progress.section(offset, offset + max(1, stage_steps(round_, config.reward_batch_size, config.reward_epochs,
+                                                             reward.RewardArgs.eval_fraction)) * (len(exports) - index))
         args = reward.RewardArgs(
             train=path, out=str(root / name), seed=config.seed, system_prompt=config.system_prompt,
             log_every=2, eval_every=eval_every, save_every=save_every, resume=True,
@@ -544,13 +550,6 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
     primary = next(iter(exports))
     result = {**per_axis[primary], "axes": checkpoints, "axis_metrics": per_axis}
     return Outcome(result, checkpoints[primary], {"reward_checkpoint": checkpoints[primary]})
-
-
-def _reward_steps(path: str, config: RoundConfig, eval_fraction: float) -> int:
-    """About how many steps the reward model of one exported axis trains for (the bar's length, not a bound)."""
-    with open(path, encoding="utf-8") as rows:
-        count = sum(1 for line in rows if line.strip())
-    return max(1, math.ceil(count * (1 - eval_fraction) / config.reward_batch_size) * config.reward_epochs)
 
 
 def run_ppo(job: Job, progress: Progress) -> Outcome:
