@@ -26,6 +26,11 @@ with the judge means, its targets (met or not), and one JSON line of the figures
     .venv/bin/python benchmarks/closed_loop.py --rounds 3                     # the real thing
     .venv/bin/python benchmarks/closed_loop.py --rounds 3 --set ppo_steps=60 --set ppo_kl_coef=0.02
     .venv/bin/python benchmarks/closed_loop.py --preset tiny --rounds 1 --algorithm dpo   # or grpo
+    .venv/bin/python benchmarks/closed_loop.py --axes helpful,respectful --set safety_weight=0.3   # two axes
+
+With --axes helpful,respectful the labeler also answers the demo campaign's respectful axis (its rule judge
+dislikes curt answers), each round trains a reward model per axis with respectful as the safety axis, and
+the figures add the share of curt answers (benchmarks/README.md#closed-loop-two-axes).
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="round config override, as launch_round accepts (repeatable)")
     p.add_argument("--judge", default="", help="rule judge of the simulated labeler (default: the demo's, "
                                                "correct_sentence); the comparison uses the same rule")
+    p.add_argument("--axes", default="helpful",
+                   help="the demo campaign's axes the labeler answers and the rounds learn from, comma-separated: "
+                        "helpful (the first, always), respectful (its rule judge dislikes curt answers; the rounds' "
+                        "safety axis, combined by --set reward_combination / safety_weight)")
     p.add_argument("--noise", type=float, default=0.25, help="probability the labeler flips its preference")
     p.add_argument("--labels-per-round", type=int, default=0,
                    help="judgments per round before launching (0: every open pair)")
@@ -227,7 +236,8 @@ def describe(prompts: list[str], texts: list[str], judge) -> dict:
     styled = [int(demo_tasks.detect_style(p, t) == demo_tasks.PREFERRED_STYLE) for p, t in zip(prompts, texts)]
     n = len(prompts)
     return {"scores": scores, "judge_mean": sum(scores) / n, "correct_each": correct,
-            "correct": sum(correct) / n, "preferred_style_each": styled, "preferred_style": sum(styled) / n}
+            "correct": sum(correct) / n, "preferred_style_each": styled, "preferred_style": sum(styled) / n,
+            "curt": sum(map(demo_tasks.is_curt, texts)) / n}
 
 
 def compare(new: dict, sft: dict, tie_epsilon: float) -> dict:
@@ -296,6 +306,23 @@ def rm_rule_agreement(sample_result: dict, judge, tie_epsilon: float) -> tuple[f
 # ---------------------------------------------------------------------------------------------
 # One round
 # ---------------------------------------------------------------------------------------------
+
+def keep_axes(campaign, keys: list[str]) -> dict:
+    """Keep only the seeded demo campaign's axes named (the first always; the safety axis cleared with its axis);
+    the simulated labeler's judges of the further ones kept, by key."""
+    from annotate.models import Axis
+    from demo.seed import AXIS_JUDGES
+    from demo.simulate import make_judge
+
+    known = [axis.key for axis in campaign.axes()]
+    if keys[0] != known[0] or not set(keys) <= set(known):
+        raise SystemExit(f"--axes: the demo campaign's axes are {', '.join(known)}, the first one first")
+    Axis.objects.filter(campaign=campaign).exclude(key__in=keys).delete()  # none judged yet
+    if campaign.safety_axis not in keys:
+        campaign.safety_axis = ""
+        campaign.save(update_fields=["safety_axis"])
+    return {key: make_judge(spec) for key, spec in AXIS_JUDGES.items() if key in keys}
+
 
 def run_chain(job_ids: list[int]) -> list[dict]:
     """Run the round's jobs in chain order through the Celery task functions (`apply()`: in this process,
@@ -439,6 +466,13 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
 
     campaign = Campaign.objects.get(slug="demo")
     admin = User.objects.get(username="admin")
+    axis_judges = keep_axes(campaign, args.axes.split(","))
+    campaign = Campaign.objects.get(slug="demo")  # its axes read again
+    # The campaign's own round settings (its safety axis) under the overrides, as every launch door reads them.
+    config = actions.launch_config(campaign, args.preset, {**parse_assignments(args.overrides),
+                                                          "algorithm": args.algorithm})
+    print(f"axes: {', '.join(axis.key for axis in campaign.axes())}; safety axis {config.safety_axis or '(none)'}, "
+          f"{config.reward_combination}, safety weight {config.safety_weight:g}", flush=True)
     print(f"seeded the demo campaign: {seeded.pairs.created} pairs from {args.seed_prompts} prompts "
           f"in {seed_s:.1f} s", flush=True)
 
@@ -459,7 +493,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     for number in range(1, args.rounds + 1):
         print(f"\nround {number}", flush=True)
         started = time.perf_counter()
-        labeled = simulate_labelers(campaign, labeler, noise=args.noise,
+        labeled = simulate_labelers(campaign, labeler, noise=args.noise, axis_judges=axis_judges,
                                     count=args.labels_per_round or 10**9, seed=args.seed * 1000 + number)
         label_s = time.perf_counter() - started
         usable = actions.usable_judgments(campaign)
@@ -495,6 +529,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
             "judge_new": new["judge_mean"], "judge_sft": sft["judge_mean"],
             "correct_new": new["correct"], "correct_sft": sft["correct"],
             "style_new": new["preferred_style"], "style_sft": sft["preferred_style"],
+            "curt_new": new["curt"], "curt_sft": sft["curt"],
             "kl_ref": policy.get(f"{stage}/kl"), "kl_sft": kl_sft,
             "policy_reward": policy.get(f"{stage}/reward"),
             "policy_entropy": policy.get(f"{stage}/entropy"),
@@ -519,7 +554,8 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
               f"(gap {versus['judge_gap']:+.3f}, 95% CI {versus['judge_gap_ci'][0]:+.3f}.."
               f"{versus['judge_gap_ci'][1]:+.3f}); correct {new['correct']:.3f} vs {sft['correct']:.3f}; "
               f"{demo_tasks.PREFERRED_STYLE} style "
-              f"{new['preferred_style']:.3f} vs {sft['preferred_style']:.3f}", flush=True)
+              f"{new['preferred_style']:.3f} vs {sft['preferred_style']:.3f}; curt {new['curt']:.3f} vs "
+              f"{sft['curt']:.3f}", flush=True)
         print(f"  KL to the round's reference ({stage} final step) {fmt(row['kl_ref'], '.2f')}, "
               f"to SFT on held-out {kl_sft:.2f}; {stage} reward {fmt(row['policy_reward'])}, "
               f"entropy {fmt(row['policy_entropy'])}, "
@@ -540,7 +576,7 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
     # ---- summary ---------------------------------------------------------------------------
     kinds = actions.round_chain(config)
     header = ("round", "labels", "rm acc", "rm~rule", "W/T/L", "win", "ties", "judge new/sft",
-              "correct new/sft", "style new/sft", "KL ref", "KL sft", *[f"{k} s" for k in kinds],
+              "correct new/sft", "style new/sft", "curt new/sft", "KL ref", "KL sft", *[f"{k} s" for k in kinds],
               "ready s", "ready CPU-s", "load")
     lines = [header]
     for r in rounds:
@@ -548,7 +584,8 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
                       f"{r['wins']}/{r['ties']}/{r['losses']}", fmt(r["win_rate"]), fmt(r["tie_share"]),
                       f"{r['judge_new']:.3f}/{r['judge_sft']:.3f}",
                       f"{r['correct_new']:.3f}/{r['correct_sft']:.3f}",
-                      f"{r['style_new']:.3f}/{r['style_sft']:.3f}", fmt(r["kl_ref"], ".2f"),
+                      f"{r['style_new']:.3f}/{r['style_sft']:.3f}", f"{r['curt_new']:.3f}/{r['curt_sft']:.3f}",
+                      fmt(r["kl_ref"], ".2f"),
                       fmt(r["kl_sft"], ".2f"),
                       *[fmt(r["job_s"].get(k), ".1f") for k in kinds], f"{r['ready_s']:.1f}",
                       f"{r['ready_cpu_s']:.0f}",
@@ -595,7 +632,8 @@ def run(args, env: dict, data_dir: Path, load_start) -> int:
                "jobs_run": "celery task.apply() in-process", "cpus": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "seed_s": round(seed_s, 2),
                "seeded_pairs": seeded.pairs.created, "eval_prompts": len(heldout),
-               "sft": {k: sft[k] for k in ("judge_mean", "correct", "preferred_style")},
+               "axes": args.axes,
+               "sft": {k: sft[k] for k in ("judge_mean", "correct", "preferred_style", "curt")},
                "per_round": [_rounded(r) for r in rounds], "targets": targets,
                "load_average_start": round(load_start[0], 2), "load_average_end": round(load_end[0], 2)}
     print(json.dumps(summary))
