@@ -389,8 +389,8 @@ def test_a_ppo_round_on_two_axes_trains_a_reward_model_per_axis_and_optimises_th
         jobs = wait_for(lambda: round_over(round_), 400, worker, f"the {combination} two-axis round to finish")
     round_.refresh_from_db()
     export, reward, ppo = jobs[:3]
-    assert list(export.result["axes"]) == ["helpful", "respectful"]
-    checkpoints = reward.result["axes"]
+    assert [axis["axis"] for axis in export.result["axes"]] == ["helpful", "respectful"]
+    checkpoints = dict(reward.result["axes"])
     assert checkpoints["helpful"] == round_.reward_checkpoint != checkpoints["respectful"]
     assert all(Path(path, "config.json").is_file() for path in checkpoints.values())
     args = read_checkpoint_meta(round_.policy_checkpoint)["args"]

@@ -1368,7 +1368,7 @@ def test_the_policy_stage_optimises_each_axis_s_reward_model_with_the_safety_axi
     succeed(round_.jobs.get(kind=Job.EXPORT))
     reward = round_.jobs.get(kind=Job.REWARD)
     claim(reward, "task-rm")
-    actions.finish_job(reward.pk, "task-rm", result={"axes": {"helpful": "/ckpt/h", "respectful": "/ckpt/r"}},
+    actions.finish_job(reward.pk, "task-rm", result={"axes": [["helpful", "/ckpt/h"], ["respectful", "/ckpt/r"]]},
                        round_fields={"reward_checkpoint": "/ckpt/h"})
     with pytest.raises(_Handed) as raised:
         runner.RUNNERS[algorithm](round_.jobs.get(kind=algorithm), _Quiet())
@@ -1405,14 +1405,14 @@ def test_a_dpo_round_exports_the_axis_it_learns_from_and_a_ppo_round_every_axis(
                         choices={"helpful": pair_a, "respectful": pair_b}, strengths={"helpful": 2, "respectful": 2})
     dpo = launch(campaign, algorithm="dpo", dpo_axis="respectful", force=True)
     outcome = runner.run_export(claim(dpo.jobs.get(kind=Job.EXPORT)), _Quiet())
-    assert list(outcome.result["axes"]) == ["respectful"]
+    assert [axis["axis"] for axis in outcome.result["axes"]] == ["respectful"]
     rows = [json.loads(line) for line in Path(outcome.round_fields["dataset_path"]).read_text().splitlines()]
     assert rows and all(row["chosen"].startswith("bad") for row in rows)  # the respectful axis preferred B
     Job.objects.filter(round=dpo).update(status=Job.SUCCEEDED)
     ppo = launch(campaign, algorithm="ppo", force=True)
     outcome = runner.run_export(claim(ppo.jobs.get(kind=Job.EXPORT)), _Quiet())
-    assert list(outcome.result["axes"]) == ["helpful", "respectful"]
-    helpful = Path(outcome.result["axes"]["helpful"]["path"]).read_text()
+    assert [axis["axis"] for axis in outcome.result["axes"]] == ["helpful", "respectful"]
+    helpful = Path(outcome.result["axes"][0]["path"]).read_text()
     assert helpful.splitlines() and all(json.loads(line)["chosen"].startswith("good") for line in helpful.splitlines())
 
 

@@ -91,7 +91,8 @@ def round_review(round_: Round) -> dict | None:
     opponent = result.get("opponent") or ""
     table = review_table(round_, result.get("samples", [])[:REVIEW_PROMPTS], opponent)
 
-    axis_scores = result.get("axis_scores") or {}
+    stored = result.get("axis_scores") or {}
+    axis_scores = {axis.key: stored[axis.key] for axis in round_.campaign.axes() if axis.key in stored}
 
     def cell(prompt: str, responses: list[str]) -> list[dict]:
         return [{"text": r, "empty": is_empty(r), "score": scores.get(content_hash(prompt, r)),

@@ -454,11 +454,12 @@ def run_export(job: Job, progress: Progress) -> Outcome:
     selection = round_config(round_).judgments
     keys = round_axes(round_, round_config(round_))
     progress.set(0, len(keys))
-    axes = {}
+    axes = []  # a list, in order: PostgreSQL's jsonb keeps no key order
     for done, key in enumerate(keys):
-        axes[key] = _export_axis(job, key, selection, named=key != round_.campaign.axis_key, progress=progress)
+        axes.append({"axis": key, **_export_axis(job, key, selection, named=key != round_.campaign.axis_key,
+                                                 progress=progress)})
         progress.set(done + 1, len(keys))
-    primary = axes[keys[0]]
+    primary = axes[0]
     sources = provenance(round_.campaign, ai=selection)
     progress.line(f"Judgments: {selection}; AI labelers made {sources['ai_share']:.0%} of the pairs")
     return Outcome({**primary, "provenance": sources, "axes": axes}, primary["path"],
@@ -502,7 +503,7 @@ def axis_exports(round_: Round) -> dict[str, str]:
     export = round_.jobs.filter(kind=Job.EXPORT).first()
     axes = (export.result or {}).get("axes") if export is not None else None
     if axes:
-        return {key: value["path"] for key, value in axes.items()}
+        return {value["axis"]: value["path"] for value in axes}
     return {round_.campaign.axis_key: round_.dataset_path} if round_.dataset_path else {}
 
 
@@ -512,7 +513,7 @@ def axis_checkpoints(round_: Round) -> dict[str, str]:
     reward = round_.jobs.filter(kind=Job.REWARD, status=Job.SUCCEEDED).first()
     axes = (reward.result or {}).get("axes") if reward is not None else None
     if axes:
-        return dict(axes)
+        return dict(axes)  # [[key, checkpoint], ...] in order
     return {round_.campaign.axis_key: round_.reward_checkpoint} if round_.reward_checkpoint else {}
 
 
@@ -548,7 +549,7 @@ def run_reward(job: Job, progress: Progress) -> Outcome:
         per_axis[key] = train("reward", args, progress)
         checkpoints[key], offset = str(root / name), progress.step
     primary = next(iter(exports))
-    result = {**per_axis[primary], "axes": checkpoints, "axis_metrics": per_axis}
+    result = {**per_axis[primary], "axes": list(checkpoints.items()), "axis_metrics": per_axis}
     return Outcome(result, checkpoints[primary], {"reward_checkpoint": checkpoints[primary]})
 
 
@@ -704,7 +705,7 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
             values = scorer.score([turns_of.get(p, p) for p, _ in pairs], [r for _, r in pairs]).tolist() if pairs else []
             axis_scores[key] = {content_hash(p, r): float(v) for (p, r), v in zip(pairs, values)}
         scores = axis_scores[next(iter(checkpoints))]
-        axis_scores = axis_scores if len(axis_scores) > 1 else {}
+        axis_scores = axis_scores if len(axis_scores) > 1 else {}  # shown in the campaign's order of axes
     else:
         progress.line(f"No reward model in a {config.algorithm.upper()} round: the responses are not scored")
     out = _fresh_start(job) / "samples.jsonl"
