@@ -99,7 +99,7 @@ def test_it_serves_the_seeded_demo_for_labeling_with_no_outside_services(tmp_pat
         assert "/campaigns/demo/label/" in home
         page = browser.get("/campaigns/demo/label/")
         assignment = re.search(r'data-assignment="(\d+)"', page).group(1)
-        after = browser.post(f"/campaigns/demo/label/{assignment}/judge/", {"choice": "tie", "ms": "900"},
+        after = browser.post(f"/campaigns/demo/label/{assignment}/judge/", {"choice-helpful": "tie", "choice-respectful": "tie", "ms": "900"},
                              headers={"HX-Request": "true"})
         assert re.search(r'Judged today: <strong id="judged-today">1</strong>', after)
         admin = Browser(base)
