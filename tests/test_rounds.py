@@ -1168,6 +1168,8 @@ class _Handed(Exception):
 
 
 class _Quiet:
+    step = 0
+
     def line(self, text):
         pass
 
@@ -1437,3 +1439,25 @@ def test_the_review_shows_each_axis_s_reward_score_of_each_response(chains, revi
                        page)
     shown = {text: re.findall(r">([^<]*)</span>", spans) for text, spans in cells}
     assert shown[curt] == ["helpful 0.75", "respectful -1.50"] and shown[polite] == ["helpful 0.50", "respectful 2.25"]
+
+
+@pytest.mark.django_db
+def test_a_round_s_first_axis_stays_its_primary_one_after_the_database_reads_the_axes_back(chains, monkeypatch):
+    from annotate.actions import save_axis
+    from annotate.models import Axis
+
+    campaign = axes_campaign()
+    save_axis(Axis(campaign=campaign, key="kind", question="Which answer is kinder?", position=2))
+    campaign = Campaign.objects.get(pk=campaign.pk)
+    monkeypatch.setattr(runner, "train", lambda stage, args, progress: {"rm/accuracy": 0.5})
+    round_ = launch(campaign)
+    export = claim(round_.jobs.get(kind=Job.EXPORT), "task-export")
+    paths = [{"axis": key, "path": f"/data/{key}.jsonl"} for key in ("helpful", "respectful", "kind")]
+    actions.finish_job(export.pk, "task-export", result={"axes": paths})
+    reward = claim(round_.jobs.get(kind=Job.REWARD), "task-rm")
+    outcome = runner.run_reward(reward, _Quiet())
+    actions.finish_job(reward.pk, "task-rm", result=outcome.result, round_fields=outcome.round_fields)
+    round_.refresh_from_db()
+    checkpoints = runner.axis_checkpoints(round_)
+    assert list(checkpoints) == ["helpful", "respectful", "kind"]  # "kind" is shorter: jsonb would put it first
+    assert round_.reward_checkpoint == checkpoints["helpful"] == outcome.checkpoint_path
