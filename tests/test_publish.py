@@ -229,3 +229,28 @@ def test_it_refuses_an_unfinished_round_and_a_folder_that_is_not_an_earlier_publ
     Job.objects.filter(round=round_, kind=Job.ENQUEUE).update(status=Job.FAILED)
     with pytest.raises(CommandError, match="round 1 of publish is failed: only a round whose jobs all succeeded"):
         call_command("publish_round", str(round_.pk), str(out))
+
+
+@pytest.mark.django_db
+def test_its_card_holds_the_round_s_evaluation_on_its_evaluation_set(tmp_path):
+    from training import evaluation
+
+    round_ = finished_round(tmp_path)
+    answers = {"new": ["A full answer.", "Yes, it is.", "It is four.", "No."], "sft": ["eh", "eh", "eh", "No."]}
+    scores = {"rule:correct_sentence": {"new": [1.0, 1.0, 1.0, 0.0], "sft": [0.0, 0.0, 0.0, 0.0]}}
+    comparisons = evaluation.compare(answers, scores, ["new", "sft"], seed=0)  # as the evaluate job compares
+    round_.jobs.filter(kind=Job.EVALUATE).update(result={
+        "eval_set": {"id": 1, "name": "held <b>out</b>", "version": "abc123", "prompts": 4},
+        "policies": [{"role": "new", "label": "Round 1", "checkpoint": "/models/round-1"},
+                     {"role": "sft", "label": "SFT policy", "checkpoint": "sft"}],
+        "comparisons": comparisons})
+    out = tmp_path / "published"
+    call_command("publish_round", str(round_.pk), str(out), stdout=io.StringIO())
+
+    html = rendered(front_matter((out / "README.md").read_text(encoding="utf-8"))[1])
+    assert "evaluation set held &lt;b&gt;out&lt;/b&gt; (version abc123, 4 prompts" in html
+    row = comparisons[0]
+    assert row["wins"] == 3 and row["ties"] == 1 and row["losses"] == 0
+    assert ("<td>rule:correct_sentence</td>\n<td>Round 1</td>\n<td>SFT policy</td>\n<td>3 / 1 / 0</td>\n"
+            f"<td>{row['win_rate']:.3f}</td>") in html
+    assert "Its review, as the round page shows it" in html and "its evaluation is its review" not in html

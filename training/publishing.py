@@ -31,7 +31,7 @@ import pyarrow as pa
 from annotate import agreement, quality
 from annotate.exporting import BT_CHAT_SCHEMA, BT_SCHEMA
 from annotate.models import Exclusion, Judgment, Pair
-from training import review
+from training import evaluation, review
 from training.models import Job, Round
 
 DEFAULT_LICENSE = "other"
@@ -294,11 +294,33 @@ def _settings(round_: Round) -> list[str]:
             fence(json.dumps(round_.config, indent=2, sort_keys=True, ensure_ascii=False), "json")]
 
 
+def _evaluation_set(round_: Round) -> list[str]:
+    """The round's evaluate job's table (evaluation.round_evaluation), as its page shows it; empty without one."""
+    found = evaluation.round_evaluation(round_) or {}
+    if not found.get("table"):
+        return []
+    names = found["eval_set"]
+    return [f"On the evaluation set {md(names['name'])} (version {names['version']}, {names['prompts']} prompts, "
+            "never trained on), each policy answered every prompt once with the same seed and each judge compared "
+            "every two policies' answers per prompt in both orders. Win rate: (wins + half the ties) / prompts, "
+            "its 95% interval from bootstrap resamples of the prompts; length-controlled: the win rate a logistic "
+            "regression of the outcome on the length difference predicts at equal length.",
+            _table(["judge", "policy", "against", "wins / ties / losses", "win rate", "95% interval",
+                    "length-controlled", "mean length (chars)"], [
+                [md(row["judge"]), md(row["a_label"]), md(row["b_label"]), f"{row['wins']} / {row['ties']} / "
+                 f"{row['losses']}", _figure(row["win_rate"], ".3f"),
+                 "n/a" if row.get("ci_low") is None else f"{row['ci_low']:.3f} to {row['ci_high']:.3f}",
+                 _figure(row.get("lc_win_rate"), ".3f"),
+                 f"{row['mean_length_a']:.0f} / {row['mean_length_b']:.0f}"] for row in found["table"]])]
+
+
 def _evaluation(round_: Round) -> list[str]:
-    """The round's review: until evaluation sets exist, that is its evaluation."""
+    """The round's evaluation on its campaign's evaluation set, when it has one, and its review."""
     found = review.round_review(round_) or {}
-    lines = ["## Evaluation",
-             "This round has no evaluation set: its evaluation is its review, as the round page shows it. "
+    on_set = _evaluation_set(round_)
+    lines = ["## Evaluation", *on_set,
+             ("Its review, as the round page shows it: " if on_set else
+              "This round has no evaluation set: its evaluation is its review, as the round page shows it. ") +
              "The sample job scored the new policy's answers and its opponent's on held-out prompts with the "
              "round's reward model (and, on rule-checkable prompts, with the rule judge); labelers then judged "
              "pairs of the two."]
