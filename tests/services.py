@@ -60,6 +60,18 @@ class Served:
     process: subprocess.Popen
 
 
+def stop(process: subprocess.Popen, log_file, log_path: Path) -> None:
+    """Stop a server this module started (killed if it has not gone in 10 s) and remove its log."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log_file.close()
+    log_path.unlink(missing_ok=True)
+
+
 def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,14 +105,7 @@ def serve_app(url_of_db: str, server: str = "daphne", **extra_env: str) -> Itera
         wait_until_serving(f"{served.url}/accounts/login/", process, log_path)
         yield served
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
-        log_path.unlink(missing_ok=True)
+        stop(process, log_file, log_path)
 
 
 class PrivateRedis:
@@ -184,11 +189,4 @@ def serve_chat_models() -> Iterator[str]:
         wait_until_serving(f"http://127.0.0.1:{port}/health", process, log_path, timeout=120)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
-        log_path.unlink(missing_ok=True)
+        stop(process, log_file, log_path)
