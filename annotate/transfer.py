@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.http import FileResponse, QueryDict
 from django.utils.datastructures import MultiValueDict
@@ -26,6 +27,14 @@ class CappedUpload(FileUploadHandler):
     def __init__(self, request, cap: int):
         super().__init__(request)
         self.cap, self.received, self.refused = cap, 0, False
+
+    @classmethod
+    def install(cls, request) -> CappedUpload:
+        """Cap the request's upload at PAIRLOOP_MAX_UPLOAD_BYTES, ahead of Django's handlers; call before the body
+        is read."""
+        capped = cls(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
+        request.upload_handlers.insert(0, capped)
+        return capped
 
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
         if content_length > self.cap + self.FORM_SLACK:

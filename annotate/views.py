@@ -286,8 +286,7 @@ def export(request, slug):
 @require_http_methods(["GET", "POST"])
 def import_pairs_view(request, slug):
     campaign = campaign_for_admin(request, slug)
-    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
-    request.upload_handlers.insert(0, capped)
+    capped = CappedUpload.install(request)
     return _import_page(request, campaign, capped)
 
 
@@ -330,8 +329,7 @@ def import_job(request, slug, import_id):
 @require_http_methods(["GET", "POST"])
 def eval_sets_view(request, slug):
     campaign = campaign_for_admin(request, slug)
-    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
-    request.upload_handlers.insert(0, capped)
+    capped = CappedUpload.install(request)
     return _eval_sets_page(request, campaign, capped)
 
 

@@ -4,7 +4,6 @@ with the web's access function, call the web's action, return the rows: each end
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from ninja import Field, Query, Router, Schema, Status
 from ninja.errors import HttpError
@@ -155,8 +154,7 @@ def import_upload(request, slug: str):
     PAIRLOOP_MAX_UPLOAD_BYTES); follow it at imports/<id>. Scope: import."""
     require_scope(request, IMPORT)
     campaign = campaign_for_admin(request, slug)
-    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
-    request.upload_handlers.insert(0, capped)  # the body is not read yet: the cap applies before storing
+    capped = CappedUpload.install(request)  # the body is not read yet: the cap applies before storing
     upload = request.FILES.get("file")
     if capped.refused:
         return Status(413, {"detail": upload_too_large(capped.cap)})
@@ -192,8 +190,7 @@ def eval_set_upload(request, slug: str):
 
     require_scope(request, IMPORT)
     campaign = campaign_for_admin(request, slug)
-    capped = CappedUpload(request, settings.PAIRLOOP["MAX_UPLOAD_BYTES"])
-    request.upload_handlers.insert(0, capped)  # the body is not read yet: the cap applies before storing
+    capped = CappedUpload.install(request)  # the body is not read yet: the cap applies before storing
     upload = request.FILES.get("file")
     if capped.refused:
         return Status(413, {"detail": upload_too_large(capped.cap)})
