@@ -18,26 +18,26 @@ from annotate import actions
 from annotate.actions import EvalInput, EvalSetRefused
 from annotate.importing import (
     MAX_ERRORS,
+    BadRow,
     ImportFailed,
     RowError,
-    _BadRow,
-    _prompt,
-    _reader_for,
-    _response,
-    _upload_suffix,
+    reader_for,
+    row_prompt,
+    row_response,
+    upload_suffix,
 )
 from annotate.models import Campaign, EvalSet
 
 
 def _row(row: dict, csv_text: bool) -> tuple[str | list[dict], str]:
-    prompt = _prompt(row, csv_text)
+    prompt = row_prompt(row, csv_text)
     missing = row.get("reference") is None or (csv_text and not str(row["reference"]).strip())
-    return prompt, "" if missing else _response(row, "reference", csv_text)
+    return prompt, "" if missing else row_response(row, "reference", csv_text)
 
 
 def read_eval_file(path: str | Path) -> list[EvalInput]:
     """Every row of the file as an EvalInput; raises ImportFailed naming the first problems (line and field)."""
-    reader = _reader_for(Path(path), settings.PAIRLOOP["MAX_IMPORT_BYTES"])
+    reader = reader_for(Path(path), settings.PAIRLOOP["MAX_IMPORT_BYTES"])
     items: list[EvalInput] = []
     errors: list[RowError] = []
     total = 0
@@ -47,7 +47,7 @@ def read_eval_file(path: str | Path) -> list[EvalInput]:
                 prompt, reference = _row(row, reader.csv_text)
                 items.append(EvalInput(line, prompt, reference))
                 continue
-            except _BadRow as bad:
+            except BadRow as bad:
                 row = RowError(line, bad.field, bad.reason)
         total += 1
         if len(errors) < MAX_ERRORS:
@@ -70,7 +70,7 @@ def import_eval_set(campaign: Campaign, path: str | Path, name: str = "") -> tup
 def import_eval_upload(campaign: Campaign, upload, name: str = "") -> tuple[EvalSet, bool]:
     """An uploaded file (Django UploadedFile) read as import_eval_set reads a path; the file is not kept."""
     with tempfile.TemporaryDirectory(prefix="pairloop-evalset-") as folder:
-        path = Path(folder) / f"upload{_upload_suffix(upload.name or '')}"
+        path = Path(folder) / f"upload{upload_suffix(upload.name or '')}"
         with open(path, "wb") as handle:
             for chunk in upload.chunks():
                 handle.write(chunk)

@@ -125,7 +125,9 @@ class ImportResult:
 Progress = Callable[[str, int, "int | None"], None]
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
+    """A row that cannot be read, naming its field and why (the import's and the evaluation set's readers)."""
+
     def __init__(self, field: str, reason: str):
         self.field, self.reason = field, reason
 
@@ -144,7 +146,7 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
     low, high = Pair.PRIORITY_RANGE
     if not low <= priority <= high:
         raise ImportFailed([RowError(0, "priority", f"must be from {low} to {high}, got {priority}")])
-    reader = _reader_for(path, settings.PAIRLOOP["MAX_IMPORT_BYTES"])
+    reader = reader_for(path, settings.PAIRLOOP["MAX_IMPORT_BYTES"])
 
     # Pass 1: validate every row, keep the first MAX_ERRORS problems and count the rest.
     errors: list[RowError] = []
@@ -162,9 +164,9 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
                 if isinstance(pairs, _ResponseList):
                     pairs.check_count(pairs_per_prompt)
                 if content_hash(_prompt_text(pairs.prompt)[0]) in evaluated:
-                    raise _BadRow("prompt", "is in an evaluation set of this campaign: a training prompt never is")
+                    raise BadRow("prompt", "is in an evaluation set of this campaign: a training prompt never is")
                 continue
-            except _BadRow as bad:
+            except BadRow as bad:
                 problem = RowError(line, bad.field, bad.reason)
         total_errors += 1
         if len(errors) < MAX_ERRORS:
@@ -188,7 +190,7 @@ def import_file(campaign, path, *, pairs_per_prompt: int | None = None, seed: in
                 raise ImportFailed([row], unit=reader.unit)
             try:
                 pairs = _pairs_from_row(row, csv_text=reader.csv_text)
-            except _BadRow as bad:
+            except BadRow as bad:
                 raise ImportFailed([RowError(line, bad.field, bad.reason)], unit=reader.unit) from None
             if isinstance(pairs, _ResponseList):
                 yield from pairs.sample(pairs_per_prompt, rng)
@@ -240,7 +242,7 @@ def start_import_job(campaign, user, upload, *, pairs_per_prompt: int | None = N
     """
     folder = uploads_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex}{_upload_suffix(upload.name or '')}"
+    path = folder / f"{uuid.uuid4().hex}{upload_suffix(upload.name or '')}"
     try:
         with open(path, "wb") as handle:
             for chunk in upload.chunks():
@@ -405,7 +407,8 @@ def uploads_dir() -> Path:
     return Path(settings.DATA_DIR) / "uploads"
 
 
-def _upload_suffix(name: str) -> str:
+def upload_suffix(name: str) -> str:
+    """The suffix an upload is stored under so its reader is chosen by it (".jsonl.gz"); "": told from the content."""
     suffixes = [s.lower() for s in Path(name).suffixes]
     if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] in (*JSON_SUFFIXES, ".csv"):
         return "".join(suffixes[-2:])
@@ -418,7 +421,9 @@ def _upload_suffix(name: str) -> str:
 # Readers: each yields (line or row number, dict | RowError), streaming
 # ---------------------------------------------------------------------------------------------
 
-class _Reader:
+class Reader:
+    """A file's rows: `rows()` yields (line or row number, dict | RowError), streaming."""
+
     unit = "line"
     csv_text = False  # CSV cells are all text: JSON lists and numbers come as strings
 
@@ -466,7 +471,7 @@ class _CappedRaw(io.RawIOBase):
         super().close()
 
 
-class _TextFile(_Reader):
+class _TextFile(Reader):
     """JSONL or CSV, plain or gzip: read through the byte cap, line by line through the line cap."""
 
     def __init__(self, path: Path, compressed: bool, max_bytes: int):
@@ -493,7 +498,8 @@ class _TextFile(_Reader):
 READ_ERRORS = (_TooBig, _TooLong, OSError, EOFError, zlib.error, UnicodeDecodeError)
 
 
-def _reader_for(path: Path, max_bytes: int) -> _Reader:
+def reader_for(path: Path, max_bytes: int) -> Reader:
+    """The reader of the file or datasets directory at `path`, by its suffix, else by its content."""
     if not path.exists():
         raise ImportFailed([RowError(0, "", f"{str(path)!r} does not exist")])
     if path.is_dir():
@@ -510,7 +516,7 @@ def _reader_for(path: Path, max_bytes: int) -> _Reader:
     return _sniff(path, compressed, max_bytes)
 
 
-def _sniff(path: Path, compressed: bool, max_bytes: int) -> _Reader:
+def _sniff(path: Path, compressed: bool, max_bytes: int) -> Reader:
     """An unknown extension: tell the format from the first bytes."""
     opener = gzip.open if compressed else open
     try:
@@ -665,7 +671,7 @@ def _header_problem(columns: list[str]) -> str:
             "response_b, prompt with responses, or prompt with chosen and rejected")
 
 
-class _ParquetReader(_Reader):
+class _ParquetReader(Reader):
     """Parquet, read a batch of rows at a time (pyarrow's iter_batches); rows numbered from 1.
 
     Its columns' decompressed size (from the file's metadata) is checked against the byte cap before any
@@ -703,7 +709,7 @@ class _ParquetReader(_Reader):
             yield from _arrow_rows(parquet.iter_batches(batch_size=BATCH_ROWS), self.max_bytes)
 
 
-class _DatasetDirReader(_Reader):
+class _DatasetDirReader(Reader):
     """A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict's 'train' split).
 
     The Arrow files are memory-mapped and read a batch at a time, through the same caps as Parquet."""
@@ -843,7 +849,7 @@ class _ResponseList:
             return
         made = (f"{len(self.responses)} responses make {count} pairs" if pairs_per_prompt is None
                 else f"{pairs_per_prompt} pairs per prompt asked")
-        raise _BadRow("responses", f"{made}, more than the {MAX_PAIRS_PER_ROW} one row may add: sample at "
+        raise BadRow("responses", f"{made}, more than the {MAX_PAIRS_PER_ROW} one row may add: sample at "
                                    "most that many with pairs per prompt (--pairs-per-prompt)")
 
     def sample(self, pairs_per_prompt: int | None, rng: random.Random) -> list[PairInput]:
@@ -871,26 +877,26 @@ def _present(row: dict, key: str) -> bool:
 
 
 def _pairs_from_row(row: dict[str, Any], *, csv_text: bool) -> PairInput | _ResponseList:
-    """The pair (or the list of responses to pair) a row holds; raises _BadRow naming the field."""
+    """The pair (or the list of responses to pair) a row holds; raises BadRow naming the field."""
     trl = _present(row, "chosen") or _present(row, "rejected")
     listed = _present(row, "responses")
     ab = _present(row, "response_a") or _present(row, "response_b")
     if trl + listed + ab > 1:
         shape_fields = ("chosen", "rejected", "responses", "response_a", "response_b")
         found = [k for k in shape_fields if _present(row, k)]
-        raise _BadRow("", f"unknown shape: mixes {', '.join(found)}; use one of response_a/response_b, "
+        raise BadRow("", f"unknown shape: mixes {', '.join(found)}; use one of response_a/response_b, "
                           "responses, or chosen/rejected")
     if trl:
         return _trl_pair(row, csv_text)
-    prompt = _prompt(row, csv_text)
+    prompt = row_prompt(row, csv_text)
     if listed:
         responses = _responses(row["responses"], csv_text)
         return _ResponseList(prompt, responses)
     if ab:
-        return PairInput(prompt, _response(row, "response_a", csv_text),
-                         _response(row, "response_b", csv_text))
+        return PairInput(prompt, row_response(row, "response_a", csv_text),
+                         row_response(row, "response_b", csv_text))
     fields = ", ".join(k for k in row if _present(row, k)) or "none"
-    raise _BadRow("", f"unknown shape (fields: {fields}): expected prompt with response_a and response_b, "
+    raise BadRow("", f"unknown shape (fields: {fields}): expected prompt with response_a and response_b, "
                       "prompt with responses, or prompt with chosen and rejected")
 
 
@@ -902,52 +908,54 @@ def _trl_pair(row: dict, csv_text: bool) -> PairInput:
         if isinstance(chosen, list) and isinstance(rejected, list):
             prompt, chosen_text, rejected_text = _split_implicit_prompt(chosen, rejected)
             return PairInput(prompt, chosen_text, rejected_text, preferred="a", margin=margin)
-        raise _BadRow("prompt", "missing" if not _present(row, "prompt") else "empty text")
-    prompt = _prompt(row, csv_text)
-    return PairInput(prompt, _response(row, "chosen", csv_text), _response(row, "rejected", csv_text),
+        raise BadRow("prompt", "missing" if not _present(row, "prompt") else "empty text")
+    prompt = row_prompt(row, csv_text)
+    return PairInput(prompt, row_response(row, "chosen", csv_text), row_response(row, "rejected", csv_text),
                      preferred="a", margin=margin)
 
 
-def _prompt(row: dict, csv_text: bool) -> str | list[dict]:
+def row_prompt(row: dict, csv_text: bool) -> str | list[dict]:
+    """A row's `prompt`: text or chat turns; raises BadRow naming the field."""
     if "prompt" not in row or row["prompt"] is None:
-        raise _BadRow("prompt", "missing")
+        raise BadRow("prompt", "missing")
     value = _maybe_json_list(row["prompt"], csv_text, field="prompt")
     if isinstance(value, str):
         if not value.strip():
-            raise _BadRow("prompt", "empty text")
+            raise BadRow("prompt", "empty text")
         if "\x00" in value:
-            raise _BadRow("prompt", NUL_REASON)
+            raise BadRow("prompt", NUL_REASON)
         return value
     if isinstance(value, list):
         return _turns(value, "prompt")
-    raise _BadRow("prompt", f"must be text or chat turns [{{role, content}}], got {_kind(value)}")
+    raise BadRow("prompt", f"must be text or chat turns [{{role, content}}], got {_kind(value)}")
 
 
 def _turns(value: list, field: str) -> list[dict]:
     if not value:
-        raise _BadRow(field, "empty list of chat turns")
+        raise BadRow(field, "empty list of chat turns")
     turns = []
     for number, turn in enumerate(value, start=1):
         if not isinstance(turn, dict):
-            raise _BadRow(field, f"turn {number} is {_kind(turn)}, not an object with role and content")
+            raise BadRow(field, f"turn {number} is {_kind(turn)}, not an object with role and content")
         for key in ("role", "content"):
             if key not in turn or turn[key] is None:
-                raise _BadRow(field, f"turn {number} has no {key!r}")
+                raise BadRow(field, f"turn {number} has no {key!r}")
             if not isinstance(turn[key], str):
-                raise _BadRow(field, f"turn {number}: {key!r} is {_kind(turn[key])}, not a string")
+                raise BadRow(field, f"turn {number}: {key!r} is {_kind(turn[key])}, not a string")
         if turn["role"] not in CHAT_ROLES:
-            raise _BadRow(field, f"turn {number} has role {turn['role']!r}: use {', '.join(CHAT_ROLES)}")
+            raise BadRow(field, f"turn {number} has role {turn['role']!r}: use {', '.join(CHAT_ROLES)}")
         if "\x00" in turn["content"]:
-            raise _BadRow(field, f"turn {number}: {NUL_REASON}")
+            raise BadRow(field, f"turn {number}: {NUL_REASON}")
         turns.append({"role": turn["role"], "content": turn["content"]})
     if not any(t["content"].strip() for t in turns):
-        raise _BadRow(field, "every chat turn is empty")
+        raise BadRow(field, "every chat turn is empty")
     return turns
 
 
-def _response(row: dict, field: str, csv_text: bool) -> str:
+def row_response(row: dict, field: str, csv_text: bool) -> str:
+    """A row's response in `field` as text (an assistant's chat turns joined); raises BadRow naming the field."""
     if field not in row or row[field] is None:
-        raise _BadRow(field, "missing")
+        raise BadRow(field, "missing")
     return _response_text(_maybe_json_list(row[field], csv_text, field=field), field)
 
 
@@ -955,14 +963,14 @@ def _response_text(value: Any, field: str) -> str:
     if isinstance(value, list):  # TRL's conversational format: the assistant's turns
         turns = _turns(value, field)
         if any(t["role"] != "assistant" for t in turns):
-            raise _BadRow(field, "as chat turns a response may hold only assistant turns")
+            raise BadRow(field, "as chat turns a response may hold only assistant turns")
         value = "\n\n".join(t["content"] for t in turns)
     if not isinstance(value, str):
-        raise _BadRow(field, f"not a string (got {_kind(value)})")
+        raise BadRow(field, f"not a string (got {_kind(value)})")
     if not value.strip():
-        raise _BadRow(field, "empty text")
+        raise BadRow(field, "empty text")
     if "\x00" in value:
-        raise _BadRow(field, NUL_REASON)
+        raise BadRow(field, NUL_REASON)
     return value
 
 
@@ -971,18 +979,18 @@ def _responses(value: Any, csv_text: bool) -> list[str]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise _BadRow("responses", f"not a JSON list ({exc.msg})") from None
+            raise BadRow("responses", f"not a JSON list ({exc.msg})") from None
     if not isinstance(value, list):
-        raise _BadRow("responses", f"must be a list of responses, got {_kind(value)}")
+        raise BadRow("responses", f"must be a list of responses, got {_kind(value)}")
     texts = []
     for number, item in enumerate(value, start=1):
         try:
             texts.append(_response_text(item, "responses"))
-        except _BadRow as bad:
-            raise _BadRow("responses", f"item {number}: {bad.reason}") from None
+        except BadRow as bad:
+            raise BadRow("responses", f"item {number}: {bad.reason}") from None
     distinct = list(dict.fromkeys(texts))  # the same text twice makes no pair
     if len(distinct) < 2:
-        raise _BadRow("responses", f"needs at least 2 different responses, got {len(distinct)}")
+        raise BadRow("responses", f"needs at least 2 different responses, got {len(distinct)}")
     return distinct
 
 
@@ -996,10 +1004,10 @@ def _split_implicit_prompt(chosen: list, rejected: list) -> tuple[list[dict], st
     while shared and chosen_turns[shared - 1]["role"] == "assistant":
         shared -= 1  # a shared assistant answer belongs to the responses, not the prompt
     if shared == 0:
-        raise _BadRow("prompt", "missing (and chosen and rejected share no leading turns to take it from)")
+        raise BadRow("prompt", "missing (and chosen and rejected share no leading turns to take it from)")
     for field, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
         if len(turns) == shared:
-            raise _BadRow(field, "no assistant turn after the prompt the two conversations share")
+            raise BadRow(field, "no assistant turn after the prompt the two conversations share")
     return (chosen_turns[:shared], _response_text(chosen_turns[shared:], "chosen"),
             _response_text(rejected_turns[shared:], "rejected"))
 
@@ -1014,7 +1022,7 @@ def _maybe_json_list(value: Any, csv_text: bool, field: str = "") -> Any:
     try:
         parsed = json.loads(stripped)
     except json.JSONDecodeError as exc:
-        raise _BadRow(field, f"looks like chat turns but is not valid JSON ({exc.msg})") from None
+        raise BadRow(field, f"looks like chat turns but is not valid JSON ({exc.msg})") from None
     return parsed if isinstance(parsed, list) else value
 
 
@@ -1025,11 +1033,11 @@ def _margin(value: Any, csv_text: bool) -> float | None:
         try:
             value = float(value)
         except ValueError:
-            raise _BadRow("margin", f"not a number: {value!r}") from None
+            raise BadRow("margin", f"not a number: {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _BadRow("margin", f"not a number (got {_kind(value)})")
+        raise BadRow("margin", f"not a number (got {_kind(value)})")
     if not math.isfinite(value):
-        raise _BadRow("margin", f"not a finite number: {value!r}")
+        raise BadRow("margin", f"not a finite number: {value!r}")
     return float(value)
 
 
