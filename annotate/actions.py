@@ -647,6 +647,7 @@ class PairInput:
     margin: float | None = None
     meta: dict = field(default_factory=dict)
     truncated: tuple[bool, bool] = (False, False)  # a policy's response the length limit cut (it never ended)
+    checkpoints: tuple[str, str] | None = None  # the checkpoints that wrote response_a and response_b; None: add_pairs'
 
 
 def _prompt_text(prompt) -> tuple[str, list | None]:
@@ -722,8 +723,9 @@ def _add_batch(campaign, batch, result, round, priority, source, checkpoints, ge
     wanted = {}
     for item in batch:
         pid = prompt_ids[content_hash(_prompt_text(item.prompt)[0])]
-        for text, checkpoint, cut in ((item.response_a, checkpoints[0], item.truncated[0]),
-                                      (item.response_b, checkpoints[1], item.truncated[1])):
+        made_by = item.checkpoints or checkpoints
+        for text, checkpoint, cut in ((item.response_a, made_by[0], item.truncated[0]),
+                                      (item.response_b, made_by[1], item.truncated[1])):
             wanted.setdefault((pid, content_hash(text)), (text, checkpoint, cut))
     hashes = {h for (_, h) in wanted}
     have = {(p, h): i for p, h, i in Response.objects.filter(prompt_id__in=set(prompt_ids.values()), hash__in=hashes)

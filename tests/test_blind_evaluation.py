@@ -32,13 +32,13 @@ def quiet(settings, monkeypatch):
     monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)
 
 
-def evaluated_round(labeler) -> Round:
+def evaluated_round(labeler, seed: int = 0, slug: str = "blind") -> Round:
     """A finished round whose evaluation has the new policy and the SFT policy answer PROMPTS prompts."""
-    campaign = make_campaign(slug="blind", members=[labeler])
+    campaign = make_campaign(slug=slug, members=[labeler])
     add_pairs(campaign, [PairInput(f"Question {i}?", f"good {i}", f"bad {i}", preferred="a") for i in range(MIN)],
               notify=False)
     eval_set, _ = add_eval_set(campaign, "held out", [EvalInput(i + 1, f"Task {i}?", "") for i in range(PROMPTS)])
-    round_ = actions.launch_round(campaign, None, build_config("tiny", {}), force=True)
+    round_ = actions.launch_round(campaign, None, build_config("tiny", {"seed": seed}), force=True)
     Round.objects.filter(pk=round_.pk).update(config={**round_.config, "base_policy": SFT_CHECKPOINT})
     answers = [{"eval_prompt_id": p.pk, "prompt": p.text, "reference": "",
                 "answers": {NEW: f"A careful answer to task {i}.", SFT: f"meh {i}"}}
@@ -54,15 +54,55 @@ def evaluated_round(labeler) -> Round:
     return Round.objects.get(pk=round_.pk)
 
 
-def judge_all(campaign, labeler) -> int:
-    """A simulated labeler who always prefers the new policy's answer, on whichever side it is shown."""
+def judge_all(campaign, labeler, prefers_new=lambda task: True) -> int:
+    """A simulated labeler who prefers the new policy's answer to the tasks `prefers_new` names (by number), the
+    other's to the rest, on whichever side each is shown."""
     judged = 0
     while (assignment := claim_next_pair(campaign, labeler).assignment) is not None:
         left, _ = assignment.shown()
+        task = int(assignment.pair.prompt.text.removeprefix("Task ").removesuffix("?"))
+        new_on_left = left.text.startswith("A careful")
         submit_judgment(assignment_id=assignment.pk, labeler=labeler,
-                        choice="a" if left.text.startswith("A careful") else "b", strength=2, campaign=campaign)
+                        choice="a" if new_on_left == prefers_new(task) else "b", strength=2, campaign=campaign)
         judged += 1
     return judged
+
+
+def new_is_a(round_: Round) -> list[bool]:
+    """Per blind pair of the round, in prompt order, whether the new policy's answer is its response A."""
+    pairs = Pair.objects.filter(round=round_, purpose=Pair.EVALUATION).order_by("prompt__text")
+    return [checkpoint == NEW_CHECKPOINT for checkpoint in pairs.values_list("response_a__checkpoint", flat=True)]
+
+
+def test_the_new_policy_is_response_a_of_half_the_blind_pairs_in_an_order_the_seed_repeats(labeler):
+    round_ = evaluated_round(labeler, seed=3)
+    actions.send_evaluation_to_labelers(round_)
+    order = new_is_a(round_)
+    assert len(order) == PROMPTS and sum(order) == PROMPTS // 2
+    blind = Pair.objects.filter(round=round_, purpose=Pair.EVALUATION)
+    assert {(p.response_a.checkpoint, p.response_b.checkpoint) for p in blind} == {
+        (NEW_CHECKPOINT, SFT_CHECKPOINT), (SFT_CHECKPOINT, NEW_CHECKPOINT)}  # each response keeps its policy
+    assert list(blind.order_by("pk").values_list("prompt__text", flat=True)) == [f"Task {i}?" for i in range(PROMPTS)]
+    blind.delete()
+    actions.send_evaluation_to_labelers(round_)
+    assert new_is_a(round_) == order  # the round's seed draws the same order again
+
+
+def test_the_people_s_win_rate_reads_each_pair_by_policy_whichever_response_it_is(labeler):
+    tables, orders = [], []
+    for seed in (0, 1):
+        round_ = evaluated_round(labeler, seed=seed, slug=f"blind-{seed}")
+        actions.send_evaluation_to_labelers(round_)
+        orders.append(new_is_a(round_))
+        assert judge_all(round_.campaign, labeler, prefers_new=lambda task: task < 6) == PROMPTS
+        human = human_evaluation(round_)
+        (row,) = human["table"]
+        assert (row["a"], row["b"], row["prompts"], row["wins"], row["losses"]) == (NEW, SFT, PROMPTS, 6, 2)
+        assert row["win_rate"] == 0.75
+        players = {p.player: p for p in human["ratings"]["players"]}
+        assert players["Round 1"].rating > players["SFT policy"].rating and human["ratings"]["judgments"] == PROMPTS
+        tables.append({k: v for k, v in row.items() if k not in ("ci_low", "ci_high")})  # resampled by seed
+    assert orders[0] != orders[1] and tables[0] == tables[1]
 
 
 def test_a_blind_batch_never_reaches_a_training_export(labeler, tmp_path):

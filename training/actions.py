@@ -279,7 +279,8 @@ def evaluate_round(round_: Round) -> Job:
 
 def send_evaluation_to_labelers(round_: Round, *, priority: int = 0) -> int:
     """Put the round's last evaluation's answers before labelers as blind pairs that never train anything (the
-    new policy's answer against the SFT policy's and the previous round's, per prompt); returns the pairs added.
+    new policy's answer against the SFT policy's and the previous round's, per prompt, as response A of half of
+    them: evaluation.new_policy_first); returns the pairs added.
     The same answers again add nothing. Raises RoundRefused when the round has no evaluation with answers."""
     from training import evaluation  # imports the demo's rule judges: loaded when an evaluation is sent
 
@@ -290,15 +291,18 @@ def send_evaluation_to_labelers(round_: Round, *, priority: int = 0) -> int:
     if not low <= priority <= high:
         raise RoundRefused(f"priority must be from {low} to {high}, got {priority}")
     checkpoints = {p["role"]: p["checkpoint"] for p in job.result["policies"]}
-    turns = dict(EvalPrompt.objects.filter(pk__in=[row["eval_prompt_id"] for row in job.result["answers"]])
-                 .values_list("pk", "turns"))
+    rows = job.result["answers"]
+    turns = dict(EvalPrompt.objects.filter(pk__in=[row["eval_prompt_id"] for row in rows]).values_list("pk", "turns"))
     added = 0
     with transaction.atomic():
         for other in (role for role in (evaluation.SFT, evaluation.PREVIOUS) if role in checkpoints):
-            items = [PairInput(turns.get(row["eval_prompt_id"]) or row["prompt"], row["answers"][evaluation.NEW],
-                               row["answers"][other]) for row in job.result["answers"]]
+            firsts = evaluation.new_policy_first(round_.config.get("seed", 0), other, len(rows))
+            items = []
+            for row, new_first in zip(rows, firsts, strict=True):
+                a, b = (evaluation.NEW, other) if new_first else (other, evaluation.NEW)
+                items.append(PairInput(turns.get(row["eval_prompt_id"]) or row["prompt"], row["answers"][a],
+                                       row["answers"][b], checkpoints=(checkpoints[a], checkpoints[b])))
             added += add_pairs(round_.campaign, items, round=round_, priority=priority, source=Response.POLICY,
-                               checkpoints=(checkpoints[evaluation.NEW], checkpoints[other]),
                                purpose=Pair.EVALUATION).created
     log.info("sent %s evaluation pairs of %s to labelers", added, round_)
     return added

@@ -11,6 +11,7 @@ Comparisons are keyed by judge and axis ("" for the campaign's one question), so
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,6 +86,15 @@ def compare(answers: dict[str, list[str]], scores: dict[str, dict[str, list[floa
     return rows
 
 
+def new_policy_first(seed: int, other: str, count: int) -> list[bool]:
+    """Per answer of a blind batch against the `other` role, whether the new policy's answer is response A: half of
+    them (the odd one A), in an order drawn from the round's seed, so the stored order says nothing of which is new,
+    a position bias weighs on both policies alike, and sending again gives the same pairs."""
+    first = [index < (count + 1) // 2 for index in range(count)]
+    random.Random(f"{seed}:{other}").shuffle(first)
+    return first
+
+
 def latest(round_: Round) -> Job | None:
     """The round's evaluate job that succeeded last (an evaluation run again on demand replaces the earlier)."""
     return round_.jobs.filter(kind=Job.EVALUATE, status=Job.SUCCEEDED).order_by("-order").first()
@@ -143,12 +153,18 @@ def human_evaluation(round_: Round) -> dict | None:
                               "length_b"))
     found: dict[str, tuple[list[float], list[int], list[int]]] = {}
     for choice, checkpoint_a, checkpoint_b, length_a, length_b in judgments.iterator():
-        if role_of.get(checkpoint_a) != NEW or role_of.get(checkpoint_b) in (None, NEW):
-            continue  # the new policy's answer is always response A of its evaluation pairs
-        outcomes, lengths_a, lengths_b = found.setdefault(role_of[checkpoint_b], ([], [], []))
-        outcomes.append(review.RATING_OUTCOME[choice])
-        lengths_a.append(length_a)
-        lengths_b.append(length_b)
+        role_a, role_b = role_of.get(checkpoint_a), role_of.get(checkpoint_b)
+        if NEW not in (role_a, role_b) or None in (role_a, role_b) or role_a == role_b:
+            continue
+        outcome = review.RATING_OUTCOME[choice]
+        if role_a == NEW:
+            other, new_outcome, new_length, other_length = role_b, outcome, length_a, length_b
+        else:  # the new policy's answer is response B of about half its pairs (new_policy_first)
+            other, new_outcome, new_length, other_length = role_a, 1.0 - outcome, length_b, length_a
+        outcomes, lengths_new, lengths_other = found.setdefault(other, ([], [], []))
+        outcomes.append(new_outcome)
+        lengths_new.append(new_length)
+        lengths_other.append(other_length)
     if not found:
         return None
     rows = [{"a": NEW, "b": other, "a_label": labels[NEW], "b_label": labels[other], "judge": PEOPLE, "axis": WHOLE,
