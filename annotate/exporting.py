@@ -23,7 +23,7 @@ judgments, not TRL input).
 Axes: a campaign may ask several questions per pair (annotate.models.Axis). Pairs are exported one axis at
 a time (`axis`, a key; by default the first axis, which is all a campaign of one axis has), in the same
 columns. The raw export of a campaign with several axes adds an `axes` column: every axis's choice,
-strength and margin, the first included.
+strength, margin and gold answer, the first included (`gold_choice` keeps the first axis's alone).
 
 Judgments an admin excluded (annotate.models.Exclusion) are left out of both; `left_out` says how many
 and why, and the export command, the campaign page and a round's export job say it too. The files
@@ -100,16 +100,17 @@ RAW_SCHEMA = pa.schema([
     ("rationale", pa.string()),
     ("labeler", pa.string()),
     ("source", pa.string()),           # human, simulated, import
-    ("gold_choice", pa.string()),      # the known answer when the pair is a gold item, else ""
+    ("gold_choice", pa.string()),      # the known answer on the first axis when the pair is a gold item, else ""
     ("created_at", pa.string()),       # ISO 8601
     ("purpose", pa.string()),          # training, or evaluation: a round's blind human evaluation (never trains)
 ])
 
 RAW_CHAT_SCHEMA = RAW_SCHEMA.set(RAW_SCHEMA.get_field_index("prompt"), pa.field("prompt", MESSAGES))
 
-# A campaign of several axes: every axis's choice on each judgment, in the campaign's order, the first included.
+# A campaign of several axes: every axis's choice on each judgment, and the pair's gold answer on it ("" none), in the
+# campaign's order, the first included.
 AXES = pa.list_(pa.struct([("axis", pa.string()), ("choice", pa.string()), ("strength", pa.int64()),
-                           ("margin", pa.float64())]))
+                           ("margin", pa.float64()), ("gold", pa.string())]))
 RAW_AXES_SCHEMA = RAW_SCHEMA.append(pa.field("axes", AXES))
 RAW_AXES_CHAT_SCHEMA = RAW_CHAT_SCHEMA.append(pa.field("axes", AXES))
 
@@ -296,13 +297,15 @@ def raw_rows(campaign, *, include_simulated: bool = True, conversational: bool =
 
 
 def _every_axis(judgment, axes) -> list[dict]:
-    """Each axis's choice on this judgment, in the campaign's order (null on an axis added after it)."""
+    """Each axis's choice on this judgment (null on an axis added after it) and the pair's gold answer on it ("" none),
+    in the campaign's order."""
     further = {choice.axis_id: choice for choice in judgment.axis_choices.all()}
     rows = [{"axis": axes[0].key, "choice": judgment.choice, "strength": judgment.strength}]
     for axis in axes[1:]:
         choice = further.get(axis.pk)
         rows.append({"axis": axis.key, "choice": choice and choice.choice, "strength": choice and choice.strength})
-    return [{**row, "margin": Judgment.margin_of(row["strength"])} for row in rows]
+    return [{**row, "margin": Judgment.margin_of(row["strength"]), "gold": judgment.pair.gold_on(axis)}
+            for row, axis in zip(rows, axes, strict=True)]
 
 
 def export_axis(campaign, axis: str | None, raw: bool = False) -> Axis:

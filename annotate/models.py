@@ -321,6 +321,10 @@ class Pair(models.Model):
     def needs_judgments(self) -> bool:
         return self.judgments_count < self.campaign.overlap + self.extra_judgments
 
+    def gold_on(self, axis: Axis) -> str:
+        """The known answer on `axis` (response_a/response_b terms) when this is a gold item there, else ""."""
+        return self.gold_choice if axis.is_first() else (self.gold_choices or {}).get(axis.key, "")
+
 
 # A live lease: a claimed pair neither judged nor skipped whose time has not run out. The ORM spells it
 # Assignment.objects.live(now); raw SQL on the hot path writes LIVE_LEASE_SQL, with the assignment table

@@ -588,3 +588,24 @@ def test_trl_reward_and_dpo_trainers_take_a_step_on_the_conversational_export(ch
     output = dpo.train()
     assert output.global_step == 1 and abs(output.training_loss - math.log(2)) < 1e-3  # policy == reference
     assert any(not torch.equal(a, b) for a, b in zip(before, dpo.model.parameters()))
+
+
+def test_the_raw_export_carries_each_axis_s_gold_answer_beside_its_choice(labeler, tmp_path):
+    from annotate.models import Pair
+    from tests.test_axes import judge_axes, two_axes
+
+    campaign = two_axes(labeler, n_pairs=3, gold_rate=1.0)
+    both, first_only, plain = Pair.objects.filter(campaign=campaign).order_by("id")
+    Pair.objects.filter(pk=both.pk).update(gold_choice="a", gold_choices={"harmless": "b"})
+    Pair.objects.filter(pk=first_only.pk).update(gold_choice="tie")
+    for _ in range(3):
+        judge_axes(campaign, labeler, "a", "b", strength=2)
+    call_command("export_pairs", campaign.slug, str(tmp_path / "raw.jsonl"), "--raw")
+    export_pairs(campaign, tmp_path / "raw.parquet", format="parquet", raw=True)
+    expected = {both.pk: ("a", [("helpful", "a"), ("harmless", "b")]),
+                first_only.pk: ("tie", [("helpful", "tie"), ("harmless", "")]),
+                plain.pk: ("", [("helpful", ""), ("harmless", "")])}
+    jsonl = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    for rows in (jsonl, pq.read_table(tmp_path / "raw.parquet").to_pylist()):
+        assert {row["pair_id"]: (row["gold_choice"], [(axis["axis"], axis["gold"]) for axis in row["axes"]])
+                for row in rows} == expected
