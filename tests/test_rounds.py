@@ -826,10 +826,11 @@ def test_the_launch_form_shows_an_algorithm_s_sections_only_for_it_and_launches_
     page = response.content.decode()
     shown_for = {title: tag for tag, title in
                  re.findall(r'<fieldset(?: data-algorithms="([^"]*)")?><legend>(.*?)</legend>', page)}
-    assert shown_for == {"Round type": "", "Models and prompting": "", "Reward model": "ppo grpo", "Safety": "ppo grpo",
+    assert shown_for == {"Round type": "", "Models and prompting": "", "Reward model": "ppo grpo dpo_online",
+                         "Safety": "ppo grpo",
                          "PPO": "ppo", "DPO": "dpo", "GRPO": "grpo", "Sampling": "", "New pairs": "", "Evaluation": "",
                          "Memory": ""}
-    assert '<p data-algorithms="ppo grpo"><label for="id_reward_model">Backbone</label>' in page
+    assert '<p data-algorithms="ppo grpo dpo_online"><label for="id_reward_model">Backbone</label>' in page
     assert '<p><label for="id_reference">' in page  # DPO's "sft" reference reads it too
     for algorithm in ("ppo", "dpo", "grpo"):  # hidden by CSS alone, from the algorithm chosen
         assert (f'#launch-form:has(select[name="algorithm"] option[value="{algorithm}"]:checked) '
@@ -1210,7 +1211,47 @@ def test_a_dpo_round_refuses_the_safety_settings_of_the_rounds_with_a_reward_mod
     from training.config import refuse_unused
 
     with pytest.raises(ConfigError, match="safety_classifier does not apply to a dpo round"):
-        refuse_unused("dpo", ["safety_classifier"])
+        refuse_unused(build_config("tiny", {"algorithm": "dpo"}), ["safety_classifier"])
+    with pytest.raises(ConfigError, match="safety_classifier does not apply to a dpo dpo_online round"):
+        refuse_unused(build_config("tiny", {"algorithm": "dpo", "dpo_online": True}), ["safety_classifier"])
+
+
+@pytest.mark.django_db
+def test_an_online_dpo_round_trains_its_reward_model_with_the_round_s_own_reward_settings(
+        chains, admin_user, monkeypatch):
+    """Every door takes a reward-model setting for online DPO (its chain trains one), and the reward job hands the
+    round's value to the engine; offline DPO trains none and still refuses, or on the form drops, them."""
+    from training.config import PRESETS
+
+    campaign = judged_campaign()
+    call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "algorithm=dpo", "--set",
+                 "dpo_online=true", "--set", "reward_epochs=3", "--set", "reward_lr=0.002", stdout=io.StringIO())
+    round_ = Round.objects.get()
+    Round.objects.filter(pk=round_.pk).update(dataset_path="/data/round-1.jsonl")
+    round_.refresh_from_db()
+
+    def stage(name, args, progress):
+        raise _Handed(args)
+
+    monkeypatch.setattr(runner, "train", stage)
+    with pytest.raises(_Handed) as raised:
+        runner.RUNNERS[Job.REWARD](round_.jobs.get(kind=Job.REWARD), _Quiet())
+    assert (raised.value.handed.epochs, raised.value.handed.lr) == (3, 0.002)
+    actions.cancel_job(round_.jobs.get(kind=Job.EXPORT))
+    with pytest.raises(CommandError, match=r"reward_epochs does not apply to a dpo round"):
+        call_command("launch_round", campaign.slug, "--preset", "tiny", "--set", "algorithm=dpo",
+                     "--set", "reward_epochs=3", stdout=io.StringIO())
+
+    client = client_for(admin_user)
+    url = f"/campaigns/{campaign.slug}/rounds/"
+    posted = {field.name: field.value() for field in client.get(f"{url}?preset=tiny").context["form"]
+              if field.value() is not None and field.value() is not False}
+    for online, epochs in ((True, 4), (False, PRESETS["tiny"].reward_epochs)):
+        form = {**posted, "algorithm": "dpo", "reward_epochs": 4, **({"dpo_online": "on"} if online else {})}
+        assert client.post(url, form).status_code == 302
+        launched = Round.objects.order_by("-number").first()
+        assert launched.config["dpo_online"] is online and launched.config["reward_epochs"] == epochs
+        actions.cancel_job(launched.jobs.get(kind=Job.EXPORT))
 
 
 # The jobs each engine module's settings feed (common.MemoryArgs: every training stage of a round).

@@ -191,7 +191,7 @@ def launch_config(campaign: Campaign, preset: str, values: dict[str, Any] | None
     """A round's settings as every door launches it (the page, launch_round, the API): the preset's, then the
     campaign's own (campaign_settings), then `values`. Raises ConfigError / ValueError naming bad settings."""
     config = build_config(preset, {**campaign_settings(campaign), **(values or {})})
-    refuse_unused(config.algorithm, values or {})
+    refuse_unused(config, values or {})
     check_axes(campaign, config)
     return config
 

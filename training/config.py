@@ -27,7 +27,11 @@ ALGORITHMS = {
     DPO: "DPO: the policy straight from the pairs, no reward model (Rafailov et al. 2023)",
     GRPO: "GRPO: a reward model, then group-relative advantages, no critic (Shao et al. 2024)",
 }
-WITH_REWARD_MODEL = (PPO, GRPO)  # the round types that train a reward model on the pairs
+WITH_REWARD_MODEL = (PPO, GRPO)  # the round types whose policy stage optimises a reward model's (and safety's) scores
+ONLINE_DPO = "dpo_online"  # a round type (Setting.algorithms): a DPO round with dpo_online, which trains a reward model
+# A round type a switch turns on: its tag, the algorithm it belongs to and the bool setting that switches it.
+SWITCHED_TYPES = {ONLINE_DPO: (DPO, "dpo_online")}
+WITH_REWARD_JOB = (*WITH_REWARD_MODEL, ONLINE_DPO)  # the round types whose chain trains a reward model on the pairs
 DPO_REFERENCES = {
     PAIRING_SFT: "the SFT policy (or the reference policy named above)",
     PAIRING_PREVIOUS: "the round's starting policy: the previous round's",
@@ -77,12 +81,20 @@ class Setting:
     algorithms: tuple[str, ...] = ()
     """The round types (ALGORITHMS) it applies to; empty: every one."""
 
-    def applies_to(self, algorithm: str) -> bool:
-        return not self.algorithms or algorithm in self.algorithms
+    def applies_to(self, types: tuple[str, ...]) -> bool:
+        """Whether it applies to a round of these types (round_types)."""
+        return not self.algorithms or any(kind in self.algorithms for kind in types)
 
     def __post_init__(self):
         if self.section and not self.label:
             raise ValueError(f"a round setting shown in the {self.section!r} section needs a label")
+
+
+def round_types(algorithm: str, values: dict[str, Any]) -> tuple[str, ...]:
+    """A round's types (Setting.algorithms): its algorithm, and each SWITCHED_TYPES one whose switch `values` turn
+    on for that algorithm (ONLINE_DPO for a DPO round with dpo_online)."""
+    return (algorithm, *(kind for kind, (base, switch) in SWITCHED_TYPES.items()
+                         if base == algorithm and values.get(switch)))
 
 
 def setting(default: Any, **about: Any) -> Any:
@@ -112,7 +124,7 @@ class RoundConfig:
     algorithm: str = setting(PPO, choices=ALGORITHMS, section="Round type", label="Algorithm")
     """How the round trains its policy from the pairs: ppo (the default), dpo or grpo."""
     reward_model: str = setting(REWARD_FROM_SFT, section="Models and prompting", label="Backbone",
-                                algorithms=WITH_REWARD_MODEL)
+                                algorithms=WITH_REWARD_JOB)
     """Reward backbone: "sft" (the campaign's SFT policy with a score head, as InstructGPT initialises its
     reward model from the supervised model, Ouyang et al. 2022), a name or path, or empty:
     PAIRLOOP_REWARD_MODEL, else the packaged MiniLM."""
@@ -125,35 +137,35 @@ class RoundConfig:
     """Texts that end a response besides the model's end-of-turn tokens, one per line; empty: none."""
     reward_epochs: int = setting(1, bounds=(1, 1000), engine=("reward", "RewardArgs", "epochs"),
                                  section="Reward model", label="Epochs",
-        algorithms=WITH_REWARD_MODEL)
+        algorithms=WITH_REWARD_JOB)
     """Reward model epochs; InstructGPT trains one, it overfits after (Ouyang et al. 2022)."""
     reward_lr: float = setting(
         1e-4, bounds=(0.0, 1.0), low_excluded=True, engine=("reward", "RewardArgs", "lr"),
         why_differs="1e-4 and no warm-up: the demo's reward model is its GPT-2 policy, measured so by "
                     "closed_loop.py; the engine's 5e-5 with 10% warm-up is measured on the MiniLM (reward_vs_trl.py --cv)",
         section="Reward model", label="Learning rate",
-        algorithms=WITH_REWARD_MODEL)
+        algorithms=WITH_REWARD_JOB)
     """Reward model AdamW peak learning rate (TRL RewardConfig's; the demo's rounds were measured with it)."""
     reward_warmup_ratio: float = setting(
         0.0, bounds=(0.0, 1.0), engine=("reward", "RewardArgs", "warmup_ratio"),
         why_differs="0, with reward_lr: what closed_loop.py measured the demo's rounds with",
         section="Reward model", label="Warm-up share",
-        algorithms=WITH_REWARD_MODEL)
+        algorithms=WITH_REWARD_JOB)
     """Share of reward steps with linear warm-up before the linear decay (transformers' default: none)."""
     reward_older_rounds_weight: float = setting(
         1.0, bounds=(0.0, 1.0), engine=("reward", "RewardArgs", "older_rounds_weight"), section="Reward model",
-        label="Weight per older round", algorithms=WITH_REWARD_MODEL)
+        label="Weight per older round", algorithms=WITH_REWARD_JOB)
     """w: a pair made k rounds before the newest judged round's weighs w^k in the reward model's loss (imports
     count as round 0); 1, the engine's: every round's pairs alike; 0: the newest round's pairs only."""
     reward_batch_size: int = setting(8, bounds=(1, 65_536), engine=("reward", "RewardArgs", "batch_size"),
                                      section="Reward model", label="Batch size",
-        algorithms=WITH_REWARD_MODEL)
+        algorithms=WITH_REWARD_JOB)
     """Preference pairs per reward step."""
     reward_max_length: int = setting(
         256, bounds=(16, 131_072), engine=("reward", "RewardArgs", "max_length"),
         why_differs="256, the length the reward benchmarks measure at; the engine's 512 is BERT's limit",
         section="Reward model", label="Max length",
-        algorithms=WITH_REWARD_MODEL)
+        algorithms=WITH_REWARD_JOB)
     """Longest (prompt, response) in tokens for the reward model; the demo's are well under it."""
     reward_combination: str = setting(
         WEIGHTED, choices=REWARD_COMBINATIONS, engine=("sources", "RewardMixArgs", "reward_combination"),
@@ -349,9 +361,13 @@ class RoundConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def round_types(self) -> tuple[str, ...]:
+        """This round's types (Setting.algorithms): its algorithm, with ONLINE_DPO for online DPO."""
+        return round_types(self.algorithm, vars(self))
+
     def trains_reward_model(self) -> bool:
         """Whether the round's chain has a reward job: PPO and GRPO always, DPO with dpo_online."""
-        return self.algorithm in WITH_REWARD_MODEL or (self.algorithm == DPO and self.dpo_online)
+        return any(kind in WITH_REWARD_JOB for kind in self.round_types())
 
     def stop_list(self) -> list[str]:
         """The stop strings, one per line of `stop_strings` (blank lines left out)."""
@@ -429,11 +445,13 @@ def build_config(preset: str = "demo", overrides: dict[str, Any] | None = None) 
     return config
 
 
-def refuse_unused(algorithm: str, names) -> None:
-    """Raise ConfigError naming each of `names` that a round of `algorithm` does not use (Setting.algorithms), so a
-    value given for another round type is refused rather than ignored."""
-    problems = {name: f"{name} does not apply to a {algorithm} round (it is for {', '.join(SETTINGS[name].algorithms)})"
-                for name in names if name in SETTINGS and not SETTINGS[name].applies_to(algorithm)}
+def refuse_unused(config: RoundConfig, names) -> None:
+    """Raise ConfigError naming each of `names` that a round of `config`'s types does not use (Setting.algorithms),
+    so a value given for another round type is refused rather than ignored."""
+    types = config.round_types()
+    problems = {name: f"{name} does not apply to a {' '.join(types)} round (it is for "
+                      f"{', '.join(SETTINGS[name].algorithms)})"
+                for name in names if name in SETTINGS and not SETTINGS[name].applies_to(types)}
     if problems:
         raise ConfigError(problems)
 

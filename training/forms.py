@@ -5,7 +5,17 @@ from __future__ import annotations
 from django import forms
 
 from training import actions
-from training.config import FIELDS, PRESETS, SETTINGS, TEXTAREA, ConfigError, RoundConfig, field_help
+from training.config import (
+    FIELDS,
+    PRESETS,
+    SETTINGS,
+    SWITCHED_TYPES,
+    TEXTAREA,
+    ConfigError,
+    RoundConfig,
+    field_help,
+    round_types,
+)
 
 
 def form_sections() -> list[tuple[str, list[str]]]:
@@ -63,13 +73,18 @@ class LaunchRoundForm(forms.Form):
     def algorithms(self) -> list[str]:
         return [value for value, _ in self.fields["algorithm"].choices]
 
+    def switched_types(self) -> list[tuple[str, str, str]]:
+        """(round type, its algorithm, the checkbox that switches it on) of config.SWITCHED_TYPES, for the CSS that
+        shows that type's settings while its algorithm is chosen and its box is ticked."""
+        return [(kind, base, switch) for kind, (base, switch) in SWITCHED_TYPES.items()]
+
     def clean(self):
         cleaned = super().clean()
         if self.errors:
             return cleaned
         # What the page hid (another round type's settings, still posted) is not the admin's to launch with.
-        algorithm = cleaned.get("algorithm") or RoundConfig.algorithm
-        values = {k: v for k, v in cleaned.items() if k != "preset" and SETTINGS[k].applies_to(algorithm)}
+        types = round_types(cleaned.get("algorithm") or RoundConfig.algorithm, cleaned)
+        values = {k: v for k, v in cleaned.items() if k != "preset" and SETTINGS[k].applies_to(types)}
         try:
             self.config = actions.launch_config(self.campaign, cleaned.get("preset", "demo"), values)
         except ConfigError as exc:

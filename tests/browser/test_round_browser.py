@@ -132,6 +132,11 @@ def test_the_launch_form_shows_only_the_sections_of_the_algorithm_chosen(page, a
     page.select_option("#id_algorithm", "dpo")  # CSS alone hides what does not apply: no request, no script
     assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "DPO", *common]
     assert not page.is_visible("#id_reward_model") and page.is_visible("#id_reference")
+    page.check("#id_dpo_online")  # online DPO trains a reward model: its section shows, Safety's does not
+    assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "DPO", *common]
+    assert page.is_visible("#id_reward_epochs") and not page.is_visible("#id_safety_classifier")
+    page.uncheck("#id_dpo_online")
+    assert not page.is_visible("#id_reward_epochs")
     page.select_option("#id_algorithm", "grpo")
     assert page.evaluate(VISIBLE_SECTIONS) == ["Round type", "Models and prompting", "Reward model", "Safety", "GRPO",
                                                *common]
