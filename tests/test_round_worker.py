@@ -298,60 +298,39 @@ def test_a_grpo_round_trains_against_its_reward_model_and_fills_the_queue(tiny_w
     assert "no reward model" not in page and "mean reward-model score" in page
 
 
-def test_a_cancelled_dpo_job_resumes_from_its_checkpoint_and_finishes_the_round(tiny_world):
-    campaign = seed_campaign("dpo-cancel", n_prompts=16)
-    config = build_config("tiny", {"algorithm": "dpo", "dpo_batch_size": "2", "dpo_epochs": "3"})
+@pytest.mark.parametrize(("algorithm", "chosen", "steps", "resumed"), [
+    ("dpo", {"dpo_batch_size": "2", "dpo_epochs": "3"}, None, "resumed from"),  # steps: from the pairs
+    ("grpo", {"grpo_steps": "12"}, 12, "resuming from"),
+])
+def test_a_cancelled_policy_job_resumes_from_its_checkpoint_and_finishes_the_round(tiny_world, algorithm, chosen,
+                                                                                   steps, resumed):
+    """A DPO or GRPO job cancelled after step 3 resumes from the checkpoint it saved, every step's point once."""
+    campaign = seed_campaign(f"{algorithm}-cancel", n_prompts=16)
+    config = build_config("tiny", {"algorithm": algorithm, "reward_model": tiny_world["reward_model"], **chosen})
     with Worker(env=tiny_world["env"], purge=True) as worker:
         round_ = actions.launch_round(campaign, None, config)
-        dpo = round_.jobs.get(kind=Job.DPO)
-        wait_for(lambda: Job.objects.filter(pk=dpo.pk, status=Job.RUNNING, step__gte=3).exists(), 300, worker,
-                 "DPO to reach step 3", poll=0.1)
-        actions.cancel_job(dpo)
-        wait_for(lambda: Job.objects.filter(pk=dpo.pk, status=Job.CANCELLED).exists(), 60, worker,
-                 "the DPO job to stop")
-        dpo.refresh_from_db()
-        resume_dir = actions.round_dir(round_) / "dpo-1" / "policy.resume"
+        job = round_.jobs.get(kind=algorithm)
+        wait_for(lambda: Job.objects.filter(pk=job.pk, status=Job.RUNNING, step__gte=3).exists(), 300, worker,
+                 f"{algorithm} to reach step 3", poll=0.1)
+        actions.cancel_job(job)
+        wait_for(lambda: Job.objects.filter(pk=job.pk, status=Job.CANCELLED).exists(), 60, worker,
+                 f"the {algorithm} job to stop")
+        job.refresh_from_db()
+        resume_dir = actions.round_dir(round_) / f"{algorithm}-1" / "policy.resume"
         saved_step = read_checkpoint_meta(resume_dir)["step"]
-        assert 3 <= saved_step == dpo.step < dpo.total_steps
+        assert 3 <= saved_step == job.step < job.total_steps
         assert round_.status() == Job.CANCELLED
 
-        actions.resume_job(dpo)
-        jobs = wait_for(lambda: round_over(round_), 300, worker, "the resumed DPO round to finish")
-    dpo = jobs[1]
-    assert dpo.attempts == 2 and dpo.step == dpo.total_steps and dpo.error == ""
-    assert f"resumed from {resume_dir} at step {saved_step}" in dpo.log and dpo.start_step == saved_step
-    assert [p["step"] for p in dpo.metrics] == list(range(1, dpo.total_steps + 1))
+        actions.resume_job(job)
+        jobs = {done.kind: done for done in wait_for(lambda: round_over(round_), 300, worker,
+                                                     f"the resumed {algorithm} round to finish")}
+    job = jobs[algorithm]
+    assert job.attempts == 2 and job.step == job.total_steps and steps in (None, job.total_steps) and job.error == ""
+    assert f"{resumed} {resume_dir} at step {saved_step}" in job.log and job.start_step == saved_step
+    assert [p["step"] for p in job.metrics] == list(range(1, job.total_steps + 1))
     round_.refresh_from_db()
-    assert round_.policy_checkpoint == str(actions.round_dir(round_) / "dpo-2" / "policy")
-    assert jobs[3].result["created"] > 0 and not resume_dir.parent.exists()
-
-
-def test_a_cancelled_grpo_job_resumes_from_its_checkpoint_and_finishes_the_round(tiny_world):
-    campaign = seed_campaign("grpo-cancel", n_prompts=16)
-    config = build_config("tiny", {"algorithm": "grpo", "reward_model": tiny_world["reward_model"],
-                                   "grpo_steps": "12"})
-    with Worker(env=tiny_world["env"], purge=True) as worker:
-        round_ = actions.launch_round(campaign, None, config)
-        grpo = round_.jobs.get(kind=Job.GRPO)
-        wait_for(lambda: Job.objects.filter(pk=grpo.pk, status=Job.RUNNING, step__gte=3).exists(), 300, worker,
-                 "GRPO to reach step 3", poll=0.1)
-        actions.cancel_job(grpo)
-        wait_for(lambda: Job.objects.filter(pk=grpo.pk, status=Job.CANCELLED).exists(), 60, worker,
-                 "the GRPO job to stop")
-        grpo.refresh_from_db()
-        resume_dir = actions.round_dir(round_) / "grpo-1" / "policy.resume"
-        saved_step = read_checkpoint_meta(resume_dir)["step"]
-        assert 3 <= saved_step == grpo.step < config.grpo_steps
-
-        actions.resume_job(grpo)
-        jobs = wait_for(lambda: round_over(round_), 300, worker, "the resumed GRPO round to finish")
-    grpo = jobs[2]
-    assert grpo.attempts == 2 and grpo.step == config.grpo_steps and grpo.error == ""
-    assert f"resuming from {resume_dir} at step {saved_step}" in grpo.log and grpo.start_step == saved_step
-    assert [p["step"] for p in grpo.metrics] == list(range(1, config.grpo_steps + 1))
-    round_.refresh_from_db()
-    assert round_.policy_checkpoint == str(actions.round_dir(round_) / "grpo-2" / "policy")
-    assert jobs[4].result["created"] > 0 and not resume_dir.parent.exists()
+    assert round_.policy_checkpoint == str(actions.round_dir(round_) / f"{algorithm}-2" / "policy")
+    assert jobs[Job.ENQUEUE].result["created"] > 0 and not resume_dir.parent.exists()
 
 
 def test_a_ppo_round_gated_on_a_safety_classifier_records_both_rewards_curves(tiny_world, reviewer, tmp_path):
