@@ -27,6 +27,7 @@ from annotate.limits import INT32_MAX
 from annotate.models import (
     LIVE_LEASE_SQL,
     AILabeler,
+    AIRevision,
     AIVerdict,
     Assignment,
     Axis,
@@ -972,3 +973,32 @@ def record_ai_judgment(ai_labeler: AILabeler, *, assignment_id: int, verdicts: l
         AIVerdict.objects.bulk_create(AIVerdict(labeler=ai_labeler, pair_id=pair_id, judgment=judgment,
                                                 model=ai_labeler.model, **verdict) for verdict in verdicts)
     return judgment
+
+
+def propose_revision(ai_labeler: AILabeler, *, prompt: Prompt, original: str, revision: str, policy: str,
+                     provenance: dict, priority: int = 0) -> AIRevision | None:
+    """Put an AI labeler's revision of a policy's answer into the queue as a pair (response_a the original,
+    response_b the revision) with its proposal, revision preferred: people confirm or overturn it by judging the
+    pair as any other. `provenance` holds AIRevision's principle, prompts and raw answers. Returns None, adding
+    nothing, when the pair is in the campaign already."""
+    now = timezone.now()
+    with transaction.atomic():
+        responses = []
+        for text, source, checkpoint, generation in (
+                (original, Response.POLICY, policy, {}),
+                (revision, Response.REVISION, f"AI revision: {ai_labeler.name} ({ai_labeler.model})",
+                 {"ai_labeler": ai_labeler.name, "model": ai_labeler.model})):
+            response, _ = Response.objects.get_or_create(
+                prompt=prompt, hash=content_hash(text),
+                defaults=dict(text=text, source=source, checkpoint=checkpoint, generation=generation, created_at=now))
+            responses.append(response)
+        key = Pair.key_for(responses[0].pk, responses[1].pk)
+        if responses[0].pk == responses[1].pk or Pair.objects.filter(campaign=prompt.campaign, key=key).exists():
+            return None
+        pair = Pair.objects.create(campaign=prompt.campaign, prompt=prompt, response_a=responses[0],
+                                   response_b=responses[1], key=key, priority=priority, created_at=now)
+        proposal = AIRevision.objects.create(labeler=ai_labeler, pair=pair, model=ai_labeler.model, policy=policy,
+                                             created_at=now, **provenance)
+        transaction.on_commit(lambda: live.pairs_arrived(prompt.campaign, 1))
+    forget_judgments_left(prompt.campaign)
+    return proposal

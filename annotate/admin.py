@@ -22,6 +22,7 @@ from annotate.actions import (
 )
 from annotate.models import (
     AILabeler,
+    AIRevision,
     AIVerdict,
     Assignment,
     Axis,
@@ -249,3 +250,9 @@ class AILabelerAdmin(admin.ModelAdmin):
 class AIVerdictAdmin(ReadOnlyAdmin):
     list_display = ("id", "labeler", "pair", "outcome", "choice_first", "choice_swapped", "created_at")
     list_filter = ("labeler", "outcome")
+
+
+@admin.register(AIRevision)
+class AIRevisionAdmin(ReadOnlyAdmin):
+    list_display = ("id", "labeler", "pair", "model", "created_at")
+    list_filter = ("labeler",)

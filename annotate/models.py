@@ -12,6 +12,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import connection, models
 from django.db.models import Q
+from django.db.models.functions import Coalesce
 from django.urls import reverse
 from django.utils import timezone
 
@@ -24,6 +25,12 @@ def content_hash(*parts: str) -> str:
         digest.update(part.encode("utf-8"))
         digest.update(b"\x00")
     return digest.hexdigest()[:40]
+
+
+def storable(text: str) -> str:
+    """A model's text as the database stores it: a NUL character, which PostgreSQL's text and JSON refuse, shown as
+    U+FFFD (a random or broken model writes one now and then)."""
+    return text.replace("\x00", "\ufffd")
 
 
 # A campaign's bounds, (lowest, highest) per setting: the model's validators, so the admin and
@@ -238,8 +245,9 @@ class Prompt(models.Model):
 
 
 class Response(models.Model):
-    IMPORT, POLICY, SEED = "import", "policy", "seed"
-    SOURCES = [(IMPORT, "imported"), (POLICY, "policy checkpoint"), (SEED, "demo seed")]
+    IMPORT, POLICY, SEED, REVISION = "import", "policy", "seed", "revision"
+    SOURCES = [(IMPORT, "imported"), (POLICY, "policy checkpoint"), (SEED, "demo seed"),
+               (REVISION, "an AI labeler's revision of a policy's answer")]
 
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="responses")
     text = models.TextField()
@@ -720,3 +728,51 @@ class AIVerdict(models.Model):
 
     class Meta:
         ordering = ["id"]
+
+
+class AIRevision(models.Model):
+    """An AI labeler's proposal that its revision of a policy's answer is the better one (Constitutional AI's
+    critique and revision, Bai et al. 2022, sec. 3): the pair (response_a the original, response_b the revision)
+    that people judge in the queue, the principle, and what the model was asked and answered."""
+
+    labeler = models.ForeignKey(AILabeler, on_delete=models.PROTECT, related_name="revisions")
+    pair = models.OneToOneField(Pair, on_delete=models.CASCADE, related_name="ai_revision")
+    proposed_choice = models.CharField(max_length=8, default=Judgment.B,
+                                       help_text="The AI's proposal in pair terms: b, the revision preferred.")
+    model = models.CharField(max_length=500, help_text="The model that critiqued and revised, as the labeler named it.")
+    policy = models.CharField(max_length=500, help_text="The policy checkpoint that wrote the original answer.")
+    principle = models.TextField(help_text="The principle sampled from the labeler's constitution.")
+    critique_prompt = models.JSONField(help_text="The chat messages of the critique request.")
+    critique = models.TextField(help_text="The model's critique (untrusted text).")
+    revision_prompt = models.JSONField(help_text="The chat messages of the revision request.")
+    revision_answer = models.TextField(help_text="The model's raw answer to the revision request (untrusted text).")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self):
+        return f"revision proposed on pair {self.pair_id}"
+
+    @classmethod
+    def accepted(cls, campaign: Campaign, rule: str) -> models.QuerySet:
+        """The campaign's proposals a round learns from under `rule` (annotate.sources.CAI_ACCEPTS): "people", more
+        than half of the pair's judgments by anyone but AI labelers prefer the revision; "ai", no more than half
+        prefer the original (a pair nobody judged yet counts). Excluded judgments count for nobody."""
+        from annotate.sources import ACCEPT_AI, ACCEPT_PEOPLE
+
+        people = Judgment.objects.filter(pair=models.OuterRef("pair")).exclude(source=Judgment.AI).exclude(
+            Exclusion.excluded_judgments(campaign))
+
+        def count(judgments):
+            counted = judgments.order_by().values("pair").annotate(n=models.Count("id")).values("n")
+            return Coalesce(models.Subquery(counted), 0)
+
+        counted = cls.objects.filter(pair__campaign=campaign).annotate(
+            judged=count(people), revision=count(people.filter(choice=Judgment.B)),
+            original=count(people.filter(choice=Judgment.A)))
+        if rule == ACCEPT_PEOPLE:
+            return counted.filter(revision__gt=models.F("judged") - models.F("revision"))
+        if rule == ACCEPT_AI:
+            return counted.exclude(original__gt=models.F("judged") - models.F("original"))
+        raise ValueError(f"unknown acceptance rule {rule!r}: use {ACCEPT_PEOPLE} or {ACCEPT_AI}")

@@ -38,7 +38,7 @@ from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 
-from annotate.models import Campaign, Prompt, Response, content_hash
+from annotate.models import Campaign, Prompt, Response, content_hash, storable
 from demo import demo_tasks
 from pairloop import heartbeat
 from training import actions, live, review, tracking
@@ -730,9 +730,8 @@ def run_sample(job: Job, progress: Progress) -> Outcome:
 
 
 def _storable(responses: list[str]) -> list[str]:
-    """A policy's responses as the database stores them: a NUL character, which PostgreSQL's text and JSON refuse,
-    shown as U+FFFD (a random or broken model writes one now and then)."""
-    return [r.replace("\x00", "\ufffd") for r in responses]
+    """A policy's responses as the database stores them (annotate.models.storable)."""
+    return [storable(r) for r in responses]
 
 
 def _rule_judge_summary(samples: list[dict]) -> dict[str, float]:

@@ -1,0 +1,141 @@
+"""Constitutional AI's supervised stage: the policy answers, an AI labeler's model critiques and revises each answer
+by a principle, the revisions enter the queue as AI-proposed pairs people confirm or overturn, and a round can
+fine-tune on the accepted ones before its reward stage.
+
+The local model is a tiny random Llama chat model (demo/tiny_models.build_policy): its words mean nothing, but it
+writes something (greedy, a random Qwen2 writes only newlines), which is all the path needs to show.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from annotate.actions import claim_next_pair, create_ai_labeler, propose_revision, submit_judgment
+from annotate.models import AILabeler, AIRevision, Judgment, Pair, Prompt, Response
+from annotate.sources import ACCEPT_AI, ACCEPT_PEOPLE
+from demo.tiny_models import build_policy
+from tests.conftest import make_campaign, make_user
+from training.cai import cai_revise, sft_examples
+from training.engine.revise import CRITIQUE_REQUEST, REVISION_REQUEST
+
+pytestmark = pytest.mark.django_db
+
+PRINCIPLE = "Which response is kinder?"  # short: the tiny model has 512 positions for the whole conversation
+
+
+@pytest.fixture(scope="module")
+def writer_model(request, tmp_path_factory):
+    """A tiny random Llama chat model, built once and kept in pytest's cache folder."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("cai-writer-v1") if cache is not None else tmp_path_factory.mktemp("writer")
+    if not (folder / "llama" / "model.safetensors").exists():
+        shutil.rmtree(folder / "llama.tmp", ignore_errors=True)
+        build_policy("llama", folder / "llama.tmp")
+        (folder / "llama.tmp").rename(folder / "llama")
+    return str(folder / "llama")
+
+
+def local_labeler(campaign, model="unused"):
+    return create_ai_labeler(campaign, name="reviser", model=model, kind=AILabeler.LOCAL, principles=[PRINCIPLE])
+
+
+class Scripted:
+    """A model whose critique is fixed and whose revision is `revise(original)`: the failure modes a real model
+    shows now and then (an empty answer, the answer unchanged), on demand."""
+
+    model = "scripted"
+
+    def __init__(self, revise):
+        self.revise = revise
+
+    def write(self, messages):
+        if messages[-1]["content"].startswith("Please rewrite"):
+            return self.revise(messages[-4]["content"])  # the assistant's answer, before the critique request
+        return "It is curt."
+
+
+def test_it_critiques_and_revises_with_a_local_model_into_ai_proposed_pairs(writer_model):
+    campaign = make_campaign(slug="cai", n_pairs=4)
+    local_labeler(campaign, writer_model)
+    out = io.StringIO()
+
+    call_command("cai_revise", "cai", "--labeler", "reviser", "--count", "3", stdout=out)
+
+    proposals = list(AIRevision.objects.select_related("pair__response_a", "pair__response_b", "pair__prompt"))
+    assert f"proposed {len(proposals)} revised answers" in out.getvalue()
+    assert len(proposals) == 3, out.getvalue()
+    for proposal in proposals:
+        pair = proposal.pair
+        original, revision = pair.response_a, pair.response_b
+        assert pair.is_open and pair.judgments_count == 0  # waiting for people in the queue
+        assert original.source == Response.POLICY and revision.source == Response.REVISION
+        assert revision.text.strip() and revision.text != original.text
+        assert revision.checkpoint == f"AI revision: reviser ({writer_model})"
+        assert proposal.proposed_choice == Judgment.B and proposal.model == writer_model
+        assert proposal.principle == PRINCIPLE and proposal.policy == original.checkpoint
+        # What was asked and answered: the answer, the critique request, the critique kept for the revision.
+        assert proposal.critique_prompt[-2] == {"role": "assistant", "content": original.text}
+        assert proposal.critique_prompt[-1]["content"] == CRITIQUE_REQUEST.format(principle=PRINCIPLE)
+        assert proposal.revision_prompt[-2] == {"role": "assistant", "content": proposal.critique}
+        assert proposal.revision_prompt[-1]["content"] == REVISION_REQUEST.format(principle=PRINCIPLE)
+        assert proposal.revision_answer.strip() == revision.text
+        assert proposal.critique_prompt[0] == {"role": "user", "content": pair.prompt.text}
+
+
+def test_an_empty_or_unchanged_revision_makes_no_pair():
+    campaign = make_campaign(slug="cai", n_pairs=4)
+    labeler = local_labeler(campaign)
+    pairs_before = Pair.objects.count()
+
+    empty = cai_revise(labeler, count=2, writer=Scripted(lambda original: "  "))
+    same = cai_revise(labeler, count=2, writer=Scripted(lambda original: f"{original}\n"), seed=1)
+
+    assert (empty.proposed, empty.unchanged, same.proposed, same.unchanged) == (0, 2, 0, 2)
+    assert Pair.objects.count() == pairs_before and not AIRevision.objects.exists()
+    assert not Response.objects.filter(source=Response.REVISION).exists()
+
+
+def test_it_refuses_an_unknown_labeler_by_name():
+    make_campaign(slug="cai", n_pairs=1)
+    with pytest.raises(CommandError, match="cai has no AI labeler 'nobody'"):
+        call_command("cai_revise", "cai", "--labeler", "nobody")
+
+
+def proposed(campaign, labeler, n):
+    """`n` proposals on the campaign's prompts: "revised i" against "original i"."""
+    prompts = list(Prompt.objects.filter(campaign=campaign).order_by("id"))[:n]
+    return [propose_revision(labeler, prompt=prompt, original=f"original {i}", revision=f"revised {i}",
+                             policy="policy", provenance=dict(principle=PRINCIPLE, critique_prompt=[], critique="",
+                                                              revision_prompt=[], revision_answer=f"revised {i}"))
+            for i, prompt in enumerate(prompts)]
+
+
+def judge(campaign, person, pair, side):
+    """`person` judges `pair`, preferring the pair's `side` ("a" the original, "b" the revision)."""
+    assignment = claim_next_pair(campaign, person).assignment
+    assert assignment.pair_id == pair.pk
+    shown = side if assignment.a_on_left else {"a": "b", "b": "a"}[side]
+    submit_judgment(assignment_id=assignment.pk, labeler=person, choice=shown, strength=2)
+
+
+def test_people_overturning_a_proposal_keep_it_out_of_the_accepted_set():
+    people = [make_user(f"person-{i}") for i in range(3)]
+    campaign = make_campaign(slug="cai", n_pairs=4, overlap=3, members=people)
+    Pair.objects.update(is_open=False)  # the imported pairs are out of the way
+    labeler = local_labeler(campaign)
+    confirmed, overturned, split, unjudged = proposed(campaign, labeler, 4)
+    assert proposed(campaign, labeler, 1) == [None]  # the same pair again is not proposed twice
+    # Judged in this order, each by the people in turn: the two for the revision, the two against, one each.
+    for priority, (proposal, sides) in enumerate(((confirmed, "bba"), (overturned, "aab"), (split, "ab"))):
+        Pair.objects.filter(pk=proposal.pair_id).update(priority=10 - priority)
+        for person, side in zip(people, sides):
+            judge(campaign, person, proposal.pair, side)
+
+    assert list(AIRevision.accepted(campaign, ACCEPT_PEOPLE)) == [confirmed]
+    assert list(AIRevision.accepted(campaign, ACCEPT_AI)) == [confirmed, split, unjudged]
+    assert sft_examples(campaign, ACCEPT_PEOPLE) == [{"instruction": confirmed.pair.prompt.text,
+                                                      "output": "revised 0"}]
