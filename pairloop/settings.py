@@ -184,6 +184,7 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.5, "in
 # and is marked failed with the reason; the hard limit kills it PAIRLOOP_TIME_LIMIT_GRACE s later.
 JOB_SOFT_TIME_LIMITS = {
     "export": env.int("PAIRLOOP_TIME_LIMIT_EXPORT", 1800, minimum=10),
+    "sft": env.int("PAIRLOOP_TIME_LIMIT_SFT", 4 * 3600, minimum=10),
     "reward": env.int("PAIRLOOP_TIME_LIMIT_REWARD", 4 * 3600, minimum=10),
     "ppo": env.int("PAIRLOOP_TIME_LIMIT_PPO", 10 * 3600, minimum=10),
     "dpo": env.int("PAIRLOOP_TIME_LIMIT_DPO", 10 * 3600, minimum=10),

@@ -9,18 +9,25 @@ writes something (greedy, a random Qwen2 writes only newlines), which is all the
 from __future__ import annotations
 
 import io
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.test import Client
 
 from annotate.actions import claim_next_pair, create_ai_labeler, propose_revision, submit_judgment
 from annotate.models import AILabeler, AIRevision, Judgment, Pair, Prompt, Response
 from annotate.sources import ACCEPT_AI, ACCEPT_PEOPLE
 from demo.tiny_models import build_policy
 from tests.conftest import make_campaign, make_user
+from training import runner
+from training.actions import launch_round, round_chain
 from training.cai import cai_revise, sft_examples
+from training.config import build_config
 from training.engine.revise import CRITIQUE_REQUEST, REVISION_REQUEST
+from training.models import Job
 
 pytestmark = pytest.mark.django_db
 
@@ -139,3 +146,33 @@ def test_people_overturning_a_proposal_keep_it_out_of_the_accepted_set():
     assert list(AIRevision.accepted(campaign, ACCEPT_AI)) == [confirmed, split, unjudged]
     assert sft_examples(campaign, ACCEPT_PEOPLE) == [{"instruction": confirmed.pair.prompt.text,
                                                       "output": "revised 0"}]
+
+
+def test_a_round_with_cai_revisions_fine_tunes_on_the_accepted_ones_before_its_reward(
+        settings, tmp_path, monkeypatch, reviewer):
+    assert round_chain(build_config("tiny", {"cai_revisions": True}))[:3] == (Job.EXPORT, Job.SFT, Job.REWARD)
+    assert round_chain(build_config("tiny", {"cai_revisions": True, "algorithm": "dpo"}))[:3] == (
+        Job.EXPORT, Job.SFT, Job.DPO)
+    monkeypatch.setattr("training.dispatch.start_chain", lambda job_ids: None)
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1, "EXPORTS_DIR": str(tmp_path)}
+    person = make_user("pat-person")
+    campaign = make_campaign(slug="cai", n_pairs=2, members=[person, reviewer])
+    Pair.objects.update(is_open=False)
+    confirmed, overturned = proposed(campaign, local_labeler(campaign), 2)
+    judge(campaign, person, confirmed.pair, "b")
+    judge(campaign, person, overturned.pair, "a")
+    round_ = launch_round(campaign, None, build_config("tiny", {"cai_revisions": True}))
+    export, sft = round_.jobs.get(kind=Job.EXPORT), round_.jobs.get(kind=Job.SFT)
+
+    assert runner.execute(export.pk, "task-1") and runner.execute(sft.pk, "task-2")
+
+    sft.refresh_from_db()
+    assert sft.status == Job.SUCCEEDED and sft.result["revisions"] == 1, sft.error
+    learned = [json.loads(line) for line in (Path(sft.checkpoint_path).parent / "revisions.jsonl").open()]
+    assert learned == [{"instruction": confirmed.pair.prompt.text, "output": "revised 0"}]
+    assert sft.result["sft/loss"] > 0 and (Path(sft.checkpoint_path) / "pairloop.json").exists()
+    assert runner.start_policy(round_) == sft.checkpoint_path != round_.parent_policy
+    client = Client()
+    client.force_login(reviewer)
+    page = client.get(round_.get_absolute_url()).content.decode()
+    assert f'id="job-{sft.pk}-revisions">Learned from <strong>1</strong> AI revision accepted by people' in page

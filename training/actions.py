@@ -44,9 +44,11 @@ def round_chain(config: RoundConfig) -> tuple[str, ...]:
     the labelers' win rates still measure its policy); online DPO's reward model labels its fresh pairs. The
     evaluation comes last, after the new pairs are enqueued: labelers get them without waiting for three policies
     to answer the evaluation set, and an evaluation that fails (or is run again on demand) never holds labeling
-    back."""
+    back. With cai_revisions, an SFT job on the accepted AI revisions comes before the reward job (the CAI paper's
+    supervised stage before its RL stage, Bai et al. 2022)."""
+    sft = (Job.SFT,) if config.cai_revisions else ()  # the policy learns the accepted AI revisions first
     reward = (Job.REWARD,) if config.trains_reward_model() else ()
-    return (Job.EXPORT, *reward, POLICY_JOBS[config.algorithm], Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE)
+    return (Job.EXPORT, *sft, *reward, POLICY_JOBS[config.algorithm], Job.SAMPLE, Job.ENQUEUE, Job.EVALUATE)
 
 
 class RoundRefused(ValueError):

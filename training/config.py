@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from annotate.limits import INT32_MAX, INT32_MIN
-from annotate.sources import AI_SELECTIONS, HUMANS
+from annotate.sources import ACCEPT_PEOPLE, AI_SELECTIONS, CAI_ACCEPTS, HUMANS
 from demo.demo_tasks import DEFAULT_RULE_JUDGE, RULE_JUDGES, judge_description
 from training.engine.fields import field_docs
 from training.engine.sources import GATED, WEIGHTED
@@ -317,6 +317,12 @@ class RoundConfig:
     its default is the demo's simulated labelers' (demo_tasks.DEFAULT_RULE_JUDGE)."""
     judgments: str = setting(HUMANS, choices=AI_SELECTIONS, section="Round type", label="Judgments")
     """Which judgments train the round: humans (AI labelers' left out), humans_and_ai, or ai_where_no_human."""
+    cai_revisions: bool = setting(False)
+    """Fine-tune the round's starting policy on the campaign's accepted AI revisions (Constitutional AI's supervised
+    stage, training/cai.py) in an SFT job before the reward stage; the rest of the round starts from it. Off."""
+    cai_accept: str = setting(ACCEPT_PEOPLE, choices=CAI_ACCEPTS)
+    """Which AI-proposed revisions cai_revisions learns from: people (the people's majority preferred the revision,
+    the default) or ai (every proposal the people have not overturned)."""
     lora_r: int = setting(0, bounds=(0, 4096), engine=("common", "MemoryArgs", "lora_r"),
                           section="Memory", label="LoRA rank")
     """LoRA rank of the reward model and PPO (common.MemoryArgs); 0 trains every weight, as the demo does."""

@@ -41,7 +41,7 @@ from django.utils import timezone
 from annotate.models import Campaign, Prompt, Response, content_hash, storable
 from demo import demo_tasks
 from pairloop import heartbeat
-from training import actions, live, review, tracking
+from training import actions, cai, live, review, tracking
 from training.config import (
     DPO,
     PAIRING_PREVIOUS,
@@ -517,6 +517,39 @@ def axis_checkpoints(round_: Round) -> dict[str, str]:
     return {round_.campaign.axis_key: round_.reward_checkpoint} if round_.reward_checkpoint else {}
 
 
+def start_policy(round_: Round) -> str:
+    """The policy a round's policy stage starts from: its SFT job's, fine-tuned on the accepted AI revisions, when
+    that job learned from any; else its parent_policy."""
+    sft = round_.jobs.filter(kind=Job.SFT, status=Job.SUCCEEDED).exclude(checkpoint_path="").first()
+    return sft.checkpoint_path if sft is not None else round_.parent_policy
+
+
+def run_sft(job: Job, progress: Progress) -> Outcome:
+    """Fine-tune the round's starting policy on (prompt, accepted AI revision) with the engine's SFT stage, the CAI
+    paper's supervised stage (Bai et al. 2022, sec. 3); the revisions accepted under cai_accept are written to a
+    file beside the checkpoint. With none accepted there is nothing to learn: the round goes on from its start."""
+    from training.engine import sft
+
+    round_ = job.round
+    config = round_config(round_)
+    examples = cai.sft_examples(round_.campaign, config.cai_accept)
+    root = _fresh_start(job)
+    summary = {"revisions": len(examples), "accept": config.cai_accept}
+    if not examples:
+        progress.line(f"No AI revision accepted ({config.cai_accept}): the round goes on from {round_.parent_policy}")
+        return Outcome(summary)
+    data = root / "revisions.jsonl"
+    data.write_text("".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples), encoding="utf-8")
+    out = root / "policy"
+    args = sft.SFTArgs(
+        model=ensure_policy(round_.parent_policy, config.preset), train=str(data), out=str(out), truncate=True,
+        system_prompt=config.system_prompt, seed=config.seed + round_.number, log_every=1, device=device(),
+        data_version=hashlib.sha256(data.read_bytes()).hexdigest()[:16], **config.engine_args(sft.SFTArgs))
+    progress.line(f"SFT of {args.model} on {len(examples)} AI revisions accepted by {config.cai_accept}")
+    metrics = train("sft", args, progress)
+    return Outcome({**metrics, **summary}, str(out))
+
+
 def run_reward(job: Job, progress: Progress) -> Outcome:
     """Train one Bradley-Terry reward model per exported axis, each in its own directory (reward, then
     reward-<key> for further axes) and resumed from its own checkpoint; the primary axis's is the round's."""
@@ -563,8 +596,8 @@ def run_ppo(job: Job, progress: Progress) -> Outcome:
     config = round_config(round_)
     sources = reward_sources(round_, config)
     out = _fresh_start(job) / "policy"
-    progress.line(f"Loading the starting policy {round_.parent_policy}")
-    policy = ensure_policy(round_.parent_policy, config.preset)
+    progress.line(f"Loading the starting policy {start_policy(round_)}")
+    policy = ensure_policy(start_policy(round_), config.preset)
     reference = kl_reference(round_, config)
     prompts = ppo_prompts(round_.campaign)
     args = ppo.PPOArgs(
@@ -588,8 +621,8 @@ def run_grpo(job: Job, progress: Progress) -> Outcome:
     config = round_config(round_)
     sources = reward_sources(round_, config)
     out = _fresh_start(job) / "policy"
-    progress.line(f"Loading the starting policy {round_.parent_policy}")
-    policy = ensure_policy(round_.parent_policy, config.preset)
+    progress.line(f"Loading the starting policy {start_policy(round_)}")
+    policy = ensure_policy(start_policy(round_), config.preset)
     prompts = ppo_prompts(round_.campaign)
     args = grpo.GRPOArgs(
         policy=policy, ref_policy=kl_reference(round_, config), **reward_source_args(sources),
@@ -626,8 +659,8 @@ def run_dpo(job: Job, progress: Progress) -> Outcome:
         raise RunnerError("this round has no exported pairs yet: its export job has not succeeded")
     online = online_dpo_args(round_, config)
     out = _fresh_start(job) / "policy"
-    progress.line(f"Loading the starting policy {round_.parent_policy}")
-    policy = ensure_policy(round_.parent_policy, config.preset)
+    progress.line(f"Loading the starting policy {start_policy(round_)}")
+    policy = ensure_policy(start_policy(round_), config.preset)
     reference = kl_reference(round_, config) if config.dpo_reference == PAIRING_SFT else policy
     eval_every, save_every = eval_and_save_every(round_, config.dpo_batch_size, config.dpo_epochs,
                                                  dpo.DPOArgs.eval_fraction)
@@ -843,6 +876,7 @@ def run_evaluate(job: Job, progress: Progress) -> Outcome:
 
 RUNNERS: dict[str, Callable[[Job, Progress], Outcome]] = {
     Job.EXPORT: run_export,
+    Job.SFT: run_sft,
     Job.REWARD: run_reward,
     Job.PPO: run_ppo,
     Job.DPO: run_dpo,

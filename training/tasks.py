@@ -25,6 +25,11 @@ def export_job(self, job_id: int) -> int:
     return _run(self, job_id)
 
 
+@shared_task(bind=True, name="training.sft")
+def sft_job(self, job_id: int) -> int:
+    return _run(self, job_id)
+
+
 @shared_task(bind=True, name="training.reward")
 def reward_job(self, job_id: int) -> int:
     return _run(self, job_id)
@@ -68,5 +73,5 @@ def fail_stale_jobs() -> int:
     return len(failed)
 
 
-TASKS = {Job.EXPORT: export_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.DPO: dpo_job, Job.GRPO: grpo_job,
-         Job.SAMPLE: sample_job, Job.ENQUEUE: enqueue_job, Job.EVALUATE: evaluate_job}
+TASKS = {Job.EXPORT: export_job, Job.SFT: sft_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.DPO: dpo_job,
+         Job.GRPO: grpo_job, Job.SAMPLE: sample_job, Job.ENQUEUE: enqueue_job, Job.EVALUATE: evaluate_job}
