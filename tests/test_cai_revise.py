@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from django.core.management import CommandError, call_command
 from django.test import Client
 
@@ -22,12 +23,16 @@ from annotate.models import AILabeler, AIRevision, Judgment, Pair, Prompt, Respo
 from annotate.sources import ACCEPT_AI, ACCEPT_PEOPLE
 from demo.tiny_models import build_policy
 from tests.conftest import make_campaign, make_user
+from tests.test_round_worker import round_over, wait_for, weights
+from tests.worker import Worker
 from training import runner
 from training.actions import launch_round, round_chain
 from training.cai import cai_revise, sft_examples
 from training.config import build_config
+from training.engine.checkpoints import read_checkpoint_meta
 from training.engine.revise import CRITIQUE_REQUEST, REVISION_REQUEST
-from training.models import Job
+from training.models import Job, Round
+from training.starting_policy import ensure_policy
 
 pytestmark = pytest.mark.django_db
 
@@ -176,3 +181,29 @@ def test_a_round_with_cai_revisions_fine_tunes_on_the_accepted_ones_before_its_r
     client.force_login(reviewer)
     page = client.get(round_.get_absolute_url()).content.decode()
     assert f'id="job-{sft.pk}-revisions">Learned from <strong>1</strong> AI revision accepted by people' in page
+
+
+@pytest.mark.worker
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_dpo_round_on_a_real_worker_learns_the_accepted_revision_first_and_trains_from_it(settings):
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "MIN_JUDGMENTS": 1}
+    person = make_user("pat-person")
+    campaign = make_campaign(slug="cai-loop", n_pairs=2, members=[person])
+    Pair.objects.update(is_open=False)
+    confirmed, overturned = proposed(campaign, local_labeler(campaign), 2)
+    judge(campaign, person, confirmed.pair, "b")
+    judge(campaign, person, overturned.pair, "a")
+    with Worker(purge=True) as worker:
+        call_command("launch_round", "cai-loop", "--preset", "tiny", "--set", "algorithm=dpo",
+                     "--set", "cai_revisions=true", stdout=io.StringIO())
+        round_ = Round.objects.get(campaign=campaign)
+        jobs = wait_for(lambda: round_over(round_), 600, worker, "the round to finish")
+
+    assert [job.kind for job in jobs] == ["export", "sft", "dpo", "sample", "enqueue", "evaluate"]
+    sft, dpo = jobs[1], jobs[2]
+    assert sft.result["revisions"] == 1 and sft.step == sft.total_steps > 0
+    assert f"Loading the starting policy {sft.checkpoint_path}" in dpo.log
+    assert read_checkpoint_meta(dpo.checkpoint_path)["args"]["policy"] == sft.checkpoint_path
+    parent = weights(ensure_policy(round_.parent_policy, "tiny"))
+    assert any(not torch.equal(parent[name], tensor) for name, tensor in weights(sft.checkpoint_path).items())

@@ -631,11 +631,12 @@ def test_it_exits_non_zero_when_a_job_of_a_followed_round_fails(monkeypatch):
 
 
 def every_chain() -> list[tuple[str, ...]]:
-    """The chain of each round type, DPO's with and without online pairs."""
+    """The chain of each round type, DPO's with and without online pairs, and one with its SFT job on AI revisions."""
     from training.config import ALGORITHMS
 
     return [actions.round_chain(build_config("tiny", {"algorithm": algorithm, "dpo_online": online}))
-            for algorithm in ALGORITHMS for online in ((False, True) if algorithm == "dpo" else (False,))]
+            for algorithm in ALGORITHMS for online in ((False, True) if algorithm == "dpo" else (False,))] + [
+        actions.round_chain(build_config("tiny", {"cai_revisions": True}))]
 
 
 def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default():
@@ -643,8 +644,8 @@ def test_it_sends_training_jobs_to_the_training_queue_and_light_ones_to_default(
 
     kinds = {kind for chain in every_chain() for kind in chain}
     queues = {kind: dispatch.signature_for(Job(pk=1, kind=kind)).options["queue"] for kind in kinds}
-    assert queues == {"export": "default", "reward": "training", "ppo": "training", "dpo": "training",
-                      "grpo": "training", "sample": "training", "enqueue": "default", "evaluate": "training"}
+    assert queues == {"export": "default", "sft": "training", "reward": "training", "ppo": "training",
+                      "dpo": "training", "grpo": "training", "sample": "training", "enqueue": "default", "evaluate": "training"}
 
 
 @pytest.mark.django_db

@@ -15,7 +15,7 @@ from django.conf import settings
 
 from training.models import Job
 
-TASK_NAMES = {Job.EXPORT: "training.export", Job.REWARD: "training.reward", Job.PPO: "training.ppo",
+TASK_NAMES = {Job.EXPORT: "training.export", Job.SFT: "training.sft", Job.REWARD: "training.reward", Job.PPO: "training.ppo",
               Job.DPO: "training.dpo", Job.GRPO: "training.grpo", Job.SAMPLE: "training.sample",
               Job.ENQUEUE: "training.enqueue", Job.EVALUATE: "training.evaluate"}
 
