@@ -23,6 +23,7 @@ from annotate.models import AILabeler, AIRevision, Judgment, Pair, Prompt, Respo
 from annotate.sources import ACCEPT_AI, ACCEPT_PEOPLE
 from demo.tiny_models import build_policy
 from tests.conftest import make_campaign, make_user
+from tests.services import free_port, serve_chat_models
 from tests.test_round_worker import round_over, wait_for, weights
 from tests.worker import Worker
 from training import runner
@@ -30,7 +31,7 @@ from training.actions import launch_round, round_chain
 from training.cai import cai_revise, sft_examples
 from training.config import build_config
 from training.engine.checkpoints import read_checkpoint_meta
-from training.engine.revise import CRITIQUE_REQUEST, REVISION_REQUEST
+from training.engine.revise import CRITIQUE_REQUEST, REVISION_REQUEST, EndpointWriter
 from training.models import Job, Round
 from training.starting_policy import ensure_policy
 
@@ -115,6 +116,29 @@ def test_it_refuses_an_unknown_labeler_by_name():
     make_campaign(slug="cai", n_pairs=1)
     with pytest.raises(CommandError, match="cai has no AI labeler 'nobody'"):
         call_command("cai_revise", "cai", "--labeler", "nobody")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve_chat_models() as url:
+        yield url
+
+
+def test_it_revises_through_a_real_openai_compatible_server_and_stops_on_one_down(writer_model, server):
+    campaign = make_campaign(slug="cai", n_pairs=2)
+    labeler = create_ai_labeler(campaign, name="served", kind=AILabeler.ENDPOINT, base_url=server, model=writer_model,
+                                principles=[PRINCIPLE])
+    # Short replies: the tiny model has 512 positions for the critique and the revision request after it.
+    result = cai_revise(labeler, count=2, writer=EndpointWriter(server, writer_model, max_new_tokens=48))
+
+    proposals = list(AIRevision.objects.select_related("pair__response_b"))
+    assert result.proposed == len(proposals) == 2
+    assert all(p.critique and p.revision_answer.strip() == p.pair.response_b.text for p in proposals)
+    create_ai_labeler(campaign, name="down", kind=AILabeler.ENDPOINT, base_url=f"http://127.0.0.1:{free_port()}/v1",
+                      model=writer_model, principles=[PRINCIPLE], max_retries=0)
+    with pytest.raises(CommandError, match="AI labeler down stopped: the endpoint .* failed: APIConnectionError"):
+        call_command("cai_revise", "cai", "--labeler", "down", "--count", "1", stdout=io.StringIO())
+    assert AIRevision.objects.count() == 2
 
 
 def proposed(campaign, labeler, n):
