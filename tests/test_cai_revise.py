@@ -112,6 +112,18 @@ def test_an_empty_or_unchanged_revision_makes_no_pair():
     assert not Response.objects.filter(source=Response.REVISION).exists()
 
 
+def test_a_revision_shows_to_labelers_escaped_as_any_model_output(labeler):
+    campaign = make_campaign(slug="cai", n_pairs=1, members=[labeler])
+    Pair.objects.update(is_open=False)
+
+    cai_revise(local_labeler(campaign), count=1, writer=Scripted(lambda original: '<script>alert("r")</script>'))
+
+    client = Client()
+    client.force_login(labeler)
+    body = client.get(campaign.label_url()).content.decode()
+    assert "<script>alert" not in body and "&lt;script&gt;alert(&quot;r&quot;)&lt;/script&gt;" in body
+
+
 def test_it_refuses_an_unknown_labeler_by_name():
     make_campaign(slug="cai", n_pairs=1)
     with pytest.raises(CommandError, match="cai has no AI labeler 'nobody'"):
