@@ -167,7 +167,7 @@ def seed(args) -> dict:
     from django.core.management import call_command
     from django.db import connection
 
-    from annotate.models import Axis, Campaign
+    from annotate.models import Axis, Campaign, Pair
 
     timings = {}
     t = time.perf_counter()
@@ -233,14 +233,14 @@ def seed(args) -> dict:
         cur.execute(
             f"""INSERT INTO annotate_pair (id, campaign_id, prompt_id, response_a_id, response_b_id, key, priority,
                                            round_id, gold_choice, gold_choices, judgments_count, is_open,
-                                           created_at, extra_judgments)
+                                           created_at, extra_judgments, purpose)
                SELECT (p - 1) * {len(COMBOS)} + c.k, %s, p,
                       (p - 1) * {RESPONSES_PER_PROMPT} + c.i, (p - 1) * {RESPONSES_PER_PROMPT} + c.j,
                       'bench-' || lpad(((p - 1) * {len(COMBOS)} + c.k)::text, 12, '0'), 0, NULL, '', '{{}}'::jsonb, 0, true,
-                      now(), 0
+                      now(), 0, %s
                FROM generate_series(1, %s) p CROSS JOIN (VALUES {combos}) AS c(k, i, j)
                WHERE (p - 1) * {len(COMBOS)} + c.k <= %s""",
-            [campaign_id, n_prompts, n_pairs],
+            [campaign_id, Pair.TRAINING, n_prompts, n_pairs],
         )
         for table in bulk_tables:
             cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
