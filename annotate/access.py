@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.http import Http404
 
-from annotate.models import Axis, Campaign
+from annotate.models import Campaign
 
 REVIEWERS_GROUP = "reviewers"
 
@@ -38,11 +38,11 @@ def campaigns_for_user(user):
 def campaign_for_labeler(request, slug: str) -> Campaign:
     """A campaign the user may label: an active one they are a member of (admins: any active one)."""
     user = request.user
-    # On every judgment: one plain query rather than a built one (membership checked in the same row, and
-    # whether it has further axes, so that a campaign of one axis reads no axes: Campaign.axes()).
+    # On every judgment: one plain query rather than a built one (membership checked in the same row, and the
+    # further axes read with it as one JSON column, so that Campaign.axes() queries nothing more).
     members = Campaign.members.through._meta.db_table
     campaign = next(iter(Campaign.objects.raw(
-        f"""SELECT c.*, EXISTS (SELECT 1 FROM {Axis._meta.db_table} x WHERE x.campaign_id = c.id) AS further_axes_exist
+        f"""SELECT c.*, {Campaign.further_axes_json_sql("c.id")} AS further_axes_json
             FROM {Campaign._meta.db_table} c WHERE c.slug = %s AND c.is_active
             AND (%s OR EXISTS (SELECT 1 FROM {members} m WHERE m.campaign_id = c.id AND m.user_id = %s)) LIMIT 1""",
         [slug, is_admin(user), user.pk],

@@ -6,6 +6,7 @@ State changes go through annotate/actions.py; read-only rules live here on the m
 from __future__ import annotations
 
 import hashlib
+import json
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -56,6 +57,16 @@ def within_bounds(name: str) -> list:
 
 DEFAULT_AXIS_KEY = "overall"
 DEFAULT_QUESTION = "Which response is better?"
+
+
+AXIS_FIELDS = ("id", "key", "question", "position", "allow_tie", "allow_both_bad", "ask_strength")  # as read per judgment
+
+
+def _json_rows(value) -> list:
+    """A JSON array column as a list: PostgreSQL's driver parses it, SQLite gives text; NULL (no rows) is []."""
+    if value is None:
+        return []
+    return json.loads(value) if isinstance(value, str) else value
 
 
 class Campaign(models.Model):
@@ -141,20 +152,36 @@ class Campaign(models.Model):
 
     def axes(self) -> list[Axis]:
         """Every axis asked on a pair, in order: the first axis, then the campaign's Axis rows (read once per
-        campaign object: one query a request)."""
+        campaign object: with the campaign itself where annotate.access read it, else one query)."""
         if not hasattr(self, "_axes"):
-            known_none = not getattr(self, "further_axes_exist", True)  # annotate.access read it with the campaign
-            self._axes = [self.first_axis(), *([] if known_none else self._further_axes())]
+            if hasattr(self, "further_axes_json"):  # annotate.access read them with the campaign
+                further = self._axes_from_rows(_json_rows(self.further_axes_json))
+            else:
+                further = self._further_axes()
+            self._axes = [self.first_axis(), *further]
         return self._axes
 
+    @staticmethod
+    def further_axes_json_sql(campaign_id_sql: str) -> str:
+        """SQL of one JSON array of the further axes' AXIS_FIELDS rows in order, for the campaign whose id is
+        `campaign_id_sql`: a column of the campaign's own query (PostgreSQL's json_agg, SQLite's json_group_array)."""
+        table = Axis._meta.db_table
+        if connection.vendor == "postgresql":
+            return (f"(SELECT json_agg(json_build_array({', '.join('x.' + f for f in AXIS_FIELDS)}) "
+                    f"ORDER BY x.position, x.id) FROM {table} x WHERE x.campaign_id = {campaign_id_sql})")
+        return (f"(SELECT json_group_array(json_array({', '.join('x.' + f for f in AXIS_FIELDS)})) FROM "
+                f"(SELECT * FROM {table} WHERE campaign_id = {campaign_id_sql} ORDER BY position, id) x)")
+
     def _further_axes(self) -> list[Axis]:
-        """The Axis rows in order, read with plain SQL: on every judgment of a campaign with several axes."""
-        fields = ("id", "key", "question", "position", "allow_tie", "allow_both_bad", "ask_strength")
+        """The Axis rows in order, read with plain SQL."""
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT {', '.join(fields)} FROM {Axis._meta.db_table} WHERE campaign_id = %s "
+            cursor.execute(f"SELECT {', '.join(AXIS_FIELDS)} FROM {Axis._meta.db_table} WHERE campaign_id = %s "
                            "ORDER BY position, id", [self.pk])
-            rows = cursor.fetchall()
-        axes = [Axis(campaign=self, **dict(zip(fields, row))) for row in rows]
+            return self._axes_from_rows(cursor.fetchall())
+
+    def _axes_from_rows(self, rows) -> list[Axis]:
+        """Axis objects of this campaign from AXIS_FIELDS rows, as read from the database (not to be added again)."""
+        axes = [Axis(campaign=self, **dict(zip(AXIS_FIELDS, row))) for row in rows]
         for axis in axes:
             axis._state.adding, axis._state.db = False, connection.alias
         return axes

@@ -4,6 +4,7 @@ takes them all back; exports, quality and ratings read one axis at a time."""
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -75,7 +76,7 @@ def test_a_submit_missing_an_axis_or_offering_what_it_does_not_is_refused_and_st
     assert current_assignment(no_strength).pk == first.pk  # still this pair
 
 
-def test_labeling_every_axis_costs_the_same_queries_as_one_axis_plus_one_insert(labeler):
+def test_labeling_every_axis_costs_the_queries_of_one_axis_plus_one_insert(labeler):
     one = make_campaign(slug="one", n_pairs=2, members=[labeler], ask_strength=False)
     several = two_axes(labeler, ask_strength=False)
     client = client_for(labeler)
@@ -84,11 +85,13 @@ def test_labeling_every_axis_costs_the_same_queries_as_one_axis_plus_one_insert(
         assignment = current_assignment(client.get(campaign.label_url()))
         with CaptureQueriesContext(connection) as queries:
             client.post(f"{campaign.label_url()}{assignment.pk}/judge/", body, HTTP_HX_REQUEST="true")
-        return len(queries)
+        return [query["sql"] for query in queries.captured_queries]
 
     single = submit(one, {"choice": "tie"})
     both = submit(several, {"choice-helpful": "tie", "choice-harmless": "both_bad"})
-    assert both == single + 2  # the further axes read once, and their choices in one INSERT, whatever their number
+    assert len(both) == len(single) + 1  # their choices in one INSERT, whatever the number of axes
+    reading_axes = [sql for sql in both if re.search(rf'FROM "?{Axis._meta.db_table}"? ', sql)]
+    assert len(reading_axes) == 1 and "annotate_campaign" in reading_axes[0]  # read with the campaign itself
 
 
 def test_undo_takes_back_every_axis_and_the_pair_comes_back(labeler):
