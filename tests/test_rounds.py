@@ -894,7 +894,7 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
     sections = re.findall(r'<fieldset(?: data-algorithms="[^"]*")?><legend>(.*?)</legend>(.*?)</fieldset>', page, re.S)
     labels = {title: re.findall(r'<label for="id_\w+">(.*?)</label>', body) for title, body in sections}
     assert labels == {
-        "Round type": ["Algorithm", "Judgments"],
+        "Round type": ["Algorithm", "Judgments", "SFT on accepted AI revisions first", "Revisions accepted by"],
         "Models and prompting": ["Backbone", "Reference policy", "System prompt", "Stop strings"],
         "Reward model": ["Epochs", "Learning rate", "Warm-up share", "Weight per older round", "Batch size",
                          "Max length"],
@@ -918,6 +918,18 @@ def test_it_shows_the_launch_form_in_sections_of_labelled_fields_with_their_rang
     assert re.search(r'<input type="number" name="priority" value="10" min="-2147483648" max="2147483647"', page)
     assert '<option value="self">two samples of the new policy</option>' in page
     assert field_help("ppo_kl_coef").split("(")[0] in page
+
+
+@pytest.mark.django_db
+def test_the_launch_form_turns_on_the_sft_job_on_accepted_ai_revisions(chains, admin_user):
+    campaign = judged_campaign()
+    form = {k: v for k, v in build_config("tiny").as_dict().items() if k not in ("reward_model", "cai_revisions")}
+    response = client_for(admin_user).post(f"/campaigns/{campaign.slug}/rounds/",
+                                           {**form, "cai_revisions": "on", "cai_accept": "ai"})
+    assert response.status_code == 302
+    round_ = Round.objects.get(campaign=campaign)
+    assert [job.kind for job in round_.jobs.order_by("order")][:3] == [Job.EXPORT, Job.SFT, Job.REWARD]
+    assert round_.config["cai_revisions"] is True and round_.config["cai_accept"] == "ai"
 
 
 @pytest.mark.django_db

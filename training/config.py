@@ -317,10 +317,11 @@ class RoundConfig:
     its default is the demo's simulated labelers' (demo_tasks.DEFAULT_RULE_JUDGE)."""
     judgments: str = setting(HUMANS, choices=AI_SELECTIONS, section="Round type", label="Judgments")
     """Which judgments train the round: humans (AI labelers' left out), humans_and_ai, or ai_where_no_human."""
-    cai_revisions: bool = setting(False)
+    cai_revisions: bool = setting(False, section="Round type", label="SFT on accepted AI revisions first")
     """Fine-tune the round's starting policy on the campaign's accepted AI revisions (Constitutional AI's supervised
     stage, training/cai.py) in an SFT job before the reward stage; the rest of the round starts from it. Off."""
-    cai_accept: str = setting(ACCEPT_PEOPLE, choices=CAI_ACCEPTS)
+    cai_accept: str = setting(ACCEPT_PEOPLE, choices=CAI_ACCEPTS, section="Round type",
+                              label="Revisions accepted by")
     """Which AI-proposed revisions cai_revisions learns from: people (the people's majority preferred the revision,
     the default) or ai (every proposal the people have not overturned)."""
     lora_r: int = setting(0, bounds=(0, 4096), engine=("common", "MemoryArgs", "lora_r"),
