@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.http import Http404
 
-from annotate.models import Campaign
+from annotate.models import AILabeler, Campaign
 
 REVIEWERS_GROUP = "reviewers"
 
@@ -68,3 +68,11 @@ def campaign_for_admin(request, slug: str) -> Campaign:
     if campaign is None:
         raise Http404("no such campaign")
     return campaign
+
+
+def ai_labeler_for_admin(request, slug: str, labeler_id: int) -> AILabeler:
+    campaign = campaign_for_admin(request, slug)
+    labeler = AILabeler.objects.filter(pk=labeler_id, campaign=campaign).select_related("campaign").first()
+    if labeler is None:
+        raise Http404("no such AI labeler")
+    return labeler

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from celery import current_app
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
@@ -27,6 +28,7 @@ from annotate.limits import INT32_MAX
 from annotate.models import (
     LIVE_LEASE_SQL,
     AILabeler,
+    AILabelingRun,
     AIRevision,
     AIVerdict,
     Assignment,
@@ -1002,3 +1004,47 @@ def propose_revision(ai_labeler: AILabeler, *, prompt: Prompt, original: str, re
         transaction.on_commit(lambda: live.pairs_arrived(prompt.campaign, 1))
     forget_judgments_left(prompt.campaign)
     return proposal
+
+
+AI_LABELING_TASK = "training.ai_label"  # training/tasks.py: the run's body is training.ai_labeling.run_ai_labeling
+MAX_RUN_COUNT = 100_000  # pairs one run may be asked for: a typo's bound, far above a day's endpoint budget
+
+
+def start_ai_labeling(labeler: AILabeler, *, count: int, user=None) -> AILabelingRun:
+    """Queue a run of the AI labeler over up to `count` pairs of its campaign's queue, sent to a worker on
+    commit (a local model to the training queue). Raises ValidationError, creating nothing, for a bad count
+    or while another run of the same labeler is queued or running."""
+    if not 1 <= count <= MAX_RUN_COUNT:
+        raise ValidationError({"count": f"ask for 1 to {MAX_RUN_COUNT:,} pairs"})
+    with transaction.atomic():
+        AILabeler.objects.select_for_update().get(pk=labeler.pk)  # two starts at once: one run
+        if labeler.runs.filter(status__in=AILabelingRun.LIVE).exists():
+            raise ValidationError(f"AI labeler {labeler.name} is running already: stop it first")
+        run = AILabelingRun.objects.create(labeler=labeler, count=count, started_by=user)
+        transaction.on_commit(lambda: _send_ai_labeling(run))
+    return run
+
+
+def _send_ai_labeling(run: AILabelingRun) -> None:
+    """Hand the run to a worker by its task's name; when the queue cannot take it, fail it with the reason."""
+    try:
+        current_app.send_task(AI_LABELING_TASK, args=[run.pk], queue=run.labeler.queue())
+    except Exception as exc:  # noqa: BLE001 - kombu and redis-py raise several types for a lost broker
+        log.exception("could not queue AI labeling run %s", run.pk)
+        AILabelingRun.objects.filter(pk=run.pk, status=AILabelingRun.QUEUED).update(
+            status=AILabelingRun.FAILED, finished_at=timezone.now(),
+            error=f"Could not reach the job queue (Redis): {type(exc).__name__}: {exc}")
+
+
+def stop_ai_labeling(run: AILabelingRun, now=None) -> AILabelingRun:
+    """Stop a run: a queued one at once, a running one before its next pair (the pair being asked is stored
+    whole or not at all). Stopping a running run a second time ends it at once, for a worker that died; a
+    worker still at it stops at its next pair. A finished run stays as it is."""
+    now = now or timezone.now()
+    AILabelingRun.objects.filter(pk=run.pk, status=AILabelingRun.QUEUED).update(
+        status=AILabelingRun.STOPPED, stop_requested=True, finished_at=now)
+    AILabelingRun.objects.filter(pk=run.pk, status=AILabelingRun.RUNNING, stop_requested=True).update(
+        status=AILabelingRun.STOPPED, finished_at=now, note="stopped without waiting for its worker")
+    AILabelingRun.objects.filter(pk=run.pk, status=AILabelingRun.RUNNING).update(stop_requested=True)
+    run.refresh_from_db()
+    return run

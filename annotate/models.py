@@ -708,6 +708,14 @@ class AILabeler(models.Model):
     def account_name(campaign: Campaign, name: str) -> str:
         return f"ai-{campaign.slug}-{name}"[:150]
 
+    def queue(self) -> str:
+        """The Celery queue its runs go to: a local model loads on a training worker (the GPU box), an endpoint
+        is only called, from any worker."""
+        return "training" if self.kind == self.LOCAL else settings.CELERY_TASK_DEFAULT_QUEUE  # Job.QUEUES' names
+
+    def last_run(self):
+        return self.runs.first()
+
 
 class Principle(models.Model):
     """One question of an AI labeler's constitution, in the CAI paper's multiple-choice style."""
@@ -803,3 +811,45 @@ class AIRevision(models.Model):
         if rule == ACCEPT_AI:
             return counted.exclude(original__gt=models.F("judged") - models.F("original"))
         raise ValueError(f"unknown acceptance rule {rule!r}: use {ACCEPT_PEOPLE} or {ACCEPT_AI}")
+
+
+class AILabelingRun(models.Model):
+    """One run of an AI labeler over its campaign's queue, started and stopped from the campaign page by an
+    admin (or `manage.py ai_label`, which runs in-process): the record of truth its Celery task writes to."""
+
+    QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", "failed", "stopped"
+    STATUSES = [(QUEUED, "queued"), (RUNNING, "running"), (SUCCEEDED, "finished"), (FAILED, "failed"),
+                (STOPPED, "stopped")]
+    LIVE = (QUEUED, RUNNING)
+
+    labeler = models.ForeignKey(AILabeler, on_delete=models.CASCADE, related_name="runs")
+    started_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    count = models.PositiveIntegerField(help_text="Pairs asked for, judged or skipped (fewer if the queue runs dry).")
+    status = models.CharField(max_length=10, choices=STATUSES, default=QUEUED)
+    judged = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    disagreed = models.PositiveIntegerField(default=0, help_text="Verdicts whose two orders disagreed.")
+    malformed = models.PositiveIntegerField(default=0, help_text="Verdicts with an answer naming neither response.")
+    stop_requested = models.BooleanField(default=False, help_text="Set by the stop button; the run stops "
+                                                                  "before its next pair.")
+    error = models.TextField(blank=True, help_text="Why it failed.")
+    note = models.CharField(max_length=200, blank=True, help_text="Why it ended before its count, when it did.")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"run of {self.labeler} ({self.status})"
+
+    def is_live(self) -> bool:
+        return self.status in self.LIVE
+
+    def done(self) -> int:
+        return self.judged + self.skipped
+
+    def progress_fraction(self) -> float:
+        return min(1.0, self.done() / self.count) if self.count else 1.0

@@ -15,5 +15,10 @@ urlpatterns = [
     path("campaigns/<unislug:slug>/export/", views.export, name="export"),
     path("campaigns/<unislug:slug>/import/", views.import_pairs_view, name="import_pairs"),
     path("campaigns/<unislug:slug>/import/<int:import_id>/", views.import_job, name="import_job"),
+    path("campaigns/<unislug:slug>/ai-labelers/<int:labeler_id>/", views.ai_labeler_card, name="ai_labeler"),
+    path("campaigns/<unislug:slug>/ai-labelers/<int:labeler_id>/start/", views.ai_labeler_start,
+         name="ai_labeler_start"),
+    path("campaigns/<unislug:slug>/ai-labelers/<int:labeler_id>/stop/", views.ai_labeler_stop,
+         name="ai_labeler_stop"),
     path("campaigns/<unislug:slug>/eval-sets/", views.eval_sets_view, name="eval_sets"),
 ]

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.db.models import Count, Q
 from django.http import Http404, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
@@ -20,6 +21,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from annotate import actions, statistics
 from annotate.access import (
+    ai_labeler_for_admin,
     campaign_for_admin,
     campaign_for_labeler,
     campaign_for_reviewer,
@@ -202,6 +204,7 @@ def campaign_detail(request, slug):
         "left_out": left_out(campaign),
         "chat": has_chat_prompts(campaign),
         "axes": campaign.axes(),
+        "ai_labelers": list(campaign.ai_labelers.all()) if is_admin(request.user) else [],
     }
     return render(request, "annotate/campaign_detail.html", context)
 
@@ -358,3 +361,47 @@ def _eval_sets_page(request, campaign, capped: CappedUpload):
         "campaign": campaign, "errors": errors, "eval_sets": eval_sets_of(campaign),
         "max_upload": readable_size(capped.cap),
     }, status=status)
+
+
+@login_required
+@require_GET
+def ai_labeler_card(request, slug, labeler_id):
+    """An AI labeler's card on the campaign page: its last run's progress (htmx polls it while it runs)."""
+    labeler = ai_labeler_for_admin(request, slug, labeler_id)
+    return _ai_labeler_card(request, labeler)
+
+
+@login_required
+@require_POST
+def ai_labeler_start(request, slug, labeler_id):
+    labeler = ai_labeler_for_admin(request, slug, labeler_id)
+    try:
+        count = int(request.POST.get("count", ""))
+    except ValueError:
+        error = "Say how many pairs to take, a whole number."
+    else:
+        try:
+            actions.start_ai_labeling(labeler, count=count, user=request.user)
+            error = ""
+        except ValidationError as exc:
+            error = " ".join(exc.messages)
+    return _ai_labeler_card(request, labeler, error)
+
+
+@login_required
+@require_POST
+def ai_labeler_stop(request, slug, labeler_id):
+    labeler = ai_labeler_for_admin(request, slug, labeler_id)
+    run = labeler.last_run()
+    if run is not None:
+        actions.stop_ai_labeling(run)
+    return _ai_labeler_card(request, labeler)
+
+
+def _ai_labeler_card(request, labeler, error: str = ""):
+    if not request.htmx:
+        if error:
+            messages.error(request, error)
+        return redirect(labeler.campaign)
+    return render(request, "annotate/campaign_detail.html#ai-labeler",
+                  {"campaign": labeler.campaign, "labeler": labeler, "run": labeler.last_run(), "ai_error": error})  # 200: htmx swaps the card with its error

@@ -11,6 +11,7 @@ import io
 import random
 import re
 import shutil
+import time
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -25,13 +26,14 @@ from annotate.actions import (
     record_ai_judgment,
     submit_judgment,
 )
-from annotate.models import AILabeler, AIVerdict, Assignment, Judgment, Pair
+from annotate.models import AILabeler, AILabelingRun, AIVerdict, Assignment, Judgment, Pair
 from demo.tiny_models import LETTER_PRINCIPLE, build_letter_judge, build_policy, letter_judge_pair
 from tests.conftest import make_campaign, make_user
 from tests.services import free_port, serve_chat_models
+from tests.worker import Worker
 from training import runner
 from training.actions import launch_round
-from training.ai_labeling import AILabelingError, ai_label
+from training.ai_labeling import AILabelingError, ai_label, run_ai_labeling
 from training.config import build_config
 from training.engine.data import load_pairs
 from training.models import Job
@@ -275,3 +277,109 @@ def test_an_admin_adds_an_ai_labeler_with_its_constitution_and_it_gets_an_accoun
     assert labeler.account.username == "ai-ai-served" and not labeler.account.has_usable_password()
     assert campaign.members.filter(pk=labeler.account.pk).exists()
     assert list(labeler.principles.values_list("text", "axis")) == [(PRINCIPLE, "harmless")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs started and stopped from the campaign page
+# ---------------------------------------------------------------------------------------------
+
+HTMX = {"HTTP_HX_REQUEST": "true"}
+
+
+def card(client, labeler, action="", **data):
+    """The labeler's card on the campaign page as htmx gets it: polled, or after a start or stop."""
+    url = f"/campaigns/{labeler.campaign.slug}/ai-labelers/{labeler.pk}/{action + '/' if action else ''}"
+    page = client.post(url, data, **HTMX) if action else client.get(url, **HTMX)
+    assert page.status_code == 200
+    return page.content.decode()
+
+
+def wait_for(condition, worker, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, worker.log()[-4000:]
+        time.sleep(0.2)
+
+
+def nothing_half_stored(labeler):
+    """Every pair it took is judged (its verdicts on the judgment) or skipped, and no lease is left open."""
+    taken = Assignment.objects.filter(labeler=labeler.account)
+    assert not taken.filter(completed_at__isnull=True, skipped=False).exists()
+    judged = set(Judgment.objects.filter(labeler=labeler.account).values_list("pair_id", flat=True))
+    skipped = set(taken.filter(skipped=True).values_list("pair_id", flat=True))
+    with_verdicts = set(AIVerdict.objects.filter(labeler=labeler).values_list("pair_id", flat=True))
+    assert with_verdicts == judged | skipped
+    return len(judged), len(skipped)
+
+
+@pytest.mark.worker
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_an_admin_starts_and_stops_a_run_from_the_campaign_page_on_a_real_worker(judges, admin_user):
+    campaign = good_bad_campaign(n=40)
+    # Two calls a pair at 60 a minute: a pair every two seconds, so the stop lands mid-way.
+    local = labeler_of(campaign, judges["good"], name="local", requests_per_minute=60)
+    down = create_ai_labeler(campaign, name="down", kind=AILabeler.ENDPOINT, model=judges["good"],
+                             base_url=f"http://127.0.0.1:{free_port()}/v1", principles=[PRINCIPLE], max_retries=0)
+    client = Client()
+    client.force_login(admin_user)
+    page = client.get(f"/campaigns/{campaign.slug}/").content.decode()
+    assert f'id="ai-labeler-{local.pk}"' in page and f'id="ai-labeler-{down.pk}"' in page
+    assert page.count('name="count"') == 2
+
+    with Worker(queues="default,training", purge=True) as worker:
+        started = card(client, local, "start", count=30)
+        assert 'hx-trigger="every 1s"' in started and ">Stop</button>" in started
+        run = AILabelingRun.objects.get(labeler=local)
+        card(client, down, "start", count=5)
+        wait_for(lambda: AILabelingRun.objects.get(pk=run.pk).done() >= 2, worker)
+        assert re.search(r'status-running[^>]*>running</span>\s*· <span id="ai-run-progress-\d+">[2-9] of 30 pairs',
+                         card(client, local))
+        assert "Stopping after the pair it is asking" in card(client, local, "stop")
+        wait_for(lambda: not AILabelingRun.objects.filter(status__in=AILabelingRun.LIVE).exists(), worker)
+
+    run.refresh_from_db()
+    assert run.status == AILabelingRun.STOPPED and 2 <= run.done() < 30 and run.finished_at is not None
+    assert nothing_half_stored(local) == (run.judged, run.skipped)
+    stopped = card(client, local)
+    assert ">stopped</span>" in stopped and 'hx-trigger="every 1s"' not in stopped and 'name="count"' in stopped
+    failed = AILabelingRun.objects.get(labeler=down)
+    assert failed.status == AILabelingRun.FAILED and "APIConnectionError" in failed.error
+    assert (failed.judged, failed.skipped) == (0, 0) and nothing_half_stored(down) == (0, 0)
+    assert not Assignment.objects.filter(labeler=down.account).exists()
+    assert "APIConnectionError" in card(client, down)
+
+
+def test_a_run_is_refused_a_bad_count_or_a_second_start_and_is_only_for_admins(
+        admin_user, reviewer, labeler, django_capture_on_commit_callbacks, monkeypatch):
+    sent = []
+    monkeypatch.setattr("annotate.actions.current_app.send_task", lambda name, args, queue: sent.append(queue))
+    campaign = good_bad_campaign(n=2)
+    judge = labeler_of(campaign, "unused")
+    client = Client()
+    client.force_login(admin_user)
+    assert "ask for 1 to 100,000 pairs" in card(client, judge, "start", count=0)
+    assert "a whole number" in card(client, judge, "start", count="many")
+    with django_capture_on_commit_callbacks(execute=True):
+        queued = card(client, judge, "start", count=3)
+    assert "Waiting for a worker" in queued and "-Q training" in queued and 'hx-trigger="every 1s"' in queued
+    assert sent == ["training"] and AILabelingRun.objects.get().status == AILabelingRun.QUEUED
+    assert "is running already: stop it first" in card(client, judge, "start", count=3)
+    assert AILabelingRun.objects.count() == 1
+    # A queued run stops at once; its worker, if it comes, finds nothing to do.
+    assert ">stopped</span>" in card(client, judge, "stop")
+    assert run_ai_labeling(AILabelingRun.objects.get().pk).status == AILabelingRun.STOPPED
+    assert not Judgment.objects.exists()
+    # A running run whose worker died: the first stop asks, the second ends it, and a new run may start.
+    with django_capture_on_commit_callbacks(execute=True):
+        card(client, judge, "start", count=3)
+    AILabelingRun.objects.filter(status=AILabelingRun.QUEUED).update(status=AILabelingRun.RUNNING)
+    assert "Stop now" in card(client, judge, "stop")
+    assert "stopped without waiting for its worker" in card(client, judge, "stop")
+    assert 'name="count"' in card(client, judge)
+    for person in (reviewer, labeler):
+        client.force_login(person)
+        url = f"/campaigns/{campaign.slug}/ai-labelers/{judge.pk}/"
+        assert client.post(url + "start/", {"count": 3}).status_code == 404
+        assert client.get(url, **HTMX).status_code == 404
+    assert AILabelingRun.objects.count() == 2

@@ -10,14 +10,19 @@ lease given back, nothing half-stored.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from django.utils import timezone
+
 from annotate.actions import claim_next_pair, record_ai_judgment, release_assignment
-from annotate.models import AILabeler, AIVerdict, Judgment
+from annotate.models import AILabeler, AILabelingRun, AIVerdict, Judgment
 from training.engine.judge import Asker, EndpointAsker, JudgeError, LocalAsker, ask_both_orders
+
+log = logging.getLogger(__name__)
 
 # The chosen response's probability (both orders averaged) at which the strength becomes 2, 3 and 4; 1 below
 # the first and wherever no log-probabilities came back.
@@ -145,3 +150,42 @@ def ai_label(labeler: AILabeler, *, count: int = 100, asker: Asker | None = None
         if on_judgment is not None:
             on_judgment(result)
     return result
+
+
+# Why a run took fewer pairs than it was asked for, as the campaign page says it (Claim.reason's words).
+ENDED_EARLY = {"empty": "the queue had no pair left for it", "cap": "it reached the campaign's daily cap",
+               "busy": "every pair left was leased to others"}
+PROGRESS_FIELDS = ["judged", "skipped", "disagreed", "malformed"]
+
+
+def run_ai_labeling(run_id: int) -> AILabelingRun | None:
+    """The task's body: take a queued run (a conditional update, so a message delivered twice runs once) and
+    let its labeler judge, writing the counts to the row after each pair. Stops before the next pair once
+    the admin asked; fails with the reason when its model cannot be asked (that pair left unstored)."""
+    if not AILabelingRun.objects.filter(pk=run_id, status=AILabelingRun.QUEUED).update(
+            status=AILabelingRun.RUNNING, started_at=timezone.now()):
+        return AILabelingRun.objects.filter(pk=run_id).first()  # gone, stopped while queued, or taken
+    run = AILabelingRun.objects.select_related("labeler__campaign", "labeler__account").get(pk=run_id)
+
+    def on_judgment(result: AILabelingResult) -> None:
+        run.judged, run.skipped = result.judgments, result.skipped
+        run.disagreed, run.malformed = result.disagreed, result.malformed
+        run.save(update_fields=PROGRESS_FIELDS)
+
+    def should_stop() -> bool:
+        return AILabelingRun.objects.filter(pk=run.pk, stop_requested=True).exists()
+
+    try:
+        result = ai_label(run.labeler, count=run.count, on_judgment=on_judgment, should_stop=should_stop)
+    except AILabelingError as exc:
+        run.status, run.error = AILabelingRun.FAILED, str(exc)
+    except Exception as exc:  # noqa: BLE001 - the row is the record: the page shows why it stopped
+        log.exception("AI labeling run %s stopped", run.pk)
+        run.status, run.error = AILabelingRun.FAILED, f"the run stopped: {type(exc).__name__}: {exc}"
+    else:
+        on_judgment(result)
+        run.status = AILabelingRun.STOPPED if result.stopped == "stopped" else AILabelingRun.SUCCEEDED
+        run.note = ENDED_EARLY.get(result.stopped, "")
+    run.finished_at = timezone.now()
+    run.save(update_fields=["status", "error", "note", "finished_at"])
+    return run

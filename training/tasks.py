@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import shared_task
 from celery.exceptions import Ignore
 
-from training import actions, runner
+from training import actions, ai_labeling, runner
 from training.models import Job
 
 
@@ -75,3 +75,9 @@ def fail_stale_jobs() -> int:
 
 TASKS = {Job.EXPORT: export_job, Job.SFT: sft_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.DPO: dpo_job,
          Job.GRPO: grpo_job, Job.SAMPLE: sample_job, Job.ENQUEUE: enqueue_job, Job.EVALUATE: evaluate_job}
+
+
+@shared_task(name="training.ai_label", ignore_result=True)  # annotate.actions.AI_LABELING_TASK
+def ai_label_run(run_id: int) -> None:
+    """An AI labeling run, by its AILabelingRun's id (on the training queue for a local model)."""
+    ai_labeling.run_ai_labeling(run_id)

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('annotate', '0020_campaign_safety_axis'),
+        ('annotate', '0021_ai_labeling_runs'),
     ]
 
     operations = [
