@@ -36,6 +36,7 @@ from training.actions import launch_round
 from training.ai_labeling import AILabelingError, ai_label, run_ai_labeling
 from training.config import build_config
 from training.engine.data import load_pairs
+from training.engine.judge import Answer
 from training.models import Job
 
 pytestmark = pytest.mark.django_db
@@ -383,3 +384,54 @@ def test_a_run_is_refused_a_bad_count_or_a_second_start_and_is_only_for_admins(
         assert client.post(url + "start/", {"count": 3}).status_code == 404
         assert client.get(url, **HTMX).status_code == 404
     assert AILabelingRun.objects.count() == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Principle mode `all`: every principle asked, agreed verdicts vote
+# ---------------------------------------------------------------------------------------------
+
+GOOD, BAD, FIRST = ("Which of these responses says good?", "Which of these responses says bad?",
+                    "Which of these responses comes first?")
+
+
+class ScriptedAsker:
+    """A judge with known answers per principle: GOOD names the response ending in "good", BAD the one ending
+    in "bad" (in both orders, so they agree), FIRST always answers (A) (so its two orders disagree)."""
+
+    model = "scripted"
+
+    def ask(self, messages):
+        text = messages[0]["content"]
+        if FIRST in text:
+            return Answer("A", "A")
+        wanted = "good" if GOOD in text else "bad"
+        first_shown = re.search(r"^\(A\) (.*)$", text, re.MULTILINE).group(1)
+        letter = "A" if first_shown.endswith(wanted) else "B"
+        return Answer(f"({letter})", letter)
+
+
+@pytest.mark.parametrize("principles, on_disagreement, outcome", [
+    ([GOOD, GOOD, BAD], AILabeler.SKIP, "good"),      # two agreed verdicts against one: the majority
+    ([GOOD, FIRST], AILabeler.SKIP, "good"),          # a disagreed verdict does not vote
+    ([GOOD, BAD], AILabeler.TIE, "tie"),              # a split: a tie where the labeler says so
+    ([GOOD, BAD, FIRST], AILabeler.SKIP, "skip"),     # ... or a skip
+    ([FIRST, FIRST], AILabeler.TIE, "tie"),           # no agreed verdict at all: a split too
+])
+def test_it_asks_every_principle_in_mode_all_and_the_agreed_verdicts_vote(principles, on_disagreement, outcome):
+    campaign = good_bad_campaign(n=4)
+    labeler = create_ai_labeler(campaign, name="all", kind=AILabeler.LOCAL, model="scripted", principles=principles,
+                                principle_mode=AILabeler.ALL, on_disagreement=on_disagreement)
+    result = ai_label(labeler, count=4, asker=ScriptedAsker())
+    # Every principle asked on every pair, each in both orders.
+    assert AIVerdict.objects.count() == 4 * len(principles)
+    assert sorted(AIVerdict.objects.filter(pair=campaign.pairs.first()).values_list("principle", flat=True)) == \
+        sorted(principles)
+    assert result.disagreed == 4 * principles.count(FIRST)
+    judgments = list(Judgment.objects.select_related("pair__response_a", "pair__response_b"))
+    if outcome == "skip":
+        assert result.skipped == 4 and not judgments
+        assert Assignment.objects.filter(labeler=labeler.account, skipped=True).count() == 4
+    elif outcome == "tie":
+        assert result.judgments == 4 and {j.choice for j in judgments} == {Judgment.TIE}
+    else:
+        assert result.judgments == 4 and all(says_good(j) for j in judgments)
