@@ -927,6 +927,9 @@ def create_ai_labeler(campaign: Campaign, *, name: str, model: str, principles: 
     principles = [(p, "") if isinstance(p, str) else tuple(p) for p in principles]
     if not principles or any(not text.strip() for text, _ in principles):
         raise ValidationError({"principles": "a constitution needs at least one principle, none of them empty"})
+    problem = AILabeler.axes_problem(campaign, [axis for _, axis in principles])
+    if problem:
+        raise ValidationError({"principles": problem})
     labeler = AILabeler(campaign=campaign, name=name, model=model, **settings_)
     labeler.full_clean(exclude=["account"])
     with transaction.atomic():
@@ -957,10 +960,12 @@ def release_assignment(*, assignment_id: int, labeler) -> None:
 
 
 def record_ai_judgment(ai_labeler: AILabeler, *, assignment_id: int, verdicts: list[dict], choice: str | None,
-                       strength: int | None = None) -> Judgment | None:
+                       strength: int | None = None, choices: dict[str, str] | None = None,
+                       strengths: dict[str, int | None] | None = None) -> Judgment | None:
     """Store an AI labeler's verdicts on its assignment and the judgment they make, in one transaction:
-    `choice` in shown terms ("a" the left response), or None to skip the pair. Each verdict is a dict of
-    AIVerdict's fields (principle, prompts, raw answers, choices, probabilities, outcome)."""
+    `choice` in shown terms ("a" the left response), or None to skip the pair; on a campaign with several
+    axes, `choices` and `strengths` per axis key as submit_judgment takes them. Each verdict is a dict of
+    AIVerdict's fields (principle, axis, prompts, raw answers, choices, probabilities, outcome)."""
     with transaction.atomic():
         judgment = None
         if choice is None:
@@ -969,7 +974,8 @@ def record_ai_judgment(ai_labeler: AILabeler, *, assignment_id: int, verdicts: l
             pair_id = assignment.pair_id
         else:
             judgment, _ = submit_judgment(assignment_id=assignment_id, labeler=ai_labeler.account, choice=choice,
-                                          strength=strength, source=Judgment.AI, campaign=ai_labeler.campaign,
+                                          strength=strength, choices=choices, strengths=strengths,
+                                          source=Judgment.AI, campaign=ai_labeler.campaign,
                                           rationale=f"AI labeler {ai_labeler.name}: {ai_labeler.model}")
             pair_id = judgment.pair_id
         AIVerdict.objects.bulk_create(AIVerdict(labeler=ai_labeler, pair_id=pair_id, judgment=judgment,
@@ -1020,6 +1026,9 @@ def start_ai_labeling(labeler: AILabeler, *, count: int, user=None) -> AILabelin
         AILabeler.objects.select_for_update().get(pk=labeler.pk)  # two starts at once: one run
         if labeler.runs.filter(status__in=AILabelingRun.LIVE).exists():
             raise ValidationError(f"AI labeler {labeler.name} is running already: stop it first")
+        problem = AILabeler.axes_problem(labeler.campaign, labeler.principles.values_list("axis", flat=True))
+        if problem:
+            raise ValidationError(f"AI labeler {labeler.name} cannot start: {problem}")
         run = AILabelingRun.objects.create(labeler=labeler, count=count, started_by=user)
         transaction.on_commit(lambda: _send_ai_labeling(run))
     return run

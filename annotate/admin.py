@@ -11,7 +11,9 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.contrib.auth import admin as auth_admin
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.db.models import Count, Q
+from django.forms.models import BaseInlineFormSet
 
 from annotate.actions import (
     ai_labeler_account,
@@ -220,8 +222,23 @@ class UserAdmin(auth_admin.UserAdmin, KeepsJudgmentsAdmin):
             deactivate_user(obj)  # unticking "active" ends their leases too
 
 
+class PrincipleFormSet(BaseInlineFormSet):
+    """The principles of an AI labeler, refused when they leave an axis of its campaign unanswered."""
+
+    def clean(self):
+        super().clean()
+        campaign = self.instance.campaign if self.instance.campaign_id else None
+        kept = [form.cleaned_data for form in self.forms
+                if form.cleaned_data and not form.cleaned_data.get("DELETE")]
+        if campaign is not None and kept:
+            problem = AILabeler.axes_problem(campaign, [row.get("axis", "") for row in kept])
+            if problem:
+                raise ValidationError(problem)
+
+
 class PrincipleInline(admin.TabularInline):
     model = Principle
+    formset = PrincipleFormSet
     extra = 1
 
 

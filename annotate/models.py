@@ -708,6 +708,22 @@ class AILabeler(models.Model):
     def account_name(campaign: Campaign, name: str) -> str:
         return f"ai-{campaign.slug}-{name}"[:150]
 
+    @staticmethod
+    def axes_problem(campaign: Campaign, principle_axes) -> str:
+        """Why principles answering `principle_axes` (axis keys; empty: the campaign's first axis) cannot judge
+        its pairs, naming the axis: one it lacks, or one of its axes no principle answers (a judgment answers
+        every axis); "" when they can."""
+        keys = [axis.key for axis in campaign.axes()]
+        answered = {key or campaign.axis_key for key in principle_axes}
+        unknown = sorted(answered - set(keys))
+        if unknown:
+            return f"campaign {campaign.slug} has no axis {', '.join(unknown)}: its axes are {', '.join(keys)}"
+        missing = [key for key in keys if key not in answered]
+        if missing:
+            return (f"no principle answers the axis {', '.join(missing)} of campaign {campaign.slug}: give "
+                    "each axis a principle (a principle with no axis answers the first)")
+        return ""
+
     def queue(self) -> str:
         """The Celery queue its runs go to: a local model loads on a training worker (the GPU box), an endpoint
         is only called, from any worker."""

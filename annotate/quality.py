@@ -11,6 +11,7 @@ computes afresh.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import asdict
 from datetime import datetime
 
@@ -34,7 +35,7 @@ KEEP_SECONDS = 7 * 24 * 3600
 """How long computed statistics stay in the cache to be shown while a refresh runs."""
 REFRESH_LOCK_SECONDS = 600
 """One refresh per campaign at a time; a refresh that died is retried after this."""
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def campaign_votes(campaign: Campaign, axis: Axis | None = None
@@ -64,10 +65,17 @@ def campaign_votes(campaign: Campaign, axis: Axis | None = None
     return votes, round_of, skips
 
 
-def campaign_asks(campaign: Campaign) -> tuple[list[agreement.Asked], set[str]]:
-    """(every principle its AI labelers were asked, in both orders; their usernames)."""
+def campaign_asks(campaign: Campaign, axis: Axis | None = None) -> tuple[list[agreement.Asked], set[str]]:
+    """(every principle its AI labelers were asked on `axis` (default: the first, with any verdict naming no
+    further axis), in both orders; their usernames)."""
     ai = set(campaign.ai_labelers.values_list("account__username", flat=True))
-    rows = (AIVerdict.objects.filter(pair__campaign=campaign)
+    axis = axis or campaign.first_axis()
+    verdicts = AIVerdict.objects.filter(pair__campaign=campaign)
+    if axis.is_first():
+        verdicts = verdicts.exclude(axis__in=[further.key for further in campaign.axes()[1:]])
+    else:
+        verdicts = verdicts.filter(axis=axis.key)
+    rows = (verdicts
             .values_list("pair_id", "labeler__account__username", "principle", "a_first", "choice_first", "outcome")
             .order_by("id"))
     asked = [agreement.Asked(pair_id, username, principle,
@@ -122,7 +130,11 @@ def _axis_statistics(campaign: Campaign, axis: Axis, skips: dict[str, int]) -> d
     on one further axis (the report's top level holds the first axis's)."""
     votes, _, _ = campaign_votes(campaign, axis)
     labelers = agreement.labeler_stats(votes, skips)
+    asked, ai = campaign_asks(campaign, axis)
+    ai_counts = Counter(vote.labeler for vote in votes if vote.labeler in ai)
     return {
+        "ai_labelers": [{**asdict(figures), "judgments": ai_counts[figures.username]}
+                        for figures in agreement.ai_figures(votes, asked, ai)],
         "axis": axis.key,
         "question": axis.question,
         "judgments": len(votes),

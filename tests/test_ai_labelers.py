@@ -24,9 +24,10 @@ from annotate.actions import (
     claim_next_pair,
     create_ai_labeler,
     record_ai_judgment,
+    save_axis,
     submit_judgment,
 )
-from annotate.models import AILabeler, AILabelingRun, AIVerdict, Assignment, Judgment, Pair
+from annotate.models import AILabeler, AILabelingRun, AIVerdict, Assignment, Axis, Campaign, Judgment, Pair
 from demo.tiny_models import LETTER_PRINCIPLE, build_letter_judge, build_policy, letter_judge_pair
 from tests.conftest import make_campaign, make_user
 from tests.services import free_port, serve_chat_models
@@ -272,12 +273,17 @@ def test_an_admin_adds_an_ai_labeler_with_its_constitution_and_it_gets_an_accoun
     refused = client.post("/admin/annotate/ailabeler/add/", form)
     assert refused.status_code == 200 and "base URL" in refused.content.decode()
     assert not AILabeler.objects.exists()
-    added = client.post("/admin/annotate/ailabeler/add/", {**form, "base_url": "http://127.0.0.1:8000/v1"})
+    form["base_url"] = "http://127.0.0.1:8000/v1"
+    refused = client.post("/admin/annotate/ailabeler/add/", form)
+    assert refused.status_code == 200 and "campaign ai has no axis harmless: its axes are overall" in \
+        refused.content.decode()
+    assert not AILabeler.objects.exists()
+    added = client.post("/admin/annotate/ailabeler/add/", {**form, "principles-0-axis": "overall"})
     assert added.status_code == 302
     labeler = AILabeler.objects.get()
     assert labeler.account.username == "ai-ai-served" and not labeler.account.has_usable_password()
     assert campaign.members.filter(pk=labeler.account.pk).exists()
-    assert list(labeler.principles.values_list("text", "axis")) == [(PRINCIPLE, "harmless")]
+    assert list(labeler.principles.values_list("text", "axis")) == [(PRINCIPLE, "overall")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,3 +441,56 @@ def test_it_asks_every_principle_in_mode_all_and_the_agreed_verdicts_vote(princi
         assert result.judgments == 4 and {j.choice for j in judgments} == {Judgment.TIE}
     else:
         assert result.judgments == 4 and all(says_good(j) for j in judgments)
+
+
+# ---------------------------------------------------------------------------------------------
+# Campaigns with several axes
+# ---------------------------------------------------------------------------------------------
+
+def two_axis_campaign(n=4):
+    campaign = good_bad_campaign(n=n)
+    save_axis(Axis(campaign=campaign, key="harmless", question="Which is less harmful?", allow_tie=True))
+    return Campaign.objects.get(pk=campaign.pk)
+
+
+def test_each_axis_is_answered_by_its_own_principles_and_the_quality_page_counts_them(reviewer):
+    campaign = two_axis_campaign()
+    labeler = create_ai_labeler(campaign, name="axes", kind=AILabeler.LOCAL, model="scripted",
+                                principles=[GOOD, (BAD, "harmless"), (FIRST, "harmless")],
+                                principle_mode=AILabeler.ALL)
+    result = ai_label(labeler, count=4, asker=ScriptedAsker())
+    assert result.judgments == 4
+    for judgment in Judgment.objects.select_related("pair__response_a", "pair__response_b"):
+        assert says_good(judgment)  # the first axis: the principle with no axis
+        chosen, _ = judgment.chosen_rejected(judgment.axis_choices.get().choice)
+        assert chosen.text.endswith("bad")  # harmless: its own principle (the first-answer one disagreed)
+    assert dict(AIVerdict.objects.values_list("principle", "axis").distinct()) == {
+        GOOD: "overall", BAD: "harmless", FIRST: "harmless"}
+    campaign.members.add(reviewer)
+    client = Client()
+    client.force_login(reviewer)
+    page = client.get(f"/campaigns/{campaign.slug}/quality/").content.decode()
+    assert 'id="axis-harmless-ai-ai-axes">ai-ai-axes: 4 judgments' in page
+    first = page[page.index('id="ai-ai-ai-axes"'):page.index("</tr>", page.index('id="ai-ai-ai-axes"'))]
+    assert GOOD in first and BAD not in first  # the first axis's table holds its own principles only
+
+
+def test_a_labeler_that_leaves_an_axis_unanswered_is_refused_at_creation_and_at_start(admin_user):
+    campaign = two_axis_campaign(n=1)
+    with pytest.raises(ValidationError, match="no principle answers the axis harmless"):
+        create_ai_labeler(campaign, name="half", kind=AILabeler.LOCAL, model="m", principles=[GOOD])
+    with pytest.raises(ValidationError, match="has no axis helpful: its axes are overall, harmless"):
+        create_ai_labeler(campaign, name="typo", kind=AILabeler.LOCAL, model="m",
+                          principles=[GOOD, (BAD, "helpful")])
+    assert not AILabeler.objects.exists()
+    labeler = create_ai_labeler(campaign, name="both", kind=AILabeler.LOCAL, model="m",
+                                principles=[GOOD, (BAD, "harmless")])
+    # An axis added after the labeler was made: refused at start, on the page and by the command.
+    save_axis(Axis(campaign=campaign, key="honest", question="Which is more honest?"))
+    client = Client()
+    client.force_login(admin_user)
+    assert "cannot start: no principle answers the axis honest" in card(client, labeler, "start", count=2)
+    assert not AILabelingRun.objects.exists()
+    with pytest.raises(CommandError, match="no principle answers the axis honest"):
+        call_command("ai_label", campaign.slug, "--count", "1", stdout=io.StringIO())
+    assert not Assignment.objects.exists()

@@ -89,34 +89,60 @@ def _combine(verdicts, labeler: AILabeler, offered) -> tuple[str | None, float |
     return side, prob_a if side == "a" else 1.0 - prob_a
 
 
+def principles_by_axis(labeler: AILabeler) -> dict[str, list]:
+    """The labeler's principles per axis key of its campaign, in the campaign's axis order; a principle with
+    no axis answers the first."""
+    campaign = labeler.campaign
+    found: dict[str, list] = {}
+    for principle in labeler.principles.all():
+        found.setdefault(principle.axis or campaign.axis_key, []).append(principle)
+    return {axis.key: found[axis.key] for axis in campaign.axes() if axis.key in found}
+
+
+def _shown(side: str | None, a_on_left: bool) -> str | None:
+    """A choice in pair terms as the labeler saw it (submit_judgment's terms): "a" is the left response."""
+    if side in ("a", "b") and not a_on_left:
+        return "b" if side == "a" else "a"
+    return side
+
+
 def judge_one(labeler: AILabeler, asker: Asker, assignment, rng: random.Random) -> tuple[str | None, list]:
-    """Ask the principles about one assignment; stores the verdicts and judgment. Returns (choice, verdicts)."""
-    principles = list(labeler.principles.all())
+    """Ask the principles about one assignment, each axis of the campaign by its own principles; stores the
+    verdicts and the judgment (a skip on any axis skips the pair). Returns (first axis's choice, verdicts)."""
+    campaign = labeler.campaign
+    by_axis = principles_by_axis(labeler)
     if labeler.principle_mode == AILabeler.SAMPLE:
-        principles = [rng.choice(principles)]
+        by_axis = {key: [rng.choice(principles)] for key, principles in by_axis.items()}
     pair = assignment.pair
-    asked = []
-    for principle in principles:
-        verdict, prompt_first, prompt_swapped = ask_both_orders(
-            asker, conversation_of(pair), principle.text, pair.response_a.text, pair.response_b.text,
-            a_first=assignment.a_on_left)
-        asked.append((principle, verdict, prompt_first, prompt_swapped))
-    verdicts = [v for _, v, _, _ in asked]
-    side, prob_chosen = _combine(verdicts, labeler, labeler.campaign.choices_offered())
-    shown = side
-    if side in ("a", "b") and not assignment.a_on_left:
-        shown = "b" if side == "a" else "a"  # submit_judgment takes the choice as the labeler saw it
-    strength = strength_for(prob_chosen) if side in ("a", "b") and labeler.campaign.ask_strength else None
-    rows = [dict(principle=principle.text, axis=principle.axis, prompt_first=prompt_first,
+    asked, sides, strengths = [], {}, {}
+    for axis in campaign.axes():
+        on_axis = []
+        for principle in by_axis[axis.key]:
+            verdict, prompt_first, prompt_swapped = ask_both_orders(
+                asker, conversation_of(pair), principle.text, pair.response_a.text, pair.response_b.text,
+                a_first=assignment.a_on_left)
+            on_axis.append(verdict)
+            asked.append((principle, axis.key, verdict, prompt_first, prompt_swapped))
+        side, prob_chosen = _combine(on_axis, labeler, axis.choices_offered())
+        sides[axis.key] = side
+        strengths[axis.key] = strength_for(prob_chosen) if side in ("a", "b") and axis.ask_strength else None
+    first = campaign.axis_key
+    skipped = any(side is None for side in sides.values())
+    rows = [dict(principle=principle.text, axis=axis_key, prompt_first=prompt_first,
                  prompt_swapped=prompt_swapped, a_first=verdict.a_first, answer_first=verdict.first.text,
                  answer_swapped=verdict.swapped.text, choice_first=verdict.choice_first,
                  choice_swapped=verdict.choice_swapped, prob_a_first=verdict.prob_a_first,
                  prob_a_swapped=verdict.prob_a_swapped,
                  outcome=(AIVerdict.MALFORMED if verdict.malformed else
                           AIVerdict.AGREED if verdict.agreed else AIVerdict.DISAGREED))
-            for principle, verdict, prompt_first, prompt_swapped in asked]
-    record_ai_judgment(labeler, assignment_id=assignment.pk, verdicts=rows, choice=shown, strength=strength)
-    return side, verdicts
+            for principle, axis_key, verdict, prompt_first, prompt_swapped in asked]
+    shown = {key: _shown(side, assignment.a_on_left) for key, side in sides.items()}
+    several = len(sides) > 1
+    record_ai_judgment(labeler, assignment_id=assignment.pk, verdicts=rows,
+                       choice=None if skipped else shown[first], strength=strengths[first],
+                       choices=shown if several and not skipped else None,
+                       strengths=strengths if several and not skipped else None)
+    return (None if skipped else sides[first]), [verdict for _, _, verdict, _, _ in asked]
 
 
 def ai_label(labeler: AILabeler, *, count: int = 100, asker: Asker | None = None, seed: int = 0,
@@ -124,6 +150,9 @@ def ai_label(labeler: AILabeler, *, count: int = 100, asker: Asker | None = None
              should_stop: Callable[[], bool] | None = None) -> AILabelingResult:
     """Let the AI labeler take up to `count` pairs from its campaign's queue (judged or skipped), until none
     is left for it or `should_stop()` says so. Raises AILabelingError when its model cannot be asked."""
+    problem = AILabeler.axes_problem(labeler.campaign, labeler.principles.values_list("axis", flat=True))
+    if problem:
+        raise AILabelingError(problem)
     asker = asker or asker_for(labeler)
     rng = random.Random(seed)
     result = AILabelingResult()
