@@ -23,7 +23,7 @@ from django.db import transaction
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, resolve
 
-from annotate.actions import PairInput, add_pairs, claim_next_pair
+from annotate.actions import PairInput, add_pairs, claim_next_pair, create_ai_labeler
 from annotate.importing import start_import_job
 from annotate.models import Assignment, Campaign, Judgment, Pair
 from tests.conftest import make_campaign
@@ -63,6 +63,9 @@ EXPECTED = {
     "import_pairs":          (LOGIN, LOGIN,  404,   404,     404,   404,     404,   404,     200,   400),
     "import_job":            (LOGIN, LOGIN,  404,   405,     404,   405,     404,   405,     200,   405),
     "eval_sets":             (LOGIN, LOGIN,  404,   404,     404,   404,     404,   404,     200,   400),
+    "ai_labeler":            (LOGIN, LOGIN,  404,   405,     404,   405,     404,   405,  CAMPAIGN,  405),
+    "ai_labeler_start":      (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405, CAMPAIGN),
+    "ai_labeler_stop":       (LOGIN, LOGIN,  405,   404,     405,   404,     405,   404,     405, CAMPAIGN),
     # Rounds (training/urls.py)
     "campaign_rounds":       (LOGIN, LOGIN,  404,   404,     404,   404,     200,   404,     200,   200),
     "round_detail":          (LOGIN, LOGIN,  404,   404,     404,   404,     200,   200,     200,   200),
@@ -215,6 +218,7 @@ def world(labeler, outsider, reviewer, admin_user, monkeypatch, settings):
     round_ = training_actions.launch_round(campaign, admin_user, build_config("tiny", {}))
     upload = SimpleUploadedFile("pairs.jsonl", b'{"prompt": "p", "response_a": "a", "response_b": "b"}\n')
     imported = start_import_job(campaign, admin_user, upload)  # queued on commit: never sent here
+    ai_labeler = create_ai_labeler(campaign, name="judge", kind="local", model="unused", principles=["Which?"])
     return {
         "campaign": campaign,
         "users": {"member": labeler, "non_member": outsider, "reviewer": reviewer, "admin": admin_user},
@@ -224,6 +228,7 @@ def world(labeler, outsider, reviewer, admin_user, monkeypatch, settings):
             "round_id": round_.pk,
             "job_id": round_.jobs.order_by("order").first().pk,
             "import_id": imported.pk,
+            "labeler_id": ai_labeler.pk,
             "webhook_id": 1,
             "content_type_id": ContentType.objects.get_for_model(Campaign).pk,
             "id": labeler.pk,
