@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.http import Http404
 
-from annotate.models import AILabeler, Campaign
+from annotate.models import AILabeler, AILabelingRun, Campaign
 
 REVIEWERS_GROUP = "reviewers"
 
@@ -76,3 +76,11 @@ def ai_labeler_for_admin(request, slug: str, labeler_id: int) -> AILabeler:
     if labeler is None:
         raise Http404("no such AI labeler")
     return labeler
+
+
+def ai_labeling_run_for_admin(request, slug: str, labeler_id: int, run_id: int) -> AILabelingRun:
+    labeler = ai_labeler_for_admin(request, slug, labeler_id)
+    run = labeler.runs.filter(pk=run_id).select_related("labeler").first()
+    if run is None:
+        raise Http404("no such run")
+    return run

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
+from annotate.actions import MAX_RUN_COUNT
 from annotate.converters import SLUG_PATTERN
 from annotate.limits import INT32_MAX, INT32_MIN
 from annotate.models import CAMPAIGN_BOUNDS
@@ -458,3 +459,37 @@ class EvaluationOut(Schema):
     human: HumanEvaluationOut | None = Field(description="The blind human evaluation, once labelers judged its pairs.")
 
 
+
+
+class AILabelingRunOut(Schema):
+    id: int
+    labeler: str = Field(alias="labeler.name", description="The AI labeler's name.")
+    count: int = Field(description="Pairs asked for, judged or skipped (fewer if the queue runs dry).")
+    status: str = Field(description="queued, running, succeeded, failed or stopped.")
+    judged: int
+    skipped: int
+    disagreed: int = Field(description="Verdicts whose two orders disagreed.")
+    malformed: int = Field(description="Verdicts with an answer naming neither response.")
+    stop_requested: bool
+    error: str = Field(description="Why it failed.")
+    note: str = Field(description="Why it ended before its count, when it did.")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class AILabelerOut(Schema):
+    id: int
+    name: str
+    kind: str = Field(description="endpoint or local.")
+    model: str
+    principle_mode: str = Field(description="sample or all.")
+    last_run: AILabelingRunOut | None = Field(description="Its latest run, if any.")
+
+    @staticmethod
+    def resolve_last_run(labeler):
+        return labeler.last_run()
+
+
+class AILabelingRunIn(Schema):
+    count: int = Field(ge=1, le=MAX_RUN_COUNT, description="Pairs to take, judged or skipped.")

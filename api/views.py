@@ -11,6 +11,8 @@ from ninja.pagination import paginate
 
 from annotate import actions, statistics
 from annotate.access import (
+    ai_labeler_for_admin,
+    ai_labeling_run_for_admin,
     campaign_for_admin,
     campaign_for_labeler,
     campaign_for_reviewer,
@@ -214,6 +216,45 @@ def import_read(request, slug: str, import_id: int):
     if job is None:
         raise HttpError(404, "no such import")
     return job
+
+
+@campaigns.get("/campaigns/{unislug:slug}/ai-labelers", response={200: list[schemas.AILabelerOut], **REFUSED})
+def ai_labeler_list(request, slug: str):
+    """The campaign's AI labelers, each with its latest run, as the campaign page lists them. Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    return campaign.ai_labelers.order_by("name")
+
+
+@campaigns.post("/campaigns/{unislug:slug}/ai-labelers/{int:labeler_id}/runs",
+                response={202: schemas.AILabelingRunOut, 400: schemas.Error, 409: schemas.Error, **REFUSED})
+def ai_labeling_start(request, slug: str, labeler_id: int, body: schemas.AILabelingRunIn):
+    """Start a run of the AI labeler over up to `count` pairs, as the campaign page's Start does; 409 while
+    another of its runs is live or when its principles leave an axis unanswered. Scope: admin."""
+    require_scope(request, ADMIN)
+    labeler = ai_labeler_for_admin(request, slug, labeler_id)
+    try:
+        run = actions.start_ai_labeling(labeler, count=body.count, user=request.user)
+    except ValidationError as exc:
+        return Status(409, {"detail": " ".join(exc.messages)})
+    return Status(202, run)
+
+
+@campaigns.get("/campaigns/{unislug:slug}/ai-labelers/{int:labeler_id}/runs/{int:run_id}",
+               response={200: schemas.AILabelingRunOut, **REFUSED})
+def ai_labeling_read(request, slug: str, labeler_id: int, run_id: int):
+    """A run's progress, then how it ended. Scope: admin."""
+    require_scope(request, ADMIN)
+    return ai_labeling_run_for_admin(request, slug, labeler_id, run_id)
+
+
+@campaigns.post("/campaigns/{unislug:slug}/ai-labelers/{int:labeler_id}/runs/{int:run_id}/stop",
+                response={200: schemas.AILabelingRunOut, **REFUSED})
+def ai_labeling_stop(request, slug: str, labeler_id: int, run_id: int):
+    """Stop a run before its next pair (a second stop ends one whose worker died), as the page's Stop does.
+    Scope: admin."""
+    require_scope(request, ADMIN)
+    return actions.stop_ai_labeling(ai_labeling_run_for_admin(request, slug, labeler_id, run_id))
 
 
 class ExportQuery(Schema):

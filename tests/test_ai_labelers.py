@@ -28,6 +28,7 @@ from annotate.actions import (
     submit_judgment,
 )
 from annotate.models import AILabeler, AILabelingRun, AIVerdict, Assignment, Axis, Campaign, Judgment, Pair
+from api.actions import create_token
 from demo.tiny_models import LETTER_PRINCIPLE, build_letter_judge, build_policy, letter_judge_pair
 from tests.conftest import make_campaign, make_user
 from tests.services import free_port, serve_chat_models
@@ -494,3 +495,30 @@ def test_a_labeler_that_leaves_an_axis_unanswered_is_refused_at_creation_and_at_
     with pytest.raises(CommandError, match="no principle answers the axis honest"):
         call_command("ai_label", campaign.slug, "--count", "1", stdout=io.StringIO())
     assert not Assignment.objects.exists()
+
+
+def test_the_api_starts_follows_and_stops_a_run_as_the_page_does(admin_user, reviewer, monkeypatch,
+                                                                 django_capture_on_commit_callbacks):
+    sent = []
+    monkeypatch.setattr("annotate.actions.current_app.send_task", lambda name, args, queue: sent.append(args))
+    campaign = good_bad_campaign(n=2)
+    judge = labeler_of(campaign, "unused")
+    api = Client(headers={"Authorization": f"Bearer {create_token(admin_user, 'test')[1]}"})
+    base = f"/api/v1/campaigns/{campaign.slug}/ai-labelers"
+    listed = api.get(base).json()
+    assert [(row["name"], row["last_run"]) for row in listed] == [("judge", None)]
+    assert api.post(f"{base}/{judge.pk}/runs", {"count": 0}, content_type="application/json").status_code == 422
+    with django_capture_on_commit_callbacks(execute=True):
+        started = api.post(f"{base}/{judge.pk}/runs", {"count": 2}, content_type="application/json")
+    assert started.status_code == 202 and started.json()["status"] == "queued" and sent == [[started.json()["id"]]]
+    again = api.post(f"{base}/{judge.pk}/runs", {"count": 2}, content_type="application/json")
+    assert again.status_code == 409 and "running already" in again.json()["detail"]
+    run_url = f"{base}/{judge.pk}/runs/{started.json()['id']}"
+    assert api.get(base).json()[0]["last_run"]["id"] == started.json()["id"]
+    run_ai_labeling(started.json()["id"])  # what the worker runs
+    done = api.get(run_url).json()
+    assert (done["status"], done["judged"] + done["skipped"], done["labeler"]) == ("failed", 0, "judge")
+    assert "cannot load the local model 'unused'" in done["error"]
+    assert api.post(f"{run_url}/stop").json()["status"] == "failed"  # a finished run stays as it is
+    outsider = Client(headers={"Authorization": f"Bearer {create_token(reviewer, 'test')[1]}"})
+    assert outsider.get(run_url).status_code in (403, 404)
