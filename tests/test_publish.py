@@ -14,7 +14,7 @@ from markdown_it import MarkdownIt
 
 from annotate.actions import PairInput, add_pairs, exclude_judgments
 from annotate.agreement import Vote, agreement
-from annotate.models import Judgment, Pair
+from annotate.models import Judgment, Pair, Response
 from tests.conftest import make_campaign, make_user
 from training import actions, runner
 from training.config import build_config
@@ -91,7 +91,8 @@ def finished_round(tmp_path, chat=False):
         actions.finish_job(job.pk, f"task-{job.pk}", result=result,
                            round_fields={"reward_checkpoint": str(reward), "policy_checkpoint": "/models/round-1"})
     # Judged after the export: the round's win rate counts them, its data and agreement do not.
-    add_pairs(campaign, [PairInput(f"New {i}?", f"new {i}", f"old {i}") for i in range(2)], round=round_, notify=False)
+    add_pairs(campaign, [PairInput(f"New {i}?", f"new {i}", f"old {i}") for i in range(2)], round=round_,
+              source=Response.POLICY, checkpoints=("/models/round-1", "/models/sft"), notify=False)
     for pair, choice in zip(Pair.objects.filter(round=round_).order_by("id"), "ab"):
         Judgment.objects.create(pair=pair, labeler=hana, choice=choice, a_on_left=True, source=Judgment.HUMAN)
     round_.refresh_from_db()

@@ -1016,14 +1016,15 @@ def test_it_reviews_a_round_with_escaped_outputs_scores_and_human_win_rates_apar
     evil = "<script>alert('x')</script>"
     sample_job = round_.jobs.get(kind=Job.SAMPLE)
     for job in round_.jobs.order_by("order"):
-        succeed(job)
+        succeed(job, policy_checkpoint="/models/round-1")
     Job.objects.filter(pk=sample_job.pk).update(result={
         "samples": [{"prompt_id": prompt_id, "prompt": prompt, "new": [evil, "fine"], "other": ["meh", "ok"]}],
         "scores": {content_hash(prompt, evil): 1.25, content_hash(prompt, "meh"): -0.5},
         "opponent": "SFT policy", "sample/reward_new": 0.6, "sample/reward_opponent": -0.2,
     })
     added = add_pairs(campaign, [PairInput(f"Round q{i}?", f"new {i}", f"old {i}") for i in range(4)],
-                      round=round_, source=Response.POLICY, notify=False)
+                      round=round_, source=Response.POLICY, checkpoints=("/models/round-1", "/models/sft"),
+                      notify=False)
     assert added.created == 4
     pairs = list(Pair.objects.filter(round=round_).order_by("id"))
     human, bot = make_user("hugo"), make_user("sim-correct_sentence-1")
@@ -1034,6 +1035,7 @@ def test_it_reviews_a_round_with_escaped_outputs_scores_and_human_win_rates_apar
     page = client_for(reviewer).get(f"/rounds/{round_.pk}/").content.decode()
     assert evil not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     assert "1.25" in page and "-0.50" in page and "Paired against: SFT policy" in page
+    round_.refresh_from_db()
     rates = round_.win_rates()
     assert (rates["human"].wins, rates["human"].losses, rates["human"].ties) == (2, 1, 1)
     assert rates["human"].rate == pytest.approx(2.5 / 4) and rates["simulated"].rate == 0.0

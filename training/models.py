@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import Case, Count, Q, Value, When
 from django.urls import reverse
 from django.utils import timezone
 
@@ -90,16 +90,24 @@ class Round(models.Model):
         return self.status() in Job.ACTIVE
 
     def win_rates(self) -> dict[str, WinRate]:
-        """Judgments on this round's training pairs, by judgment source: the new policy's response is always side A
-        (the labeling page randomises what is shown left), so choice A is a win for this round."""
+        """Judgments on this round's training pairs, by judgment source, each read by which response this round's
+        policy wrote (Response.checkpoint), never by position. Pairs of two of its own responses (pairing "self"),
+        or where neither is recorded as its own, are left out."""
         rates: dict[str, WinRate] = {}
-        rows = (Judgment.objects.filter(pair__round=self, pair__purpose=Pair.TRAINING).values_list("source", "choice")
-                .annotate(n=models.Count("id")).order_by())
-        for source, choice, n in rows:
+        if not self.policy_checkpoint:
+            return rates
+        new_a = Q(pair__response_a__checkpoint=self.policy_checkpoint)
+        new_b = Q(pair__response_b__checkpoint=self.policy_checkpoint)
+        rows = (Judgment.objects.filter(pair__round=self, pair__purpose=Pair.TRAINING)
+                .annotate(new_side=Case(When(new_a & ~new_b, then=Value(Judgment.A)),
+                                        When(new_b & ~new_a, then=Value(Judgment.B)), default=Value("")))
+                .exclude(new_side="").values_list("source", "choice", "new_side")
+                .annotate(n=Count("id")).order_by())
+        for source, choice, new_side, n in rows:
             rate = rates.setdefault(source, WinRate())
-            if choice == Judgment.A:
+            if choice == new_side:
                 rate.wins += n
-            elif choice == Judgment.B:
+            elif choice in (Judgment.A, Judgment.B):
                 rate.losses += n
             elif choice == Judgment.TIE:
                 rate.ties += n
