@@ -114,13 +114,14 @@ def test_a_round_trains_and_samples_a_chat_model_in_its_own_template(tiny_world,
     assert load_tokenizer(round_.policy_checkpoint).chat_template == tokenizer.chat_template
 
     # Its new pairs keep the conversations: the prompts they belong to hold the turns.
-    new_pairs = campaign.pairs.filter(round=round_).select_related("prompt", "response_a")
+    new_pairs = campaign.pairs.filter(round=round_).select_related("prompt", "response_a", "response_b")
     assert enqueue_job.result["created"] == new_pairs.count() > 0
     multi_turn = [p for p in new_pairs if p.prompt.turns and len(p.prompt.turns) == 3]
     assert multi_turn and Prompt.objects.filter(campaign=campaign).count() == len(prompts)
     # A response the 12-token limit cut is marked so.
-    cut = sum(sample_job.result["samples"][i]["new_cut"].count(True) for i in range(len(sample_job.result["samples"])))
-    assert sum(bool(p.response_a.generation.get("truncated")) for p in new_pairs) <= cut
+    cut = sum((s["new_cut"] + (s.get("other_cut") or [])).count(True) for s in sample_job.result["samples"])
+    stored = {r.pk: r for p in new_pairs for r in (p.response_a, p.response_b)}  # either side may be the new one's
+    assert sum(bool(r.generation.get("truncated")) for r in stored.values()) <= cut
 
     # The round page shows that prompt as the model saw it, as text.
     client.force_login(make_user("admin", is_staff=True, is_superuser=True))

@@ -1395,6 +1395,52 @@ def test_responses_the_length_limit_cut_are_stored_as_truncated(chains, monkeypa
 
 
 
+@pytest.mark.django_db
+def test_a_round_s_new_pairs_put_the_new_policy_on_either_side_and_its_win_rate_reads_it_by_policy(chains,
+                                                                                                    settings):
+    """The enqueue job on a sample job's answers (8 prompts, the new policy against the SFT policy) under two
+    seeds: the new policy's answer is response A of half the pairs, a different half per seed, the same half
+    again under the same seed; a labeler who always prefers the new policy's answer (whichever side it is
+    stored and shown on) gives it every win."""
+    settings.PAIRLOOP = {**settings.PAIRLOOP, "HEARTBEAT_STALE_SECONDS": 3600}
+    prompts = 8
+
+    def enqueued(slug: str, seed: int) -> Round:
+        round_ = launch(judged_campaign(slug=slug), seed=seed, pairing="sft")
+        jobs = {job.kind: job for job in round_.jobs.all()}
+        for kind in (Job.EXPORT, Job.REWARD, Job.PPO):
+            succeed(jobs[kind], policy_checkpoint="/models/new")
+        claim(jobs[Job.SAMPLE], "task-sample")
+        actions.finish_job(jobs[Job.SAMPLE].pk, "task-sample", result={
+            "samples": [{"prompt": f"Question {i} for the new policy?", "new": [f"new {i}"], "other": [f"old {i}"]}
+                        for i in range(prompts)],
+            "new_checkpoint": "/models/new", "opponent_checkpoint": "/models/sft", "opponent": "SFT policy"})
+        assert runner.execute(jobs[Job.ENQUEUE].pk, "task-enqueue")
+        round_.refresh_from_db()
+        return round_
+
+    def new_first(round_: Round) -> list[bool]:
+        pairs = Pair.objects.filter(round=round_).select_related("response_a", "response_b").order_by("prompt__text")
+        assert all({p.response_a.checkpoint, p.response_b.checkpoint} == {"/models/new", "/models/sft"}
+                   for p in pairs)
+        return [p.response_a.text.startswith("new") and p.response_a.checkpoint == "/models/new" for p in pairs]
+
+    rounds = [enqueued("seed-0", 0), enqueued("seed-1", 1), enqueued("seed-0-again", 0)]
+    sides = [new_first(round_) for round_ in rounds]
+    assert [len(found) for found in sides] == [prompts] * 3
+    assert [sum(found) for found in sides] == [prompts // 2] * 3
+    assert sides[0] != sides[1] and sides[0] == sides[2]
+    fan = make_user("fan")
+    for round_ in rounds[:2]:
+        while (assignment := claim_next_pair(round_.campaign, fan).assignment) is not None:
+            pair = Pair.objects.select_related("response_a").get(pk=assignment.pair_id)
+            new_on_left = pair.response_a.text.startswith("new") == assignment.a_on_left
+            submit_judgment(assignment_id=assignment.pk, labeler=fan, choice="a" if new_on_left else "b",
+                            strength=3)
+        rates = round_.win_rates()[Judgment.HUMAN]
+        assert (rates.wins, rates.losses, rates.rate) == (prompts, 0, 1.0)
+
+
 def test_the_round_page_charts_each_named_reward_sources_curve_but_not_a_path_named_one():
     assert Job.is_chart_key("ppo/reward/quality") and Job.is_chart_key("grpo/reward/safety_classifier")
     assert Job.is_chart_key("ppo/reward/gated") and Job.is_chart_key("ppo/reward")

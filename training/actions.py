@@ -282,7 +282,7 @@ def evaluate_round(round_: Round) -> Job:
 def send_evaluation_to_labelers(round_: Round, *, priority: int = 0) -> int:
     """Put the round's last evaluation's answers before labelers as blind pairs that never train anything (the
     new policy's answer against the SFT policy's and the previous round's, per prompt, as response A of half of
-    them: evaluation.new_policy_first); returns the pairs added.
+    them: Round.new_policy_first); returns the pairs added.
     The same answers again add nothing. Raises RoundRefused when the round has no evaluation with answers."""
     from training import evaluation  # imports the demo's rule judges: loaded when an evaluation is sent
 
@@ -298,7 +298,7 @@ def send_evaluation_to_labelers(round_: Round, *, priority: int = 0) -> int:
     added = 0
     with transaction.atomic():
         for other in (role for role in (evaluation.SFT, evaluation.PREVIOUS) if role in checkpoints):
-            firsts = evaluation.new_policy_first(round_.config.get("seed", 0), other, len(rows))
+            firsts = round_.new_policy_first(other, len(rows))
             items = []
             for row, new_first in zip(rows, firsts, strict=True):
                 a, b = (evaluation.NEW, other) if new_first else (other, evaluation.NEW)

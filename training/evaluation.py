@@ -11,7 +11,6 @@ Comparisons are keyed by judge and axis ("" for the campaign's one question), so
 from __future__ import annotations
 
 import itertools
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,15 +85,6 @@ def compare(answers: dict[str, list[str]], scores: dict[str, dict[str, list[floa
     return rows
 
 
-def new_policy_first(seed: int, other: str, count: int) -> list[bool]:
-    """Per answer of a blind batch against the `other` role, whether the new policy's answer is response A: half of
-    them (the odd one A), in an order drawn from the round's seed, so the stored order says nothing of which is new,
-    a position bias weighs on both policies alike, and sending again gives the same pairs."""
-    first = [index < (count + 1) // 2 for index in range(count)]
-    random.Random(f"{seed}:{other}").shuffle(first)
-    return first
-
-
 def latest(round_: Round) -> Job | None:
     """The round's evaluate job that succeeded last (an evaluation run again on demand replaces the earlier)."""
     return round_.jobs.filter(kind=Job.EVALUATE, status=Job.SUCCEEDED).order_by("-order").first()
@@ -159,7 +149,7 @@ def human_evaluation(round_: Round) -> dict | None:
         outcome = review.RATING_OUTCOME[choice]
         if role_a == NEW:
             other, new_outcome, new_length, other_length = role_b, outcome, length_a, length_b
-        else:  # the new policy's answer is response B of about half its pairs (new_policy_first)
+        else:  # the new policy's answer is response B of about half its pairs (Round.new_policy_first)
             other, new_outcome, new_length, other_length = role_a, 1.0 - outcome, length_b, length_a
         outcomes, lengths_new, lengths_other = found.setdefault(other, ([], [], []))
         outcomes.append(new_outcome)

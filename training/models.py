@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 
@@ -89,10 +90,19 @@ class Round(models.Model):
         still wait (as queued) for a resume."""
         return self.status() in Job.ACTIVE
 
+    def new_policy_first(self, batch: str, count: int) -> list[bool]:
+        """Per pair of a batch of `count` that sets the new policy against another (`batch` names it: the enqueue
+        job's, or an evaluation's other role), whether the new policy's response is stored as response A: half of
+        them (the odd one A), in an order drawn from the round's seed, so the stored order says nothing of which
+        is new, a position bias weighs on both policies alike, and the same batch again gives the same pairs."""
+        first = [index < (count + 1) // 2 for index in range(count)]
+        random.Random(f"{self.config.get('seed', 0)}:{batch}").shuffle(first)
+        return first
+
     def win_rates(self) -> dict[str, WinRate]:
         """Judgments on this round's training pairs, by judgment source, each read by which response this round's
-        policy wrote (Response.checkpoint), never by position. Pairs of two of its own responses (pairing "self"),
-        or where neither is recorded as its own, are left out."""
+        policy wrote (Response.checkpoint), never by position (it is response A of about half: new_policy_first).
+        Pairs of two of its own responses (pairing "self"), or where neither is recorded as its own, are left out."""
         rates: dict[str, WinRate] = {}
         if not self.policy_checkpoint:
             return rates

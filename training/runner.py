@@ -779,8 +779,9 @@ def _rule_judge_summary(samples: list[dict]) -> dict[str, float]:
 
 
 def run_enqueue(job: Job, progress: Progress) -> Outcome:
-    """Add the sampled responses as new pairs of the campaign, tagged with the round, at its priority.
-    The new policy's response is always side A (the labeling page randomises what is shown left)."""
+    """Add the sampled responses as new pairs of the campaign, tagged with the round, at its priority. Against
+    another policy, the new policy's response is response A of half the pairs (Round.new_policy_first), so the
+    stored order says nothing of which is new (the labeling page shuffles what is shown left again)."""
     from annotate.actions import PairInput, add_pairs
 
     round_ = job.round
@@ -789,8 +790,10 @@ def run_enqueue(job: Job, progress: Progress) -> Outcome:
     if sample_job.status != Job.SUCCEEDED:
         raise RunnerError("the round's sample job has not succeeded: nothing to enqueue")
     result = sample_job.result
+    new_checkpoint = result["new_checkpoint"]
+    other_checkpoint = result.get("opponent_checkpoint") or new_checkpoint
     progress.set(0, 1)
-    items = []
+    items, versus = [], []
     for sample in result["samples"]:
         cut = dict(zip(sample["new"], sample.get("new_cut") or [])) | dict(zip(sample["other"],
                                                                               sample.get("other_cut") or []))
@@ -799,13 +802,16 @@ def run_enqueue(job: Job, progress: Progress) -> Outcome:
             items += [PairInput(sample["prompt"], a, b, truncated=(cut.get(a, False), cut.get(b, False)))
                       for a, b in itertools.combinations(distinct, 2)]
         else:
-            items += [PairInput(sample["prompt"], a, b, truncated=(cut.get(a, False), cut.get(b, False)))
-                      for a, b in zip(sample["new"], sample["other"])
-                      if not review.is_empty(a) and not review.is_empty(b) and a != b]
+            versus += [(sample["prompt"], new, other, cut) for new, other in zip(sample["new"], sample["other"])
+                       if not review.is_empty(new) and not review.is_empty(other) and new != other]
+    for (prompt, new, other, cut), new_first in zip(versus, round_.new_policy_first(Job.ENQUEUE, len(versus)),
+                                                    strict=True):
+        a, b = (new, other) if new_first else (other, new)
+        made_by = (new_checkpoint, other_checkpoint) if new_first else (other_checkpoint, new_checkpoint)
+        items.append(PairInput(prompt, a, b, truncated=(cut.get(a, False), cut.get(b, False)), checkpoints=made_by))
     empty = review.count_empty(result["samples"], "new") + review.count_empty(result["samples"], "other")
-    other = result.get("opponent_checkpoint") or result["new_checkpoint"]
     added = add_pairs(round_.campaign, items, round=round_, priority=config.priority, source=Response.POLICY,
-                      checkpoints=(result["new_checkpoint"], other), generation=result.get("generation", {}))
+                      checkpoints=(new_checkpoint, new_checkpoint), generation=result.get("generation", {}))
     progress.line(f"Enqueued {added.created} new pairs at priority {config.priority} "
                   f"({added.skipped} skipped: duplicates or identical responses; "
                   f"{empty} empty answers paired with nothing)")
