@@ -6,9 +6,10 @@ A plain `python -m training.engine.<stage>` is one process, and every method her
 batch, accelerate's DDP wrapper averages the gradients, and rank 0 alone reports progress and writes
 checkpoints. With `fsdp` each process holds a shard of every weight and of the optimizer's state instead
 (FSDP2, torch's `fully_shard`, one unit per transformer block: accelerate runs its FSDP plugin on GPUs only,
-this runs on gloo too); a checkpoint gathers the full weights and optimizer state first, so it is the one a
-single process writes. The global batch, the order of the data and the seeds are those of a one-process run,
-so a checkpoint resumes under any number of processes, sharded or not. DeepSpeed is refused.
+this runs on gloo too); a resumable checkpoint gathers the full weights and optimizer state first, so it is
+the one a single process writes, and the final save gathers the full weights to rank 0 alone, in CPU memory.
+The global batch, the order of the data and the seeds are those of a one-process run, so a checkpoint resumes
+under any number of processes, sharded or not. DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from peft.utils import get_peft_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -124,8 +126,8 @@ class Ranks:
                 unit.set_reshard_after_forward(unit is not model, recurse=False)  # fully_shard's defaults
 
     def trained_model(self, model, tokenizer, merged: bool = True) -> TrainedModel:
-        """What a checkpoint saves of a trained model (common.TrainedModel); under FSDP with its full weights, and
-        for a LoRA model's final save its merged ones, gathered here: every process calls this before a save."""
+        """What the final save writes of a trained model (common.TrainedModel); under FSDP with its full weights, and
+        for a LoRA model its merged ones, gathered to rank 0 alone: every process calls this, rank 0 saves it."""
         if not self.fsdp:
             return TrainedModel(model, tokenizer, merged)
         weights = self.model_state(model)
@@ -133,31 +135,30 @@ class Ranks:
             return TrainedModel(model, tokenizer, merged, state_dict=weights)
         # The adapter (and a reward model's score head) of the whole model, not of this process's slice, cut
         # before the merge: peft finds no adapter in a merged model.
-        adapter = get_peft_model_state_dict(model, state_dict=weights)
+        adapter = get_peft_model_state_dict(model, state_dict=weights) if self.main else {}
         folded = self.model_state(model.merge_and_unload()) if merged else None
         return TrainedModel(model, tokenizer, merged, state_dict=adapter, merged_state_dict=folded)
 
     def saveable(self, module):
-        """A module with save_pretrained(path, state_dict=...) (PPO's value head) as a checkpoint saves it; under
-        FSDP its full weights gathered here: every process calls this before a save."""
+        """A module with save_pretrained(path, state_dict=...) (PPO's value head) as the final save writes it; under
+        FSDP its full weights gathered to rank 0: every process calls this, rank 0 saves it."""
         if not self.fsdp:
             return module
         weights = self.model_state(module)
         return SimpleNamespace(save_pretrained=lambda path: module.save_pretrained(path, state_dict=weights))
 
     def model_state(self, model) -> dict[str, torch.Tensor] | None:
-        """Under FSDP the full weights of a sharded model, gathered on every process (each must call it before a
-        save); None otherwise, where save_pretrained reads the model itself."""
+        """Under FSDP the full weights of a sharded model, gathered into rank 0's CPU memory (every process must call
+        it; the others get an empty dict); None otherwise, where save_pretrained reads the model itself."""
         if not self.fsdp:
             return None
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # Tied weights (embeddings and LM head) stay one tensor, which save_pretrained writes once.
-        same = {name: id(param) for name, param in model.named_parameters(remove_duplicate=False)}
-        gathered, weights = {}, {}
-        for name, value in model.state_dict().items():
-            key = same.get(name, name)
-            if key not in gathered:
-                gathered[key] = full(value).cpu()
-            weights[name] = gathered[key]
+        first = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            first.setdefault(id(param), name)
+            if name in weights and first[id(param)] in weights:
+                weights[name] = weights[first[id(param)]]
         return weights
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
