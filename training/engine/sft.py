@@ -376,7 +376,7 @@ class SFTRun:
     def trainer_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights (save's trainer_state)."""
         return {"optimizer": self.ranks.optimizer_state(self.optimizer), "step": self.step, "metrics": self.metrics,
-                "rng": rng_state()}
+                "recent": self.recent, "rng": rng_state()}
 
 
 def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_state, ranks: Ranks | None) -> SFTRun:
@@ -413,6 +413,7 @@ def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_stat
         optimizer.load_state_dict(resume_state["optimizer"])
         run.step = int(resume_state["step"])
         run.metrics = dict(resume_state.get("metrics", {}))
+        run.recent = list(resume_state.get("recent", []))  # sft/loss averages the last log_every losses
         set_rng_state(resume_state["rng"])
 
     if encoded_eval is not None and "sft/eval_loss_start" not in run.metrics:
