@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,19 +220,124 @@ def _kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
     raise AssertionError("no checkpoint within 240 s")
 
 
-@pytest.mark.parametrize("after, sharding", [(2, []), (1, []), (2, ["--fsdp"]), (1, ["--fsdp"])],
-                         ids=["resumed-on-2", "resumed-on-1", "fsdp-resumed-on-2-fsdp", "fsdp-resumed-on-1"])
-def test_reward_run_killed_on_two_processes_resumes(data, after, sharding):
-    """Killed on two processes (DDP, or FSDP2 whose checkpoint gathers the shards), resumed on two or on one."""
+def assert_shards(checkpoint: Path, processes: int) -> None:
+    """A sharded run's resumable checkpoint: Distributed Checkpoint files, one per process, and their index; no
+    gathered weights beside them."""
+    shards = checkpoint / "shards"
+    assert (shards / ".metadata").is_file(), sorted(p.name for p in checkpoint.iterdir())
+    assert sorted(p.name for p in shards.glob("*.distcp")) == [f"__{rank}_0.distcp" for rank in range(processes)]
+    assert not list(checkpoint.glob("*.safetensors")) and not (checkpoint / "adapter").exists()
+
+
+@pytest.mark.parametrize("before, after, sharding", [(2, 2, []), (2, 1, []), (2, 2, ["--fsdp"]), (2, 1, ["--fsdp"]),
+                                                      (1, 2, ["--fsdp"])],
+                         ids=["resumed-on-2", "resumed-on-1", "fsdp-resumed-on-2-fsdp", "fsdp-resumed-on-1",
+                              "one-resumed-on-2-fsdp"])
+def test_reward_run_killed_resumes_under_another_number_of_processes(data, before, after, sharding):
+    """Killed on two processes (DDP, or FSDP2 whose checkpoint is each process's shards) or on one, resumed on two
+    or on one."""
     flags = ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "30",
              "--lr", "1e-3", "--device", "cpu", "--save-every", "20", "--eval-every", "0", *sharding]
-    out = Path(data["root"]) / f"rm-killed-{after}{''.join(sharding)}"
+    out = Path(data["root"]) / f"rm-killed-{before}-{after}{''.join(sharding)}"
     uninterrupted = run("reward", [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
-    step = _kill_at_checkpoint(launch("reward", [*flags, "--out", str(out)], 2), out.with_name(out.name + ".resume"))
+    checkpoint = out.with_name(out.name + ".resume")
+    step = _kill_at_checkpoint(launch("reward", [*flags, "--out", str(out)], before), checkpoint)
     assert 0 < step < uninterrupted["rm/steps"] and not out.exists()  # killed before it finished
+    if sharding and before == 2:
+        assert_shards(checkpoint, 2)
     resumed = run("reward", [*flags, "--resume", "--out", str(out)], processes=after)
     assert resumed["rm/steps"] == uninterrupted["rm/steps"]
     assert_close(uninterrupted, resumed, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_loss"])
+
+
+def _resume_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".resume")
+
+
+def _killed_sharded_then_resumed(stage: str, flags: list[str], out: Path,
+                                 resumable=_resume_dir) -> tuple[int, dict, dict]:
+    """Run `stage` on two FSDP2 processes, SIGKILL it at its first resumable checkpoint (`resumable(out)`), check
+    that checkpoint's shards, and resume a copy of it on one process and another on two (FSDP2); the step and both
+    final metrics."""
+    checkpoint = resumable(out)
+    step = _kill_at_checkpoint(launch(stage, [*flags, "--fsdp", "--out", str(out)], 2), checkpoint)
+    assert step > 0 and (checkpoint == out or not out.exists())  # killed before it finished
+    assert_shards(checkpoint, 2)
+    resumed = {}
+    for processes in (1, 2):
+        copy = out.with_name(f"{out.name}-on-{processes}")
+        shutil.copytree(checkpoint, resumable(copy))
+        resumed[processes] = run(stage, [*flags, "--fsdp", "--resume", "--out", str(copy)], processes=processes)
+    return step, resumed[1], resumed[2]
+
+
+def assert_samples_alike(one: Path, other: Path) -> None:
+    """Both final checkpoints load with AutoModelForCausalLM and sample the same tokens, greedily."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(one)
+    prompt = tokenizer(["Add 3 and 4."], return_tensors="pt")
+    samples = [AutoModelForCausalLM.from_pretrained(path).generate(
+        **prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id) for path in (one, other)]
+    assert samples[0].shape[1] > prompt["input_ids"].shape[1] and samples[0].tolist() == samples[1].tolist()
+
+
+def test_sft_run_killed_sharded_resumes_on_one_process_and_on_two(data):
+    """SFT under FSDP2 killed after its sharded checkpoint (at --out itself, until the final save replaces it):
+    resumed on one process and on two to the uninterrupted run's losses and weights."""
+    flags = ["--model", data["policy"], "--train", data["sft"], "--eval", data["sft"], "--batch-size", "8",
+             "--max-steps", "12", "--save-every", "4", "--lr", "1e-3", "--device", "cpu"]
+    out = Path(data["root"]) / "sft-fsdp-killed"
+    uninterrupted = run("sft", [*flags, "--out", str(out.with_name(out.name + "-whole"))])
+    step, on_one, on_two = _killed_sharded_then_resumed("sft", flags, out, resumable=lambda path: path)
+    assert step < 12 and uninterrupted["sft/loss"] < uninterrupted["sft/first_loss"] - 0.5  # it learned
+    for resumed, processes in ((on_one, 1), (on_two, 2)):
+        assert resumed["sft/steps"] == 12
+        assert_close(uninterrupted, resumed, ["sft/loss", "sft/first_loss", "sft/eval_loss", "sft/grad_norm"])
+        assert_samples_alike(out.with_name(out.name + "-whole"), out.with_name(f"{out.name}-on-{processes}"))
+
+
+def test_dpo_run_killed_sharded_resumes_on_one_process_and_on_two(data):
+    """DPO under FSDP2 killed after its sharded checkpoint: resumed on one process and on two to the uninterrupted
+    run's metrics and weights (the reference log-probs come back from trainer_state.pt, the policy from shards)."""
+    flags = ["--policy", data["policy"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "2",
+             "--lr", "1e-3", "--device", "cpu", "--save-every", "6", "--eval-every", "0"]
+    out = Path(data["root"]) / "dpo-fsdp-killed"
+    uninterrupted = run("dpo", [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
+    step, on_one, on_two = _killed_sharded_then_resumed("dpo", flags, out)
+    assert step < uninterrupted["dpo/steps"] and uninterrupted["dpo/margin"] > 0  # it moved: equal results say something
+    for resumed, processes in ((on_one, 1), (on_two, 2)):
+        assert resumed["dpo/steps"] == uninterrupted["dpo/steps"]
+        assert_close(uninterrupted, resumed, ["dpo/loss", "dpo/eval_accuracy", "dpo/eval_margin", "dpo/eval_loss",
+                                              "dpo/rewards_chosen", "dpo/rewards_rejected"])
+        assert_samples_alike(out.with_name(out.name + "-whole"), out.with_name(f"{out.name}-on-{processes}"))
+
+
+ROLLOUT_STAGES = {  # the stage's own flags and the metrics a resumed run must share with the uninterrupted one
+    "grpo": (["--num-iterations", "2"], ["grpo/reward", "grpo/kl", "grpo/token_kl", "grpo/loss", "grpo/entropy"]),
+    "ppo": (["--ppo-epochs", "2"], ["ppo/reward", "ppo/kl", "ppo/entropy", "ppo/policy_loss", "ppo/value_loss"]),
+}
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_lora_rollout_run_killed_sharded_resumes_on_one_process_and_on_two(data, stage):
+    """LoRA GRPO and PPO under FSDP2 killed after a sharded checkpoint (the adapters' shards, PPO's value head's, and
+    their optimizer state; not the frozen base): resumed on one process and on two to the uninterrupted run's metrics
+    and merged weights."""
+    own, names = ROLLOUT_STAGES[stage]
+    scorer = Path(data["root"]) / f"{stage}-fsdp-rm"
+    run("reward", ["--model", data["reward"], "--train", data["pairs"], "--batch-size", "8", "--epochs", "2",
+                   "--lr", "1e-3", "--device", "cpu", "--no-resume", "--out", str(scorer)])
+    flags = ["--policy", data["policy"], "--prompts", data["prompts"], "--reward-model", str(scorer), "--steps", "4",
+             "--batch-size", "8", "--samples-per-prompt", "2", "--generation-batch-size", "4", "--mini-batch-size", "4",
+             "--max-new-tokens", "8", "--lr", "1e-3", "--lora-r", "4", "--device", "cpu", "--save-every", "2", *own]
+    out = Path(data["root"]) / f"{stage}-fsdp-killed"
+    uninterrupted = run(stage, [*flags, "--no-resume", "--out", str(out.with_name(out.name + "-whole"))])
+    step, on_one, on_two = _killed_sharded_then_resumed(stage, flags, out)
+    assert step < 4 and uninterrupted[f"{stage}/kl"] != 0  # the policy moved: equal results say something
+    for resumed, processes in ((on_one, 1), (on_two, 2)):
+        assert_close(uninterrupted, resumed, names)
+        assert_samples_alike(out.with_name(out.name + "-whole"), out.with_name(f"{out.name}-on-{processes}"))
 
 
 def test_grpo_run_killed_resumes_where_the_uninterrupted_run_ends(tmp_path):

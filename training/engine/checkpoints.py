@@ -25,6 +25,9 @@ from training.engine.stop import StopWithoutSaving
 
 CHECKPOINT_META = "pairloop.json"
 TRAINER_STATE = "trainer_state.pt"
+SHARDS_DIR = "shards"
+"""Where a sharded run's resumable checkpoint holds its weights and optimizer state: Distributed Checkpoint files,
+one per process that wrote them, and their `.metadata`."""
 
 
 def to_jsonable(value: Any) -> Any:
@@ -54,12 +57,15 @@ def save_checkpoint(
     pretrained: dict[str, Any],
     data_version: str | None = None,
     trainer_state: dict[str, Any] | None = None,
+    shards: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a self-describing checkpoint atomically: a temp dir beside `out_dir`, then rename.
 
     `pretrained` maps a subdirectory name ("" for the top) to objects with `save_pretrained`
     (models, tokenizers). `trainer_state` (optimizer, scheduler, RNG, anything torch can save)
-    goes to trainer_state.pt, so a resumed run continues exactly.
+    goes to trainer_state.pt, so a resumed run continues exactly. `shards`, when given, writes a sharded
+    run's Distributed Checkpoint into the directory it is passed (`shards/` of the temp dir), every
+    process its own files (Ranks.save_resumable).
 
     Every file is fsynced before pairloop.json is written (last), and the swap (old -> aside,
     new -> `out_dir`) is fsynced too: a failure before the swap leaves the previous checkpoint
@@ -78,6 +84,8 @@ def save_checkpoint(
             obj.save_pretrained(target)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        if shards is not None:
+            shards(tmp / SHARDS_DIR)
         _fsync_tree(tmp)
         meta = {
             "stage": stage,
@@ -170,6 +178,18 @@ def find_checkpoint(path: str | Path) -> Path | None:
         if meta is not None:
             found.append((int(meta.get("step") or 0), float(meta.get("saved_at") or 0), leftover))
     return max(found)[2] if found else None
+
+
+def holds_shards(path: str | Path | None) -> bool:
+    """Whether a checkpoint holds its weights and optimizer state as Distributed Checkpoint shards (a sharded run's
+    resumable one), set after sharding; else they are save_pretrained weights and trainer_state.pt's optimizer."""
+    return path is not None and (Path(path) / SHARDS_DIR / ".metadata").is_file()
+
+
+def weights_source(source: str | Path | None) -> Path | None:
+    """Where a resuming stage loads its weights from before sharding: `source` when it holds save_pretrained
+    weights; None (the run's start, then Ranks.load_resumable) when it holds shards or there is none."""
+    return None if source is None or holds_shards(source) else Path(source)
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:

@@ -64,6 +64,7 @@ from training.engine.checkpoints import (
     resume_dir,
     resume_source,
     save_checkpoint,
+    weights_source,
 )
 from training.engine.cli import run_cli
 from training.engine.common import (
@@ -576,7 +577,7 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
     state = resumable_state(source, stage=STAGE, args=recorded, keys=RESUME_KEYS, data_version=version)
 
     set_seed(args.seed)
-    model, tokenizer = _load_model(args, device, compute_dtype, source if state else None)
+    model, tokenizer = _load_model(args, device, compute_dtype, weights_source(source) if state else None)
     encoder = ResponseEncoder(tokenizer, args.max_length, args.system_prompt)
     train_pairs, cut = encoder.encode(train_ds)
     eval_pairs, eval_cut = encoder.encode(eval_ds) if len(eval_ds) else ([], 0)
@@ -594,7 +595,8 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
     if state:
         _take_reference(run, state)
         run.online_pairs = state.get("online_pairs", [])
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else in the checkpoint's shards, set after prepare
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         run.step, run.tokens_seen = state["step"], state["tokens_seen"]
@@ -606,6 +608,8 @@ def setup(args: DPOArgs, on_progress: ProgressFn, timer: LoopTimer) -> DPORun:
     else:
         reference_logps(run)
     run.trainer, run.optimizer = ranks.prepare(model, run.optimizer)  # the model itself with one process
+    if state:
+        ranks.load_resumable(source, model=model, optimizer=run.optimizer)
     run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
@@ -760,19 +764,16 @@ def log(run: DPORun) -> None:
 
 def save_resume(run: DPORun) -> None:
     """Write the resumable checkpoint at `<out>.resume/`: the policy, optimizer, schedule, reference log-probs,
-    counts and RNG."""
-    trained = run.ranks.trained_model(run.model, run.tokenizer, merged=False)  # every process gathers under FSDP
-    optimizer = run.ranks.optimizer_state(run.optimizer)
-    if not run.ranks.main:
-        return run.ranks.wait()
-    save_checkpoint(run.state_dir, stage=STAGE, args=run.recorded_args, step=run.step, metrics=run.metrics,
-                    data_version=run.version, pretrained={"": trained},
-                    trainer_state={"optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
-                                   "scaler": run.scaler.state_dict(), "reference": _reference_state(run),
-                                   "online_pairs": run.online_pairs,
-                                   "rng": rng_state(), "step": run.step, **run.timer.state_dict(),
-                                   "tokens_seen": run.tokens_seen, "window": run.window, "metrics": run.metrics})
-    run.ranks.wait()
+    counts and RNG (every process: under FSDP each writes its shards)."""
+    run.ranks.save_resumable(run.state_dir, model=run.model, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                             stage=STAGE, args=run.recorded_args, step=run.step, metrics=run.metrics,
+                             data_version=run.version,
+                             trainer_state={"scheduler": run.scheduler.state_dict(),
+                                            "scaler": run.scaler.state_dict(), "reference": _reference_state(run),
+                                            "online_pairs": run.online_pairs,
+                                            "rng": rng_state(), "step": run.step, **run.timer.state_dict(),
+                                            "tokens_seen": run.tokens_seen, "window": run.window,
+                                            "metrics": run.metrics})
 
 
 def report(run: DPORun, on_progress: ProgressFn) -> None:

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.engine.checkpoints import resumable_state, resume_dir, resume_source, save_checkpoint
+from training.engine.checkpoints import (
+    resumable_state,
+    resume_dir,
+    resume_source,
+    save_checkpoint,
+    weights_source,
+)
 from training.engine.cli import run_cli
 from training.engine.common import (
     EngineError,
@@ -268,7 +274,7 @@ def setup(args: GRPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -
     source = source if state is not None else None
 
     set_seed(args.seed)
-    policy, tokenizer, ref_policy = load_policy_and_reference(args, device, compute_dtype, source)
+    policy, tokenizer, ref_policy = load_policy_and_reference(args, device, compute_dtype, weights_source(source))
     formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
     check_context(args, tokenizer, policy, formatted)
     reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt, args,
@@ -286,7 +292,8 @@ def setup(args: GRPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -
         reuse_rollout_logprobs=autocast_dtype is None,
     )
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else in the checkpoint's shards, set after prepare
+            optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         reward.load_state_dict(state.get("reward_stats") or {})
         run.start_step = int(state["step"])
@@ -296,6 +303,8 @@ def setup(args: GRPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) -
 
     # Accelerate's wrapper (DDP) for the update; sampling and scoring use the model itself.
     run.trained_policy, run.optimizer = ranks.prepare(policy, optimizer)
+    if state is not None:
+        ranks.load_resumable(source, model=policy, optimizer=run.optimizer)
     run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
@@ -427,19 +436,14 @@ def log(run: Setup, batch: Batch, losses: dict[str, float], elapsed: float) -> d
 
 
 def save_resume(run: Setup, step: int) -> None:
-    """Write the resumable checkpoint at `<out>.resume/`: policy (or its adapter), optimizer, RNG, step."""
-    trained = run.ranks.trained_model(run.policy, run.tokenizer, merged=False)  # every process gathers under FSDP
-    optimizer = run.ranks.optimizer_state(run.optimizer)
-    if not run.ranks.main:
-        return run.ranks.wait()
-    save_checkpoint(
-        run.checkpoint, stage=STAGE, args=run.recorded_args, step=step, metrics=run.metrics,
-        data_version=run.data_version, pretrained={"": trained},
-        trainer_state={"optimizer": optimizer, "rng": rng_state(), "step": step,
-                       "reward_stats": run.reward.state_dict(),
+    """Write the resumable checkpoint at `<out>.resume/`: policy (or its adapter), optimizer, RNG, step (every
+    process: under FSDP each writes its shards)."""
+    run.ranks.save_resumable(
+        run.checkpoint, model=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer, stage=STAGE,
+        args=run.recorded_args, step=step, metrics=run.metrics, data_version=run.data_version,
+        trainer_state={"rng": rng_state(), "step": step, "reward_stats": run.reward.state_dict(),
                        "metrics": run.metrics},
     )
-    run.ranks.wait()
 
 
 def report(run: Setup, step: int, on_progress: ProgressFn) -> None:

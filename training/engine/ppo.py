@@ -24,7 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.engine.checkpoints import resumable_state, resume_dir, resume_source, save_checkpoint
+from training.engine.checkpoints import (
+    resumable_state,
+    resume_dir,
+    resume_source,
+    save_checkpoint,
+    weights_source,
+)
 from training.engine.cli import run_cli
 from training.engine.common import (
     EngineError,
@@ -294,14 +300,15 @@ def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) ->
     source = source if state is not None else None
 
     set_seed(args.seed)
-    policy, tokenizer, ref_policy = load_policy_and_reference(args, device, compute_dtype, source)
+    saved = weights_source(source)  # None under a sharded checkpoint: its shards are set after prepare
+    policy, tokenizer, ref_policy = load_policy_and_reference(args, device, compute_dtype, saved)
     formatted = [render_prompt(tokenizer, ins, inp, args.system_prompt) for ins, inp in prompts]
     check_context(args, tokenizer, policy, formatted)
     reward = CombinedReward(args.reward_models, weights, device, reward_fn, args.system_prompt, args,
                             gather=lambda values: ranks.gather(values.to(device)).cpu())
 
     hidden_size = ref_policy.get_output_embeddings().in_features
-    value_head = (ValueHead.from_pretrained(source / VALUE_HEAD_DIR) if source else ValueHead(hidden_size)).to(device)
+    value_head = (ValueHead.from_pretrained(saved / VALUE_HEAD_DIR) if saved else ValueHead(hidden_size)).to(device)
     trained = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
     # Adam eps 1e-5 ([N+ §"Adam epsilon"], from Ziegler et al.'s lm-human-preferences).
     optimizer = adam_class(args, device, decoupled=False)(
@@ -324,7 +331,8 @@ def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) ->
         reuse_rollout_logprobs=autocast_dtype is None,
     )
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else in the checkpoint's shards, set after prepare
+            optimizer.load_state_dict(state["optimizer"])
         run.score_stats.load_state_dict(state["score_stats"])
         reward.load_state_dict(state.get("reward_stats") or {})
         set_rng_state(state["rng"])
@@ -343,6 +351,8 @@ def setup(args: PPOArgs, on_progress: ProgressFn, reward_fn: RewardFn | None) ->
 
     # Accelerate's wrappers (DDP, FSDP, DeepSpeed) for the update; sampling and scoring use the models themselves.
     run.trained_policy, run.trained_head, run.optimizer = ranks.prepare(policy, value_head, optimizer)
+    if state is not None:
+        ranks.load_resumable(source, model=policy, optimizer=run.optimizer, modules={VALUE_HEAD_DIR: value_head})
     run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
@@ -530,21 +540,20 @@ def log(run: Setup, batch: Batch, losses: dict[str, float], elapsed: float) -> d
 
 
 def save_resume(run: Setup, step: int) -> None:
-    """Write the resumable checkpoint at `<out>.resume/`: policy, value head, optimizer, score moments, RNG."""
-    trained = run.ranks.trained_model(run.policy, run.tokenizer, merged=False)  # every process gathers under FSDP
-    head, optimizer = run.ranks.saveable(run.value_head), run.ranks.optimizer_state(run.optimizer)
-    if not run.ranks.main:
-        return run.ranks.wait()
-    save_checkpoint(
+    """Write the resumable checkpoint at `<out>.resume/`: policy, value head, optimizer, score moments, RNG (every
+    process: under FSDP each writes its shards)."""
+    run.ranks.save_resumable(
         run.checkpoint,
+        model=run.policy,
+        tokenizer=run.tokenizer,
+        optimizer=run.optimizer,
+        modules={VALUE_HEAD_DIR: run.value_head},
         stage=STAGE,
         args=run.recorded_args,
         step=step,
         metrics=run.metrics,
         data_version=run.data_version,
-        pretrained={"": trained, VALUE_HEAD_DIR: head},
         trainer_state={
-            "optimizer": optimizer,
             "score_stats": run.score_stats.state_dict(),
             "reward_stats": run.reward.state_dict(),
             "rng": rng_state(),
@@ -552,7 +561,6 @@ def save_resume(run: Setup, step: int) -> None:
             "metrics": run.metrics,
         },
     )
-    run.ranks.wait()
 
 
 def report(run: Setup, step: int, on_progress: ProgressFn) -> None:

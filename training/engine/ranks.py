@@ -6,10 +6,12 @@ A plain `python -m training.engine.<stage>` is one process, and every method her
 batch, accelerate's DDP wrapper averages the gradients, and rank 0 alone reports progress and writes
 checkpoints. With `fsdp` each process holds a shard of every weight and of the optimizer's state instead
 (FSDP2, torch's `fully_shard`, one unit per transformer block: accelerate runs its FSDP plugin on GPUs only,
-this runs on gloo too); a resumable checkpoint gathers the full weights and optimizer state first, so it is
-the one a single process writes, and the final save gathers the full weights to rank 0 alone, in CPU memory.
-The global batch, the order of the data and the seeds are those of a one-process run, so a checkpoint resumes
-under any number of processes, sharded or not. DeepSpeed is refused.
+this runs on gloo too). A sharded run's resumable checkpoint is torch Distributed Checkpoint shards, each
+process writing its own slice of the weights and the optimizer's state, nothing gathered (as torchtitan);
+its final save gathers the full weights to rank 0 alone, in CPU memory, for save_pretrained. The global
+batch, the order of the data and the seeds are those of a one-process run, and Distributed Checkpoint
+reshards on load, so a checkpoint resumes under any number of processes, sharded or not. DeepSpeed is
+refused.
 """
 
 from __future__ import annotations
@@ -17,17 +19,25 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from peft.utils import get_peft_model_state_dict
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from training.engine.checkpoints import SHARDS_DIR, holds_shards, save_checkpoint
 from training.engine.common import EngineError, ProgressFn, TrainedModel, is_lora
 from training.engine.stop import StopWithoutSaving
 
@@ -161,13 +171,44 @@ class Ranks:
                 weights[name] = weights[first[id(param)]]
         return weights
 
-    def optimizer_state(self, optimizer) -> dict[str, Any]:
-        """The optimizer's state_dict as one process holds it (shards gathered under FSDP: every process calls it)."""
-        state = optimizer.state_dict()
+    def save_resumable(self, out_dir, *, model, tokenizer, optimizer, trainer_state: dict[str, Any],
+                       modules: dict[str, torch.nn.Module] | None = None, **meta) -> None:
+        """The resumable checkpoint at `out_dir` (checkpoints.save_checkpoint's `meta`), written by every process
+        together. With one process or DDP, rank 0 writes save_pretrained weights and the optimizer's state_dict; under
+        FSDP each process writes its own shards of both through Distributed Checkpoint, nothing gathered. `modules`
+        (a name for each) are trained beside the model by the same optimizer (PPO's value head)."""
+        modules = modules or {}
         if not self.fsdp:
-            return state
-        return {**state, "state": {key: {name: full(value).cpu() for name, value in values.items()}
-                                   for key, values in state["state"].items()}}
+            if self.main:
+                save_checkpoint(out_dir, pretrained={"": TrainedModel(model, tokenizer, merged=False), **modules},
+                                trainer_state={**trainer_state, "optimizer": _plain(optimizer).state_dict()}, **meta)
+            return self.wait()
+        shards = _resumable_state(model, modules, optimizer)
+        if self.main:
+            save_checkpoint(out_dir, pretrained={}, trainer_state=trainer_state,
+                            shards=lambda path: self._write_shards(shards, path), **meta)
+        else:
+            self._write_shards(shards, None)
+        self.wait()
+
+    def _write_shards(self, shards: dict[str, Any], path) -> None:
+        """dcp.save on every process into rank 0's `path` (its checkpoint's temp dir, sent to the others)."""
+        where = [None if path is None else str(path)]
+        torch.distributed.broadcast_object_list(where, src=0)
+        dcp.save(shards, checkpoint_id=where[0])
+
+    def load_resumable(self, source, *, model, optimizer, modules: dict[str, torch.nn.Module] | None = None) -> None:
+        """Set a checkpoint's Distributed Checkpoint shards (checkpoints.holds_shards) into `model`, `modules` and
+        `optimizer` after prepare: each process reads the slices its own shards need, whatever the number of
+        processes that wrote them (with one process, the whole). Nothing for a checkpoint of save_pretrained weights,
+        which the stage loaded before sharding."""
+        if not holds_shards(source):
+            return
+        state = _resumable_state(model, modules or {}, optimizer)
+        dcp.load(state, checkpoint_id=str(Path(source) / SHARDS_DIR))
+        set_state_dict(_together(model, modules or {}), _plain(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not in shards
 
     def local_batches(self, items: Sequence[Any], batch_size: int):
         """This process's share of `items` in batches, each with whether it is real: under FSDP every forward is a
@@ -231,6 +272,24 @@ class Ranks:
 def full(value):
     """A DTensor's whole tensor (an all-gather: every process calls it); anything else as it is."""
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _plain(optimizer):
+    """The torch optimizer inside accelerate's wrapper (DDP's), or the one given."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _together(model, modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """The model and the modules trained beside it as one module, whose parameters the optimizer steps."""
+    return torch.nn.ModuleDict({"model": model, **modules})
+
+
+def _resumable_state(model, modules: dict[str, torch.nn.Module], optimizer) -> dict[str, Any]:
+    """What a sharded resumable checkpoint holds: the trained weights (a LoRA base's frozen ones come from the run's
+    start) and the optimizer's state, keyed by parameter name, each process's own slices (DTensors under FSDP)."""
+    weights, moments = get_state_dict(_together(model, modules), _plain(optimizer),
+                                      options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": weights, "optimizer": moments}
 
 
 def shard_model(model: torch.nn.Module) -> None:

@@ -56,6 +56,7 @@ from .checkpoints import (
     resume_dir,
     resume_source,
     save_checkpoint,
+    weights_source,
 )
 from .cli import run_cli
 from .common import (
@@ -595,7 +596,7 @@ def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> Reward
     trainer_state = resumable_state(source, stage=STAGE, args=args, keys=RESUME_KEYS, data_version=version)
 
     set_seed(args.seed)
-    model, tokenizer = _load_model(args, device, compute_dtype, source if trainer_state else None)
+    model, tokenizer = _load_model(args, device, compute_dtype, weights_source(source) if trainer_state else None)
     train_pairs, eval_pairs, truncated = _encode(args, model, tokenizer, train_ds, eval_ds)
 
     total_steps = math.ceil(len(train_pairs) / args.batch_size) * args.epochs
@@ -608,7 +609,8 @@ def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> Reward
                     train_pairs=train_pairs, eval_pairs=eval_pairs, truncated=truncated,
                     skipped_empty=skipped_empty, version=version, state_dir=resume_dir(args.out), timer=timer)
     if trainer_state:
-        optimizer.load_state_dict(trainer_state["optimizer"])
+        if "optimizer" in trainer_state:  # else in the checkpoint's shards, set after prepare
+            optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         scaler.load_state_dict(trainer_state["scaler"])
         run.step, run.pairs_seen = trainer_state["step"], trainer_state["pairs_seen"]
@@ -620,6 +622,8 @@ def setup(args: RewardArgs, on_progress: ProgressFn, timer: LoopTimer) -> Reward
                                    "log": f"resumed from {source} at step {run.step}"})
     ranks.check_divides("batch_size", args.batch_size)
     run.trainer, run.optimizer = ranks.prepare(model, run.optimizer)  # the model itself with one process
+    if trainer_state:
+        ranks.load_resumable(source, model=model, optimizer=run.optimizer)
     run.params = [p for group in run.optimizer.param_groups for p in group["params"]]  # FSDP's shards
     return run
 
@@ -685,21 +689,18 @@ def log(run: RewardRun) -> None:
 
 
 def save_resume(run: RewardRun) -> None:
-    """Write the resumable checkpoint at `<out>.resume/`: the model, optimizer, schedule, counts and RNG."""
-    trained = run.ranks.trained_model(run.model, run.tokenizer, merged=False)  # every process gathers under FSDP
-    optimizer = run.ranks.optimizer_state(run.optimizer)
-    if not run.ranks.main:
-        return run.ranks.wait()
+    """Write the resumable checkpoint at `<out>.resume/`: the model, optimizer, schedule, counts and RNG (every
+    process: under FSDP each writes its shards)."""
     args, step = run.args, run.step
-    save_checkpoint(run.state_dir, stage=STAGE, args=args, step=step, metrics=run.metrics, data_version=run.version,
-                    pretrained={"": trained},
-                    trainer_state={"optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
-                                   "scaler": run.scaler.state_dict(),
-                                   "rng": rng_state(), "step": step, **run.timer.state_dict(),
-                                   "pairs_seen": run.pairs_seen, "tokens_seen": run.tokens_seen,
-                                   "padded_seen": run.padded_seen, "window": run.window, "metrics": run.metrics,
-                                   "data_order": run.batches(step // run.steps_per_epoch)})
-    run.ranks.wait()
+    run.ranks.save_resumable(run.state_dir, model=run.model, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                             stage=STAGE, args=args, step=step, metrics=run.metrics, data_version=run.version,
+                             trainer_state={"scheduler": run.scheduler.state_dict(),
+                                            "scaler": run.scaler.state_dict(),
+                                            "rng": rng_state(), "step": step, **run.timer.state_dict(),
+                                            "pairs_seen": run.pairs_seen, "tokens_seen": run.tokens_seen,
+                                            "padded_seen": run.padded_seen, "window": run.window,
+                                            "metrics": run.metrics,
+                                            "data_order": run.batches(step // run.steps_per_epoch)})
 
 
 def report(run: RewardRun, on_progress: ProgressFn) -> None:

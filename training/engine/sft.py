@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.engine.checkpoints import report_and_save, resumable_state, save_checkpoint
+from training.engine.checkpoints import report_and_save, resumable_state, save_checkpoint, weights_source
 from training.engine.cli import run_cli
 from training.engine.common import (
     ADAPTER_DIR,
@@ -374,12 +374,12 @@ class SFTRun:
         return math.ceil(len(self.encoded) / self.args.batch_size)
 
     def trainer_state(self) -> dict[str, Any]:
-        """What a resumed run needs besides the weights (save's trainer_state)."""
-        return {"optimizer": self.ranks.optimizer_state(self.optimizer), "step": self.step, "metrics": self.metrics,
-                "recent": self.recent, "rng": rng_state()}
+        """What a resumed run needs besides the weights and the optimizer's state (save's trainer_state)."""
+        return {"step": self.step, "metrics": self.metrics, "recent": self.recent, "rng": rng_state()}
 
 
-def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_state, ranks: Ranks | None) -> SFTRun:
+def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_state, ranks: Ranks | None,
+           shards_from: str | Path | None) -> SFTRun:
     """Tokenize and check all data, build the optimizer, take the resumed state; the eval loss at the start."""
     if not examples:
         raise EngineError("no training examples")
@@ -410,7 +410,8 @@ def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_stat
                  # The prefix forward runs the model twice before one backward, which DDP's wrapper does not allow.
                  share_prefix=args.share_prefix and can_share_prefix(model) and ranks.world == 1)
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if "optimizer" in resume_state:  # else in the checkpoint's shards, set after prepare
+            optimizer.load_state_dict(resume_state["optimizer"])
         run.step = int(resume_state["step"])
         run.metrics = dict(resume_state.get("metrics", {}))
         run.recent = list(resume_state.get("recent", []))  # sft/loss averages the last log_every losses
@@ -419,6 +420,8 @@ def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_stat
     if encoded_eval is not None and "sft/eval_loss_start" not in run.metrics:
         run.metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, run.pad_id, args.batch_size, device, ranks)
     run.trainer, run.optimizer = ranks.prepare(model, optimizer)  # the model itself with one process
+    if resume_state is not None:
+        ranks.load_resumable(shards_from, model=model, optimizer=run.optimizer)
     return run
 
 
@@ -461,20 +464,22 @@ def _report(run: SFTRun, on_progress: ProgressFn, save: typing.Callable | None) 
         event["metrics"] = {"sft/loss": run.recent[-1]}
     saves = save is not None and step < total
     report_and_save(run.ranks, on_progress, event,
-                    (lambda: save(step, run.metrics, run.trainer_state())) if saves else None,
+                    (lambda: save(step, run.metrics, run.trainer_state(), run.optimizer)) if saves else None,
                     due=bool(saves and run.args.save_every and step % run.args.save_every == 0))
 
 
 def train_sft(model, tokenizer, examples: list[dict[str, Any]], args: SFTArgs, on_progress: ProgressFn = no_progress,
               *, eval_examples: list[dict[str, Any]] | None = None, save: typing.Callable | None = None,
-              resume_state: dict[str, Any] | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
+              resume_state: dict[str, Any] | None = None, ranks: Ranks | None = None,
+              shards_from: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune `model` in place on `examples`; returns the final metrics.
 
-    All data is tokenized and checked before the first step. `save(step, metrics, trainer_state)`,
+    All data is tokenized and checked before the first step. `save(step, metrics, trainer_state, optimizer)`,
     when given, is called before an exception from `on_progress` propagates (a cancel), so the
-    run can be resumed with `resume_state` (the saved trainer_state).
+    run can be resumed with `resume_state` (the saved trainer_state) and, from a sharded run's
+    checkpoint, its shards at `shards_from` (Ranks.load_resumable).
     """
-    run = _setup(model, tokenizer, examples, args, eval_examples, resume_state, ranks)
+    run = _setup(model, tokenizer, examples, args, eval_examples, resume_state, ranks, shards_from)
     model.train()
     lengths = [len(ids) for ids, _ in run.encoded]
     epoch = run.step // run.steps_per_epoch
@@ -511,23 +516,28 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
     resume_state, source, adapter = None, args.model, None
     if args.resume:
         state = resumable_state(args.out, stage="sft", args=args, keys=(), data_version=None)
-        if state is not None:  # a LoRA run's checkpoint holds the adapter: the base comes from args.model
+        if state is not None and weights_source(args.out) is None:  # shards, set after prepare
+            resume_state = state
+        elif state is not None:  # a LoRA run's checkpoint holds the adapter: the base comes from args.model
             resume_state, source, adapter = state, args.model if args.lora_r else args.out, Path(args.out) / ADAPTER_DIR
     set_seed(args.seed)
     model, tokenizer = load_causal_lm(source, device, dtype, start=args.model)
     model = apply_lora(enable_memory_switches(model, args), args, "CAUSAL_LM", adapter if args.lora_r else None)
     tokenizer.padding_side = "right"
 
-    def save(step, metrics, trainer_state=None):
-        trained = ranks.trained_model(model, tokenizer, merged=trainer_state is None)  # gathers under FSDP
+    def save(step, metrics, trainer_state=None, optimizer=None):
+        if trainer_state is not None:  # resumable: every process writes its shards under FSDP
+            return ranks.save_resumable(args.out, model=model, tokenizer=tokenizer, optimizer=optimizer, stage="sft",
+                                        args=args, step=step, metrics=metrics, data_version=args.data_version,
+                                        trainer_state=trainer_state)
+        trained = ranks.trained_model(model, tokenizer)  # gathered to rank 0 under FSDP
         if ranks.main:
             save_checkpoint(args.out, stage="sft", args=args, step=step, metrics=metrics, pretrained={"": trained},
-                            data_version=args.data_version,
-                            trainer_state=trainer_state)
+                            data_version=args.data_version)
         ranks.wait()
 
     metrics = train_sft(model, tokenizer, examples, args, on_progress, eval_examples=eval_examples, save=save,
-                        resume_state=resume_state, ranks=ranks)
+                        resume_state=resume_state, ranks=ranks, shards_from=args.out)
     save(metrics["sft/steps"], metrics)
     metrics["sft/checkpoint"] = str(args.out)
     return metrics
