@@ -24,7 +24,12 @@ scores with a rule judge instead, to show the trainer's own share.
 
 With --sharded, each configuration instead runs under `accelerate launch` on 2 gloo processes, with DDP and
 with FSDP2 (--fsdp), and every rank reports its own peak (VmHWM of /proc/self/status, which starts afresh at
-the exec that started the rank, so the launcher's size is not in it).
+the exec that started the rank, so the launcher's size is not in it). --timeline adds each rank's phases (load,
+shard, each step's forward, backward and optimizer step, the save) with the memory at their start and their exact
+peak; --mmap-tensors fixes glibc's mmap threshold in the ranks, so freed tensors go back to the kernel and the
+peak counts the tensors alive rather than what glibc's heap kept (see MMAP_THRESHOLD):
+
+    nice -n 10 .venv/bin/python benchmarks/memory.py --stages sft --configs full --sharded --timeline --mmap-tensors
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ SHARDING = {"ddp": {}, "fsdp": {"fsdp": True}}  # --sharded: how 2 processes spl
 PROCESSES = 2
 STAGES = ("sft", "reward", "ppo", "ppo_rule")  # ppo_rule: PPO scored by a rule judge, no reward model
 GB = 1e9
+# --mmap-tensors: glibc's fixed mmap threshold (its default before it starts raising it, up to 32 MB, as large
+# blocks are freed): every tensor from 128 KiB up gets a mapping of its own, returned to the kernel when freed.
+MMAP_THRESHOLD = 128 * 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,19 +125,71 @@ def child(stage: str, config: str, inputs_json: str) -> None:
     from training.engine import ppo, reward, sft  # noqa: F401 - the floor imports the same modules
 
     if stage != "floor":
+        inputs = json.loads(inputs_json)
+        timeline = Timeline() if inputs.get("timeline") else None
         started = time.perf_counter()
-        metrics = run_stage(stage, config, json.loads(inputs_json))
+        metrics = run_stage(stage, config, inputs)
+        phases = timeline.phases() if timeline else None
         print(json.dumps({"seconds": time.perf_counter() - started, "rank": int(os.environ.get("RANK", "0")),
-                          "peak_hwm": _peak_hwm(),
+                          "peak_hwm": max(p["peak"] for p in phases) if phases else _status("VmHWM"), "phases": phases,
                           "loss": metrics.get("sft/loss", metrics.get("rm/loss", metrics.get("ppo/kl")))}), flush=True)
 
 
-def _peak_hwm() -> int:
-    """This process's peak resident memory since its exec, in bytes (VmHWM)."""
+def _status(field: str) -> int:
+    """One memory line of /proc/self/status in bytes: VmHWM (the peak since exec) or VmRSS (now)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+class Timeline:
+    """--timeline: the phases a stage passes through (load, shard, each step's forward, backward and optimizer
+    step, the final save's gather and write), each with the resident memory at its start and its peak. At each
+    phase's start the kernel's high-water mark is read (the peak of the phase before) and reset (writing 5 to
+    /proc/self/clear_refs), so every peak is exact, not sampled. The marks come from wrapping the engine's own
+    functions, in this process only."""
+
+    def __init__(self):
+        from torch.optim import optimizer
+
+        from training.engine import common, dpo, ppo, ranks, reward, rollouts, sft
+
+        self.rows: list[dict] = []
+        self.step = 1
+        for module in (common, sft, reward, ppo, dpo, rollouts):
+            for name in ("load_causal_lm", "load_reward_model"):
+                if hasattr(module, name):
+                    setattr(module, name, self._phase(getattr(module, name), "load", after="setup"))
+        ranks.Ranks.prepare = self._phase(ranks.Ranks.prepare, "shard", after="forward 1")
+        ranks.Ranks.backward = self._phase(ranks.Ranks.backward, "backward", after="clip")
+        ranks.Ranks.trained_model = self._phase(ranks.Ranks.trained_model, "save: gather", after="save: write")
+        optimizer.register_optimizer_step_pre_hook(lambda *_: self.mark("optimizer step"))
+        optimizer.register_optimizer_step_post_hook(lambda *_: self.mark("forward", next_step=True))
+        self.mark("start")
+
+    def mark(self, name: str, next_step: bool = False) -> None:
+        """A new phase starts now: the last one's peak is read and the high-water mark reset for this one."""
+        if self.rows:
+            self.rows[-1]["peak"] = _status("VmHWM")
+        Path("/proc/self/clear_refs").write_text("5")
+        self.step += next_step
+        numbered = name in ("forward", "backward", "optimizer step")
+        self.rows.append({"phase": f"{name} {self.step}" if numbered else name, "start": _status("VmRSS")})
+
+    def _phase(self, function, name: str, after: str):
+        def wrapped(*args, **kwargs):
+            self.mark(name)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.mark(after)
+        return wrapped
+
+    def phases(self) -> list[dict]:
+        """Each phase's resident memory at its start and its peak, in bytes, in order (the last one ends now)."""
+        self.rows[-1]["peak"] = _status("VmHWM")
+        return self.rows
 
 
 def measure_ranks(stage: str, config: str, inputs: dict[str, str]) -> list[dict]:
@@ -137,8 +197,9 @@ def measure_ranks(stage: str, config: str, inputs: dict[str, str]) -> list[dict]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                __file__, "--child", stage, config, json.dumps(inputs)]
+    malloc = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)} if inputs.get("mmap_tensors") else {}
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **malloc})
     if done.returncode:
         raise SystemExit(f"{stage} / {config} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"seconds"')),
@@ -160,6 +221,9 @@ def sharded(stages: list[str], configs: list[str], inputs: dict[str, str]) -> No
                 each = " ".join(f"{r['peak_hwm'] / GB:.2f}" for r in ranks)
                 print(f"{stage:<8} {config:<10} {sharding:<8} {each:>22} {ratio:>7} {ranks[0]['seconds']:>8.1f}",
                       flush=True)
+                for phases in zip(*(r["phases"] or [] for r in ranks)):
+                    print(f"    {phases[0]['phase']:<22} " + "   ".join(
+                        f"rank {k}: {p['start'] / GB:.2f} -> peak {p['peak'] / GB:.2f}" for k, p in enumerate(phases)))
     print(json.dumps({"processes": PROCESSES, "sharded": results}))
 
 
@@ -229,6 +293,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the 100M models and inputs are built once (default: a folder in /tmp)")
     parser.add_argument("--sharded", action="store_true",
                         help=f"per-rank peaks on {PROCESSES} processes, DDP against FSDP2, instead of one process")
+    parser.add_argument("--timeline", action="store_true",
+                        help="with --sharded, each rank's resident memory phase by phase (load, shard, steps, save)")
+    parser.add_argument("--mmap-tensors", action="store_true",
+                        help="with --sharded, glibc's mmap threshold fixed at 128 KiB in the ranks, so the peak counts "
+                             "the tensors alive, not the freed memory glibc's heap keeps (see MMAP_THRESHOLD)")
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "CONFIG", "INPUTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -239,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     prepared = subprocess.run([sys.executable, __file__, "--child", "prepare", "-", str(folder)], cwd=REPO,
                               check=True, capture_output=True, text=True).stdout
-    inputs = json.loads(prepared.splitlines()[-1])
+    inputs = {**json.loads(prepared.splitlines()[-1]), "timeline": args.timeline, "mmap_tensors": args.mmap_tensors}
     if args.sharded:
         return sharded(args.stages, args.configs, inputs)
     floor = measure("floor", "full", inputs)["peak_rss"]
