@@ -23,7 +23,13 @@ from demo.policy import (
     train_tokenizer,
 )
 from training.engine.checkpoints import read_checkpoint_meta
-from training.engine.common import EngineError, can_share_prefix, format_prompt, shared_prefix_length
+from training.engine.common import (
+    EngineError,
+    can_share_prefix,
+    format_prompt,
+    load_causal_lm,
+    shared_prefix_length,
+)
 from training.engine.sft import (
     IGNORE_INDEX,
     SFTArgs,
@@ -31,6 +37,7 @@ from training.engine.sft import (
     encode_examples,
     main,
     response_loss,
+    train_sft,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +160,16 @@ def test_it_lowers_the_response_loss_and_leaves_the_prompt_unlearned(tiny_model_
             return float(model(**prompt_ids, labels=labels).loss)
 
     assert prompt_loss(tmp_path / "out") > 0.9 * prompt_loss(tiny_model_dir)
+
+
+def test_it_holds_no_gradients_from_one_step_into_the_next(tiny_model_dir, examples, tmp_path):
+    """The gradients are freed as soon as the optimizer has stepped, not kept through the next forward, where
+    the activations are at their peak (benchmarks/README.md#memory-sharded)."""
+    model, tokenizer = load_causal_lm(str(tiny_model_dir), torch.device("cpu"))
+    held = []
+    train_sft(model, tokenizer, examples[:32], args_for(tiny_model_dir, "", tmp_path, max_steps=3, batch_size=8),
+              lambda event: held.append(any(p.grad is not None for p in model.parameters())))
+    assert held and not any(held), held
 
 
 @pytest.mark.parametrize("content, message", [

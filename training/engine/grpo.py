@@ -386,10 +386,10 @@ def update(run: Setup, batch: Batch, step: int) -> dict[str, float]:
             responses = torch.tensor(float(0 if empty else mb.numel()), device=device)
             share = responses * ranks.world / ranks.sum(responses).clamp(min=1) if ranks.world > 1 else 1.0
 
-            run.optimizer.zero_grad(set_to_none=True)
             ranks.backward(loss * share)
             ranks.clip_grad_norm_(run.params, args.max_grad_norm)
             run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)  # freed now, not held through the next forward
             for name, value in (("loss", loss.detach()), *terms.items()):
                 stats[name].append(value.item() if ranks.world == 1 else ranks.mean(value * share))
 

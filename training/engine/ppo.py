@@ -476,10 +476,10 @@ def update(run: Setup, batch: Batch, step: int) -> dict[str, float]:
             # Several processes: token means over the global minibatch once DDP averages the gradients.
             share = mb_mask.sum() * ranks.world / ranks.sum(mb_mask.sum()) if ranks.world > 1 else 1.0
 
-            run.optimizer.zero_grad(set_to_none=True)
             ranks.backward(loss * share)
             ranks.clip_grad_norm_(run.params, args.max_grad_norm)
             run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)  # freed now, not held through the next forward
 
             with torch.no_grad():
                 for name, value in (

@@ -438,10 +438,10 @@ def _train_step(run: SFTRun, batch: list[int]) -> None:
     if ranks.world > 1:  # the mean over the global batch's tokens once DDP averages the gradients;
         n_local, n_seen = n_local * bool(mine), n_seen * bool(mine)  # a process with no row adds 0
         loss = loss * (n_local * ranks.world / max(float(ranks.sum(n_local)), 1.0))
-    run.optimizer.zero_grad(set_to_none=True)
     ranks.backward(loss)
     grad_norm = ranks.clip_grad_norm_(run.model.parameters(), args.grad_clip)
     run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)  # freed now, not held through the next forward
     run.step += 1
     run.train_seconds += time.perf_counter() - started
     run.tokens_seen += int(ranks.sum(n_seen))
