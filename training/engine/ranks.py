@@ -6,7 +6,8 @@ A plain `python -m training.engine.<stage>` is one process, and every method her
 batch, accelerate's DDP wrapper averages the gradients, and rank 0 alone reports progress and writes
 checkpoints. With `fsdp` each process holds a shard of every weight and of the optimizer's state instead
 (FSDP2, torch's `fully_shard`, one unit per transformer block: accelerate runs its FSDP plugin on GPUs only,
-this runs on gloo too). A sharded run's resumable checkpoint is torch Distributed Checkpoint shards, each
+this runs on gloo too), cut from rank 0's weights (the others may build theirs empty: `loads_empty`). A
+sharded run's resumable checkpoint is torch Distributed Checkpoint shards, each
 process writing its own slice of the weights and the optimizer's state, nothing gathered (as torchtitan);
 its final save gathers the full weights to rank 0 alone, in CPU memory, for save_pretrained. The global
 batch, the order of the data and the seeds are those of a one-process run, and Distributed Checkpoint
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -98,7 +100,7 @@ class Ranks:
         modules = [o for o in objects if isinstance(o, torch.nn.Module)]
         before = [{id(p): name for name, p in m.named_parameters()} for m in modules]
         for module in modules:
-            shard_model(module)
+            self._shard_from_rank0(module)
         after = {}
         for names, module in zip(before, modules):
             now = dict(module.named_parameters())
@@ -106,6 +108,27 @@ class Ranks:
         for optimizer in (o for o in objects if isinstance(o, torch.optim.Optimizer)):
             _onto_shards(optimizer, after)
         return objects if len(objects) > 1 else objects[0]
+
+    def loads_empty(self, resumed: bool) -> bool:
+        """Whether this process builds its model without weights (common.load_causal_lm's `empty`): under FSDP
+        every process but rank 0 on a fresh start, so one process, not each, holds a whole copy before sharding
+        (accelerate's cpu_ram_efficient_loading); a resumed run's optimizer state is loaded onto the weights
+        before they are sharded, so there every process loads them."""
+        return self.fsdp and not self.main and not resumed
+
+    def _shard_from_rank0(self, module: torch.nn.Module) -> None:
+        """shard_model, each process's shards then cut from rank 0's whole weights, broadcast one tensor at a time;
+        a process that built `module` empty (on the meta device) gets its memory for the shards only."""
+        whole = module.state_dict() if self.main else {}  # references to rank 0's weights, no copy
+        buffers = {name: b.clone() for name, b in module.named_buffers() if not b.is_meta}
+        empty = any(p.is_meta for p in module.parameters())
+        shard_model(module)
+        if empty:  # allocates the local shards (and every buffer, refilled below: they are not all in a state dict)
+            module.to_empty(device=self.device)
+            for name, value in module.named_buffers():
+                if name in buffers:
+                    value.copy_(buffers[name])
+        set_model_state_dict(module, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is None:

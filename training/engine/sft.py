@@ -385,8 +385,8 @@ def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_stat
         raise EngineError("no training examples")
     if args.batch_size < 1:
         raise EngineError(f"batch_size must be at least 1, got {args.batch_size}")
-    device = next(model.parameters()).device
-    ranks = ranks or Ranks(device)
+    ranks = ranks or Ranks(next(model.parameters()).device)
+    device = ranks.device  # not the weights': a process that built the model empty holds them on meta until prepare
     ensure_pad_token(tokenizer, model)
     positions = model_max_positions(model)
     encoded = encode_examples(tokenizer, examples, max_length=args.max_length, model_positions=positions,
@@ -417,11 +417,11 @@ def _setup(model, tokenizer, examples, args: SFTArgs, eval_examples, resume_stat
         run.recent = list(resume_state.get("recent", []))  # sft/loss averages the last log_every losses
         set_rng_state(resume_state["rng"])
 
-    if encoded_eval is not None and "sft/eval_loss_start" not in run.metrics:
-        run.metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, run.pad_id, args.batch_size, device, ranks)
     run.trainer, run.optimizer = ranks.prepare(model, optimizer)  # the model itself with one process
     if resume_state is not None:
         ranks.load_resumable(shards_from, model=model, optimizer=run.optimizer)
+    if encoded_eval is not None and "sft/eval_loss_start" not in run.metrics:
+        run.metrics["sft/eval_loss_start"] = eval_loss(model, encoded_eval, run.pad_id, args.batch_size, device, ranks)
     return run
 
 
@@ -521,7 +521,8 @@ def main(args: SFTArgs, on_progress: ProgressFn = no_progress) -> dict[str, Any]
         elif state is not None:  # a LoRA run's checkpoint holds the adapter: the base comes from args.model
             resume_state, source, adapter = state, args.model if args.lora_r else args.out, Path(args.out) / ADAPTER_DIR
     set_seed(args.seed)
-    model, tokenizer = load_causal_lm(source, device, dtype, start=args.model)
+    model, tokenizer = load_causal_lm(source, device, dtype, start=args.model,
+                                      empty=ranks.loads_empty(resumed=resume_state is not None))
     model = apply_lora(enable_memory_switches(model, args), args, "CAUSAL_LM", adapter if args.lora_r else None)
     tokenizer.padding_side = "right"
 
