@@ -146,15 +146,19 @@ class Ranks:
     @contextmanager
     def unsharded(self, model):
         """Under FSDP, `model`'s whole weights for the block inside: gathered once on entry and kept through every
-        forward there (generation's per-token forwards gather nothing), freed on exit; nothing otherwise."""
+        forward there, with FSDP2's forward hooks taken off meanwhile (generation's per-token forwards gather
+        nothing and run as an unsharded model's), freed on exit; nothing otherwise. Forwards without gradients
+        only: a backward inside would not reach the shards."""
         units = [m for m in model.modules() if isinstance(m, FSDPModule)] if self.fsdp else []
         for unit in units:
             unit.set_reshard_after_forward(False, recurse=False)
             unit.unshard()
+        hooks = [_without_forward_hooks(unit) for unit in units]
         try:
             yield model
         finally:
-            for unit in units:
+            for unit, restore in zip(units, hooks):
+                restore()
                 unit.reshard()
                 unit.set_reshard_after_forward(unit is not model, recurse=False)  # fully_shard's defaults
 
@@ -325,6 +329,21 @@ def shard_model(model: torch.nn.Module) -> None:
         if type(module).__name__ in blocks:
             fully_shard(module)
     fully_shard(model)
+
+
+def _without_forward_hooks(unit: FSDPModule):
+    """Take FSDP2's forward hooks off an unsharded unit (its module then holds plain whole tensors, and a forward
+    runs as an unsharded model's would: no per-unit bookkeeping at every generated token); returns what puts
+    them back as fully_shard registered them. FSDP2 offers no public switch for this: its state's hook handles."""
+    state = unit._get_fsdp_state()
+    state._pre_forward_hook_handle.remove()
+    state._post_forward_hook_handle.remove()
+
+    def restore() -> None:
+        state._pre_forward_hook_handle = unit.register_forward_pre_hook(state._pre_forward, prepend=True,
+                                                                        with_kwargs=True)
+        state._post_forward_hook_handle = unit.register_forward_hook(state._post_forward, prepend=False)
+    return restore
 
 
 def _onto_shards(optimizer: torch.optim.Optimizer, sharded: dict[int, torch.nn.Parameter]) -> None:
