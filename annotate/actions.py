@@ -984,11 +984,14 @@ def record_ai_judgment(ai_labeler: AILabeler, *, assignment_id: int, verdicts: l
 
 
 def propose_revision(ai_labeler: AILabeler, *, prompt: Prompt, original: str, revision: str, policy: str,
-                     provenance: dict, priority: int = 0) -> AIRevision | None:
-    """Put an AI labeler's revision of a policy's answer into the queue as a pair (response_a the original,
-    response_b the revision) with its proposal, revision preferred: people confirm or overturn it by judging the
-    pair as any other. `provenance` holds AIRevision's principle, prompts and raw answers. Returns None, adding
-    nothing, when the pair is in the campaign already."""
+                     revision_side: str, provenance: dict, priority: int = 0) -> AIRevision | None:
+    """Put an AI labeler's revision of a policy's answer into the queue as a pair, the revision as response
+    `revision_side` ("a" or "b"; the caller spreads them: training.cai.cai_revise) and the original as the other,
+    with its proposal, revision preferred: people confirm or overturn it by judging the pair as any other.
+    `provenance` holds AIRevision's principle, prompts and raw answers. Returns None, adding nothing, when the pair
+    is in the campaign already."""
+    if revision_side not in (Judgment.A, Judgment.B):
+        raise ValueError(f"revision_side must be {Judgment.A!r} or {Judgment.B!r}, got {revision_side!r}")
     now = timezone.now()
     with transaction.atomic():
         responses = []
@@ -1003,10 +1006,11 @@ def propose_revision(ai_labeler: AILabeler, *, prompt: Prompt, original: str, re
         key = Pair.key_for(responses[0].pk, responses[1].pk)
         if responses[0].pk == responses[1].pk or Pair.objects.filter(campaign=prompt.campaign, key=key).exists():
             return None
-        pair = Pair.objects.create(campaign=prompt.campaign, prompt=prompt, response_a=responses[0],
-                                   response_b=responses[1], key=key, priority=priority, created_at=now)
+        response_a, response_b = responses[::-1] if revision_side == Judgment.A else responses
+        pair = Pair.objects.create(campaign=prompt.campaign, prompt=prompt, response_a=response_a,
+                                   response_b=response_b, key=key, priority=priority, created_at=now)
         proposal = AIRevision.objects.create(labeler=ai_labeler, pair=pair, model=ai_labeler.model, policy=policy,
-                                             created_at=now, **provenance)
+                                             proposed_choice=revision_side, created_at=now, **provenance)
         transaction.on_commit(lambda: live.pairs_arrived(prompt.campaign, 1))
     forget_judgments_left(prompt.campaign)
     return proposal

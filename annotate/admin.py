@@ -271,5 +271,5 @@ class AIVerdictAdmin(ReadOnlyAdmin):
 
 @admin.register(AIRevision)
 class AIRevisionAdmin(ReadOnlyAdmin):
-    list_display = ("id", "labeler", "pair", "model", "created_at")
+    list_display = ("id", "labeler", "pair", "proposed_choice", "model", "created_at")
     list_filter = ("labeler",)

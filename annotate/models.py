@@ -783,13 +783,17 @@ class AIVerdict(models.Model):
 
 class AIRevision(models.Model):
     """An AI labeler's proposal that its revision of a policy's answer is the better one (Constitutional AI's
-    critique and revision, Bai et al. 2022, sec. 3): the pair (response_a the original, response_b the revision)
-    that people judge in the queue, the principle, and what the model was asked and answered."""
+    critique and revision, Bai et al. 2022, sec. 3): the pair of the original and the revision (on the side
+    proposed_choice names) that people judge in the queue, the principle, and what the model was asked and
+    answered."""
 
     labeler = models.ForeignKey(AILabeler, on_delete=models.PROTECT, related_name="revisions")
     pair = models.OneToOneField(Pair, on_delete=models.CASCADE, related_name="ai_revision")
     proposed_choice = models.CharField(max_length=8, default=Judgment.B,
-                                       help_text="The AI's proposal in pair terms: b, the revision preferred.")
+                                       choices=[(Judgment.A, "the revision is response A"),
+                                                (Judgment.B, "the revision is response B")],
+                                       help_text="The AI's proposal in pair terms: the side holding the revision, "
+                                                 "a or b (b before revisions went on either side).")
     model = models.CharField(max_length=500, help_text="The model that critiqued and revised, as the labeler named it.")
     policy = models.CharField(max_length=500, help_text="The policy checkpoint that wrote the original answer.")
     principle = models.TextField(help_text="The principle sampled from the labeler's constitution.")
@@ -805,11 +809,20 @@ class AIRevision(models.Model):
     def __str__(self):
         return f"revision proposed on pair {self.pair_id}"
 
+    def revised(self) -> Response:
+        """The pair's response that is the AI's revision (the side proposed_choice names)."""
+        return self.pair.response_a if self.proposed_choice == Judgment.A else self.pair.response_b
+
+    def original(self) -> Response:
+        """The pair's response that is the policy's original answer (the side proposed_choice does not name)."""
+        return self.pair.response_b if self.proposed_choice == Judgment.A else self.pair.response_a
+
     @classmethod
     def accepted(cls, campaign: Campaign, rule: str) -> models.QuerySet:
         """The campaign's proposals a round learns from under `rule` (annotate.sources.CAI_ACCEPTS): "people", more
         than half of the pair's judgments by anyone but AI labelers prefer the revision; "ai", no more than half
-        prefer the original (a pair nobody judged yet counts). Excluded judgments count for nobody."""
+        prefer the original (a pair nobody judged yet counts). A judgment is read by side: the one proposed_choice
+        names is the revision's, the other the original's. Excluded judgments count for nobody."""
         from annotate.sources import ACCEPT_AI, ACCEPT_PEOPLE
 
         people = Judgment.objects.filter(pair=models.OuterRef("pair")).exclude(source=Judgment.AI).exclude(
@@ -820,8 +833,9 @@ class AIRevision(models.Model):
             return Coalesce(models.Subquery(counted), 0)
 
         counted = cls.objects.filter(pair__campaign=campaign).annotate(
-            judged=count(people), revision=count(people.filter(choice=Judgment.B)),
-            original=count(people.filter(choice=Judgment.A)))
+            judged=count(people), revision=count(people.filter(choice=models.OuterRef("proposed_choice"))),
+            original=count(people.filter(choice__in=(Judgment.A, Judgment.B)).exclude(
+                choice=models.OuterRef("proposed_choice"))))
         if rule == ACCEPT_PEOPLE:
             return counted.filter(revision__gt=models.F("judged") - models.F("revision"))
         if rule == ACCEPT_AI:

@@ -81,14 +81,16 @@ def test_it_critiques_and_revises_with_a_local_model_into_ai_proposed_pairs(writ
     proposals = list(AIRevision.objects.select_related("pair__response_a", "pair__response_b", "pair__prompt"))
     assert f"proposed {len(proposals)} revised answers" in out.getvalue()
     assert len(proposals) == 3, out.getvalue()
+    assert sorted(p.proposed_choice for p in proposals) == [Judgment.A, Judgment.A, Judgment.B]  # half, odd one A
     for proposal in proposals:
         pair = proposal.pair
-        original, revision = pair.response_a, pair.response_b
+        original, revision = proposal.original(), proposal.revised()
+        assert {original, revision} == {pair.response_a, pair.response_b}
         assert pair.is_open and pair.judgments_count == 0  # waiting for people in the queue
         assert original.source == Response.POLICY and revision.source == Response.REVISION
         assert revision.text.strip() and revision.text != original.text
         assert revision.checkpoint == f"AI revision: reviser ({writer_model})"
-        assert proposal.proposed_choice == Judgment.B and proposal.model == writer_model
+        assert proposal.model == writer_model
         assert proposal.principle == PRINCIPLE and proposal.policy == original.checkpoint
         # What was asked and answered: the answer, the critique request, the critique kept for the revision.
         assert proposal.critique_prompt[-2] == {"role": "assistant", "content": original.text}
@@ -143,9 +145,9 @@ def test_it_revises_through_a_real_openai_compatible_server_and_stops_on_one_dow
     # Short replies: the tiny model has 512 positions for the critique and the revision request after it.
     result = cai_revise(labeler, count=2, writer=EndpointWriter(server, writer_model, max_new_tokens=48))
 
-    proposals = list(AIRevision.objects.select_related("pair__response_b"))
+    proposals = list(AIRevision.objects.select_related("pair__response_a", "pair__response_b"))
     assert result.proposed == len(proposals) == 2
-    assert all(p.critique and p.revision_answer.strip() == p.pair.response_b.text for p in proposals)
+    assert all(p.critique and p.revision_answer.strip() == p.revised().text for p in proposals)
     create_ai_labeler(campaign, name="down", kind=AILabeler.ENDPOINT, base_url=f"http://127.0.0.1:{free_port()}/v1",
                       model=writer_model, principles=[PRINCIPLE], max_retries=0)
     with pytest.raises(CommandError, match="AI labeler down stopped: the endpoint .* failed: APIConnectionError"):
@@ -153,35 +155,64 @@ def test_it_revises_through_a_real_openai_compatible_server_and_stops_on_one_dow
     assert AIRevision.objects.count() == 2
 
 
-def proposed(campaign, labeler, n):
-    """`n` proposals on the campaign's prompts: "revised i" against "original i"."""
-    prompts = list(Prompt.objects.filter(campaign=campaign).order_by("id"))[:n]
+def proposed(campaign, labeler, sides):
+    """A proposal per side of `sides` on the campaign's prompts in turn: "revised i" as that response against
+    "original i"."""
+    prompts = list(Prompt.objects.filter(campaign=campaign).order_by("id"))[:len(sides)]
     return [propose_revision(labeler, prompt=prompt, original=f"original {i}", revision=f"revised {i}",
-                             policy="policy", provenance=dict(principle=PRINCIPLE, critique_prompt=[], critique="",
-                                                              revision_prompt=[], revision_answer=f"revised {i}"))
-            for i, prompt in enumerate(prompts)]
+                             policy="policy", revision_side=side,
+                             provenance=dict(principle=PRINCIPLE, critique_prompt=[], critique="", revision_prompt=[],
+                                             revision_answer=f"revised {i}"))
+            for i, (prompt, side) in enumerate(zip(prompts, sides))]
 
 
-def judge(campaign, person, pair, side):
-    """`person` judges `pair`, preferring the pair's `side` ("a" the original, "b" the revision)."""
+def judge(campaign, person, proposal, prefers):
+    """`person` judges the proposal's pair, preferring the revision ("r") or the original ("o"), wherever it is."""
     assignment = claim_next_pair(campaign, person).assignment
-    assert assignment.pair_id == pair.pk
+    assert assignment.pair_id == proposal.pair_id
+    side = proposal.proposed_choice if prefers == "r" else {"a": "b", "b": "a"}[proposal.proposed_choice]
     shown = side if assignment.a_on_left else {"a": "b", "b": "a"}[side]
     submit_judgment(assignment_id=assignment.pk, labeler=person, choice=shown, strength=2)
 
 
-def test_people_overturning_a_proposal_keep_it_out_of_the_accepted_set():
+def test_it_puts_the_revision_on_side_a_of_half_a_runs_pairs_the_same_again_under_its_seed():
+    campaign = make_campaign(slug="cai", n_pairs=8)
+    labeler = local_labeler(campaign)
+    scripted = Scripted(lambda original: f"{original} Kindly.")
+
+    def revision_first(seed):
+        """Which prompts' revision a run under `seed` stores as response A; its pairs are taken away after."""
+        result = cai_revise(labeler, count=8, writer=scripted, seed=seed)
+        proposals = list(AIRevision.objects.select_related("pair__response_a", "pair__response_b"))
+        assert result.proposed == len(proposals) == 8
+        assert all(p.revised().source == Response.REVISION and p.original().source == Response.POLICY
+                   for p in proposals)
+        Pair.objects.filter(ai_revision__isnull=False).delete()
+        return {p.pair.prompt_id for p in proposals if p.pair.response_a.source == Response.REVISION}
+
+    firsts = [revision_first(0), revision_first(1), revision_first(0)]
+
+    assert [len(first) for first in firsts] == [4, 4, 4]
+    assert firsts[0] == firsts[2] != firsts[1]
+
+
+@pytest.mark.parametrize("sides", ["abba", "baab"])
+def test_people_overturning_a_proposal_keep_it_out_of_the_accepted_set_whichever_side_it_is_on(sides):
     people = [make_user(f"person-{i}") for i in range(3)]
     campaign = make_campaign(slug="cai", n_pairs=4, overlap=3, members=people)
     Pair.objects.update(is_open=False)  # the imported pairs are out of the way
     labeler = local_labeler(campaign)
-    confirmed, overturned, split, unjudged = proposed(campaign, labeler, 4)
-    assert proposed(campaign, labeler, 1) == [None]  # the same pair again is not proposed twice
+    confirmed, overturned, split, unjudged = proposed(campaign, labeler, sides)
+    assert [p.pair.response_a.text.split()[0] for p in (confirmed, overturned)] == [
+        {"a": "revised", "b": "original"}[side] for side in sides[:2]]
+    assert proposed(campaign, labeler, "b") == [None]  # the same pair again is not proposed twice
     # Judged in this order, each by the people in turn: the two for the revision, the two against, one each.
-    for priority, (proposal, sides) in enumerate(((confirmed, "bba"), (overturned, "aab"), (split, "ab"))):
+    for priority, (proposal, prefers) in enumerate(((confirmed, "rro"), (overturned, "oor"), (split, "ro"))):
         Pair.objects.filter(pk=proposal.pair_id).update(priority=10 - priority)
-        for person, side in zip(people, sides):
-            judge(campaign, person, proposal.pair, side)
+        for person, choice in zip(people, prefers):
+            judge(campaign, person, proposal, choice)
+
+
 
     assert list(AIRevision.accepted(campaign, ACCEPT_PEOPLE)) == [confirmed]
     assert list(AIRevision.accepted(campaign, ACCEPT_AI)) == [confirmed, split, unjudged]
@@ -199,9 +230,9 @@ def test_a_round_with_cai_revisions_fine_tunes_on_the_accepted_ones_before_its_r
     person = make_user("pat-person")
     campaign = make_campaign(slug="cai", n_pairs=2, members=[person, reviewer])
     Pair.objects.update(is_open=False)
-    confirmed, overturned = proposed(campaign, local_labeler(campaign), 2)
-    judge(campaign, person, confirmed.pair, "b")
-    judge(campaign, person, overturned.pair, "a")
+    confirmed, overturned = proposed(campaign, local_labeler(campaign), "ab")
+    judge(campaign, person, confirmed, "r")
+    judge(campaign, person, overturned, "o")
     round_ = launch_round(campaign, None, build_config("tiny", {"cai_revisions": True}))
     export, sft = round_.jobs.get(kind=Job.EXPORT), round_.jobs.get(kind=Job.SFT)
 
@@ -227,9 +258,9 @@ def test_a_dpo_round_on_a_real_worker_learns_the_accepted_revision_first_and_tra
     person = make_user("pat-person")
     campaign = make_campaign(slug="cai-loop", n_pairs=2, members=[person])
     Pair.objects.update(is_open=False)
-    confirmed, overturned = proposed(campaign, local_labeler(campaign), 2)
-    judge(campaign, person, confirmed.pair, "b")
-    judge(campaign, person, overturned.pair, "a")
+    confirmed, overturned = proposed(campaign, local_labeler(campaign), "ab")
+    judge(campaign, person, confirmed, "r")
+    judge(campaign, person, overturned, "o")
     with Worker(purge=True) as worker:
         call_command("launch_round", "cai-loop", "--preset", "tiny", "--set", "algorithm=dpo",
                      "--set", "cai_revisions=true", stdout=io.StringIO())

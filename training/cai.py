@@ -1,8 +1,10 @@
 """Constitutional AI's supervised stage (Bai et al. 2022, sec. 3): the campaign's current policy answers some of
 its prompts, an AI labeler's model critiques each answer by a principle sampled from its constitution and revises
 it (training/engine/revise.py), and each revision goes into the queue as a pair proposed by the AI, revision
-preferred, for people to confirm or overturn (annotate.actions.propose_revision). A round with `cai_revisions` on
-fine-tunes on the accepted ones before its reward stage (sft_examples, training.runner.run_sft).
+preferred, for people to confirm or overturn (annotate.actions.propose_revision); the revision is response A of
+about half a run's pairs (REVISION_BATCH), so the stored order says nothing of which response is the AI's. A
+round with `cai_revisions` on fine-tunes on the accepted ones before its reward stage (sft_examples,
+training.runner.run_sft).
 
 The two requests are derived from the labeler's comparison principles by a fixed template (revise.CRITIQUE_REQUEST,
 REVISION_REQUEST) rather than written per principle: one constitution then serves the AI labeler's judgments and
@@ -19,15 +21,18 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from annotate.actions import propose_revision
-from annotate.models import AILabeler, AIRevision, Campaign, Prompt, storable
+from annotate.models import AILabeler, AIRevision, Campaign, Judgment, Prompt, Response, storable
 from training.ai_labeling import AILabelingError
 from training.engine.judge import JudgeError
 from training.engine.revise import EndpointWriter, LocalWriter, Writer, critique_and_revise
+from training.models import half_first
 from training.starting_policy import ensure_policy, parent_policy
 
 # The policy answers as the sample job's new pairs do by default (RoundConfig's sample settings, demo preset).
 ANSWER_MAX_NEW_TOKENS = 64
 ANSWER_TEMPERATURE = 0.7
+# The batch name under which a run's seed draws which prompts' revisions are response A (training.models.half_first).
+REVISION_BATCH = Response.REVISION
 
 
 def writer_for(labeler: AILabeler) -> Writer:
@@ -79,8 +84,9 @@ class RevisionResult:
 def cai_revise(labeler: AILabeler, *, count: int = 16, writer: Writer | None = None, seed: int = 0,
                priority: int = 0, on_answer: Callable[[RevisionResult], None] | None = None) -> RevisionResult:
     """Have the campaign's current policy answer `count` of its training prompts (drawn with `seed`), the labeler's
-    model critique and revise each answer by a sampled principle, and each revision proposed as a pair. Raises
-    AILabelingError when the model cannot be asked; the pairs proposed before stay."""
+    model critique and revise each answer by a sampled principle, and each revision proposed as a pair, as response
+    A for half the prompts (drawn with `seed` too: the same run again gives the same sides). Raises AILabelingError
+    when the model cannot be asked; the pairs proposed before stay."""
     from training.engine.sample import sample_responses  # torch: kept out of the web process's imports
 
     campaign = labeler.campaign
@@ -99,7 +105,8 @@ def cai_revise(labeler: AILabeler, *, count: int = 16, writer: Writer | None = N
                                max_new_tokens=ANSWER_MAX_NEW_TOKENS, temperature=ANSWER_TEMPERATURE, seed=seed,
                                system_prompt=campaign.system_prompt, device=settings.PAIRLOOP["DEVICE"])
     writer = StorableWriter(writer)
-    for prompt, answer in zip(prompts, [storable(texts[0]) for texts in answers], strict=True):
+    sides = [Judgment.A if first else Judgment.B for first in half_first(seed, REVISION_BATCH, len(prompts))]
+    for prompt, answer, side in zip(prompts, [storable(texts[0]) for texts in answers], sides, strict=True):
         principle = rng.choice(principles)
         try:
             revised = critique_and_revise(writer, conversation(prompt), answer, principle)
@@ -108,7 +115,7 @@ def cai_revise(labeler: AILabeler, *, count: int = 16, writer: Writer | None = N
         if not revised.improves_on(answer):
             result.unchanged += 1
         elif propose_revision(labeler, prompt=prompt, original=answer, revision=revised.revision.strip(),
-                              policy=policy, priority=priority, provenance=dict(
+                              policy=policy, revision_side=side, priority=priority, provenance=dict(
                                   principle=principle, critique_prompt=revised.critique_messages,
                                   critique=revised.critique, revision_prompt=revised.revision_messages,
                                   revision_answer=revised.revision)) is None:
@@ -124,10 +131,10 @@ def sft_examples(campaign: Campaign, rule: str) -> list[dict]:
     """The supervised examples of the campaign's accepted revisions under `rule` (annotate.sources.CAI_ACCEPTS), in
     the SFT stage's format, as the policy saw the prompt: {"instruction", "output"} for a text prompt (a base model
     needs it; so is one user turn), {"messages": turns, then the revision as the assistant's} for a chat prompt."""
-    rows = AIRevision.accepted(campaign, rule).select_related("pair__prompt", "pair__response_b").order_by("id")
+    rows = AIRevision.accepted(campaign, rule).select_related("pair__prompt", "pair__response_a", "pair__response_b")
     examples = []
-    for row in rows:
-        prompt, revision = row.pair.prompt, row.pair.response_b.text
+    for row in rows.order_by("id"):
+        prompt, revision = row.pair.prompt, row.revised().text
         if prompt.shows_as_conversation():
             examples.append({"messages": [*conversation(prompt), {"role": "assistant", "content": revision}]})
         else:

@@ -16,6 +16,15 @@ from annotate.models import Judgment, Pair
 from training.config import RoundConfig
 
 
+def half_first(seed: int, batch: str, count: int) -> list[bool]:
+    """Per item of a batch of `count` pairs, whether the side that would give it away (a new policy's response, an
+    AI's revision) is stored as response A: half of them (the odd one A), in an order drawn from `seed` and the
+    batch's name, so the same batch under the same seed gives the same sides (Round.new_policy_first, cai_revise)."""
+    first = [index < (count + 1) // 2 for index in range(count)]
+    random.Random(f"{seed}:{batch}").shuffle(first)
+    return first
+
+
 @dataclass
 class WinRate:
     """One side of a round's pairs against the other, counted from judgments."""
@@ -95,9 +104,7 @@ class Round(models.Model):
         job's, or an evaluation's other role), whether the new policy's response is stored as response A: half of
         them (the odd one A), in an order drawn from the round's seed, so the stored order says nothing of which
         is new, a position bias weighs on both policies alike, and the same batch again gives the same pairs."""
-        first = [index < (count + 1) // 2 for index in range(count)]
-        random.Random(f"{self.config.get('seed', 0)}:{batch}").shuffle(first)
-        return first
+        return half_first(self.config.get("seed", 0), batch, count)
 
     def win_rates(self) -> dict[str, WinRate]:
         """Judgments on this round's training pairs, by judgment source, each read by which response this round's

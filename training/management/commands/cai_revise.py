@@ -18,7 +18,8 @@ class Command(BaseCommand):
         parser.add_argument("campaign", help="campaign slug")
         parser.add_argument("--labeler", required=True, help="the name of the AI labeler whose model revises")
         parser.add_argument("--count", type=int, default=16, help="prompts to answer and revise (fewer if it has fewer)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' and principles' sampling")
+        parser.add_argument("--seed", type=int, default=0,
+                            help="seed of the prompts', principles' and revision sides' sampling")
         parser.add_argument("--priority", type=int, default=0, help="queue priority of the proposed pairs")
 
     def handle(self, *args, **options):
