@@ -17,6 +17,7 @@ from typing import Any
 from training.engine.common import TqdmProgress, no_progress, print_final_metrics
 from training.engine.errors import EngineError
 from training.engine.fields import field_docs
+from training.engine.ranks import end_processes
 
 
 def value_type(hint):
@@ -76,6 +77,7 @@ def run_cli(cls, main: Callable[..., dict[str, Any]], argv: list[str] | None, *,
             print_final_metrics({"error": str(exc)})
         return 2
     close()
+    end_processes()
     if first:
         print_final_metrics(metrics)
     return 0

@@ -296,6 +296,14 @@ class Ranks:
             self.accelerator.wait_for_everyone()
 
 
+def end_processes() -> None:
+    """Every process of a launched run waits for the others, then leaves the process group (torch's advice): a rank
+    that exits with it open can abort in gloo's threads while another still writes the final save."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def full(value):
     """A DTensor's whole tensor (an all-gather: every process calls it); anything else as it is."""
     return value.full_tensor() if isinstance(value, DTensor) else value
