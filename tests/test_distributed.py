@@ -213,7 +213,7 @@ def _kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path) -> int:
             ranks = process_tree(process.pid)
             kill_tree(process)  # torchrun starts each rank in a session of its own: a killpg would miss them
             process.communicate()
-            assert not [pid for pid in ranks if _alive(pid)], "a process of the killed run still runs"
+            assert not _survivors(ranks), "a process of the killed run still runs"
             return int(meta["step"])
         assert process.poll() is None, process.stderr.read()[-4000:]
         time.sleep(0.05)
@@ -388,6 +388,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _survivors(pids: list[int], seconds: float = 10.0) -> list[int]:
+    """Those of `pids` still running after up to `seconds`: a SIGKILL lands when the process next leaves the
+    kernel, so a rank in the middle of writing its checkpoint shard dies a moment later."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
+
+
 def _rank_pid(rank: int) -> int | None:
     """The process of `rank` among this test's descendants (its environment names its rank)."""
     for entry in Path("/proc").iterdir():
@@ -486,10 +495,7 @@ def test_worker_launch_taken_away_leaves_no_rank_running(data, monkeypatch):
     with pytest.raises(StopWithoutSaving):
         launch.run("reward", args, taken_away_at_3, processes=2)
     assert len(ranks) == 2
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in ranks if _alive(pid)], "a rank outlived the launcher"
+    assert not _survivors(ranks), "a rank outlived the launcher"
     assert not reward.resume_dir(args.out).exists() and not Path(args.out).exists()
 
 
@@ -519,10 +525,7 @@ def test_a_killed_worker_leaves_no_rank_running_and_a_resumable_checkpoint(data)
     assert worker.returncode == -signal.SIGKILL, worker.stderr[-4000:]
     tree = json.loads(worker.stdout.splitlines()[-1])
     assert len(tree) >= 3  # the launcher and two ranks
-    deadline = time.monotonic() + 60
-    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    survivors = [pid for pid in tree if _alive(pid)]
+    survivors = _survivors(tree, seconds=60)
     for pid in survivors:  # not left training for the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not survivors, "a process of the run outlived its worker"
