@@ -920,24 +920,84 @@ def add_eval_set(campaign: Campaign, name: str, items: list[EvalInput]) -> tuple
 # AI labelers
 # ---------------------------------------------------------------------------------------------
 
+class AILabelerTaken(ValidationError):
+    """An AI labeler's name (or its account's) already taken on its campaign: nothing was created."""
+
+
+class AILabelerBusy(ValueError):
+    """An AI labeler that cannot be changed or removed now (a live run, or judgments that hang on it)."""
+
+
+def _constitution(campaign: Campaign, principles: Iterable[str | tuple[str, str]]) -> list[tuple[str, str]]:
+    """The principles as (text, axis), texts stripped. Raises ValidationError naming each bad one by its index
+    (principles[i].text, principles[i].axis), or the list (principles) when it is empty or leaves an axis of
+    the campaign unanswered."""
+    rows = [(p, "") if isinstance(p, str) else tuple(p) for p in principles]
+    if not rows:
+        raise ValidationError({"principles": "a constitution needs at least one principle"})
+    keys = {axis.key for axis in campaign.axes()}
+    errors = {}
+    for index, (text, axis) in enumerate(rows):
+        if not text.strip():
+            errors[f"principles[{index}].text"] = "a principle cannot be empty"
+        if axis and axis not in keys:
+            errors[f"principles[{index}].axis"] = AILabeler.axes_problem(campaign, [axis])
+    if errors:
+        raise ValidationError(errors)
+    problem = AILabeler.axes_problem(campaign, [axis for _, axis in rows])
+    if problem:
+        raise ValidationError({"principles": problem})
+    return [(text.strip(), axis) for text, axis in rows]
+
+
 def create_ai_labeler(campaign: Campaign, *, name: str, model: str, principles: Iterable[str | tuple[str, str]],
                       **settings_) -> AILabeler:
     """A new AI labeler of the campaign with its account and constitution: each principle a text, or
-    (text, axis). Raises ValidationError naming each bad field and creates nothing."""
-    principles = [(p, "") if isinstance(p, str) else tuple(p) for p in principles]
-    if not principles or any(not text.strip() for text, _ in principles):
-        raise ValidationError({"principles": "a constitution needs at least one principle, none of them empty"})
-    problem = AILabeler.axes_problem(campaign, [axis for _, axis in principles])
-    if problem:
-        raise ValidationError({"principles": problem})
+    (text, axis). Raises ValidationError naming each bad field (a principle by its index) and creates
+    nothing; AILabelerTaken when the campaign has a labeler of that name."""
+    principles = _constitution(campaign, principles)
+    if AILabeler.objects.filter(campaign=campaign, name=name).exists():
+        raise AILabelerTaken({"name": f"campaign {campaign.slug} has an AI labeler named {name} already"})
     labeler = AILabeler(campaign=campaign, name=name, model=model, **settings_)
     labeler.full_clean(exclude=["account"])
-    with transaction.atomic():
-        labeler.account = ai_labeler_account(campaign, name)
-        labeler.save()
-        Principle.objects.bulk_create(Principle(labeler=labeler, text=text.strip(), axis=axis)
-                                      for text, axis in principles)
+    try:
+        with transaction.atomic():
+            labeler.account = ai_labeler_account(campaign, name)
+            labeler.save()
+            Principle.objects.bulk_create(Principle(labeler=labeler, text=text, axis=axis)
+                                          for text, axis in principles)
+    except IntegrityError:  # the same name made at the same time, or an account name another labeler holds
+        raise AILabelerTaken({"name": f"the AI labeler {name} or its account "
+                                      f"{AILabeler.account_name(campaign, name)} exists already"}) from None
     return labeler
+
+
+def replace_principles(labeler: AILabeler, principles: Iterable[str | tuple[str, str]]) -> AILabeler:
+    """Replace an AI labeler's constitution (each principle a text, or (text, axis)); its verdicts keep the
+    principle text they were asked with. Raises ValidationError naming each bad principle, and
+    AILabelerBusy while a run of it is queued or running; changes nothing then."""
+    principles = _constitution(labeler.campaign, principles)
+    with transaction.atomic():
+        AILabeler.objects.select_for_update().get(pk=labeler.pk)  # a start waits for this, or this for it
+        if labeler.runs.filter(status__in=AILabelingRun.LIVE).exists():
+            raise AILabelerBusy(f"AI labeler {labeler.name} is running: stop it before changing its principles")
+        labeler.principles.all().delete()
+        Principle.objects.bulk_create(Principle(labeler=labeler, text=text, axis=axis) for text, axis in principles)
+    return labeler
+
+
+def delete_ai_labeler(labeler: AILabeler) -> None:
+    """Remove an AI labeler that never judged, with its principles and runs; its account stays, as a
+    labeler of the same name would take it up again. Raises AILabelerBusy, removing nothing, while a run
+    of it is live or once it has verdicts or revisions (they are kept, and the labeler with them)."""
+    with transaction.atomic():
+        AILabeler.objects.select_for_update().get(pk=labeler.pk)
+        if labeler.runs.filter(status__in=AILabelingRun.LIVE).exists():
+            raise AILabelerBusy(f"AI labeler {labeler.name} is running: stop it first")
+        if labeler.verdicts.exists() or labeler.revisions.exists():
+            raise AILabelerBusy(f"AI labeler {labeler.name} has judged pairs or proposed revisions: its verdicts "
+                                "are kept with it, so it cannot be deleted")
+        labeler.delete()
 
 
 def ai_labeler_account(campaign: Campaign, name: str):

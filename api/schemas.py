@@ -5,13 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db.models import NOT_PROVIDED
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
 from annotate.actions import MAX_RUN_COUNT
 from annotate.converters import SLUG_PATTERN
 from annotate.limits import INT32_MAX, INT32_MIN
-from annotate.models import CAMPAIGN_BOUNDS
+from annotate.models import CAMPAIGN_BOUNDS, AILabeler
 from training.access import job_error_for
 
 
@@ -478,17 +480,73 @@ class AILabelingRunOut(Schema):
     finished_at: datetime | None
 
 
+class PrincipleOut(Schema):
+    text: str
+    axis: str = Field(description="The axis it judges, by key; empty: the campaign's first.")
+
+
 class AILabelerOut(Schema):
     id: int
     name: str
     kind: str = Field(description="endpoint or local.")
+    base_url: str
     model: str
+    api_key_env: str = Field(description="The environment variable the worker reads the key from (never the key).")
     principle_mode: str = Field(description="sample or all.")
+    on_disagreement: str = Field(description="tie or skip.")
+    requests_per_minute: int
+    timeout_seconds: float
+    max_retries: int
+    principles: list[PrincipleOut] = Field(description="Its constitution, in order.")
     last_run: AILabelingRunOut | None = Field(description="Its latest run, if any.")
+
+    @staticmethod
+    def resolve_principles(labeler) -> list:
+        return list(labeler.principles.all())
 
     @staticmethod
     def resolve_last_run(labeler):
         return labeler.last_run()
+
+
+def _labeler_field(name: str, **kwargs):
+    """An optional AI labeler setting: described by the model's help text, bounded by its validators; omitted,
+    the model's default."""
+    field = AILabeler._meta.get_field(name)
+    lows = [v.limit_value for v in field.validators if isinstance(v, MinValueValidator)]
+    highs = [v.limit_value for v in field.validators if isinstance(v, MaxValueValidator)]
+    bounds = {**({"ge": max(lows)} if lows else {}), **({"le": min(highs)} if highs else {})}
+    default = "" if field.default is NOT_PROVIDED else f" Default: {field.default}."
+    what = field.help_text or "; ".join(f"{value}: {label}" for value, label in field.choices) + "."
+    return Field(None, description=f"{what}{default}", **bounds, **kwargs)
+
+
+class PrincipleIn(Schema):
+    text: Text = Field(min_length=1, max_length=5000, description="A comparison question, in the CAI "
+                                                                   "paper's multiple-choice style.")
+    axis: Text = Field("", max_length=60, description="The axis it answers, by key; empty: the campaign's first.")
+
+
+class PrinciplesIn(Schema):
+    principles: list[PrincipleIn] = Field(max_length=1000, description="The constitution: every "
+                                          "axis of the campaign answered by at least one principle.")
+
+
+class AILabelerIn(PrinciplesIn):
+    """A new AI labeler; settings left out take the model's defaults."""
+
+    name: str = Field(pattern=r"^[-a-zA-Z0-9_]+$", min_length=1, max_length=60,
+                      description="Unique in the campaign; names its account ai-<campaign>-<name>.")
+    kind: Literal["endpoint", "local"] = _labeler_field("kind")
+    base_url: Text = _labeler_field("base_url", max_length=500)
+    model: Text = Field(min_length=1, max_length=500, description="The model's name at the endpoint, or a local "
+                                                                  "path on the worker.")
+    api_key_env: Text = _labeler_field("api_key_env", max_length=100)
+    principle_mode: Literal["sample", "all"] = _labeler_field("principle_mode")
+    on_disagreement: Literal["tie", "skip"] = _labeler_field("on_disagreement")
+    requests_per_minute: int = _labeler_field("requests_per_minute")
+    timeout_seconds: float = _labeler_field("timeout_seconds", allow_inf_nan=False)
+    max_retries: int = _labeler_field("max_retries")
 
 
 class AILabelingRunIn(Schema):

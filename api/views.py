@@ -223,7 +223,55 @@ def ai_labeler_list(request, slug: str):
     """The campaign's AI labelers, each with its latest run, as the campaign page lists them. Scope: admin."""
     require_scope(request, ADMIN)
     campaign = campaign_for_admin(request, slug)
-    return campaign.ai_labelers.order_by("name")
+    return campaign.ai_labelers.prefetch_related("principles").order_by("name")
+
+
+@campaigns.post("/campaigns/{unislug:slug}/ai-labelers",
+                response={201: schemas.AILabelerOut, 400: schemas.SettingsError, 409: schemas.Error, **REFUSED})
+def ai_labeler_create(request, slug: str, body: schemas.AILabelerIn):
+    """Add an AI labeler with its constitution, as the admin's AI labeler page does: 400 naming each bad field
+    (a principle by its index, principles[i].text), nothing stored; 409 when the name is taken. Scope: admin."""
+    require_scope(request, ADMIN)
+    campaign = campaign_for_admin(request, slug)
+    values = body.dict(exclude_unset=True, exclude={"principles"})
+    principles = [(row.text, row.axis) for row in body.principles]
+    try:
+        labeler = actions.create_ai_labeler(campaign, principles=principles, **values)
+    except actions.AILabelerTaken as exc:
+        return Status(409, {"detail": " ".join(exc.messages)})
+    except ValidationError as exc:
+        return _refused_settings(exc)
+    return Status(201, labeler)
+
+
+@campaigns.put("/campaigns/{unislug:slug}/ai-labelers/{int:labeler_id}/principles",
+               response={200: schemas.AILabelerOut, 400: schemas.SettingsError, 409: schemas.Error, **REFUSED})
+def ai_labeler_principles(request, slug: str, labeler_id: int, body: schemas.PrinciplesIn):
+    """Replace the AI labeler's constitution (its verdicts keep the principles they were asked with): 400 naming
+    each bad principle by its index, 409 while a run of it is live. Scope: admin."""
+    require_scope(request, ADMIN)
+    labeler = ai_labeler_for_admin(request, slug, labeler_id)
+    try:
+        labeler = actions.replace_principles(labeler, [(row.text, row.axis) for row in body.principles])
+    except ValidationError as exc:
+        return _refused_settings(exc)
+    except actions.AILabelerBusy as exc:
+        return Status(409, {"detail": str(exc)})
+    return labeler
+
+
+@campaigns.delete("/campaigns/{unislug:slug}/ai-labelers/{int:labeler_id}",
+                  response={204: None, 409: schemas.Error, **REFUSED})
+def ai_labeler_delete(request, slug: str, labeler_id: int):
+    """Delete an AI labeler that never judged, with its principles and runs; 409 once it has verdicts (they are
+    kept) or while it runs. Scope: admin."""
+    require_scope(request, ADMIN)
+    labeler = ai_labeler_for_admin(request, slug, labeler_id)
+    try:
+        actions.delete_ai_labeler(labeler)
+    except actions.AILabelerBusy as exc:
+        return Status(409, {"detail": str(exc)})
+    return Status(204, None)
 
 
 @campaigns.post("/campaigns/{unislug:slug}/ai-labelers/{int:labeler_id}/runs",

@@ -522,3 +522,65 @@ def test_the_api_starts_follows_and_stops_a_run_as_the_page_does(admin_user, rev
     assert api.post(f"{run_url}/stop").json()["status"] == "failed"  # a finished run stays as it is
     outsider = Client(headers={"Authorization": f"Bearer {create_token(reviewer, 'test')[1]}"})
     assert outsider.get(run_url).status_code in (403, 404)
+
+
+def test_the_api_creates_a_labeler_that_then_judges_and_refuses_bad_input_storing_nothing(
+        admin_user, reviewer, monkeypatch, django_capture_on_commit_callbacks):
+    monkeypatch.setattr("annotate.actions.current_app.send_task", lambda name, args, queue: None)
+    monkeypatch.setattr("training.ai_labeling.asker_for", lambda labeler: ScriptedAsker())
+    campaign = two_axis_campaign(n=2)
+    api = Client(headers={"Authorization": f"Bearer {create_token(admin_user, 'test')[1]}"})
+    base = f"/api/v1/campaigns/{campaign.slug}/ai-labelers"
+
+    def post(url, body, send=api.post):
+        return send(url, body, content_type="application/json")
+
+    body = {"name": "scripted", "kind": "local", "model": "scripted", "principle_mode": "all",
+            "principles": [{"text": GOOD}, {"text": BAD, "axis": "harmless"}]}
+    # Bad input: 400 naming the field, a principle by its index; nothing stored.
+    refused = post(base, {**body, "principles": [{"text": GOOD}, {"text": " ", "axis": "helpful"}]})
+    assert refused.status_code == 400, refused.content
+    assert set(refused.json()["errors"]) == {"principles[1].text", "principles[1].axis"}
+    assert "has no axis helpful" in refused.json()["errors"]["principles[1].axis"]
+    half = post(base, {**body, "principles": [{"text": GOOD}]}).json()
+    assert "no principle answers the axis harmless" in half["errors"]["principles"]
+    no_url = post(base, {**body, "kind": "endpoint"}).json()
+    assert "base URL" in no_url["errors"]["base_url"]
+    assert post(base, {**body, "max_retries": 11}).status_code == 422  # the model's bound, in the schema
+    assert not AILabeler.objects.exists()
+    # Made through the API only, then started and judging.
+    created = post(base, body)
+    assert created.status_code == 201, created.content
+    made = created.json()
+    assert (made["kind"], made["principle_mode"], made["requests_per_minute"], made["on_disagreement"]) == (
+        "local", "all", 600, "skip")  # the model's defaults for what was left out
+    assert made["principles"] == [{"text": GOOD, "axis": ""}, {"text": BAD, "axis": "harmless"}]
+    taken = post(base, {**body, "model": "other"})
+    assert taken.status_code == 409 and "scripted" in taken.json()["detail"]
+    with django_capture_on_commit_callbacks(execute=True):
+        started = post(f"{base}/{made['id']}/runs", {"count": 2})
+    assert started.status_code == 202
+    # Its constitution cannot change while the run is live.
+    assert post(f"{base}/{made['id']}/principles", {"principles": [{"text": GOOD}, {"text": BAD, "axis": "harmless"}]},
+                send=api.put).status_code == 409
+    run_ai_labeling(started.json()["id"])  # what the worker runs
+    done = api.get(f"{base}/{made['id']}/runs/{started.json()['id']}").json()
+    assert (done["status"], done["judged"]) == ("succeeded", 2), done
+    labeler = AILabeler.objects.get(pk=made["id"])
+    assert Judgment.objects.filter(labeler=labeler.account).count() == 2
+    # A new constitution; the verdicts keep the principles they were asked with.
+    bad = post(f"{base}/{made['id']}/principles", {"principles": [{"text": FIRST, "axis": "nope"}]}, send=api.put)
+    assert bad.status_code == 400 and "principles[0].axis" in bad.json()["errors"]
+    replaced = post(f"{base}/{made['id']}/principles", {"principles": [{"text": FIRST}, {"text": GOOD, "axis":
+                                                                                           "harmless"}]}, send=api.put)
+    assert replaced.status_code == 200 and [p["text"] for p in replaced.json()["principles"]] == [FIRST, GOOD]
+    assert set(AIVerdict.objects.filter(labeler=labeler).values_list("principle", flat=True)) == {GOOD, BAD}
+    # A labeler that judged is kept with its verdicts; one that never did can go.
+    kept = api.delete(f"{base}/{made['id']}")
+    assert kept.status_code == 409 and "cannot be deleted" in kept.json()["detail"]
+    unused = post(base, {**body, "name": "unused"}).json()
+    assert api.delete(f"{base}/{unused['id']}").status_code == 204
+    assert list(AILabeler.objects.values_list("name", flat=True)) == ["scripted"]
+    outsider = Client(headers={"Authorization": f"Bearer {create_token(reviewer, 'test')[1]}"})
+    assert post(base, {**body, "name": "other"}, send=outsider.post).status_code == 403
+
