@@ -18,8 +18,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, F, OuterRef, Sum
-from django.db.models.functions import Coalesce
+from django.db.models import DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Q, Sum, Value
+from django.db.models.functions import Coalesce, Now
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -1121,3 +1121,22 @@ def stop_ai_labeling(run: AILabelingRun, now=None) -> AILabelingRun:
     AILabelingRun.objects.filter(pk=run.pk, status=AILabelingRun.RUNNING).update(stop_requested=True)
     run.refresh_from_db()
     return run
+
+
+def fail_stale_ai_labeling_runs() -> list[AILabelingRun]:
+    """Running AI labeling runs whose heartbeat is older than PAIRLOOP_HEARTBEAT_STALE_SECONDS fail with the
+    reason (their worker was killed or lost the database); read on the database's clock, as the worker writes
+    it. Called by Celery beat with the training jobs' check."""
+    stale_after = settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"]
+    cutoff = ExpressionWrapper(Now() - Value(timedelta(seconds=stale_after)), output_field=DateTimeField())
+    silent = AILabelingRun.objects.filter(status=AILabelingRun.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=timezone.now() - timedelta(
+            seconds=stale_after)))
+    failed = []
+    for run in silent.select_related("labeler"):
+        error = (f"The worker stopped: no heartbeat for over {stale_after} s (PAIRLOOP_HEARTBEAT_STALE_SECONDS); "
+                 "it was probably killed. The pairs it judged stay; start a new run for the rest.")
+        if silent.filter(pk=run.pk).update(status=AILabelingRun.FAILED, finished_at=Now(), error=error):
+            log.warning("%s: %s", run, error)  # still silent as it is failed: a beat meanwhile keeps it running
+            failed.append(run)
+    return failed

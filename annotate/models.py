@@ -867,6 +867,8 @@ class AILabelingRun(models.Model):
     note = models.CharField(max_length=200, blank=True, help_text="Why it ended before its count, when it did.")
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Refreshed by the worker while it runs; a stale one fails the run.")
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -584,3 +584,41 @@ def test_the_api_creates_a_labeler_that_then_judges_and_refuses_bad_input_storin
     outsider = Client(headers={"Authorization": f"Bearer {create_token(reviewer, 'test')[1]}"})
     assert post(base, {**body, "name": "other"}, send=outsider.post).status_code == 403
 
+
+def test_beats_check_fails_a_run_whose_worker_went_silent_and_that_worker_writes_no_more(settings, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from training.tasks import fail_stale_jobs
+
+    stale_after = settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"]
+    campaign = good_bad_campaign(n=4)
+    silent, alive = (create_ai_labeler(campaign, name=name, kind=AILabeler.LOCAL, model="scripted",
+                                       principles=[GOOD]) for name in ("silent", "alive"))
+    runs = {}
+    for labeler, seconds in ((silent, stale_after + 5), (alive, stale_after - 5)):
+        runs[labeler.name] = AILabelingRun.objects.create(labeler=labeler, count=2, status=AILabelingRun.RUNNING,
+                                                          started_at=timezone.now() - timedelta(seconds=seconds),
+                                                          heartbeat_at=timezone.now() - timedelta(seconds=seconds))
+    assert fail_stale_jobs() == 1  # what Celery beat runs
+    runs["silent"].refresh_from_db()
+    runs["alive"].refresh_from_db()
+    assert runs["alive"].status == AILabelingRun.RUNNING
+    assert runs["silent"].status == AILabelingRun.FAILED and runs["silent"].finished_at is not None
+    assert f"no heartbeat for over {stale_after} s" in runs["silent"].error
+    # A worker that was only slow finds its run failed at its next pair, and stops writing to it.
+    AILabelingRun.objects.filter(pk=runs["alive"].pk).update(status=AILabelingRun.FAILED)
+    late = AILabelingRun.objects.create(labeler=alive, count=4)
+
+    class SlowAsker(ScriptedAsker):
+        def ask(self, messages):
+            AILabelingRun.objects.filter(pk=late.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+            fail_stale_jobs()
+            return super().ask(messages)
+
+    monkeypatch.setattr("training.ai_labeling.asker_for", lambda labeler: SlowAsker())
+    run_ai_labeling(late.pk)  # what the worker runs
+    late.refresh_from_db()
+    assert late.status == AILabelingRun.FAILED and "no heartbeat" in late.error
+    assert Judgment.objects.filter(labeler=alive.account).count() == 1  # the pair being asked, then no more

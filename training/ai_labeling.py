@@ -16,10 +16,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from django.conf import settings
+from django.db import connections
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from annotate.actions import claim_next_pair, record_ai_judgment, release_assignment
 from annotate.models import AILabeler, AILabelingRun, AIVerdict, Judgment
+from pairloop.heartbeat import Heartbeat
 from training.engine.judge import Asker, EndpointAsker, JudgeError, LocalAsker, ask_both_orders
 
 log = logging.getLogger(__name__)
@@ -187,34 +191,53 @@ ENDED_EARLY = {"empty": "the queue had no pair left for it", "cap": "it reached 
 PROGRESS_FIELDS = ["judged", "skipped", "disagreed", "malformed"]
 
 
+class _RunTaken(Exception):
+    """The run is no longer running on this worker: the stale-run check failed it, or a second stop ended it."""
+
+
 def run_ai_labeling(run_id: int) -> AILabelingRun | None:
     """The task's body: take a queued run (a conditional update, so a message delivered twice runs once) and
-    let its labeler judge, writing the counts to the row after each pair. Stops before the next pair once
-    the admin asked; fails with the reason when its model cannot be asked (that pair left unstored)."""
+    let its labeler judge, writing the counts and a heartbeat to the row after each pair, and a heartbeat from
+    a thread between (a pair may take several slow calls). Stops before the next pair once the admin asked;
+    fails with the reason when its model cannot be asked (that pair left unstored). A run failed by the
+    stale-run check meanwhile (fail_stale_ai_labeling_runs) stops at its next pair and is never written again."""
     if not AILabelingRun.objects.filter(pk=run_id, status=AILabelingRun.QUEUED).update(
-            status=AILabelingRun.RUNNING, started_at=timezone.now()):
+            status=AILabelingRun.RUNNING, started_at=timezone.now(), heartbeat_at=Now()):
         return AILabelingRun.objects.filter(pk=run_id).first()  # gone, stopped while queued, or taken
     run = AILabelingRun.objects.select_related("labeler__campaign", "labeler__account").get(pk=run_id)
+    running = AILabelingRun.objects.filter(pk=run.pk, status=AILabelingRun.RUNNING)
 
     def on_judgment(result: AILabelingResult) -> None:
         run.judged, run.skipped = result.judgments, result.skipped
         run.disagreed, run.malformed = result.disagreed, result.malformed
-        run.save(update_fields=PROGRESS_FIELDS)
+        if not running.update(heartbeat_at=Now(), **{name: getattr(run, name) for name in PROGRESS_FIELDS}):
+            raise _RunTaken()
 
     def should_stop() -> bool:
         return AILabelingRun.objects.filter(pk=run.pk, stop_requested=True).exists()
 
+    heartbeat = Heartbeat(f"heartbeat-ai-labeling-{run.pk}", settings.PAIRLOOP["HEARTBEAT_STALE_SECONDS"] / 3,
+                          lambda: bool(running.update(heartbeat_at=Now())), on_exit=connections.close_all)
+    heartbeat.start()
     try:
         result = ai_label(run.labeler, count=run.count, on_judgment=on_judgment, should_stop=should_stop)
+    except _RunTaken:
+        log.warning("AI labeling run %s was ended elsewhere while it ran; stopped", run.pk)
+        return AILabelingRun.objects.get(pk=run.pk)
     except AILabelingError as exc:
         run.status, run.error = AILabelingRun.FAILED, str(exc)
     except Exception as exc:  # noqa: BLE001 - the row is the record: the page shows why it stopped
         log.exception("AI labeling run %s stopped", run.pk)
         run.status, run.error = AILabelingRun.FAILED, f"the run stopped: {type(exc).__name__}: {exc}"
     else:
-        on_judgment(result)
+        run.judged, run.skipped = result.judgments, result.skipped
+        run.disagreed, run.malformed = result.disagreed, result.malformed
         run.status = AILabelingRun.STOPPED if result.stopped == "stopped" else AILabelingRun.SUCCEEDED
         run.note = ENDED_EARLY.get(result.stopped, "")
+    finally:
+        heartbeat.stop()
     run.finished_at = timezone.now()
-    run.save(update_fields=["status", "error", "note", "finished_at"])
+    running.update(**{name: getattr(run, name) for name in [*PROGRESS_FIELDS, "status", "error", "note",
+                                                            "finished_at"]})
+    run.refresh_from_db()
     return run

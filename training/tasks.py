@@ -10,6 +10,7 @@ from __future__ import annotations
 from celery import shared_task
 from celery.exceptions import Ignore
 
+from annotate.actions import fail_stale_ai_labeling_runs
 from training import actions, ai_labeling, runner
 from training.models import Job
 
@@ -67,10 +68,11 @@ def evaluate_job(self, job_id: int) -> int:
 
 @shared_task(name="training.fail_stale_jobs", ignore_result=True)
 def fail_stale_jobs() -> int:
-    """Beat's check: running jobs whose worker went silent fail; queued ones nobody takes are flagged."""
+    """Beat's check: running jobs and AI labeling runs whose worker went silent fail; queued jobs nobody takes
+    are flagged."""
     failed = actions.fail_stale_jobs()
     actions.flag_unclaimed_jobs()
-    return len(failed)
+    return len(failed) + len(fail_stale_ai_labeling_runs())
 
 
 TASKS = {Job.EXPORT: export_job, Job.SFT: sft_job, Job.REWARD: reward_job, Job.PPO: ppo_job, Job.DPO: dpo_job,
